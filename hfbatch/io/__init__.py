@@ -1,0 +1,1 @@
+"""Format-specific edges: readers turn files into Arrow record batches, writers turn them back."""

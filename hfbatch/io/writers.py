@@ -1,0 +1,118 @@
+"""ParquetSink: the output file, streamed chunk by chunk and published atomically.
+
+Rows go to a hidden temp file beside the output; only `commit()` renames it into place, so a
+killed or failed run never leaves a half-written file at the output path. Temp files left by a
+run that was killed (its pid is gone) are removed by the next run for the same output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Mapping
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from ..errors import OutputError
+
+METADATA_KEY = "hfbatch"
+_TMP_SUFFIX = ".hfbatch-tmp"
+
+
+def output_schema(passthrough: pa.Schema, dim: int) -> pa.Schema:
+    """Input columns, then the four columns hfbatch adds (see DESIGN.md, 'Output')."""
+    return pa.schema(
+        list(passthrough)
+        + [
+            pa.field("embedding", pa.list_(pa.float32(), dim)),
+            pa.field("n_tokens", pa.int32()),
+            pa.field("truncated", pa.bool_()),
+            pa.field("embedding_error", pa.string()),
+        ]
+    )
+
+
+def temp_path_for(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Delete temp files of earlier runs for `path` whose process is no longer alive."""
+    removed = []
+    for candidate in path.parent.glob(f".{path.name}.*{_TMP_SUFFIX}"):
+        pid_text = candidate.name[len(path.name) + 2 : -len(_TMP_SUFFIX)]
+        if pid_text.isdigit() and not psutil.pid_exists(int(pid_text)):
+            candidate.unlink(missing_ok=True)
+            removed.append(candidate)
+    return removed
+
+
+def check_writable(path: Path) -> None:
+    """Fail before any work when the output cannot be created (exit 2 via the caller)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    probe = temp_path_for(path)
+    try:
+        with open(probe, "wb"):
+            pass
+    finally:
+        probe.unlink(missing_ok=True)
+
+
+class ParquetSink:
+    """Write batches to a temp file; `commit()` publishes it, `abort()` removes it."""
+
+    def __init__(self, path: str | Path, schema: pa.Schema):
+        self.path = Path(path)
+        self.schema = schema
+        self.temp = temp_path_for(self.path)
+        self.rows = 0
+        try:
+            self._writer = pq.ParquetWriter(str(self.temp), schema, compression="zstd")
+        except (OSError, pa.ArrowException) as exc:
+            raise OutputError(f"cannot create {self.temp} ({exc}); check the output directory.") from exc
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        try:
+            self._writer.write_batch(batch)
+        except (OSError, pa.ArrowException) as exc:
+            self.abort()
+            raise OutputError(f"writing {self.path} failed ({exc}); nothing was written there.") from exc
+        self.rows += batch.num_rows
+
+    def commit(self, metadata: Mapping[str, Any]) -> None:
+        """Add the provenance as key/value metadata, close, and rename into place."""
+        try:
+            self._writer.add_key_value_metadata({METADATA_KEY: json.dumps(metadata, default=str)})
+            self._writer.close()
+            os.replace(self.temp, self.path)
+        except (OSError, pa.ArrowException) as exc:
+            self.abort()
+            raise OutputError(f"finishing {self.path} failed ({exc}); nothing was written there.") from exc
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+        except Exception:  # already closed or broken: the temp file goes either way
+            pass
+        self.temp.unlink(missing_ok=True)
+
+
+def write_json_atomic(path: Path, document: Mapping[str, Any]) -> None:
+    """Write JSON through a temp file and rename, so readers never see half a document."""
+    temp = temp_path_for(path)
+    try:
+        temp.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
+        os.replace(temp, path)
+    except OSError as exc:
+        temp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write {path} ({exc}).") from exc
+
+
+def read_metadata(path: str | Path) -> dict[str, Any]:
+    """The hfbatch provenance stored in a Parquet file written by ParquetSink."""
+    meta = pq.read_schema(str(path)).metadata or {}
+    raw = meta.get(METADATA_KEY.encode())
+    return json.loads(raw) if raw else {}

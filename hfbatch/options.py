@@ -1,0 +1,72 @@
+"""EmbedOptions: everything one embed job needs, as the library and the CLI both build it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Sequence
+
+from .errors import InputError
+from .settings import Settings
+from .validate import ON_INVALID
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    """Options of one `embed` job. None means "take it from Settings" (environment, defaults)."""
+
+    input: Path
+    output: Path
+    text_column: str | None = None
+    keep: Sequence[str] | None = None
+    format: str | None = None
+    model: str | None = None
+    backend: str = "local"
+    device: str | None = None
+    batch_size: int | None = None
+    chunk_size: int | None = None
+    max_length: int | None = None
+    normalize: bool = True
+    use_cache: bool | None = None
+    cache_dir: Path | None = None
+    cache_size_bytes: int | None = None
+    on_invalid: str = "mark"
+    command: Sequence[str] = field(default_factory=tuple)
+
+    def resolved(self, settings: Settings) -> "EmbedOptions":
+        """Fill unset options from settings and check the values that need no file or model."""
+        opts = replace(
+            self,
+            input=Path(self.input),
+            output=Path(self.output),
+            text_column=self.text_column or settings.text_column,
+            model=self.model or settings.model,
+            device=self.device or settings.device,
+            batch_size=self.batch_size or settings.batch_size,
+            chunk_size=self.chunk_size or settings.chunk_size,
+            use_cache=settings.cache_enabled if self.use_cache is None else self.use_cache,
+            cache_dir=Path(self.cache_dir).expanduser() if self.cache_dir else settings.cache_dir,
+            cache_size_bytes=self.cache_size_bytes or settings.cache_size_bytes,
+            keep=list(self.keep) if self.keep is not None else None,
+        )
+        for name in ("batch_size", "chunk_size"):
+            if getattr(opts, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(opts, name)}).")
+        if opts.max_length is not None and opts.max_length < 2:
+            raise InputError(f"--max-length must be at least 2 tokens (got {opts.max_length}).")
+        if opts.on_invalid not in ON_INVALID:
+            raise InputError(f"--on-invalid {opts.on_invalid!r} is not one of: {', '.join(ON_INVALID)}.")
+        if opts.input.resolve() == opts.output.resolve():
+            raise InputError(f"-o {opts.output} is the input file; choose another output path.")
+        if opts.output.suffix.lower() not in (".parquet", ".pq"):
+            raise InputError(f"-o {opts.output}: the output is Parquet; give it a .parquet name.")
+        return opts
+
+    @property
+    def sidecar(self) -> Path:
+        return sidecar_path(Path(self.output))
+
+
+def sidecar_path(output: Path) -> Path:
+    """`<output>.meta.json`: provenance and metrics beside the Parquet file."""
+    return output.with_name(output.name + ".meta.json")

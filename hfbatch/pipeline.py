@@ -1,0 +1,272 @@
+"""run_embed(): one embed job, from input file to Parquet + sidecar.
+
+    reader -> validate -> cache lookup -> embed misses -> cache store -> writer
+
+One chunk passes every stage before the next is read, so memory stays flat. Inside a chunk each
+distinct text is embedded once, in batches of texts with similar token counts (little padding),
+and vectors are put back in row order. Nothing reaches the output path unless the whole job
+succeeds; every vector computed is in the cache as soon as its chunk is done, so a rerun after a
+failure or a kill resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from .backends import Backend, make_backend
+from .cache import EmbeddingCache, NullCache
+from .errors import BackendError, InputError
+from .io.readers import Reader, open_reader
+from .io.writers import ParquetSink, check_writable, output_schema, remove_stale_temps, write_json_atomic
+from .options import EmbedOptions
+from .progress import NullProgress, ProgressReporter
+from .provenance import Metrics, file_digest, library_versions, redact, utc_now
+from .settings import Settings
+from .validate import ValidatedChunk, check_columns, validate_chunk
+
+
+@dataclass
+class EmbedResult:
+    """What a finished job produced: the output paths and the sidecar document."""
+
+    output: Path
+    sidecar: Path
+    document: dict[str, Any]
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.document["metrics"]
+
+
+def embed_file(options: EmbedOptions, *, progress: ProgressReporter | None = None, settings: Settings | None = None) -> EmbedResult:
+    """The library entry point: same job, same results as `hfbatch embed`."""
+    return run_embed(options, progress=progress, settings=settings)
+
+
+def run_embed(options: EmbedOptions, *, progress: ProgressReporter | None = None, settings: Settings | None = None) -> EmbedResult:
+    """Run one embed job. Raises InputError (exit 2) before any work, other HfbatchErrors (exit 1) after."""
+    metrics = Metrics()
+    started = utc_now()
+    progress = progress or NullProgress()
+    opts = options.resolved(settings or Settings.load())
+    assert opts.text_column and opts.model and opts.chunk_size and opts.batch_size  # filled by resolved()
+
+    # Everything that can be checked without a model is checked here, before any work.
+    columns = None if opts.keep is None else list(dict.fromkeys([*opts.keep, opts.text_column]))
+    reader = open_reader(opts.input, fmt=opts.format, chunk_size=opts.chunk_size, columns=columns, text_column=opts.text_column)
+    check_columns(opts.input, reader.schema, opts.text_column, opts.keep)
+    passthrough = pa.schema([reader.schema.field(n) for n in (opts.keep if opts.keep is not None else reader.schema.names)])
+    remove_stale_temps(opts.output)
+    try:
+        check_writable(opts.output)
+    except OSError as exc:
+        raise InputError(f"-o {opts.output}: cannot write there ({exc.strerror or exc}); choose another output path.") from None
+
+    backend = make_backend(opts.backend, model=opts.model, device=opts.device or "auto", normalize=opts.normalize, max_length=opts.max_length)
+    cache = (
+        EmbeddingCache(opts.cache_dir, backend.fingerprint(), size_limit_bytes=opts.cache_size_bytes or 0)  # type: ignore[arg-type]
+        if opts.use_cache
+        else NullCache()
+    )
+    job = _Job(opts, reader, backend, cache, metrics, progress, passthrough)
+    sink: ParquetSink | None = None
+    progress.start(reader.total_rows)
+    try:
+        for chunk in metrics.timed("read", reader.chunks()):
+            metrics.chunks += 1
+            metrics.rows_total += chunk.batch.num_rows
+            with metrics.stage("validate"):
+                validated = validate_chunk(
+                    chunk,
+                    path=opts.input,
+                    text_column=opts.text_column,
+                    on_invalid=opts.on_invalid,
+                    max_length=backend.max_length,
+                    token_counts=backend.token_counts,
+                )
+            out = job.process(validated)
+            with metrics.stage("write"):
+                if sink is None:
+                    sink = ParquetSink(opts.output, output_schema(passthrough, job.dim()))
+                sink.write(out)
+                metrics.rows_written += out.num_rows
+        if sink is None:  # an input with no rows still gets a (valid, empty) output
+            sink = ParquetSink(opts.output, output_schema(passthrough, job.dim()))
+        input_hash = file_digest(opts.input)
+        with metrics.stage("write"):
+            sink.commit(_document(opts, reader, backend, cache, metrics, started, input_hash, job.dim()))
+        document = _document(opts, reader, backend, cache, metrics, started, input_hash, job.dim())
+        write_json_atomic(opts.sidecar, document)
+    except BaseException:
+        if sink is not None:
+            sink.abort()
+        raise
+    finally:
+        progress.finish()
+        cache.close()
+    return EmbedResult(opts.output, opts.sidecar, document)
+
+
+class _Job:
+    """The per-chunk work of one job: dedupe, cache, embed in length-sorted batches, assemble."""
+
+    def __init__(self, opts: EmbedOptions, reader: Reader, backend: Backend, cache: EmbeddingCache | NullCache,
+                 metrics: Metrics, progress: ProgressReporter, passthrough: pa.Schema):
+        self.opts, self.reader, self.backend, self.cache = opts, reader, backend, cache
+        self.metrics, self.progress, self.passthrough = metrics, progress, passthrough
+        self._dim: int | None = None
+
+    def dim(self) -> int:
+        if self._dim is None:
+            self._dim = self.backend.dimension()
+        return self._dim
+
+    def process(self, v: ValidatedChunk) -> pa.RecordBatch:
+        m = self.metrics
+        n = len(v.texts)
+        valid = v.valid_rows
+        invalid_rows = n - len(valid)
+        m.rows_invalid += invalid_rows
+        m.rows_truncated += sum(1 for t in v.truncated if t)
+
+        # identical texts in a chunk are looked up and embedded once
+        unique: dict[str, int] = {}
+        row_to_unique = np.full(n, -1, dtype=np.int64)
+        for i in valid:
+            row_to_unique[i] = unique.setdefault(v.texts[i], len(unique))  # type: ignore[arg-type]
+        texts = list(unique)
+        tokens = np.zeros(len(texts), dtype=np.int64)
+        rows_per_text = np.bincount(row_to_unique[row_to_unique >= 0], minlength=len(texts))
+        for i in valid:
+            tokens[row_to_unique[i]] = v.n_tokens[i]  # type: ignore[assignment]
+        m.texts_unique += len(texts)
+
+        with m.stage("cache"):
+            found = self.cache.lookup(texts, self._dim)
+        if found and self._dim is None:
+            self._dim = len(next(iter(found.values())))
+        hit_rate = self.cache.stats.hit_rate
+        done_now = invalid_rows + int(sum(rows_per_text[u] for u in found))
+        self.progress.advance(done_now, hit_rate=hit_rate)
+
+        misses = [u for u in range(len(texts)) if u not in found]
+        computed: dict[int, np.ndarray] = {}
+        if misses:
+            computed = self._embed(misses, texts, tokens, rows_per_text)
+            with m.stage("cache"):
+                self.cache.store([texts[u] for u in misses], np.stack([computed[u] for u in misses]))
+
+        vectors = np.zeros((len(texts), self.dim()), dtype=np.float32)
+        for u, vec in {**found, **computed}.items():
+            vectors[u] = vec
+        m.rows_embedded += len(valid)
+        return self._assemble(v, row_to_unique, vectors)
+
+    def _embed(self, misses: list[int], texts: list[str], tokens: np.ndarray, rows_per_text: np.ndarray) -> dict[int, np.ndarray]:
+        """Embed the missing texts longest first, `batch_size` at a time, so padding stays small."""
+        m = self.metrics
+        order = sorted(misses, key=lambda u: -tokens[u])
+        size = self.opts.batch_size or 32
+        out: dict[int, np.ndarray] = {}
+        for start in range(0, len(order), size):
+            batch = order[start : start + size]
+            load_before = getattr(self.backend, "load_seconds", 0.0)
+            with m.stage("embed"):
+                result = self.backend.embed([texts[u] for u in batch])
+            loaded = getattr(self.backend, "load_seconds", 0.0) - load_before
+            if loaded > 0:  # the first batch also loaded the model: book that time separately
+                m.stage_seconds["embed"] -= loaded
+                m.stage_seconds["model_load"] += loaded
+            expected = (len(batch), self._dim or (result.shape[1] if result.ndim == 2 else -1))
+            if result.ndim != 2 or result.shape != expected:
+                raise BackendError(
+                    f"backend {self.backend.name} returned vectors of shape {result.shape} for {len(batch)} texts "
+                    f"(expected {expected}); nothing was written."
+                )
+            if not np.isfinite(result).all():
+                raise BackendError(f"backend {self.backend.name} returned NaN or infinite values; nothing was written.")
+            self._dim = result.shape[1]
+            for u, vec in zip(batch, result):
+                out[u] = vec
+            m.batches += 1
+            m.texts_computed += len(batch)
+            m.tokens_computed += int(tokens[batch].sum())
+            self.progress.advance(int(rows_per_text[batch].sum()), hit_rate=self.cache.stats.hit_rate)
+        return out
+
+    def _assemble(self, v: ValidatedChunk, row_to_unique: np.ndarray, vectors: np.ndarray) -> pa.RecordBatch:
+        """The output rows of one chunk, in input order (invalid rows dropped under --on-invalid skip)."""
+        keep_rows = np.arange(len(v.texts))
+        if self.opts.on_invalid == "skip":
+            keep_rows = keep_rows[row_to_unique >= 0]
+            self.metrics.rows_skipped += len(v.texts) - len(keep_rows)
+        dim = self.dim()
+        idx = row_to_unique[keep_rows]
+        valid_mask = idx >= 0
+        flat = np.zeros((len(keep_rows), dim), dtype=np.float32)
+        flat[valid_mask] = vectors[idx[valid_mask]]
+        embedding = pa.FixedSizeListArray.from_arrays(
+            pa.array(flat.reshape(-1), type=pa.float32()), dim, mask=pa.array(~valid_mask)
+        )
+        base = v.chunk.batch.select(self.passthrough.names)
+        if len(keep_rows) != len(v.texts):
+            base = base.take(pa.array(keep_rows))
+        rows = keep_rows.tolist()
+        columns = list(base.columns) + [
+            embedding,
+            pa.array([v.n_tokens[i] for i in rows], type=pa.int32()),
+            pa.array([v.truncated[i] for i in rows], type=pa.bool_()),
+            pa.array([v.errors[i] for i in rows], type=pa.string()),
+        ]
+        return pa.RecordBatch.from_arrays(columns, schema=output_schema(self.passthrough, dim))
+
+
+def _document(opts: EmbedOptions, reader: Reader, backend: Backend, cache: EmbeddingCache | NullCache,
+              metrics: Metrics, started: str, input_hash: str, dim: int) -> dict[str, Any]:
+    """The sidecar: provenance (what produced the vectors) and metrics (what it cost)."""
+    described = backend.describe()
+    stats = cache.stats
+    cache_info = {
+        "enabled": not isinstance(cache, NullCache),
+        "directory": str(cache.directory) if cache.directory else None,
+        "hits": stats.hits,
+        "misses": stats.misses,
+        "hit_rate": round(stats.hit_rate, 4),
+        "stores": stats.stores,
+        "rejected": stats.rejected,
+        "volume_bytes": cache.volume_bytes(),
+    }
+    provenance = {
+        "tool": "hfbatch",
+        "tool_version": library_versions()["hfbatch"],
+        "command": redact(list(opts.command) or sys.argv),
+        "model_id": opts.model,
+        "revision": described.get("revision"),
+        "model_source": described.get("model_source"),
+        "fingerprint": backend.fingerprint(),
+        "backends": {backend.name: {"texts_computed": metrics.texts_computed, **described}},
+        "device": described.get("device"),
+        "dim": dim,
+        "normalize": opts.normalize,
+        "max_length": backend.max_length,
+        "text_column": opts.text_column,
+        "on_invalid": opts.on_invalid,
+        "input": {
+            "path": str(opts.input),
+            "format": reader.format,
+            "bytes": opts.input.stat().st_size,
+            "hash": input_hash,
+            "rows": metrics.rows_total,
+        },
+        "output": {"path": str(opts.output), "rows": metrics.rows_written},
+        "started": started,
+        "finished": utc_now(),
+        "libraries": library_versions(),
+    }
+    return {"provenance": provenance, "metrics": metrics.as_dict(cache_info, described)}

@@ -1,0 +1,106 @@
+"""One Settings object: defaults < environment (and a .env file) < CLI flags.
+
+The environment names of the original service stay valid (EMBEDDING_BATCH_SIZE,
+ENABLE_EMBEDDING_CACHE, EMBEDDING_CACHE_SIZE, ...); `.env.example` lists them all.
+CLI flags are applied later, by `EmbedOptions.resolve()`, so this module only knows defaults and
+the environment.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from dotenv import dotenv_values
+from platformdirs import user_cache_dir
+
+from .errors import InputError
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+DEFAULT_CACHE_SIZE = "2GB"
+# A bare number in EMBEDDING_CACHE_SIZE counts entries (its meaning in the original service);
+# each is budgeted at this many bytes (a 384-dim float32 vector is 1,536 bytes plus its key).
+BYTES_PER_CACHE_ENTRY = 2048
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Values from defaults and the environment; the CLI overrides them per run."""
+
+    model: str = DEFAULT_MODEL
+    batch_size: int = 32
+    chunk_size: int = 10_000
+    text_column: str = "text"
+    cache_enabled: bool = True
+    cache_dir: Path = Path(user_cache_dir("hfbatch")) / "embeddings"
+    cache_size_bytes: int = 2 * 10**9
+    device: str = "auto"
+    debug: bool = False
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env")) -> "Settings":
+        """Read settings from a .env file (if present) overlaid by the real environment."""
+        env: dict[str, str] = {}
+        if dotenv is not None and dotenv.is_file():
+            env.update({k: v for k, v in dotenv_values(dotenv).items() if v is not None})
+        env.update(os.environ if environ is None else environ)
+        defaults = cls()
+        return cls(
+            model=env.get("HFBATCH_MODEL") or defaults.model,
+            batch_size=_int(env, "EMBEDDING_BATCH_SIZE", defaults.batch_size),
+            chunk_size=_int(env, "HFBATCH_CHUNK_SIZE", defaults.chunk_size),
+            text_column=env.get("HFBATCH_TEXT_COLUMN") or defaults.text_column,
+            cache_enabled=_bool(env, "ENABLE_EMBEDDING_CACHE", True),
+            cache_dir=Path(env["HFBATCH_CACHE_DIR"]).expanduser() if env.get("HFBATCH_CACHE_DIR") else defaults.cache_dir,
+            cache_size_bytes=parse_cache_size(env.get("EMBEDDING_CACHE_SIZE") or DEFAULT_CACHE_SIZE),
+            device=env.get("HFBATCH_DEVICE") or defaults.device,
+            debug=_bool(env, "HFBATCH_DEBUG", False),
+        )
+
+
+def parse_cache_size(value: str) -> int:
+    """'2GB', '500MiB', '1.5g' -> bytes; a bare number counts entries (see BYTES_PER_CACHE_ENTRY)."""
+    match = _SIZE_RE.match(str(value))
+    if not match:
+        raise InputError(
+            f"EMBEDDING_CACHE_SIZE={value!r} is not a size; use bytes with a unit like 2GB or 500MB, "
+            "or a number of entries like 100000."
+        )
+    number, unit = float(match.group(1)), (match.group(2) or "").lower()
+    if not unit:
+        return int(number * BYTES_PER_CACHE_ENTRY)
+    base = 1024 if "i" in unit else 1000
+    power = "bkmgt".index(unit[0])
+    return int(number * base**power)
+
+
+def _int(env: Mapping[str, str], name: str, default: int) -> int:
+    raw = env.get(name)
+    if raw in (None, ""):
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InputError(f"{name}={raw!r} is not a whole number; set it to e.g. {default}.") from None
+    if value < 1:
+        raise InputError(f"{name}={raw!r} must be at least 1.")
+    return value
+
+
+def _bool(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name)
+    if raw is None:
+        return default
+    low = raw.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise InputError(f"{name}={raw!r} is not a yes/no value; use true or false.")

@@ -1,0 +1,95 @@
+"""Row checks and tokenizer-exact token counts, before any model work.
+
+A row whose text is unusable (null, empty, whitespace only, not a string) is marked with a
+reason; `--on-invalid` decides whether it stays (mark, the default: null embedding plus the
+reason in `embedding_error`), is dropped (skip) or stops the job (fail). Token counts come from
+the model's own tokenizer; a text longer than max_length is truncated by the model and flagged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pyarrow as pa
+
+from .errors import InputError
+from .io.readers import Chunk
+
+ON_INVALID = ("mark", "skip", "fail")
+
+
+@dataclass
+class ValidatedChunk:
+    """A chunk plus, per row, the text to embed (None if invalid) and what validation found."""
+
+    chunk: Chunk
+    texts: list[str | None]
+    errors: list[str | None]
+    n_tokens: list[int | None]
+    truncated: list[bool | None]
+
+    @property
+    def valid_rows(self) -> list[int]:
+        return [i for i, t in enumerate(self.texts) if t is not None]
+
+
+def check_columns(path: Path, schema: pa.Schema, text_column: str, keep: Sequence[str] | None) -> None:
+    """Exit-2 errors for columns that do not exist or clash with the output columns."""
+    names = list(schema.names)
+    shown = ", ".join(names) if names else "(none)"
+    if text_column not in names:
+        raise InputError(f"{path} has no column {text_column!r}; columns are: {shown}. Use --text-column.")
+    missing = [c for c in keep or [] if c not in names]
+    if missing:
+        raise InputError(f"{path}: --keep names column(s) {', '.join(missing)} that do not exist; columns are: {shown}.")
+    clash = [c for c in (keep if keep is not None else names) if c in ("embedding", "n_tokens", "truncated", "embedding_error")]
+    if clash:
+        raise InputError(
+            f"{path} already has column(s) {', '.join(clash)} that hfbatch writes; "
+            "use --keep to choose the columns to pass through (e.g. leave those out)."
+        )
+
+
+def validate_chunk(
+    chunk: Chunk,
+    *,
+    path: Path,
+    text_column: str,
+    on_invalid: str,
+    max_length: int,
+    token_counts: Callable[[Sequence[str]], list[int]],
+) -> ValidatedChunk:
+    """Mark invalid rows, count tokens of the rest, flag truncation. Raises InputError under fail."""
+    column = chunk.batch.column(text_column)
+    is_string = pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
+    values = column.to_pylist() if is_string else [None] * len(column)
+    texts: list[str | None] = []
+    errors: list[str | None] = []
+    for i, value in enumerate(values):
+        reason = chunk.invalid.get(i)
+        if reason is None:
+            if not is_string and column[i].is_valid:
+                reason = f"not a string ({column.type})"
+            elif value is None:
+                reason = "null text"
+            elif value == "":
+                reason = "empty text"
+            elif not value.strip():
+                reason = "whitespace-only text"
+        if reason is not None and on_invalid == "fail":
+            raise InputError(
+                f"{path}: row {chunk.first_row + i + 1}, column {text_column!r}: {reason}; "
+                "fix the row, or pass --on-invalid mark (keep it, marked) or skip (drop it)."
+            )
+        texts.append(None if reason else value)
+        errors.append(reason)
+    valid = [i for i, t in enumerate(texts) if t is not None]
+    counts = token_counts([texts[i] for i in valid]) if valid else []  # type: ignore[misc]
+    n_tokens: list[int | None] = [None] * len(texts)
+    truncated: list[bool | None] = [None] * len(texts)
+    for i, count in zip(valid, counts):
+        n_tokens[i] = min(count, max_length)
+        truncated[i] = count > max_length
+    return ValidatedChunk(chunk, texts, errors, n_tokens, truncated)
