@@ -19,6 +19,7 @@ from .errors import HfbatchError
 from .options import EmbedOptions
 from .pipeline import EmbedResult, run_embed
 from .progress import NullProgress, RichProgress
+from .provenance import redact_text
 from .settings import DEFAULT_MODEL, Settings
 
 app = typer.Typer(
@@ -109,17 +110,18 @@ def _run(job, debug: bool):  # type: ignore[no-untyped-def]
         return job()
     except HfbatchError as exc:
         if debug:
-            traceback.print_exc()
-        err.print(f"[bold red]{type(exc).__name__}[/]: {exc}", soft_wrap=True, markup=True)
+            sys.stderr.write(redact_text(traceback.format_exc()))
+        err.print(f"[bold red]{type(exc).__name__}[/]: {escape(redact_text(str(exc)))}", soft_wrap=True)
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err.print("interrupted: no output was written; rerun the same command to resume from the cache.")
         raise typer.Exit(130) from None
     except Exception as exc:  # a bug or an unforeseen failure: still one line, still no output
         if debug:
-            traceback.print_exc()
+            sys.stderr.write(redact_text(traceback.format_exc()))
         err.print(
-            f"[bold red]error[/]: {type(exc).__name__}: {exc} (no output was written; rerun with --debug for the traceback)",
+            f"[bold red]error[/]: {type(exc).__name__}: {escape(redact_text(str(exc)))} "
+            "(no output was written; rerun with --debug for the traceback)",
             soft_wrap=True,
         )
         raise typer.Exit(1) from None

@@ -7,6 +7,7 @@ and stdout with --json. Secrets never enter it: the recorded command is redacted
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 import re
 import time
@@ -24,6 +25,7 @@ STAGES = ("read", "validate", "cache", "model_load", "embed", "write")
 _LIBRARIES = ("torch", "sentence-transformers", "transformers", "tokenizers", "huggingface_hub", "pyarrow", "numpy", "diskcache")
 _TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{6,}")
 _SECRET_FLAGS = ("--token", "--api-key", "--hf-token")
+_TOKEN_ENV = ("HF_TOKEN", "HUGGINGFACE_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
 @dataclass
@@ -119,8 +121,17 @@ def redact(args: Sequence[str]) -> list[str]:
                 out.append(arg)
                 hide_next = True
             continue
-        out.append(_TOKEN_RE.sub("hf_***", arg))
+        out.append(redact_text(arg))
     return out
+
+
+def redact_text(text: str) -> str:
+    """`text` with hub tokens (by shape, and the configured token values) replaced."""
+    for name in _TOKEN_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 8:
+            text = text.replace(value, "***")
+    return _TOKEN_RE.sub("hf_***", text)
 
 
 def library_versions() -> dict[str, str]:

@@ -8,6 +8,7 @@ Everything is lazy: the tokenizer loads on the first token count, the model on t
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -132,18 +133,15 @@ class LocalBackend:
             return self._model
         started = time.perf_counter()
         device = resolve_device(self.requested_device)
-        try:
-            from sentence_transformers import SentenceTransformer
-
-            model = SentenceTransformer(str(self.model_dir), device=device)
-        except Exception as exc:
-            raise ModelLoadError(f"cannot load {self.model_id} from {self.model_dir} on {device} ({exc}).") from exc
-        model.max_seq_length = self.max_length
+        model = _load_sentence_transformer(str(self.model_dir), device, self.model_id)
         has_normalize = type(model[len(model) - 1]).__name__ == "Normalize"
         if has_normalize and not self.normalize:
-            del model[len(model) - 1]  # --no-normalize: the raw pooled vectors
+            # --no-normalize: the raw pooled vectors. A new wrapper over the same modules, so the
+            # shared (memoised) model is left as it was.
+            from sentence_transformers import SentenceTransformer
+
+            model = SentenceTransformer(modules=list(model)[:-1], device=device)
         self._normalize_in_encode = self.normalize and not has_normalize
-        model.eval()
         self._model, self._device = model, device
         self.load_seconds = time.perf_counter() - started
         log.info("loaded %s on %s in %.2fs", self.model_id, device, self.load_seconds)
@@ -151,6 +149,7 @@ class LocalBackend:
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         model = self._load_model()
+        model.max_seq_length = self.max_length  # set per call: the loaded model may be shared
         try:
             vectors = model.encode(
                 list(texts),
@@ -181,6 +180,19 @@ class LocalBackend:
         info["model_loaded"] = self._model is not None
         info["load_seconds"] = round(self.load_seconds, 3)
         return info
+
+
+@functools.lru_cache(maxsize=2)
+def _load_sentence_transformer(path: str, device: str, model_id: str) -> Any:
+    """Load once per process and device: notebooks and test suites call embed_file many times."""
+    try:
+        from sentence_transformers import SentenceTransformer
+
+        model = SentenceTransformer(path, device=device)
+    except Exception as exc:
+        raise ModelLoadError(f"cannot load {model_id} from {path} on {device} ({exc}).") from exc
+    model.eval()
+    return model
 
 
 def resolve_model_dir(model: str) -> tuple[Path, dict[str, Any]]:

@@ -113,6 +113,6 @@ def write_json_atomic(path: Path, document: Mapping[str, Any]) -> None:
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
     """The hfbatch provenance stored in a Parquet file written by ParquetSink."""
-    meta = pq.read_schema(str(path)).metadata or {}
+    meta = pq.ParquetFile(str(path)).metadata.metadata or {}  # file key/value metadata
     raw = meta.get(METADATA_KEY.encode())
     return json.loads(raw) if raw else {}

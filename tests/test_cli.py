@@ -1,0 +1,158 @@
+"""The real `hfbatch` command, end to end: flags, output, summary, errors and exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import diskcache
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from conftest import SAMPLE_TEXTS, rows_for, write_csv, write_jsonl
+from hfbatch.cli import app
+
+runner = CliRunner()
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run(*args: str):
+    return runner.invoke(app, list(args))
+
+
+def test_embed_csv_prints_summary(tmp_path: Path) -> None:
+    src = write_csv(tmp_path / "reviews.csv", rows_for(SAMPLE_TEXTS))
+    result = run("embed", str(src), "-o", str(tmp_path / "out.parquet"))
+    assert result.exit_code == 0, result.output
+    assert "rows" in result.stdout and f"{len(SAMPLE_TEXTS)} read" in result.stdout
+    assert "hit rate" in result.stdout
+    assert pq.read_table(tmp_path / "out.parquet").num_rows == len(SAMPLE_TEXTS)
+
+
+def test_json_prints_the_sidecar_document(tmp_path: Path) -> None:
+    rows = [{"id": i, "title": f"t{i}", "body": t} for i, t in enumerate(SAMPLE_TEXTS)]
+    src = write_jsonl(tmp_path / "data.jsonl", rows)
+    result = run("embed", str(src), "-o", str(tmp_path / "out.parquet"), "--text-column", "body", "--keep", "id,title", "--json")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc == json.loads((tmp_path / "out.parquet.meta.json").read_text())
+    assert pq.read_table(tmp_path / "out.parquet").column_names[:2] == ["id", "title"]
+
+
+def test_quiet_prints_nothing(tmp_path: Path) -> None:
+    src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS[:2]))
+    result = run("embed", str(src), "-o", str(tmp_path / "out.parquet"), "--quiet")
+    assert result.exit_code == 0 and result.stdout == ""
+
+
+@pytest.mark.parametrize(
+    "make_args, message",
+    [
+        (lambda d: [str(d / "missing.csv"), "-o", str(d / "o.parquet")], "missing.csv: no such file"),
+        (lambda d: [str(write_csv(d / "in.csv", [{"id": 1, "body": "x"}])), "-o", str(d / "o.parquet")],
+         "has no column 'text'; columns are: id, body. Use --text-column"),
+        (lambda d: [str(write_csv(d / "in.csv", rows_for(["a"]))), "-o", str(d / "o.parquet"), "--batch-size", "0"],
+         "--batch-size must be at least 1"),
+        (lambda d: [str(write_csv(d / "in.txt", rows_for(["a"]))), "-o", str(d / "o.parquet")], "pass --format"),
+        (lambda d: [str(write_csv(d / "in.csv", rows_for(["a"]))), "-o", str(d / "o.csv")], "give it a .parquet name"),
+        (lambda d: [str(write_csv(d / "in.csv", rows_for(["a"]))), "-o", str(d / "o.parquet"), "--on-invalid", "drop"],
+         "--on-invalid 'drop' is not one of"),
+        (lambda d: [str(write_csv(d / "in.csv", rows_for(["a"]))), "-o", str(d / "o.parquet"), "--device", "gpu"],
+         "--device 'gpu' is not a device"),
+    ],
+)
+def test_input_errors_exit_2_with_one_line(tmp_path: Path, make_args, message: str) -> None:
+    result = run("embed", *make_args(tmp_path))
+    assert result.exit_code == 2
+    assert message in " ".join(result.stderr.split())
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "o.parquet").exists()
+
+
+def test_bad_row_with_on_invalid_fail_exits_2(tmp_path: Path) -> None:
+    src = write_csv(tmp_path / "in.csv", rows_for(["good", "", "fine"]))
+    result = run("embed", str(src), "-o", str(tmp_path / "o.parquet"), "--on-invalid", "fail")
+    assert result.exit_code == 2
+    assert "row 2, column 'text': empty text" in result.stderr
+    assert not (tmp_path / "o.parquet").exists()
+
+
+def test_unknown_model_exits_1_without_output(tmp_path: Path) -> None:
+    src = write_csv(tmp_path / "in.csv", rows_for(["good"]))
+    result = run("embed", str(src), "-o", str(tmp_path / "o.parquet"), "--model", "nobody/no-such-model")
+    assert result.exit_code == 1
+    assert "ModelLoadError" in result.stderr and "pass a local model directory" in result.stderr
+    assert "Traceback" not in result.output and not (tmp_path / "o.parquet").exists()
+
+
+def test_debug_shows_traceback(tmp_path: Path) -> None:
+    result = run("embed", str(tmp_path / "missing.csv"), "-o", str(tmp_path / "o.parquet"), "--debug")
+    assert result.exit_code == 2 and "Traceback" in result.stderr
+
+
+def test_every_command_has_help() -> None:
+    import typer.main
+
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():  # type: ignore[attr-defined]
+        assert command.help, f"{name} has no help text"
+        result = run(name, "--help")
+        assert result.exit_code == 0 and "Usage" in result.stdout
+    assert run("--version").stdout.startswith("hfbatch ")
+
+
+def test_token_never_written(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = "hf_" + "Zq9" * 12
+    monkeypatch.setenv("HF_TOKEN", secret)
+    monkeypatch.setenv("HUGGINGFACE_TOKEN", secret)
+    src = write_csv(tmp_path / "in.csv", rows_for(["good"]))
+    # a token pasted into the command line by mistake is redacted too
+    result = run("embed", str(src), "-o", str(tmp_path / "o.parquet"), "--model", f"./{secret}", "--json")
+    assert secret not in result.output
+    ok = run("embed", str(src), "-o", str(tmp_path / "o.parquet"), "--json")
+    assert ok.exit_code == 0
+    for path in (tmp_path / "o.parquet", tmp_path / "o.parquet.meta.json"):
+        assert secret.encode() not in path.read_bytes()
+    assert secret not in ok.output
+
+
+def _cached_entries(cache_dir: Path) -> int:
+    if not (cache_dir / "cache.db").exists():
+        return 0
+    with diskcache.Cache(str(cache_dir)) as cache:
+        return len(cache)
+
+
+def test_killed_run_leaves_no_output_and_rerun_resumes(tmp_path: Path) -> None:
+    texts = [f"Row {i}: a product review that says the item number {i} is {'great' if i % 3 else 'poor'}." for i in range(600)]
+    src = write_csv(tmp_path / "in.csv", rows_for(texts))
+    out = tmp_path / "out.parquet"
+    cache_dir = tmp_path / "cache"
+    cmd = [sys.executable, "-m", "hfbatch", "embed", str(src), "-o", str(out), "--chunk-size", "50",
+           "--batch-size", "8", "--cache-dir", str(cache_dir), "--quiet"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 120
+    while _cached_entries(cache_dir) < 50 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert proc.poll() is None, "the job finished before it could be killed; make the input larger"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and not (tmp_path / "out.parquet.meta.json").exists()
+    stored = _cached_entries(cache_dir)
+    assert 50 <= stored < 600
+    rerun = subprocess.run([*cmd[:-1], "--json"], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    document = json.loads(rerun.stdout)
+    assert document["provenance"]["command"][:3] == ["hfbatch", "embed", str(src)]
+    metrics = document["metrics"]
+    assert metrics["cache"]["hits"] >= stored  # everything embedded before the kill is reused
+    assert metrics["texts_computed"] == 600 - metrics["cache"]["hits"]
+    assert pq.read_table(out).column("text").to_pylist() == texts
+    assert not list(tmp_path.glob(".out.parquet.*"))  # the killed run's temp file was cleaned up

