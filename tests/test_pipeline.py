@@ -70,6 +70,8 @@ def test_warm_rerun_computes_nothing_and_matches(tmp_path: Path) -> None:
     assert second.metrics["cache"]["hit_rate"] == 1.0
     assert second.metrics["cache"]["misses"] == 0
     assert _embeddings(first.output) == _embeddings(second.output)
+    local = second.document["provenance"]["backends"]["local"]
+    assert local["model_loaded"] is False  # a fully cached rerun never loads the model
 
 
 def test_cache_namespace_changes_with_max_length_and_normalize(tmp_path: Path) -> None:

