@@ -73,7 +73,10 @@ class EmbeddingCache:
                 disk=_RawOnlyDisk,
                 size_limit=size_limit_bytes,
                 eviction_policy="least-recently-used",
-                cull_limit=100,
+                # No culling inside set(): within a store transaction SQLite's file does not shrink,
+                # so per-set culling would keep evicting until the cache is empty. `store` culls
+                # once, after its commit, down to the size limit.
+                cull_limit=0,
             )
         except Exception as exc:  # sqlite or filesystem trouble: name the place and the way out
             raise OutputError(
@@ -101,6 +104,7 @@ class EmbeddingCache:
         with self._cache.transact():
             for text, row in zip(texts, data):
                 self._cache.set(cache_key(self.fingerprint, text), row.tobytes())
+        self._cache.cull(retry=True)  # least recently used first, until under the size limit
         self.stats.stores += len(texts)
 
     def volume_bytes(self) -> int:

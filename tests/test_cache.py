@@ -195,13 +195,6 @@ def test_lru_eviction_bounds_volume_and_keeps_recently_read(tmp_path: Path) -> N
     cache.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: EmbeddingCache.store() sets a whole batch inside one transact(); once the cache "
-    "is at size_limit, diskcache culls cull_limit=100 entries per set() but SQLite only shrinks the "
-    "file at commit, so volume() never drops inside the transaction and each further set() culls "
-    "100 more -- one batch store empties the whole cache, recently read entries included",
-)
 def test_lru_eviction_with_batched_stores_keeps_recently_read(tmp_path: Path) -> None:
     """The pipeline stores a chunk's misses in one call; eviction must still be LRU, not a wipe."""
     cache = _open(tmp_path / "c", size=EVICT_LIMIT)

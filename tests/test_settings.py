@@ -1,0 +1,142 @@
+"""hfbatch/settings.py: defaults < .env file < real environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from platformdirs import user_cache_dir
+
+from hfbatch.errors import InputError
+from hfbatch.settings import BYTES_PER_CACHE_ENTRY, DEFAULT_MODEL, Settings, parse_cache_size
+
+
+def test_defaults_without_environment() -> None:
+    s = Settings.load(environ={}, dotenv=None)
+    assert s.model == DEFAULT_MODEL == "sentence-transformers/all-MiniLM-L6-v2"
+    assert s.batch_size == 32
+    assert s.chunk_size == 10_000
+    assert s.text_column == "text"
+    assert s.cache_enabled is True
+    assert s.cache_dir == Path(user_cache_dir("hfbatch")) / "embeddings"
+    assert s.cache_size_bytes == 2 * 10**9
+    assert s.device == "auto"
+    assert s.debug is False
+
+
+def test_env_overrides() -> None:
+    s = Settings.load(
+        environ={
+            "EMBEDDING_BATCH_SIZE": "64",
+            "ENABLE_EMBEDDING_CACHE": "false",
+            "EMBEDDING_CACHE_SIZE": "500MB",
+            "HFBATCH_MODEL": "BAAI/bge-small-en-v1.5",
+            "HFBATCH_CACHE_DIR": "/srv/vectors",
+            "HFBATCH_CHUNK_SIZE": "500",
+            "HFBATCH_TEXT_COLUMN": "body",
+            "HFBATCH_DEVICE": "cpu",
+            "HFBATCH_DEBUG": "1",
+        },
+        dotenv=None,
+    )
+    assert s.batch_size == 64
+    assert s.cache_enabled is False
+    assert s.cache_size_bytes == 500 * 10**6
+    assert s.model == "BAAI/bge-small-en-v1.5"
+    assert s.cache_dir == Path("/srv/vectors")
+    assert s.chunk_size == 500
+    assert s.text_column == "body"
+    assert s.device == "cpu"
+    assert s.debug is True
+
+
+@pytest.mark.parametrize("raw, expected", [("true", True), ("1", True), ("YES", True), ("on", True),
+                                           ("false", False), ("0", False), ("No", False), ("off", False)])
+def test_enable_embedding_cache_values(raw: str, expected: bool) -> None:
+    assert Settings.load(environ={"ENABLE_EMBEDDING_CACHE": raw}, dotenv=None).cache_enabled is expected
+
+
+def test_cache_dir_expands_user(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    s = Settings.load(environ={"HFBATCH_CACHE_DIR": "~/vectors"}, dotenv=None)
+    assert s.cache_dir == tmp_path / "vectors"
+
+
+def test_real_process_environment_is_read(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("EMBEDDING_BATCH_SIZE", "8")
+    s = Settings.load()  # os.environ and ./.env (none: cwd is tmp_path)
+    assert s.batch_size == 8
+    assert s.cache_dir == tmp_path / "cache"  # set by the conftest fixture
+
+
+def test_dotenv_is_read_and_environment_wins(tmp_path: Path) -> None:
+    dotenv = tmp_path / "custom.env"
+    dotenv.write_text(
+        "EMBEDDING_BATCH_SIZE=16\nHFBATCH_MODEL=from-dotenv/model\n# a comment\nEMBEDDING_CACHE_SIZE=1GiB\n",
+        encoding="utf-8",
+    )
+    s = Settings.load(environ={"EMBEDDING_BATCH_SIZE": "128"}, dotenv=dotenv)
+    assert s.batch_size == 128  # real environment beats .env
+    assert s.model == "from-dotenv/model"  # .env beats the default
+    assert s.cache_size_bytes == 2**30
+
+
+def test_default_dotenv_is_dot_env_in_cwd(tmp_path: Path) -> None:
+    (tmp_path / ".env").write_text("HFBATCH_TEXT_COLUMN=review\n", encoding="utf-8")
+    assert Settings.load(environ={}).text_column == "review"  # conftest chdir'd into tmp_path
+    assert Settings.load(environ={}, dotenv=None).text_column == "text"
+
+
+def test_missing_dotenv_file_is_fine(tmp_path: Path) -> None:
+    assert Settings.load(environ={}, dotenv=tmp_path / "absent.env").batch_size == 32
+
+
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("2GB", 2 * 10**9),
+        ("500MiB", 500 * 2**20),
+        ("500MB", 500 * 10**6),
+        ("1000", 1000 * BYTES_PER_CACHE_ENTRY),
+        ("1.5g", int(1.5 * 10**9)),
+        ("64 KiB", 64 * 1024),
+        ("3tb", 3 * 10**12),
+        ("100b", 100),
+    ],
+)
+def test_parse_cache_size(raw: str, expected: int) -> None:
+    assert parse_cache_size(raw) == expected
+
+
+@pytest.mark.parametrize("raw", ["lots", "2 gigabytes", "-5", "GB", "1,000", "5XB"])
+def test_parse_cache_size_garbage_is_input_error(raw: str) -> None:
+    with pytest.raises(InputError, match="EMBEDDING_CACHE_SIZE"):
+        parse_cache_size(raw)
+
+
+def test_bad_cache_size_in_environment_is_input_error() -> None:
+    with pytest.raises(InputError, match="EMBEDDING_CACHE_SIZE"):
+        Settings.load(environ={"EMBEDDING_CACHE_SIZE": "huge"}, dotenv=None)
+
+
+@pytest.mark.parametrize("raw", ["abc", "0", "-3", "2.5"])
+def test_bad_batch_size_names_the_variable(raw: str) -> None:
+    with pytest.raises(InputError, match="EMBEDDING_BATCH_SIZE"):
+        Settings.load(environ={"EMBEDDING_BATCH_SIZE": raw}, dotenv=None)
+
+
+def test_bad_chunk_size_names_the_variable() -> None:
+    with pytest.raises(InputError, match="HFBATCH_CHUNK_SIZE"):
+        Settings.load(environ={"HFBATCH_CHUNK_SIZE": "many"}, dotenv=None)
+
+
+def test_bad_boolean_is_input_error() -> None:
+    with pytest.raises(InputError, match="ENABLE_EMBEDDING_CACHE"):
+        Settings.load(environ={"ENABLE_EMBEDDING_CACHE": "maybe"}, dotenv=None)
+
+
+def test_bad_value_in_dotenv_is_input_error(tmp_path: Path) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("EMBEDDING_BATCH_SIZE=zero\n", encoding="utf-8")
+    with pytest.raises(InputError, match="EMBEDDING_BATCH_SIZE"):
+        Settings.load(environ={}, dotenv=dotenv)
