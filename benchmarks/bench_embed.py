@@ -133,7 +133,8 @@ def bench_memory(rows: int) -> dict:
         n = rows * factor
         src = WORK / f"mem{factor}.parquet"
         texts = [" ".join(rng.choices(words, k=rng.randint(3, 12))) + f" {i}" for i in range(n)]
-        payload = ["x" * 2000] * n  # a wide passthrough column: the file grows, memory must not
+        # a wide, incompressible passthrough column: the file grows 8x, memory must not
+        payload = [rng.randbytes(1000).hex() for _ in range(n)]
         pq.write_table(pa.table({"id": list(range(n)), "text": texts, "payload": payload}), src)
         doc = _cli([str(src), "-o", str(WORK / f"mem{factor}.out.parquet"), "--no-cache", "--chunk-size", "1000", "--batch-size", "64"])
         peaks[factor] = {"rows": n, "input_mb": src.stat().st_size / 2**20, "peak_rss_mb": doc["metrics"]["peak_rss_mb"]}

@@ -95,7 +95,8 @@ def embed(
     progress = NullProgress() if (quiet or as_json) else RichProgress(err)
     result = _run(lambda: run_embed(options, progress=progress, settings=settings), debug or settings.debug)
     if as_json:
-        out.print_json(json.dumps(result.document, default=str))
+        # plain write, not rich: a console would wrap long lines inside JSON strings
+        sys.stdout.write(json.dumps(result.document, indent=2, default=str) + "\n")
     elif not quiet:
         _summary(result)
 
