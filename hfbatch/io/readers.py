@@ -138,7 +138,8 @@ class ParquetReader(Reader):
     def __init__(self, path: Path, *, chunk_size: int, columns: Sequence[str] | None, text_column: str | None):
         self.path, self.chunk_size = path, chunk_size
         try:
-            self._file = pq.ParquetFile(path)
+            # buffered page-by-page reads: a file written as one huge row group still streams
+            self._file = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
         except (pa.ArrowException, OSError) as exc:
             raise InputError(f"{path}: not a readable Parquet file ({_short(exc)}).") from exc
         full = self._file.schema_arrow
