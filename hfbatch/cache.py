@@ -84,12 +84,17 @@ class EmbeddingCache:
                 "pass another --cache-dir or --no-cache."
             ) from exc
 
-    def lookup(self, texts: Sequence[str], dim: int | None) -> dict[int, np.ndarray]:
-        """Index in `texts` -> vector, for each text found. `dim`, when known, rejects odd sizes."""
+    def lookup(self, texts: Sequence[str], dim: int | None, fingerprint: str | None = None) -> dict[int, np.ndarray]:
+        """Index in `texts` -> vector, for each text found. `dim`, when known, rejects odd sizes.
+
+        `fingerprint` overrides the cache's own for this call: under --backend auto the namespace
+        follows whichever backend is producing vectors at the time.
+        """
         found: dict[int, np.ndarray] = {}
+        namespace = fingerprint or self.fingerprint
         with self._cache.transact():
             for i, text in enumerate(texts):
-                raw = self._cache.get(cache_key(self.fingerprint, text))
+                raw = self._cache.get(cache_key(namespace, text))
                 if isinstance(raw, bytes) and raw and len(raw) % 4 == 0 and (dim is None or len(raw) == 4 * dim):
                     found[i] = np.frombuffer(raw, dtype=_LE_FLOAT32).astype(np.float32, copy=False)
                 elif raw is not None:
@@ -98,12 +103,13 @@ class EmbeddingCache:
         self.stats.misses += len(texts) - len(found)
         return found
 
-    def store(self, texts: Sequence[str], vectors: np.ndarray) -> None:
+    def store(self, texts: Sequence[str], vectors: np.ndarray, fingerprint: str | None = None) -> None:
         """Store one vector per text, all in one transaction."""
         data = np.ascontiguousarray(vectors, dtype=_LE_FLOAT32)
+        namespace = fingerprint or self.fingerprint
         with self._cache.transact():
             for text, row in zip(texts, data):
-                self._cache.set(cache_key(self.fingerprint, text), row.tobytes())
+                self._cache.set(cache_key(namespace, text), row.tobytes())
         self._cache.cull(retry=True)  # least recently used first, until under the size limit
         self.stats.stores += len(texts)
 
@@ -122,11 +128,11 @@ class NullCache:
     def __init__(self) -> None:
         self.stats = CacheStats()
 
-    def lookup(self, texts: Sequence[str], dim: int | None) -> dict[int, np.ndarray]:
+    def lookup(self, texts: Sequence[str], dim: int | None, fingerprint: str | None = None) -> dict[int, np.ndarray]:
         self.stats.misses += len(texts)
         return {}
 
-    def store(self, texts: Sequence[str], vectors: np.ndarray) -> None:
+    def store(self, texts: Sequence[str], vectors: np.ndarray, fingerprint: str | None = None) -> None:
         pass
 
     def volume_bytes(self) -> int:

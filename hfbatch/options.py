@@ -31,6 +31,15 @@ class EmbedOptions:
     cache_dir: Path | None = None
     cache_size_bytes: int | None = None
     on_invalid: str = "mark"
+    # remote backends (hf-api, tei, openai) and --backend auto
+    endpoint: str | None = None
+    fallback: str = "hf-api"
+    api_batch_size: int = 32
+    api_concurrency: int = 4
+    api_timeout: float | None = None
+    api_retries: int = 5
+    remote_pooling: str | None = None
+    tokenizer: str | None = None
     command: Sequence[str] = field(default_factory=tuple)
 
     def resolved(self, settings: Settings) -> "EmbedOptions":
@@ -48,7 +57,11 @@ class EmbedOptions:
             cache_dir=Path(self.cache_dir).expanduser() if self.cache_dir else settings.cache_dir,
             cache_size_bytes=self.cache_size_bytes or settings.cache_size_bytes,
             keep=list(self.keep) if self.keep is not None else None,
+            api_timeout=self.api_timeout or settings.api_timeout,
+            endpoint=self.endpoint or settings.endpoint,
         )
+        if opts.api_retries < 1:
+            raise InputError(f"--api-retries must be at least 1 (got {opts.api_retries}).")
         for name in ("batch_size", "chunk_size"):
             if getattr(opts, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(opts, name)}).")

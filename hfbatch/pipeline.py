@@ -68,7 +68,7 @@ def run_embed(options: EmbedOptions, *, progress: ProgressReporter | None = None
     except OSError as exc:
         raise InputError(f"-o {opts.output}: cannot write there ({exc.strerror or exc}); choose another output path.") from None
 
-    backend = make_backend(opts.backend, model=opts.model, device=opts.device or "auto", normalize=opts.normalize, max_length=opts.max_length)
+    backend = make_backend(opts)
     cache = (
         EmbeddingCache(opts.cache_dir, backend.fingerprint(), size_limit_bytes=opts.cache_size_bytes or 0)  # type: ignore[arg-type]
         if opts.use_cache
@@ -148,7 +148,7 @@ class _Job:
         m.texts_unique += len(texts)
 
         with m.stage("cache"):
-            found = self.cache.lookup(texts, self._dim)
+            found = self.cache.lookup(texts, self._dim, self.backend.fingerprint())
         if found and self._dim is None:
             self._dim = len(next(iter(found.values())))
         hit_rate = self.cache.stats.hit_rate
@@ -160,7 +160,8 @@ class _Job:
         if misses:
             computed = self._embed(misses, texts, tokens, rows_per_text)
             with m.stage("cache"):
-                self.cache.store([texts[u] for u in misses], np.stack([computed[u] for u in misses]))
+                # under the fingerprint of the backend that made them (it may have changed under auto)
+                self.cache.store([texts[u] for u in misses], np.stack([computed[u] for u in misses]), self.backend.fingerprint())
 
         vectors = np.zeros((len(texts), self.dim()), dtype=np.float32)
         for u, vec in {**found, **computed}.items():
@@ -231,6 +232,12 @@ def _document(opts: EmbedOptions, reader: Reader, backend: Backend, cache: Embed
               metrics: Metrics, started: str, input_hash: str, dim: int) -> dict[str, Any]:
     """The sidecar: provenance (what produced the vectors) and metrics (what it cost)."""
     described = backend.describe()
+    backends = described.pop("backends", None) or {backend.name: {"texts_computed": metrics.texts_computed, **described}}
+    api = {
+        "requests": sum(int(b.get("requests", 0)) for b in backends.values()),
+        "retries": sum(int(b.get("retries", 0)) for b in backends.values()),
+        "fallbacks": int(bool(described.get("fell_back"))),
+    }
     stats = cache.stats
     cache_info = {
         "enabled": not isinstance(cache, NullCache),
@@ -250,7 +257,8 @@ def _document(opts: EmbedOptions, reader: Reader, backend: Backend, cache: Embed
         "revision": described.get("revision"),
         "model_source": described.get("model_source"),
         "fingerprint": backend.fingerprint(),
-        "backends": {backend.name: {"texts_computed": metrics.texts_computed, **described}},
+        "backend": backend.name,
+        "backends": backends,
         "device": described.get("device"),
         "dim": dim,
         "normalize": opts.normalize,
@@ -269,4 +277,4 @@ def _document(opts: EmbedOptions, reader: Reader, backend: Backend, cache: Embed
         "finished": utc_now(),
         "libraries": library_versions(),
     }
-    return {"provenance": provenance, "metrics": metrics.as_dict(cache_info, described)}
+    return {"provenance": provenance, "metrics": metrics.as_dict(cache_info, described, api)}

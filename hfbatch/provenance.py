@@ -64,7 +64,7 @@ class Metrics:
                     return
             yield item
 
-    def as_dict(self, cache: dict[str, Any], backend: dict[str, Any]) -> dict[str, Any]:
+    def as_dict(self, cache: dict[str, Any], backend: dict[str, Any], api: dict[str, int]) -> dict[str, Any]:
         wall = time.perf_counter() - self._started
         embed_s = self.stage_seconds["embed"]
         return {
@@ -87,7 +87,7 @@ class Metrics:
             "tokens_per_second": round(self.tokens_computed / embed_s, 1) if embed_s > 0 else None,
             "peak_rss_mb": round(peak_rss_mb(), 1),
             "model_load_seconds": backend.get("load_seconds", 0.0),
-            "api": {"requests": 0, "retries": 0, "fallbacks": 0},
+            "api": api,
         }
 
 

@@ -43,6 +43,8 @@ class Settings:
     cache_size_bytes: int = 2 * 10**9
     device: str = "auto"
     debug: bool = False
+    api_timeout: float = 60.0
+    endpoint: str | None = None
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env")) -> "Settings":
@@ -62,6 +64,8 @@ class Settings:
             cache_size_bytes=parse_cache_size(env.get("EMBEDDING_CACHE_SIZE") or DEFAULT_CACHE_SIZE),
             device=env.get("HFBATCH_DEVICE") or defaults.device,
             debug=_bool(env, "HFBATCH_DEBUG", False),
+            api_timeout=float(_int(env, "HUGGINGFACE_API_TIMEOUT", int(defaults.api_timeout))),
+            endpoint=env.get("HFBATCH_ENDPOINT") or None,
         )
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import BUNDLED_MODEL_DIR, SAMPLE_TEXTS
 from hfbatch.backends import Backend, make_backend
+from hfbatch import EmbedOptions
 from hfbatch.backends.local import LocalBackend
 from hfbatch.errors import InputError, ModelLoadError
 
@@ -106,8 +107,8 @@ def test_unavailable_device_and_unknown_model() -> None:
 
 
 def test_registry_builds_a_backend_lazily() -> None:
-    backend = make_backend("local", model=DEFAULT)
+    backend = make_backend(EmbedOptions(input=Path("a.csv"), output=Path("a.parquet"), model=DEFAULT))
     assert backend._dir is None  # built, not resolved
     assert isinstance(backend, Backend)
     with pytest.raises(InputError, match="--backend 'nope' is not available"):
-        make_backend("nope", model=DEFAULT)
+        make_backend(EmbedOptions(input=Path("a.csv"), output=Path("a.parquet"), model=DEFAULT, backend="nope"))

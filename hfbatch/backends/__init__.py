@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 from ..errors import InputError
+
+if TYPE_CHECKING:
+    from ..options import EmbedOptions
 
 
 @runtime_checkable
@@ -18,7 +21,7 @@ class Backend(Protocol):
     validation errors and a fully cached rerun cost no model load.
     """
 
-    name: str  # "local", later "hf-api", "tei", "openai"
+    name: str  # "local", "hf-api", "tei", "openai", "auto"
     model_id: str
     max_length: int  # tokens per text the model sees; longer texts are truncated
 
@@ -41,20 +44,53 @@ class Backend(Protocol):
         ...
 
 
-BACKENDS = ("local",)
+BACKENDS = ("local", "hf-api", "tei", "openai", "auto")
+_ALIASES = {"api": "hf-api", "hf": "hf-api", "inference-api": "hf-api"}
 
 
-def make_backend(
-    name: str,
-    *,
-    model: str,
-    device: str = "auto",
-    normalize: bool = True,
-    max_length: int | None = None,
-) -> Backend:
-    """The backend registry. Only builds the object; nothing heavy happens here."""
+def backend_name(name: str) -> str:
+    """The canonical backend name (`api` is an alias of `hf-api`)."""
+    name = _ALIASES.get(name, name)
+    if name not in BACKENDS:
+        raise InputError(f"--backend {name!r} is not available; use one of: {', '.join(BACKENDS)} (or api).")
+    return name
+
+
+def make_backend(opts: "EmbedOptions") -> Backend:
+    """The backend registry. Only builds objects; nothing loads or connects here."""
+    name = backend_name(opts.backend)
     if name == "local":
-        from .local import LocalBackend
+        return _local(opts)
+    if opts.max_length is not None:
+        raise InputError(
+            "--max-length applies to the local model only; a remote server truncates at its own limit "
+            "(hfbatch asks it to truncate, and counts tokens with the model's tokenizer)."
+        )
+    if name == "auto":
+        from .fallback import FallbackBackend
 
-        return LocalBackend(model, device=device, normalize=normalize, max_length=max_length)
-    raise InputError(f"--backend {name!r} is not available; use one of: {', '.join(BACKENDS)}.")
+        return FallbackBackend(_local(opts), _remote(opts, opts.fallback))
+    return _remote(opts, name)
+
+
+def _local(opts: "EmbedOptions") -> Backend:
+    from .local import LocalBackend
+
+    return LocalBackend(opts.model or "", device=opts.device or "auto", normalize=opts.normalize, max_length=opts.max_length)
+
+
+def _remote(opts: "EmbedOptions", kind: str) -> Backend:
+    from .remote import RemoteBackend, RetryPolicy
+
+    return RemoteBackend(
+        backend_name(kind),
+        model=opts.model or "",
+        endpoint=opts.endpoint,
+        normalize=opts.normalize,
+        api_batch_size=opts.api_batch_size,
+        concurrency=opts.api_concurrency,
+        timeout=opts.api_timeout or 60.0,
+        retry=RetryPolicy(attempts=opts.api_retries),
+        pooling=opts.remote_pooling,
+        tokenizer=opts.tokenizer,
+    )
