@@ -28,6 +28,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # help texts show "[env: ...]" literally
 )
 err = Console(stderr=True, highlight=False)
 out = Console(highlight=False)
@@ -37,6 +38,7 @@ ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help=f"Hub id 
 TextColumnOpt = Annotated[Optional[str], typer.Option("--text-column", "-t", help="Column holding the text. [env: HFBATCH_TEXT_COLUMN; default: text]")]
 CacheDirOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Embedding cache directory. [env: HFBATCH_CACHE_DIR; default: user cache dir]")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps. [env: HFBATCH_DEVICE]")]
+EndpointOpt = Annotated[Optional[str], typer.Option("--endpoint", help="Server URL: TEI base (http://host:8080), OpenAI-compatible base (.../v1) or an Inference Endpoint URL. [env: HFBATCH_ENDPOINT]")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks. [env: HFBATCH_DEBUG]")]
 
 
@@ -68,6 +70,15 @@ def embed(
     normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="Unit-length vectors.")] = True,
     cache_dir: CacheDirOpt = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the cache. [env: ENABLE_EMBEDDING_CACHE=false]")] = False,
+    backend: Annotated[str, typer.Option("--backend", help="local, hf-api (alias api), tei, openai, or auto (local, falling back to --fallback).")] = "local",
+    endpoint: EndpointOpt = None,
+    fallback: Annotated[str, typer.Option("--fallback", help="The remote that --backend auto falls back to: hf-api, tei or openai.")] = "hf-api",
+    api_batch_size: Annotated[int, typer.Option("--api-batch-size", help="Texts per HTTP request (halved automatically on 413).")] = 32,
+    api_concurrency: Annotated[int, typer.Option("--api-concurrency", help="HTTP requests in flight at once.")] = 4,
+    api_timeout: Annotated[Optional[float], typer.Option("--api-timeout", help="Seconds per HTTP request. [env: HUGGINGFACE_API_TIMEOUT; default: 60]")] = None,
+    api_retries: Annotated[int, typer.Option("--api-retries", help="Attempts per HTTP request on transient errors (429, 5xx, timeouts).")] = 5,
+    remote_pooling: Annotated[Optional[str], typer.Option("--remote-pooling", help="mean: average token-level (3-D) answers into one vector per text.")] = None,
+    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="Hub id or directory of the tokenizer used to count tokens for remote backends (default: --model).")] = None,
     on_invalid: Annotated[str, typer.Option("--on-invalid", help="Rows with null/empty/non-string text: mark (keep, with embedding_error), skip (drop) or fail.")] = "mark",
     as_json: Annotated[bool, typer.Option("--json", help="Print the sidecar document (provenance + metrics) to stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
@@ -90,6 +101,15 @@ def embed(
         use_cache=False if no_cache else None,
         cache_dir=cache_dir,
         on_invalid=on_invalid,
+        backend=backend,
+        endpoint=endpoint,
+        fallback=fallback,
+        api_batch_size=api_batch_size,
+        api_concurrency=api_concurrency,
+        api_timeout=api_timeout,
+        api_retries=api_retries,
+        remote_pooling=remote_pooling,
+        tokenizer=tokenizer,
         command=["hfbatch", *sys.argv[1:]],
     )
     progress = NullProgress() if (quiet or as_json) else RichProgress(err)

@@ -345,6 +345,11 @@ class RemoteBackend:
 
     def _check(self, raw: Any, n: int, url: str) -> np.ndarray:
         """1-D (one input), 2-D (pooled) or 3-D (token level, mean-pooled only when asked)."""
+        if not isinstance(raw, list):
+            raise RemoteError(
+                f"{self.name}: {url} answered a JSON {type(raw).__name__} instead of a list of vectors "
+                f"({_short_json(raw)}); nothing was written."
+            )
         if isinstance(raw, list) and raw and isinstance(raw[0], list) and raw[0] and isinstance(raw[0][0], list):
             if self.pooling != "mean":
                 raise RemoteError(
@@ -395,6 +400,12 @@ def _server_wait(response: requests.Response) -> float | None:
     if isinstance(body, dict) and isinstance(body.get("estimated_time"), (int, float)):
         return float(body["estimated_time"])
     return None
+
+
+def _short_json(value: Any) -> str:
+    import json
+
+    return json.dumps(value, default=str)[:120]
 
 
 def _error_text(response: requests.Response) -> str:

@@ -1,0 +1,130 @@
+"""A real HTTP server on 127.0.0.1 that speaks the three embedding protocols with the real model.
+
+Routes, as the real servers have them:
+- TEI:      POST /embed  {"inputs": [...], "normalize", "truncate", "truncation_direction"} -> [[...], ...]
+            GET  /info   -> {"model_id", "max_client_batch_size", ...}
+- HF API:   POST /hf-inference/models/<model>/pipeline/feature-extraction (same body as TEI)
+- OpenAI:   POST /v1/embeddings {"input": [...], "model"} -> {"object": "list", "data": [{"embedding", "index"}]}
+
+Faults are scripted per request (`script`), so tests can play 429 + Retry-After, 503 loading,
+500, 401, 413, malformed JSON or a wrong dimension exactly as a server would send them.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Callable
+
+import numpy as np
+
+
+@dataclass
+class Reply:
+    status: int
+    body: Any = None  # JSON-serialisable, or bytes sent as they are
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+class EmbeddingServer:
+    def __init__(self, model: Any):
+        self.model = model
+        self.script: deque[Reply | Callable[[list[str]], Any]] = deque()  # consumed one per POST
+        self.requests: list[dict[str, Any]] = []
+        self.max_batch: int | None = None  # inputs above this -> 413, like TEI's max_client_batch_size
+        self.delay = 0.0
+        self.token_level = False  # answer 3-D token embeddings instead of pooled vectors
+        self.shuffle_openai = True
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self._lock = threading.Lock()
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def __enter__(self) -> "EmbeddingServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+    def vectors(self, texts: list[str], normalize: bool = True) -> list:
+        if self.token_level:
+            out = self.model.encode(texts, output_value="token_embeddings", convert_to_numpy=False)
+            return [np.asarray(t.cpu()).tolist() for t in out]
+        return self.model.encode(texts, normalize_embeddings=normalize, convert_to_numpy=True).tolist()
+
+    def _handler(server) -> type[BaseHTTPRequestHandler]:  # noqa: N805 - closes over the server
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _send(self, reply: Reply) -> None:
+                data = reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
+                self.send_response(reply.status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for key, value in reply.headers.items():
+                    self.send_header(key, value)
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self) -> None:
+                if self.path == "/info":
+                    self._send(Reply(200, {"model_id": "sentence-transformers/all-MiniLM-L6-v2", "model_sha": None,
+                                           "max_client_batch_size": server.max_batch or 32, "max_input_length": 256}))
+                else:
+                    self._send(Reply(404, {"error": "Not Found"}))
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length", 0))
+                body = json.loads(self.rfile.read(length) or b"{}")
+                with server._lock:
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                    server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                    step = server.script.popleft() if server.script else None
+                try:
+                    if server.delay:
+                        threading.Event().wait(server.delay)
+                    self._answer(body, step)
+                finally:
+                    with server._lock:
+                        server.in_flight -= 1
+
+            def _answer(self, body: dict[str, Any], step: Any) -> None:
+                openai = self.path.rstrip("/").endswith("/embeddings")
+                tei = self.path == "/embed"
+                hf = self.path.startswith("/hf-inference/models/") and self.path.endswith("/pipeline/feature-extraction")
+                if not (openai or tei or hf):
+                    return self._send(Reply(404, {"error": f"no route {self.path}"}))
+                texts = body.get("input" if openai else "inputs")
+                texts = [texts] if isinstance(texts, str) else texts
+                if isinstance(step, Reply):
+                    return self._send(step)
+                if server.max_batch is not None and len(texts) > server.max_batch:
+                    return self._send(Reply(413, {"error": f"batch size {len(texts)} > maximum allowed batch size {server.max_batch}",
+                                                  "error_type": "Validation"}))
+                vectors = step(texts) if callable(step) else server.vectors(texts, bool(body.get("normalize", True)))
+                if openai:
+                    data = [{"object": "embedding", "embedding": v, "index": i} for i, v in enumerate(vectors)]
+                    if server.shuffle_openai:
+                        random.Random(len(texts)).shuffle(data)  # results carry their index; order is not promised
+                    return self._send(Reply(200, {"object": "list", "data": data, "model": body.get("model"),
+                                                  "usage": {"prompt_tokens": 0, "total_tokens": 0}}))
+                return self._send(Reply(200, vectors))
+
+        return Handler

@@ -1,0 +1,272 @@
+"""Remote backends against a real HTTP server on 127.0.0.1 that runs the real model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import SAMPLE_TEXTS, rows_for, write_csv
+from embedding_server import EmbeddingServer, Reply
+from hfbatch import EmbedOptions, embed_file
+from hfbatch.backends.remote import RemoteBackend, RetryPolicy
+from hfbatch.errors import InputError, RemoteError, TerminalBackendError, TransientBackendError
+
+MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+FAST = RetryPolicy(attempts=4, base_wait_seconds=0.01, max_wait_seconds=2)
+
+
+@pytest.fixture
+def server(st_model):
+    with EmbeddingServer(st_model) as srv:
+        yield srv
+
+
+def _backend(kind: str, server: EmbeddingServer, **kw) -> RemoteBackend:
+    endpoint = {"tei": server.url, "openai": server.url + "/v1", "hf-api": None}[kind]
+    return RemoteBackend(kind, model=MODEL, endpoint=endpoint, retry=kw.pop("retry", FAST), **kw)
+
+
+@pytest.fixture
+def router(server, monkeypatch: pytest.MonkeyPatch) -> EmbeddingServer:
+    monkeypatch.setenv("HFBATCH_HF_ROUTER", server.url)  # the HF router route, served locally
+    return server
+
+
+@pytest.mark.parametrize("kind", ["tei", "hf-api", "openai"])
+def test_each_protocol_equals_the_local_model(kind: str, router: EmbeddingServer, st_model) -> None:
+    backend = _backend(kind, router, api_batch_size=3)
+    vectors = backend.embed(SAMPLE_TEXTS)
+    want = st_model.encode(SAMPLE_TEXTS, normalize_embeddings=True)
+    assert vectors.shape == (len(SAMPLE_TEXTS), 384) and vectors.dtype == np.float32
+    assert np.allclose(vectors, want, atol=1e-5)  # in order, even when the server shuffles (openai)
+    assert len(router.requests) == 3  # 8 texts in batches of 3
+    bodies = [r["body"] for r in router.requests]  # requests run concurrently: any order
+    if kind == "openai":
+        assert {r["path"] for r in router.requests} == {"/v1/embeddings"}
+        assert {"input": SAMPLE_TEXTS[:3], "model": MODEL, "encoding_format": "float"} in bodies
+    else:
+        expected_path = "/embed" if kind == "tei" else f"/hf-inference/models/{MODEL}/pipeline/feature-extraction"
+        assert {r["path"] for r in router.requests} == {expected_path}
+        # parameters at the top level, beside "inputs"
+        assert {"inputs": SAMPLE_TEXTS[:3], "normalize": True, "truncate": True, "truncation_direction": "Right"} in bodies
+
+
+def test_bearer_token_from_environment(server: EmbeddingServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HUGGINGFACE_TOKEN", "hf_fromtheoldname123")
+    _backend("tei", server).embed(["a"])
+    assert server.requests[0]["headers"]["Authorization"] == "Bearer hf_fromtheoldname123"
+    monkeypatch.setenv("HF_TOKEN", "hf_fromthehubname456")  # the hub's own name wins
+    _backend("tei", server).embed(["a"])
+    assert server.requests[1]["headers"]["Authorization"] == "Bearer hf_fromthehubname456"
+
+
+def test_429_honours_retry_after_and_counts_it(server: EmbeddingServer) -> None:
+    server.script.extend([Reply(429, {"error": "rate limited"}, {"Retry-After": "0"}), Reply(429, {"error": "again"}, {"Retry-After": "0"})])
+    backend = _backend("tei", server)
+    assert backend.embed(["hello"]).shape == (1, 384)
+    info = backend.describe()
+    assert info["requests"] == 3 and info["retries"] == 2 and info["retry_causes"] == {"429": 2}
+
+
+def test_503_model_loading_waits_its_estimated_time(server: EmbeddingServer) -> None:
+    server.script.append(Reply(503, {"error": "Model is currently loading", "estimated_time": 0.05}))
+    backend = _backend("hf-api", server, retry=RetryPolicy(attempts=3, base_wait_seconds=30))
+    backend._protocol.endpoint = server.url + f"/hf-inference/models/{MODEL}/pipeline/feature-extraction"
+    assert backend.embed(["hello"]).shape == (1, 384)  # waited 0.05 s (estimated_time), not the 30 s backoff
+    assert backend.describe()["retry_causes"] == {"503": 1}
+
+
+def test_500_then_success(server: EmbeddingServer) -> None:
+    server.script.append(Reply(500, {"error": "boom"}))
+    backend = _backend("tei", server)
+    assert backend.embed(["a", "b"]).shape == (2, 384)
+    assert backend.describe()["retries"] == 1
+
+
+def test_transient_errors_give_up_after_the_attempts(server: EmbeddingServer) -> None:
+    server.script.extend([Reply(502, {"error": "bad gateway"})] * 4)
+    with pytest.raises(TransientBackendError, match="answered 502 .*gave up after 4 attempts"):
+        _backend("tei", server).embed(["a"])
+    assert len(server.requests) == 4
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 422])
+def test_client_errors_are_not_retried(server: EmbeddingServer, status: int) -> None:
+    server.script.append(Reply(status, {"error": "nope"}))
+    with pytest.raises(TerminalBackendError, match=f"answered {status} \\(nope\\)") as info:
+        _backend("tei", server).embed(["a"])
+    assert len(server.requests) == 1
+    if status == 401:
+        assert "set HF_TOKEN (or HUGGINGFACE_TOKEN)" in str(info.value)
+
+
+def test_413_halves_the_batch_and_keeps_the_size(server: EmbeddingServer, st_model) -> None:
+    server.max_batch = 4
+    backend = _backend("tei", server, api_batch_size=16, concurrency=1)
+    texts = [f"text number {i}" for i in range(20)]
+    vectors = backend.embed(texts)
+    assert np.allclose(vectors, st_model.encode(texts), atol=1e-5)
+    assert backend.describe()["api_batch_size"] == 4
+    sizes = [len(r["body"]["inputs"]) for r in server.requests]
+    assert sizes[:4] == [16, 8, 4, 4]  # halved until it fit...
+    assert max(sizes[-3:]) == 4  # ...and the size that worked is kept
+
+
+def test_413_on_a_single_text_is_terminal(server: EmbeddingServer) -> None:
+    server.max_batch = 0
+    with pytest.raises(TerminalBackendError, match="single text as too large"):
+        _backend("tei", server).embed(["a"])
+
+
+def test_concurrent_requests_keep_input_order(server: EmbeddingServer, st_model) -> None:
+    server.delay = 0.2
+    backend = _backend("tei", server, api_batch_size=2, concurrency=4)
+    texts = [f"sentence {i} about item {i * 7}" for i in range(16)]
+    vectors = backend.embed(texts)
+    assert server.max_in_flight >= 2  # several requests really were in flight at once
+    assert np.allclose(vectors, st_model.encode(texts), atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "reply, message",
+    [
+        (Reply(200, b"<html>not json</html>"), "not JSON"),
+        (Reply(200, [[0.1, 0.2]]), "shape \\(1, 2\\) for 2 texts"),
+        (Reply(200, [[0.1, 0.2], [0.3]]), "uneven length"),
+        (Reply(200, [[0.1, float("nan")], [0.3, 0.4]]), "NaN"),
+        (Reply(200, {"error": "odd"}), "answered a JSON dict instead of a list of vectors"),
+    ],
+)
+def test_wrong_answers_fail_loudly(server: EmbeddingServer, reply: Reply, message: str) -> None:
+    server.script.append(reply)
+    with pytest.raises(RemoteError, match=message):
+        _backend("tei", server).embed(["a", "b"])
+
+
+def test_dimension_change_between_batches_fails(server: EmbeddingServer) -> None:
+    server.script.extend([lambda texts: [[0.5] * 384 for _ in texts], lambda texts: [[0.5] * 768 for _ in texts]])
+    with pytest.raises(RemoteError, match="768-dimensional vectors after 384-dimensional"):
+        _backend("tei", server, api_batch_size=1, concurrency=1).embed(["a", "b"])
+
+
+def test_openai_bad_indexes_fail(server: EmbeddingServer) -> None:
+    server.script.append(Reply(200, {"data": [{"embedding": [0.1], "index": 0}, {"embedding": [0.2], "index": 0}]}))
+    with pytest.raises(RemoteError, match="malformed"):
+        _backend("openai", server).embed(["a", "b"])
+
+
+def test_token_level_answers_are_refused_or_mean_pooled(server: EmbeddingServer, st_model) -> None:
+    server.token_level = True
+    with pytest.raises(RemoteError, match="token-level vectors .*--remote-pooling mean"):
+        _backend("tei", server).embed(["a b c", "d e"])
+    pooled = _backend("tei", server, pooling="mean").embed(["a b c", "d e"])
+    assert np.allclose(pooled, st_model.encode(["a b c", "d e"]), atol=1e-4)  # MiniLM is mean pooling
+
+
+def test_connection_refused_is_transient(tmp_path: Path) -> None:
+    backend = RemoteBackend("tei", model=MODEL, endpoint="http://127.0.0.1:9", retry=RetryPolicy(attempts=2, base_wait_seconds=0.01))
+    with pytest.raises(TransientBackendError, match="cannot connect"):
+        backend.embed(["a"])
+    assert backend.describe()["retry_causes"] == {"connection": 1}
+
+
+def test_missing_endpoint_and_bad_options() -> None:
+    with pytest.raises(InputError, match="--backend tei needs --endpoint"):
+        RemoteBackend("tei", model=MODEL).embed(["a"])
+    with pytest.raises(InputError, match="--remote-pooling"):
+        RemoteBackend("tei", model=MODEL, pooling="max")
+
+
+def test_embed_file_through_tei_matches_local(tmp_path: Path, server: EmbeddingServer) -> None:
+    src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS + ["", "truncate me " * 300]))
+    local = embed_file(EmbedOptions(input=src, output=tmp_path / "local.parquet"))
+    remote = embed_file(EmbedOptions(input=src, output=tmp_path / "tei.parquet", backend="tei", endpoint=server.url, api_batch_size=4))
+    a, b = pq.read_table(local.output), pq.read_table(remote.output)
+    for name in ("text", "n_tokens", "truncated", "embedding_error"):
+        assert a.column(name).to_pylist() == b.column(name).to_pylist()
+    va = [v for v in a.column("embedding").to_pylist()]
+    vb = [v for v in b.column("embedding").to_pylist()]
+    assert [v is None for v in va] == [v is None for v in vb]
+    for x, y in zip(va, vb):
+        if x is not None:
+            assert float(np.dot(x, y)) > 0.9999
+    prov, m = remote.document["provenance"], remote.metrics
+    assert prov["backend"] == "tei" and prov["fingerprint"].startswith("tei:")
+    assert m["api"]["requests"] == len(server.requests) > 0
+    assert m["cache"]["hits"] == 0  # another backend, another cache namespace
+    again = embed_file(EmbedOptions(input=src, output=tmp_path / "tei2.parquet", backend="tei", endpoint=server.url))
+    assert again.metrics["texts_computed"] == 0 and again.metrics["api"]["requests"] == 0
+
+
+def test_max_length_is_refused_for_remote(tmp_path: Path, server: EmbeddingServer) -> None:
+    src = write_csv(tmp_path / "in.csv", rows_for(["a"]))
+    with pytest.raises(InputError, match="--max-length applies to the local model only"):
+        embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", backend="tei", endpoint=server.url, max_length=64))
+
+
+def test_auto_falls_back_when_the_local_model_cannot_load(tmp_path: Path, server: EmbeddingServer) -> None:
+    src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
+    # no CUDA here: the local model fails to load, the TEI server takes over for the whole job
+    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", backend="auto", device="cuda",
+                                     fallback="tei", endpoint=server.url))
+    table = pq.read_table(result.output)
+    assert table.num_rows == len(SAMPLE_TEXTS) and table.column("embedding").null_count == 0
+    prov = result.document["provenance"]
+    assert prov["backend"] == "auto"
+    assert prov["backends"]["tei"]["texts_computed"] == len(set(SAMPLE_TEXTS))
+    assert prov["backends"]["local"]["texts_computed"] == 0
+    assert result.metrics["api"]["fallbacks"] == 1
+    doc = json.loads(result.sidecar.read_text())
+    assert doc["provenance"]["backends"]["tei"]["requests"] >= 1
+
+
+def test_auto_stops_instead_of_mixing_vector_spaces(tmp_path: Path, server: EmbeddingServer, monkeypatch) -> None:
+    from hfbatch.backends.local import LocalBackend
+    from hfbatch.errors import BackendError
+
+    calls = {"n": 0}
+    real_embed = LocalBackend.embed
+
+    def flaky(self, texts):
+        calls["n"] += 1
+        if calls["n"] > 2:  # canary + one batch succeed, then the local model breaks
+            raise BackendError("CUDA error: device-side assert (simulated)")
+        return real_embed(self, texts)
+
+    monkeypatch.setattr(LocalBackend, "embed", flaky)
+    rng = np.random.default_rng(0)
+    server.script.extend([lambda texts: rng.normal(size=(len(texts), 384)).tolist()] * 10)  # another model behind the API
+    src = write_csv(tmp_path / "in.csv", rows_for([f"text {i}" for i in range(20)]))
+    out = tmp_path / "o.parquet"
+    with pytest.raises(BackendError, match="canary texts differ .*Stopped instead of mixing"):
+        embed_file(EmbedOptions(input=src, output=out, backend="auto", fallback="tei", endpoint=server.url, batch_size=4))
+    assert not out.exists()
+
+
+def test_auto_switches_mid_job_when_the_remote_agrees(tmp_path: Path, server: EmbeddingServer, monkeypatch) -> None:
+    from hfbatch.backends.local import LocalBackend
+    from hfbatch.errors import BackendError
+
+    calls = {"n": 0}
+    real_embed = LocalBackend.embed
+
+    def flaky(self, texts):
+        calls["n"] += 1
+        if calls["n"] > 2:
+            raise BackendError("out of memory (simulated)")
+        return real_embed(self, texts)
+
+    monkeypatch.setattr(LocalBackend, "embed", flaky)
+    texts = [f"text {i} of the review set" for i in range(20)]
+    src = write_csv(tmp_path / "in.csv", rows_for(texts))
+    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", backend="auto", fallback="tei",
+                                     endpoint=server.url, batch_size=4))
+    prov = result.document["provenance"]
+    assert prov["backends"]["local"]["texts_computed"] == 4 and prov["backends"]["tei"]["texts_computed"] == 16
+    assert prov["backends"]["local"]["texts_computed"] + prov["backends"]["tei"]["texts_computed"] == 20
+    assert result.document["provenance"]["backends"]["tei"]["model_id"] == MODEL
+    assert pq.read_table(result.output).column("embedding").null_count == 0
