@@ -115,10 +115,106 @@ def embed(
     progress = NullProgress() if (quiet or as_json) else RichProgress(err)
     result = _run(lambda: run_embed(options, progress=progress, settings=settings), debug or settings.debug)
     if as_json:
-        # plain write, not rich: a console would wrap long lines inside JSON strings
-        sys.stdout.write(json.dumps(result.document, indent=2, default=str) + "\n")
+        _print_json(result.document)
     elif not quiet:
         _summary(result)
+
+
+@app.command()
+def capabilities(
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """What this machine can do: backends and why not, devices, libraries, memory, cache."""
+    from .service import capabilities as report
+
+    settings = _settings_or_exit(debug)
+    info = _run(lambda: report(settings), debug or settings.debug)
+    if as_json:
+        _print_json(info)
+        return
+    table = Table(title="backends", title_justify="left")
+    for col in ("backend", "usable", "why"):
+        table.add_column(col)
+    for name, b in info["backends"].items():
+        table.add_row(name, "yes" if b["usable"] else "no", escape(b["why"]))
+    out.print(table)
+    devices = Table(title="devices", title_justify="left")
+    for col in ("device", "available", "detail"):
+        devices.add_column(col)
+    for d in info["devices"]:
+        detail = f"{d['name']}, {d['memory_gb']} GB" if "name" in d else ""
+        devices.add_row(d["device"], "yes" if d["available"] else "no", detail)
+    out.print(devices)
+    libs = Table(title="libraries", title_justify="left")
+    for col in ("package", "version", "for", "install"):
+        libs.add_column(col)
+    for name, lib in info["libraries"].items():
+        libs.add_row(name, lib["version"] or "missing", lib["for"], escape(lib.get("install", "")))
+    out.print(libs)
+    mem, cache = info["memory"], info["cache"]
+    out.print(f"memory: {mem['available_gb']} GB free of {mem['total_gb']} GB, {mem['cpu_cores']} cores; "
+              f"MAX_MODEL_MEMORY_GB {mem['max_model_memory_gb'] or 'not set'}")
+    out.print(escape(f"cache: {cache['directory']} ({'on' if cache['enabled'] else 'off'}), "
+              + (f"{cache['entries']:,} entries, {cache['volume_bytes'] / 1e6:,.1f} MB" if cache["exists"] else "empty")
+              + f", limit {cache['size_limit_bytes'] / 1e9:g} GB; token {info['token']}"))
+
+
+@app.command("test-connection")
+def test_connection(
+    model: ModelOpt = None,
+    endpoint: EndpointOpt = None,
+    backend: Annotated[str, typer.Option("--backend", help="local, hf-api, tei, openai, or all.")] = "all",
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Embed one text with the local model and each configured remote; report latency, dimension, status."""
+    from .service import check_connection
+
+    settings = _settings_or_exit(debug)
+    rows = _run(lambda: check_connection(model=model, backend=backend, endpoint=endpoint, settings=settings), debug or settings.debug)
+    if as_json:
+        _print_json(rows)
+    else:
+        table = Table(title="test-connection", title_justify="left")
+        for col in ("backend", "status", "dim", "latency ms", "detail"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(r["backend"], r["status"], str(r.get("dim", "")), f"{r['latency_ms']:,.0f}",
+                          escape(redact_text(r.get("error") or r.get("detail") or "")))
+        out.print(table)
+    if any(r["status"] != "ok" for r in rows):
+        raise typer.Exit(1)
+
+
+@app.command()
+def models(
+    search: Annotated[Optional[str], typer.Option("--search", help="Words in the model id.")] = None,
+    task: Annotated[str, typer.Option("--task", help="Pipeline tag, e.g. feature-extraction, text-generation.")] = "feature-extraction",
+    sort: Annotated[str, typer.Option("--sort", help="downloads, likes, trending_score, created_at, last_modified.")] = "downloads",
+    limit: Annotated[int, typer.Option("--limit", help="At most this many models.")] = 20,
+    served: Annotated[bool, typer.Option("--served", help="Only models the hf-inference provider serves.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """List hub models (through huggingface_hub) by search, task and sort."""
+    from .service import list_models
+
+    rows = _run(lambda: list_models(search=search, task=task, sort=sort, limit=limit, served=served), debug)
+    if as_json:
+        _print_json(rows)
+        return
+    table = Table(title=f"models ({task})", title_justify="left")
+    for col in ("id", "downloads", "likes", "library"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["id"], f"{r['downloads'] or 0:,}", f"{r['likes'] or 0:,}", r["library"] or "")
+    out.print(table)
+
+
+def _print_json(document: object) -> None:
+    # plain write, not rich: a console would wrap long lines inside JSON strings
+    sys.stdout.write(json.dumps(document, indent=2, default=str) + "\n")
 
 
 def _settings_or_exit(debug: bool) -> Settings:

@@ -39,6 +39,7 @@ class EmbeddingServer:
         self.delay = 0.0
         self.token_level = False  # answer 3-D token embeddings instead of pooled vectors
         self.shuffle_openai = True
+        self.hub_models: list[dict[str, Any]] = []  # answers GET /api/models, as the hub does
         self.in_flight = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
@@ -83,7 +84,11 @@ class EmbeddingServer:
                 self.wfile.write(data)
 
             def do_GET(self) -> None:
-                if self.path == "/info":
+                with server._lock:
+                    server.requests.append({"path": self.path, "headers": dict(self.headers), "body": None})
+                if self.path.startswith("/api/models"):
+                    self._send(Reply(200, server.hub_models))
+                elif self.path == "/info":
                     self._send(Reply(200, {"model_id": "sentence-transformers/all-MiniLM-L6-v2", "model_sha": None,
                                            "max_client_batch_size": server.max_batch or 32, "max_input_length": 256}))
                 else:

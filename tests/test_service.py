@@ -1,0 +1,90 @@
+"""capabilities, test-connection and models: the commands that show what a setup can do."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from urllib.parse import parse_qs, urlparse
+
+import pytest
+from typer.testing import CliRunner
+
+from conftest import SAMPLE_TEXTS, rows_for, write_csv
+from embedding_server import EmbeddingServer
+from hfbatch.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def server(st_model):
+    with EmbeddingServer(st_model) as srv:
+        yield srv
+
+
+def test_capabilities_json(tmp_path: Path) -> None:
+    src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
+    assert runner.invoke(app, ["embed", str(src), "-o", str(tmp_path / "o.parquet"), "-q"]).exit_code == 0
+    result = runner.invoke(app, ["capabilities", "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    assert info["backends"]["local"]["usable"] is True
+    assert info["backends"]["tei"]["usable"] is False and "--endpoint" in info["backends"]["tei"]["why"]
+    assert {"device": "cpu", "available": True} in info["devices"]
+    assert info["libraries"]["torch"]["version"]
+    missing = [lib for lib in info["libraries"].values() if not lib["version"]]
+    assert all(lib["install"].startswith("pip install") for lib in missing)
+    assert info["cache"]["entries"] == len(set(SAMPLE_TEXTS))  # what the embed run stored
+    assert info["memory"]["available_gb"] > 0 and info["token"] == "not set"
+
+
+def test_capabilities_table_mentions_each_backend() -> None:
+    result = runner.invoke(app, ["capabilities"])
+    assert result.exit_code == 0
+    for name in ("local", "hf-api", "tei", "openai", "cpu", "cache:"):
+        assert name in result.stdout
+
+
+def test_connection_local_and_tei(server: EmbeddingServer) -> None:
+    result = runner.invoke(app, ["test-connection", "--backend", "local", "--json"])
+    assert result.exit_code == 0, result.output
+    (local,) = json.loads(result.stdout)
+    assert local["status"] == "ok" and local["dim"] == 384 and local["latency_ms"] > 0
+    result = runner.invoke(app, ["test-connection", "--backend", "tei", "--endpoint", server.url, "--json"])
+    (tei,) = json.loads(result.stdout)
+    assert result.exit_code == 0 and tei["status"] == "ok" and tei["dim"] == 384
+    assert server.requests[-1]["path"] == "/embed"
+
+
+def test_connection_failure_exits_1_with_the_reason() -> None:
+    result = runner.invoke(app, ["test-connection", "--backend", "tei", "--endpoint", "http://127.0.0.1:9", "--json"])
+    assert result.exit_code == 1
+    (row,) = json.loads(result.stdout)
+    assert row["status"] == "error" and "cannot connect to http://127.0.0.1:9/embed" in row["error"]
+
+
+def test_models_lists_from_the_hub_api(server: EmbeddingServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    server.hub_models = [
+        {"id": "sentence-transformers/all-MiniLM-L6-v2", "_id": "1", "pipeline_tag": "feature-extraction",
+         "downloads": 1234567, "likes": 42, "library_name": "sentence-transformers", "tags": []},
+        {"id": "acme/mini-embed", "_id": "2", "pipeline_tag": "feature-extraction", "downloads": 10, "likes": 0, "tags": []},
+    ]
+    result = runner.invoke(app, ["models", "--search", "minilm", "--limit", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["id"] for r in rows] == ["sentence-transformers/all-MiniLM-L6-v2", "acme/mini-embed"]
+    assert rows[0]["downloads"] == 1234567
+    query = parse_qs(urlparse(server.requests[-1]["path"]).query)
+    assert query["search"] == ["minilm"] and query["pipeline_tag"] == ["feature-extraction"] and query["limit"] == ["2"]
+    table = runner.invoke(app, ["models", "--search", "minilm"])
+    assert "1,234,567" in table.stdout
+
+
+def test_models_offline_is_one_clear_line() -> None:
+    result = runner.invoke(app, ["models"])
+    assert result.exit_code == 1
+    assert "cannot list models: HF_HUB_OFFLINE is set" in result.stderr and "Traceback" not in result.output
