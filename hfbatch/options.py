@@ -38,6 +38,7 @@ class EmbedOptions:
     api_concurrency: int = 4
     api_timeout: float | None = None
     api_retries: int = 5
+    api_retry_ceiling: float = 300.0
     remote_pooling: str | None = None
     tokenizer: str | None = None
     command: Sequence[str] = field(default_factory=tuple)

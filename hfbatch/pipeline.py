@@ -173,7 +173,8 @@ class _Job:
         """Embed the missing texts longest first, `batch_size` at a time, so padding stays small."""
         m = self.metrics
         order = sorted(misses, key=lambda u: -tokens[u])
-        size = self.opts.batch_size or 32
+        # a remote backend wants enough texts per call to keep all its connections busy
+        size = getattr(self.backend, "batch_texts", None) or self.opts.batch_size or 32
         out: dict[int, np.ndarray] = {}
         for start in range(0, len(order), size):
             batch = order[start : start + size]

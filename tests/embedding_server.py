@@ -34,12 +34,15 @@ class EmbeddingServer:
     def __init__(self, model: Any):
         self.model = model
         self.script: deque[Reply | Callable[[list[str]], Any]] = deque()  # consumed one per POST
-        self.requests: list[dict[str, Any]] = []
+        self.requests: list[dict[str, Any]] = []  # POSTs
+        self.gets: list[str] = []  # paths of GETs (/info, /api/models)
         self.max_batch: int | None = None  # inputs above this -> 413, like TEI's max_client_batch_size
         self.delay = 0.0
         self.token_level = False  # answer 3-D token embeddings instead of pooled vectors
         self.shuffle_openai = True
         self.hub_models: list[dict[str, Any]] = []  # answers GET /api/models, as the hub does
+        self.hub_status = 200  # set to 503 to play a hub that is down
+        self.model_sha = "5f0dcbd2a87cd59ae7b6bdb7ed6e5e4c27c1a0b4"  # what TEI's /info reports
         self.in_flight = 0
         self.max_in_flight = 0
         self._lock = threading.Lock()
@@ -85,11 +88,13 @@ class EmbeddingServer:
 
             def do_GET(self) -> None:
                 with server._lock:
-                    server.requests.append({"path": self.path, "headers": dict(self.headers), "body": None})
-                if self.path.startswith("/api/models"):
+                    server.gets.append(self.path)
+                if self.path.startswith("/api/models") and server.hub_status != 200:
+                    self._send(Reply(server.hub_status, {"error": "Service Unavailable"}))
+                elif self.path.startswith("/api/models"):
                     self._send(Reply(200, server.hub_models))
                 elif self.path == "/info":
-                    self._send(Reply(200, {"model_id": "sentence-transformers/all-MiniLM-L6-v2", "model_sha": None,
+                    self._send(Reply(200, {"model_id": "sentence-transformers/all-MiniLM-L6-v2", "model_sha": server.model_sha,
                                            "max_client_batch_size": server.max_batch or 32, "max_input_length": 256}))
                 else:
                     self._send(Reply(404, {"error": "Not Found"}))

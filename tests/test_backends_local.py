@@ -112,3 +112,21 @@ def test_registry_builds_a_backend_lazily() -> None:
     assert isinstance(backend, Backend)
     with pytest.raises(InputError, match="--backend 'nope' is not available"):
         make_backend(EmbedOptions(input=Path("a.csv"), output=Path("a.parquet"), model=DEFAULT, backend="nope"))
+
+
+def test_hub_download_retries_5xx_then_uses_the_bundled_copy(monkeypatch: pytest.MonkeyPatch, st_model) -> None:
+    import huggingface_hub.constants as hub
+
+    from embedding_server import EmbeddingServer
+    import hfbatch.backends.local as local
+
+    with EmbeddingServer(st_model) as server:
+        server.hub_status = 503
+        monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(hub, "ENDPOINT", server.url)  # the hub, played by a server on 127.0.0.1
+        monkeypatch.setattr(local, "DOWNLOAD_WAIT_SECONDS", 0.01)
+        backend = LocalBackend(DEFAULT)
+        info = backend.describe() if backend.model_dir else {}
+        model_calls = [p for p in server.gets if p.startswith(f"/api/models/{DEFAULT}")]
+    assert len(model_calls) >= local.DOWNLOAD_ATTEMPTS  # each 503 was retried
+    assert "bundled package" in info["model_source"] and "503" in info["hub_error"]

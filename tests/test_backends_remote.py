@@ -196,6 +196,8 @@ def test_embed_file_through_tei_matches_local(tmp_path: Path, server: EmbeddingS
             assert float(np.dot(x, y)) > 0.9999
     prov, m = remote.document["provenance"], remote.metrics
     assert prov["backend"] == "tei" and prov["fingerprint"].startswith("tei:")
+    assert "/info" in server.gets and prov["backends"]["tei"]["served_model_id"] == MODEL  # asked TEI what it serves
+    assert prov["backends"]["tei"]["revision"] == f"hub:{MODEL}@{server.model_sha}"
     assert m["api"]["requests"] == len(server.requests) > 0
     assert m["cache"]["hits"] == 0  # another backend, another cache namespace
     again = embed_file(EmbedOptions(input=src, output=tmp_path / "tei2.parquet", backend="tei", endpoint=server.url))

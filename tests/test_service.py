@@ -78,7 +78,7 @@ def test_models_lists_from_the_hub_api(server: EmbeddingServer, monkeypatch: pyt
     rows = json.loads(result.stdout)
     assert [r["id"] for r in rows] == ["sentence-transformers/all-MiniLM-L6-v2", "acme/mini-embed"]
     assert rows[0]["downloads"] == 1234567
-    query = parse_qs(urlparse(server.requests[-1]["path"]).query)
+    query = parse_qs(urlparse(server.gets[-1]).query)
     assert query["search"] == ["minilm"] and query["pipeline_tag"] == ["feature-extraction"] and query["limit"] == ["2"]
     table = runner.invoke(app, ["models", "--search", "minilm"])
     assert "1,234,567" in table.stdout

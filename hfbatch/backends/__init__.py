@@ -90,7 +90,7 @@ def _remote(opts: "EmbedOptions", kind: str) -> Backend:
         api_batch_size=opts.api_batch_size,
         concurrency=opts.api_concurrency,
         timeout=opts.api_timeout or 60.0,
-        retry=RetryPolicy(attempts=opts.api_retries),
+        retry=RetryPolicy(attempts=opts.api_retries, ceiling_seconds=opts.api_retry_ceiling),
         pooling=opts.remote_pooling,
         tokenizer=opts.tokenizer,
     )

@@ -47,6 +47,10 @@ class FallbackBackend:
         self._started = False
 
     @property
+    def batch_texts(self) -> int | None:
+        return getattr(self.active, "batch_texts", None)
+
+    @property
     def load_seconds(self) -> float:
         return self.primary.load_seconds
 

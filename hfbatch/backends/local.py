@@ -28,6 +28,8 @@ log = logging.getLogger(__name__)
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _HASH_BLOCK = 1 << 22
+DOWNLOAD_ATTEMPTS = 5
+DOWNLOAD_WAIT_SECONDS = 1.0  # exponential backoff base, with jitter
 
 
 class LocalBackend:
@@ -203,9 +205,7 @@ def resolve_model_dir(model: str) -> tuple[Path, dict[str, Any]]:
     if model.startswith((".", "/", "~")) or model.count("/") > 1:
         raise InputError(f"--model {model}: no such directory; pass a model directory or a hub id like {DEFAULT_MODEL}.")
     try:
-        from huggingface_hub import snapshot_download
-
-        path = Path(snapshot_download(model))
+        path = _download(model)
         return path, {"model_source": "hugging face hub", "revision": f"hub:{model}@{path.name}"}
     except Exception as exc:  # offline, unknown repo, no network: decided below
         hub_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
@@ -223,6 +223,31 @@ def resolve_model_dir(model: str) -> tuple[Path, dict[str, Any]]:
         f"cannot get model {model} from the Hugging Face hub ({hub_error}); "
         "check the id and network (HF_HUB_OFFLINE, HF_TOKEN) or pass a local model directory as --model."
     )
+
+
+def _download(model: str) -> Path:
+    """snapshot_download, retried like the remote backends on 429/5xx and timeouts.
+
+    Offline mode and name-resolution failures are not retried: they come back at once, so the
+    bundled default model (or the error) follows without delay.
+    """
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError
+    from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
+
+    def transient(exc: BaseException) -> bool:
+        # snapshot_download wraps the HTTP error (LocalEntryNotFoundError from the real cause)
+        for err in (exc, exc.__cause__):
+            status = getattr(getattr(err, "response", None), "status_code", None)
+            if isinstance(err, HfHubHTTPError) and status in (429, 500, 502, 503, 504):
+                return True
+            if err is not None and "timeout" in type(err).__name__.lower():
+                return True
+        return False
+
+    retrying = Retrying(retry=retry_if_exception(transient), stop=stop_after_attempt(DOWNLOAD_ATTEMPTS),
+                        wait=wait_random_exponential(multiplier=DOWNLOAD_WAIT_SECONDS, max=30), reraise=True)
+    return Path(retrying(snapshot_download, model))
 
 
 def _bundled_model_dir() -> Path | None:

@@ -186,6 +186,13 @@ class RemoteBackend:
         self.stats: Counter[str] = Counter()  # requests, retries, retry causes, batch halvings
         self._stats_lock = threading.Lock()
         self.load_seconds = 0.0
+        self._revision: str | None = None
+        self.served_model: str | None = None
+
+    @property
+    def batch_texts(self) -> int:
+        """Texts the pipeline should hand over per call: enough to keep every connection busy."""
+        return self._batch_size * self.concurrency
 
     # --- identity ------------------------------------------------------------------------------
 
@@ -222,13 +229,31 @@ class RemoteBackend:
                 ) from None
         return self._tokens
 
+    def hub_revision(self) -> str | None:
+        """The commit sha of the model: from TEI's /info, else the hub's model info (None offline)."""
+        if self._revision is not None:
+            return self._revision or None
+        self._revision = ""
+        if self.name == "tei" and self.endpoint:
+            try:
+                info = self._session_().get(self.endpoint.rstrip("/") + "/info", timeout=min(self.timeout, 10)).json()
+                self._revision = str(info.get("model_sha") or "")
+                self.served_model = info.get("model_id")
+            except (requests.RequestException, ValueError, AttributeError):
+                pass
+        if not self._revision and "/" in self.model_id:
+            self._revision = _hub_sha(self.model_id, self._token) or ""
+        return self._revision or None
+
     def describe(self) -> dict[str, Any]:
+        revision = self.hub_revision() if self._session is not None else None
         return {
             "backend": self.name,
             "model_id": self.model_id,
+            "served_model_id": self.served_model,
             "endpoint": self._protocol.url() if self.name == "hf-api" or self.endpoint else None,
             "model_source": f"remote ({self.name})",
-            "revision": None,
+            "revision": f"hub:{self.model_id}@{revision}" if revision else None,
             "device": f"remote ({self.name})",
             "dim": self._dim,
             "normalize": self.normalize,
@@ -378,6 +403,18 @@ class RemoteBackend:
             array = array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), 1e-12)
         self._dim = array.shape[1]
         return array
+
+
+def _hub_sha(model: str, token: str | None) -> str | None:
+    """The model's current commit on the hub, or None when offline or unknown (never raises)."""
+    try:
+        from huggingface_hub import HfApi, constants
+
+        if constants.HF_HUB_OFFLINE:
+            return None
+        return HfApi().model_info(model, timeout=10, token=token or False).sha
+    except Exception:  # offline, private, unknown: the provenance just says "unresolved"
+        return None
 
 
 def _server_wait(response: requests.Response) -> float | None:
