@@ -260,6 +260,8 @@ def _document(opts: EmbedOptions, reader: Reader, backend: Backend, cache: Embed
         "fingerprint": backend.fingerprint(),
         "backend": backend.name,
         "backends": backends,
+        "fallback": {k: described.get(k) for k in ("fell_back", "fallback_reason", "canary_min_cosine")}
+        if backend.name == "auto" else None,
         "device": described.get("device"),
         "dim": dim,
         "normalize": opts.normalize,

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import json
+import os
 import resource
 import sys
+from pathlib import Path
 
 import psutil
 
-from .errors import ModelLoadError
+from .errors import InputError, ModelLoadError
+
+_BYTES_PER_PARAM = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int8": 1}
+# Resident size over the weights in memory: activations of a batch, allocator slack, buffers.
+_OVERHEAD = 1.25
+
+
+class MemoryGuardError(ModelLoadError):
+    """Loading the model would exceed MAX_MODEL_MEMORY_GB or the free memory."""
 
 
 def resolve_device(requested: str) -> str:
@@ -37,3 +48,49 @@ def peak_rss_mb() -> float:
     peak_bytes = peak if sys.platform == "darwin" else peak * 1024
     current = psutil.Process().memory_info().rss
     return max(peak_bytes, current) / (1024 * 1024)
+
+
+def estimate_model_bytes(model_dir: Path, load_dtype: str = "float32") -> int:
+    """Resident size of a model loaded in `load_dtype`, from its weight files and stored dtype."""
+    files = list(model_dir.glob("*.safetensors")) or list(model_dir.glob("pytorch_model*.bin"))
+    stored = sum(f.stat().st_size for f in files)
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        config = {}
+    stored_dtype = str(config.get("torch_dtype") or config.get("dtype") or "float32")
+    ratio = _BYTES_PER_PARAM.get(load_dtype, 4) / _BYTES_PER_PARAM.get(stored_dtype, 4)
+    return int(stored * ratio * _OVERHEAD)
+
+
+def max_model_memory_bytes(environ: dict[str, str] | None = None) -> int | None:
+    """MAX_MODEL_MEMORY_GB as bytes, or None when unset."""
+    raw = (environ if environ is not None else os.environ).get("MAX_MODEL_MEMORY_GB")
+    if not raw:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise InputError(f"MAX_MODEL_MEMORY_GB={raw!r} is not a number; set it to e.g. 4 (GB).") from None
+    if value <= 0:
+        raise InputError(f"MAX_MODEL_MEMORY_GB={raw!r} must be more than 0.")
+    return int(value * 1e9)
+
+
+def check_model_memory(model_id: str, model_dir: Path, load_dtype: str = "float32") -> int:
+    """Refuse (MemoryGuardError) a model that would not fit; return the estimate in bytes."""
+    need = estimate_model_bytes(model_dir, load_dtype)
+    limit = max_model_memory_bytes()
+    if limit is not None and need > limit:
+        raise MemoryGuardError(
+            f"{model_id} needs about {need / 1e9:.2f} GB loaded ({load_dtype}), more than "
+            f"MAX_MODEL_MEMORY_GB={limit / 1e9:g}; raise the limit, pick a smaller model, or use a remote backend "
+            "(--backend auto falls back to one)."
+        )
+    free = psutil.virtual_memory().available
+    if need > 0.9 * free:
+        raise MemoryGuardError(
+            f"{model_id} needs about {need / 1e9:.2f} GB loaded ({load_dtype}) but only {free / 1e9:.2f} GB is free; "
+            "free memory, pick a smaller model, or use a remote backend (--backend auto falls back to one)."
+        )
+    return need

@@ -130,3 +130,19 @@ def test_hub_download_retries_5xx_then_uses_the_bundled_copy(monkeypatch: pytest
         model_calls = [p for p in server.gets if p.startswith(f"/api/models/{DEFAULT}")]
     assert len(model_calls) >= local.DOWNLOAD_ATTEMPTS  # each 503 was retried
     assert "bundled package" in info["model_source"] and "503" in info["hub_error"]
+
+
+def test_memory_guard_refuses_before_loading(monkeypatch: pytest.MonkeyPatch) -> None:
+    from hfbatch.resources import MemoryGuardError, estimate_model_bytes
+
+    need = estimate_model_bytes(BUNDLED_MODEL_DIR)
+    weights = (BUNDLED_MODEL_DIR / "model.safetensors").stat().st_size
+    assert weights < need < 2 * weights  # fp32 weights plus a margin, from the files alone
+    monkeypatch.setenv("MAX_MODEL_MEMORY_GB", "0.01")
+    backend = LocalBackend(DEFAULT, device="cpu")
+    with pytest.raises(MemoryGuardError, match=r"needs about 0\.\d+ GB loaded \(float32\), more than MAX_MODEL_MEMORY_GB=0\.01"):
+        backend.embed(["x"])
+    assert backend._model is None
+    monkeypatch.setenv("MAX_MODEL_MEMORY_GB", "4")
+    assert backend.embed(["x"]).shape == (1, 384)
+    assert backend.describe()["estimated_memory_mb"] == round(need / 2**20, 1)

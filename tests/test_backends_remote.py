@@ -272,3 +272,14 @@ def test_auto_switches_mid_job_when_the_remote_agrees(tmp_path: Path, server: Em
     assert prov["backends"]["local"]["texts_computed"] + prov["backends"]["tei"]["texts_computed"] == 20
     assert result.document["provenance"]["backends"]["tei"]["model_id"] == MODEL
     assert pq.read_table(result.output).column("embedding").null_count == 0
+
+
+def test_auto_hands_over_when_the_memory_guard_refuses(tmp_path: Path, server: EmbeddingServer, monkeypatch) -> None:
+    monkeypatch.setenv("MAX_MODEL_MEMORY_GB", "0.01")
+    src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
+    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", backend="auto", fallback="tei", endpoint=server.url))
+    described = result.document["provenance"]["backends"]
+    assert described["tei"]["texts_computed"] == len(set(SAMPLE_TEXTS)) and described["local"]["texts_computed"] == 0
+    fallback = result.document["provenance"]["fallback"]
+    assert fallback["fell_back"] is True and "MemoryGuardError" in fallback["fallback_reason"]
+    assert pq.read_table(result.output).column("embedding").null_count == 0

@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import BackendError, InputError, ModelLoadError
-from ..resources import resolve_device
+from ..resources import check_model_memory, resolve_device
 from ..settings import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ class LocalBackend:
         self._max_length: int | None = None
         self._dim: int | None = None
         self.load_seconds = 0.0
+        self.estimated_bytes: int | None = None
 
     # --- resolution (cheap: files only) -------------------------------------------------------
 
@@ -135,6 +136,7 @@ class LocalBackend:
             return self._model
         started = time.perf_counter()
         device = resolve_device(self.requested_device)
+        self.estimated_bytes = check_model_memory(self.model_id, self.model_dir)  # before, not after, an OOM
         model = _load_sentence_transformer(str(self.model_dir), device, self.model_id)
         has_normalize = type(model[len(model) - 1]).__name__ == "Normalize"
         if has_normalize and not self.normalize:
@@ -180,6 +182,7 @@ class LocalBackend:
             )
         info["device"] = self._device or "not loaded (every vector came from the cache)"
         info["model_loaded"] = self._model is not None
+        info["estimated_memory_mb"] = round(self.estimated_bytes / 2**20, 1) if self.estimated_bytes else None
         info["load_seconds"] = round(self.load_seconds, 3)
         return info
 
