@@ -81,6 +81,8 @@ def embed(
     remote_pooling: Annotated[Optional[str], typer.Option("--remote-pooling", help="mean: average token-level (3-D) answers into one vector per text.")] = None,
     tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="Hub id or directory of the tokenizer used to count tokens for remote backends (default: --model).")] = None,
     on_invalid: Annotated[str, typer.Option("--on-invalid", help="Rows with null/empty/non-string text: mark (keep, with embedding_error), skip (drop) or fail.")] = "mark",
+    metrics_file: Annotated[Optional[Path], typer.Option("--metrics-file", help="Write Prometheus text metrics here (node_exporter textfile collector), on success and on failure.")] = None,
+    log_file: Annotated[Optional[Path], typer.Option("--log-file", help="Append one JSON line per chunk (and one at the end) to this file.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the sidecar document (provenance + metrics) to stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
     debug: DebugOpt = False,
@@ -112,6 +114,8 @@ def embed(
         api_retry_ceiling=api_retry_ceiling,
         remote_pooling=remote_pooling,
         tokenizer=tokenizer,
+        metrics_file=metrics_file,
+        log_file=log_file,
         command=["hfbatch", *sys.argv[1:]],
     )
     progress = NullProgress() if (quiet or as_json) else RichProgress(err)

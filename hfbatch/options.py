@@ -41,6 +41,9 @@ class EmbedOptions:
     api_retry_ceiling: float = 300.0
     remote_pooling: str | None = None
     tokenizer: str | None = None
+    # monitoring
+    metrics_file: Path | None = None
+    log_file: Path | None = None
     command: Sequence[str] = field(default_factory=tuple)
 
     def resolved(self, settings: Settings) -> "EmbedOptions":

@@ -23,6 +23,7 @@ from .backends import Backend, make_backend
 from .cache import EmbeddingCache, NullCache
 from .errors import BackendError, InputError
 from .io.readers import Reader, open_reader
+from .monitoring import ChunkLog, prometheus_text, write_prometheus
 from .io.writers import ParquetSink, check_writable, output_schema, remove_stale_temps, write_json_atomic
 from .options import EmbedOptions
 from .progress import NullProgress, ProgressReporter
@@ -76,6 +77,8 @@ def run_embed(options: EmbedOptions, *, progress: ProgressReporter | None = None
     )
     job = _Job(opts, reader, backend, cache, metrics, progress, passthrough)
     sink: ParquetSink | None = None
+    log = ChunkLog(opts.log_file)
+    labels = {"input": opts.input.name, "output": opts.output.name, "model": opts.model, "backend": backend.name}
     progress.start(reader.total_rows)
     try:
         for chunk in metrics.timed("read", reader.chunks()):
@@ -96,6 +99,9 @@ def run_embed(options: EmbedOptions, *, progress: ProgressReporter | None = None
                     sink = ParquetSink(opts.output, output_schema(passthrough, job.dim()))
                 sink.write(out)
                 metrics.rows_written += out.num_rows
+            log.write("chunk", chunk=metrics.chunks, first_row=chunk.first_row, rows=chunk.batch.num_rows,
+                      rows_done=metrics.rows_total, texts_computed=metrics.texts_computed,
+                      cache_hits=cache.stats.hits, cache_misses=cache.stats.misses)
         if sink is None:  # an input with no rows still gets a (valid, empty) output
             sink = ParquetSink(opts.output, output_schema(passthrough, job.dim()))
         input_hash = file_digest(opts.input)
@@ -103,12 +109,19 @@ def run_embed(options: EmbedOptions, *, progress: ProgressReporter | None = None
             sink.commit(_document(opts, reader, backend, cache, metrics, started, input_hash, job.dim()))
         document = _document(opts, reader, backend, cache, metrics, started, input_hash, job.dim())
         write_json_atomic(opts.sidecar, document)
-    except BaseException:
+        log.write("done", rows=metrics.rows_total, rows_written=metrics.rows_written, wall_seconds=document["metrics"]["wall_seconds"])
+        if opts.metrics_file:
+            write_prometheus(opts.metrics_file, prometheus_text(document, success=True, labels=labels))
+    except BaseException as exc:
         if sink is not None:
             sink.abort()
+        log.write("failed", error=type(exc).__name__, rows_done=metrics.rows_total)
+        if opts.metrics_file:  # a cron job's failure must show up too
+            write_prometheus(opts.metrics_file, prometheus_text(None, success=False, labels=labels, error=type(exc).__name__))
         raise
     finally:
         progress.finish()
+        log.close()
         cache.close()
     return EmbedResult(opts.output, opts.sidecar, document)
 

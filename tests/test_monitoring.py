@@ -1,0 +1,62 @@
+"""--metrics-file (Prometheus text, parsed by the reference parser) and --log-file (JSON lines)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from conftest import SAMPLE_TEXTS, rows_for, write_csv
+from hfbatch import EmbedOptions, InputError, embed_file
+
+
+def _samples(path: Path) -> dict[tuple[str, str], float]:
+    out = {}
+    for family in text_string_to_metric_families(path.read_text()):
+        for sample in family.samples:
+            out[(sample.name, sample.labels.get("stage", ""))] = sample.value
+    return out
+
+
+def test_metrics_and_chunk_log_on_success(tmp_path: Path) -> None:
+    texts = SAMPLE_TEXTS + ["", "another review"]
+    src = write_csv(tmp_path / "in.csv", rows_for(texts))
+    prom, log = tmp_path / "node" / "hfbatch.prom", tmp_path / "logs" / "run.jsonl"
+    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", chunk_size=4, metrics_file=prom, log_file=log))
+    values = _samples(prom)
+    assert values[("hfbatch_job_success", "")] == 1
+    assert values[("hfbatch_rows_total", "")] == len(texts)
+    assert values[("hfbatch_rows_invalid", "")] == 1
+    assert values[("hfbatch_cache_misses", "")] == result.metrics["cache"]["misses"]
+    assert values[("hfbatch_stage_seconds", "embed")] > 0
+    assert values[("hfbatch_peak_rss_bytes", "")] > 10 * 2**20
+    families = {f.name: f for f in text_string_to_metric_families(prom.read_text())}
+    labels = families["hfbatch_rows_total"].samples[0].labels
+    assert labels == {"input": "in.csv", "output": "o.parquet", "model": "sentence-transformers/all-MiniLM-L6-v2", "backend": "local"}
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    chunks = [line for line in lines if line["event"] == "chunk"]
+    assert [c["first_row"] for c in chunks] == [0, 4, 8]  # one line per chunk, in order
+    assert chunks[-1]["rows_done"] == len(texts)
+    assert lines[-1]["event"] == "done" and lines[-1]["rows_written"] == len(texts)
+    assert not list(prom.parent.glob(".*tmp"))  # written atomically
+
+
+def test_metrics_on_failure_say_so(tmp_path: Path) -> None:
+    src = write_csv(tmp_path / "in.csv", rows_for(["good", ""]))
+    prom, log = tmp_path / "m.prom", tmp_path / "run.jsonl"
+    with pytest.raises(InputError):
+        embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", on_invalid="fail", metrics_file=prom, log_file=log))
+    families = {f.name: f for f in text_string_to_metric_families(prom.read_text())}
+    (sample,) = families["hfbatch_job_success"].samples
+    assert sample.value == 0 and sample.labels["error"] == "InputError"
+    assert json.loads(log.read_text().splitlines()[-1])["event"] == "failed"
+
+
+def test_label_values_are_escaped(tmp_path: Path) -> None:
+    from hfbatch.monitoring import prometheus_text
+
+    text = prometheus_text(None, success=True, labels={"input": 'we"ird\\name\nx.csv'})
+    (family,) = [f for f in text_string_to_metric_families(text) if f.name == "hfbatch_job_success"]
+    assert family.samples[0].labels["input"] == 'we"ird\\name\nx.csv'
