@@ -27,6 +27,8 @@ class EmbedOptions:
     chunk_size: int | None = None
     max_length: int | None = None
     normalize: bool = True
+    precision: str = "fp32"
+    max_batch_tokens: int | None = None
     use_cache: bool | None = None
     cache_dir: Path | None = None
     cache_size_bytes: int | None = None
@@ -69,6 +71,8 @@ class EmbedOptions:
         for name in ("batch_size", "chunk_size"):
             if getattr(opts, name) < 1:
                 raise InputError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(opts, name)}).")
+        if opts.max_batch_tokens is not None and opts.max_batch_tokens < 1:
+            raise InputError(f"--max-batch-tokens must be at least 1 (got {opts.max_batch_tokens}).")
         if opts.max_length is not None and opts.max_length < 2:
             raise InputError(f"--max-length must be at least 2 tokens (got {opts.max_length}).")
         if opts.on_invalid not in ON_INVALID:

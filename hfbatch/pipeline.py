@@ -183,14 +183,14 @@ class _Job:
         return self._assemble(v, row_to_unique, vectors)
 
     def _embed(self, misses: list[int], texts: list[str], tokens: np.ndarray, rows_per_text: np.ndarray) -> dict[int, np.ndarray]:
-        """Embed the missing texts longest first, `batch_size` at a time, so padding stays small."""
+        """Embed the missing texts longest first (see plan_batches), so padding stays small."""
         m = self.metrics
         order = sorted(misses, key=lambda u: -tokens[u])
         # a remote backend wants enough texts per call to keep all its connections busy
         size = getattr(self.backend, "batch_texts", None) or self.opts.batch_size or 32
         out: dict[int, np.ndarray] = {}
-        for start in range(0, len(order), size):
-            batch = order[start : start + size]
+        for batch in plan_batches([int(tokens[u]) for u in order], size, self.opts.max_batch_tokens):
+            batch = [order[i] for i in batch]
             load_before = getattr(self.backend, "load_seconds", 0.0)
             with m.stage("embed"):
                 result = self.backend.embed([texts[u] for u in batch])
@@ -240,6 +240,31 @@ class _Job:
             pa.array([v.errors[i] for i in rows], type=pa.string()),
         ]
         return pa.RecordBatch.from_arrays(columns, schema=output_schema(self.passthrough, dim))
+
+
+def plan_batches(lengths: list[int], batch_size: int, max_batch_tokens: int | None) -> list[list[int]]:
+    """Split positions of `lengths` (sorted longest first) into model calls.
+
+    Without a token budget: `batch_size` texts a call. With one, a batch grows while
+    (texts x its longest text) -- what the padded tensor holds -- stays within the budget, so
+    short texts go in large batches and long ones in small; `batch_size` is then not a limit.
+    A text longer than the budget goes alone.
+    """
+    if not max_batch_tokens:
+        return [list(range(i, min(i + batch_size, len(lengths)))) for i in range(0, len(lengths), batch_size)]
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i, n in enumerate(lengths):
+        longest_if_added = max(longest, n)
+        if current and longest_if_added * (len(current) + 1) > max_batch_tokens:
+            batches.append(current)
+            current, longest_if_added = [], n
+        current.append(i)
+        longest = longest_if_added
+    if current:
+        batches.append(current)
+    return batches
 
 
 def _document(opts: EmbedOptions, reader: Reader, backend: Backend, cache: EmbeddingCache | NullCache,

@@ -94,3 +94,35 @@ def check_model_memory(model_id: str, model_dir: Path, load_dtype: str = "float3
             "free memory, pick a smaller model, or use a remote backend (--backend auto falls back to one)."
         )
     return need
+
+
+def cpu_has_native_bf16() -> bool:
+    """AVX-512 BF16 or AMX: CPUs where bf16 matmuls are fast (Linux /proc/cpuinfo flags)."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(requested: str, device: str) -> str:
+    """fp32/bf16/fp16 as asked; auto -> fp16 on CUDA, bf16 on CPUs with native bf16, else fp32."""
+    if requested == "fp16" and not (device.startswith("cuda") or (device == "auto" and _cuda_available())):
+        raise InputError("--precision fp16 is for CUDA devices; on a CPU use --precision bf16 (or fp32).")
+    if requested != "auto":
+        return requested
+    if device.startswith("cuda") or (device == "auto" and _cuda_available()):
+        return "fp16"
+    if device in ("cpu", "auto") and cpu_has_native_bf16():
+        return "bf16"
+    return "fp32"
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())

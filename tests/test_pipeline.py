@@ -199,3 +199,58 @@ def test_failed_run_writes_nothing_and_rerun_resumes(tmp_path: Path, monkeypatch
     assert result.metrics["cache"]["hits"] == 10
     assert result.metrics["texts_computed"] == 30
     assert pq.read_table(out).num_rows == 40
+
+
+from hypothesis import given, settings as hsettings
+from hypothesis import strategies as st
+
+from hfbatch.pipeline import plan_batches
+
+
+@hsettings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(1, 600), max_size=200), st.integers(1, 64), st.one_of(st.none(), st.integers(1, 20000)))
+def test_plan_batches_covers_every_text_once_within_budget(lengths, batch_size, budget) -> None:
+    lengths = sorted(lengths, reverse=True)
+    batches = plan_batches(lengths, batch_size, budget)
+    assert [i for b in batches for i in b] == list(range(len(lengths)))  # each once, in order
+    for b in batches:
+        assert b
+        if budget is None:
+            assert len(b) <= batch_size
+        elif len(b) > 1:
+            assert max(lengths[i] for i in b) * len(b) <= budget  # padded size within the budget
+
+
+def test_token_budget_batches_short_texts_together(tmp_path: Path, st_model) -> None:
+    texts = [f"tiny {i}" for i in range(40)] + [" ".join(["long"] * 200)]
+    src = write_csv(tmp_path / "in.csv", rows_for(texts))
+    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", batch_size=4, max_batch_tokens=400))
+    assert result.metrics["batches"] == 2  # the long text alone, then all 40 short ones (5 tokens x 40 <= 400)
+    got = np.array(pq.read_table(result.output).column("embedding").to_pylist(), dtype=np.float32)
+    assert np.allclose(got, st_model.encode(texts), atol=1e-5)
+
+
+def test_bf16_precision_is_faithful_and_namespaced(tmp_path: Path, st_model) -> None:
+    src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
+    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", precision="bf16"))
+    got = np.array(pq.read_table(result.output).column("embedding").to_pylist(), dtype=np.float32)
+    want = st_model.encode(SAMPLE_TEXTS)
+    cosine = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
+    assert cosine.min() > 0.999 and not np.array_equal(got, want)  # really ran in bf16, and close
+    local = result.document["provenance"]["backends"]["local"]
+    assert local["precision"] == "bf16"
+    fp32 = embed_file(EmbedOptions(input=src, output=tmp_path / "f.parquet"))
+    assert fp32.metrics["cache"]["hits"] == 0  # bf16 vectors are never served as fp32 ones
+
+
+def test_precision_auto_and_fp16_on_cpu(tmp_path: Path) -> None:
+    from hfbatch.resources import cpu_has_native_bf16
+
+    src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
+    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", precision="auto", device="cpu"))
+    local = result.document["provenance"]["backends"]["local"]
+    assert local["precision"] == ("bf16" if cpu_has_native_bf16() else "fp32")
+    if local["precision"] == "bf16":  # auto measured it against fp32 before using it
+        assert local["precision_fidelity"]["mean"] >= 0.9999 and local["precision_fidelity"]["min"] >= 0.999
+    with pytest.raises(InputError, match="--precision fp16 is for CUDA"):
+        embed_file(EmbedOptions(input=src, output=tmp_path / "h.parquet", precision="fp16", device="cpu"))

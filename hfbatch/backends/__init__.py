@@ -76,7 +76,8 @@ def make_backend(opts: "EmbedOptions") -> Backend:
 def _local(opts: "EmbedOptions") -> Backend:
     from .local import LocalBackend
 
-    return LocalBackend(opts.model or "", device=opts.device or "auto", normalize=opts.normalize, max_length=opts.max_length)
+    return LocalBackend(opts.model or "", device=opts.device or "auto", normalize=opts.normalize,
+                        max_length=opts.max_length, precision=opts.precision)
 
 
 def _remote(opts: "EmbedOptions", kind: str) -> Backend:

@@ -20,11 +20,21 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import BackendError, InputError, ModelLoadError
-from ..resources import check_model_memory, resolve_device
+from ..resources import check_model_memory, resolve_device, resolve_precision
 from ..settings import DEFAULT_MODEL
 
 log = logging.getLogger(__name__)
 
+PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+# Varied lengths and languages: what --precision auto checks half precision against fp32 on.
+CALIBRATION_TEXTS = [
+    "The kettle boils fast and the handle stays cool.",
+    "Arrived broken; the glass lid was cracked in two places and support never answered my emails.",
+    "Battery life is poor: barely two hours of continuous use, far from the twelve hours advertised.",
+    "Très bien, je recommande. Sehr gut verarbeitet, aber etwas teuer.",
+    "A", "ok", "SKU-4471-B / lot 2026-11 / 3 units",
+    " ".join(["This review goes on at length about every detail of the product."] * 12),
+]
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
 _HASH_BLOCK = 1 << 22
@@ -37,9 +47,14 @@ class LocalBackend:
 
     name = "local"
 
-    def __init__(self, model: str, *, device: str = "auto", normalize: bool = True, max_length: int | None = None):
+    def __init__(self, model: str, *, device: str = "auto", normalize: bool = True, max_length: int | None = None,
+                 precision: str = "fp32"):
         if not _DEVICE_RE.match(device):
             raise InputError(f"--device {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps.")
+        if precision not in PRECISIONS:
+            raise InputError(f"--precision {precision!r} is not one of: {', '.join(PRECISIONS)}.")
+        self.requested_precision = precision
+        self._precision: str | None = None
         self.model_id = model
         self.requested_device = device
         self.normalize = normalize
@@ -55,6 +70,7 @@ class LocalBackend:
         self._dim: int | None = None
         self.load_seconds = 0.0
         self.estimated_bytes: int | None = None
+        self.fidelity: dict[str, float] | None = None
 
     # --- resolution (cheap: files only) -------------------------------------------------------
 
@@ -97,9 +113,16 @@ class LocalBackend:
             for cfg in sorted(root.rglob("*.json")):  # pooling, normalize, tokenizer settings
                 h.update(str(cfg.relative_to(root)).encode())
                 h.update(cfg.read_bytes())
-            h.update(f"normalize={self.normalize};max_length={self.max_length}".encode())
+            h.update(f"normalize={self.normalize};max_length={self.max_length};precision={self.precision}".encode())
             self._fingerprint = f"local:{h.hexdigest()}"
         return self._fingerprint
+
+    @property
+    def precision(self) -> str:
+        """fp32, bf16 or fp16; `auto` settles by device and CPU features, without loading the model."""
+        if self._precision is None:
+            self._precision = resolve_precision(self.requested_precision, self.requested_device)
+        return self._precision
 
     def dimension(self) -> int:
         _ = self.model_dir
@@ -147,14 +170,20 @@ class LocalBackend:
             model = SentenceTransformer(modules=list(model)[:-1], device=device)
         self._normalize_in_encode = self.normalize and not has_normalize
         self._model, self._device = model, device
+        if self.requested_precision == "auto" and self.precision != "fp32":
+            self._check_fidelity(model)
         self.load_seconds = time.perf_counter() - started
         log.info("loaded %s on %s in %.2fs", self.model_id, device, self.load_seconds)
         return model
 
-    def embed(self, texts: Sequence[str]) -> np.ndarray:
-        model = self._load_model()
+    def _encode(self, model: Any, texts: Sequence[str], precision: str) -> np.ndarray:
+        import torch
+
         model.max_seq_length = self.max_length  # set per call: the loaded model may be shared
-        try:
+        device_type = "cuda" if str(self._device).startswith("cuda") else "cpu"
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+        # autocast keeps fp32 weights and runs matmuls in half precision: the 'measured faithful' path
+        with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
             vectors = model.encode(
                 list(texts),
                 batch_size=max(1, len(texts)),
@@ -162,9 +191,27 @@ class LocalBackend:
                 normalize_embeddings=self._normalize_in_encode,
                 show_progress_bar=False,
             )
+        return np.asarray(vectors, dtype=np.float32)
+
+    def _check_fidelity(self, model: Any) -> None:
+        """--precision auto keeps half precision only where it matches fp32 on a calibration sample."""
+        fp32 = self._encode(model, CALIBRATION_TEXTS, "fp32")
+        half = self._encode(model, CALIBRATION_TEXTS, self.precision)
+        cosine = (fp32 * half).sum(1) / (np.linalg.norm(fp32, axis=1) * np.linalg.norm(half, axis=1))
+        self.fidelity = {"mean": float(cosine.mean()), "min": float(cosine.min())}
+        if self.fidelity["mean"] < 0.9999 or self.fidelity["min"] < 0.999:
+            raise ModelLoadError(
+                f"--precision auto chose {self.precision} but on this machine it differs from fp32 "
+                f"(cosine mean {self.fidelity['mean']:.5f}, min {self.fidelity['min']:.5f}; needs >= 0.9999 / 0.999); "
+                "pass --precision fp32."
+            )
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        model = self._load_model()
+        try:
+            vectors = self._encode(model, texts, self.precision)
         except Exception as exc:
             raise BackendError(f"{self.model_id} failed on a batch of {len(texts)} texts ({exc}).") from exc
-        vectors = np.asarray(vectors, dtype=np.float32)
         if self._dim is None:
             self._dim = int(vectors.shape[1])
         return vectors
@@ -179,6 +226,8 @@ class LocalBackend:
                 max_length=self.max_length,
                 normalize=self.normalize,
                 dim=self._dim,
+                precision=self.precision,
+                precision_fidelity=self.fidelity,
             )
         info["device"] = self._device or "not loaded (every vector came from the cache)"
         info["model_loaded"] = self._model is not None
