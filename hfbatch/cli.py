@@ -166,7 +166,7 @@ def capabilities(
     out.print(f"memory: {mem['available_gb']} GB free of {mem['total_gb']} GB, {mem['cpu_cores']} cores; "
               f"MAX_MODEL_MEMORY_GB {mem['max_model_memory_gb'] or 'not set'}")
     out.print(escape(f"cache: {cache['directory']} ({'on' if cache['enabled'] else 'off'}), "
-              + (f"{cache['entries']:,} entries, {cache['volume_bytes'] / 1e6:,.1f} MB" if cache["exists"] else "empty")
+              + (f"{cache['entries']:,} entries (vectors and token counts), {cache['volume_bytes'] / 1e6:,.1f} MB" if cache["exists"] else "empty")
               + f", limit {cache['size_limit_bytes'] / 1e9:g} GB; token {info['token']}"))
 
 

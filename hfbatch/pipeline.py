@@ -146,7 +146,6 @@ class _Job:
         valid = v.valid_rows
         invalid_rows = n - len(valid)
         m.rows_invalid += invalid_rows
-        m.rows_truncated += sum(1 for t in v.truncated if t)
 
         # identical texts in a chunk are looked up and embedded once
         unique: dict[str, int] = {}
@@ -154,28 +153,37 @@ class _Job:
         for i in valid:
             row_to_unique[i] = unique.setdefault(v.texts[i], len(unique))  # type: ignore[arg-type]
         texts = list(unique)
-        tokens = np.zeros(len(texts), dtype=np.int64)
         rows_per_text = np.bincount(row_to_unique[row_to_unique >= 0], minlength=len(texts))
-        for i in valid:
-            tokens[row_to_unique[i]] = v.n_tokens[i]  # type: ignore[assignment]
         m.texts_unique += len(texts)
 
         with m.stage("cache"):
-            found = self.cache.lookup(texts, self._dim, self.backend.fingerprint())
+            fingerprint = self.backend.fingerprint()
+            found = self.cache.lookup(texts, self._dim, fingerprint)
+            known_tokens = self.cache.lookup_tokens([texts[u] for u in found], fingerprint) if found else {}
         if found and self._dim is None:
             self._dim = len(next(iter(found.values())))
         hit_rate = self.cache.stats.hit_rate
-        done_now = invalid_rows + int(sum(rows_per_text[u] for u in found))
-        self.progress.advance(done_now, hit_rate=hit_rate)
+        self.progress.advance(invalid_rows + int(sum(rows_per_text[u] for u in found)), hit_rate=hit_rate)
+
+        # token counts: from the cache for hits, from the model's tokenizer for the rest
+        tokens = np.zeros(len(texts), dtype=np.int64)
+        hits = list(found)
+        for j, count in known_tokens.items():
+            tokens[hits[j]] = count
+        uncounted = [u for u in range(len(texts)) if u not in found] + [hits[j] for j in range(len(hits)) if j not in known_tokens]
+        if uncounted:
+            with m.stage("validate"):
+                for u, count in zip(uncounted, self.backend.token_counts([texts[u] for u in uncounted])):
+                    tokens[u] = count
+        max_length = self.backend.max_length
+        for i in valid:
+            full = int(tokens[row_to_unique[i]])
+            v.n_tokens[i] = min(full, max_length)
+            v.truncated[i] = full > max_length
+        m.rows_truncated += sum(1 for t in v.truncated if t)
 
         misses = [u for u in range(len(texts)) if u not in found]
-        computed: dict[int, np.ndarray] = {}
-        if misses:
-            computed = self._embed(misses, texts, tokens, rows_per_text)
-            with m.stage("cache"):
-                # under the fingerprint of the backend that made them (it may have changed under auto)
-                self.cache.store([texts[u] for u in misses], np.stack([computed[u] for u in misses]), self.backend.fingerprint())
-
+        computed = self._embed(misses, texts, tokens, rows_per_text) if misses else {}
         vectors = np.zeros((len(texts), self.dim()), dtype=np.float32)
         for u, vec in {**found, **computed}.items():
             vectors[u] = vec
@@ -209,6 +217,11 @@ class _Job:
             self._dim = result.shape[1]
             for u, vec in zip(batch, result):
                 out[u] = vec
+            with m.stage("cache"):
+                # stored batch by batch, under the fingerprint of the backend that made them: under
+                # --backend auto that can change between two batches of a chunk
+                self.cache.store([texts[u] for u in batch], result, self.backend.fingerprint(),
+                                 token_counts=[int(tokens[u]) for u in batch])
             m.batches += 1
             m.texts_computed += len(batch)
             m.tokens_computed += int(tokens[batch].sum())

@@ -58,10 +58,14 @@ def validate_chunk(
     path: Path,
     text_column: str,
     on_invalid: str,
-    max_length: int,
-    token_counts: Callable[[Sequence[str]], list[int]],
+    max_length: int | None = None,
+    token_counts: Callable[[Sequence[str]], list[int]] | None = None,
 ) -> ValidatedChunk:
-    """Mark invalid rows, count tokens of the rest, flag truncation. Raises InputError under fail."""
+    """Mark invalid rows and, given a tokenizer, count tokens of the rest and flag truncation.
+
+    The pipeline passes no tokenizer: it counts only texts the cache does not know. Raises
+    InputError under --on-invalid fail.
+    """
     column = chunk.batch.column(text_column)
     is_string = pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
     values = column.to_pylist() if is_string else [None] * len(column)
@@ -86,10 +90,10 @@ def validate_chunk(
         texts.append(None if reason else value)
         errors.append(reason)
     valid = [i for i, t in enumerate(texts) if t is not None]
-    counts = token_counts([texts[i] for i in valid]) if valid else []  # type: ignore[misc]
     n_tokens: list[int | None] = [None] * len(texts)
     truncated: list[bool | None] = [None] * len(texts)
-    for i, count in zip(valid, counts):
-        n_tokens[i] = min(count, max_length)
-        truncated[i] = count > max_length
+    if token_counts is not None and max_length is not None and valid:
+        for i, count in zip(valid, token_counts([texts[i] for i in valid])):  # type: ignore[misc]
+            n_tokens[i] = min(count, max_length)
+            truncated[i] = count > max_length
     return ValidatedChunk(chunk, texts, errors, n_tokens, truncated)

@@ -195,9 +195,10 @@ def test_failed_run_writes_nothing_and_rerun_resumes(tmp_path: Path, monkeypatch
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HFBATCH_CACHE_DIR", str(tmp_path / "cache"))
     result = embed_file(EmbedOptions(input=src, output=out, chunk_size=10, batch_size=5))
-    # chunk 1 (10 texts) was stored before the crash in chunk 2; only the other 30 are computed
-    assert result.metrics["cache"]["hits"] == 10
-    assert result.metrics["texts_computed"] == 30
+    # every batch is stored as it is made: chunk 1 (2 batches) and the first batch of chunk 2
+    # survived the crash in chunk 2's second batch; only the other 25 texts are computed
+    assert result.metrics["cache"]["hits"] == 15
+    assert result.metrics["texts_computed"] == 25
     assert pq.read_table(out).num_rows == 40
 
 

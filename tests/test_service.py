@@ -34,7 +34,7 @@ def test_capabilities_json(tmp_path: Path) -> None:
     assert info["libraries"]["torch"]["version"]
     missing = [lib for lib in info["libraries"].values() if not lib["version"]]
     assert all(lib["install"].startswith("pip install") for lib in missing)
-    assert info["cache"]["entries"] == len(set(SAMPLE_TEXTS))  # what the embed run stored
+    assert info["cache"]["entries"] == 2 * len(set(SAMPLE_TEXTS))  # a vector and a token count per text
     assert info["memory"]["available_gb"] > 0 and info["token"] == "not set"
 
 
