@@ -280,6 +280,11 @@ def _summary(result: EmbedResult) -> None:
 
 def main() -> None:
     """Console-script entry point."""
+    from dotenv import load_dotenv
+
+    # .env in the working directory fills what the environment leaves unset (tokens included),
+    # for every part of hfbatch that reads the environment
+    load_dotenv(Path.cwd() / ".env", override=False)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")

@@ -62,7 +62,7 @@ class EmbedOptions:
             use_cache=settings.cache_enabled if self.use_cache is None else self.use_cache,
             cache_dir=Path(self.cache_dir).expanduser() if self.cache_dir else settings.cache_dir,
             cache_size_bytes=self.cache_size_bytes or settings.cache_size_bytes,
-            keep=list(self.keep) if self.keep is not None else None,
+            keep=list(dict.fromkeys(self.keep)) if self.keep is not None else None,  # --keep id,id: once
             api_timeout=self.api_timeout or settings.api_timeout,
             endpoint=self.endpoint or settings.endpoint,
         )

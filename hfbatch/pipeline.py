@@ -24,7 +24,7 @@ from .cache import EmbeddingCache, NullCache
 from .errors import BackendError, InputError
 from .io.readers import Reader, open_reader
 from .monitoring import ChunkLog, prometheus_text, write_prometheus
-from .io.writers import ParquetSink, check_writable, output_schema, remove_stale_temps, write_json_atomic
+from .io.writers import ParquetSink, check_writable, output_schema, remove_stale_temps
 from .options import EmbedOptions
 from .progress import NullProgress, ProgressReporter
 from .provenance import Metrics, file_digest, library_versions, redact, utc_now
@@ -63,6 +63,8 @@ def run_embed(options: EmbedOptions, *, progress: ProgressReporter | None = None
     reader = open_reader(opts.input, fmt=opts.format, chunk_size=opts.chunk_size, columns=columns, text_column=opts.text_column)
     check_columns(opts.input, reader.schema, opts.text_column, opts.keep)
     passthrough = pa.schema([reader.schema.field(n) for n in (opts.keep if opts.keep is not None else reader.schema.names)])
+    if opts.output.is_dir():
+        raise InputError(f"-o {opts.output} is a directory; give the output file's path, e.g. {opts.output / 'out.parquet'}.")
     remove_stale_temps(opts.output)
     try:
         check_writable(opts.output)
@@ -104,11 +106,9 @@ def run_embed(options: EmbedOptions, *, progress: ProgressReporter | None = None
                       cache_hits=cache.stats.hits, cache_misses=cache.stats.misses)
         if sink is None:  # an input with no rows still gets a (valid, empty) output
             sink = ParquetSink(opts.output, output_schema(passthrough, job.dim()))
-        input_hash = file_digest(opts.input)
-        with metrics.stage("write"):
-            sink.commit(_document(opts, reader, backend, cache, metrics, started, input_hash, job.dim()))
-        document = _document(opts, reader, backend, cache, metrics, started, input_hash, job.dim())
-        write_json_atomic(opts.sidecar, document)
+        # one document, the same in the Parquet metadata, the sidecar and --json
+        document = _document(opts, reader, backend, cache, metrics, started, file_digest(opts.input), job.dim())
+        sink.commit(document, sidecar=opts.sidecar)
         log.write("done", rows=metrics.rows_total, rows_written=metrics.rows_written, wall_seconds=document["metrics"]["wall_seconds"])
         if opts.metrics_file:
             write_prometheus(opts.metrics_file, prometheus_text(document, success=True, labels=labels))

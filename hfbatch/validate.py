@@ -67,8 +67,18 @@ def validate_chunk(
     InputError under --on-invalid fail.
     """
     column = chunk.batch.column(text_column)
-    is_string = pa.types.is_string(column.type) or pa.types.is_large_string(column.type)
-    values = column.to_pylist() if is_string else [None] * len(column)
+    if pa.types.is_dictionary(column.type) and _stringlike(column.type.value_type):
+        column = column.cast(pa.string())  # categorical text (pandas / Polars) is still text
+    elif pa.types.is_string_view(column.type):
+        column = column.cast(pa.string())
+    is_string = _stringlike(column.type)
+    try:
+        values = column.to_pylist() if is_string else [None] * len(column)
+    except UnicodeDecodeError:
+        raise InputError(
+            f"{path}: column {text_column!r} holds bytes that are not valid UTF-8 in rows "
+            f"{chunk.first_row + 1}-{chunk.first_row + len(column)}; re-encode the file as UTF-8."
+        ) from None
     texts: list[str | None] = []
     errors: list[str | None] = []
     for i, value in enumerate(values):
@@ -97,3 +107,7 @@ def validate_chunk(
             n_tokens[i] = min(count, max_length)
             truncated[i] = count > max_length
     return ValidatedChunk(chunk, texts, errors, n_tokens, truncated)
+
+
+def _stringlike(dtype: pa.DataType) -> bool:
+    return pa.types.is_string(dtype) or pa.types.is_large_string(dtype)

@@ -55,13 +55,23 @@ def test_each_protocol_equals_the_local_model(kind: str, router: EmbeddingServer
         assert {"inputs": SAMPLE_TEXTS[:3], "normalize": True, "truncate": True, "truncation_direction": "Right"} in bodies
 
 
-def test_bearer_token_from_environment(server: EmbeddingServer, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bearer_token_from_environment(router: EmbeddingServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HUGGINGFACE_TOKEN", "hf_fromtheoldname123")
-    _backend("tei", server).embed(["a"])
-    assert server.requests[0]["headers"]["Authorization"] == "Bearer hf_fromtheoldname123"
+    _backend("hf-api", router).embed(["a"])
+    assert router.requests[0]["headers"]["Authorization"] == "Bearer hf_fromtheoldname123"
     monkeypatch.setenv("HF_TOKEN", "hf_fromthehubname456")  # the hub's own name wins
+    _backend("hf-api", router).embed(["a"])
+    assert router.requests[1]["headers"]["Authorization"] == "Bearer hf_fromthehubname456"
+
+
+def test_hf_token_is_not_sent_to_other_servers(server: EmbeddingServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_TOKEN", "hf_neverleavesforthirdparties")
     _backend("tei", server).embed(["a"])
-    assert server.requests[1]["headers"]["Authorization"] == "Bearer hf_fromthehubname456"
+    _backend("openai", server).embed(["a"])
+    assert all("Authorization" not in r["headers"] for r in server.requests)
+    monkeypatch.setenv("HFBATCH_API_KEY", "key-for-my-own-server")  # that server's own key
+    _backend("tei", server).embed(["a"])
+    assert server.requests[-1]["headers"]["Authorization"] == "Bearer key-for-my-own-server"
 
 
 def test_429_honours_retry_after_and_counts_it(server: EmbeddingServer) -> None:
@@ -283,3 +293,15 @@ def test_auto_hands_over_when_the_memory_guard_refuses(tmp_path: Path, server: E
     fallback = result.document["provenance"]["fallback"]
     assert fallback["fell_back"] is True and "MemoryGuardError" in fallback["fallback_reason"]
     assert pq.read_table(result.output).column("embedding").null_count == 0
+
+
+def test_fingerprint_follows_the_served_revision(server: EmbeddingServer) -> None:
+    first = _backend("tei", server).fingerprint()
+    assert server.model_sha in first and MODEL in first
+    server.model_sha = "0" * 40  # the server was redeployed with another revision
+    assert _backend("tei", server).fingerprint() != first
+
+
+def test_endpoint_must_be_http() -> None:
+    with pytest.raises(InputError, match="is not an http\\(s\\) URL"):
+        RemoteBackend("tei", model=MODEL, endpoint="localhost:8080")

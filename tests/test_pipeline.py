@@ -255,3 +255,53 @@ def test_precision_auto_and_fp16_on_cpu(tmp_path: Path) -> None:
         assert local["precision_fidelity"]["mean"] >= 0.9999 and local["precision_fidelity"]["min"] >= 0.999
     with pytest.raises(InputError, match="--precision fp16 is for CUDA"):
         embed_file(EmbedOptions(input=src, output=tmp_path / "h.parquet", precision="fp16", device="cpu"))
+
+
+def test_sidecar_failure_publishes_nothing(tmp_path: Path) -> None:
+    from hfbatch import OutputError
+
+    src = write_csv(tmp_path / "in.csv", rows_for(["a", "b"]))
+    (tmp_path / "o.parquet.meta.json").mkdir()  # the sidecar cannot be written
+    with pytest.raises(OutputError):
+        embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet"))
+    assert not (tmp_path / "o.parquet").exists() and not list(tmp_path.glob(".o.parquet*"))
+
+
+def test_sidecar_equals_parquet_metadata(tmp_path: Path) -> None:
+    src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
+    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet"))
+    assert read_metadata(result.output) == json.loads(result.sidecar.read_text()) == json.loads(json.dumps(result.document))
+
+
+def test_dictionary_encoded_text_is_embedded(tmp_path: Path, st_model) -> None:
+    src = tmp_path / "cat.parquet"
+    texts = ["red shoes", "blue shoes", "red shoes"]
+    pq.write_table(pa.table({"text": pa.array(texts).dictionary_encode()}), src)
+    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet"))
+    got = np.array(pq.read_table(result.output).column("embedding").to_pylist(), dtype=np.float32)
+    assert np.allclose(got, st_model.encode(texts), atol=1e-5)
+
+
+def test_output_that_is_a_directory_and_repeated_keep(tmp_path: Path) -> None:
+    src = write_csv(tmp_path / "in.csv", rows_for(["a"]))
+    (tmp_path / "dir.parquet").mkdir()
+    with pytest.raises(InputError, match="is a directory"):
+        embed_file(EmbedOptions(input=src, output=tmp_path / "dir.parquet"))
+    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", keep=["id", "id"]))
+    assert pq.read_table(result.output).column_names[0:2] == ["id", "embedding"]
+
+
+def test_lone_surrogates_in_jsonl(tmp_path: Path) -> None:
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"id": "a\\ud800b", "text": "x\\udc00y"}\n{"id": "ok", "text": "fine"}\n', encoding="utf-8")
+    table = pq.read_table(embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet")).output)
+    assert table.column("id").to_pylist() == ["a\ufffdb", "ok"]
+    assert "not valid Unicode" in table.column("embedding_error")[0].as_py()
+    assert table.column("embedding_error")[1].as_py() is None
+
+
+def test_duplicate_parquet_columns_are_an_input_error(tmp_path: Path) -> None:
+    src = tmp_path / "dup.parquet"
+    pq.write_table(pa.Table.from_arrays([pa.array(["a"]), pa.array(["b"])], names=["text", "text"]), src)
+    with pytest.raises(InputError, match="column name\\(s\\) text appear more than once"):
+        embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet"))

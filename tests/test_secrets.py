@@ -23,25 +23,26 @@ def server(st_model):
 
 def test_no_artifact_contains_the_token(tmp_path: Path, server: EmbeddingServer, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HF_TOKEN", SECRET)
+    monkeypatch.setenv("HFBATCH_HF_ROUTER", server.url)  # the HF Inference API route, served locally
     src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
     printed = []
-    ok = runner.invoke(app, ["embed", str(src), "-o", str(tmp_path / "tei.parquet"), "--backend", "tei",
-                             "--endpoint", server.url, "--json", "--debug"])
+    ok = runner.invoke(app, ["embed", str(src), "-o", str(tmp_path / "api.parquet"), "--backend", "hf-api",
+                             "--json", "--debug"])
     assert ok.exit_code == 0, ok.output
     printed.append(ok.output)
     # the server echoes the Authorization header in its error, as some proxies do
     server.script.append(Reply(401, {"error": f"invalid credentials: Bearer {SECRET}"}))
-    bad = runner.invoke(app, ["embed", str(src), "-o", str(tmp_path / "bad.parquet"), "--backend", "tei",
-                              "--endpoint", server.url, "--debug", "--no-cache"])
+    bad = runner.invoke(app, ["embed", str(src), "-o", str(tmp_path / "bad.parquet"), "--backend", "hf-api",
+                              "--debug", "--no-cache"])
     assert bad.exit_code == 1 and "set HF_TOKEN" in bad.stderr and "Traceback" in bad.stderr
     printed.append(bad.output)
-    for args in (["capabilities", "--json"], ["test-connection", "--backend", "tei", "--endpoint", server.url, "--json"]):
+    for args in (["capabilities", "--json"], ["test-connection", "--backend", "hf-api", "--json"]):
         result = runner.invoke(app, args)
         printed.append(result.output)
     assert server.requests[0]["headers"]["Authorization"] == f"Bearer {SECRET}"  # it was used...
     for text in printed:
         assert SECRET not in text  # ...and never shown
     files = [p for p in tmp_path.rglob("*") if p.is_file() and p.name != "in.csv"]
-    assert any(p.name == "tei.parquet.meta.json" for p in files) and any(p.name == "cache.db" for p in files)
+    assert any(p.name == "api.parquet.meta.json" for p in files) and any(p.name == "cache.db" for p in files)
     for path in files:
         assert SECRET.encode() not in path.read_bytes(), path

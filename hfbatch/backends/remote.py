@@ -22,10 +22,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Sequence
 
+from urllib.parse import urlparse
+
 import numpy as np
 import requests
 from requests.adapters import HTTPAdapter
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, stop_after_delay
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, stop_before_delay
 
 from ..errors import InputError, ModelLoadError, RemoteError, TerminalBackendError, TransientBackendError
 
@@ -165,6 +167,8 @@ class RemoteBackend:
             raise InputError(f"--backend {kind!r} is not a remote backend; use one of: {', '.join(REMOTE_KINDS)}.")
         if api_batch_size < 1 or concurrency < 1:
             raise InputError("--api-batch-size and --api-concurrency must be at least 1.")
+        if endpoint is not None and urlparse(endpoint).scheme not in ("http", "https"):
+            raise InputError(f"--endpoint {endpoint!r} is not an http(s) URL; give it like http://gpu-box:8080.")
         if pooling not in (None, "mean"):
             raise InputError(f"--remote-pooling {pooling!r}: only 'mean' is supported.")
         self.name = kind
@@ -197,9 +201,14 @@ class RemoteBackend:
     # --- identity ------------------------------------------------------------------------------
 
     def fingerprint(self) -> str:
-        """Kind, model, endpoint and normalisation: vectors of another server never share a namespace."""
+        """Kind, model (and the revision the server or hub reports), endpoint and normalisation:
+        vectors of another server, model or revision never share a cache namespace. Asks TEI's
+        /info (or the hub) once; unknown revisions leave the endpoint to tell servers apart."""
         where = self.endpoint or hf_router()
-        return f"{self.name}:{self.model_id}@{where};normalize={self.normalize};pooling={self.pooling or 'server'}"
+        revision = self.hub_revision()
+        served = self.served_model or self.model_id
+        return (f"{self.name}:{served}@{revision or 'unresolved'}:{where};"
+                f"normalize={self.normalize};pooling={self.pooling or 'server'}")
 
     def dimension(self) -> int:
         if self._dim is None:
@@ -242,11 +251,11 @@ class RemoteBackend:
             except (requests.RequestException, ValueError, AttributeError):
                 pass
         if not self._revision and "/" in self.model_id:
-            self._revision = _hub_sha(self.model_id, self._token) or ""
+            self._revision = _hub_sha(self.model_id, resolve_token(None)) or ""  # the HF token, to the hub only
         return self._revision or None
 
     def describe(self) -> dict[str, Any]:
-        revision = self.hub_revision() if self._session is not None else None
+        revision = self._revision or None
         return {
             "backend": self.name,
             "model_id": self.model_id,
@@ -306,7 +315,8 @@ class RemoteBackend:
     def _request_with_retries(self, texts: list[str]) -> np.ndarray:
         retrying = Retrying(
             retry=retry_if_exception_type(RetryableHTTPError),
-            stop=stop_after_attempt(self.retry.attempts) | stop_after_delay(self.retry.ceiling_seconds),
+            # stop_before_delay: never start a wait that would end past the ceiling
+            stop=stop_after_attempt(self.retry.attempts) | stop_before_delay(self.retry.ceiling_seconds),
             wait=self._wait,
             before_sleep=self._count_retry,
             reraise=True,
@@ -314,7 +324,11 @@ class RemoteBackend:
         try:
             return retrying(self._request, texts)
         except RetryableHTTPError as exc:
-            raise TransientBackendError(f"{exc} (gave up after {self.retry.attempts} attempts)") from None
+            tries = retrying.statistics.get("attempt_number", self.retry.attempts)
+            raise TransientBackendError(
+                f"{exc} (gave up after {tries} attempt{'s' if tries != 1 else ''}, --api-retries {self.retry.attempts}, "
+                f"--api-retry-ceiling {self.retry.ceiling_seconds:g}s)"
+            ) from None
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -333,17 +347,31 @@ class RemoteBackend:
             self.stats[key] += 1
 
     def _session_(self) -> requests.Session:
+        with self._batch_lock:  # the first requests start on several threads at once
+            return self._session if self._session is not None else self._new_session()
+
+    def _new_session(self) -> requests.Session:
         if self._session is None:
             session = requests.Session()
             adapter = HTTPAdapter(pool_connections=self.concurrency, pool_maxsize=self.concurrency, max_retries=0)
             session.mount("http://", adapter)
             session.mount("https://", adapter)
             session.headers["User-Agent"] = "hfbatch"
-            self._token = resolve_token(self._token)
+            self._token = self._credential()
             if self._token:
                 session.headers["Authorization"] = f"Bearer {self._token}"
             self._session = session
         return self._session
+
+    def _credential(self) -> str | None:
+        """The Hugging Face token goes to Hugging Face hosts (and the router you configured) only;
+        any other server gets HFBATCH_API_KEY, if set, so a token never leaks to a third party."""
+        url = self._protocol.url()
+        host = (urlparse(url).hostname or "").lower()
+        hf_host = host == "huggingface.co" or host.endswith((".huggingface.co", ".huggingface.cloud", ".hf.space"))
+        if hf_host or (self.name == "hf-api" and not self.endpoint):
+            return resolve_token(self._token)
+        return self._token or os.environ.get("HFBATCH_API_KEY") or None
 
     def _request(self, texts: list[str]) -> np.ndarray:
         url = self._protocol.url()
@@ -352,8 +380,10 @@ class RemoteBackend:
             response = self._session_().post(url, json=self._protocol.body(texts), timeout=self.timeout)
         except requests.Timeout:
             raise RetryableHTTPError(f"{self.name}: no answer from {url} within {self.timeout:g}s", "timeout") from None
-        except requests.ConnectionError as exc:
+        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
             raise RetryableHTTPError(f"{self.name}: cannot connect to {url} ({type(exc).__name__})", "connection") from None
+        except requests.RequestException as exc:  # bad URL, redirect loop, undecodable body: retrying won't help
+            raise TerminalBackendError(f"{self.name}: request to {url} failed ({type(exc).__name__}); check --endpoint.") from None
         status = response.status_code
         if status == 413:
             raise PayloadTooLarge()

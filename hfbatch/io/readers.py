@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -37,6 +38,7 @@ _EXTENSIONS = {
     ".pq": "parquet",
 }
 _CSV_BLOCK_BYTES = 1 << 20
+_SURROGATE_RE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass
@@ -143,6 +145,9 @@ class ParquetReader(Reader):
         except (pa.ArrowException, OSError) as exc:
             raise InputError(f"{path}: not a readable Parquet file ({_short(exc)}).") from exc
         full = self._file.schema_arrow
+        dupes = sorted({n for n in full.names if full.names.count(n) > 1})
+        if dupes:
+            raise InputError(f"{path}: column name(s) {', '.join(dupes)} appear more than once; rename them so each is unique.")
         self._columns = _select(full, columns)
         self.schema = pa.schema([full.field(name) for name in self._columns], metadata=None)
         self.total_rows = self._file.metadata.num_rows
@@ -316,10 +321,24 @@ class JsonlReader(Reader):
                     if value is not None and not isinstance(value, str):
                         invalid[i] = f"not a string ({_kind(value)})"
                         values[i] = None
+                    elif isinstance(value, str) and not _encodable(value):
+                        invalid[i] = "not valid Unicode (a lone surrogate escape such as \\ud800)"
+                        values[i] = None
             elif f.name in self._as_json:
                 values = [v if v is None or isinstance(v, str) else json.dumps(v, ensure_ascii=False) for v in values]
+            if f.type == pa.string() and f.name != self._text_column:
+                # a lone surrogate cannot be stored as UTF-8: passthrough text keeps U+FFFD in its place
+                values = [v if v is None or _encodable(v) else _SURROGATE_RE.sub("\ufffd", v) for v in values]
             arrays.append(pa.array(values, type=f.type))
         return Chunk(pa.RecordBatch.from_arrays(arrays, schema=self.schema), start, invalid)
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def _kind(value: Any) -> str:

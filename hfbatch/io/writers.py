@@ -82,13 +82,24 @@ class ParquetSink:
             raise OutputError(f"writing {self.path} failed ({exc}); nothing was written there.") from exc
         self.rows += batch.num_rows
 
-    def commit(self, metadata: Mapping[str, Any]) -> None:
-        """Add the provenance as key/value metadata, close, and rename into place."""
+    def commit(self, metadata: Mapping[str, Any], sidecar: Path | None = None) -> None:
+        """Add the provenance as key/value metadata, close, write the sidecar, rename into place.
+
+        The sidecar is written (atomically) before the Parquet file is published, and removed
+        again if publishing fails: a failed commit leaves neither, and both hold one document.
+        """
         try:
             self._writer.add_key_value_metadata({METADATA_KEY: json.dumps(metadata, default=str)})
             self._writer.close()
-            os.replace(self.temp, self.path)
-        except (OSError, pa.ArrowException) as exc:
+            if sidecar is not None:
+                write_json_atomic(sidecar, metadata)
+            try:
+                os.replace(self.temp, self.path)
+            except OSError:
+                if sidecar is not None:
+                    sidecar.unlink(missing_ok=True)
+                raise
+        except (OSError, pa.ArrowException, OutputError) as exc:
             self.abort()
             raise OutputError(f"finishing {self.path} failed ({exc}); nothing was written there.") from exc
 
