@@ -6,7 +6,10 @@ Prints ratios (hfbatch / raw, higher is better for speed) so results compare acr
 2. warm: the same job again, every vector from the cache; rows/s and speed-up over cold;
 3. CLI: `hfbatch embed` as a subprocess (start-up and model load included) vs a plain script that
    loads the model and calls encode;
-4. memory: peak RSS of the CLI at 1x and 8x input rows (short texts, a wide passthrough column).
+4. memory: peak RSS of the CLI at 1x and 8x input rows (short texts, a wide passthrough column);
+5. precision: hfbatch --precision bf16 vs raw fp32 encode, with cosine to fp32 (mean / min);
+6. warm at scale: a 50,000-row file embedded once, then rerun from the cache (rows/s end to end);
+7. load: model load seconds (weights cached) and seconds for the first 100 texts after it.
 
     python benchmarks/bench_embed.py [--rows 3000] [--skip-memory]
 """
@@ -141,11 +144,73 @@ def bench_memory(rows: int) -> dict:
     return peaks
 
 
+def bench_precision(texts: list[str]) -> dict:
+    """hfbatch with --precision bf16 (cold) against raw fp32 encode, same texts, same process."""
+    from sentence_transformers import SentenceTransformer
+
+    from hfbatch import EmbedOptions, embed_file
+    from hfbatch.backends.local import _bundled_model_dir
+
+    model = SentenceTransformer(str(_bundled_model_dir()), device="cpu")
+    model.encode(texts[:64], batch_size=32)
+    started = time.perf_counter()
+    raw = model.encode(texts, batch_size=32, convert_to_numpy=True)
+    raw_s = time.perf_counter() - started
+    src = WORK / "bench.parquet"
+    embed_file(EmbedOptions(input=src, output=WORK / "warmup.parquet", use_cache=False, chunk_size=64, precision="bf16"))
+    run = embed_file(EmbedOptions(input=src, output=WORK / "bf16.parquet", use_cache=False, precision="bf16"))
+    got = np.array(pq.read_table(WORK / "bf16.parquet").column("embedding").to_pylist(), dtype=np.float32)
+    cosine = (got * raw).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(raw, axis=1))
+    return {"raw_s": raw_s, "bf16_s": run.metrics["wall_seconds"], "cos_mean": float(cosine.mean()), "cos_min": float(cosine.min())}
+
+
+def bench_warm_large(rows: int) -> dict:
+    """Fill the cache once (bf16, short texts), then time the warm rerun end to end."""
+    from hfbatch import EmbedOptions, embed_file
+
+    rng = random.Random(11)
+    words = ("great poor battery screen kettle lid handle strap zipper blade charger cable sole fits "
+             "quickly broke after week love it would buy again returned refund color size").split()
+    texts = [" ".join(rng.choices(words, k=rng.randint(4, 16))) + f" #{i}" for i in range(rows)]
+    src = WORK / "warm50k.parquet"
+    pq.write_table(pa.table({"id": list(range(rows)), "text": texts, "rating": [i % 5 + 1 for i in range(rows)]}), src)
+    cache = WORK / "cache-warm"
+    shutil.rmtree(cache, ignore_errors=True)
+    opts = EmbedOptions(input=src, output=WORK / "warm50k.out.parquet", cache_dir=cache, precision="bf16", batch_size=64)
+    cold = embed_file(opts)
+    warm = embed_file(opts)
+    cli = _cli([str(src), "-o", str(WORK / "warm50k.cli.parquet"), "--cache-dir", str(cache), "--precision", "bf16"])
+    return {"rows": rows, "cold_s": cold.metrics["wall_seconds"], "warm_s": warm.metrics["wall_seconds"],
+            "warm_rows_per_s": rows / warm.metrics["wall_seconds"], "warm_computed": warm.metrics["texts_computed"],
+            "cli_process_s": cli["process_seconds"]}
+
+
+LOAD_SCRIPT = """
+import json, sys, time
+t0 = time.perf_counter()
+from hfbatch.backends.local import LocalBackend
+b = LocalBackend("sentence-transformers/all-MiniLM-L6-v2", device="cpu")
+b.embed(["warm"])
+load = b.load_seconds
+texts = [f"review {i}: the product arrived on time and works as described" for i in range(100)]
+t1 = time.perf_counter()
+for i in range(0, 100, 32):
+    b.embed(texts[i:i + 32])
+print(json.dumps({"load_s": load, "first100_s": time.perf_counter() - t1, "import_and_load_s": t1 - t0}))
+"""
+
+
+def bench_load() -> dict:
+    done = subprocess.run([sys.executable, "-c", LOAD_SCRIPT], capture_output=True, text=True, check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=3000)
     parser.add_argument("--memory-rows", type=int, default=4000)
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument("--warm-rows", type=int, default=50_000)
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     texts = corpus(args.rows)
@@ -163,6 +228,16 @@ def main() -> None:
     c = bench_cli(args.rows)
     print(f"CLI process (start-up + load): {c['cli_s']:.2f} s vs raw script {c['raw_script_s']:.2f} s: "
           f"ratio {c['raw_script_s'] / c['cli_s']:.2f}x (model load {c['model_load_s']:.2f} s)")
+    p = bench_precision(texts)
+    print(f"bf16 (--precision bf16) vs raw fp32 encode: {p['raw_s'] / p['bf16_s']:.2f}x "
+          f"(target >= 1.5x), cosine to fp32 mean {p['cos_mean']:.6f} min {p['cos_min']:.6f} (target mean >= 0.9999)")
+    w = bench_warm_large(args.warm_rows)
+    print(f"warm rerun, {w['rows']:,} rows: {w['warm_s']:.2f} s = {w['warm_rows_per_s']:,.0f} rows/s end to end "
+          f"(target >= 20,000; cold bf16 was {w['cold_s']:.1f} s; computed {w['warm_computed']}); "
+          f"as a CLI process {w['cli_process_s']:.2f} s")
+    ld = bench_load()
+    print(f"model load (weights cached): {ld['load_s']:.2f} s (target < 5 s); first 100 texts after load: "
+          f"{ld['first100_s']:.2f} s (target < 2 s); import + load: {ld['import_and_load_s']:.2f} s")
     if not args.skip_memory:
         m = bench_memory(args.memory_rows)
         growth = m[8]["peak_rss_mb"] / m[1]["peak_rss_mb"]

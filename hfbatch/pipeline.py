@@ -87,14 +87,8 @@ def run_embed(options: EmbedOptions, *, progress: ProgressReporter | None = None
             metrics.chunks += 1
             metrics.rows_total += chunk.batch.num_rows
             with metrics.stage("validate"):
-                validated = validate_chunk(
-                    chunk,
-                    path=opts.input,
-                    text_column=opts.text_column,
-                    on_invalid=opts.on_invalid,
-                    max_length=backend.max_length,
-                    token_counts=backend.token_counts,
-                )
+                # row checks only; token counts follow the cache lookup (a warm rerun needs no tokenizer)
+                validated = validate_chunk(chunk, path=opts.input, text_column=opts.text_column, on_invalid=opts.on_invalid)
             out = job.process(validated)
             with metrics.stage("write"):
                 if sink is None:

@@ -71,7 +71,11 @@ def test_warm_rerun_computes_nothing_and_matches(tmp_path: Path) -> None:
     assert second.metrics["cache"]["misses"] == 0
     assert _embeddings(first.output) == _embeddings(second.output)
     local = second.document["provenance"]["backends"]["local"]
-    assert local["model_loaded"] is False  # a fully cached rerun never loads the model
+    assert local["model_loaded"] is False  # a fully cached rerun never loads the model...
+    assert local["tokenizer_loaded"] is False  # ...nor its tokenizer: token counts come from the cache
+    first_table, second_table = pq.read_table(first.output), pq.read_table(second.output)
+    for name in ("n_tokens", "truncated"):
+        assert first_table.column(name).to_pylist() == second_table.column(name).to_pylist()
 
 
 def test_cache_namespace_changes_with_max_length_and_normalize(tmp_path: Path) -> None:

@@ -231,6 +231,7 @@ class LocalBackend:
             )
         info["device"] = self._device or "not loaded (every vector came from the cache)"
         info["model_loaded"] = self._model is not None
+        info["tokenizer_loaded"] = self._tokenizer is not None
         info["estimated_memory_mb"] = round(self.estimated_bytes / 2**20, 1) if self.estimated_bytes else None
         info["load_seconds"] = round(self.load_seconds, 3)
         return info
