@@ -43,10 +43,21 @@ def resolve_device(requested: str) -> str:
 
 
 def peak_rss_mb() -> float:
-    """The process's peak resident memory so far, in MiB (the kernel's high-water mark)."""
+    """The process's peak resident memory so far, in MiB (the kernel's high-water mark).
+
+    Linux: VmHWM of /proc/self/status. Not ru_maxrss: that survives exec, so a job started from a
+    big Python process would report its parent's memory.
+    """
+    current = psutil.Process().memory_info().rss
+    try:
+        with open("/proc/self/status", encoding="ascii") as handle:
+            for line in handle:
+                if line.startswith("VmHWM:"):
+                    return max(int(line.split()[1]) * 1024, current) / (1024 * 1024)
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak_bytes = peak if sys.platform == "darwin" else peak * 1024
-    current = psutil.Process().memory_info().rss
     return max(peak_bytes, current) / (1024 * 1024)
 
 
