@@ -14,7 +14,7 @@ from __future__ import annotations
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -24,6 +24,7 @@ from .cache import EmbeddingCache, NullCache
 from .errors import BackendError, InputError
 from .io.readers import Reader, open_reader
 from .monitoring import ChunkLog, prometheus_text, write_prometheus
+from .overlap import prefetch
 from .io.writers import ParquetSink, check_writable, output_schema, remove_stale_temps
 from .options import EmbedOptions
 from .progress import NullProgress, ProgressReporter
@@ -83,12 +84,19 @@ def run_embed(options: EmbedOptions, *, progress: ProgressReporter | None = None
     labels = {"input": opts.input.name, "output": opts.output.name, "model": opts.model, "backend": backend.name}
     progress.start(reader.total_rows)
     try:
-        for chunk in metrics.timed("read", reader.chunks()):
+        def read_and_validate() -> Iterator[ValidatedChunk]:
+            # runs ahead in a background thread (prefetch): chunk N+1 is read and checked while
+            # the model works on chunk N
+            for chunk in metrics.timed("read", reader.chunks()):
+                with metrics.stage("validate"):
+                    # row checks only; token counts follow the cache lookup (a warm rerun needs no tokenizer)
+                    validated = validate_chunk(chunk, path=opts.input, text_column=opts.text_column, on_invalid=opts.on_invalid)
+                yield validated  # outside the timer: waiting for the consumer is no stage's time
+
+        for validated in prefetch(read_and_validate(), depth=2):
+            chunk = validated.chunk
             metrics.chunks += 1
             metrics.rows_total += chunk.batch.num_rows
-            with metrics.stage("validate"):
-                # row checks only; token counts follow the cache lookup (a warm rerun needs no tokenizer)
-                validated = validate_chunk(chunk, path=opts.input, text_column=opts.text_column, on_invalid=opts.on_invalid)
             out = job.process(validated)
             with metrics.stage("write"):
                 if sink is None:

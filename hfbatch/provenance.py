@@ -10,6 +10,7 @@ import hashlib
 import os
 import platform
 import re
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from typing import Any, Iterator, Sequence
 from . import __version__
 from .resources import peak_rss_mb
 
+_STAGE_LOCK = threading.Lock()
 STAGES = ("read", "validate", "cache", "model_load", "embed", "write")
 _LIBRARIES = ("torch", "sentence-transformers", "transformers", "tokenizers", "huggingface_hub", "pyarrow", "numpy", "diskcache")
 _TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{6,}")
@@ -48,11 +50,16 @@ class Metrics:
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
+        """Add the time spent inside to stage `name` (stages run on two threads, hence the lock).
+
+        With prefetch, read and validate overlap embed, so stage seconds can add up to more
+        than the wall time."""
         began = time.perf_counter()
         try:
             yield
         finally:
-            self.stage_seconds[name] += time.perf_counter() - began
+            with _STAGE_LOCK:
+                self.stage_seconds[name] += time.perf_counter() - began
 
     def timed(self, name: str, items: Iterator[Any]) -> Iterator[Any]:
         """Yield from `items`, counting the time spent producing each one as stage `name`."""
