@@ -11,6 +11,7 @@ failure or a kill resumes where it stopped.
 
 from __future__ import annotations
 
+import logging
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,10 +68,12 @@ def run_embed(options: EmbedOptions, *, progress: ProgressReporter | None = None
     if opts.output.is_dir():
         raise InputError(f"-o {opts.output} is a directory; give the output file's path, e.g. {opts.output / 'out.parquet'}.")
     remove_stale_temps(opts.output)
-    try:
-        check_writable(opts.output)
-    except OSError as exc:
-        raise InputError(f"-o {opts.output}: cannot write there ({exc.strerror or exc}); choose another output path.") from None
+    for flag, path in (("-o", opts.output), ("--metrics-file", opts.metrics_file), ("--log-file", opts.log_file)):
+        try:
+            if path is not None:
+                check_writable(path)
+        except OSError as exc:
+            raise InputError(f"{flag} {path}: cannot write there ({exc.strerror or exc}); choose another path.") from None
 
     backend = make_backend(opts)
     cache = (
@@ -111,20 +114,26 @@ def run_embed(options: EmbedOptions, *, progress: ProgressReporter | None = None
         # one document, the same in the Parquet metadata, the sidecar and --json
         document = _document(opts, reader, backend, cache, metrics, started, file_digest(opts.input), job.dim())
         sink.commit(document, sidecar=opts.sidecar)
-        log.write("done", rows=metrics.rows_total, rows_written=metrics.rows_written, wall_seconds=document["metrics"]["wall_seconds"])
-        if opts.metrics_file:
-            write_prometheus(opts.metrics_file, prometheus_text(document, success=True, labels=labels))
     except BaseException as exc:
         if sink is not None:
             sink.abort()
         log.write("failed", error=type(exc).__name__, rows_done=metrics.rows_total)
         if opts.metrics_file:  # a cron job's failure must show up too
             write_prometheus(opts.metrics_file, prometheus_text(None, success=False, labels=labels, error=type(exc).__name__))
+        log.close()
         raise
     finally:
         progress.finish()
-        log.close()
         cache.close()
+    # the output is published: trouble with the monitoring files from here on is a warning, not a failed job
+    try:
+        log.write("done", rows=metrics.rows_total, rows_written=metrics.rows_written, wall_seconds=document["metrics"]["wall_seconds"])
+        if opts.metrics_file:
+            write_prometheus(opts.metrics_file, prometheus_text(document, success=True, labels=labels))
+    except OSError as exc:
+        logging.getLogger(__name__).warning("the output is complete, but a monitoring file could not be written: %s", exc)
+    finally:
+        log.close()
     return EmbedResult(opts.output, opts.sidecar, document)
 
 

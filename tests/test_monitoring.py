@@ -60,3 +60,12 @@ def test_label_values_are_escaped(tmp_path: Path) -> None:
     text = prometheus_text(None, success=True, labels={"input": 'we"ird\\name\nx.csv'})
     (family,) = [f for f in text_string_to_metric_families(text) if f.name == "hfbatch_job_success"]
     assert family.samples[0].labels["input"] == 'we"ird\\name\nx.csv'
+
+
+def test_unwritable_monitoring_paths_fail_before_any_work(tmp_path: Path) -> None:
+    src = write_csv(tmp_path / "in.csv", rows_for(["a"]))
+    (tmp_path / "file").write_text("x")
+    for kwargs in ({"metrics_file": tmp_path / "file" / "m.prom"}, {"log_file": tmp_path / "file" / "log.jsonl"}):
+        with pytest.raises(InputError, match="cannot write there"):
+            embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", **kwargs))
+        assert not (tmp_path / "o.parquet").exists()
