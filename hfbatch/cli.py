@@ -265,6 +265,7 @@ def _summary(result: EmbedResult) -> None:
         ("sidecar", str(result.sidecar)),
         ("model", escape(f"{p['model_id']} [{p['model_source']}]")),
         ("device", str(p["device"])),
+        ("backend", _backend_line(p, m)),
         ("rows", f"{m['rows_total']:,} read, {m['rows_embedded']:,} embedded, {m['rows_invalid']:,} invalid, "
                  f"{m['rows_skipped']:,} skipped, {m['rows_truncated']:,} truncated"),
         ("cache", f"{cache['hits']:,} hits, {cache['misses']:,} misses ({cache['hit_rate']:.0%} hit rate)"
@@ -276,6 +277,19 @@ def _summary(result: EmbedResult) -> None:
     for key, value in rows:
         table.add_row(key, value)
     out.print(table)
+
+
+def _backend_line(p: dict, m: dict) -> str:
+    """Which backend made the vectors; for --backend auto, whether and why it fell back."""
+    counts = ", ".join(f"{name} {b.get('texts_computed', 0):,} texts" for name, b in p["backends"].items())
+    line = f"{p['backend']} ({counts})"
+    fallback = p.get("fallback") or {}
+    if fallback.get("fell_back"):
+        line += f"; fell back: {fallback.get('fallback_reason')}"
+    api = m["api"]
+    if api["requests"]:
+        line += f"; {api['requests']:,} requests, {api['retries']:,} retries"
+    return escape(redact_text(line))
 
 
 def main() -> None:

@@ -235,7 +235,7 @@ class _Job:
                                  token_counts=[int(tokens[u]) for u in batch])
             m.batches += 1
             m.texts_computed += len(batch)
-            m.tokens_computed += int(tokens[batch].sum())
+            m.tokens_computed += int(np.minimum(tokens[batch], self.backend.max_length).sum())  # what the model read
             self.progress.advance(int(rows_per_text[batch].sum()), hit_rate=self.cache.stats.hit_rate)
         return out
 

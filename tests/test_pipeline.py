@@ -158,6 +158,7 @@ def test_truncation_uses_the_tokenizer(tmp_path: Path, st_model) -> None:
     assert table.column("truncated").to_pylist() == [True, False]
     assert table.column("n_tokens").to_pylist() == [256, len(st_model.tokenizer("short one")["input_ids"])]
     assert result.metrics["rows_truncated"] == 1
+    assert result.metrics["tokens_computed"] == sum(table.column("n_tokens").to_pylist())  # tokens the model read
     want = st_model.encode([long_text])[0]  # the model truncates at 256 itself: same vector
     assert np.dot(np.array(table.column("embedding")[0].as_py()), want) > 0.9999
 
