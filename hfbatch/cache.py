@@ -142,7 +142,11 @@ class EmbeddingCache:
             for start in range(0, len(keys), _BULK):
                 part = list(dict.fromkeys(keys[start : start + _BULK]))
                 marks = ",".join("?" * len(part))
-                rows = sql(f"SELECT key, mode, value FROM Cache WHERE raw = 1 AND key IN ({marks})", part).fetchall()
+                rows = sql(
+                    f"SELECT key, mode, value FROM Cache WHERE raw = 1 AND key IN ({marks})"
+                    " AND (expire_time IS NULL OR expire_time > ?)",
+                    [*part, now],
+                ).fetchall()
                 for key, mode, value in rows:
                     if mode == MODE_RAW:
                         value = bytes(value) if isinstance(value, (bytes, memoryview)) else value

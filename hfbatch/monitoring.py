@@ -62,8 +62,12 @@ def write_prometheus(path: Path, text: str) -> None:
     """Atomic, as the textfile collector requires: it must never read half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     temp = temp_path_for(path)
-    temp.write_text(text, encoding="utf-8")
-    os.replace(temp, path)
+    try:
+        temp.write_text(text, encoding="utf-8")
+        os.replace(temp, path)
+    except OSError:
+        temp.unlink(missing_ok=True)
+        raise
 
 
 class ChunkLog:

@@ -1,7 +1,8 @@
 """prefetch(): run an iterator ahead in a background thread, a bounded number of items ahead.
 
 Reading and validating chunk N+1 then overlaps the model's work on chunk N: torch releases the
-GIL while it computes, so the two really run at once, and memory stays bounded (`depth` chunks).
+GIL while it computes, so the two really run at once, and memory stays bounded: `depth` items
+queued, one being made, one being used.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
             put(_DONE)
         except BaseException as exc:  # handed to the consumer, raised there
             put(_Failed(exc))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()  # a generator's own cleanup (open files) runs here, in its thread
 
     thread = threading.Thread(target=produce, name="hfbatch-prefetch", daemon=True)
     thread.start()
@@ -53,5 +58,7 @@ def prefetch(items: Iterator[T], depth: int = 2) -> Iterator[T]:
                 raise value.exc
             yield value
     finally:
+        # The producer stops at its next hand-over; a read already under way finishes first
+        # (it cannot be interrupted), in a daemon thread, without anyone waiting for it.
         stop.set()
-        thread.join(timeout=5)
+        thread.join(timeout=0.5)

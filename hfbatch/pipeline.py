@@ -2,7 +2,8 @@
 
     reader -> validate -> cache lookup -> embed misses -> cache store -> writer
 
-One chunk passes every stage before the next is read, so memory stays flat. Inside a chunk each
+Chunks pass every stage in order; the next chunk is read and validated in a background thread
+while the model works, so at most three chunks are in memory and memory stays flat. Inside a chunk each
 distinct text is embedded once, in batches of texts with similar token counts (little padding),
 and vectors are put back in row order. Nothing reaches the output path unless the whole job
 succeeds; every vector computed is in the cache as soon as its chunk is done, so a rerun after a
@@ -12,6 +13,7 @@ failure or a kill resumes where it stopped.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -68,12 +70,19 @@ def run_embed(options: EmbedOptions, *, progress: ProgressReporter | None = None
     if opts.output.is_dir():
         raise InputError(f"-o {opts.output} is a directory; give the output file's path, e.g. {opts.output / 'out.parquet'}.")
     remove_stale_temps(opts.output)
+    for flag, path in (("--metrics-file", opts.metrics_file), ("--log-file", opts.log_file)):
+        if path is not None and (path.is_dir() or (path.exists() and not os.access(path, os.W_OK))):
+            raise InputError(f"{flag} {path}: is a directory or not writable; choose another path.")
     for flag, path in (("-o", opts.output), ("--metrics-file", opts.metrics_file), ("--log-file", opts.log_file)):
         try:
             if path is not None:
                 check_writable(path)
         except OSError as exc:
             raise InputError(f"{flag} {path}: cannot write there ({exc.strerror or exc}); choose another path.") from None
+    try:
+        log = ChunkLog(opts.log_file)
+    except OSError as exc:
+        raise InputError(f"--log-file {opts.log_file}: cannot open it ({exc.strerror or exc}); choose another path.") from None
 
     backend = make_backend(opts)
     cache = (
@@ -83,7 +92,6 @@ def run_embed(options: EmbedOptions, *, progress: ProgressReporter | None = None
     )
     job = _Job(opts, reader, backend, cache, metrics, progress, passthrough)
     sink: ParquetSink | None = None
-    log = ChunkLog(opts.log_file)
     labels = {"input": opts.input.name, "output": opts.output.name, "model": opts.model, "backend": backend.name}
     progress.start(reader.total_rows)
     try:
@@ -96,7 +104,7 @@ def run_embed(options: EmbedOptions, *, progress: ProgressReporter | None = None
                     validated = validate_chunk(chunk, path=opts.input, text_column=opts.text_column, on_invalid=opts.on_invalid)
                 yield validated  # outside the timer: waiting for the consumer is no stage's time
 
-        for validated in prefetch(read_and_validate(), depth=2):
+        for validated in prefetch(read_and_validate(), depth=1):
             chunk = validated.chunk
             metrics.chunks += 1
             metrics.rows_total += chunk.batch.num_rows
@@ -117,10 +125,14 @@ def run_embed(options: EmbedOptions, *, progress: ProgressReporter | None = None
     except BaseException as exc:
         if sink is not None:
             sink.abort()
-        log.write("failed", error=type(exc).__name__, rows_done=metrics.rows_total)
-        if opts.metrics_file:  # a cron job's failure must show up too
-            write_prometheus(opts.metrics_file, prometheus_text(None, success=False, labels=labels, error=type(exc).__name__))
-        log.close()
+        try:  # report the failure; trouble doing so must not hide the job's own error
+            log.write("failed", error=type(exc).__name__, rows_done=metrics.rows_total)
+            if opts.metrics_file:  # a cron job's failure must show up too
+                write_prometheus(opts.metrics_file, prometheus_text(None, success=False, labels=labels, error=type(exc).__name__))
+        except OSError as report_exc:
+            logging.getLogger(__name__).warning("could not write the monitoring files: %s", report_exc)
+        finally:
+            log.close()
         raise
     finally:
         progress.finish()
@@ -204,11 +216,12 @@ class _Job:
     def _embed(self, misses: list[int], texts: list[str], tokens: np.ndarray, rows_per_text: np.ndarray) -> dict[int, np.ndarray]:
         """Embed the missing texts longest first (see plan_batches), so padding stays small."""
         m = self.metrics
-        order = sorted(misses, key=lambda u: -tokens[u])
+        seen = np.minimum(tokens, self.backend.max_length)  # the model reads at most max_length tokens
+        order = sorted(misses, key=lambda u: -seen[u])
         # a remote backend wants enough texts per call to keep all its connections busy
         size = getattr(self.backend, "batch_texts", None) or self.opts.batch_size or 32
         out: dict[int, np.ndarray] = {}
-        for batch in plan_batches([int(tokens[u]) for u in order], size, self.opts.max_batch_tokens):
+        for batch in plan_batches([int(seen[u]) for u in order], size, self.opts.max_batch_tokens):
             batch = [order[i] for i in batch]
             load_before = getattr(self.backend, "load_seconds", 0.0)
             with m.stage("embed"):
@@ -235,7 +248,7 @@ class _Job:
                                  token_counts=[int(tokens[u]) for u in batch])
             m.batches += 1
             m.texts_computed += len(batch)
-            m.tokens_computed += int(np.minimum(tokens[batch], self.backend.max_length).sum())  # what the model read
+            m.tokens_computed += int(seen[batch].sum())  # what the model read
             self.progress.advance(int(rows_per_text[batch].sum()), hit_rate=self.cache.stats.hit_rate)
         return out
 

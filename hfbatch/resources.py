@@ -50,11 +50,11 @@ def peak_rss_mb() -> float:
     """
     current = psutil.Process().memory_info().rss
     try:
-        with open("/proc/self/status", encoding="ascii") as handle:
+        with open("/proc/self/status", "rb") as handle:  # bytes: the Name: line need not be ASCII
             for line in handle:
-                if line.startswith("VmHWM:"):
+                if line.startswith(b"VmHWM:"):
                     return max(int(line.split()[1]) * 1024, current) / (1024 * 1024)
-    except OSError:
+    except (OSError, ValueError):
         pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     peak_bytes = peak if sys.platform == "darwin" else peak * 1024

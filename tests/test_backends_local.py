@@ -146,3 +146,16 @@ def test_memory_guard_refuses_before_loading(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("MAX_MODEL_MEMORY_GB", "4")
     assert backend.embed(["x"]).shape == (1, 384)
     assert backend.describe()["estimated_memory_mb"] == round(need / 2**20, 1)
+
+
+def test_vocabulary_and_submodule_weights_are_in_the_fingerprint(tmp_path: Path) -> None:
+    model_dir = tmp_path / "m"
+    shutil.copytree(BUNDLED_MODEL_DIR, model_dir)
+    before = LocalBackend(str(model_dir)).fingerprint()
+    with (model_dir / "vocab.txt").open("a", encoding="utf-8") as handle:
+        handle.write("newtoken\n")
+    after_vocab = LocalBackend(str(model_dir)).fingerprint()
+    (model_dir / "2_Dense").mkdir()
+    (model_dir / "2_Dense" / "model.safetensors").write_bytes(b"\x00" * 64)
+    after_dense = LocalBackend(str(model_dir)).fingerprint()
+    assert len({before, after_vocab, after_dense}) == 3

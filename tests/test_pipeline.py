@@ -310,3 +310,11 @@ def test_duplicate_parquet_columns_are_an_input_error(tmp_path: Path) -> None:
     pq.write_table(pa.Table.from_arrays([pa.array(["a"]), pa.array(["b"])], names=["text", "text"]), src)
     with pytest.raises(InputError, match="column name\\(s\\) text appear more than once"):
         embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet"))
+
+
+def test_token_budget_counts_what_the_model_reads(tmp_path: Path) -> None:
+    texts = [" ".join([f"word{i}"] * 600) for i in range(8)]  # each far beyond max_length 256
+    src = write_csv(tmp_path / "in.csv", rows_for(texts))
+    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", max_batch_tokens=8 * 256))
+    assert result.metrics["batches"] == 1  # 8 x 256 truncated tokens fit the budget
+    assert result.metrics["tokens_computed"] == 8 * 256 and result.metrics["rows_truncated"] == 8

@@ -36,7 +36,8 @@ CALIBRATION_TEXTS = [
     " ".join(["This review goes on at length about every detail of the product."] * 12),
 ]
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-_WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+_WEIGHT_SUFFIXES = (".safetensors", ".bin")
+_CONFIG_SUFFIXES = (".json", ".txt", ".model", ".tiktoken")
 _HASH_BLOCK = 1 << 22
 DOWNLOAD_ATTEMPTS = 5
 DOWNLOAD_WAIT_SECONDS = 1.0  # exponential backoff base, with jitter
@@ -110,7 +111,8 @@ class LocalBackend:
             root = self.model_dir
             h = hashlib.blake2b(digest_size=16)
             h.update(self._source["revision"].encode())
-            for cfg in sorted(root.rglob("*.json")):  # pooling, normalize, tokenizer settings
+            # pooling, normalize and tokenizer settings, vocabularies: every small file that shapes the vectors
+            for cfg in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in _CONFIG_SUFFIXES):
                 h.update(str(cfg.relative_to(root)).encode())
                 h.update(cfg.read_bytes())
             h.update(f"normalize={self.normalize};max_length={self.max_length};precision={self.precision}".encode())
@@ -180,7 +182,7 @@ class LocalBackend:
         import torch
 
         model.max_seq_length = self.max_length  # set per call: the loaded model may be shared
-        device_type = "cuda" if str(self._device).startswith("cuda") else "cpu"
+        device_type = str(self._device).split(":")[0] if str(self._device).startswith(("cuda", "mps")) else "cpu"
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
         # autocast keeps fp32 weights and runs matmuls in half precision: the 'measured faithful' path
         with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
@@ -315,8 +317,10 @@ def _bundled_model_dir() -> Path | None:
 def weights_hash(root: Path) -> str:
     """blake2b of the weight files: the revision of a model that has no hub commit."""
     h = hashlib.blake2b(digest_size=16)
-    files = [root / name for name in _WEIGHT_FILES if (root / name).is_file()] or sorted(root.glob("*.safetensors"))
+    # every weight file, sub-modules (2_Dense/...) included
+    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
     for path in files:
+        h.update(str(path.relative_to(root)).encode())
         with path.open("rb") as handle:
             while block := handle.read(_HASH_BLOCK):
                 h.update(block)
