@@ -28,6 +28,8 @@ class EmbedOptions:
     max_length: int | None = None
     normalize: bool = True
     precision: str = "fp32"
+    runtime: str = "torch"
+    quantize: str | None = None  # None: from ENABLE_MODEL_QUANTIZATION
     max_batch_tokens: int | None = None
     use_cache: bool | None = None
     cache_dir: Path | None = None
@@ -65,6 +67,7 @@ class EmbedOptions:
             keep=list(dict.fromkeys(self.keep)) if self.keep is not None else None,  # --keep id,id: once
             api_timeout=self.api_timeout or settings.api_timeout,
             endpoint=self.endpoint or settings.endpoint,
+            quantize=self.quantize if self.quantize is not None else ("int8" if settings.quantize else "none"),
         )
         if opts.api_retries < 1:
             raise InputError(f"--api-retries must be at least 1 (got {opts.api_retries}).")

@@ -45,6 +45,7 @@ class Settings:
     debug: bool = False
     api_timeout: float = 60.0
     endpoint: str | None = None
+    quantize: bool = False
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env")) -> "Settings":
@@ -66,6 +67,7 @@ class Settings:
             debug=_bool(env, "HFBATCH_DEBUG", False),
             api_timeout=float(_int(env, "HUGGINGFACE_API_TIMEOUT", int(defaults.api_timeout))),
             endpoint=env.get("HFBATCH_ENDPOINT") or None,
+            quantize=_bool(env, "ENABLE_MODEL_QUANTIZATION", False),
         )
 
 

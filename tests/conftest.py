@@ -39,8 +39,14 @@ def no_outside_network(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(socket, "getaddrinfo", _local_only_getaddrinfo)
 
 
+@pytest.fixture(scope="session")
+def onnx_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ONNX exports are reused across tests (an export takes seconds), never written to ~/.cache."""
+    return tmp_path_factory.mktemp("onnx")
+
+
 @pytest.fixture(autouse=True)
-def clean_environ(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def clean_environ(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, onnx_dir: Path) -> None:
     for name in list(os.environ):
         if name.startswith(_PREFIXES):
             monkeypatch.delenv(name, raising=False)
@@ -52,6 +58,7 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hf_home" / "hub"))
     monkeypatch.setenv("HFBATCH_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("HFBATCH_ONNX_DIR", str(onnx_dir))
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
     monkeypatch.chdir(tmp_path)  # no stray .env from the repository
 

@@ -77,7 +77,8 @@ def _local(opts: "EmbedOptions") -> Backend:
     from .local import LocalBackend
 
     return LocalBackend(opts.model or "", device=opts.device or "auto", normalize=opts.normalize,
-                        max_length=opts.max_length, precision=opts.precision)
+                        max_length=opts.max_length, precision=opts.precision, runtime=opts.runtime,
+                        quantize=opts.quantize)
 
 
 def _remote(opts: "EmbedOptions", kind: str) -> Backend:

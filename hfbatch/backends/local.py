@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import os
 import json
 import logging
 import re
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+from platformdirs import user_cache_dir
 
 from ..errors import BackendError, InputError, ModelLoadError
 from ..resources import check_model_memory, resolve_device, resolve_precision
@@ -49,13 +51,24 @@ class LocalBackend:
     name = "local"
 
     def __init__(self, model: str, *, device: str = "auto", normalize: bool = True, max_length: int | None = None,
-                 precision: str = "fp32"):
+                 precision: str = "fp32", runtime: str = "torch", quantize: str | None = None):
         if not _DEVICE_RE.match(device):
             raise InputError(f"--device {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps.")
         if precision not in PRECISIONS:
             raise InputError(f"--precision {precision!r} is not one of: {', '.join(PRECISIONS)}.")
+        if quantize not in (None, "none", "int8"):
+            raise InputError(f"--quantize {quantize!r} is not one of: none, int8.")
+        self.quantize = quantize if quantize == "int8" else None
+        self.runtime = "onnx" if self.quantize else runtime  # int8 is an ONNX Runtime feature here
+        if self.runtime not in ("torch", "onnx"):
+            raise InputError(f"--runtime {runtime!r} is not one of: torch, onnx.")
+        if self.runtime == "onnx" and (precision != "fp32" or device.startswith(("cuda", "mps"))):
+            raise InputError("--runtime onnx / --quantize int8 run in fp32 on the CPU here; drop --precision and --device, "
+                             "or use --runtime torch.")
         self.requested_precision = precision
         self._precision: str | None = None
+        self._onnx: Any = None
+        self.onnx_fidelity: dict[str, float] | None = None
         self.model_id = model
         self.requested_device = device
         self.normalize = normalize
@@ -115,7 +128,8 @@ class LocalBackend:
             for cfg in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in _CONFIG_SUFFIXES):
                 h.update(str(cfg.relative_to(root)).encode())
                 h.update(cfg.read_bytes())
-            h.update(f"normalize={self.normalize};max_length={self.max_length};precision={self.precision}".encode())
+            h.update(f"normalize={self.normalize};max_length={self.max_length};precision={self.precision};"
+                     f"runtime={self.runtime};quantize={self.quantize or 'none'}".encode())
             self._fingerprint = f"local:{h.hexdigest()}"
         return self._fingerprint
 
@@ -174,6 +188,8 @@ class LocalBackend:
         self._model, self._device = model, device
         if self.requested_precision == "auto" and self.precision != "fp32":
             self._check_fidelity(model)
+        if self.runtime == "onnx":
+            self._start_onnx(model)
         self.load_seconds = time.perf_counter() - started
         log.info("loaded %s on %s in %.2fs", self.model_id, device, self.load_seconds)
         return model
@@ -195,6 +211,28 @@ class LocalBackend:
             )
         return np.asarray(vectors, dtype=np.float32)
 
+    def _start_onnx(self, model: Any) -> None:
+        """Export (once, cached), optionally quantize, and check against torch fp32 before use."""
+        from .onnx import OnnxEncoder, check_int8
+
+        export_dir = Path(os.environ.get("HFBATCH_ONNX_DIR") or user_cache_dir("hfbatch")) / "onnx"
+        base_print = self.fingerprint().replace("local:", "")
+        encoder = OnnxEncoder(model, model_id=self.model_id, export_dir=export_dir, fingerprint=base_print,
+                              quantize=self.quantize)
+        reference = self._encode(model, CALIBRATION_TEXTS, "fp32")
+        got = encoder.encode(CALIBRATION_TEXTS, self.max_length)
+        if self._normalize_in_encode:
+            got = got / np.maximum(np.linalg.norm(got, axis=1, keepdims=True), 1e-12)
+        if self.quantize:
+            self.onnx_fidelity = check_int8(reference, got, self.model_id)
+        else:
+            cosine = (reference * got).sum(1) / (np.linalg.norm(reference, axis=1) * np.linalg.norm(got, axis=1))
+            self.onnx_fidelity = {"mean": float(cosine.mean()), "min": float(cosine.min())}
+            if self.onnx_fidelity["min"] < 0.999:
+                raise ModelLoadError(f"the ONNX export of {self.model_id} differs from torch (min cosine "
+                                     f"{self.onnx_fidelity['min']:.4f}); use --runtime torch.")
+        self._onnx = encoder
+
     def _check_fidelity(self, model: Any) -> None:
         """--precision auto keeps half precision only where it matches fp32 on a calibration sample."""
         fp32 = self._encode(model, CALIBRATION_TEXTS, "fp32")
@@ -211,7 +249,12 @@ class LocalBackend:
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         model = self._load_model()
         try:
-            vectors = self._encode(model, texts, self.precision)
+            if self._onnx is not None:
+                vectors = self._onnx.encode(texts, self.max_length)
+                if self._normalize_in_encode:
+                    vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+            else:
+                vectors = self._encode(model, texts, self.precision)
         except Exception as exc:
             raise BackendError(f"{self.model_id} failed on a batch of {len(texts)} texts ({exc}).") from exc
         if self._dim is None:
@@ -230,6 +273,9 @@ class LocalBackend:
                 dim=self._dim,
                 precision=self.precision,
                 precision_fidelity=self.fidelity,
+                runtime=self.runtime,
+                quantize=self.quantize or "none",
+                onnx_fidelity=self.onnx_fidelity,
             )
         info["device"] = self._device or "not loaded (every vector came from the cache)"
         info["model_loaded"] = self._model is not None
