@@ -65,7 +65,7 @@ def run_embed(options: EmbedOptions, *, progress: ProgressReporter | None = None
     # Everything that can be checked without a model is checked here, before any work.
     columns = None if opts.keep is None else list(dict.fromkeys([*opts.keep, opts.text_column]))
     reader = open_reader(opts.input, fmt=opts.format, chunk_size=opts.chunk_size, columns=columns, text_column=opts.text_column)
-    check_columns(opts.input, reader.schema, opts.text_column, opts.keep)
+    check_columns(opts.input, reader.schema, opts.text_column, opts.keep, reader.all_columns)
     passthrough = pa.schema([reader.schema.field(n) for n in (opts.keep if opts.keep is not None else reader.schema.names)])
     if opts.output.is_dir():
         raise InputError(f"-o {opts.output} is a directory; give the output file's path, e.g. {opts.output / 'out.parquet'}.")

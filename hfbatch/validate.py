@@ -35,10 +35,15 @@ class ValidatedChunk:
         return [i for i, t in enumerate(self.texts) if t is not None]
 
 
-def check_columns(path: Path, schema: pa.Schema, text_column: str, keep: Sequence[str] | None) -> None:
-    """Exit-2 errors for columns that do not exist or clash with the output columns."""
+def check_columns(path: Path, schema: pa.Schema, text_column: str, keep: Sequence[str] | None,
+                  all_columns: Sequence[str] | None = None) -> None:
+    """Exit-2 errors for columns that do not exist or clash with the output columns.
+
+    `schema` holds the columns being read; `all_columns`, every column of the file (shown in errors).
+    """
     names = list(schema.names)
-    shown = ", ".join(names) if names else "(none)"
+    everything = list(all_columns) if all_columns is not None else names
+    shown = ", ".join(everything) if everything else "(none)"
     if text_column not in names:
         raise InputError(f"{path} has no column {text_column!r}; columns are: {shown}. Use --text-column.")
     missing = [c for c in keep or [] if c not in names]

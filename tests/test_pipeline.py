@@ -146,7 +146,7 @@ def test_text_column_and_keep(tmp_path: Path) -> None:
     result = embed_file(EmbedOptions(input=src, output=tmp_path / "out.parquet", text_column="body", keep=["id", "title"]))
     table = pq.read_table(result.output)
     assert table.column_names == ["id", "title", "embedding", "n_tokens", "truncated", "embedding_error"]
-    with pytest.raises(InputError, match="--keep names column"):
+    with pytest.raises(InputError, match="--keep names column\\(s\\) nope that do not exist; columns are: id, title, body, extra"):
         embed_file(EmbedOptions(input=src, output=tmp_path / "o2.parquet", text_column="body", keep=["nope"]))
 
 
@@ -318,3 +318,10 @@ def test_token_budget_counts_what_the_model_reads(tmp_path: Path) -> None:
     result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", max_batch_tokens=8 * 256))
     assert result.metrics["batches"] == 1  # 8 x 256 truncated tokens fit the budget
     assert result.metrics["tokens_computed"] == 8 * 256 and result.metrics["rows_truncated"] == 8
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_errors_list_every_column_of_the_file(tmp_path: Path, fmt: str) -> None:
+    src = WRITERS[fmt](tmp_path / f"in.{fmt}", rows_for(["a", "b"]))
+    with pytest.raises(InputError, match="columns are: id, text, rating"):
+        embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", keep=["id", "missing"]))

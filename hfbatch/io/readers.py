@@ -56,7 +56,8 @@ class Reader:
 
     path: Path
     format: str
-    schema: pa.Schema
+    schema: pa.Schema  # the columns being read
+    all_columns: list[str]  # every column the file has, for error messages
     total_rows: int | None
 
     def chunks(self) -> Iterator[Chunk]:  # pragma: no cover - interface
@@ -149,6 +150,7 @@ class ParquetReader(Reader):
         if dupes:
             raise InputError(f"{path}: column name(s) {', '.join(dupes)} appear more than once; rename them so each is unique.")
         self._columns = _select(full, columns)
+        self.all_columns = list(full.names)
         self.schema = pa.schema([full.field(name) for name in self._columns], metadata=None)
         self.total_rows = self._file.metadata.num_rows
 
@@ -170,6 +172,7 @@ class CsvReader(Reader):
         self.path, self.chunk_size = path, chunk_size
         self._delimiter = "\t" if ".tsv" in [s.lower() for s in path.suffixes] else ","
         names = self._header()
+        self.all_columns = names
         self._columns = names if columns is None else [n for n in names if n in set(columns)]
         self.schema = pa.schema([pa.field(n, pa.string()) for n in self._columns])
         self.total_rows = self._count_rows()
@@ -236,7 +239,9 @@ class JsonlReader(Reader):
         self._wanted = set(columns) if columns is not None else None
         self._text_column = text_column
         self._kinds: dict[str, set[str]] = {}
+        self._seen: dict[str, None] = {}  # every key, in first-seen order
         self.total_rows = self._scan()
+        self.all_columns = list(self._seen)
         self.schema = pa.schema([pa.field(name, self._arrow_type(name)) for name in self._kinds])
         # Columns whose values are written as JSON text (mixed or nested types).
         self._as_json = {f.name for f in self.schema if f.type == pa.string() and self._kinds[f.name] - {"str", "null"}}
@@ -281,6 +286,7 @@ class JsonlReader(Reader):
         for _, obj in self._lines():
             rows += 1
             for key, value in obj.items():
+                self._seen.setdefault(key)
                 if self._wanted is None or key in self._wanted:
                     self._kinds.setdefault(key, set()).add(_kind(value))
         return rows
