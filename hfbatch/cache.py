@@ -124,6 +124,21 @@ class EmbeddingCache:
         self._cache.cull(retry=True)  # least recently used first, until under the size limit
         self.stats.stores += len(texts)
 
+    def lookup_bytes(self, texts: Sequence[str], namespace: str) -> dict[int, bytes]:
+        """Index -> stored bytes (e.g. a generation result as UTF-8 JSON) under `namespace`."""
+        values = self._get_many([cache_key(namespace, t) for t in texts])
+        found = {i: v for i, v in enumerate(values) if isinstance(v, bytes)}
+        self.stats.hits += len(found)
+        self.stats.misses += len(texts) - len(found)
+        return found
+
+    def store_bytes(self, texts: Sequence[str], values: Sequence[bytes], namespace: str) -> None:
+        with self._cache.transact():
+            for text, value in zip(texts, values):
+                self._cache.set(cache_key(namespace, text), bytes(value))
+        self._cache.cull(retry=True)
+        self.stats.stores += len(texts)
+
     def _get_many(self, keys: list[str]) -> list[object]:
         """Values for `keys` (None when absent), in bulk.
 
@@ -180,6 +195,13 @@ class NullCache:
 
     def lookup_tokens(self, texts: Sequence[str], fingerprint: str | None = None) -> dict[int, int]:
         return {}
+
+    def lookup_bytes(self, texts: Sequence[str], namespace: str) -> dict[int, bytes]:
+        self.stats.misses += len(texts)
+        return {}
+
+    def store_bytes(self, texts: Sequence[str], values: Sequence[bytes], namespace: str) -> None:
+        pass
 
     def store(self, texts: Sequence[str], vectors: np.ndarray, fingerprint: str | None = None,
               token_counts: Sequence[int] | None = None) -> None:

@@ -135,6 +135,59 @@ def embed(
 
 
 @app.command()
+def generate(
+    input: Annotated[Path, typer.Argument(help="Input file with a prompt column: CSV, JSONL or Parquet.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output Parquet file; a <output>.meta.json sidecar is written beside it.", show_default=False)],
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Causal LM: hub id or local directory.")] = None,
+    prompt_column: Annotated[str, typer.Option("--prompt-column", help="Column holding the prompt.")] = "prompt",
+    keep: Annotated[Optional[str], typer.Option("--keep", help="Comma-separated input columns to pass through (default: all).")] = None,
+    fmt: Annotated[Optional[str], typer.Option("--format", "-f", help="csv, jsonl or parquet; default: from the extension.")] = None,
+    backend: Annotated[str, typer.Option("--backend", help="local (the HF Inference API route is not built yet).")] = "local",
+    local: Annotated[bool, typer.Option("--local", help="Run the model here (the original service's flag; the default).")] = False,
+    device: DeviceOpt = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts per generate call (left-padded).")] = 8,
+    chunk_size: Annotated[Optional[int], typer.Option("--chunk-size", help="Rows read and written at a time.")] = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate at most per prompt.")] = 64,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy (deterministic, cached).")] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling when --temperature > 0.")] = 1.0,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Fixed seed: sampling becomes repeatable and is cached.")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap each prompt in the model's chat template.")] = False,
+    cache_dir: CacheDirOpt = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the cache.")] = False,
+    on_invalid: Annotated[str, typer.Option("--on-invalid", help="mark, skip or fail rows with null/empty/non-string prompts.")] = "mark",
+    as_json: Annotated[bool, typer.Option("--json", help="Print the sidecar document to stdout.")] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Generate text for the prompt column of INPUT with a causal LM (local transformers)."""
+    from .backends.generation import GenerationParams
+    from .generate import GenerateOptions, run_generate
+
+    settings = _settings_or_exit(debug)
+    if backend != "local":
+        err.print(f"InputError: --backend {backend} is not available for generate yet; use --backend local (or --local).")
+        raise typer.Exit(2)
+    options = GenerateOptions(
+        input=input, output=output, model=model or "", prompt_column=prompt_column,
+        keep=[c.strip() for c in keep.split(",") if c.strip()] if keep else None, format=fmt,
+        device=device or settings.device, batch_size=batch_size, chunk_size=chunk_size,
+        params=GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=chat),
+        use_cache=False if no_cache else None, cache_dir=cache_dir, on_invalid=on_invalid,
+        command=["hfbatch", *sys.argv[1:]],
+    )
+    progress = NullProgress() if (quiet or as_json) else RichProgress(err)
+    result = _run(lambda: run_generate(options, progress=progress, settings=settings), debug or settings.debug)
+    if as_json:
+        _print_json(result.document)
+    elif not quiet:
+        m = result.document["metrics"]
+        out.print(escape(f"wrote {result.output} ({m['rows_total']:,} rows: {m['rows_generated']:,} generated, "
+                         f"{m['rows_invalid']:,} invalid, {m['rows_truncated']:,} prompts truncated); "
+                         f"{m['tokens_generated']:,} tokens at {m['tokens_per_second'] or 0:,.1f}/s; "
+                         f"cache {m['cache']['hits']:,} hits / {m['cache']['misses']:,} misses"))
+
+
+@app.command()
 def capabilities(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
     debug: DebugOpt = False,
