@@ -82,6 +82,9 @@ def test_models_lists_from_the_hub_api(server: EmbeddingServer, monkeypatch: pyt
     assert query["search"] == ["minilm"] and query["pipeline_tag"] == ["feature-extraction"] and query["limit"] == ["2"]
     table = runner.invoke(app, ["models", "--search", "minilm"])
     assert "1,234,567" in table.stdout
+    served = runner.invoke(app, ["models", "--served", "--json"])
+    assert served.exit_code == 0
+    assert parse_qs(urlparse(server.gets[-1]).query)["inference_provider"] == ["hf-inference"]
 
 
 def test_models_offline_is_one_clear_line() -> None:
