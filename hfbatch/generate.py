@@ -20,15 +20,15 @@ import pyarrow as pa
 from .backends.generation import GenerationParams, LocalGenerator
 from .cache import EmbeddingCache, NullCache
 from .errors import InputError
-from .io.readers import open_reader
-from .io.writers import ParquetSink, check_writable, remove_stale_temps
+from .io.job import open_job_files
+from .io.writers import ParquetSink
 from .options import sidecar_path
 from .overlap import prefetch
 from .progress import NullProgress, ProgressReporter
 from .provenance import file_digest, library_versions, redact, utc_now
 from .resources import peak_rss_mb
 from .settings import Settings
-from .validate import ON_INVALID, check_columns, validate_chunk
+from .validate import ON_INVALID, validate_chunk
 
 GENERATED_COLUMNS = ("generated_text", "n_prompt_tokens", "n_generated_tokens", "finish_reason", "prompt_truncated",
                      "generation_error")
@@ -83,22 +83,10 @@ def run_generate(options: GenerateOptions, *, progress: ProgressReporter | None 
         raise InputError(f"--on-invalid {opts.on_invalid!r} is not one of: {', '.join(ON_INVALID)}.")
     if opts.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1 (got {opts.batch_size}).")
-    if opts.output.suffix.lower() not in (".parquet", ".pq") or opts.output.resolve() == opts.input.resolve():
-        raise InputError(f"-o {opts.output}: give a .parquet output path other than the input.")
     started, wall = utc_now(), time.perf_counter()
-    columns = None if opts.keep is None else list(dict.fromkeys([*opts.keep, opts.prompt_column]))
-    reader = open_reader(opts.input, fmt=opts.format, chunk_size=opts.chunk_size or 10_000, columns=columns,
-                         text_column=opts.prompt_column)
-    check_columns(opts.input, reader.schema, opts.prompt_column, opts.keep, reader.all_columns)
-    clash = [c for c in (opts.keep if opts.keep is not None else reader.schema.names) if c in GENERATED_COLUMNS]
-    if clash:
-        raise InputError(f"{opts.input} already has column(s) {', '.join(clash)}; choose others with --keep.")
-    passthrough = pa.schema([reader.schema.field(n) for n in (opts.keep if opts.keep is not None else reader.schema.names)])
-    remove_stale_temps(opts.output)
-    try:
-        check_writable(opts.output)
-    except OSError as exc:
-        raise InputError(f"-o {opts.output}: cannot write there ({exc.strerror or exc}).") from None
+    files = open_job_files(input=opts.input, output=opts.output, fmt=opts.format, chunk_size=opts.chunk_size or 10_000,
+                           text_column=opts.prompt_column, keep=opts.keep, added_columns=GENERATED_COLUMNS)
+    reader, passthrough = files.reader, files.passthrough
 
     generator = LocalGenerator(opts.model, device=opts.device, params=opts.params)
     cached = opts.use_cache and opts.params.deterministic  # sampling without a seed is never cached

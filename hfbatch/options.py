@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import InputError
+from .io.job import check_output_path
 from .settings import Settings
 from .validate import ON_INVALID
 
@@ -80,10 +81,7 @@ class EmbedOptions:
             raise InputError(f"--max-length must be at least 2 tokens (got {opts.max_length}).")
         if opts.on_invalid not in ON_INVALID:
             raise InputError(f"--on-invalid {opts.on_invalid!r} is not one of: {', '.join(ON_INVALID)}.")
-        if opts.input.resolve() == opts.output.resolve():
-            raise InputError(f"-o {opts.output} is the input file; choose another output path.")
-        if opts.output.suffix.lower() not in (".parquet", ".pq"):
-            raise InputError(f"-o {opts.output}: the output is Parquet; give it a .parquet name.")
+        check_output_path(opts.input, opts.output)
         return opts
 
     @property

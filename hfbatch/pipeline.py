@@ -13,7 +13,6 @@ failure or a kill resumes where it stopped.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,12 +27,13 @@ from .errors import BackendError, InputError
 from .io.readers import Reader, open_reader
 from .monitoring import ChunkLog, prometheus_text, write_prometheus
 from .overlap import prefetch
-from .io.writers import ParquetSink, check_writable, output_schema, remove_stale_temps
+from .io.job import open_job_files
+from .io.writers import ParquetSink, output_schema
 from .options import EmbedOptions
 from .progress import NullProgress, ProgressReporter
 from .provenance import Metrics, file_digest, library_versions, redact, utc_now
 from .settings import Settings
-from .validate import ValidatedChunk, check_columns, validate_chunk
+from .validate import EMBED_COLUMNS, ValidatedChunk, validate_chunk
 
 
 @dataclass
@@ -63,22 +63,10 @@ def run_embed(options: EmbedOptions, *, progress: ProgressReporter | None = None
     assert opts.text_column and opts.model and opts.chunk_size and opts.batch_size  # filled by resolved()
 
     # Everything that can be checked without a model is checked here, before any work.
-    columns = None if opts.keep is None else list(dict.fromkeys([*opts.keep, opts.text_column]))
-    reader = open_reader(opts.input, fmt=opts.format, chunk_size=opts.chunk_size, columns=columns, text_column=opts.text_column)
-    check_columns(opts.input, reader.schema, opts.text_column, opts.keep, reader.all_columns)
-    passthrough = pa.schema([reader.schema.field(n) for n in (opts.keep if opts.keep is not None else reader.schema.names)])
-    if opts.output.is_dir():
-        raise InputError(f"-o {opts.output} is a directory; give the output file's path, e.g. {opts.output / 'out.parquet'}.")
-    remove_stale_temps(opts.output)
-    for flag, path in (("--metrics-file", opts.metrics_file), ("--log-file", opts.log_file)):
-        if path is not None and (path.is_dir() or (path.exists() and not os.access(path, os.W_OK))):
-            raise InputError(f"{flag} {path}: is a directory or not writable; choose another path.")
-    for flag, path in (("-o", opts.output), ("--metrics-file", opts.metrics_file), ("--log-file", opts.log_file)):
-        try:
-            if path is not None:
-                check_writable(path)
-        except OSError as exc:
-            raise InputError(f"{flag} {path}: cannot write there ({exc.strerror or exc}); choose another path.") from None
+    files = open_job_files(input=opts.input, output=opts.output, fmt=opts.format, chunk_size=opts.chunk_size,
+                           text_column=opts.text_column, keep=opts.keep, added_columns=EMBED_COLUMNS,
+                           extra_outputs=(("--metrics-file", opts.metrics_file), ("--log-file", opts.log_file)))
+    reader, passthrough = files.reader, files.passthrough
     try:
         log = ChunkLog(opts.log_file)
     except OSError as exc:

@@ -35,8 +35,11 @@ class ValidatedChunk:
         return [i for i, t in enumerate(self.texts) if t is not None]
 
 
+EMBED_COLUMNS = ("embedding", "n_tokens", "truncated", "embedding_error")
+
+
 def check_columns(path: Path, schema: pa.Schema, text_column: str, keep: Sequence[str] | None,
-                  all_columns: Sequence[str] | None = None) -> None:
+                  all_columns: Sequence[str] | None = None, added_columns: Sequence[str] = EMBED_COLUMNS) -> None:
     """Exit-2 errors for columns that do not exist or clash with the output columns.
 
     `schema` holds the columns being read; `all_columns`, every column of the file (shown in errors).
@@ -49,7 +52,7 @@ def check_columns(path: Path, schema: pa.Schema, text_column: str, keep: Sequenc
     missing = [c for c in keep or [] if c not in names]
     if missing:
         raise InputError(f"{path}: --keep names column(s) {', '.join(missing)} that do not exist; columns are: {shown}.")
-    clash = [c for c in (keep if keep is not None else names) if c in ("embedding", "n_tokens", "truncated", "embedding_error")]
+    clash = [c for c in (keep if keep is not None else names) if c in added_columns]
     if clash:
         raise InputError(
             f"{path} already has column(s) {', '.join(clash)} that hfbatch writes; "

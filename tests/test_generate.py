@@ -119,3 +119,13 @@ def test_generate_command(tmp_path: Path, tiny_lm: Path) -> None:
     assert doc["metrics"]["rows_generated"] == 2 and pq.read_table(tmp_path / "a.parquet").num_rows == 2
     bad = CliRunner().invoke(app, ["generate", str(src), "-o", str(tmp_path / "b.parquet"), "--backend", "api", "--model", "x"])
     assert bad.exit_code == 2 and "not available for generate yet" in bad.stderr
+
+
+def test_generate_shares_the_output_checks(tmp_path: Path, tiny_lm: Path) -> None:
+    src = write_csv(tmp_path / "p.csv", [{"id": 1, "prompt": "x", "generated_text": "old"}])
+    (tmp_path / "dir.parquet").mkdir()
+    for output, message in ((tmp_path / "dir.parquet", "is a directory"), (tmp_path / "o.csv", "give it a .parquet name")):
+        with pytest.raises(InputError, match=message):
+            run_generate(GenerateOptions(input=src, output=output, model=str(tiny_lm), keep=["id"]))
+    with pytest.raises(InputError, match="already has column\\(s\\) generated_text"):
+        run_generate(GenerateOptions(input=src, output=tmp_path / "o.parquet", model=str(tiny_lm)))
