@@ -65,20 +65,25 @@ def cosine_min(a: np.ndarray, b: np.ndarray) -> float:
     return float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min())
 
 
-def bench_in_process(texts: list[str]) -> dict:
+def raw_encode(texts: list[str]) -> tuple[np.ndarray, float]:
+    """The baseline every ratio is against: SentenceTransformer.encode(batch_size=32), fp32, after a warm-up."""
     from sentence_transformers import SentenceTransformer
 
-    from hfbatch import EmbedOptions, embed_file
     from hfbatch.backends.local import _bundled_model_dir
+
+    model = SentenceTransformer(str(_bundled_model_dir()), device="cpu")
+    model.encode(texts[:64], batch_size=32)
+    started = time.perf_counter()
+    raw = model.encode(texts, batch_size=32, convert_to_numpy=True)
+    return raw, time.perf_counter() - started
+
+
+def bench_in_process(texts: list[str]) -> dict:
+    from hfbatch import EmbedOptions, embed_file
 
     src = WORK / "bench.parquet"
     pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), src)
-    model = SentenceTransformer(str(_bundled_model_dir()), device="cpu")
-    model.encode(texts[:64], batch_size=32)  # warm-up
-
-    started = time.perf_counter()
-    raw = model.encode(texts, batch_size=32, convert_to_numpy=True)
-    raw_s = time.perf_counter() - started
+    raw, raw_s = raw_encode(texts)
 
     cache = WORK / "cache"
     shutil.rmtree(cache, ignore_errors=True)
@@ -148,16 +153,9 @@ def bench_memory(rows: int) -> dict:
 
 def bench_precision(texts: list[str]) -> dict:
     """hfbatch with --precision bf16 (cold) against raw fp32 encode, same texts, same process."""
-    from sentence_transformers import SentenceTransformer
-
     from hfbatch import EmbedOptions, embed_file
-    from hfbatch.backends.local import _bundled_model_dir
 
-    model = SentenceTransformer(str(_bundled_model_dir()), device="cpu")
-    model.encode(texts[:64], batch_size=32)
-    started = time.perf_counter()
-    raw = model.encode(texts, batch_size=32, convert_to_numpy=True)
-    raw_s = time.perf_counter() - started
+    raw, raw_s = raw_encode(texts)
     src = WORK / "bench.parquet"
     embed_file(EmbedOptions(input=src, output=WORK / "warmup.parquet", use_cache=False, chunk_size=64, precision="bf16"))
     run = embed_file(EmbedOptions(input=src, output=WORK / "bf16.parquet", use_cache=False, precision="bf16"))
@@ -189,16 +187,10 @@ def bench_warm_large(rows: int) -> dict:
 
 def bench_runtimes(texts: list[str]) -> dict:
     """--runtime onnx and --quantize int8 vs raw fp32 encode; int8 measured even where refused."""
-    from sentence_transformers import SentenceTransformer
-
     from hfbatch.backends import onnx as onnx_backend
-    from hfbatch.backends.local import LocalBackend, _bundled_model_dir
+    from hfbatch.backends.local import LocalBackend
 
-    model = SentenceTransformer(str(_bundled_model_dir()), device="cpu")
-    model.encode(texts[:64], batch_size=32)
-    started = time.perf_counter()
-    raw = model.encode(texts, batch_size=32, convert_to_numpy=True)
-    raw_s = time.perf_counter() - started
+    raw, raw_s = raw_encode(texts)
     os.environ.setdefault("HFBATCH_ONNX_DIR", str(WORK))
     out = {"raw_s": raw_s}
     for label, kwargs in (("onnx fp32", {"runtime": "onnx"}), ("onnx int8", {"quantize": "int8"})):

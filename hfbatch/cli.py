@@ -126,12 +126,8 @@ def embed(
         log_file=log_file,
         command=["hfbatch", *sys.argv[1:]],
     )
-    progress = NullProgress() if (quiet or as_json) else RichProgress(err)
-    result = _run(lambda: run_embed(options, progress=progress, settings=settings), debug or settings.debug)
-    if as_json:
-        _print_json(result.document)
-    elif not quiet:
-        _summary(result)
+    _run_job(lambda progress: run_embed(options, progress=progress, settings=settings), _summary,
+             as_json=as_json, quiet=quiet, debug=debug or settings.debug)
 
 
 @app.command()
@@ -175,16 +171,26 @@ def generate(
         use_cache=False if no_cache else None, cache_dir=cache_dir, on_invalid=on_invalid,
         command=["hfbatch", *sys.argv[1:]],
     )
+    _run_job(lambda progress: run_generate(options, progress=progress, settings=settings), _generate_summary,
+             as_json=as_json, quiet=quiet, debug=debug or settings.debug)
+
+
+def _generate_summary(result) -> None:  # type: ignore[no-untyped-def]
+    m = result.document["metrics"]
+    out.print(escape(f"wrote {result.output} ({m['rows_total']:,} rows: {m['rows_generated']:,} generated, "
+                     f"{m['rows_invalid']:,} invalid, {m['rows_truncated']:,} prompts truncated); "
+                     f"{m['tokens_generated']:,} tokens at {m['tokens_per_second'] or 0:,.1f}/s; "
+                     f"cache {m['cache']['hits']:,} hits / {m['cache']['misses']:,} misses"))
+
+
+def _run_job(job, summary, *, as_json: bool, quiet: bool, debug: bool) -> None:  # type: ignore[no-untyped-def]
+    """Run a job with a progress bar (or none), then print its document (--json) or its summary."""
     progress = NullProgress() if (quiet or as_json) else RichProgress(err)
-    result = _run(lambda: run_generate(options, progress=progress, settings=settings), debug or settings.debug)
+    result = _run(lambda: job(progress), debug)
     if as_json:
         _print_json(result.document)
     elif not quiet:
-        m = result.document["metrics"]
-        out.print(escape(f"wrote {result.output} ({m['rows_total']:,} rows: {m['rows_generated']:,} generated, "
-                         f"{m['rows_invalid']:,} invalid, {m['rows_truncated']:,} prompts truncated); "
-                         f"{m['tokens_generated']:,} tokens at {m['tokens_per_second'] or 0:,.1f}/s; "
-                         f"cache {m['cache']['hits']:,} hits / {m['cache']['misses']:,} misses"))
+        summary(result)
 
 
 @app.command()
