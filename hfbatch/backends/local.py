@@ -118,6 +118,13 @@ class LocalBackend:
         assert self._max_length is not None
         return self._max_length
 
+    def _quantize_recipe(self) -> str:
+        if not self.quantize:
+            return "none"
+        from .onnx import int8_recipe
+
+        return int8_recipe()
+
     def fingerprint(self) -> str:
         """Identity of the vectors this backend makes; the cache namespace."""
         if self._fingerprint is None:
@@ -129,7 +136,7 @@ class LocalBackend:
                 h.update(str(cfg.relative_to(root)).encode())
                 h.update(cfg.read_bytes())
             h.update(f"normalize={self.normalize};max_length={self.max_length};precision={self.precision};"
-                     f"runtime={self.runtime};quantize={self.quantize or 'none'}".encode())
+                     f"runtime={self.runtime};quantize={self._quantize_recipe()}".encode())
             self._fingerprint = f"local:{h.hexdigest()}"
         return self._fingerprint
 
@@ -274,7 +281,7 @@ class LocalBackend:
                 precision=self.precision,
                 precision_fidelity=self.fidelity,
                 runtime=self.runtime,
-                quantize=self.quantize or "none",
+                quantize=self._quantize_recipe(),
                 onnx_fidelity=self.onnx_fidelity,
             )
         info["device"] = self._device or "not loaded (every vector came from the cache)"
