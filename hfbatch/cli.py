@@ -40,6 +40,11 @@ CacheDirOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Embedd
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps. [env: HFBATCH_DEVICE]")]
 EndpointOpt = Annotated[Optional[str], typer.Option("--endpoint", help="Server URL: TEI base (http://host:8080), OpenAI-compatible base (.../v1) or an Inference Endpoint URL. [env: HFBATCH_ENDPOINT]")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks. [env: HFBATCH_DEBUG]")]
+ApiConcurrencyOpt = Annotated[int, typer.Option("--api-concurrency", help="HTTP requests in flight at once.")]
+ApiTimeoutOpt = Annotated[Optional[float], typer.Option("--api-timeout", help="Seconds per HTTP request. [env: HUGGINGFACE_API_TIMEOUT; default: 60]")]
+ApiRetriesOpt = Annotated[int, typer.Option("--api-retries", help="Attempts per HTTP request on transient errors (429, 5xx, timeouts).")]
+ApiRetryCeilingOpt = Annotated[float, typer.Option("--api-retry-ceiling", help="Give up on a request after this many seconds, retries included.")]
+TokenizerOpt = Annotated[Optional[str], typer.Option("--tokenizer", help="Hub id or directory of the tokenizer used to count tokens for remote backends (default: --model).")]
 
 
 def _version(value: bool) -> None:
@@ -78,12 +83,12 @@ def embed(
     endpoint: EndpointOpt = None,
     fallback: Annotated[str, typer.Option("--fallback", help="The remote that --backend auto falls back to: hf-api, tei or openai.")] = "hf-api",
     api_batch_size: Annotated[int, typer.Option("--api-batch-size", help="Texts per HTTP request (halved automatically on 413).")] = 32,
-    api_concurrency: Annotated[int, typer.Option("--api-concurrency", help="HTTP requests in flight at once.")] = 4,
-    api_timeout: Annotated[Optional[float], typer.Option("--api-timeout", help="Seconds per HTTP request. [env: HUGGINGFACE_API_TIMEOUT; default: 60]")] = None,
-    api_retries: Annotated[int, typer.Option("--api-retries", help="Attempts per HTTP request on transient errors (429, 5xx, timeouts).")] = 5,
-    api_retry_ceiling: Annotated[float, typer.Option("--api-retry-ceiling", help="Give up on a request after this many seconds, retries included.")] = 300.0,
+    api_concurrency: ApiConcurrencyOpt = 4,
+    api_timeout: ApiTimeoutOpt = None,
+    api_retries: ApiRetriesOpt = 5,
+    api_retry_ceiling: ApiRetryCeilingOpt = 300.0,
     remote_pooling: Annotated[Optional[str], typer.Option("--remote-pooling", help="mean: average token-level (3-D) answers into one vector per text.")] = None,
-    tokenizer: Annotated[Optional[str], typer.Option("--tokenizer", help="Hub id or directory of the tokenizer used to count tokens for remote backends (default: --model).")] = None,
+    tokenizer: TokenizerOpt = None,
     on_invalid: Annotated[str, typer.Option("--on-invalid", help="Rows with null/empty/non-string text: mark (keep, with embedding_error), skip (drop) or fail.")] = "mark",
     metrics_file: Annotated[Optional[Path], typer.Option("--metrics-file", help="Write Prometheus text metrics here (node_exporter textfile collector), on success and on failure.")] = None,
     log_file: Annotated[Optional[Path], typer.Option("--log-file", help="Append one JSON line per chunk (and one at the end) to this file.")] = None,
@@ -138,7 +143,7 @@ def generate(
     prompt_column: Annotated[str, typer.Option("--prompt-column", help="Column holding the prompt.")] = "prompt",
     keep: Annotated[Optional[str], typer.Option("--keep", help="Comma-separated input columns to pass through (default: all).")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", "-f", help="csv, jsonl or parquet; default: from the extension.")] = None,
-    backend: Annotated[str, typer.Option("--backend", help="local (the HF Inference API route is not built yet).")] = "local",
+    backend: Annotated[str, typer.Option("--backend", help="local, or api (alias hf-api): the HF Inference API (text generation; chat completion with --chat), or --endpoint (a TGI server or Inference Endpoint).")] = "local",
     local: Annotated[bool, typer.Option("--local", help="Run the model here (the original service's flag; the default).")] = False,
     device: DeviceOpt = None,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts per generate call (left-padded).")] = 8,
@@ -147,7 +152,13 @@ def generate(
     temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy (deterministic, cached).")] = 0.0,
     top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling when --temperature > 0.")] = 1.0,
     seed: Annotated[Optional[int], typer.Option("--seed", help="Fixed seed: sampling becomes repeatable and is cached.")] = None,
-    chat: Annotated[bool, typer.Option("--chat", help="Wrap each prompt in the model's chat template.")] = False,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap each prompt in the model's chat template (with --backend api: the chat-completion route).")] = False,
+    endpoint: EndpointOpt = None,
+    api_concurrency: ApiConcurrencyOpt = 4,
+    api_timeout: ApiTimeoutOpt = None,
+    api_retries: ApiRetriesOpt = 5,
+    api_retry_ceiling: ApiRetryCeilingOpt = 300.0,
+    tokenizer: TokenizerOpt = None,
     cache_dir: CacheDirOpt = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the cache.")] = False,
     on_invalid: Annotated[str, typer.Option("--on-invalid", help="mark, skip or fail rows with null/empty/non-string prompts.")] = "mark",
@@ -155,13 +166,13 @@ def generate(
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Generate text for the prompt column of INPUT with a causal LM (local transformers)."""
+    """Generate text for the prompt column of INPUT with a causal LM (local transformers, or the HF Inference API)."""
     from .backends.generation import GenerationParams
     from .generate import GenerateOptions, run_generate
 
     settings = _settings_or_exit(debug)
-    if backend != "local":
-        err.print(f"InputError: --backend {backend} is not available for generate yet; use --backend local (or --local).")
+    if local and backend != "local":
+        err.print(f"InputError: --local and --backend {backend} contradict each other; give one.")
         raise typer.Exit(2)
     options = GenerateOptions(
         input=input, output=output, model=model or "", prompt_column=prompt_column,
@@ -169,6 +180,8 @@ def generate(
         device=device or settings.device, batch_size=batch_size, chunk_size=chunk_size,
         params=GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=chat),
         use_cache=False if no_cache else None, cache_dir=cache_dir, on_invalid=on_invalid,
+        backend=backend, endpoint=endpoint, api_concurrency=api_concurrency, api_timeout=api_timeout,
+        api_retries=api_retries, api_retry_ceiling=api_retry_ceiling, tokenizer=tokenizer,
         command=["hfbatch", *sys.argv[1:]],
     )
     _run_job(lambda progress: run_generate(options, progress=progress, settings=settings), _generate_summary,

@@ -2,8 +2,9 @@
 
 Same stages as embedding: streamed chunks, row validation, a content-hashed cache (only for
 deterministic generation: greedy, or sampling with a fixed --seed), batches of prompts with
-similar length, an atomic Parquet output with a sidecar. Local transformers models for now; the
-HF Inference API route is not built yet.
+similar length, an atomic Parquet output with a sidecar. The model runs here (LocalGenerator) or
+behind the HF Inference API / a TGI endpoint (RemoteGenerator); both take the same prepared
+prompts and give the same (text, tokens, finish_reason) answers.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from typing import Any, Sequence
 import pyarrow as pa
 
 from .backends.generation import GenerationParams, LocalGenerator
+from .backends.http import RetryPolicy
+from .backends.remote_generation import RemoteGenerator
 from .cache import EmbeddingCache, NullCache
 from .errors import InputError
 from .io.job import open_job_files
@@ -49,6 +52,13 @@ class GenerateOptions:
     use_cache: bool | None = None
     cache_dir: Path | None = None
     on_invalid: str = "mark"
+    backend: str = "local"  # local, or api / hf-api
+    endpoint: str | None = None  # a TGI server or Inference Endpoint instead of the HF router
+    api_concurrency: int = 4
+    api_timeout: float | None = None
+    api_retries: int = 5
+    api_retry_ceiling: float = 300.0
+    tokenizer: str | None = None  # for prompt truncation with --backend api (default: the model's own)
     command: Sequence[str] = field(default_factory=tuple)
 
 
@@ -65,6 +75,18 @@ def output_schema(passthrough: pa.Schema) -> pa.Schema:
         pa.field("n_generated_tokens", pa.int32()), pa.field("finish_reason", pa.string()),
         pa.field("prompt_truncated", pa.bool_()), pa.field("generation_error", pa.string()),
     ])
+
+
+def make_generator(opts: GenerateOptions, settings: Settings) -> LocalGenerator | RemoteGenerator:
+    if opts.backend == "local":
+        return LocalGenerator(opts.model, device=opts.device, params=opts.params)
+    if opts.backend in ("api", "hf-api"):
+        if opts.api_retries < 1:
+            raise InputError(f"--api-retries must be at least 1 (got {opts.api_retries}).")
+        return RemoteGenerator(opts.model, params=opts.params, endpoint=opts.endpoint, concurrency=opts.api_concurrency,
+                               timeout=opts.api_timeout or settings.api_timeout, tokenizer=opts.tokenizer,
+                               retry=RetryPolicy(attempts=opts.api_retries, ceiling_seconds=opts.api_retry_ceiling))
+    raise InputError(f"--backend {opts.backend!r} is not one of: local, api (hf-api) for generate.")
 
 
 def run_generate(options: GenerateOptions, *, progress: ProgressReporter | None = None,
@@ -88,7 +110,7 @@ def run_generate(options: GenerateOptions, *, progress: ProgressReporter | None 
                            text_column=opts.prompt_column, keep=opts.keep, added_columns=GENERATED_COLUMNS)
     reader, passthrough = files.reader, files.passthrough
 
-    generator = LocalGenerator(opts.model, device=opts.device, params=opts.params)
+    generator = make_generator(opts, settings)
     cached = opts.use_cache and opts.params.deterministic  # sampling without a seed is never cached
     cache = EmbeddingCache(opts.cache_dir, generator.fingerprint(), size_limit_bytes=settings.cache_size_bytes) \
         if cached else NullCache()
@@ -149,7 +171,7 @@ def run_generate(options: GenerateOptions, *, progress: ProgressReporter | None 
             "provenance": {
                 "tool": "hfbatch", "job": "generate", "tool_version": library_versions()["hfbatch"],
                 "command": redact(list(opts.command) or sys.argv), "model_id": opts.model,
-                "fingerprint": generator.fingerprint(), "backends": {"local": generator.describe()},
+                "fingerprint": generator.fingerprint(), "backends": {generator.name: generator.describe()},
                 "prompt_column": opts.prompt_column, "params": opts.params.key(), "cached": bool(cached),
                 "input": {"path": str(opts.input), "format": reader.format, "bytes": opts.input.stat().st_size,
                           "hash": file_digest(opts.input), "rows": counts["rows_total"]},

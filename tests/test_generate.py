@@ -17,31 +17,6 @@ from hfbatch.generate import GenerateOptions, run_generate
 PROMPTS = ["The kettle", "Battery life is", "Arrived broken and", "The kettle", "A very long prompt " * 30]
 
 
-@pytest.fixture(scope="session")
-def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
-
-    root = tmp_path_factory.mktemp("tiny-lm")
-    corpus = [line for line in (Path(__file__).resolve().parents[1] / "sample_data" / "reviews.jsonl").read_text().splitlines()]
-    texts = [json.loads(line)["text"] for line in corpus]
-    bpe = Tokenizer(models.BPE(unk_token="<unk>"))
-    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=400, special_tokens=["<unk>", "<pad>", "<eos>"],
-                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, unk_token="<unk>", pad_token="<pad>", eos_token="<eos>")
-    tok.chat_template = ("{% for m in messages %}<|{{ m.role }}|>{{ m.content }}\n{% endfor %}"
-                         "{% if add_generation_prompt %}<|assistant|>{% endif %}")
-    tok.save_pretrained(root)
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=len(tok), n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                        bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    GPT2LMHeadModel(config).save_pretrained(root)
-    return root
-
-
 def _run(tmp_path: Path, model: Path, name: str = "out.parquet", **kw):
     src = write_jsonl(tmp_path / "prompts.jsonl", [{"id": i, "prompt": p} for i, p in enumerate(PROMPTS)])
     return run_generate(GenerateOptions(input=src, output=tmp_path / name, model=str(model), **kw))
@@ -117,8 +92,11 @@ def test_generate_command(tmp_path: Path, tiny_lm: Path) -> None:
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["metrics"]["rows_generated"] == 2 and pq.read_table(tmp_path / "a.parquet").num_rows == 2
-    bad = CliRunner().invoke(app, ["generate", str(src), "-o", str(tmp_path / "b.parquet"), "--backend", "api", "--model", "x"])
-    assert bad.exit_code == 2 and "not available for generate yet" in bad.stderr
+    bad = CliRunner().invoke(app, ["generate", str(src), "-o", str(tmp_path / "b.parquet"), "--backend", "tei", "--model", "x"])
+    assert bad.exit_code == 2 and "--backend 'tei' is not one of: local, api" in bad.stderr
+    both = CliRunner().invoke(app, ["generate", str(src), "-o", str(tmp_path / "b.parquet"), "--local", "--backend", "api",
+                                    "--model", "x"])
+    assert both.exit_code == 2 and "contradict" in both.stderr
 
 
 def test_generate_shares_the_output_checks(tmp_path: Path, tiny_lm: Path) -> None:

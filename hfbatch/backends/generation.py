@@ -43,6 +43,7 @@ class Prepared:
     ids: list[int]
     n_prompt_tokens: int
     truncated: bool
+    text: str = ""  # the prompt as sent to a remote server (the kept tokens, decoded, when truncated)
 
 
 class LocalGenerator:
@@ -105,9 +106,10 @@ class LocalGenerator:
         limit = getattr(self.tokenizer, "model_max_length", 2048)
         return int(limit) if limit < 10**8 else 2048
 
-    def prepare(self, prompts: Sequence[str]) -> list[Prepared]:
-        """Template (with --chat), tokenize and left-truncate each prompt to context - max_new_tokens."""
-        budget = self.context - self.params.max_new_tokens
+    def prepare(self, prompts: Sequence[str], reserve: int = 0) -> list[Prepared]:
+        """Template (with --chat), tokenize and left-truncate each prompt to context - max_new_tokens
+        (- `reserve`: tokens a remote server's chat template will add)."""
+        budget = self.context - self.params.max_new_tokens - reserve
         if budget < 1:
             raise InputError(f"--max-new-tokens {self.params.max_new_tokens} leaves no room for a prompt in "
                              f"{self.model_id}'s context of {self.context} tokens; lower it.")

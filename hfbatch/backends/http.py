@@ -1,0 +1,237 @@
+"""HttpClient: one JSON-over-HTTP call with the rules every remote backend shares.
+
+Embedding (remote.py) and generation (remote_generation.py) both need the same things from a
+request, so they live here once:
+- a pooled requests.Session sized for `concurrency` requests in flight, created under a lock;
+- retries by type (tenacity): connection errors, timeouts, 429 (Retry-After honoured) and
+  500/502/503/504 (503 "model is loading" waits its estimated_time) are transient, with
+  exponential backoff and jitter, bounded by attempts and by a ceiling that is never overshot;
+  400/401/403/404/422 are terminal one-line errors with the fix; 413 raises PayloadTooLarge so
+  the caller can split its batch;
+- the Hugging Face token only goes to Hugging Face hosts (or the router when no endpoint was
+  given); any other server gets HFBATCH_API_KEY. Errors are built without the token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any, Mapping
+from urllib.parse import urlparse
+
+import numpy as np
+import requests
+from requests.adapters import HTTPAdapter
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, stop_before_delay
+
+from ..errors import RemoteError, TerminalBackendError, TransientBackendError
+
+HF_ROUTER = "https://router.huggingface.co"
+_TRANSIENT_STATUS = {429, 500, 502, 503, 504}
+DEFAULT_FIXES = {
+    400: "the server rejected the request; check --model and the inputs",
+    401: "the token is missing or invalid; set HF_TOKEN (or HUGGINGFACE_TOKEN) to a valid token",
+    403: "the token may not use this model or endpoint; check its permissions (gated models need access)",
+    404: "no such model or route; check --model and --endpoint",
+    422: "the server could not process the inputs; check that --model supports this task",
+}
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    attempts: int = 5  # tries per request, first included
+    ceiling_seconds: float = 300.0  # give up on a request after this long, retries included
+    max_wait_seconds: float = 60.0  # longest single wait (Retry-After / estimated_time capped here)
+    base_wait_seconds: float = 0.5  # exponential backoff starts here, with jitter
+
+
+class PayloadTooLarge(Exception):
+    """413: fewer inputs per request will do."""
+
+
+class RetryableHTTPError(TransientBackendError):
+    def __init__(self, message: str, cause: str, wait: float | None = None):
+        super().__init__(message)
+        self.cause = cause
+        self.wait = wait
+
+
+def hf_router() -> str:
+    """The Inference Providers router; HFBATCH_HF_ROUTER points it at a proxy (or a test server)."""
+    return os.environ.get("HFBATCH_HF_ROUTER", HF_ROUTER).rstrip("/")
+
+
+def resolve_token(explicit: str | None = None) -> str | None:
+    """--token, else HF_TOKEN, else HUGGINGFACE_TOKEN, else the hub's stored login."""
+    token = explicit or os.environ.get("HF_TOKEN") or os.environ.get("HUGGINGFACE_TOKEN")
+    if token:
+        return token
+    try:
+        from huggingface_hub import get_token
+
+        return get_token()
+    except Exception:  # no stored login, or it cannot be read: go without
+        return None
+
+
+def is_hf_host(url: str) -> bool:
+    host = (urlparse(url).hostname or "").lower()
+    return host == "huggingface.co" or host.endswith((".huggingface.co", ".huggingface.cloud", ".hf.space"))
+
+
+class HttpClient:
+    """POST JSON, get JSON back, with hfbatch's retry, error and credential rules.
+
+    `name` labels errors ("hf-api: http://... answered 503 ..."); `router_default` says the URL is
+    the HF router because no --endpoint was given, so the HF token may go there.
+    """
+
+    def __init__(self, name: str, *, concurrency: int = 4, timeout: float = 60.0, retry: RetryPolicy = RetryPolicy(),
+                 token: str | None = None, router_default: bool = False, fixes: Mapping[int, str] | None = None):
+        self.name, self.concurrency, self.timeout, self.retry = name, concurrency, timeout, retry
+        self.router_default = router_default
+        self.fixes = {**DEFAULT_FIXES, **(fixes or {})}
+        self._token = token
+        self._lock = threading.Lock()
+        self._session: requests.Session | None = None
+        self.stats: Counter[str] = Counter()  # requests, retries, cause:<why>, and what callers add
+        self._stats_lock = threading.Lock()
+
+    @property
+    def connected(self) -> bool:
+        return self._session is not None
+
+    def count(self, key: str) -> None:
+        with self._stats_lock:  # requests run on several threads
+            self.stats[key] += 1
+
+    def summary(self) -> dict[str, Any]:
+        return {"requests": self.stats["requests"], "retries": self.stats["retries"],
+                "retry_causes": {k[6:]: v for k, v in self.stats.items() if k.startswith("cause:")}}
+
+    # --- session and credentials ----------------------------------------------------------------
+
+    def session(self, url: str) -> requests.Session:
+        with self._lock:  # the first requests start on several threads at once
+            if self._session is None:
+                session = requests.Session()
+                adapter = HTTPAdapter(pool_connections=self.concurrency, pool_maxsize=self.concurrency, max_retries=0)
+                session.mount("http://", adapter)
+                session.mount("https://", adapter)
+                session.headers["User-Agent"] = "hfbatch"
+                credential = self._credential(url)
+                if credential:
+                    session.headers["Authorization"] = f"Bearer {credential}"
+                self._session = session
+            return self._session
+
+    def _credential(self, url: str) -> str | None:
+        """The Hugging Face token goes to Hugging Face hosts (and the router you configured) only;
+        any other server gets HFBATCH_API_KEY, if set, so a token never leaks to a third party."""
+        if is_hf_host(url) or self.router_default:
+            return resolve_token(self._token)
+        return self._token or os.environ.get("HFBATCH_API_KEY") or None
+
+    # --- requests -------------------------------------------------------------------------------
+
+    def get_json(self, url: str, timeout: float | None = None) -> Any:
+        """One GET, no retries (used for optional facts such as TEI's /info)."""
+        return self.session(url).get(url, timeout=timeout or self.timeout).json()
+
+    def post_json(self, url: str, body: Any) -> Any:
+        """POST with retries; the decoded JSON answer, or a one-line error (PayloadTooLarge on 413)."""
+        retrying = Retrying(
+            retry=retry_if_exception_type(RetryableHTTPError),
+            # stop_before_delay: never start a wait that would end past the ceiling
+            stop=stop_after_attempt(self.retry.attempts) | stop_before_delay(self.retry.ceiling_seconds),
+            wait=self._wait,
+            before_sleep=self._count_retry,
+            reraise=True,
+        )
+        try:
+            return retrying(self._post, url, body)
+        except RetryableHTTPError as exc:
+            tries = retrying.statistics.get("attempt_number", self.retry.attempts)
+            raise TransientBackendError(
+                f"{exc} (gave up after {tries} attempt{'s' if tries != 1 else ''}, --api-retries {self.retry.attempts}, "
+                f"--api-retry-ceiling {self.retry.ceiling_seconds:g}s)"
+            ) from None
+
+    def _post(self, url: str, body: Any) -> Any:
+        self.count("requests")
+        try:
+            response = self.session(url).post(url, json=body, timeout=self.timeout)
+        except requests.Timeout:
+            raise RetryableHTTPError(f"{self.name}: no answer from {url} within {self.timeout:g}s", "timeout") from None
+        except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
+            raise RetryableHTTPError(f"{self.name}: cannot connect to {url} ({type(exc).__name__})", "connection") from None
+        except requests.RequestException as exc:  # bad URL, redirect loop, undecodable body: retrying won't help
+            raise TerminalBackendError(f"{self.name}: request to {url} failed ({type(exc).__name__}); check --endpoint.") from None
+        status = response.status_code
+        if status == 413:
+            raise PayloadTooLarge()
+        if status in _TRANSIENT_STATUS:
+            raise RetryableHTTPError(f"{self.name}: {url} answered {status} {_error_text(response)}", str(status),
+                                     _server_wait(response))
+        if status >= 400:
+            fix = self.fixes.get(status, "check the endpoint and model")
+            raise TerminalBackendError(f"{self.name}: {url} answered {status} {_error_text(response)}; {fix}.")
+        try:
+            return response.json()
+        except ValueError:
+            raise RemoteError(f"{self.name}: {url} answered {status} with a body that is not JSON; nothing was written.") from None
+
+    def _wait(self, state: RetryCallState) -> float:
+        exc = state.outcome.exception() if state.outcome else None
+        if isinstance(exc, RetryableHTTPError) and exc.wait is not None:
+            return min(max(exc.wait, 0.0), self.retry.max_wait_seconds)
+        backoff = self.retry.base_wait_seconds * 2 ** (state.attempt_number - 1)
+        return min(backoff * (0.5 + np.random.random()), self.retry.max_wait_seconds)  # jitter
+
+    def _count_retry(self, state: RetryCallState) -> None:
+        exc = state.outcome.exception() if state.outcome else None
+        self.count("retries")
+        self.count(f"cause:{getattr(exc, 'cause', 'unknown')}")
+
+
+def _server_wait(response: requests.Response) -> float | None:
+    """Seconds the server asked us to wait: Retry-After, or a loading model's estimated_time."""
+    header = response.headers.get("Retry-After")
+    if header:
+        try:
+            return float(header)
+        except ValueError:
+            from email.utils import parsedate_to_datetime
+
+            try:
+                return max(0.0, parsedate_to_datetime(header).timestamp() - time.time())
+            except (TypeError, ValueError):
+                return None
+    try:
+        body = response.json()
+    except ValueError:
+        return None
+    if isinstance(body, dict) and isinstance(body.get("estimated_time"), (int, float)):
+        return float(body["estimated_time"])
+    return None
+
+
+def short_json(value: Any) -> str:
+    return json.dumps(value, default=str)[:120]
+
+
+def _error_text(response: requests.Response) -> str:
+    """The server's own error message, short, if it sent one."""
+    try:
+        body = response.json()
+        message = body.get("error") or body.get("message") if isinstance(body, dict) else None
+        if isinstance(message, dict):
+            message = message.get("message")
+    except ValueError:
+        message = response.text
+    message = " ".join(str(message or response.reason or "").split())[:200]
+    return f"({message})" if message else ""
