@@ -146,6 +146,7 @@ def generate(
     backend: Annotated[str, typer.Option("--backend", help="local, or api (alias hf-api): the HF Inference API (text generation; chat completion with --chat), or --endpoint (a TGI server or Inference Endpoint).")] = "local",
     local: Annotated[bool, typer.Option("--local", help="Run the model here (the original service's flag; the default).")] = False,
     device: DeviceOpt = None,
+    precision: Annotated[str, typer.Option("--precision", help="Weights' dtype for --backend local: fp32; bf16 (fast on CPUs with native bf16); fp16 (CUDA); auto.")] = "fp32",
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts per generate call (left-padded).")] = 8,
     chunk_size: Annotated[Optional[int], typer.Option("--chunk-size", help="Rows read and written at a time.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate at most per prompt.")] = 64,
@@ -177,7 +178,7 @@ def generate(
     options = GenerateOptions(
         input=input, output=output, model=model or "", prompt_column=prompt_column,
         keep=[c.strip() for c in keep.split(",") if c.strip()] if keep else None, format=fmt,
-        device=device or settings.device, batch_size=batch_size, chunk_size=chunk_size,
+        device=device or settings.device, precision=precision, batch_size=batch_size, chunk_size=chunk_size,
         params=GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=chat),
         use_cache=False if no_cache else None, cache_dir=cache_dir, on_invalid=on_invalid,
         backend=backend, endpoint=endpoint, api_concurrency=api_concurrency, api_timeout=api_timeout,

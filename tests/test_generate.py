@@ -107,3 +107,20 @@ def test_generate_shares_the_output_checks(tmp_path: Path, tiny_lm: Path) -> Non
             run_generate(GenerateOptions(input=src, output=output, model=str(tiny_lm), keep=["id"]))
     with pytest.raises(InputError, match="already has column\\(s\\) generated_text"):
         run_generate(GenerateOptions(input=src, output=tmp_path / "o.parquet", model=str(tiny_lm)))
+
+
+def test_precision_bf16_loads_bf16_weights_in_its_own_cache_namespace(tmp_path: Path, tiny_lm: Path) -> None:
+    fp32 = LocalGenerator(str(tiny_lm), device="cpu", params=GenerationParams(max_new_tokens=4))
+    bf16 = LocalGenerator(str(tiny_lm), device="cpu", params=GenerationParams(max_new_tokens=4), precision="bf16")
+    assert bf16.fingerprint() != fp32.fingerprint()  # another dtype may pick other tokens: never shares a cache entry
+    result = _run(tmp_path, tiny_lm, params=GenerationParams(max_new_tokens=4), precision="bf16", device="cpu")
+    local = result.document["provenance"]["backends"]["local"]
+    assert local["precision"] == "bf16" and result.document["metrics"]["rows_generated"] == len(PROMPTS)
+    import torch
+
+    bf16.generate(bf16.prepare(["The kettle"]))
+    assert next(bf16._model.parameters()).dtype == torch.bfloat16
+    with pytest.raises(InputError, match="fp16 is for CUDA"):
+        LocalGenerator(str(tiny_lm), device="cpu", precision="fp16").fingerprint()
+    with pytest.raises(InputError, match="--precision 'int3'"):
+        LocalGenerator(str(tiny_lm), precision="int3")

@@ -14,8 +14,11 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from ..errors import BackendError, InputError, ModelLoadError
-from ..resources import check_model_memory, resolve_device
+from ..resources import check_model_memory, resolve_device, resolve_precision
 from .local import _read_json, resolve_model_dir
+
+
+_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
 @dataclass(frozen=True)
@@ -49,12 +52,17 @@ class Prepared:
 class LocalGenerator:
     name = "local"
 
-    def __init__(self, model: str, *, device: str = "auto", params: GenerationParams = GenerationParams()):
+    def __init__(self, model: str, *, device: str = "auto", params: GenerationParams = GenerationParams(),
+                 precision: str = "fp32"):
         if params.max_new_tokens < 1:
             raise InputError(f"--max-new-tokens must be at least 1 (got {params.max_new_tokens}).")
         if params.temperature < 0 or not 0 < params.top_p <= 1:
             raise InputError("--temperature must be >= 0 and --top-p in (0, 1].")
+        if precision not in _DTYPES and precision != "auto":
+            raise InputError(f"--precision {precision!r} is not one of: fp32, bf16, fp16, auto.")
         self.model_id, self.requested_device, self.params = model, device, params
+        self.requested_precision = precision
+        self._precision: str | None = None
         self._dir: Any = None
         self._source: dict[str, Any] = {}
         self._tokenizer: Any = None
@@ -74,7 +82,17 @@ class LocalGenerator:
         for cfg in sorted(p for p in self.model_dir.rglob("*.json") if p.is_file()):
             h.update(cfg.read_bytes())
         h.update(self.params.key().encode())
+        if self.precision != "fp32":  # fp32 keys stay as they were before --precision existed
+            h.update(f"precision={self.precision}".encode())
         return f"generate:{h.hexdigest()}"
+
+    @property
+    def precision(self) -> str:
+        """fp32, bf16 or fp16: the dtype the weights are loaded in (auto: fp16 on CUDA, bf16 on CPUs
+        with native bf16). Part of the fingerprint: another dtype may choose other tokens."""
+        if self._precision is None:
+            self._precision = resolve_precision(self.requested_precision, self.requested_device)
+        return self._precision
 
     def _source_revision(self) -> str:
         _ = self.model_dir
@@ -126,11 +144,14 @@ class LocalGenerator:
         if self._model is None:
             started = time.perf_counter()
             device = resolve_device(self.requested_device)
-            check_model_memory(self.model_id, self.model_dir)
+            dtype_name = _DTYPES[self.precision]
+            check_model_memory(self.model_id, self.model_dir, load_dtype=dtype_name)
             try:
+                import torch
                 from transformers import AutoModelForCausalLM
 
-                model = AutoModelForCausalLM.from_pretrained(str(self.model_dir)).to(device).eval()
+                model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=getattr(torch, dtype_name))
+                model = model.to(device).eval()
             except Exception as exc:
                 raise ModelLoadError(f"cannot load {self.model_id} as a causal LM ({exc}).") from exc
             self._model, self._device = model, device
@@ -166,6 +187,6 @@ class LocalGenerator:
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"backend": self.name, "model_id": self.model_id, **self._source}
-        info.update(device=self._device or "not loaded", model_loaded=self._model is not None,
+        info.update(device=self._device or "not loaded", precision=self.precision, model_loaded=self._model is not None,
                     load_seconds=round(self.load_seconds, 3), params=self.params.key())
         return info
