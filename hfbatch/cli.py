@@ -17,6 +17,7 @@ from rich.table import Table
 from . import __version__
 from .errors import HfbatchError
 from .options import EmbedOptions
+from .parts import PartsResult, expand_inputs, is_multi_input, merge_job_sidecars, parse_shard, run_embed_parts
 from .pipeline import EmbedResult, run_embed
 from .progress import NullProgress, RichProgress
 from .provenance import redact_text
@@ -62,8 +63,8 @@ def _root(
 
 @app.command()
 def embed(
-    input: Annotated[Path, typer.Argument(help="Input file: .csv, .tsv, .jsonl, .ndjson (optionally .gz) or .parquet.", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output Parquet file; a <output>.meta.json sidecar is written beside it.", show_default=False)],
+    input: Annotated[Path, typer.Argument(help="Input file: .csv, .tsv, .jsonl, .ndjson (optionally .gz) or .parquet; or a directory or quoted glob of such parts.", show_default=False)],
+    output: Annotated[Path, typer.Option("--output", "-o", help="Output Parquet file (a <output>.meta.json sidecar is written beside it); a directory when the input is many parts.", show_default=False)],
     text_column: TextColumnOpt = None,
     keep: Annotated[Optional[str], typer.Option("--keep", help="Comma-separated input columns to pass through (default: all).")] = None,
     fmt: Annotated[Optional[str], typer.Option("--format", "-f", help="csv, jsonl or parquet; default: from the extension.")] = None,
@@ -92,6 +93,7 @@ def embed(
     on_invalid: Annotated[str, typer.Option("--on-invalid", help="Rows with null/empty/non-string text: mark (keep, with embedding_error), skip (drop) or fail.")] = "mark",
     metrics_file: Annotated[Optional[Path], typer.Option("--metrics-file", help="Write Prometheus text metrics here (node_exporter textfile collector), on success and on failure.")] = None,
     log_file: Annotated[Optional[Path], typer.Option("--log-file", help="Append one JSON line per chunk (and one at the end) to this file.")] = None,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="I/N: with many input parts, take only shard I of N (1..N), chosen by a hash of each part's path; run N hosts, then hfbatch merge-meta.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the sidecar document (provenance + metrics) to stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
     debug: DebugOpt = False,
@@ -131,8 +133,57 @@ def embed(
         log_file=log_file,
         command=["hfbatch", *sys.argv[1:]],
     )
+    if is_multi_input(input) or shard:
+        if not is_multi_input(input):
+            err.print(f"InputError: --shard splits a job of many parts; {input} is one file. Split it into parts "
+                      "(e.g. Parquet row groups written as files) or drop --shard.", soft_wrap=True)
+            raise typer.Exit(2)
+        shard_of = _run(lambda: parse_shard(shard), debug)
+        result = _run_job(lambda progress: run_embed_parts(options, shard=shard_of, progress=progress, settings=settings),
+                          _parts_summary, as_json=as_json, quiet=quiet, debug=debug or settings.debug)
+        if result.failed:  # the other parts are complete; the failed ones are listed with the fix
+            raise typer.Exit(1)
+        return
     _run_job(lambda progress: run_embed(options, progress=progress, settings=settings), _summary,
              as_json=as_json, quiet=quiet, debug=debug or settings.debug)
+
+
+def _parts_summary(result: PartsResult) -> None:
+    t = result.document["totals"]
+    out.print(escape(f"{result.output_dir}: {t['parts']:,} parts of shard {result.document['shard']} "
+                     f"({t['parts_done']:,} embedded, {t['parts_skipped']:,} already complete, {t['parts_failed']:,} failed); "
+                     f"{t['rows_in']:,} rows in, {t['rows_out']:,} out, {t['texts_computed']:,} texts computed; "
+                     f"job sidecar {result.sidecar}"))
+    for part in result.failed:
+        err.print(escape(f"failed: {part['input']}: {part['error']}"), soft_wrap=True)
+
+
+@app.command("merge-meta")
+def merge_meta(
+    output_dir: Annotated[Path, typer.Argument(help="The -o directory of a many-part job (its shards' job sidecars).", show_default=False)],
+    input: Annotated[Optional[str], typer.Option("--input", help="The job's input (directory or glob): also check that no part is missing.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the merged document to stdout.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Check that the shards of a job account for every part exactly once, and sum their metrics."""
+    def merge() -> dict:
+        expected = None
+        if input:
+            root, parts = expand_inputs(input)
+            expected = [str(p.relative_to(root)) for p in parts]
+        return merge_job_sidecars(output_dir, expected)
+
+    merged = _run(merge, debug)
+    if as_json:
+        _print_json(merged)
+    else:
+        out.print(escape(f"{len(merged['sidecars'])} job sidecars, {merged['parts']:,} parts, {merged['rows_in']:,} rows in, "
+                         f"{merged['rows_out']:,} out, {merged['texts_computed']:,} texts computed: "
+                         + ("complete" if merged["complete"] else "INCOMPLETE")))
+        for problem in merged["problems"]:
+            err.print(escape(problem), soft_wrap=True)
+    if not merged["complete"]:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -197,7 +248,7 @@ def _generate_summary(result) -> None:  # type: ignore[no-untyped-def]
                      f"cache {m['cache']['hits']:,} hits / {m['cache']['misses']:,} misses"))
 
 
-def _run_job(job, summary, *, as_json: bool, quiet: bool, debug: bool) -> None:  # type: ignore[no-untyped-def]
+def _run_job(job, summary, *, as_json: bool, quiet: bool, debug: bool):  # type: ignore[no-untyped-def]
     """Run a job with a progress bar (or none), then print its document (--json) or its summary."""
     progress = NullProgress() if (quiet or as_json) else RichProgress(err)
     result = _run(lambda: job(progress), debug)
@@ -205,6 +256,7 @@ def _run_job(job, summary, *, as_json: bool, quiet: bool, debug: bool) -> None: 
         _print_json(result.document)
     elif not quiet:
         summary(result)
+    return result
 
 
 @app.command()

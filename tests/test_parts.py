@@ -1,0 +1,156 @@
+"""Many input files: a directory or glob of parts, shards, resume after an interruption, merge-meta."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from conftest import SAMPLE_TEXTS, write_csv, write_jsonl, write_parquet
+from hfbatch import EmbedOptions, InputError
+from hfbatch import parts as parts_module
+from hfbatch.cli import app
+from hfbatch.parts import expand_inputs, merge_job_sidecars, parse_shard, run_embed_parts, shard_of
+
+WORDS = "kettle lid battery cable strap zipper screen hinge charger pocket seam button".split()
+
+
+def _texts(n: int, seed: int) -> list[str]:
+    rng = random.Random(seed)
+    return [f"{rng.choice(SAMPLE_TEXTS)} {' '.join(rng.sample(WORDS, 3))} #{seed}-{i}" for i in range(n)]
+
+
+def _dataset(root: Path) -> list[tuple[str, list[str]]]:
+    """Parts of mixed size and format, one nested, plus files that are not parts."""
+    layout = [("a.parquet", 7), ("b.jsonl", 1), ("c.csv", 12), ("nested/d.parquet", 4), ("nested/e.jsonl.gz", 3)]
+    made = []
+    for seed, (name, n) in enumerate(layout):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        texts = _texts(n, seed)
+        rows = [{"id": f"{name}:{i}", "text": t} for i, t in enumerate(texts)]
+        if name.endswith(".gz"):
+            import gzip
+
+            path.write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in rows).encode()))
+        else:
+            {"parquet": write_parquet, "jsonl": write_jsonl, "csv": write_csv}[name.rsplit(".", 1)[1]](path, rows)
+        made.append((name, texts))
+    (root / "README.txt").write_text("not a part")
+    (root / "_SUCCESS").write_text("")
+    return made
+
+
+def _vectors(path: Path) -> tuple[list[str], np.ndarray]:
+    table = pq.read_table(path)
+    return table.column("id").to_pylist(), np.array(table.column("embedding").to_pylist(), dtype=np.float32)
+
+
+def test_a_directory_of_parts_equals_the_single_file_row_for_row(tmp_path: Path) -> None:
+    made = _dataset(tmp_path / "data")
+    result = run_embed_parts(EmbedOptions(input=tmp_path / "data", output=tmp_path / "out", chunk_size=5,
+                                          cache_dir=tmp_path / "cache-parts"))
+    t = result.document["totals"]
+    assert (t["parts"], t["parts_done"], t["rows_in"], t["rows_out"]) == (5, 5, 27, 27)
+    assert sorted(p["output"] for p in result.document["parts"]) == [
+        "a.parquet", "b.parquet", "c.parquet", "nested/d.parquet", "nested/e.parquet"]
+    ids, vectors = [], []
+    for name, _ in made:
+        got_ids, got = _vectors(tmp_path / "out" / parts_module.part_output(Path("."), Path("."), Path(name)))
+        ids += got_ids
+        vectors.append(got)
+    everything = [{"id": f"{name}:{i}", "text": t} for name, texts in made for i, t in enumerate(texts)]
+    from hfbatch import embed_file
+
+    one = embed_file(EmbedOptions(input=write_parquet(tmp_path / "all.parquet", everything), output=tmp_path / "all.out.parquet",
+                                  cache_dir=tmp_path / "cache-single"))
+    want_ids, want = _vectors(one.output)
+    assert ids == want_ids  # every row once, in order within its part
+    assert np.abs(np.concatenate(vectors) - want).max() < 1e-5
+    sidecar = json.loads(result.sidecar.read_text())
+    assert sidecar["parts_in_input"] == 5 and sidecar["shard"] == "1/1"
+    assert all((tmp_path / "out" / (p["output"] + ".meta.json")).is_file() for p in sidecar["parts"])
+
+
+def test_four_shards_cover_every_part_exactly_once(tmp_path: Path) -> None:
+    (tmp_path / "data").mkdir()
+    for i in range(12):  # more parts than shards, so the hash spreads them
+        write_jsonl(tmp_path / "data" / f"part-{i:03d}.jsonl", [{"id": i, "text": t} for t in _texts(2, i)])
+    spec = str(tmp_path / "data" / "part-*.jsonl")
+    owners = [shard_of(f"part-{i:03d}.jsonl", 4) for i in range(12)]
+    assert len(set(owners)) > 1  # not all on one host
+    for index in range(1, 5):
+        run_embed_parts(EmbedOptions(input=spec, output=tmp_path / "out", cache_dir=tmp_path / "cache"), shard=(index, 4))
+    root, parts = expand_inputs(spec)
+    merged = merge_job_sidecars(tmp_path / "out", [str(p.relative_to(root)) for p in parts])
+    assert merged["complete"], merged["problems"]
+    assert (merged["parts"], merged["rows_in"], merged["rows_out"]) == (12, 24, 24)
+    assert len(list((tmp_path / "out").glob("part-*.parquet"))) == 12
+    ok = CliRunner().invoke(app, ["merge-meta", str(tmp_path / "out"), "--input", spec, "--json"])
+    assert ok.exit_code == 0 and json.loads(ok.stdout)["rows_out"] == 24
+    (tmp_path / "out" / "_hfbatch_job.shard-2-of-4.json").unlink()  # one host never ran
+    missing = CliRunner().invoke(app, ["merge-meta", str(tmp_path / "out"), "--input", spec])
+    assert missing.exit_code == 1 and "is in no sidecar" in missing.stderr
+    assert sum(o == 2 for o in owners) == missing.stderr.count("is in no sidecar")
+
+
+def test_an_interrupted_job_resumes_without_recomputing_finished_parts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _dataset(tmp_path / "data")
+    options = EmbedOptions(input=tmp_path / "data", output=tmp_path / "out", cache_dir=tmp_path / "cache")
+    real, calls = parts_module.run_embed, []
+
+    def killed_on_third(opts, **kw):  # type: ignore[no-untyped-def]
+        calls.append(opts.input)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return real(opts, **kw)
+
+    monkeypatch.setattr(parts_module, "run_embed", killed_on_third)
+    with pytest.raises(KeyboardInterrupt):
+        run_embed_parts(options)
+    monkeypatch.setattr(parts_module, "run_embed", real)
+    interrupted = json.loads((tmp_path / "out" / "_hfbatch_job.json").read_text())
+    assert [p["status"] for p in interrupted["parts"]] == ["done", "done"] and interrupted["finished"] is None
+    write_csv(tmp_path / "data" / "c.csv", [{"id": "c:0", "text": "changed since the first run"}])  # not yet embedded
+    write_jsonl(tmp_path / "data" / "b.jsonl", [{"id": "b:0", "text": "b changed after it was embedded"}])
+    again = run_embed_parts(options)
+    status = {p["input"]: (p["status"], p["texts_computed"]) for p in again.document["parts"]}
+    assert status["a.parquet"] == ("skipped", 0)  # finished before the kill and unchanged: not even read
+    assert status["b.jsonl"] == ("done", 1)  # its bytes changed: embedded again
+    assert status["c.csv"][0] == "done" and status["nested/d.parquet"][0] == "done"
+    assert again.document["totals"]["parts_skipped"] == 1 and again.document["finished"]
+    other = run_embed_parts(EmbedOptions(input=tmp_path / "data", output=tmp_path / "out", cache_dir=tmp_path / "cache",
+                                         normalize=False))
+    assert other.document["totals"]["parts_skipped"] == 0  # other options: nothing is taken as complete
+
+
+def test_a_bad_part_fails_alone_and_the_cli_exits_1(tmp_path: Path) -> None:
+    _dataset(tmp_path / "data")
+    write_csv(tmp_path / "data" / "zz-bad.csv", [{"id": 1, "body": "no text column here"}])
+    result = CliRunner().invoke(app, ["embed", str(tmp_path / "data"), "-o", str(tmp_path / "out"), "--cache-dir",
+                                      str(tmp_path / "cache")])
+    assert result.exit_code == 1, result.output
+    assert "zz-bad.csv" in result.stderr and "has no column 'text'" in result.stderr
+    doc = json.loads((tmp_path / "out" / "_hfbatch_job.json").read_text())
+    assert doc["totals"]["parts_done"] == 5 and doc["totals"]["parts_failed"] == 1
+    assert (tmp_path / "out" / "a.parquet").is_file() and not (tmp_path / "out" / "zz-bad.parquet").exists()
+
+
+def test_cli_refusals_for_many_parts(tmp_path: Path) -> None:
+    _dataset(tmp_path / "data")
+    runner = CliRunner()
+    as_file = runner.invoke(app, ["embed", str(tmp_path / "data"), "-o", str(tmp_path / "x.parquet")])
+    assert as_file.exit_code == 2 and "the output is a directory" in as_file.stderr
+    one_file = runner.invoke(app, ["embed", str(tmp_path / "data" / "a.parquet"), "-o", str(tmp_path / "o"), "--shard", "1/2"])
+    assert one_file.exit_code == 2 and "is one file" in one_file.stderr
+    zero = runner.invoke(app, ["embed", str(tmp_path / "data"), "-o", str(tmp_path / "o"), "--shard", "0/4"])
+    assert zero.exit_code == 2 and "numbered 1..N" in zero.stderr
+    nothing = runner.invoke(app, ["embed", str(tmp_path / "data" / "*.xml"), "-o", str(tmp_path / "o")])
+    assert nothing.exit_code == 2 and "no CSV, JSONL or Parquet files" in nothing.stderr
+    with pytest.raises(InputError, match="give it as I/N"):
+        parse_shard("3-8")
