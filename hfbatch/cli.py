@@ -93,6 +93,10 @@ def embed(
     on_invalid: Annotated[str, typer.Option("--on-invalid", help="Rows with null/empty/non-string text: mark (keep, with embedding_error), skip (drop) or fail.")] = "mark",
     metrics_file: Annotated[Optional[Path], typer.Option("--metrics-file", help="Write Prometheus text metrics here (node_exporter textfile collector), on success and on failure.")] = None,
     log_file: Annotated[Optional[Path], typer.Option("--log-file", help="Append one JSON line per chunk (and one at the end) to this file.")] = None,
+    engine: Annotated[str, typer.Option("--engine", help="local (this process), or ray (Ray Data over a cluster; needs hfbatch[ray]).")] = "local",
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="With --engine ray: a cluster address (auto, ray://host:10001); default: a local cluster.")] = None,
+    num_workers: Annotated[int, typer.Option("--num-workers", help="With --engine ray: embedding actors (each loads the model once).")] = 2,
+    gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", help="With --engine ray: GPUs per actor (0 = CPU).")] = 0.0,
     shard: Annotated[Optional[str], typer.Option("--shard", help="I/N: with many input parts, take only shard I of N (1..N), chosen by a hash of each part's path; run N hosts, then hfbatch merge-meta.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the sidecar document (provenance + metrics) to stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
@@ -133,6 +137,20 @@ def embed(
         log_file=log_file,
         command=["hfbatch", *sys.argv[1:]],
     )
+    if engine not in ("local", "ray"):
+        err.print(f"InputError: --engine {engine!r} is not one of: local, ray.")
+        raise typer.Exit(2)
+    if engine == "ray":
+        from .ray_engine import run_embed_ray
+
+        shard_of = _run(lambda: parse_shard(shard), debug)
+        result = _run_job(lambda progress: run_embed_ray(options, shard=shard_of, address=ray_address,
+                                                         num_workers=num_workers, gpus_per_worker=gpus_per_worker,
+                                                         settings=settings),
+                          _parts_summary, as_json=as_json, quiet=quiet, debug=debug or settings.debug)
+        if result.failed:
+            raise typer.Exit(1)
+        return
     if is_multi_input(input) or shard:
         if not is_multi_input(input):
             err.print(f"InputError: --shard splits a job of many parts; {input} is one file. Split it into parts "
