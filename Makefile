@@ -29,6 +29,7 @@ test: install
 bench: install
 	$(PY) benchmarks/bench_embed.py
 	$(PY) benchmarks/bench_generate.py
+	$(PY) benchmarks/bench_scale.py
 
 clean:
 	rm -rf out benchmarks/.work .pytest_cache .hypothesis build dist *.egg-info
