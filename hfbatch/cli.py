@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -15,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .errors import HfbatchError
+from .errors import HfbatchError, Terminated
 from .options import EmbedOptions
 from .parts import PartsResult, expand_inputs, is_multi_input, merge_job_sidecars, parse_shard, run_embed_parts
 from .pipeline import EmbedResult, run_embed
@@ -390,6 +391,9 @@ def _run(job, debug: bool):  # type: ignore[no-untyped-def]
     except KeyboardInterrupt:
         err.print("interrupted: no output was written; rerun the same command to resume from the cache.")
         raise typer.Exit(130) from None
+    except Terminated:
+        err.print("terminated (SIGTERM): no output was written; rerun the same command to resume from the cache.")
+        raise typer.Exit(143) from None
     except Exception as exc:  # a bug or an unforeseen failure: still one line, still no output
         if debug:
             sys.stderr.write(redact_text(traceback.format_exc()))
@@ -449,7 +453,12 @@ def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    signal.signal(signal.SIGTERM, _on_sigterm)
     app()
+
+
+def _on_sigterm(signum: int, frame: object) -> None:
+    raise Terminated()
 
 
 if __name__ == "__main__":

@@ -46,3 +46,9 @@ class TerminalBackendError(BackendError):
 
 class RemoteError(BackendError):
     """An HTTP backend answered with an error or an answer of the wrong shape."""
+
+
+class Terminated(BaseException):
+    """SIGTERM (a scheduler or `kill` stopping the job): unwinds like Ctrl-C, so the output is
+    abandoned whole and the CLI exits 143. A BaseException, like KeyboardInterrupt, so that no
+    `except Exception` on the way swallows it."""

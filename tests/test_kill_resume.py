@@ -1,0 +1,98 @@
+"""The real CLI in a subprocess, stopped at several points: SIGKILL during model load and mid-job,
+SIGTERM and SIGINT mid-job. Never a partial output under the final name; the rerun completes,
+equals an uninterrupted run, and does not recompute what was embedded before the stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from conftest import write_csv
+
+pytestmark = pytest.mark.slow
+
+ROWS = 240
+
+
+def _input(tmp_path: Path) -> Path:
+    rows = [{"id": i, "text": f"review {i}: " + "the lid cracked but support replaced it quickly " * (1 + i % 9)}
+            for i in range(ROWS)]
+    return write_csv(tmp_path / "in.csv", rows)
+
+
+def _start(src: Path, out: Path, cache: Path, log: Path) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HFBATCH_")}
+    env.update(HF_HUB_OFFLINE="1", HFBATCH_CACHE_DIR=str(cache))
+    return subprocess.Popen([sys.executable, "-m", "hfbatch", "embed", str(src), "-o", str(out), "--chunk-size", "40",
+                             "--batch-size", "8", "--log-file", str(log), "--quiet"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_chunks(log: Path, count: int, proc: subprocess.Popen, limit: float = 120) -> None:
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        lines = log.read_text().splitlines() if log.exists() else []
+        if sum(json.loads(line)["event"] == "chunk" for line in lines) >= count:
+            return
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    raise AssertionError(f"no {count} chunks within {limit}s")
+
+
+def _finish(src: Path, out: Path, cache: Path, log: Path) -> dict:
+    proc = _start(src, out, cache, log)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr
+    return json.loads(Path(str(out) + ".meta.json").read_text())
+
+
+def _no_partial(tmp_path: Path, out: Path) -> None:
+    assert not out.exists() and not Path(str(out) + ".meta.json").exists()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
+    root = tmp_path_factory.mktemp("reference")
+    src = _input(root)
+    _finish(src, root / "ref.parquet", root / "cache", root / "log.jsonl")
+    return np.array(pq.read_table(root / "ref.parquet").column("embedding").to_pylist(), dtype=np.float32)
+
+
+@pytest.mark.parametrize("how", ["sigkill-mid-job", "sigterm-mid-job", "sigint-mid-job", "sigkill-during-load"])
+def test_stopped_run_leaves_nothing_and_the_rerun_resumes(tmp_path: Path, reference: np.ndarray, how: str) -> None:
+    src, out, cache, log = _input(tmp_path), tmp_path / "out.parquet", tmp_path / "cache", tmp_path / "log.jsonl"
+    proc = _start(src, out, cache, log)
+    if how == "sigkill-during-load":
+        time.sleep(1.0)  # imports and model load take seconds: no chunk is done yet
+        assert not log.exists() or "chunk" not in log.read_text()
+    else:
+        _wait_for_chunks(log, 3, proc)
+    sig = {"sigterm-mid-job": signal.SIGTERM, "sigint-mid-job": signal.SIGINT}.get(how, signal.SIGKILL)
+    proc.send_signal(sig)
+    _, stderr = proc.communicate(timeout=60)
+    expected = {signal.SIGKILL: -signal.SIGKILL, signal.SIGTERM: 143, signal.SIGINT: 130}[sig]
+    assert proc.returncode == expected, stderr
+    if sig != signal.SIGKILL:
+        assert "no output was written" in stderr and "Traceback" not in stderr
+    _no_partial(tmp_path, out)
+    done = sum(json.loads(line)["event"] == "chunk" for line in log.read_text().splitlines()) if log.exists() else 0
+    log.unlink(missing_ok=True)
+    document = _finish(src, out, cache, log)
+    got = np.array(pq.read_table(out).column("embedding").to_pylist(), dtype=np.float32)
+    assert got.shape == reference.shape and np.abs(got - reference).max() < 1e-5  # equals an uninterrupted run
+    assert pq.read_table(out).column("id").to_pylist() == [str(i) for i in range(ROWS)]
+    hits = document["metrics"]["cache"]["hits"]
+    if how != "sigkill-during-load":
+        assert hits >= 3 * 40 * 0.9  # what was embedded before the stop came from the cache
+        assert document["metrics"]["texts_computed"] <= ROWS - hits
+    assert done >= (0 if how == "sigkill-during-load" else 3)
+    assert not list(tmp_path.glob("*.hfbatch-tmp"))  # the killed run's temp file was removed by the rerun
