@@ -15,6 +15,7 @@ from .errors import (  # noqa: E402
     OutputError,
     RemoteError,
     TerminalBackendError,
+    TooManyErrors,
     TransientBackendError,
 )
 from .options import EmbedOptions  # noqa: E402
@@ -34,4 +35,5 @@ __all__ = [
     "RemoteError",
     "TransientBackendError",
     "TerminalBackendError",
+    "TooManyErrors",
 ]

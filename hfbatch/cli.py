@@ -91,7 +91,8 @@ def embed(
     api_retry_ceiling: ApiRetryCeilingOpt = 300.0,
     remote_pooling: Annotated[Optional[str], typer.Option("--remote-pooling", help="mean: average token-level (3-D) answers into one vector per text.")] = None,
     tokenizer: TokenizerOpt = None,
-    on_invalid: Annotated[str, typer.Option("--on-invalid", help="Rows with null/empty/non-string text: mark (keep, with embedding_error), skip (drop) or fail.")] = "mark",
+    on_invalid: Annotated[str, typer.Option("--on-invalid", help="Rows with null/empty/non-string text: mark (keep, with embedding_error; exit 3), skip (drop) or fail.")] = "mark",
+    max_errors: Annotated[Optional[int], typer.Option("--max-errors", help="Stop (exit 1, nothing written) once more than N rows are invalid.")] = None,
     metrics_file: Annotated[Optional[Path], typer.Option("--metrics-file", help="Write Prometheus text metrics here (node_exporter textfile collector), on success and on failure.")] = None,
     log_file: Annotated[Optional[Path], typer.Option("--log-file", help="Append one JSON line per chunk (and one at the end) to this file.")] = None,
     engine: Annotated[str, typer.Option("--engine", help="local (this process), or ray (Ray Data over a cluster; needs hfbatch[ray]).")] = "local",
@@ -124,6 +125,7 @@ def embed(
         use_cache=False if no_cache else None,
         cache_dir=cache_dir,
         on_invalid=on_invalid,
+        max_errors=max_errors,
         backend=backend,
         endpoint=endpoint,
         fallback=fallback,
@@ -162,9 +164,18 @@ def embed(
                           _parts_summary, as_json=as_json, quiet=quiet, debug=debug or settings.debug)
         if result.failed:  # the other parts are complete; the failed ones are listed with the fix
             raise typer.Exit(1)
+        _exit_if_marked(sum(p.get("rows_invalid") or 0 for p in result.document["parts"]) if on_invalid == "mark" else 0)
         return
-    _run_job(lambda progress: run_embed(options, progress=progress, settings=settings), _summary,
-             as_json=as_json, quiet=quiet, debug=debug or settings.debug)
+    result = _run_job(lambda progress: run_embed(options, progress=progress, settings=settings), _summary,
+                      as_json=as_json, quiet=quiet, debug=debug or settings.debug)
+    _exit_if_marked(result.metrics["rows_invalid"] if options.on_invalid == "mark" else 0)
+
+
+def _exit_if_marked(rows: int) -> None:
+    """Exit 3: the output is complete, but some rows carry an error mark instead of a result."""
+    if rows:
+        err.print(f"{rows:,} row{'s' if rows != 1 else ''} marked invalid (see the *_error column): exit 3.")
+        raise typer.Exit(3)
 
 
 def _parts_summary(result: PartsResult) -> None:
@@ -255,8 +266,9 @@ def generate(
         api_retries=api_retries, api_retry_ceiling=api_retry_ceiling, tokenizer=tokenizer,
         command=["hfbatch", *sys.argv[1:]],
     )
-    _run_job(lambda progress: run_generate(options, progress=progress, settings=settings), _generate_summary,
-             as_json=as_json, quiet=quiet, debug=debug or settings.debug)
+    result = _run_job(lambda progress: run_generate(options, progress=progress, settings=settings), _generate_summary,
+                      as_json=as_json, quiet=quiet, debug=debug or settings.debug)
+    _exit_if_marked(result.document["metrics"]["rows_invalid"] if on_invalid == "mark" else 0)
 
 
 def _generate_summary(result) -> None:  # type: ignore[no-untyped-def]

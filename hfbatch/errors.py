@@ -20,6 +20,12 @@ class InputError(HfbatchError):
     exit_code = 2
 
 
+class TooManyErrors(HfbatchError):
+    """More rows were invalid than --max-errors allows: the job stops, nothing is written."""
+
+    exit_code = 1
+
+
 class OutputError(HfbatchError):
     """The output could not be written; nothing was left at the output path."""
 

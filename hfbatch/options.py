@@ -36,6 +36,7 @@ class EmbedOptions:
     cache_dir: Path | None = None
     cache_size_bytes: int | None = None
     on_invalid: str = "mark"
+    max_errors: int | None = None  # stop (exit 1, nothing written) once more rows than this are invalid
     # remote backends (hf-api, tei, openai) and --backend auto
     endpoint: str | None = None
     fallback: str = "hf-api"

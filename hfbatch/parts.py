@@ -123,6 +123,7 @@ class PartRecord:
     status: str  # done | skipped (complete from an earlier run) | failed
     rows_in: int | None = None
     rows_out: int | None = None
+    rows_invalid: int | None = None
     texts_computed: int | None = None
     cache_hits: int | None = None
     input_hash: str | None = None
@@ -228,7 +229,7 @@ def _embed_part(options: EmbedOptions, relative: str, part: Path, output: Path, 
                           seconds=round(time.perf_counter() - started, 3))
     m, prov = result.metrics, result.document["provenance"]
     return PartRecord(relative, str(output.relative_to(out_dir)), "done", rows_in=m["rows_total"],
-                      rows_out=prov["output"]["rows"], texts_computed=m["texts_computed"],
+                      rows_out=prov["output"]["rows"], rows_invalid=m["rows_invalid"], texts_computed=m["texts_computed"],
                       cache_hits=m["cache"]["hits"], input_hash=prov["input"]["hash"],
                       seconds=round(time.perf_counter() - started, 3))
 
@@ -245,7 +246,7 @@ def _skip_if_complete(relative: str, part: Path, output: Path, out_dir: Path,
         return None
     if recorded != earlier.get("input_hash") or recorded != file_digest(part):
         return None
-    fields = {k: earlier.get(k) for k in ("rows_in", "rows_out", "input_hash")}
+    fields = {k: earlier.get(k) for k in ("rows_in", "rows_out", "rows_invalid", "input_hash")}
     return PartRecord(relative, str(output.relative_to(out_dir)), "skipped", texts_computed=0, cache_hits=0,
                       seconds=0.0, **fields)
 

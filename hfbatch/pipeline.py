@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from .backends import Backend, make_backend
 from .cache import EmbeddingCache, NullCache
-from .errors import BackendError, InputError
+from .errors import BackendError, InputError, TooManyErrors
 from .io.readers import Reader, open_reader
 from .monitoring import ChunkLog, prometheus_text, write_prometheus
 from .overlap import prefetch
@@ -97,6 +97,12 @@ def run_embed(options: EmbedOptions, *, progress: ProgressReporter | None = None
             metrics.chunks += 1
             metrics.rows_total += chunk.batch.num_rows
             out = job.process(validated)
+            if opts.max_errors is not None and metrics.rows_invalid > opts.max_errors:
+                first = next((f"row {chunk.first_row + i + 1}: {e}" for i, e in enumerate(validated.errors) if e), "")
+                raise TooManyErrors(
+                    f"{opts.input}: more than --max-errors {opts.max_errors} rows are invalid ({metrics.rows_invalid} so far; "
+                    f"in this chunk {first}); nothing was written. Fix the input, or raise --max-errors."
+                )
             with metrics.stage("write"):
                 if sink is None:
                     sink = ParquetSink(opts.output, output_schema(passthrough, job.dim()))

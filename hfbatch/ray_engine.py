@@ -245,8 +245,9 @@ def _write_part(relative: str, part: Path, output: Path, out_dir: Path, pieces: 
     except BaseException:
         sink.abort()
         raise
+    invalid = int(table.column("embedding_error").drop_null().length()) if table is not None and table.num_rows else 0
     return PartRecord(relative, str(output.relative_to(out_dir)), "done", rows_in=rows_in, rows_out=rows_out,
-                      texts_computed=computed, cache_hits=hits, input_hash=input_hash,
+                      rows_invalid=invalid, texts_computed=computed, cache_hits=hits, input_hash=input_hash,
                       seconds=round(time.perf_counter() - started, 3))
 
 

@@ -156,3 +156,19 @@ def test_killed_run_leaves_no_output_and_rerun_resumes(tmp_path: Path) -> None:
     assert metrics["texts_computed"] == 600 - metrics["cache"]["hits"]
     assert pq.read_table(out).column("text").to_pylist() == texts
     assert not list(tmp_path.glob(".out.parquet.*"))  # the killed run's temp file was cleaned up
+
+
+def test_marked_rows_exit_3_and_max_errors_stops_with_exit_1(tmp_path: Path) -> None:
+    rows = [{"id": i, "text": t} for i, t in enumerate(["fine", "", "also fine", None, "   ", "ok"])]
+    src = write_jsonl(tmp_path / "in.jsonl", rows)
+    marked = run("embed", str(src), "-o", str(tmp_path / "a.parquet"))
+    assert marked.exit_code == 3, marked.output  # complete, but 3 rows carry an error mark
+    assert "3 rows marked invalid" in marked.stderr
+    assert pq.read_table(tmp_path / "a.parquet").num_rows == 6
+    skipped = run("embed", str(src), "-o", str(tmp_path / "b.parquet"), "--on-invalid", "skip")
+    assert skipped.exit_code == 0 and pq.read_table(tmp_path / "b.parquet").num_rows == 3  # dropped on purpose
+    within = run("embed", str(src), "-o", str(tmp_path / "c.parquet"), "--max-errors", "3")
+    assert within.exit_code == 3
+    over = run("embed", str(src), "-o", str(tmp_path / "d.parquet"), "--max-errors", "2")
+    assert over.exit_code == 1 and "more than --max-errors 2 rows are invalid (3 so far" in over.stderr
+    assert "row 2:" in over.stderr and not (tmp_path / "d.parquet").exists()
