@@ -9,7 +9,10 @@ whole entries or none, and a rerun finds everything stored before the kill.
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import logging
+import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +24,31 @@ from diskcache.core import MODE_BINARY, MODE_PICKLE, MODE_RAW
 
 from .errors import OutputError
 
+log = logging.getLogger(__name__)
 _LE_FLOAT32 = np.dtype("<f4")
+# what a cache on a full, read-only, vanished or corrupt filesystem raises
+_CACHE_FAULTS = (sqlite3.Error, OSError, diskcache.Timeout)
+
+
+def _survives(*, counts_misses: bool):  # type: ignore[no-untyped-def]
+    """A cache fault in this method warns once and disables the cache for the rest of the job
+    (lookups find nothing, stores keep nothing): a cache is an optimisation, never a reason to
+    lose a job. The sidecar's cache block says why (`disabled`)."""
+    def wrap(method):  # type: ignore[no-untyped-def]
+        @functools.wraps(method)
+        def guarded(self, texts, *args, **kwargs):  # type: ignore[no-untyped-def]
+            if self.disabled is None:
+                try:
+                    return method(self, texts, *args, **kwargs)
+                except _CACHE_FAULTS as exc:
+                    self.disabled = f"{type(exc).__name__}: {exc}"
+                    log.warning("the embedding cache at %s failed (%s); going on without it for this job",
+                                self.directory, self.disabled)
+            if counts_misses:
+                self.stats.misses += len(texts)
+            return {} if method.__name__.startswith("lookup") else None
+        return guarded
+    return wrap
 _TOKENS_PREFIX = "tokens|"
 _BULK = 500  # keys per SQL statement (SQLite allows 32,766 parameters)
 
@@ -69,6 +96,7 @@ class EmbeddingCache:
         self.directory = Path(directory)
         self.fingerprint = fingerprint
         self.stats = CacheStats()
+        self.disabled: str | None = None  # why the cache stopped working mid-job, if it did
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
             self._cache = diskcache.Cache(
@@ -87,6 +115,7 @@ class EmbeddingCache:
                 "pass another --cache-dir or --no-cache."
             ) from exc
 
+    @_survives(counts_misses=True)
     def lookup(self, texts: Sequence[str], dim: int | None, fingerprint: str | None = None) -> dict[int, np.ndarray]:
         """Index in `texts` -> vector, for each text found. `dim`, when known, rejects odd sizes.
 
@@ -105,12 +134,14 @@ class EmbeddingCache:
         self.stats.misses += len(texts) - len(found)
         return found
 
+    @_survives(counts_misses=False)
     def lookup_tokens(self, texts: Sequence[str], fingerprint: str | None = None) -> dict[int, int]:
         """Index -> untruncated token count, stored beside the vectors, so a warm rerun skips the tokenizer."""
         namespace = _TOKENS_PREFIX + (fingerprint or self.fingerprint)
         values = self._get_many([cache_key(namespace, t) for t in texts])
         return {i: v for i, v in enumerate(values) if type(v) is int and v >= 0}
 
+    @_survives(counts_misses=False)
     def store(self, texts: Sequence[str], vectors: np.ndarray, fingerprint: str | None = None,
               token_counts: Sequence[int] | None = None) -> None:
         """Store one vector (and its text's token count) per text, all in one transaction."""
@@ -124,6 +155,7 @@ class EmbeddingCache:
         self._cache.cull(retry=True)  # least recently used first, until under the size limit
         self.stats.stores += len(texts)
 
+    @_survives(counts_misses=True)
     def lookup_bytes(self, texts: Sequence[str], namespace: str) -> dict[int, bytes]:
         """Index -> stored bytes (e.g. a generation result as UTF-8 JSON) under `namespace`."""
         values = self._get_many([cache_key(namespace, t) for t in texts])
@@ -132,6 +164,7 @@ class EmbeddingCache:
         self.stats.misses += len(texts) - len(found)
         return found
 
+    @_survives(counts_misses=False)
     def store_bytes(self, texts: Sequence[str], values: Sequence[bytes], namespace: str) -> None:
         with self._cache.transact():
             for text, value in zip(texts, values):
@@ -175,10 +208,26 @@ class EmbeddingCache:
         return out
 
     def volume_bytes(self) -> int:
-        return int(self._cache.volume())
+        try:
+            return int(self._cache.volume())
+        except _CACHE_FAULTS:
+            return 0
 
     def close(self) -> None:
-        self._cache.close()
+        try:
+            self._cache.close()
+        except _CACHE_FAULTS:
+            pass
+
+
+def open_cache(directory: str | Path, fingerprint: str, *, size_limit_bytes: int) -> "EmbeddingCache | NullCache":
+    """The cache, or, when its directory cannot be opened (unwritable, not a directory, a corrupt
+    database), a warning and a NullCache that says why: the job runs without a cache."""
+    try:
+        return EmbeddingCache(directory, fingerprint, size_limit_bytes=size_limit_bytes)
+    except OutputError as exc:
+        log.warning("%s Going on without a cache.", exc)
+        return NullCache(reason=str(exc))
 
 
 class NullCache:
@@ -186,8 +235,9 @@ class NullCache:
 
     directory = None
 
-    def __init__(self) -> None:
+    def __init__(self, reason: str | None = None) -> None:
         self.stats = CacheStats()
+        self.disabled = reason  # None under --no-cache; why, when a cache could not be opened
 
     def lookup(self, texts: Sequence[str], dim: int | None, fingerprint: str | None = None) -> dict[int, np.ndarray]:
         self.stats.misses += len(texts)

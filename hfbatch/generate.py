@@ -21,7 +21,7 @@ import pyarrow as pa
 from .backends.generation import GenerationParams, LocalGenerator
 from .backends.http import RetryPolicy
 from .backends.remote_generation import RemoteGenerator
-from .cache import EmbeddingCache, NullCache
+from .cache import NullCache, open_cache
 from .errors import InputError
 from .io.job import open_job_files
 from .io.writers import ParquetSink
@@ -113,7 +113,7 @@ def run_generate(options: GenerateOptions, *, progress: ProgressReporter | None 
 
     generator = make_generator(opts, settings)
     cached = opts.use_cache and opts.params.deterministic  # sampling without a seed is never cached
-    cache = EmbeddingCache(opts.cache_dir, generator.fingerprint(), size_limit_bytes=settings.cache_size_bytes) \
+    cache = open_cache(opts.cache_dir, generator.fingerprint(), size_limit_bytes=settings.cache_size_bytes) \
         if cached else NullCache()
     counts = {"rows_total": 0, "rows_generated": 0, "rows_invalid": 0, "rows_truncated": 0, "prompts_computed": 0,
               "tokens_generated": 0, "batches": 0}
@@ -182,7 +182,7 @@ def run_generate(options: GenerateOptions, *, progress: ProgressReporter | None 
             "metrics": {
                 **counts, "wall_seconds": round(wall_s, 3), "stage_seconds": {k: round(x, 3) for k, x in seconds.items()},
                 "tokens_per_second": round(counts["tokens_generated"] / seconds["generate"], 1) if seconds["generate"] else None,
-                "cache": {"enabled": bool(cached), "hits": cache.stats.hits, "misses": cache.stats.misses,
+                "cache": {"enabled": bool(cached) and cache.disabled is None, "disabled": cache.disabled, "hits": cache.stats.hits, "misses": cache.stats.misses,
                           "hit_rate": round(cache.stats.hit_rate, 4)},
                 "model_load_seconds": round(generator.load_seconds, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
             },

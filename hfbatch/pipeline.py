@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from .backends import Backend, make_backend
-from .cache import EmbeddingCache, NullCache
+from .cache import EmbeddingCache, NullCache, open_cache
 from .errors import BackendError, InputError, TooManyErrors
 from .io.readers import Reader, open_reader
 from .monitoring import ChunkLog, prometheus_text, write_prometheus
@@ -74,7 +74,7 @@ def run_embed(options: EmbedOptions, *, progress: ProgressReporter | None = None
 
     backend = make_backend(opts)
     cache = (
-        EmbeddingCache(opts.cache_dir, backend.fingerprint(), size_limit_bytes=opts.cache_size_bytes or 0)  # type: ignore[arg-type]
+        open_cache(opts.cache_dir, backend.fingerprint(), size_limit_bytes=opts.cache_size_bytes or 0)  # type: ignore[arg-type]
         if opts.use_cache
         else NullCache()
     )
@@ -310,7 +310,8 @@ def _document(opts: EmbedOptions, reader: Reader, backend: Backend, cache: Embed
     }
     stats = cache.stats
     cache_info = {
-        "enabled": not isinstance(cache, NullCache),
+        "enabled": not isinstance(cache, NullCache) and cache.disabled is None,
+        "disabled": cache.disabled,  # why a cache that was asked for did not work (the job ran without it)
         "directory": str(cache.directory) if cache.directory else None,
         "hits": stats.hits,
         "misses": stats.misses,

@@ -66,12 +66,12 @@ class EmbedActor:
         import torch
 
         from .backends import make_backend
-        from .cache import EmbeddingCache, NullCache
+        from .cache import NullCache, open_cache
 
         torch.set_num_threads(1)  # one core per actor: more threads than cores thrash
         self.options = options
         self.backend = make_backend(options)
-        self.cache = (EmbeddingCache(options.cache_dir, self.backend.fingerprint(), size_limit_bytes=options.cache_size_bytes or 0)
+        self.cache = (open_cache(options.cache_dir, self.backend.fingerprint(), size_limit_bytes=options.cache_size_bytes or 0)
                       if options.use_cache else NullCache())
         self.id = uuid.uuid4().hex[:12]  # distinct ids seen by the driver = actor starts (restarts show)
 

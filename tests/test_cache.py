@@ -243,3 +243,47 @@ def test_unwritable_cache_dir_raises_output_error(tmp_path: Path) -> None:
     with pytest.raises(OutputError, match="--cache-dir") as info:
         EmbeddingCache(blocker / "cache", "fp", size_limit_bytes=MiB)
     assert str(blocker / "cache") in str(info.value)
+
+
+def test_a_cache_that_cannot_open_warns_and_the_job_runs_without_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    from conftest import rows_for, write_csv
+    from hfbatch import EmbedOptions, embed_file
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory", encoding="utf-8")
+    src = write_csv(tmp_path / "in.csv", rows_for(["one", "two", "three"]))
+    with caplog.at_level("WARNING"):
+        result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", cache_dir=blocker / "cache"))
+    assert result.metrics["rows_embedded"] == 3 and result.output.exists()
+    cache = result.metrics["cache"]
+    assert cache["enabled"] is False and "cannot open the embedding cache" in cache["disabled"]
+    assert sum("Going on without a cache" in r.message for r in caplog.records) == 1  # warned once
+
+
+def test_a_cache_that_breaks_mid_job_is_dropped_once_and_nothing_is_lost(tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    cache = EmbeddingCache(tmp_path / "c", "fp", size_limit_bytes=MiB)
+    cache.store(["a"], np.ones((1, 4), dtype=np.float32))
+
+    def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        raise sqlite3.DatabaseError("file is not a database")  # what SQLite says of a file overwritten mid-job
+
+    cache._cache.transact = broken  # every lookup and store goes through a transaction
+    with caplog.at_level("WARNING"):
+        assert cache.lookup(["a", "b"], 4) == {}
+        cache.store(["b"], np.ones((1, 4), dtype=np.float32))
+        assert cache.lookup_tokens(["a"]) == {}
+    assert cache.disabled and "file is not a database" in cache.disabled
+    assert cache.stats.misses == 2 and cache.stats.stores == 1  # the first store, before the fault
+    assert sum("going on without it" in r.message for r in caplog.records) == 1
+
+
+def test_a_corrupt_cache_database_does_not_stop_a_job(tmp_path: Path) -> None:
+    from conftest import rows_for, write_csv
+    from hfbatch import EmbedOptions, embed_file
+
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "cache.db").write_bytes(b"garbage, not SQLite" * 200)
+    src = write_csv(tmp_path / "in.csv", rows_for(["one", "two"]))
+    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", cache_dir=tmp_path / "cache"))
+    assert result.metrics["rows_embedded"] == 2 and result.metrics["cache"]["enabled"] is False

@@ -23,10 +23,13 @@ pytestmark = pytest.mark.slow
 ROWS = 240
 
 
-def _input(tmp_path: Path) -> Path:
-    rows = [{"id": i, "text": f"review {i}: " + "the lid cracked but support replaced it quickly " * (1 + i % 9)}
+def _rows() -> list[dict]:
+    return [{"id": i, "text": f"review {i}: " + "the lid cracked but support replaced it quickly " * (1 + i % 9)}
             for i in range(ROWS)]
-    return write_csv(tmp_path / "in.csv", rows)
+
+
+def _input(tmp_path: Path) -> Path:
+    return write_csv(tmp_path / "in.csv", _rows())
 
 
 def _start(src: Path, out: Path, cache: Path, log: Path) -> subprocess.Popen:
@@ -96,3 +99,17 @@ def test_stopped_run_leaves_nothing_and_the_rerun_resumes(tmp_path: Path, refere
         assert document["metrics"]["texts_computed"] <= ROWS - hits
     assert done >= (0 if how == "sigkill-during-load" else 3)
     assert not list(tmp_path.glob("*.hfbatch-tmp"))  # the killed run's temp file was removed by the rerun
+
+
+def test_two_processes_share_one_cache_directory(tmp_path: Path, reference: np.ndarray) -> None:
+    src = _input(tmp_path)
+    half = write_csv(tmp_path / "half.csv", _rows()[ROWS // 2:])  # overlaps the second half of the first
+    cache = tmp_path / "cache"
+    procs = [_start(src, tmp_path / "a.parquet", cache, tmp_path / "a.log"),
+             _start(half, tmp_path / "b.parquet", cache, tmp_path / "b.log")]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr
+    a = np.array(pq.read_table(tmp_path / "a.parquet").column("embedding").to_pylist(), dtype=np.float32)
+    b = np.array(pq.read_table(tmp_path / "b.parquet").column("embedding").to_pylist(), dtype=np.float32)
+    assert np.abs(a - reference).max() < 1e-5 and np.abs(b - reference[ROWS // 2:]).max() < 1e-5
