@@ -7,7 +7,9 @@ Routes, as the real servers have them:
 - OpenAI:   POST /v1/embeddings {"input": [...], "model"} -> {"object": "list", "data": [{"embedding", "index"}]}
 
 Faults are scripted per request (`script`), so tests can play 429 + Retry-After, 503 loading,
-500, 401, 413, malformed JSON or a wrong dimension exactly as a server would send them.
+500, 401, 413, malformed JSON or a wrong dimension exactly as a server would send them; or drawn at
+random (`chaos_rate`) from 429/500/502/503/504, a late answer (timeout) and a dropped connection
+(reset), for fault injection at scale. `fast` answers hash-based vectors instead of the model's.
 """
 
 from __future__ import annotations
@@ -23,11 +25,23 @@ from typing import Any, Callable
 import numpy as np
 
 
+CHAOS = ("429", "500", "502", "503", "504", "timeout", "reset")
+
+
 @dataclass
 class Reply:
     status: int
     body: Any = None  # JSON-serialisable, or bytes sent as they are
     headers: dict[str, str] = field(default_factory=dict)
+
+
+CHAOS_REPLIES = {
+    "429": Reply(429, {"error": "rate limited"}, {"Retry-After": "0"}),
+    "500": Reply(500, {"error": "internal error"}),
+    "502": Reply(502, b"<html>bad gateway</html>"),
+    "503": Reply(503, {"error": "Model is loading", "estimated_time": 0.01}),
+    "504": Reply(504, {"error": "gateway timeout"}),
+}
 
 
 class EmbeddingServer:
@@ -45,6 +59,13 @@ class EmbeddingServer:
         self.model_sha = "5f0dcbd2a87cd59ae7b6bdb7ed6e5e4c27c1a0b4"  # what TEI's /info reports
         self.in_flight = 0
         self.max_in_flight = 0
+        # random faults, for fault injection at scale: a share of requests gets one of CHAOS
+        self.chaos_rate = 0.0
+        self.chaos = random.Random(0)
+        self.chaos_kinds = CHAOS
+        self.chaos_seen: dict[str, int] = {}
+        self.hang_seconds = 1.0  # a "timeout" fault answers this late (set it above the client's timeout)
+        self.fast = False  # answer deterministic hash-based vectors instead of running the model
         self._lock = threading.Lock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._httpd.daemon_threads = True
@@ -64,6 +85,15 @@ class EmbeddingServer:
         self._httpd.server_close()
 
     def vectors(self, texts: list[str], normalize: bool = True) -> list:
+        if self.fast:  # 16 numbers per text from its hash: same text, same vector, any process
+            import hashlib
+
+            out = []
+            for text in texts:
+                v = np.frombuffer(hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=64).digest(),
+                                  dtype=np.uint8)[:16].astype(np.float32) - 127.5
+                out.append((v / np.linalg.norm(v)).tolist() if normalize else v.tolist())
+            return out
         if self.token_level:
             out = self.model.encode(texts, output_value="token_embeddings", convert_to_numpy=False)
             return [np.asarray(t.cpu()).tolist() for t in out]
@@ -107,6 +137,19 @@ class EmbeddingServer:
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
                     server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
                     step = server.script.popleft() if server.script else None
+                    fault = None
+                    if step is None and server.chaos_rate and server.chaos.random() < server.chaos_rate:
+                        fault = server.chaos.choice(server.chaos_kinds)
+                        server.chaos_seen[fault] = server.chaos_seen.get(fault, 0) + 1
+                if fault == "reset":  # the connection drops without an answer
+                    self.close_connection = True
+                    with server._lock:
+                        server.in_flight -= 1
+                    return
+                if fault == "timeout":
+                    threading.Event().wait(server.hang_seconds)
+                elif fault is not None:
+                    step = CHAOS_REPLIES[fault]
                 try:
                     if server.delay:
                         threading.Event().wait(server.delay)
