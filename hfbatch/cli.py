@@ -46,6 +46,7 @@ ApiConcurrencyOpt = Annotated[int, typer.Option("--api-concurrency", help="HTTP 
 ApiTimeoutOpt = Annotated[Optional[float], typer.Option("--api-timeout", help="Seconds per HTTP request. [env: HUGGINGFACE_API_TIMEOUT; default: 60]")]
 ApiRetriesOpt = Annotated[int, typer.Option("--api-retries", help="Attempts per HTTP request on transient errors (429, 5xx, timeouts).")]
 ApiRetryCeilingOpt = Annotated[float, typer.Option("--api-retry-ceiling", help="Give up on a request after this many seconds, retries included.")]
+TrustRemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run Python code that ships with the model (custom architectures). Off unless given: only for models you trust.")]
 TokenizerOpt = Annotated[Optional[str], typer.Option("--tokenizer", help="Hub id or directory of the tokenizer used to count tokens for remote backends (default: --model).")]
 
 
@@ -92,6 +93,8 @@ def embed(
     remote_pooling: Annotated[Optional[str], typer.Option("--remote-pooling", help="mean: average token-level (3-D) answers into one vector per text.")] = None,
     tokenizer: TokenizerOpt = None,
     on_invalid: Annotated[str, typer.Option("--on-invalid", help="Rows with null/empty/non-string text: mark (keep, with embedding_error; exit 3), skip (drop) or fail.")] = "mark",
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    relative_paths: Annotated[bool, typer.Option("--relative-paths", help="Write paths in the sidecars relative to the output's folder, to share results without this machine's layout.")] = False,
     max_errors: Annotated[Optional[int], typer.Option("--max-errors", help="Stop (exit 1, nothing written) once more than N rows are invalid.")] = None,
     metrics_file: Annotated[Optional[Path], typer.Option("--metrics-file", help="Write Prometheus text metrics here (node_exporter textfile collector), on success and on failure.")] = None,
     log_file: Annotated[Optional[Path], typer.Option("--log-file", help="Append one JSON line per chunk (and one at the end) to this file.")] = None,
@@ -126,6 +129,8 @@ def embed(
         cache_dir=cache_dir,
         on_invalid=on_invalid,
         max_errors=max_errors,
+        trust_remote_code=trust_remote_code,
+        relative_paths=relative_paths,
         backend=backend,
         endpoint=endpoint,
         fallback=fallback,
@@ -228,6 +233,7 @@ def generate(
     local: Annotated[bool, typer.Option("--local", help="Run the model here (the original service's flag; the default).")] = False,
     device: DeviceOpt = None,
     precision: Annotated[str, typer.Option("--precision", help="Weights' dtype for --backend local: fp32; bf16 (fast on CPUs with native bf16); fp16 (CUDA); auto.")] = "fp32",
+    trust_remote_code: TrustRemoteCodeOpt = False,
     batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts per generate call (left-padded).")] = 8,
     chunk_size: Annotated[Optional[int], typer.Option("--chunk-size", help="Rows read and written at a time.")] = None,
     max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate at most per prompt.")] = 64,
@@ -259,7 +265,7 @@ def generate(
     options = GenerateOptions(
         input=input, output=output, model=model or "", prompt_column=prompt_column,
         keep=[c.strip() for c in keep.split(",") if c.strip()] if keep else None, format=fmt,
-        device=device or settings.device, precision=precision, batch_size=batch_size, chunk_size=chunk_size,
+        device=device or settings.device, precision=precision, trust_remote_code=trust_remote_code, batch_size=batch_size, chunk_size=chunk_size,
         params=GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=chat),
         use_cache=False if no_cache else None, cache_dir=cache_dir, on_invalid=on_invalid,
         backend=backend, endpoint=endpoint, api_concurrency=api_concurrency, api_timeout=api_timeout,

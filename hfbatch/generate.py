@@ -46,6 +46,7 @@ class GenerateOptions:
     keep: Sequence[str] | None = None
     format: str | None = None
     device: str = "auto"
+    trust_remote_code: bool = False  # run code that ships with a model (--trust-remote-code)
     precision: str = "fp32"  # weights' dtype for the local model: fp32, bf16, fp16 (CUDA) or auto
     batch_size: int = 8
     chunk_size: int | None = None
@@ -80,7 +81,8 @@ def output_schema(passthrough: pa.Schema) -> pa.Schema:
 
 def make_generator(opts: GenerateOptions, settings: Settings) -> LocalGenerator | RemoteGenerator:
     if opts.backend == "local":
-        return LocalGenerator(opts.model, device=opts.device, params=opts.params, precision=opts.precision)
+        return LocalGenerator(opts.model, device=opts.device, params=opts.params, precision=opts.precision,
+                              trust_remote_code=opts.trust_remote_code)
     if opts.backend in ("api", "hf-api"):
         if opts.api_retries < 1:
             raise InputError(f"--api-retries must be at least 1 (got {opts.api_retries}).")

@@ -36,6 +36,8 @@ class EmbedOptions:
     cache_dir: Path | None = None
     cache_size_bytes: int | None = None
     on_invalid: str = "mark"
+    trust_remote_code: bool = False  # run code that ships with a model (--trust-remote-code)
+    relative_paths: bool = False  # paths in the sidecar relative to the output's folder (for sharing)
     max_errors: int | None = None  # stop (exit 1, nothing written) once more rows than this are invalid
     # remote backends (hf-api, tei, openai) and --backend auto
     endpoint: str | None = None

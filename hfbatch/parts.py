@@ -32,7 +32,7 @@ from .io.writers import write_json_atomic
 from .options import EmbedOptions, sidecar_path
 from .pipeline import run_embed
 from .progress import ProgressReporter
-from .provenance import file_digest, library_versions, redact, utc_now
+from .provenance import file_digest, library_versions, redact, relative_paths, utc_now
 from .settings import Settings
 
 JOB_SIDECAR = "_hfbatch_job"
@@ -185,14 +185,14 @@ def run_embed_parts(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1),
             if record is None:
                 record = _embed_part(options, relative, part, output, out_dir, shared, settings)
             document["parts"].append(asdict(record))
-            _write(sidecar, document, wall, finished=False)
+            _write(sidecar, document, wall, finished=False, relative=options.relative_paths)
     except BaseException:
-        _write(sidecar, document, wall, finished=False)
+        _write(sidecar, document, wall, finished=False, relative=options.relative_paths)
         raise
     finally:
         if shared is not None:
             shared.close()
-    _write(sidecar, document, wall, finished=True)
+    _write(sidecar, document, wall, finished=True, relative=options.relative_paths)
     return PartsResult(out_dir, sidecar, document)
 
 
@@ -262,7 +262,7 @@ def _earlier_records(sidecar: Path, key: str) -> dict[str, dict[str, Any]]:
     return {p["input"]: p for p in earlier.get("parts", []) if isinstance(p, dict) and "input" in p}
 
 
-def _write(sidecar: Path, document: dict[str, Any], wall: float, *, finished: bool) -> None:
+def _write(sidecar: Path, document: dict[str, Any], wall: float, *, finished: bool, relative: bool = False) -> None:
     parts = document["parts"]
     document["finished"] = utc_now() if finished else None
     document["totals"] = {
@@ -272,7 +272,7 @@ def _write(sidecar: Path, document: dict[str, Any], wall: float, *, finished: bo
         "texts_computed": sum(p["texts_computed"] or 0 for p in parts),
         "wall_seconds": round(time.perf_counter() - wall, 3),
     }
-    write_json_atomic(sidecar, document)
+    write_json_atomic(sidecar, relative_paths(document, sidecar.parent) if relative else document)
 
 
 def merge_job_sidecars(out_dir: Path, expected: Sequence[str] | None = None) -> dict[str, Any]:

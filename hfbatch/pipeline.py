@@ -31,7 +31,7 @@ from .io.job import open_job_files
 from .io.writers import ParquetSink, output_schema
 from .options import EmbedOptions
 from .progress import NullProgress, ProgressReporter
-from .provenance import Metrics, file_digest, library_versions, redact, utc_now
+from .provenance import Metrics, file_digest, library_versions, redact, relative_paths, utc_now
 from .settings import Settings
 from .validate import EMBED_COLUMNS, ValidatedChunk, validate_chunk
 
@@ -115,6 +115,8 @@ def run_embed(options: EmbedOptions, *, progress: ProgressReporter | None = None
             sink = ParquetSink(opts.output, output_schema(passthrough, job.dim()))
         # one document, the same in the Parquet metadata, the sidecar and --json
         document = _document(opts, reader, backend, cache, metrics, started, file_digest(opts.input), job.dim())
+        if opts.relative_paths:
+            document = relative_paths(document, opts.output.parent)
         sink.commit(document, sidecar=opts.sidecar)
     except BaseException as exc:
         if sink is not None:

@@ -149,3 +149,17 @@ def library_versions() -> dict[str, str]:
         except PackageNotFoundError:
             continue
     return found
+
+
+def relative_paths(document: Any, base: Path) -> Any:
+    """The document with every absolute local path made relative to `base` (the output's folder),
+    for sharing results without the machine's layout: --relative-paths."""
+    if isinstance(document, dict):
+        return {k: relative_paths(v, base) for k, v in document.items()}
+    if isinstance(document, list):
+        return [relative_paths(v, base) for v in document]
+    if isinstance(document, str) and os.path.isabs(document) and "\n" not in document:
+        candidate = Path(document)
+        if candidate.exists() or candidate.parent.exists():
+            return os.path.relpath(candidate, base.resolve())
+    return document

@@ -124,3 +124,30 @@ def test_precision_bf16_loads_bf16_weights_in_its_own_cache_namespace(tmp_path: 
         LocalGenerator(str(tiny_lm), device="cpu", precision="fp16").fingerprint()
     with pytest.raises(InputError, match="--precision 'int3'"):
         LocalGenerator(str(tiny_lm), precision="int3")
+
+
+def test_model_code_runs_only_with_trust_remote_code(tmp_path: Path, tiny_lm: Path) -> None:
+    import shutil
+
+    custom = tmp_path / "custom-lm"
+    shutil.copytree(tiny_lm, custom)
+    marker = tmp_path / "code-ran"
+    (custom / "modeling_custom.py").write_text(
+        "from pathlib import Path\n"
+        f"Path({str(marker)!r}).write_text('imported')  # proof that the model's own code ran\n"
+        "from transformers import GPT2Config, GPT2LMHeadModel\n"
+        "class CustomConfig(GPT2Config):\n    model_type = 'custom-gpt2'\n"
+        "class CustomModel(GPT2LMHeadModel):\n    config_class = CustomConfig\n")
+    config = json.loads((custom / "config.json").read_text())
+    config.update(model_type="custom-gpt2", architectures=["CustomModel"],
+                  auto_map={"AutoConfig": "modeling_custom.CustomConfig",
+                            "AutoModelForCausalLM": "modeling_custom.CustomModel"})
+    (custom / "config.json").write_text(json.dumps(config))
+    params = GenerationParams(max_new_tokens=3)
+    refused = LocalGenerator(str(custom), device="cpu", params=params)
+    with pytest.raises(Exception, match="--trust-remote-code"):
+        refused.generate(refused.prepare(["The kettle"]))
+    assert not marker.exists()  # off by default: the file was never imported
+    trusted = LocalGenerator(str(custom), device="cpu", params=params, trust_remote_code=True)
+    assert len(trusted.generate(trusted.prepare(["The kettle"]))) == 1
+    assert marker.exists() and trusted.describe()["trust_remote_code"] is True

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,23 @@ def test_no_artifact_contains_the_token(tmp_path: Path, server: EmbeddingServer,
     assert any(p.name == "api.parquet.meta.json" for p in files) and any(p.name == "cache.db" for p in files)
     for path in files:
         assert SECRET.encode() not in path.read_bytes(), path
+
+
+def test_relative_paths_leave_no_absolute_path_in_the_sidecar(tmp_path: Path) -> None:
+    from conftest import rows_for, write_csv
+    from hfbatch import EmbedOptions, embed_file
+    from hfbatch.io.writers import read_metadata
+
+    (tmp_path / "data").mkdir()
+    src = write_csv(tmp_path / "data" / "in.csv", rows_for(["one", "two"]))
+    out = tmp_path / "results" / "o.parquet"
+    out.parent.mkdir()
+    result = embed_file(EmbedOptions(input=src, output=out, cache_dir=tmp_path / "cache", relative_paths=True,
+                                     command=["hfbatch", "embed", str(src), "-o", str(out)]))
+    text = result.sidecar.read_text()
+    assert str(tmp_path) not in text and str(tmp_path) not in json.dumps(read_metadata(out))
+    prov = result.document["provenance"]
+    assert prov["input"]["path"] == "../data/in.csv" and prov["output"]["path"] == "o.parquet"
+    assert prov["command"][2] == "../data/in.csv"
+    plain = embed_file(EmbedOptions(input=src, output=tmp_path / "results" / "p.parquet", cache_dir=tmp_path / "cache"))
+    assert plain.document["provenance"]["input"]["path"] == str(src)  # absolute unless asked

@@ -78,7 +78,7 @@ def _local(opts: "EmbedOptions") -> Backend:
 
     return LocalBackend(opts.model or "", device=opts.device or "auto", normalize=opts.normalize,
                         max_length=opts.max_length, precision=opts.precision, runtime=opts.runtime,
-                        quantize=opts.quantize)
+                        quantize=opts.quantize, trust_remote_code=opts.trust_remote_code)
 
 
 def _remote(opts: "EmbedOptions", kind: str) -> Backend:

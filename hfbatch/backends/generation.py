@@ -53,7 +53,7 @@ class LocalGenerator:
     name = "local"
 
     def __init__(self, model: str, *, device: str = "auto", params: GenerationParams = GenerationParams(),
-                 precision: str = "fp32"):
+                 precision: str = "fp32", trust_remote_code: bool = False):
         if params.max_new_tokens < 1:
             raise InputError(f"--max-new-tokens must be at least 1 (got {params.max_new_tokens}).")
         if params.temperature < 0 or not 0 < params.top_p <= 1:
@@ -62,6 +62,7 @@ class LocalGenerator:
             raise InputError(f"--precision {precision!r} is not one of: fp32, bf16, fp16, auto.")
         self.model_id, self.requested_device, self.params = model, device, params
         self.requested_precision = precision
+        self.trust_remote_code = trust_remote_code  # code shipped with a model runs only when asked for
         self._precision: str | None = None
         self._dir: Any = None
         self._source: dict[str, Any] = {}
@@ -104,7 +105,7 @@ class LocalGenerator:
             from transformers import AutoTokenizer
 
             try:
-                tok = AutoTokenizer.from_pretrained(str(self.model_dir))
+                tok = AutoTokenizer.from_pretrained(str(self.model_dir), trust_remote_code=self.trust_remote_code)
             except Exception as exc:
                 raise ModelLoadError(f"cannot load the tokenizer of {self.model_id} ({exc}).") from exc
             tok.padding_side = "left"  # prompts end where generation starts
@@ -150,10 +151,14 @@ class LocalGenerator:
                 import torch
                 from transformers import AutoModelForCausalLM
 
-                model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=getattr(torch, dtype_name))
+                model = AutoModelForCausalLM.from_pretrained(str(self.model_dir), dtype=getattr(torch, dtype_name),
+                                                             trust_remote_code=self.trust_remote_code)
                 model = model.to(device).eval()
             except Exception as exc:
-                raise ModelLoadError(f"cannot load {self.model_id} as a causal LM ({exc}).") from exc
+                hint = " It ships its own code: pass --trust-remote-code if you trust it." \
+                    if "trust_remote_code" in str(exc) and not self.trust_remote_code else ""
+                first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+                raise ModelLoadError(f"cannot load {self.model_id} as a causal LM ({first}).{hint}") from exc
             self._model, self._device = model, device
             self.load_seconds = time.perf_counter() - started
         return self._model
@@ -187,6 +192,6 @@ class LocalGenerator:
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"backend": self.name, "model_id": self.model_id, **self._source}
-        info.update(device=self._device or "not loaded", precision=self.precision, model_loaded=self._model is not None,
+        info.update(device=self._device or "not loaded", precision=self.precision, trust_remote_code=self.trust_remote_code, model_loaded=self._model is not None,
                     load_seconds=round(self.load_seconds, 3), params=self.params.key())
         return info

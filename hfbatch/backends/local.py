@@ -39,7 +39,7 @@ CALIBRATION_TEXTS = [
 ]
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
-_CONFIG_SUFFIXES = (".json", ".txt", ".model", ".tiktoken")
+_CONFIG_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".py")  # .py: a model's own code shapes its vectors
 _HASH_BLOCK = 1 << 22
 DOWNLOAD_ATTEMPTS = 5
 DOWNLOAD_WAIT_SECONDS = 1.0  # exponential backoff base, with jitter
@@ -51,7 +51,8 @@ class LocalBackend:
     name = "local"
 
     def __init__(self, model: str, *, device: str = "auto", normalize: bool = True, max_length: int | None = None,
-                 precision: str = "fp32", runtime: str = "torch", quantize: str | None = None):
+                 precision: str = "fp32", runtime: str = "torch", quantize: str | None = None,
+                 trust_remote_code: bool = False):
         if not _DEVICE_RE.match(device):
             raise InputError(f"--device {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps.")
         if precision not in PRECISIONS:
@@ -59,6 +60,7 @@ class LocalBackend:
         if quantize not in (None, "none", "int8"):
             raise InputError(f"--quantize {quantize!r} is not one of: none, int8.")
         self.quantize = quantize if quantize == "int8" else None
+        self.trust_remote_code = trust_remote_code  # code shipped with a model runs only when asked for
         self.runtime = "onnx" if self.quantize else runtime  # int8 is an ONNX Runtime feature here
         if self.runtime not in ("torch", "onnx"):
             raise InputError(f"--runtime {runtime!r} is not one of: torch, onnx.")
@@ -160,7 +162,7 @@ class LocalBackend:
             from transformers import AutoTokenizer
 
             try:
-                self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir))
+                self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), trust_remote_code=self.trust_remote_code)
             except Exception as exc:
                 raise ModelLoadError(f"cannot load the tokenizer of {self.model_id} from {self.model_dir} ({exc}).") from exc
         # The same preparation sentence-transformers applies before tokenizing.
@@ -183,7 +185,7 @@ class LocalBackend:
         started = time.perf_counter()
         device = resolve_device(self.requested_device)
         self.estimated_bytes = check_model_memory(self.model_id, self.model_dir)  # before, not after, an OOM
-        model = _load_sentence_transformer(str(self.model_dir), device, self.model_id)
+        model = _load_sentence_transformer(str(self.model_dir), device, self.model_id, self.trust_remote_code)
         has_normalize = type(model[len(model) - 1]).__name__ == "Normalize"
         if has_normalize and not self.normalize:
             # --no-normalize: the raw pooled vectors. A new wrapper over the same modules, so the
@@ -281,6 +283,7 @@ class LocalBackend:
                 precision=self.precision,
                 precision_fidelity=self.fidelity,
                 runtime=self.runtime,
+                trust_remote_code=self.trust_remote_code,
                 quantize=self._quantize_recipe(),
                 onnx_fidelity=self.onnx_fidelity,
             )
@@ -292,15 +295,21 @@ class LocalBackend:
         return info
 
 
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
 @functools.lru_cache(maxsize=2)
-def _load_sentence_transformer(path: str, device: str, model_id: str) -> Any:
+def _load_sentence_transformer(path: str, device: str, model_id: str, trust_remote_code: bool = False) -> Any:
     """Load once per process and device: notebooks and test suites call embed_file many times."""
     try:
         from sentence_transformers import SentenceTransformer
 
-        model = SentenceTransformer(path, device=device)
+        model = SentenceTransformer(path, device=device, trust_remote_code=trust_remote_code)
     except Exception as exc:
-        raise ModelLoadError(f"cannot load {model_id} from {path} on {device} ({exc}).") from exc
+        hint = " It ships its own code: pass --trust-remote-code if you trust it." \
+            if "trust_remote_code" in str(exc) and not trust_remote_code else ""
+        raise ModelLoadError(f"cannot load {model_id} from {path} on {device} ({_first_line(exc)}).{hint}") from exc
     model.eval()
     return model
 
