@@ -94,6 +94,7 @@ def embed(
     tokenizer: TokenizerOpt = None,
     on_invalid: Annotated[str, typer.Option("--on-invalid", help="Rows with null/empty/non-string text: mark (keep, with embedding_error; exit 3), skip (drop) or fail.")] = "mark",
     trust_remote_code: TrustRemoteCodeOpt = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Read and check the input, count rows, tokens, cache hits and requests, time a sample for an ETA; write nothing.")] = False,
     relative_paths: Annotated[bool, typer.Option("--relative-paths", help="Write paths in the sidecars relative to the output's folder, to share results without this machine's layout.")] = False,
     max_errors: Annotated[Optional[int], typer.Option("--max-errors", help="Stop (exit 1, nothing written) once more than N rows are invalid.")] = None,
     metrics_file: Annotated[Optional[Path], typer.Option("--metrics-file", help="Write Prometheus text metrics here (node_exporter textfile collector), on success and on failure.")] = None,
@@ -145,6 +146,18 @@ def embed(
         log_file=log_file,
         command=["hfbatch", *sys.argv[1:]],
     )
+    if dry_run:
+        if is_multi_input(input) or engine != "local":
+            err.print("InputError: --dry-run plans one input file with the local engine; give one file.")
+            raise typer.Exit(2)
+        from .dry_run import plan_embed
+
+        report = _run(lambda: plan_embed(options, settings), debug or settings.debug)
+        if as_json:
+            _print_json(report)
+        else:
+            _plan_summary(report)
+        return
     if engine not in ("local", "ray"):
         err.print(f"InputError: --engine {engine!r} is not one of: local, ray.")
         raise typer.Exit(2)
@@ -181,6 +194,24 @@ def _exit_if_marked(rows: int) -> None:
     if rows:
         err.print(f"{rows:,} row{'s' if rows != 1 else ''} marked invalid (see the *_error column): exit 3.")
         raise typer.Exit(3)
+
+
+def _plan_summary(report: dict) -> None:
+    table = Table(title="hfbatch embed --dry-run (nothing written)", show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    calls = report.get("requests", report.get("model_calls"))
+    for key, value in (
+        ("input", report["input"]), ("model", f"{report['model_id']} ({report['backend']})"),
+        ("rows", f"{report['rows']:,} ({report['rows_invalid']:,} invalid), {report['texts_distinct']:,} distinct texts"),
+        ("cache", f"{report['cache']['expected_hits']:,} expected hits, {report['cache']['texts_to_compute']:,} to compute"
+                  + ("" if report["cache"]["used"] else " (no cache yet)")),
+        ("work", f"{report['tokens_to_compute']:,} tokens, {calls:,} {'HTTP requests' if 'requests' in report else 'model calls'}, "
+                 f"{report['texts_truncated']:,} texts truncated"),
+        ("ETA", f"{report['eta_seconds']:,.1f} s ({report['eta_basis']})"),
+    ):
+        table.add_row(key, escape(str(value)))
+    out.print(table)
 
 
 def _parts_summary(result: PartsResult) -> None:

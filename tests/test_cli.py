@@ -172,3 +172,24 @@ def test_marked_rows_exit_3_and_max_errors_stops_with_exit_1(tmp_path: Path) -> 
     over = run("embed", str(src), "-o", str(tmp_path / "d.parquet"), "--max-errors", "2")
     assert over.exit_code == 1 and "more than --max-errors 2 rows are invalid (3 so far" in over.stderr
     assert "row 2:" in over.stderr and not (tmp_path / "d.parquet").exists()
+
+
+def test_dry_run_plans_and_writes_nothing(tmp_path: Path) -> None:
+    texts = [f"text number {i} " * (1 + i % 4) for i in range(40)]
+    src = write_csv(tmp_path / "in.csv", [{"id": i, "text": t} for i, t in enumerate(texts + ["", texts[0]])])
+    cache = tmp_path / "cache"
+    first = run("embed", str(src), "-o", str(tmp_path / "o.parquet"), "--cache-dir", str(cache), "--dry-run", "--json")
+    assert first.exit_code == 0, first.output
+    plan = json.loads(first.stdout)
+    assert (plan["rows"], plan["rows_invalid"], plan["texts_distinct"]) == (42, 1, 40)
+    assert plan["cache"] == {"used": False, "expected_hits": 0, "texts_to_compute": 40}
+    assert plan["model_calls"] == 2 and plan["tokens_to_compute"] > 40 and plan["eta_seconds"] > 0
+    assert not (tmp_path / "o.parquet").exists() and not cache.exists()  # nothing written, not even a cache
+    half = write_csv(tmp_path / "half.csv", [{"id": i, "text": t} for i, t in enumerate(texts[:25])])
+    assert run("embed", str(half), "-o", str(tmp_path / "h.parquet"), "--cache-dir", str(cache)).exit_code == 0
+    again = json.loads(run("embed", str(src), "-o", str(tmp_path / "o.parquet"), "--cache-dir", str(cache), "--dry-run",
+                           "--json").stdout)
+    assert again["cache"]["expected_hits"] == 25 and again["cache"]["texts_to_compute"] == 15
+    table = run("embed", str(src), "-o", str(tmp_path / "o.parquet"), "--cache-dir", str(cache), "--dry-run")
+    assert table.exit_code == 0 and "nothing written" in table.stdout and "25 expected hits" in table.stdout
+    assert not (tmp_path / "o.parquet").exists()

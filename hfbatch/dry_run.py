@@ -1,0 +1,82 @@
+"""`hfbatch embed --dry-run`: what a job would do, and roughly how long, with nothing written.
+
+Reads and validates the whole input (so a bad file fails now, not at row 9 million), looks every
+distinct text up in the cache (read only: a cache that does not exist yet is not created), counts
+the tokens of the texts the cache does not have with the model's tokenizer, and times the real
+backend on a sample of those texts (at most 32, one request for a remote backend) for an ETA.
+No output, no sidecar, no cache entry is written.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from .backends import make_backend
+from .cache import NullCache, open_cache
+from .io.readers import open_reader
+from .options import EmbedOptions
+from .settings import Settings
+from .validate import EMBED_COLUMNS, check_columns, validate_chunk
+
+SAMPLE = 32
+
+
+def plan_embed(options: EmbedOptions, settings: Settings | None = None) -> dict[str, Any]:
+    """The dry run's report: rows, invalid rows, distinct texts, expected cache hits, tokens,
+    model calls or HTTP requests, and an ETA measured on a sample."""
+    opts = options.resolved(settings or Settings.load())
+    assert opts.text_column and opts.chunk_size
+    columns = None if opts.keep is None else list(dict.fromkeys([*opts.keep, opts.text_column]))
+    reader = open_reader(opts.input, fmt=opts.format, chunk_size=opts.chunk_size, columns=columns,
+                         text_column=opts.text_column)
+    check_columns(opts.input, reader.schema, opts.text_column, opts.keep, reader.all_columns, added_columns=EMBED_COLUMNS)
+    backend = make_backend(opts)
+    cache_dir = Path(opts.cache_dir) if opts.cache_dir else None
+    exists = bool(opts.use_cache and cache_dir and (cache_dir / "cache.db").exists())
+    cache = open_cache(cache_dir, backend.fingerprint(), size_limit_bytes=opts.cache_size_bytes or 0) if exists \
+        else NullCache()
+    rows = invalid = 0
+    distinct: set[str] = set()
+    misses: list[str] = []
+    hits = 0
+    try:
+        for chunk in reader.chunks():
+            validated = validate_chunk(chunk, path=opts.input, text_column=opts.text_column, on_invalid=opts.on_invalid)
+            rows += len(validated.texts)
+            invalid += len(validated.texts) - len(validated.valid_rows)
+            new = [t for t in dict.fromkeys(validated.texts[i] for i in validated.valid_rows) if t not in distinct]
+            distinct.update(new)  # type: ignore[arg-type]
+            found = cache.lookup(new, None)  # type: ignore[arg-type]
+            hits += len(found)
+            misses += [t for j, t in enumerate(new) if j not in found]  # type: ignore[misc]
+    finally:
+        cache.close()
+    counts = backend.token_counts(misses) if misses else []
+    max_length = backend.max_length
+    seen = [min(c, max_length) for c in counts]
+    per_call = getattr(backend, "batch_texts", None)
+    remote = per_call is not None
+    size = opts.api_batch_size if remote else (opts.batch_size or 32)
+    report: dict[str, Any] = {
+        "input": str(opts.input), "output": str(opts.output), "model_id": opts.model, "backend": backend.name,
+        "rows": rows, "rows_invalid": invalid, "texts_distinct": len(distinct),
+        "cache": {"used": exists, "expected_hits": hits, "texts_to_compute": len(misses)},
+        "tokens_to_compute": sum(seen), "texts_truncated": sum(1 for c in counts if c > max_length),
+        ("requests" if remote else "model_calls"): math.ceil(len(misses) / size) if misses else 0,
+        "eta_seconds": 0.0, "eta_basis": "nothing to compute",
+    }
+    if misses:
+        sample = sorted(range(len(misses)), key=lambda i: -seen[i])[:: max(1, len(misses) // SAMPLE)][:SAMPLE]
+        texts = [misses[i] for i in sample]
+        backend.embed(texts[:2])  # warm-up: the model load is not the job's per-text cost
+        started = time.perf_counter()
+        backend.embed(texts)
+        per_token = (time.perf_counter() - started) / max(1, sum(seen[i] for i in sample))
+        load = getattr(backend, "load_seconds", 0.0)
+        report["eta_seconds"] = round(load + per_token * sum(seen), 1)
+        report["eta_basis"] = (f"{len(texts)} of the texts to compute timed on {backend.name} "
+                               f"({per_token * 1000:.3f} ms per token), plus model load {load:.1f} s")
+    return report
