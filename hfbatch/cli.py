@@ -224,6 +224,30 @@ def _parts_summary(result: PartsResult) -> None:
         err.print(escape(f"failed: {part['input']}: {part['error']}"), soft_wrap=True)
 
 
+@app.command()
+def verify(
+    output: Annotated[Path, typer.Argument(help="An output Parquet file of hfbatch embed (its .meta.json beside it).", show_default=False)],
+    sample: Annotated[int, typer.Option("--sample", help="Rows to re-embed, chosen at random (fixed seed).")] = 64,
+    tolerance: Annotated[float, typer.Option("--tolerance", help="Cosine a re-embedded row must reach to agree.")] = 0.999,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Re-embed a sample of OUTPUT's rows with the recorded model and options; exit 1 if any disagrees."""
+    from .verify import verify_output
+
+    report = _run(lambda: verify_output(output, sample=sample, tolerance=tolerance), debug)
+    if as_json:
+        _print_json(report)
+    else:
+        out.print(escape(
+            f"{report['output']}: {report['agree']}/{report['rows_checked']} sampled rows agree with {report['model_id']} "
+            f"({report['backend']}) at cosine >= {tolerance}; mean {report['cosine_mean']}, min {report['cosine_min']}"
+            + ("" if report["same_fingerprint"] else "; NOTE: the model or its settings changed since the run (fingerprint differs)")),
+            soft_wrap=True)
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
 @app.command("merge-meta")
 def merge_meta(
     output_dir: Annotated[Path, typer.Argument(help="The -o directory of a many-part job (its shards' job sidecars).", show_default=False)],

@@ -193,3 +193,27 @@ def test_dry_run_plans_and_writes_nothing(tmp_path: Path) -> None:
     table = run("embed", str(src), "-o", str(tmp_path / "o.parquet"), "--cache-dir", str(cache), "--dry-run")
     assert table.exit_code == 0 and "nothing written" in table.stdout and "25 expected hits" in table.stdout
     assert not (tmp_path / "o.parquet").exists()
+
+
+def test_verify_re_embeds_a_sample_and_catches_tampering(tmp_path: Path) -> None:
+    texts = [f"verify row {i}: " + SAMPLE_TEXTS[i % len(SAMPLE_TEXTS)] for i in range(30)]
+    src = write_csv(tmp_path / "in.csv", [{"id": i, "text": t} for i, t in enumerate(texts + [""])])
+    out = tmp_path / "o.parquet"
+    assert run("embed", str(src), "-o", str(out)).exit_code == 3  # one empty row marked
+    ok = run("verify", str(out), "--sample", "10", "--json")
+    assert ok.exit_code == 0, ok.output
+    report = json.loads(ok.stdout)
+    assert report["rows_checked"] == 10 and report["agree"] == 10 and report["cosine_min"] > 0.9999
+    assert report["same_fingerprint"] is True
+    # tamper: swap two stored vectors, as a buggy script writing results back might
+    import pyarrow as pa
+
+    table = pq.read_table(out)
+    vectors = table.column("embedding").to_pylist()
+    vectors[0], vectors[1] = vectors[1], vectors[0]
+    column = pa.array(vectors, table.schema.field("embedding").type)
+    pq.write_table(table.set_column(table.schema.get_field_index("embedding"), "embedding", column), out)
+    bad = run("verify", str(out), "--sample", "31")
+    assert bad.exit_code == 1 and "28/30 sampled rows agree" in bad.stdout  # the two swapped rows disagree
+    missing = run("verify", str(tmp_path / "nothing.parquet"))
+    assert missing.exit_code == 2 and "cannot read the sidecar" in missing.stderr

@@ -1,0 +1,100 @@
+"""`hfbatch verify OUT`: re-embed a sample of an output's rows with what its sidecar recorded,
+and report how well the stored vectors agree.
+
+For a result handed on, or read months later: the sidecar names the model, backend, precision,
+runtime, normalisation and maximum length; verify builds that backend again (never reading the
+cache, which would only repeat the stored vectors), embeds a random sample of rows that have a
+vector, and compares by cosine. The texts come from the output when it kept the text column,
+else from the recorded input file. A fingerprint that differs from the recorded one (another
+model revision, another int8 recipe) is reported beside the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from .backends import make_backend
+from .errors import HfbatchError, InputError
+from .io.readers import open_reader
+from .options import EmbedOptions, sidecar_path
+
+
+class VerifyMismatch(HfbatchError):
+    """The re-embedded sample does not agree with the stored vectors (exit 1)."""
+
+
+def verify_output(output: Path, *, sample: int = 64, seed: int = 0, tolerance: float = 0.999) -> dict[str, Any]:
+    output = Path(output)
+    meta_path = sidecar_path(output)
+    try:
+        document = json.loads(meta_path.read_text(encoding="utf-8"))
+        prov = document["provenance"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise InputError(f"{meta_path}: cannot read the sidecar ({exc}); verify needs the <output>.meta.json "
+                         "that hfbatch wrote beside the output.") from None
+    if prov.get("job") == "generate":
+        raise InputError(f"{output}: verify checks embedding outputs; this is a generate output.")
+    try:
+        table = pq.read_table(output)
+    except Exception as exc:  # pyarrow raises several types for a missing or broken file
+        raise InputError(f"{output}: cannot read it as Parquet ({exc}).") from None
+    text_column = prov.get("text_column") or "text"
+    texts = _texts(table, text_column, prov, output)
+    vectors = table.column("embedding").to_pylist()
+    candidates = [i for i, v in enumerate(vectors) if v is not None and isinstance(texts[i], str)]
+    rows = sorted(random.Random(seed).sample(candidates, min(sample, len(candidates))))
+    local = (prov.get("backends") or {}).get("local") or {}
+    remote = (prov.get("backends") or {}).get(prov.get("backend")) or {}
+    options = EmbedOptions(
+        input=output, output=output, model=prov.get("model_id"), backend=prov.get("backend") or "local",
+        normalize=bool(prov.get("normalize", True)),
+        max_length=prov.get("max_length") if (prov.get("backend") or "local") == "local" else None,
+        precision=local.get("precision") or "fp32", runtime=local.get("runtime") or "torch",
+        quantize=None if (local.get("quantize") or "none") == "none" else "int8",
+        endpoint=remote.get("endpoint") if prov.get("backend") in ("tei", "openai") else None,
+    )
+    backend = make_backend(options)
+    fingerprint = backend.fingerprint()
+    report: dict[str, Any] = {
+        "output": str(output), "model_id": prov.get("model_id"), "backend": backend.name,
+        "rows_in_output": table.num_rows, "rows_checked": len(rows), "tolerance": tolerance,
+        "recorded_fingerprint": prov.get("fingerprint"), "fingerprint_now": fingerprint,
+        "same_fingerprint": fingerprint == prov.get("fingerprint"),
+    }
+    if not rows:
+        report.update(agree=0, cosine_mean=None, cosine_min=None, ok=True)
+        return report
+    fresh = backend.embed([texts[i] for i in rows])
+    stored = np.array([vectors[i] for i in rows], dtype=np.float32)
+    cosine = (fresh * stored).sum(1) / (np.linalg.norm(fresh, axis=1) * np.linalg.norm(stored, axis=1))
+    worst = int(np.argmin(cosine))
+    report.update(agree=int((cosine >= tolerance).sum()), cosine_mean=round(float(cosine.mean()), 6),
+                  cosine_min=round(float(cosine.min()), 6), worst_row=rows[worst] + 1,
+                  ok=bool((cosine >= tolerance).all()))
+    return report
+
+
+def _texts(table: Any, column: str, prov: dict[str, Any], output: Path) -> list[Any]:
+    """The text of every output row: from the output if it kept the column, else the input."""
+    if column in table.column_names:
+        return table.column(column).to_pylist()
+    source = Path(prov.get("input", {}).get("path", ""))
+    if not source.is_absolute():
+        source = output.parent / source  # written with --relative-paths
+    if prov.get("on_invalid") == "skip" or not source.is_file():
+        raise InputError(f"{output}: the output has no {column!r} column and the input {source} cannot be matched "
+                         "row for row; keep the text column (--keep) to verify.")
+    reader = open_reader(source, columns=[column], text_column=column)
+    texts: list[Any] = []
+    for chunk in reader.chunks():
+        texts += chunk.batch.column(column).to_pylist()
+    if len(texts) != table.num_rows:
+        raise InputError(f"{output}: the input {source} now has {len(texts)} rows, the output {table.num_rows}; "
+                         "it changed since the run.")
+    return texts
