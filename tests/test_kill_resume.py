@@ -113,3 +113,30 @@ def test_two_processes_share_one_cache_directory(tmp_path: Path, reference: np.n
     a = np.array(pq.read_table(tmp_path / "a.parquet").column("embedding").to_pylist(), dtype=np.float32)
     b = np.array(pq.read_table(tmp_path / "b.parquet").column("embedding").to_pylist(), dtype=np.float32)
     assert np.abs(a - reference).max() < 1e-5 and np.abs(b - reference[ROWS // 2:]).max() < 1e-5
+
+
+def test_a_disk_that_fills_during_the_write_leaves_no_output(tmp_path: Path) -> None:
+    """RLIMIT_FSIZE makes every file of the process stop growing at 64 KiB, as a full disk does
+    (writes fail with EFBIG instead of ENOSPC): the cache gives up with a warning, the Parquet write
+    fails with a one-line error, exit 1, and neither the output nor its temp file is left."""
+    import hashlib
+    import resource
+
+    src = _input(tmp_path)  # 240 rows x 384 floats: ~370 KB of vectors
+    before = hashlib.blake2b(src.read_bytes()).hexdigest()
+    limit = 64 * 1024
+
+    def small_disk() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write() instead of killing the process
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HFBATCH_")}
+    env.update(HF_HUB_OFFLINE="1", HFBATCH_CACHE_DIR=str(tmp_path / "cache"))
+    proc = subprocess.run([sys.executable, "-m", "hfbatch", "embed", str(src), "-o", str(tmp_path / "out.parquet"),
+                           "--quiet", "--chunk-size", "40"], env=env, capture_output=True, text=True,
+                          preexec_fn=small_disk, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    assert "out.parquet failed" in proc.stderr and "nothing was written there" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out.parquet").exists() and not list(tmp_path.glob(".out.parquet*"))
+    assert hashlib.blake2b(src.read_bytes()).hexdigest() == before  # the input is never touched
