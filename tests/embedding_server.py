@@ -44,7 +44,29 @@ CHAOS_REPLIES = {
 }
 
 
-class EmbeddingServer:
+class LocalServer:
+    """A ThreadingHTTPServer on 127.0.0.1 (a free port) run in a thread, as a context manager."""
+
+    def _serve(self, handler: type[BaseHTTPRequestHandler]) -> None:
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        self._httpd.daemon_threads = True
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        host, port = self._httpd.server_address[:2]
+        return f"http://{host}:{port}"
+
+    def __enter__(self):  # type: ignore[no-untyped-def]
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+class EmbeddingServer(LocalServer):
     def __init__(self, model: Any):
         self.model = model
         self.script: deque[Reply | Callable[[list[str]], Any]] = deque()  # consumed one per POST
@@ -67,22 +89,7 @@ class EmbeddingServer:
         self.hang_seconds = 1.0  # a "timeout" fault answers this late (set it above the client's timeout)
         self.fast = False  # answer deterministic hash-based vectors instead of running the model
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def __enter__(self) -> "EmbeddingServer":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        self._serve(self._handler())
 
     def vectors(self, texts: list[str], normalize: bool = True) -> list:
         if self.fast:  # 16 numbers per text from its hash: same text, same vector, any process

@@ -15,14 +15,14 @@ from __future__ import annotations
 import json
 import threading
 from collections import deque
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
-from embedding_server import Reply
+from embedding_server import LocalServer, Reply
 
 
-class GenerationServer:
+class GenerationServer(LocalServer):
     def __init__(self, model_dir: Path):
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -34,22 +34,7 @@ class GenerationServer:
         self.requests: list[dict[str, Any]] = []  # (path, body, authorization) of every POST
         self.details = True  # False plays a server that ignores details=true
         self._lock = threading.Lock()
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self._httpd.daemon_threads = True
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        host, port = self._httpd.server_address[:2]
-        return f"http://{host}:{port}"
-
-    def __enter__(self) -> "GenerationServer":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self._httpd.shutdown()
-        self._httpd.server_close()
+        self._serve(self._handler())
 
     def complete(self, ids: list[int], max_new: int, temperature: float, top_p: float, seed: int | None) -> tuple[list[int], bool]:
         """New token ids and whether generation stopped at EOS, one prompt at a time."""
