@@ -44,6 +44,25 @@ CHAOS_REPLIES = {
 }
 
 
+class JsonHandler(BaseHTTPRequestHandler):
+    """HTTP/1.1 keep-alive, quiet, and `_send(Reply)` for JSON (or raw bytes) answers."""
+
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+    def _send(self, reply: Reply) -> None:
+        data = reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
+        self.send_response(reply.status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for key, value in reply.headers.items():
+            self.send_header(key, value)
+        self.end_headers()
+        self.wfile.write(data)
+
+
 class LocalServer:
     """A ThreadingHTTPServer on 127.0.0.1 (a free port) run in a thread, as a context manager."""
 
@@ -107,21 +126,7 @@ class EmbeddingServer(LocalServer):
         return self.model.encode(texts, normalize_embeddings=normalize, convert_to_numpy=True).tolist()
 
     def _handler(server) -> type[BaseHTTPRequestHandler]:  # noqa: N805 - closes over the server
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _send(self, reply: Reply) -> None:
-                data = reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
-                self.send_response(reply.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for key, value in reply.headers.items():
-                    self.send_header(key, value)
-                self.end_headers()
-                self.wfile.write(data)
+        class Handler(JsonHandler):
 
             def do_GET(self) -> None:
                 with server._lock:

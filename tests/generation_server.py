@@ -19,7 +19,7 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from typing import Any
 
-from embedding_server import LocalServer, Reply
+from embedding_server import JsonHandler, LocalServer, Reply
 
 
 class GenerationServer(LocalServer):
@@ -53,21 +53,7 @@ class GenerationServer(LocalServer):
         return new, False
 
     def _handler(server) -> type[BaseHTTPRequestHandler]:  # noqa: N805 - closes over the server
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def log_message(self, *args: Any) -> None:
-                pass
-
-            def _send(self, reply: Reply) -> None:
-                data = reply.body if isinstance(reply.body, bytes) else json.dumps(reply.body).encode()
-                self.send_response(reply.status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                for key, value in reply.headers.items():
-                    self.send_header(key, value)
-                self.end_headers()
-                self.wfile.write(data)
+        class Handler(JsonHandler):
 
             def do_POST(self) -> None:  # noqa: N802 - http.server's name
                 length = int(self.headers.get("Content-Length", 0))
