@@ -140,3 +140,35 @@ def test_a_disk_that_fills_during_the_write_leaves_no_output(tmp_path: Path) -> 
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "out.parquet").exists() and not list(tmp_path.glob(".out.parquet*"))
     assert hashlib.blake2b(src.read_bytes()).hexdigest() == before  # the input is never touched
+
+
+def test_sigkill_at_the_final_rename(tmp_path: Path, reference: np.ndarray) -> None:
+    """The process is killed at the moment it would rename the finished Parquet into place (a
+    sitecustomize wraps os.replace): nothing exists under the output's name; the rerun publishes it."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(
+        "import os, signal\n"
+        "_replace = os.replace\n"
+        "def replace(src, dst, *a, **k):\n"
+        "    if str(dst).endswith('out.parquet'):\n"
+        "        os.kill(os.getpid(), signal.SIGKILL)\n"
+        "    return _replace(src, dst, *a, **k)\n"
+        "os.replace = replace\n")
+    src, out, cache = _input(tmp_path), tmp_path / "out.parquet", tmp_path / "cache"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HFBATCH_")}
+    env.update(HF_HUB_OFFLINE="1", HFBATCH_CACHE_DIR=str(cache), PYTHONPATH=str(hooks))
+    killed = subprocess.run([sys.executable, "-m", "hfbatch", "embed", str(src), "-o", str(out), "--quiet"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    assert not out.exists()  # the finished file never appeared under its name
+    stale = list(tmp_path.glob("*.hfbatch-tmp"))
+    assert stale  # the killed run's whole temp file is still there ...
+    document = _finish(src, out, cache, tmp_path / "log.jsonl")
+    assert not list(tmp_path.glob("*.hfbatch-tmp"))  # ... until the rerun removes it
+    got = np.array(pq.read_table(out).column("embedding").to_pylist(), dtype=np.float32)
+    assert np.abs(got - reference).max() < 1e-5
+    assert document["metrics"]["texts_computed"] == 0  # every vector was stored before the kill
+    from hfbatch.io.writers import read_metadata
+
+    assert read_metadata(out) == json.loads(Path(str(out) + ".meta.json").read_text())  # sidecar and file agree
