@@ -168,7 +168,7 @@ def run_embed_parts(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1),
     probe = replace(options, input=parts[0], output=part_output(out_dir, root, parts[0]))
     key = options_key(probe.resolved(settings))  # resolved as a part is: the defaults filled in
     sidecar = job_sidecar_path(out_dir, shard)
-    earlier = _earlier_records(sidecar, key)
+    earlier = earlier_records(sidecar, key)
     document: dict[str, Any] = {
         "job": "embed-parts", "tool_version": library_versions()["hfbatch"],
         "command": redact(list(options.command) or sys.argv), "input": str(options.input), "input_root": str(root),
@@ -181,18 +181,18 @@ def run_embed_parts(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1),
         for part in mine:
             relative = str(part.relative_to(root))
             output = part_output(out_dir, root, part)
-            record = _skip_if_complete(relative, part, output, out_dir, earlier.get(relative))
+            record = skip_if_complete(relative, part, output, out_dir, earlier.get(relative))
             if record is None:
                 record = _embed_part(options, relative, part, output, out_dir, shared, settings)
             document["parts"].append(asdict(record))
-            _write(sidecar, document, wall, finished=False, relative=options.relative_paths)
+            write_job_sidecar(sidecar, document, wall, finished=False, relative=options.relative_paths)
     except BaseException:
-        _write(sidecar, document, wall, finished=False, relative=options.relative_paths)
+        write_job_sidecar(sidecar, document, wall, finished=False, relative=options.relative_paths)
         raise
     finally:
         if shared is not None:
             shared.close()
-    _write(sidecar, document, wall, finished=True, relative=options.relative_paths)
+    write_job_sidecar(sidecar, document, wall, finished=True, relative=options.relative_paths)
     return PartsResult(out_dir, sidecar, document)
 
 
@@ -234,7 +234,7 @@ def _embed_part(options: EmbedOptions, relative: str, part: Path, output: Path, 
                       seconds=round(time.perf_counter() - started, 3))
 
 
-def _skip_if_complete(relative: str, part: Path, output: Path, out_dir: Path,
+def skip_if_complete(relative: str, part: Path, output: Path, out_dir: Path,
                       earlier: dict[str, Any] | None) -> PartRecord | None:
     """The earlier record, marked skipped, if that part's output is whole and still describes these bytes."""
     if not earlier or earlier.get("status") not in ("done", "skipped") or not output.is_file():
@@ -251,7 +251,7 @@ def _skip_if_complete(relative: str, part: Path, output: Path, out_dir: Path,
                       seconds=0.0, **fields)
 
 
-def _earlier_records(sidecar: Path, key: str) -> dict[str, dict[str, Any]]:
+def earlier_records(sidecar: Path, key: str) -> dict[str, dict[str, Any]]:
     """Parts of an earlier run of this shard with the same vector-shaping options, by input path."""
     try:
         earlier = json.loads(sidecar.read_text(encoding="utf-8"))
@@ -262,7 +262,7 @@ def _earlier_records(sidecar: Path, key: str) -> dict[str, dict[str, Any]]:
     return {p["input"]: p for p in earlier.get("parts", []) if isinstance(p, dict) and "input" in p}
 
 
-def _write(sidecar: Path, document: dict[str, Any], wall: float, *, finished: bool, relative: bool = False) -> None:
+def write_job_sidecar(sidecar: Path, document: dict[str, Any], wall: float, *, finished: bool, relative: bool = False) -> None:
     parts = document["parts"]
     document["finished"] = utc_now() if finished else None
     document["totals"] = {

@@ -33,8 +33,8 @@ from .io.job import open_job_files
 from .io.readers import Chunk, open_reader
 from .io.writers import ParquetSink
 from .options import EmbedOptions, sidecar_path
-from .parts import (PartRecord, PartsResult, _earlier_records, _skip_if_complete, _write, expand_inputs, is_multi_input,
-                    job_sidecar_path, options_key, part_output, shard_of)
+from .parts import (PartRecord, PartsResult, earlier_records, expand_inputs, is_multi_input, job_sidecar_path,
+                    options_key, part_output, shard_of, skip_if_complete, write_job_sidecar)
 from .provenance import file_digest, library_versions, redact, utc_now
 from .settings import Settings
 from .validate import EMBED_COLUMNS
@@ -127,14 +127,14 @@ def run_embed_ray(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1), add
     resolved = replace(options, input=parts[0], output=part_output(out_dir, root, parts[0])).resolved(settings)
     key = options_key(resolved)
     sidecar = job_sidecar_path(out_dir, shard)
-    earlier = _earlier_records(sidecar, key)
+    earlier = earlier_records(sidecar, key)
 
     # every check that needs no model, before the cluster starts: columns, outputs, earlier runs
     todo: dict[str, tuple[Path, Path, pa.Schema]] = {}
     records: dict[str, PartRecord] = {}
     for part in mine:
         relative, output = str(part.relative_to(root)), part_output(out_dir, root, part)
-        done = _skip_if_complete(relative, part, output, out_dir, earlier.get(relative))
+        done = skip_if_complete(relative, part, output, out_dir, earlier.get(relative))
         if done is not None:
             records[relative] = done
             continue
@@ -201,7 +201,7 @@ def run_embed_ray(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1), add
                 ray.shutdown()
     document["ray"] = ray_info
     document["parts"] = [asdict(records[str(p.relative_to(root))]) for p in mine]
-    _write(sidecar, document, wall, finished=True)
+    write_job_sidecar(sidecar, document, wall, finished=True, relative=options.relative_paths)
     return PartsResult(out_dir, sidecar, document)
 
 
