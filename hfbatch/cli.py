@@ -169,9 +169,7 @@ def embed(
                                                          num_workers=num_workers, gpus_per_worker=gpus_per_worker,
                                                          settings=settings),
                           _parts_summary, as_json=as_json, quiet=quiet, debug=debug or settings.debug)
-        if result.failed:
-            raise typer.Exit(1)
-        return
+        return _exit_for_parts(result, on_invalid)
     if is_multi_input(input) or shard:
         if not is_multi_input(input):
             err.print(f"InputError: --shard splits a job of many parts; {input} is one file. Split it into parts "
@@ -180,13 +178,17 @@ def embed(
         shard_of = _run(lambda: parse_shard(shard), debug)
         result = _run_job(lambda progress: run_embed_parts(options, shard=shard_of, progress=progress, settings=settings),
                           _parts_summary, as_json=as_json, quiet=quiet, debug=debug or settings.debug)
-        if result.failed:  # the other parts are complete; the failed ones are listed with the fix
-            raise typer.Exit(1)
-        _exit_if_marked(sum(p.get("rows_invalid") or 0 for p in result.document["parts"]) if on_invalid == "mark" else 0)
-        return
+        return _exit_for_parts(result, on_invalid)
     result = _run_job(lambda progress: run_embed(options, progress=progress, settings=settings), _summary,
                       as_json=as_json, quiet=quiet, debug=debug or settings.debug)
     _exit_if_marked(result.metrics["rows_invalid"] if options.on_invalid == "mark" else 0)
+
+
+def _exit_for_parts(result: PartsResult, on_invalid: str) -> None:
+    """Exit 1 if a part failed (the others are complete and listed), else 3 if rows were marked."""
+    if result.failed:
+        raise typer.Exit(1)
+    _exit_if_marked(sum(p.get("rows_invalid") or 0 for p in result.document["parts"]) if on_invalid == "mark" else 0)
 
 
 def _exit_if_marked(rows: int) -> None:

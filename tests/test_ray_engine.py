@@ -62,3 +62,11 @@ def test_ray_engine_cli_refusals(tmp_path: Path) -> None:
     workers = runner.invoke(app, ["embed", str(tmp_path / "data"), "-o", str(tmp_path / "o"), "--engine", "ray",
                                   "--num-workers", "0"])
     assert workers.exit_code == 2 and "--num-workers must be at least 1" in workers.stderr
+
+
+def test_ray_engine_cli_exit_3_for_marked_rows(tmp_path: Path) -> None:
+    _parts(tmp_path / "data")  # a.jsonl has a number and a null in its text column
+    result = CliRunner().invoke(app, ["embed", str(tmp_path / "data"), "-o", str(tmp_path / "o"), "--engine", "ray",
+                                      "--cache-dir", str(tmp_path / "cache"), "--quiet"])
+    assert result.exit_code == 3, result.output  # complete, like the local engine, but 2 rows marked
+    assert "2 rows marked invalid" in result.stderr
