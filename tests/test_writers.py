@@ -156,7 +156,7 @@ def test_remove_stale_temps_removes_dead_pid_and_keeps_live_one(tmp_path: Path) 
     out = tmp_path / "out.parquet"
     live = temp_path_for(out)
     dead_pid = _dead_pid()
-    dead = live.with_name(live.name.replace(f".{os.getpid()}.", f".{dead_pid}."))
+    dead = live.with_name(live.name.replace(f".{os.getpid()}-", f".{dead_pid}-"))
     assert dead != live and str(dead_pid) in dead.name
     other_output = temp_path_for(tmp_path / "other.parquet").with_name(dead.name.replace("out.parquet", "other.parquet"))
     for p in (live, dead, other_output):
@@ -204,3 +204,48 @@ def test_write_json_atomic_failure_raises_output_error(tmp_path: Path) -> None:
     with pytest.raises(OutputError):
         write_json_atomic(target, {"a": 1})
     assert [p.name for p in tmp_path.iterdir()] == ["is_a_dir.json"]
+
+
+def test_an_output_path_that_is_a_symlink_is_replaced_and_its_target_untouched(tmp_path: Path) -> None:
+    target = tmp_path / "elsewhere.parquet"
+    target.write_bytes(b"someone else's file")
+    link = tmp_path / "out.parquet"
+    link.symlink_to(target)
+    sink = ParquetSink(link, output_schema(PASSTHROUGH, DIM))
+    sink.write(_batch(sink.schema))
+    sink.commit({"run": 1}, sidecar=tmp_path / "out.parquet.meta.json")
+    assert not link.is_symlink() and pq.read_table(link).num_rows == 3  # a regular file now
+    assert target.read_bytes() == b"someone else's file"
+
+
+def test_two_runs_publishing_one_output_pair_each_file_with_its_own_sidecar(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Run A is slow between writing its sidecar and renaming its file (os.replace delayed for A's
+    temp file only: the one fault a real race needs, made certain); run B publishes meanwhile. The
+    last to finish wins, and the sidecar beside the file is always the file's own."""
+    import threading
+    import time
+
+    out, sidecar = tmp_path / "out.parquet", tmp_path / "out.parquet.meta.json"
+    a = ParquetSink(out, output_schema(PASSTHROUGH, DIM))
+    b = ParquetSink(out, output_schema(PASSTHROUGH, DIM))
+    a.write(_batch(a.schema, n=3))
+    b.write(_batch(b.schema, n=5))
+    a_in_commit = threading.Event()
+    real_replace = os.replace
+
+    def slow_for_a(src, dst):  # type: ignore[no-untyped-def]
+        if Path(src) == a.temp:
+            a_in_commit.set()
+            time.sleep(0.5)
+        return real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", slow_for_a)
+    thread = threading.Thread(target=a.commit, args=({"run": "a"},), kwargs={"sidecar": sidecar})
+    thread.start()
+    assert a_in_commit.wait(10)
+    b.commit({"run": "b"}, sidecar=sidecar)  # waits for A to finish publishing, then wins
+    thread.join()
+    assert read_metadata(out) == json.loads(sidecar.read_text()) == {"run": "b"}
+    assert pq.read_table(out).num_rows == 5
+    assert sorted(tmp_path.iterdir()) == sorted([out, sidecar])  # no temp file of either run is left

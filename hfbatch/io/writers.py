@@ -3,14 +3,20 @@
 Rows go to a hidden temp file beside the output; only `commit()` renames it into place, so a
 killed or failed run never leaves a half-written file at the output path. Temp files left by a
 run that was killed (its pid is gone) are removed by the next run for the same output.
+
+Two runs writing the same output both finish; the last to publish wins, and its sidecar is the
+one beside the file: publishing (sidecar, then rename) holds a lock on the output's directory.
+An output path that is a symlink is replaced by a regular file; the link's target is untouched.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import uuid
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterator, Mapping
 
 import psutil
 import pyarrow as pa
@@ -36,14 +42,16 @@ def output_schema(passthrough: pa.Schema, dim: int) -> pa.Schema:
 
 
 def temp_path_for(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{os.getpid()}{_TMP_SUFFIX}")
+    """A hidden name beside `path` that says which process owns it (so a later run can tell a dead
+    run's leftovers) and is unique within the process (two sinks for one output never share it)."""
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
 
 
 def remove_stale_temps(path: Path) -> list[Path]:
     """Delete temp files of earlier runs for `path` whose process is no longer alive."""
     removed = []
     for candidate in path.parent.glob(f".{path.name}.*{_TMP_SUFFIX}"):
-        pid_text = candidate.name[len(path.name) + 2 : -len(_TMP_SUFFIX)]
+        pid_text = candidate.name[len(path.name) + 2 : -len(_TMP_SUFFIX)].split("-")[0]
         if pid_text.isdigit() and not psutil.pid_exists(int(pid_text)):
             candidate.unlink(missing_ok=True)
             removed.append(candidate)
@@ -91,14 +99,15 @@ class ParquetSink:
         try:
             self._writer.add_key_value_metadata({METADATA_KEY: json.dumps(metadata, default=str)})
             self._writer.close()
-            if sidecar is not None:
-                write_json_atomic(sidecar, metadata)
-            try:
-                os.replace(self.temp, self.path)
-            except OSError:
+            with publishing(self.path.parent):
                 if sidecar is not None:
-                    sidecar.unlink(missing_ok=True)
-                raise
+                    write_json_atomic(sidecar, metadata)
+                try:
+                    os.replace(self.temp, self.path)
+                except OSError:
+                    if sidecar is not None:
+                        sidecar.unlink(missing_ok=True)
+                    raise
         except (OSError, pa.ArrowException, OutputError) as exc:
             self.abort()
             raise OutputError(f"finishing {self.path} failed ({exc}); nothing was written there.") from exc
@@ -109,6 +118,29 @@ class ParquetSink:
         except Exception:  # already closed or broken: the temp file goes either way
             pass
         self.temp.unlink(missing_ok=True)
+
+
+@contextmanager
+def publishing(directory: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `directory` while a file and its sidecar are published, so two runs
+    writing one output never pair one run's file with the other's sidecar. A lock on the directory
+    itself leaves no lock file behind. Where locks are unsupported (some network filesystems,
+    Windows) publishing goes on unlocked."""
+    try:
+        import fcntl
+
+        fd = os.open(directory, os.O_RDONLY)
+    except (ImportError, OSError):
+        yield
+        return
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
 
 
 def write_json_atomic(path: Path, document: Mapping[str, Any]) -> None:
