@@ -3,7 +3,11 @@
 Keys are blake2b(backend fingerprint, exact text), so a vector is only ever found again for the
 same model, pooling, normalisation and max length. Values are raw little-endian float32 bytes,
 never pickles: `_RawOnlyDisk` refuses to unpickle anything, so a cache directory cannot be a
-way to run code. diskcache stores each batch in one SQLite transaction, so a killed run leaves
+way to run code. Values only ever come from the database's own BLOB column: diskcache's file mode
+is switched off, and a row that names a file (planted, or written by an older version) is a
+rejected entry, never read and never deleted outside the directory. `store` records the dimension
+of each namespace's vectors, so a lookup can refuse a wrong-size value before any vector has been
+computed. diskcache stores each batch in one SQLite transaction, so a killed run leaves
 whole entries or none, and a rerun finds everything stored before the kill.
 """
 
@@ -12,6 +16,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import logging
+import os
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -20,7 +25,7 @@ from typing import Sequence
 
 import diskcache
 import numpy as np
-from diskcache.core import MODE_BINARY, MODE_PICKLE, MODE_RAW
+from diskcache.core import MODE_RAW
 
 from .errors import OutputError
 
@@ -50,11 +55,13 @@ def _survives(*, counts_misses: bool):  # type: ignore[no-untyped-def]
         return guarded
     return wrap
 _TOKENS_PREFIX = "tokens|"
+_DIM_PREFIX = "dim|"  # cache_key(_DIM_PREFIX + namespace, "") -> the dimension of that namespace's vectors
+_NO_FILES = 1 << 40  # diskcache's disk_min_file_size: every value stays in the database, none in a file
 _BULK = 500  # keys per SQL statement (SQLite allows 32,766 parameters)
 
 
 class _RawOnlyDisk(diskcache.Disk):
-    """A diskcache Disk that stores bytes and ints as-is and will not unpickle what it finds."""
+    """A diskcache Disk that stores bytes and ints as-is, and reads or deletes nothing a row names."""
 
     def store(self, value, read, key=diskcache.core.UNKNOWN):  # type: ignore[override]
         if type(value) not in (bytes, int):
@@ -62,9 +69,17 @@ class _RawOnlyDisk(diskcache.Disk):
         return super().store(value, read, key=key)
 
     def fetch(self, mode, filename, value, read):  # type: ignore[override]
-        if mode == MODE_PICKLE:
-            return None  # planted or foreign entry: treat as a miss, never unpickle
+        if mode != MODE_RAW:
+            return None  # a pickle, or a file a planted row names (any path): a miss, never read
         return super().fetch(mode, filename, value, read)
+
+    def remove(self, file_path):  # type: ignore[override]
+        """diskcache deletes the file a row names when the row is replaced or evicted, and a planted
+        row may name any absolute path: delete only files inside the cache directory."""
+        root = os.path.realpath(self._directory)
+        full = os.path.realpath(os.path.join(self._directory, file_path))
+        if full != root and os.path.commonpath([root, full]) == root:
+            super().remove(file_path)
 
 
 @dataclass
@@ -72,7 +87,13 @@ class CacheStats:
     hits: int = 0
     misses: int = 0
     stores: int = 0
-    rejected: int = 0  # entries found with the wrong size or type, treated as misses
+    rejected: int = 0  # entries found with the wrong size, type or storage mode, treated as misses
+
+    def unhit(self, n: int) -> None:
+        """`n` hits turned out to be of the wrong size once the model's dimension was known."""
+        self.hits -= n
+        self.misses += n
+        self.rejected += n
 
     @property
     def hit_rate(self) -> float:
@@ -108,6 +129,7 @@ class EmbeddingCache:
                 # so per-set culling would keep evicting until the cache is empty. `store` culls
                 # once, after its commit, down to the size limit.
                 cull_limit=0,
+                disk_min_file_size=_NO_FILES,  # values live in the BLOB column only, never in files
             )
         except Exception as exc:  # sqlite or filesystem trouble: name the place and the way out
             raise OutputError(
@@ -117,16 +139,21 @@ class EmbeddingCache:
 
     @_survives(counts_misses=True)
     def lookup(self, texts: Sequence[str], dim: int | None, fingerprint: str | None = None) -> dict[int, np.ndarray]:
-        """Index in `texts` -> vector, for each text found. `dim`, when known, rejects odd sizes.
+        """Index in `texts` -> vector, for each text found with a value of `dim` floats.
 
-        `fingerprint` overrides the cache's own for this call: under --backend auto the namespace
-        follows whichever backend is producing vectors at the time.
+        `dim` None (the caller cannot know it without loading a model): the dimension `store`
+        recorded for this namespace; with no record (hand-planted or older entries) nothing is a
+        hit, so a value can never set the size of an output. `fingerprint` overrides the cache's
+        own for this call: under --backend auto the namespace follows whichever backend is
+        producing vectors at the time.
         """
         namespace = fingerprint or self.fingerprint
-        values = self._get_many([cache_key(namespace, t) for t in texts])
+        *values, recorded = self._get_many([*(cache_key(namespace, t) for t in texts), cache_key(_DIM_PREFIX + namespace, "")])
+        if dim is None and type(recorded) is int and recorded > 0:
+            dim = recorded
         found: dict[int, np.ndarray] = {}
         for i, raw in enumerate(values):
-            if isinstance(raw, bytes) and raw and len(raw) % 4 == 0 and (dim is None or len(raw) == 4 * dim):
+            if dim is not None and isinstance(raw, bytes) and len(raw) == 4 * dim:
                 found[i] = np.frombuffer(raw, dtype=_LE_FLOAT32).astype(np.float32, copy=False)
             elif raw is not None:
                 self.stats.rejected += 1
@@ -148,6 +175,8 @@ class EmbeddingCache:
         data = np.ascontiguousarray(vectors, dtype=_LE_FLOAT32)
         namespace = fingerprint or self.fingerprint
         with self._cache.transact():
+            if len(data):  # what lookups without a known dimension check values against
+                self._cache.set(cache_key(_DIM_PREFIX + namespace, ""), int(data.shape[1]))
             for text, row in zip(texts, data):
                 self._cache.set(cache_key(namespace, text), row.tobytes())
             for text, count in zip(texts, token_counts or ()):
@@ -177,8 +206,9 @@ class EmbeddingCache:
 
         diskcache has no get_many; one `get` per key costs a SELECT and (least-recently-used) an
         UPDATE each, about 27k keys/s here. This reads its documented-by-schema `Cache` table with
-        one SELECT and one access-time UPDATE per 500 keys (about 80k keys/s), and hands rows
-        that are not plain raw values (vectors over 32 KiB live in files) to `get`.
+        one SELECT and one access-time UPDATE per 500 keys (about 80k keys/s). Only MODE_RAW rows
+        count, and only their `value` column: a row in another mode (a pickle, or a file named by
+        `filename`, which may be any path on the machine) is a rejected entry, never read.
         """
         out: list[object] = [None] * len(keys)
         where: dict[str, list[int]] = {}
@@ -196,12 +226,10 @@ class EmbeddingCache:
                     [*part, now],
                 ).fetchall()
                 for key, mode, value in rows:
-                    if mode == MODE_RAW:
-                        value = bytes(value) if isinstance(value, (bytes, memoryview)) else value
-                    elif mode == MODE_BINARY:
-                        value = self._cache.get(key)
-                    else:
-                        continue  # any other mode (pickle, text) is not ours: left as a miss
+                    if mode != MODE_RAW:
+                        self.stats.rejected += len(where[key])
+                        continue
+                    value = bytes(value) if isinstance(value, (bytes, memoryview)) else value
                     for i in where[key]:
                         out[i] = value
                 sql(f"UPDATE Cache SET access_time = ? WHERE raw = 1 AND key IN ({marks})", [now, *part])

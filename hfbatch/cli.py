@@ -32,7 +32,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # help texts show "[env: ...]" literally
 )
-err = Console(stderr=True, highlight=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # one line per message, even when not a terminal
 out = Console(highlight=False)
 
 # Options declared once, shared by every command that takes them.
@@ -41,6 +41,7 @@ TextColumnOpt = Annotated[Optional[str], typer.Option("--text-column", "-t", hel
 CacheDirOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Embedding cache directory. [env: HFBATCH_CACHE_DIR; default: user cache dir]")]
 DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps. [env: HFBATCH_DEVICE]")]
 EndpointOpt = Annotated[Optional[str], typer.Option("--endpoint", help="Server URL: TEI base (http://host:8080), OpenAI-compatible base (.../v1) or an Inference Endpoint URL. [env: HFBATCH_ENDPOINT]")]
+MaxLineBytesOpt = Annotated[Optional[str], typer.Option("--max-line-bytes", help="Longest JSONL line or CSV row read, e.g. 64MiB or 1GB; a longer one stops the job (exit 2) before it fills memory. [env: HFBATCH_MAX_LINE_BYTES; default: 64MiB]")]
 DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks. [env: HFBATCH_DEBUG]")]
 ApiConcurrencyOpt = Annotated[int, typer.Option("--api-concurrency", help="HTTP requests in flight at once.")]
 ApiTimeoutOpt = Annotated[Optional[float], typer.Option("--api-timeout", help="Seconds per HTTP request. [env: HUGGINGFACE_API_TIMEOUT; default: 60]")]
@@ -97,6 +98,7 @@ def embed(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Read and check the input, count rows, tokens, cache hits and requests, time a sample for an ETA; write nothing.")] = False,
     relative_paths: Annotated[bool, typer.Option("--relative-paths", help="Write paths in the sidecars relative to the output's folder, to share results without this machine's layout.")] = False,
     max_errors: Annotated[Optional[int], typer.Option("--max-errors", help="Stop (exit 1, nothing written) once more than N rows are invalid.")] = None,
+    max_line_bytes: MaxLineBytesOpt = None,
     metrics_file: Annotated[Optional[Path], typer.Option("--metrics-file", help="Write Prometheus text metrics here (node_exporter textfile collector), on success and on failure.")] = None,
     log_file: Annotated[Optional[Path], typer.Option("--log-file", help="Append one JSON line per chunk (and one at the end) to this file.")] = None,
     engine: Annotated[str, typer.Option("--engine", help="local (this process), or ray (Ray Data over a cluster; needs hfbatch[ray]).")] = "local",
@@ -130,6 +132,7 @@ def embed(
         cache_dir=cache_dir,
         on_invalid=on_invalid,
         max_errors=max_errors,
+        max_line_bytes=max_line_bytes,
         trust_remote_code=trust_remote_code,
         relative_paths=relative_paths,
         backend=backend,
@@ -307,6 +310,7 @@ def generate(
     cache_dir: CacheDirOpt = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the cache.")] = False,
     on_invalid: Annotated[str, typer.Option("--on-invalid", help="mark, skip or fail rows with null/empty/non-string prompts.")] = "mark",
+    max_line_bytes: MaxLineBytesOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the sidecar document to stdout.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
     debug: DebugOpt = False,
@@ -324,7 +328,7 @@ def generate(
         keep=[c.strip() for c in keep.split(",") if c.strip()] if keep else None, format=fmt,
         device=device or settings.device, precision=precision, trust_remote_code=trust_remote_code, batch_size=batch_size, chunk_size=chunk_size,
         params=GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=chat),
-        use_cache=False if no_cache else None, cache_dir=cache_dir, on_invalid=on_invalid,
+        use_cache=False if no_cache else None, cache_dir=cache_dir, on_invalid=on_invalid, max_line_bytes=max_line_bytes,
         backend=backend, endpoint=endpoint, api_concurrency=api_concurrency, api_timeout=api_timeout,
         api_retries=api_retries, api_retry_ceiling=api_retry_ceiling, tokenizer=tokenizer,
         command=["hfbatch", *sys.argv[1:]],
@@ -461,23 +465,26 @@ def _run(job, debug: bool):  # type: ignore[no-untyped-def]
     except HfbatchError as exc:
         if debug:
             sys.stderr.write(redact_text(traceback.format_exc()))
-        err.print(f"[bold red]{type(exc).__name__}[/]: {escape(redact_text(str(exc)))}", soft_wrap=True)
+        err.print(f"[bold red]{type(exc).__name__}[/]: {escape(_one_line(redact_text(str(exc))))}")
         raise typer.Exit(exc.exit_code) from None
     except KeyboardInterrupt:
         err.print("interrupted: no output was written; rerun the same command to resume from the cache.")
         raise typer.Exit(130) from None
-    except Terminated:
-        err.print("terminated (SIGTERM): no output was written; rerun the same command to resume from the cache.")
-        raise typer.Exit(143) from None
+    except Terminated as exc:
+        err.print(f"terminated ({exc.name}): no output was written; rerun the same command to resume from the cache.")
+        raise typer.Exit(exc.exit_code) from None
     except Exception as exc:  # a bug or an unforeseen failure: still one line, still no output
         if debug:
             sys.stderr.write(redact_text(traceback.format_exc()))
-        err.print(
-            f"[bold red]error[/]: {type(exc).__name__}: {escape(redact_text(str(exc)))} "
-            "(no output was written; rerun with --debug for the traceback)",
-            soft_wrap=True,
-        )
+        err.print(f"[bold red]error[/]: {type(exc).__name__}: {escape(_one_line(redact_text(str(exc))))} "
+                  "(no output was written; rerun with --debug for the traceback)")
         raise typer.Exit(1) from None
+
+
+def _one_line(text: str) -> str:
+    """Messages from libraries (a tokenizer's OSError, a server's body) can span lines; a log
+    line or a cron mail needs the error on one."""
+    return " ".join(text.split())
 
 
 def _summary(result: EmbedResult) -> None:
@@ -520,20 +527,21 @@ def _backend_line(p: dict, m: dict) -> str:
 
 def main() -> None:
     """Console-script entry point."""
-    from dotenv import load_dotenv
+    from .settings import load_env_file
 
     # .env in the working directory fills what the environment leaves unset (tokens included),
-    # for every part of hfbatch that reads the environment
-    load_dotenv(Path.cwd() / ".env", override=False)
+    # for every part of hfbatch that reads the environment; never where credentials are sent
+    load_env_file(Path.cwd() / ".env")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    for stop in (signal.SIGTERM, signal.SIGHUP):  # a scheduler's kill, a closed terminal or ssh session
+        signal.signal(stop, _on_stop_signal)
     app()
 
 
-def _on_sigterm(signum: int, frame: object) -> None:
-    raise Terminated()
+def _on_stop_signal(signum: int, frame: object) -> None:
+    raise Terminated(signum, signal.Signals(signum).name)
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from .backends import make_backend
 from .cache import NullCache, open_cache
 from .io.readers import open_reader
 from .options import EmbedOptions
+from .pipeline import known_dimension
 from .settings import Settings
 from .validate import EMBED_COLUMNS, check_columns, validate_chunk
 
@@ -31,7 +32,7 @@ def plan_embed(options: EmbedOptions, settings: Settings | None = None) -> dict[
     assert opts.text_column and opts.chunk_size
     columns = None if opts.keep is None else list(dict.fromkeys([*opts.keep, opts.text_column]))
     reader = open_reader(opts.input, fmt=opts.format, chunk_size=opts.chunk_size, columns=columns,
-                         text_column=opts.text_column)
+                         text_column=opts.text_column, max_line_bytes=opts.max_line_bytes)  # type: ignore[arg-type]
     check_columns(opts.input, reader.schema, opts.text_column, opts.keep, reader.all_columns, added_columns=EMBED_COLUMNS)
     backend = make_backend(opts)
     cache_dir = Path(opts.cache_dir) if opts.cache_dir else None
@@ -42,6 +43,7 @@ def plan_embed(options: EmbedOptions, settings: Settings | None = None) -> dict[
     distinct: set[str] = set()
     misses: list[str] = []
     hits = 0
+    dim = known_dimension(backend) if exists else None  # hits must have the model's size, as in the job
     try:
         for chunk in reader.chunks():
             validated = validate_chunk(chunk, path=opts.input, text_column=opts.text_column, on_invalid=opts.on_invalid)
@@ -49,7 +51,7 @@ def plan_embed(options: EmbedOptions, settings: Settings | None = None) -> dict[
             invalid += len(validated.texts) - len(validated.valid_rows)
             new = [t for t in dict.fromkeys(validated.texts[i] for i in validated.valid_rows) if t not in distinct]
             distinct.update(new)  # type: ignore[arg-type]
-            found = cache.lookup(new, None)  # type: ignore[arg-type]
+            found = cache.lookup(new, dim)  # type: ignore[arg-type]
             hits += len(found)
             misses += [t for j, t in enumerate(new) if j not in found]  # type: ignore[misc]
     finally:

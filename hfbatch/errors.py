@@ -55,6 +55,15 @@ class RemoteError(BackendError):
 
 
 class Terminated(BaseException):
-    """SIGTERM (a scheduler or `kill` stopping the job): unwinds like Ctrl-C, so the output is
-    abandoned whole and the CLI exits 143. A BaseException, like KeyboardInterrupt, so that no
-    `except Exception` on the way swallows it."""
+    """SIGTERM or SIGHUP (a scheduler, `kill`, or a closed terminal stopping the job): unwinds like
+    Ctrl-C, so the output is abandoned whole and the CLI exits 128 + the signal's number (143,
+    129). A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way
+    swallows it."""
+
+    def __init__(self, signum: int = 15, name: str = "SIGTERM"):
+        super().__init__(name)
+        self.signum, self.name = signum, name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

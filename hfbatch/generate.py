@@ -30,7 +30,7 @@ from .overlap import prefetch
 from .progress import NullProgress, ProgressReporter
 from .provenance import file_digest, library_versions, redact, utc_now
 from .resources import peak_rss_mb
-from .settings import Settings
+from .settings import Settings, parse_byte_size
 from .validate import ON_INVALID, validate_chunk
 
 GENERATED_COLUMNS = ("generated_text", "n_prompt_tokens", "n_generated_tokens", "finish_reason", "prompt_truncated",
@@ -54,6 +54,7 @@ class GenerateOptions:
     use_cache: bool | None = None
     cache_dir: Path | None = None
     on_invalid: str = "mark"
+    max_line_bytes: int | str | None = None  # longest JSONL line / CSV row: bytes or "64MiB"; None: from settings
     backend: str = "local"  # local, or api / hf-api
     endpoint: str | None = None  # a TGI server or Inference Endpoint instead of the HF router
     api_concurrency: int = 4
@@ -101,16 +102,20 @@ def run_generate(options: GenerateOptions, *, progress: ProgressReporter | None 
                    chunk_size=options.chunk_size or settings.chunk_size,
                    cache_dir=Path(options.cache_dir) if options.cache_dir else settings.cache_dir,
                    use_cache=settings.cache_enabled if options.use_cache is None else options.use_cache,
-                   keep=list(dict.fromkeys(options.keep)) if options.keep is not None else None)
+                   keep=list(dict.fromkeys(options.keep)) if options.keep is not None else None,
+                   max_line_bytes=settings.max_line_bytes if options.max_line_bytes is None
+                   else parse_byte_size(options.max_line_bytes, "--max-line-bytes"))
     if not opts.model:
         raise InputError("generate needs --model (a hub id or a local directory of a causal LM).")
     if opts.on_invalid not in ON_INVALID:
         raise InputError(f"--on-invalid {opts.on_invalid!r} is not one of: {', '.join(ON_INVALID)}.")
     if opts.batch_size < 1:
         raise InputError(f"--batch-size must be at least 1 (got {opts.batch_size}).")
+    opts.params.check()
     started, wall = utc_now(), time.perf_counter()
     files = open_job_files(input=opts.input, output=opts.output, fmt=opts.format, chunk_size=opts.chunk_size or 10_000,
-                           text_column=opts.prompt_column, keep=opts.keep, added_columns=GENERATED_COLUMNS)
+                           text_column=opts.prompt_column, keep=opts.keep, added_columns=GENERATED_COLUMNS,
+                           max_line_bytes=opts.max_line_bytes)  # type: ignore[arg-type]  # an int once resolved
     reader, passthrough = files.reader, files.passthrough
 
     generator = make_generator(opts, settings)

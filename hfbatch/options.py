@@ -8,7 +8,7 @@ from typing import Sequence
 
 from .errors import InputError
 from .io.job import check_output_path
-from .settings import Settings
+from .settings import Settings, parse_byte_size
 from .validate import ON_INVALID
 
 
@@ -39,6 +39,7 @@ class EmbedOptions:
     trust_remote_code: bool = False  # run code that ships with a model (--trust-remote-code)
     relative_paths: bool = False  # paths in the sidecar relative to the output's folder (for sharing)
     max_errors: int | None = None  # stop (exit 1, nothing written) once more rows than this are invalid
+    max_line_bytes: int | str | None = None  # longest JSONL line / CSV row: bytes or "64MiB"; None: from settings
     # remote backends (hf-api, tei, openai) and --backend auto
     endpoint: str | None = None
     fallback: str = "hf-api"
@@ -72,6 +73,8 @@ class EmbedOptions:
             api_timeout=self.api_timeout or settings.api_timeout,
             endpoint=self.endpoint or settings.endpoint,
             quantize=self.quantize if self.quantize is not None else ("int8" if settings.quantize else "none"),
+            max_line_bytes=settings.max_line_bytes if self.max_line_bytes is None
+            else parse_byte_size(self.max_line_bytes, "--max-line-bytes"),
         )
         if opts.api_retries < 1:
             raise InputError(f"--api-retries must be at least 1 (got {opts.api_retries}).")
@@ -84,6 +87,8 @@ class EmbedOptions:
             raise InputError(f"--max-length must be at least 2 tokens (got {opts.max_length}).")
         if opts.on_invalid not in ON_INVALID:
             raise InputError(f"--on-invalid {opts.on_invalid!r} is not one of: {', '.join(ON_INVALID)}.")
+        if opts.max_errors is not None and opts.max_errors < 0:
+            raise InputError(f"--max-errors must be 0 or more (got {opts.max_errors}); 0 stops at the first invalid row.")
         check_output_path(opts.input, opts.output)
         return opts
 

@@ -16,7 +16,6 @@ others, and a file added later does not move the other files between shards. `me
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -56,7 +55,7 @@ def expand_inputs(spec: str | Path, fmt: str | None = None) -> tuple[Path, list[
         root = Path(text)
         candidates = [p for p in root.rglob("*") if p.is_file()]
     else:
-        candidates = [Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file()]
+        candidates = glob_files(text)
         root = Path(os.path.commonpath([str(p.parent) for p in candidates])) if candidates else Path(text).parent
     parts = []
     for path in sorted(candidates):
@@ -72,6 +71,32 @@ def expand_inputs(spec: str | Path, fmt: str | None = None) -> tuple[Path, list[
         raise InputError(f"{spec}: no CSV, JSONL or Parquet files there; give a directory of parts or a glob "
                          "like 'data/part-*.parquet' (quoted, so the shell leaves it to hfbatch).")
     return root, parts
+
+
+def glob_files(pattern: str) -> list[Path]:
+    """Files matching a glob (`**` for any depth), walked as a directory input is: a symlink to a
+    directory is never entered, so a symlink loop neither repeats files (glob.glob listed one file
+    41 times, as loop/loop/...) nor hangs (two loops). A symlink to a file is a file."""
+    pieces = Path(pattern).parts
+    fixed = next((i for i, piece in enumerate(pieces) if _GLOB_CHARS & set(piece)), len(pieces))
+    base, rest = Path(*pieces[:fixed]) if fixed else Path("."), list(pieces[fixed:])
+    if not rest:
+        return [base] if base.is_file() else []
+    if rest[-1] == "**":
+        rest.append("*")  # glob's "data/**" is every file below data
+    wants_hidden = any(piece.startswith(".") for piece in rest)  # glob's * skips dot names unless asked
+    linked: dict[Path, bool] = {}
+    files = []
+    for path in base.glob(os.path.join(*rest)):  # pathlib's ** does not follow directory symlinks
+        relative = path.relative_to(base).parts
+        if not wants_hidden and any(piece.startswith(".") for piece in relative):
+            continue
+        folders = [base.joinpath(*relative[: i + 1]) for i in range(len(relative) - 1)]
+        if any(linked.setdefault(d, d.is_symlink()) for d in folders):  # a "*/" level through a directory symlink
+            continue
+        if path.is_file():
+            files.append(path)
+    return files
 
 
 def parse_shard(text: str | None) -> tuple[int, int]:

@@ -65,7 +65,8 @@ def run_embed(options: EmbedOptions, *, progress: ProgressReporter | None = None
     # Everything that can be checked without a model is checked here, before any work.
     files = open_job_files(input=opts.input, output=opts.output, fmt=opts.format, chunk_size=opts.chunk_size,
                            text_column=opts.text_column, keep=opts.keep, added_columns=EMBED_COLUMNS,
-                           extra_outputs=(("--metrics-file", opts.metrics_file), ("--log-file", opts.log_file)))
+                           extra_outputs=(("--metrics-file", opts.metrics_file), ("--log-file", opts.log_file)),
+                           max_line_bytes=opts.max_line_bytes)  # type: ignore[arg-type]  # an int once resolved
     reader, passthrough = files.reader, files.passthrough
     try:
         log = ChunkLog(opts.log_file)
@@ -152,12 +153,22 @@ class _Job:
                  metrics: Metrics, progress: ProgressReporter, passthrough: pa.Schema):
         self.opts, self.reader, self.backend, self.cache = opts, reader, backend, cache
         self.metrics, self.progress, self.passthrough = metrics, progress, passthrough
-        self._dim: int | None = None
+        self._dim: int | None = None  # the backend's own: config files or a vector it made, never the cache's word
+        self._hit_dim: int | None = None  # size of hits the cache checked against its own record
+        self._out_dim: int | None = None  # the size this job's output was started with
 
     def dim(self) -> int:
-        if self._dim is None:
-            self._dim = self.backend.dimension()
-        return self._dim
+        """The output's dimension. A fully cached job takes it from hits (checked against the
+        cache's record) rather than load the model; should the model later disagree (a planted
+        record), the job fails once, its stores having put the record right for the rerun."""
+        if self._out_dim is None:
+            self._out_dim = self._dim or known_dimension(self.backend) or self._hit_dim or self.backend.dimension()
+        if self._dim is not None and self._dim != self._out_dim:
+            raise BackendError(
+                f"the cache at {self.cache.directory} held {self._out_dim}-dimensional vectors for this model, which makes "
+                f"{self._dim}-dimensional ones; those entries are now replaced or refused: run the job again."
+            )
+        return self._out_dim
 
     def process(self, v: ValidatedChunk) -> pa.RecordBatch:
         m = self.metrics
@@ -177,10 +188,13 @@ class _Job:
 
         with m.stage("cache"):
             fingerprint = self.backend.fingerprint()
+            # hits must have the model's size, known before the first lookup when the backend can
+            # tell it without loading (else the cache checks them against the size it recorded)
+            self._dim = self._dim or known_dimension(self.backend)
             found = self.cache.lookup(texts, self._dim, fingerprint)
             known_tokens = self.cache.lookup_tokens([texts[u] for u in found], fingerprint) if found else {}
         if found and self._dim is None:
-            self._dim = len(next(iter(found.values())))
+            self._hit_dim = len(next(iter(found.values())))
         hit_rate = self.cache.stats.hit_rate
         self.progress.advance(invalid_rows + int(sum(rows_per_text[u] for u in found)), hit_rate=hit_rate)
 
@@ -203,6 +217,13 @@ class _Job:
 
         misses = [u for u in range(len(texts)) if u not in found]
         computed = self._embed(misses, texts, tokens, rows_per_text) if misses else {}
+        # hits accepted on the cache's record, which the vectors just computed contradict: recompute
+        wrong = [u for u, vec in found.items() if self._dim is not None and len(vec) != self._dim]
+        if wrong:
+            self.cache.stats.unhit(len(wrong))
+            for u in wrong:
+                del found[u]
+            computed.update(self._embed(wrong, texts, tokens, np.zeros_like(rows_per_text)))  # rows already counted
         vectors = np.zeros((len(texts), self.dim()), dtype=np.float32)
         for u, vec in {**found, **computed}.items():
             vectors[u] = vec
@@ -273,6 +294,13 @@ class _Job:
             pa.array([v.errors[i] for i in rows], type=pa.string()),
         ]
         return pa.RecordBatch.from_arrays(columns, schema=output_schema(self.passthrough, dim))
+
+
+def known_dimension(backend: Backend) -> int | None:
+    """The backend's dimension when it costs no model load and no request (a local model's config
+    files), else None. Not part of the Backend protocol: remote backends cannot know it for free."""
+    probe = getattr(backend, "known_dimension", None)
+    return probe() if callable(probe) else None
 
 
 def plan_batches(lengths: list[int], batch_size: int, max_batch_tokens: int | None) -> list[list[int]]:

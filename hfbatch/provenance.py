@@ -27,7 +27,9 @@ STAGES = ("read", "validate", "cache", "model_load", "embed", "write")
 _LIBRARIES = ("torch", "sentence-transformers", "transformers", "tokenizers", "huggingface_hub", "pyarrow", "numpy", "diskcache")
 _TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{6,}")
 _SECRET_FLAGS = ("--token", "--api-key", "--hf-token")
-_TOKEN_ENV = ("HF_TOKEN", "HUGGINGFACE_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+_SECRET_ENV = ("HF_TOKEN", "HUGGINGFACE_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HFBATCH_API_KEY")
+# user:password@ in any URL (greedy up to the last @ before the path, as URL parsers split it)
+_USERINFO_RE = re.compile(r"\b([a-z][a-z0-9+.\-]*://)[^/?#\s'\"<>]*@", re.IGNORECASE)
 
 
 @dataclass
@@ -133,11 +135,13 @@ def redact(args: Sequence[str]) -> list[str]:
 
 
 def redact_text(text: str) -> str:
-    """`text` with hub tokens (by shape, and the configured token values) replaced."""
-    for name in _TOKEN_ENV:
+    """`text` with secrets replaced: hub tokens (by shape), the configured token and HFBATCH_API_KEY
+    values (a server may echo them back), and the user:password@ of any URL."""
+    for name in _SECRET_ENV:
         value = os.environ.get(name)
         if value and len(value) >= 8:
             text = text.replace(value, "***")
+    text = _USERINFO_RE.sub(r"\1***@", text)
     return _TOKEN_RE.sub("hf_***", text)
 
 

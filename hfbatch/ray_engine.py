@@ -49,7 +49,7 @@ def _read_part(batch: pa.Table, *, options: EmbedOptions) -> Iterator[pa.Table]:
     for part, path in zip(batch.column("part").to_pylist(), batch.column("path").to_pylist()):
         reader = open_reader(path, fmt=options.format, chunk_size=options.chunk_size or 10_000,
                              columns=None if options.keep is None else list(dict.fromkeys([*options.keep, options.text_column])),
-                             text_column=options.text_column)
+                             text_column=options.text_column, max_line_bytes=options.max_line_bytes)  # type: ignore[arg-type]
         for chunk in reader.chunks():
             n = chunk.batch.num_rows
             table = pa.Table.from_batches([chunk.batch])
@@ -141,7 +141,8 @@ def run_embed_ray(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1), add
         output.parent.mkdir(parents=True, exist_ok=True)
         try:
             files = open_job_files(input=part, output=output, fmt=resolved.format, chunk_size=resolved.chunk_size or 10_000,
-                                   text_column=resolved.text_column or "text", keep=resolved.keep, added_columns=EMBED_COLUMNS)
+                                   text_column=resolved.text_column or "text", keep=resolved.keep, added_columns=EMBED_COLUMNS,
+                                   max_line_bytes=resolved.max_line_bytes)  # type: ignore[arg-type]
         except InputError as exc:
             records[relative] = PartRecord(relative, str(output.relative_to(out_dir)), "failed", error=str(exc))
             continue
@@ -254,7 +255,7 @@ def _write_part(relative: str, part: Path, output: Path, out_dir: Path, pieces: 
 def count_rows(part: Path, opts: EmbedOptions) -> int:
     """Rows of the input part, counted by its reader (the check that no row was lost)."""
     reader = open_reader(part, fmt=opts.format, chunk_size=opts.chunk_size or 10_000, columns=[opts.text_column],
-                         text_column=opts.text_column)
+                         text_column=opts.text_column, max_line_bytes=opts.max_line_bytes)  # type: ignore[arg-type]
     if reader.total_rows is not None:
         return reader.total_rows
     return sum(chunk.batch.num_rows for chunk in reader.chunks())

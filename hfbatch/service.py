@@ -14,7 +14,9 @@ from typing import Any
 
 import psutil
 
+from .backends.http import public_url
 from .errors import HfbatchError, InputError, RemoteError
+from .provenance import redact_text
 from .settings import Settings
 
 # package -> what installing it brings
@@ -52,8 +54,8 @@ def capabilities(settings: Settings | None = None) -> dict[str, Any]:
         "local": {"usable": local_ok, "why": "torch and sentence-transformers are installed" if local_ok
                   else "needs: " + ", ".join(n for n in ("torch", "sentence-transformers") if not libraries[n]["version"])},
         "hf-api": {"usable": True, "why": "token set" if token else "no token: anonymous requests are rate-limited or refused; set HF_TOKEN"},
-        "tei": {"usable": bool(settings.endpoint), "why": f"endpoint {settings.endpoint}" if settings.endpoint else "needs --endpoint (or HFBATCH_ENDPOINT)"},
-        "openai": {"usable": bool(settings.endpoint), "why": f"endpoint {settings.endpoint}" if settings.endpoint else "needs --endpoint (or HFBATCH_ENDPOINT)"},
+        "tei": {"usable": bool(settings.endpoint), "why": f"endpoint {public_url(settings.endpoint)}" if settings.endpoint else "needs --endpoint (or HFBATCH_ENDPOINT)"},
+        "openai": {"usable": bool(settings.endpoint), "why": f"endpoint {public_url(settings.endpoint)}" if settings.endpoint else "needs --endpoint (or HFBATCH_ENDPOINT)"},
     }
     vm = psutil.virtual_memory()
     limit = os.environ.get("MAX_MODEL_MEMORY_GB")
@@ -124,14 +126,15 @@ def check_connection(
             target = RemoteBackend(kind, model=model, endpoint=endpoint, timeout=settings.api_timeout,
                                    retry=RetryPolicy(attempts=2, ceiling_seconds=30))
         started = time.perf_counter()
-        row: dict[str, Any] = {"backend": kind, "model": model, "endpoint": endpoint if kind in ("tei", "openai") else None}
+        shown = public_url(endpoint) if endpoint and kind in ("tei", "openai") else None  # never user:password@
+        row: dict[str, Any] = {"backend": kind, "model": model, "endpoint": shown}
         try:
             vector = target.embed(["hfbatch connection test"])
             row.update(status="ok", dim=int(vector.shape[1]), latency_ms=round((time.perf_counter() - started) * 1000, 1))
             info = target.describe()
             row["detail"] = info.get("model_source") or info.get("endpoint")
         except (HfbatchError, OSError) as exc:
-            row.update(status="error", error=f"{type(exc).__name__}: {exc}", latency_ms=round((time.perf_counter() - started) * 1000, 1))
+            row.update(status="error", error=f"{type(exc).__name__}: {redact_text(str(exc))}", latency_ms=round((time.perf_counter() - started) * 1000, 1))
         results.append(row)
     return results
 

@@ -1,5 +1,10 @@
 """One Settings object: defaults < environment (and a .env file) < CLI flags.
 
+This module is the only reader of `.env`. A `.env` may set anything but where credentials go: a
+file in the working directory (a cloned repository's, say) must not point the HF token at another
+server, so the router, the hub endpoint, proxies and CA bundles are taken from the real
+environment only (see `load_env_file`).
+
 The environment names of the original service stay valid (EMBEDDING_BATCH_SIZE,
 ENABLE_EMBEDDING_CACHE, EMBEDDING_CACHE_SIZE, ...); `.env.example` lists them all.
 CLI flags are applied later, by `EmbedOptions.resolve()`, so this module only knows defaults and
@@ -10,9 +15,10 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Mapping, MutableMapping
 
 from dotenv import dotenv_values
 from platformdirs import user_cache_dir
@@ -28,6 +34,11 @@ BYTES_PER_CACHE_ENTRY = 2048
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}
 _SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?|b)?\s*$", re.IGNORECASE)
+# keys that decide which server gets the token or can watch it on the way: never from a .env file
+ENV_FILE_REFUSED = frozenset({
+    "HFBATCH_HF_ROUTER", "HF_ENDPOINT", "HF_INFERENCE_ENDPOINT",
+    "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "SSL_CERT_FILE", "SSL_CERT_DIR",
+})
 
 
 @dataclass(frozen=True)
@@ -46,13 +57,12 @@ class Settings:
     api_timeout: float = 60.0
     endpoint: str | None = None
     quantize: bool = False
+    max_line_bytes: int = 64 << 20  # longest JSONL line / CSV row read (a gzip bomb's one line stops here)
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env")) -> "Settings":
         """Read settings from a .env file (if present) overlaid by the real environment."""
-        env: dict[str, str] = {}
-        if dotenv is not None and dotenv.is_file():
-            env.update({k: v for k, v in dotenv_values(dotenv).items() if v is not None})
+        env: dict[str, str] = dict(read_env_file(dotenv)[0]) if dotenv is not None else {}
         env.update(os.environ if environ is None else environ)
         defaults = cls()
         return cls(
@@ -68,7 +78,54 @@ class Settings:
             api_timeout=float(_int(env, "HUGGINGFACE_API_TIMEOUT", int(defaults.api_timeout))),
             endpoint=env.get("HFBATCH_ENDPOINT") or None,
             quantize=_bool(env, "ENABLE_MODEL_QUANTIZATION", False),
+            max_line_bytes=parse_byte_size(env["HFBATCH_MAX_LINE_BYTES"], "HFBATCH_MAX_LINE_BYTES")
+            if env.get("HFBATCH_MAX_LINE_BYTES") else defaults.max_line_bytes,
         )
+
+
+def read_env_file(path: Path) -> tuple[dict[str, str], list[str]]:
+    """(values, refused names) of a .env file (none if absent): keys in ENV_FILE_REFUSED, in any
+    case, are left out of the values."""
+    if not path.is_file():
+        return {}, []
+    values: dict[str, str] = {}
+    refused: list[str] = []
+    for key, value in dotenv_values(path).items():
+        if value is None:
+            continue
+        if key.upper() in ENV_FILE_REFUSED:
+            refused.append(key)
+        else:
+            values[key] = value
+    return values, refused
+
+
+def load_env_file(path: Path, environ: MutableMapping[str, str] = os.environ) -> None:
+    """Fill `environ` from a .env file without overriding what is set; keys that would redirect
+    credentials (ENV_FILE_REFUSED) are refused with one warning line on stderr."""
+    values, refused = read_env_file(path)
+    for key, value in values.items():
+        environ.setdefault(key, value)
+    ignored = [key for key in refused if key not in environ]  # a value set in the environment wins anyway
+    if ignored:
+        sys.stderr.write(
+            f"warning: ignored {', '.join(ignored)} from {path}: a .env file may not change where credentials "
+            "are sent; set it in the environment if you mean it.\n"
+        )
+
+
+def parse_byte_size(value: str | int, name: str) -> int:
+    """'64MiB', '1GB', '1048576' -> bytes (a bare number is bytes); `name` is the flag or variable, for the error."""
+    match = _SIZE_RE.match(str(value))
+    size = int(float(match.group(1)) * _unit_bytes(match.group(2) or "b")) if match else 0
+    if size < 1:
+        raise InputError(f"{name} {value!r} is not a size of at least 1 byte; use e.g. 64MiB, 1GB or 1048576.")
+    return size
+
+
+def _unit_bytes(unit: str) -> int:
+    unit = unit.lower()
+    return (1024 if "i" in unit else 1000) ** "bkmgt".index(unit[0])
 
 
 def parse_cache_size(value: str) -> int:

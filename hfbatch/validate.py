@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 import pyarrow as pa
 
 from .errors import InputError
-from .io.readers import Chunk
+from .io.readers import Chunk, shown_names
 
 ON_INVALID = ("mark", "skip", "fail")
 
@@ -44,15 +44,17 @@ def check_columns(path: Path, schema: pa.Schema, text_column: str, keep: Sequenc
 
     `schema` holds the columns being read; `all_columns`, every column of the file (shown in errors).
     """
-    names = list(schema.names)
+    names = schema.names
+    present = set(names)  # membership in a set: a file may have 100k columns, --keep as many
     everything = list(all_columns) if all_columns is not None else names
-    shown = ", ".join(everything) if everything else "(none)"
-    if text_column not in names:
-        raise InputError(f"{path} has no column {text_column!r}; columns are: {shown}. Use --text-column.")
-    missing = [c for c in keep or [] if c not in names]
+    if text_column not in present:
+        raise InputError(f"{path} has no column {text_column!r}; columns are: {shown_names(everything)}. Use --text-column.")
+    missing = [c for c in keep or [] if c not in present]
     if missing:
-        raise InputError(f"{path}: --keep names column(s) {', '.join(missing)} that do not exist; columns are: {shown}.")
-    clash = [c for c in (keep if keep is not None else names) if c in added_columns]
+        raise InputError(f"{path}: --keep names column(s) {shown_names(missing)} that do not exist; "
+                         f"columns are: {shown_names(everything)}.")
+    added = set(added_columns)
+    clash = [c for c in (keep if keep is not None else names) if c in added]
     if clash:
         raise InputError(
             f"{path} already has column(s) {', '.join(clash)} that hfbatch writes; "

@@ -193,3 +193,54 @@ class EmbeddingServer(LocalServer):
                 return self._send(Reply(200, vectors))
 
         return Handler
+
+
+class CaptureServer(LocalServer):
+    """Records every request as it arrives and answers it, for seeing what a client would send:
+    as HTTP_PROXY it receives requests meant for any host name (absolute-form targets such as
+    `http://attacker-space.hf.space/ok`, or `CONNECT host:443` for https, answered 403 so the client
+    gives up at once), without any name being resolved or any outside address reached.
+    POSTs get vectors of 4 numbers per input (the TEI / HF API shape), or `reply` when set."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, Any]] = []  # method, target (path or absolute URL), headers
+        self.reply: Reply | None = None
+        self._lock = threading.Lock()
+        self._serve(self._handler())
+
+    def _handler(server) -> type[BaseHTTPRequestHandler]:  # noqa: N805 - closes over the server
+        class Handler(JsonHandler):
+
+            def _record(self) -> Any:
+                length = int(self.headers.get("Content-Length", 0))
+                body = json.loads(self.rfile.read(length) or b"null") if length else None
+                with server._lock:
+                    server.requests.append({"method": self.command, "target": self.path,
+                                            "headers": dict(self.headers), "body": body})
+                return body
+
+            def do_CONNECT(self) -> None:  # noqa: N802 - http.server's name
+                self._record()
+                self.close_connection = True
+                self._send(Reply(403, {"error": "capture server: no tunnels"}))
+
+            def do_GET(self) -> None:  # noqa: N802
+                self._record()
+                self._send(server.reply or Reply(404, {"error": "Not Found"}))
+
+            def do_POST(self) -> None:  # noqa: N802
+                body = self._record()
+                texts = body.get("inputs", body.get("input")) if isinstance(body, dict) else None
+                texts = [texts] if isinstance(texts, str) else texts or []
+                self._send(server.reply or Reply(200, [[0.5, 0.5, 0.5, 0.5] for _ in texts]))
+
+        return Handler
+
+
+def route_through(monkeypatch: Any, proxy: LocalServer) -> None:
+    """Send every request for any host through `proxy` (both spellings of the variables, and no
+    NO_PROXY exemption), as the issue's reporter did to see what would leave the machine."""
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "http_proxy", "https_proxy"):
+        monkeypatch.setenv(name, proxy.url)
+    for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.delenv(name, raising=False)

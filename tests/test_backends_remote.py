@@ -10,10 +10,11 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import SAMPLE_TEXTS, rows_for, write_csv
-from embedding_server import EmbeddingServer, Reply
+from embedding_server import CaptureServer, EmbeddingServer, Reply, route_through
 from hfbatch import EmbedOptions, embed_file
+from hfbatch.backends.http import hf_token_allowed
 from hfbatch.backends.remote import RemoteBackend, RetryPolicy
-from hfbatch.errors import InputError, RemoteError, TerminalBackendError, TransientBackendError
+from hfbatch.errors import BackendError, InputError, RemoteError, TerminalBackendError, TransientBackendError
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 FAST = RetryPolicy(attempts=4, base_wait_seconds=0.01, max_wait_seconds=2)
@@ -72,6 +73,90 @@ def test_hf_token_is_not_sent_to_other_servers(server: EmbeddingServer, monkeypa
     monkeypatch.setenv("HFBATCH_API_KEY", "key-for-my-own-server")  # that server's own key
     _backend("tei", server).embed(["a"])
     assert server.requests[-1]["headers"]["Authorization"] == "Bearer key-for-my-own-server"
+
+
+@pytest.mark.parametrize("url, allowed", [
+    ("https://router.huggingface.co/hf-inference/models/m/pipeline/feature-extraction", True),
+    ("https://huggingface.co/api/models", True),
+    ("https://HuggingFace.co./api", True),  # the same host, spelled otherwise
+    ("https://x1y2.us-east-1.aws.endpoints.huggingface.cloud/", True),
+    ("http://x1y2.us-east-1.aws.endpoints.huggingface.cloud/", False),  # plain http: anyone on the path reads it
+    ("http://huggingface.co/api", False),
+    ("https://attacker-space.hf.space/ok", False),  # Spaces run their owners' code
+    ("http://attacker-space.hf.space/ok", False),
+    ("https://huggingface.co.evil.net/", False),
+    ("https://evilhuggingface.co/", False),
+    ("https://huggingface.cloud.evil.net/", False),
+    ("https://evil.net/huggingface.co/", False),
+    ("https://huggingface.co@evil.net/", False),  # userinfo, not host
+    ("https://evil.net\\@huggingface.co/", False),  # Python's urlparse says huggingface.co; requests connects to evil.net
+    ("http://127.0.0.1:8123/x", False),  # this machine, but not the configured router
+])
+def test_hf_token_goes_only_to_hf_hosts_over_https(url: str, allowed: bool) -> None:
+    assert hf_token_allowed(url) is allowed
+
+
+def test_hf_token_goes_to_the_configured_router_only_over_https_or_locally(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HFBATCH_HF_ROUTER", "http://127.0.0.1:8123")  # a test server on this machine
+    assert hf_token_allowed("http://127.0.0.1:8123/hf-inference/models/m")
+    assert not hf_token_allowed("http://127.0.0.1:8124/hf-inference/models/m")  # another server
+    monkeypatch.setenv("HFBATCH_HF_ROUTER", "https://hf-proxy.corp.example")
+    assert hf_token_allowed("https://hf-proxy.corp.example/hf-inference/models/m")
+    assert not hf_token_allowed("http://hf-proxy.corp.example/hf-inference/models/m")
+    monkeypatch.setenv("HFBATCH_HF_ROUTER", "http://hf-proxy.corp.example")  # plain http to another machine
+    assert not hf_token_allowed("http://hf-proxy.corp.example/hf-inference/models/m")
+
+
+@pytest.mark.parametrize("endpoint", ["http://attacker-space.hf.space/ok", "http://huggingface.co.evil.net/ok",
+                                      "http://evilhuggingface.co/ok"])
+def test_hf_token_never_reaches_a_space_or_lookalike(endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What would leave the machine, seen at a local capture server set as HTTP_PROXY."""
+    monkeypatch.setenv("HF_TOKEN", "hf_mustNotReachTheSpace0123")
+    with CaptureServer() as proxy:
+        route_through(monkeypatch, proxy)
+        RemoteBackend("hf-api", model=MODEL, endpoint=endpoint, retry=FAST).embed(["a"])
+        monkeypatch.setenv("HFBATCH_API_KEY", "key-for-other-servers")
+        RemoteBackend("hf-api", model=MODEL, endpoint=endpoint, retry=FAST).embed(["a"])
+    sent = [r for r in proxy.requests if r["method"] == "POST"]
+    assert [r["target"] for r in sent] == [endpoint, endpoint]  # it did go out, through the proxy
+    assert "Authorization" not in sent[0]["headers"]
+    assert sent[1]["headers"]["Authorization"] == "Bearer key-for-other-servers"
+
+
+def test_url_credentials_are_sent_as_basic_auth_and_never_shown(server: EmbeddingServer) -> None:
+    endpoint = server.url.replace("http://", "http://user:s3cretpw@")
+    backend = RemoteBackend("tei", model=MODEL, endpoint=endpoint, retry=FAST)
+    backend.embed(["a"])
+    assert server.requests[0]["headers"]["Authorization"] == "Basic dXNlcjpzM2NyZXRwdw=="  # user:s3cretpw
+    fingerprint = backend.fingerprint()
+    assert "s3cretpw" not in fingerprint and server.url in fingerprint
+    other = RemoteBackend("tei", model=MODEL, endpoint=server.url.replace("http://", "http://user:rotated@"))
+    assert other.fingerprint() == fingerprint  # the same endpoint, so the same cache namespace
+    assert backend.describe()["endpoint"] == server.url + "/embed"
+    server.script.append(Reply(404, {"error": "nope"}))
+    with pytest.raises(TerminalBackendError) as refused:
+        backend.embed(["b"])
+    assert server.url in str(refused.value) and "s3cretpw" not in str(refused.value)
+
+
+@pytest.mark.parametrize("status", [307, 308])
+def test_a_redirect_to_another_server_is_refused(server: EmbeddingServer, st_model, status: int) -> None:
+    with EmbeddingServer(st_model) as elsewhere:
+        final = elsewhere.url.replace("127.0.0.1", "localhost") + "/embed"  # another host name, another server
+        server.script.append(Reply(status, {}, {"Location": final}))
+        endpoint = server.url.replace("http://", "http://user:s3cretpw@")
+        with pytest.raises(TerminalBackendError, match="Point --endpoint at the final URL") as refused:
+            RemoteBackend("tei", model=MODEL, endpoint=endpoint, retry=FAST).embed(["a"])
+        message = str(refused.value)
+        assert f"{server.url}/embed" in message and final in message and "s3cretpw" not in message
+        assert "\n" not in message and elsewhere.requests == []  # never followed
+
+
+def test_a_redirect_on_the_same_server_is_followed(server: EmbeddingServer, st_model) -> None:
+    server.script.append(Reply(308, {}, {"Location": "/v2/embeddings"}))  # the API moved on the same server
+    backend = RemoteBackend("openai", model=MODEL, endpoint=server.url + "/v1", retry=FAST)
+    assert np.allclose(backend.embed(["a"]), st_model.encode(["a"]), atol=1e-5)
+    assert [r["path"] for r in server.requests] == ["/v1/embeddings", "/v2/embeddings"]
 
 
 def test_429_honours_retry_after_and_counts_it(server: EmbeddingServer) -> None:
@@ -149,6 +234,12 @@ def test_concurrent_requests_keep_input_order(server: EmbeddingServer, st_model)
         (Reply(200, [[0.1, 0.2], [0.3]]), "uneven length"),
         (Reply(200, [[0.1, float("nan")], [0.3, 0.4]]), "NaN"),
         (Reply(200, {"error": "odd"}), "answered a JSON dict instead of a list of vectors"),
+        # numpy would have turned these into numbers
+        (Reply(200, [["0.1", "0.2"], ["0.3", "0.4"]]), 'answered a string \\("0.1"\\) where numbers belong'),
+        (Reply(200, [[0.1, True], [0.3, 0.4]]), "answered a boolean \\(true\\) where numbers belong"),
+        (Reply(200, [[0.1, None], [0.3, 0.4]]), "answered null where numbers belong"),
+        (Reply(200, [[0.1, [0.2]], [0.3, 0.4]]), "answered a list nested deeper than vectors"),
+        (Reply(200, [[0.1, 0.2], "0.3,0.4"]), "answered a string"),
     ],
 )
 def test_wrong_answers_fail_loudly(server: EmbeddingServer, reply: Reply, message: str) -> None:
@@ -161,6 +252,15 @@ def test_dimension_change_between_batches_fails(server: EmbeddingServer) -> None
     server.script.extend([lambda texts: [[0.5] * 384 for _ in texts], lambda texts: [[0.5] * 768 for _ in texts]])
     with pytest.raises(RemoteError, match="768-dimensional vectors after 384-dimensional"):
         _backend("tei", server, api_batch_size=1, concurrency=1).embed(["a", "b"])
+
+
+def test_one_vector_of_strings_and_openai_strings_fail(server: EmbeddingServer) -> None:
+    server.script.append(Reply(200, ["0.5"] * 384))  # one input: a 1-D answer
+    with pytest.raises(RemoteError, match=r"tei: http://127\.0\.0\.1:\d+/embed answered a string"):
+        _backend("tei", server).embed(["a"])
+    server.script.append(lambda texts: [[str(x) for x in [0.5] * 384] for _ in texts])
+    with pytest.raises(RemoteError, match="openai: .*/v1/embeddings answered a string"):
+        _backend("openai", server).embed(["a", "b"])
 
 
 def test_openai_bad_indexes_fail(server: EmbeddingServer) -> None:
@@ -236,20 +336,26 @@ def test_auto_falls_back_when_the_local_model_cannot_load(tmp_path: Path, server
     assert doc["provenance"]["backends"]["tei"]["requests"] >= 1
 
 
-def test_auto_stops_instead_of_mixing_vector_spaces(tmp_path: Path, server: EmbeddingServer, monkeypatch) -> None:
+def _local_model_breaks_after_two_calls(monkeypatch: pytest.MonkeyPatch, message: str) -> None:
+    """The canary and one batch succeed, then the local model fails as a GPU does (a fault that
+    cannot be caused for real on this CPU machine)."""
     from hfbatch.backends.local import LocalBackend
     from hfbatch.errors import BackendError
 
     calls = {"n": 0}
     real_embed = LocalBackend.embed
 
-    def flaky(self, texts):
+    def flaky(self, texts):  # type: ignore[no-untyped-def]
         calls["n"] += 1
-        if calls["n"] > 2:  # canary + one batch succeed, then the local model breaks
-            raise BackendError("CUDA error: device-side assert (simulated)")
+        if calls["n"] > 2:
+            raise BackendError(message)
         return real_embed(self, texts)
 
     monkeypatch.setattr(LocalBackend, "embed", flaky)
+
+
+def test_auto_stops_instead_of_mixing_vector_spaces(tmp_path: Path, server: EmbeddingServer, monkeypatch) -> None:
+    _local_model_breaks_after_two_calls(monkeypatch, "CUDA error: device-side assert (simulated)")
     rng = np.random.default_rng(0)
     server.script.extend([lambda texts: rng.normal(size=(len(texts), 384)).tolist()] * 10)  # another model behind the API
     src = write_csv(tmp_path / "in.csv", rows_for([f"text {i}" for i in range(20)]))
@@ -260,19 +366,7 @@ def test_auto_stops_instead_of_mixing_vector_spaces(tmp_path: Path, server: Embe
 
 
 def test_auto_switches_mid_job_when_the_remote_agrees(tmp_path: Path, server: EmbeddingServer, monkeypatch) -> None:
-    from hfbatch.backends.local import LocalBackend
-    from hfbatch.errors import BackendError
-
-    calls = {"n": 0}
-    real_embed = LocalBackend.embed
-
-    def flaky(self, texts):
-        calls["n"] += 1
-        if calls["n"] > 2:
-            raise BackendError("out of memory (simulated)")
-        return real_embed(self, texts)
-
-    monkeypatch.setattr(LocalBackend, "embed", flaky)
+    _local_model_breaks_after_two_calls(monkeypatch, "out of memory (simulated)")
     texts = [f"text {i} of the review set" for i in range(20)]
     src = write_csv(tmp_path / "in.csv", rows_for(texts))
     result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", backend="auto", fallback="tei",
@@ -282,6 +376,27 @@ def test_auto_switches_mid_job_when_the_remote_agrees(tmp_path: Path, server: Em
     assert prov["backends"]["local"]["texts_computed"] + prov["backends"]["tei"]["texts_computed"] == 20
     assert result.document["provenance"]["backends"]["tei"]["model_id"] == MODEL
     assert pq.read_table(result.output).column("embedding").null_count == 0
+
+
+def test_auto_refuses_a_remote_of_another_dimension_when_the_local_model_cannot_load(tmp_path: Path,
+                                                                                      server: EmbeddingServer) -> None:
+    server.script.extend([lambda texts: [[0.5] * 768 for _ in texts]] * 10)  # another model behind the API
+    src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
+    out = tmp_path / "o.parquet"
+    with pytest.raises(RemoteError, match="tei answered 768-dimensional vectors but the local model .* makes "
+                                          "384-dimensional ones"):
+        embed_file(EmbedOptions(input=src, output=out, backend="auto", device="cuda", fallback="tei", endpoint=server.url))
+    assert not out.exists()
+
+
+def test_auto_refuses_a_remote_of_another_dimension_mid_job(tmp_path: Path, server: EmbeddingServer, monkeypatch) -> None:
+    _local_model_breaks_after_two_calls(monkeypatch, "out of memory (simulated)")
+    server.script.extend([lambda texts: [[0.5] * 768 for _ in texts]] * 10)
+    src = write_csv(tmp_path / "in.csv", rows_for([f"text {i}" for i in range(20)]))
+    out = tmp_path / "o.parquet"
+    with pytest.raises(RemoteError, match="768-dimensional vectors but the local model .* makes 384-dimensional"):
+        embed_file(EmbedOptions(input=src, output=out, backend="auto", fallback="tei", endpoint=server.url, batch_size=4))
+    assert not out.exists()
 
 
 def test_auto_hands_over_when_the_memory_guard_refuses(tmp_path: Path, server: EmbeddingServer, monkeypatch) -> None:

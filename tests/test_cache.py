@@ -134,8 +134,9 @@ def test_values_in_the_database_are_raw_little_endian_bytes(tmp_path: Path) -> N
     cache.close()
     with sqlite3.connect(directory / "cache.db") as db:
         rows = db.execute("SELECT key, mode, typeof(value), value FROM Cache ORDER BY key").fetchall()
-    assert len(rows) == 2
+    assert len(rows) == 3  # two vectors and the namespace's dimension record
     by_key = {key: (mode, kind, value) for key, mode, kind, value in rows}
+    assert by_key.pop(cache_key("dim|fp-a", "")) == (1, "integer", DIM)
     for text, vector in zip(["one", "two"], vectors):
         mode, kind, value = by_key[cache_key("fp-a", text)]
         assert mode == 1  # diskcache MODE_RAW: stored as-is, never pickled
@@ -287,3 +288,111 @@ def test_a_corrupt_cache_database_does_not_stop_a_job(tmp_path: Path) -> None:
     src = write_csv(tmp_path / "in.csv", rows_for(["one", "two"]))
     result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", cache_dir=tmp_path / "cache"))
     assert result.metrics["rows_embedded"] == 2 and result.metrics["cache"]["enabled"] is False
+
+
+# --- hostile entries: only the database's own BLOB column is ever read -------------------------
+
+def _plant_file_row(directory: Path, key: str, target: Path, mode: int = 2) -> None:
+    """A Cache row as diskcache writes one for a value kept in a file (MODE_BINARY = 2, MODE_TEXT = 3),
+    but naming `target`, a file outside the cache directory, by its absolute path."""
+    now = 1.0e9
+    with sqlite3.connect(directory / "cache.db") as db:
+        db.execute("DELETE FROM Cache WHERE key = ?", (key,))
+        db.execute(
+            "INSERT INTO Cache (key, raw, store_time, expire_time, access_time, access_count, tag, size, mode,"
+            " filename, value) VALUES (?, 1, ?, NULL, ?, 0, NULL, ?, ?, ?, NULL)",
+            (key, now, now, target.stat().st_size, mode, str(target)),
+        )
+
+
+@pytest.mark.parametrize("mode", [2, 3])  # diskcache MODE_BINARY, MODE_TEXT: both name a file
+def test_a_row_naming_a_file_outside_the_cache_is_never_read(tmp_path: Path, mode: int) -> None:
+    directory = tmp_path / "c"
+    _open(directory).close()
+    secret = tmp_path / "outside" / "secret.bin"
+    secret.parent.mkdir()
+    secret.write_bytes(np.full(DIM, 0.5, dtype="<f4").tobytes())  # a valid-length vector, byte for byte
+    for text in ("vector", "bytes"):
+        _plant_file_row(directory, cache_key("fp-a", text), secret, mode)
+    _plant_file_row(directory, cache_key("tokens|fp-a", "vector"), secret, mode)
+
+    cache = _open(directory)
+    assert cache.lookup(["vector"], DIM) == {}
+    assert cache.lookup_tokens(["vector"]) == {}
+    assert cache.lookup_bytes(["bytes"], "fp-a") == {}
+    assert cache.stats.rejected == 3 and cache.stats.hits == 0 and cache.stats.misses == 2
+    cache.close()
+
+
+def test_replacing_or_evicting_a_planted_file_row_deletes_no_file_outside_the_cache(tmp_path: Path) -> None:
+    """diskcache deletes the file a row names when the row is replaced or evicted: a planted row
+    must not turn a store (or the size limit) into deleting a file anywhere on the machine."""
+    directory = tmp_path / "c"
+    _open(directory).close()
+    victims = [tmp_path / f"precious-{i}.txt" for i in range(2)]
+    for victim in victims:
+        victim.write_text("do not delete", encoding="utf-8")
+    _plant_file_row(directory, cache_key("fp-a", "replaced"), victims[0])
+    _plant_file_row(directory, cache_key("fp-a", "evicted"), victims[1])
+
+    cache = _open(directory, size=EVICT_LIMIT)
+    cache.store(["replaced"], _vectors(1))  # overwrites the planted row
+    for start in range(0, 800, 100):  # fills past the size limit: the old planted row is culled
+        cache.store([f"t{i}" for i in range(start, start + 100)], _vectors(100, seed=start))
+    cache.close()
+    with sqlite3.connect(directory / "cache.db") as db:  # both planted rows really went
+        gone = [cache_key("fp-a", t) for t in ("replaced", "evicted")]
+        assert db.execute("SELECT count(*) FROM Cache WHERE key IN (?, ?) AND mode != 1", gone).fetchone()[0] == 0
+    assert all(v.read_text(encoding="utf-8") == "do not delete" for v in victims)
+
+
+def test_values_of_any_size_are_kept_in_the_database_never_in_files(tmp_path: Path) -> None:
+    directory = tmp_path / "c"
+    cache = _open(directory)
+    big = _vectors(1, dim=16384)  # 64 KiB: diskcache would put this in a file by default
+    cache.store(["big"], big)
+    cache.store_bytes(["result"], [b"x" * 100_000], "gen")
+    assert np.array_equal(cache.lookup(["big"], 16384)[0], big[0])
+    assert cache.lookup_bytes(["result"], "gen")[0] == b"x" * 100_000
+    cache.close()
+    with sqlite3.connect(directory / "cache.db") as db:
+        assert db.execute("SELECT count(*) FROM Cache WHERE mode != 1 OR filename IS NOT NULL").fetchone()[0] == 0
+    assert [p.name for p in directory.iterdir() if p.is_dir()] == []  # no value files
+
+
+# --- dimension: a value is only a hit when its size is the model's -----------------------------
+
+def test_without_a_known_dimension_only_the_recorded_one_is_accepted(tmp_path: Path) -> None:
+    """`store` records the dimension of the vectors it keeps; with no dimension given, lookups
+    accept only values of that size, and a namespace with no record (entries planted by hand, or
+    by an older hfbatch) has no hits at all, so a first chunk cannot take its size from a planted value."""
+    cache = _open(tmp_path / "c")
+    cache._cache.set(cache_key("fp-a", "planted"), np.ones(10, dtype="<f4").tobytes())  # no record
+    assert cache.lookup(["planted"], None) == {}
+    assert cache.stats.rejected == 1
+    cache.store(["real"], _vectors(1))  # records 384 for fp-a
+    found = cache.lookup(["real", "planted"], None)
+    assert list(found) == [0] and found[0].shape == (DIM,)
+    assert cache.stats.rejected == 2
+    cache.close()
+
+
+# --- the key is the exact text --------------------------------------------------------------------
+
+def test_nfc_and_nfd_forms_of_a_text_are_two_entries(tmp_path: Path) -> None:
+    """Documented behaviour: texts are not Unicode-normalised, so composed and decomposed forms of
+    one word are two keys, two misses and two vectors (the model may tokenise them differently)."""
+    import unicodedata
+
+    nfc, nfd = unicodedata.normalize("NFC", "café"), unicodedata.normalize("NFD", "café")
+    assert nfc != nfd and cache_key("fp-a", nfc) != cache_key("fp-a", nfd)
+    cache = _open(tmp_path / "c")
+    assert cache.lookup([nfc, nfd], DIM) == {} and cache.stats.misses == 2
+    cache.store([nfc], _vectors(1))
+    assert list(cache.lookup([nfc, nfd], DIM)) == [0]  # the NFD form is still a miss
+    cache.store([nfd], _vectors(1, seed=1))
+    assert len(cache.lookup([nfc, nfd], DIM)) == 2
+    cache.close()
+    with sqlite3.connect(tmp_path / "c" / "cache.db") as db:
+        keys = {k for (k,) in db.execute("SELECT key FROM Cache")}
+    assert {cache_key("fp-a", nfc), cache_key("fp-a", nfd)} <= keys

@@ -65,6 +65,9 @@ def test_quiet_prints_nothing(tmp_path: Path) -> None:
          "--on-invalid 'drop' is not one of"),
         (lambda d: [str(write_csv(d / "in.csv", rows_for(["a"]))), "-o", str(d / "o.parquet"), "--device", "gpu"],
          "--device 'gpu' is not a device"),
+        # refused before the model would load (an unknown model would otherwise be exit 1)
+        (lambda d: [str(write_csv(d / "in.csv", rows_for(["a"]))), "-o", str(d / "o.parquet"), "--max-errors", "-1",
+                    "--model", "nobody/no-such-model"], "--max-errors must be 0 or more (got -1)"),
     ],
 )
 def test_input_errors_exit_2_with_one_line(tmp_path: Path, make_args, message: str) -> None:
@@ -72,6 +75,36 @@ def test_input_errors_exit_2_with_one_line(tmp_path: Path, make_args, message: s
     assert result.exit_code == 2
     assert message in " ".join(result.stderr.split())
     assert "Traceback" not in result.output
+    assert not (tmp_path / "o.parquet").exists()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--temperature", "nan"], "--temperature must be a finite number >= 0 (got nan)"),
+    (["--temperature", "-1"], "--temperature must be a finite number >= 0"),
+    (["--top-p", "0"], "--top-p must be a number in (0, 1]"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+])
+def test_generate_usage_errors_exit_2_before_the_model_loads(tmp_path: Path, flags: list[str], message: str) -> None:
+    src = write_csv(tmp_path / "in.csv", [{"prompt": "hello"}])
+    result = run("generate", str(src), "-o", str(tmp_path / "o.parquet"), "--model", "nobody/no-such-model", *flags)
+    assert result.exit_code == 2, result.output  # the unknown model was never asked for (that would be exit 1)
+    assert message in result.stderr and result.stderr.count("\n") == 1
+    assert not (tmp_path / "o.parquet").exists()
+
+
+def test_errors_are_one_line_when_stderr_is_not_a_terminal(tmp_path: Path) -> None:
+    """Under cron or a Makefile stderr is a pipe; rich would wrap at 80 columns. A missing tokenizer's
+    error (a long library message that spans lines) must still be one line."""
+    src = write_csv(tmp_path / "in.csv", rows_for(["good"]))
+    (tmp_path / "no-tokenizer").mkdir()  # a directory without tokenizer files: transformers' message has 5 lines
+    env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
+    proc = subprocess.run([sys.executable, "-m", "hfbatch", "embed", str(src), "-o", str(tmp_path / "o.parquet"),
+                           "--quiet", "--backend", "tei", "--endpoint", "http://127.0.0.1:9/",
+                           "--tokenizer", str(tmp_path / "no-tokenizer")], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.startswith("ModelLoadError: cannot load the tokenizer of ") and "no-tokenizer" in proc.stderr
+    assert proc.stderr.count("\n") == 1, proc.stderr
     assert not (tmp_path / "o.parquet").exists()
 
 

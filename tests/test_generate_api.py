@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import write_jsonl
-from embedding_server import Reply
+from embedding_server import CaptureServer, Reply, route_through
 from generation_server import GenerationServer
 from hfbatch.backends.generation import GenerationParams
 from hfbatch.errors import TerminalBackendError, TransientBackendError
@@ -111,6 +111,7 @@ def test_tgi_endpoint_without_details_and_no_token_to_third_parties(tmp_path: Pa
                                                                      server: GenerationServer,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     server.details = False  # a server that ignores details=true: counts come from the tokenizer
+    monkeypatch.delenv("HFBATCH_HF_ROUTER")  # the server plays a TGI box here, not the router (which gets the token)
     local = pq.read_table(_run(tmp_path, "local.parquet", tiny_lm, model=str(tiny_lm)).output)
     api = pq.read_table(_run(tmp_path, "tgi.parquet", tiny_lm, model=MODEL, backend="api", endpoint=server.url,
                              tokenizer=str(tiny_lm)).output)
@@ -121,6 +122,27 @@ def test_tgi_endpoint_without_details_and_no_token_to_third_parties(tmp_path: Pa
     _run(tmp_path, "tgi2.parquet", tiny_lm, model=MODEL, backend="api", endpoint=server.url, tokenizer=str(tiny_lm),
          params=GenerationParams(max_new_tokens=5))
     assert server.requests[-1]["authorization"] == "Bearer endpoint-key"
+
+
+def test_no_token_to_a_space_and_no_url_credentials_in_artifacts(tmp_path: Path, tiny_lm: Path,
+                                                                  server: GenerationServer,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    endpoint = server.url.replace("http://", "http://user:s3cretpw@")
+    first = _run(tmp_path, "a.parquet", tiny_lm, model=MODEL, backend="api", endpoint=endpoint, tokenizer=str(tiny_lm))
+    assert {r["authorization"] for r in server.requests} == {"Basic dXNlcjpzM2NyZXRwdw=="}  # user:s3cretpw, not the token
+    assert first.document["provenance"]["backends"]["hf-api"]["endpoint"] == server.url
+    asked = len(server.requests)
+    rotated = _run(tmp_path, "b.parquet", tiny_lm, model=MODEL, backend="api", tokenizer=str(tiny_lm),
+                   endpoint=server.url.replace("http://", "http://user:rotated@"))
+    assert len(server.requests) == asked and rotated.document["metrics"]["cache"]["hits"] == len(set(PROMPTS))
+    assert b"s3cretpw" not in first.sidecar.read_bytes() + first.output.read_bytes()
+    with CaptureServer() as proxy:  # what would leave for a Space, seen through HTTP_PROXY
+        proxy.reply = Reply(200, {"generated_text": "ok"})
+        route_through(monkeypatch, proxy)
+        _run(tmp_path, "c.parquet", tiny_lm, model=MODEL, backend="api", endpoint="http://attacker-space.hf.space/",
+             tokenizer=str(tiny_lm), params=GenerationParams(max_new_tokens=3))
+    assert proxy.requests and {r["target"] for r in proxy.requests} == {"http://attacker-space.hf.space/"}
+    assert all("Authorization" not in r["headers"] for r in proxy.requests)
 
 
 def test_cli_generate_backend_api(tmp_path: Path, tiny_lm: Path, server: GenerationServer) -> None:

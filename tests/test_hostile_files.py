@@ -8,6 +8,7 @@ import csv
 import gzip
 import io
 import json
+import zlib
 from pathlib import Path
 
 import pyarrow as pa
@@ -105,6 +106,9 @@ HANDMADE = {
     "no-text-column.csv": (b"id,body\n0,hello\n", 2),
     "huge-row.csv": (b"id,text\n0," + b"word " * 200_000 + b"\n", 0),
     "quoted-newlines.csv": (b'id,text\n0,"line one\nline two, with ""quotes"""\n1,plain\n', 0),
+    "utf16-excel.csv": ("id,text\n0,hello\n".encode("utf-16"), 2),  # Excel's "Unicode text"
+    "utf16.jsonl": ('{"id": 0, "text": "hello"}\n'.encode("utf-16"), 2),
+    "duplicate-key.jsonl": (b'{"id": 0, "text": "first", "text": "last"}\n', 0),
 }
 
 
@@ -121,7 +125,9 @@ def test_handmade_hostile_files(tmp_path: Path, name: str) -> None:
     else:
         assert pq.read_table(tmp_path / "o.parquet").num_rows == (2 if name in ("blank-lines.jsonl", "numeric-text.csv",
                                                                               "numeric-text.jsonl", "quoted-newlines.csv")
-                                                                  else 1 if name == "huge-row.csv" else 0)
+                                                                  else 1 if name in ("huge-row.csv", "duplicate-key.jsonl") else 0)
+    if name == "duplicate-key.jsonl":  # the last value of a repeated key wins (README, JSONL input)
+        assert pq.read_table(tmp_path / "o.parquet").column("text").to_pylist() == ["last"]
 
 
 def test_truncated_parquet(tmp_path: Path) -> None:
@@ -132,3 +138,75 @@ def test_truncated_parquet(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["embed", str(cut), "-o", str(tmp_path / "o.parquet"), "--no-cache"])
     assert result.exit_code == 2 and "cut.parquet" in result.stderr and "Traceback" not in result.output
     assert not (tmp_path / "o.parquet").exists()
+
+
+MiB = 1 << 20
+
+
+def _gzip_bomb(path: Path, prefix: bytes, inflated_mib: int) -> Path:
+    """`prefix`, then one line of `inflated_mib` MiB with no newline: a gzip of ~1/1000 that size."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # wbits 31: gzip framing
+    with path.open("wb") as handle:
+        handle.write(packer.compress(prefix))
+        for _ in range(inflated_mib):
+            handle.write(packer.compress(b"a" * MiB))
+        handle.write(packer.flush())
+    return path
+
+
+@pytest.mark.parametrize(("name", "prefix", "inflated_mib", "where"), [
+    ("bomb.jsonl.gz", b'{"id": 0, "text": "', 72, "line 1 is longer than --max-line-bytes (64 MiB)"),
+    # pyarrow parses CSV in blocks of up to the cap: a row up to twice the cap may still be read
+    ("bomb.csv.gz", b"id,text\n0,", 136, "data row 1 is longer than --max-line-bytes (64 MiB)"),
+])
+def test_a_gzip_bomb_exits_2_at_the_default_cap(tmp_path: Path, name: str, prefix: bytes, inflated_mib: int,
+                                                where: str) -> None:
+    """One line inflating to 72 / 136 MiB from a gzip of ~100 KB stops at the 64 MiB default before any
+    model work; a 6 GiB line is refused the same way, as early (peak memory: see test_readers)."""
+    path = _gzip_bomb(tmp_path / name, prefix, inflated_mib)
+    result = CliRunner().invoke(app, ["embed", str(path), "-o", str(tmp_path / "o.parquet"), "--no-cache"])
+    assert result.exit_code == 2, result.output
+    assert name in result.stderr and where in result.stderr and "raise --max-line-bytes" in result.stderr
+    assert "Traceback" not in result.output and not (tmp_path / "o.parquet").exists()
+
+
+def test_max_line_bytes_flag_and_variable_set_the_cap(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"id": 0, "text": "word " * (MiB // 2)}) + "\n", encoding="utf-8")  # a 2.5 MiB line
+    runner = CliRunner()
+    refused = runner.invoke(app, ["embed", str(path), "-o", str(tmp_path / "o.parquet"), "--no-cache", "--max-line-bytes", "1MiB"])
+    assert refused.exit_code == 2 and "line 1 is longer than --max-line-bytes (1 MiB)" in refused.stderr
+    monkeypatch.setenv("HFBATCH_MAX_LINE_BYTES", "2MiB")
+    from_env = runner.invoke(app, ["embed", str(path), "-o", str(tmp_path / "o.parquet"), "--no-cache"])
+    assert from_env.exit_code == 2 and "(2 MiB)" in from_env.stderr
+    raised = runner.invoke(app, ["embed", str(path), "-o", str(tmp_path / "o.parquet"), "--no-cache", "--max-line-bytes", "4MiB"])
+    assert raised.exit_code == 0, raised.output
+    assert pq.read_table(tmp_path / "o.parquet").num_rows == 1
+
+
+def test_generate_reads_with_the_same_cap(tmp_path: Path) -> None:
+    path = tmp_path / "long.jsonl"
+    path.write_text(json.dumps({"prompt": "word " * (MiB // 2)}) + "\n", encoding="utf-8")  # a 2.5 MiB line
+    result = CliRunner().invoke(app, ["generate", str(path), "-o", str(tmp_path / "o.parquet"), "--model",
+                                      "nobody/no-such-model", "--max-line-bytes", "1MiB"])
+    assert result.exit_code == 2, result.output  # before the (unknown) model is asked for
+    assert "line 1 is longer than --max-line-bytes (1 MiB)" in result.stderr
+
+
+def test_max_line_bytes_that_is_not_a_size_exits_2(tmp_path: Path) -> None:
+    path = tmp_path / "in.jsonl"
+    path.write_text('{"text": "a"}\n', encoding="utf-8")
+    result = CliRunner().invoke(app, ["embed", str(path), "-o", str(tmp_path / "o.parquet"), "--max-line-bytes", "lots"])
+    assert result.exit_code == 2 and "--max-line-bytes 'lots' is not a size" in result.stderr
+
+
+@pytest.mark.parametrize("name", ["excel.csv", "excel.jsonl", "excel.csv.gz"])
+def test_utf16_input_exits_2_naming_the_encoding_and_the_fix(tmp_path: Path, name: str) -> None:
+    data = ('{"text": "héllo"}\n' if "jsonl" in name else "id,text\n0,héllo\n").encode("utf-16")
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    result = CliRunner().invoke(app, ["embed", str(path), "-o", str(tmp_path / "o.parquet"), "--no-cache"])
+    assert result.exit_code == 2, result.output
+    assert f"{name}: is UTF-16 encoded (byte order mark FF FE); hfbatch reads UTF-8" in result.stderr
+    assert "iconv -f UTF-16 -t UTF-8" in result.stderr and "\x00" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

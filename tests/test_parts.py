@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -154,3 +156,31 @@ def test_cli_refusals_for_many_parts(tmp_path: Path) -> None:
     assert nothing.exit_code == 2 and "no CSV, JSONL or Parquet files" in nothing.stderr
     with pytest.raises(InputError, match="give it as I/N"):
         parse_shard("3-8")
+
+
+_EXPAND = "import json, sys; from hfbatch.parts import expand_inputs; print(json.dumps([str(p) for p in expand_inputs(sys.argv[1])[1]]))"
+
+
+def _expand_with_deadline(pattern: str) -> list[str]:
+    """expand_inputs in a child process, so a glob that hangs fails the test instead of the run."""
+    done = subprocess.run([sys.executable, "-c", _EXPAND, pattern], capture_output=True, text=True, timeout=60, check=True)
+    return json.loads(done.stdout)
+
+
+def test_a_quoted_glob_does_not_follow_symlink_loops(tmp_path: Path) -> None:
+    """glob.glob followed directory symlinks: one loop listed a file 41 times (loop/loop/...), two
+    loops never returned. A glob now walks like a directory input: directory symlinks are not entered."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    for root in (one, two):
+        (root / "sub").mkdir(parents=True)
+        write_csv(root / "a.csv", [{"id": 0, "text": "a"}])
+        write_csv(root / "sub" / "b.csv", [{"id": 1, "text": "b"}])
+    (one / "loop").symlink_to(".", target_is_directory=True)
+    (two / "back").symlink_to(".", target_is_directory=True)
+    (two / "sub" / "up").symlink_to("..", target_is_directory=True)
+    (two / "linked.csv").symlink_to(two / "a.csv")  # a symlink to a file is a part, as in a directory input
+    assert _expand_with_deadline(str(one / "**" / "*.csv")) == [str(one / "a.csv"), str(one / "sub" / "b.csv")]
+    assert _expand_with_deadline(str(two / "**" / "*.csv")) == [str(two / p) for p in ("a.csv", "linked.csv", "sub/b.csv")]
+    assert _expand_with_deadline(str(two / "**")) == [str(two / p) for p in ("a.csv", "linked.csv", "sub/b.csv")]
+    assert _expand_with_deadline(str(two / "*" / "*.csv")) == [str(two / "sub" / "b.csv")]  # not back/a.csv
+    assert expand_inputs(two)[1] == [two / p for p in ("a.csv", "linked.csv", "sub/b.csv")]  # the same rule

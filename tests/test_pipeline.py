@@ -325,3 +325,147 @@ def test_errors_list_every_column_of_the_file(tmp_path: Path, fmt: str) -> None:
     src = WRITERS[fmt](tmp_path / f"in.{fmt}", rows_for(["a", "b"]))
     with pytest.raises(InputError, match="columns are: id, text, rating"):
         embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", keep=["id", "missing"]))
+
+
+# --- hostile cache entries: a planted value never reaches an output ----------------------------
+
+def _plant(cache_dir: Path, fingerprint: str, texts: list[str], value: bytes) -> None:
+    """Put `value` under the real keys of `texts`, as someone with write access to the cache could."""
+    import diskcache
+
+    from hfbatch.cache import _RawOnlyDisk, cache_key
+
+    with diskcache.Cache(str(cache_dir), disk=_RawOnlyDisk) as planted:
+        for text in texts:
+            planted.set(cache_key(fingerprint, text), value)
+
+
+def test_a_wrong_size_value_in_the_first_chunk_is_dropped_and_recomputed(tmp_path: Path) -> None:
+    """It used to be looked up before the dimension was known: `could not broadcast`, exit 1, on every rerun."""
+    src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
+    first = embed_file(EmbedOptions(input=src, output=tmp_path / "a.parquet", chunk_size=3))
+    fingerprint = first.document["provenance"]["fingerprint"]
+    _plant(tmp_path / "cache", fingerprint, [SAMPLE_TEXTS[0]], np.ones(10, dtype="<f4").tobytes())
+    again = embed_file(EmbedOptions(input=src, output=tmp_path / "b.parquet", chunk_size=3))
+    assert again.metrics["cache"]["rejected"] == 1 and again.metrics["texts_computed"] == 1
+    assert pq.read_table(again.output).schema.field("embedding").type == pa.list_(pa.float32(), 384)
+    assert _embeddings(again.output) == _embeddings(first.output)  # every row once, in order, the model's vectors
+    assert again.document["provenance"]["backends"]["local"]["model_loaded"] is True  # it really recomputed
+    healed = embed_file(EmbedOptions(input=src, output=tmp_path / "c.parquet", chunk_size=3))
+    assert healed.metrics["cache"]["rejected"] == 0 and healed.metrics["texts_computed"] == 0  # overwritten
+
+
+def test_all_values_of_a_wrong_size_still_give_the_models_dimension(tmp_path: Path, st_model) -> None:
+    """Every text planted with a 10-float value used to publish a 10-dimensional output with exit 0."""
+    src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
+    fingerprint = LocalBackend("sentence-transformers/all-MiniLM-L6-v2").fingerprint()
+    _plant(tmp_path / "cache", fingerprint, SAMPLE_TEXTS, np.ones(10, dtype="<f4").tobytes())
+    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet"))
+    assert result.document["provenance"]["fingerprint"] == fingerprint  # the plant really hit the job's keys
+    unique = len(set(SAMPLE_TEXTS))
+    assert result.metrics["cache"]["rejected"] == unique and result.metrics["texts_computed"] == unique
+    assert result.document["provenance"]["dim"] == 384
+    got = np.array(_embeddings(result.output), dtype=np.float32)
+    assert got.shape == (len(SAMPLE_TEXTS), 384) and np.allclose(got, st_model.encode(SAMPLE_TEXTS), atol=1e-5)
+
+
+class _DimensionFromTheModelOnly(LocalBackend):
+    """The real model, as a backend that cannot tell its dimension without running (a remote API,
+    a model with a custom module): the cache's own record of the dimension is what checks hits."""
+
+    def __init__(self) -> None:
+        super().__init__("sentence-transformers/all-MiniLM-L6-v2")
+
+    def known_dimension(self) -> int | None:
+        return None
+
+
+def test_without_a_cheap_dimension_a_planted_value_or_record_cannot_change_the_output(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import hfbatch.pipeline as pipeline
+
+    monkeypatch.setattr(pipeline, "make_backend", lambda *a, **k: _DimensionFromTheModelOnly())
+    src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
+    first = embed_file(EmbedOptions(input=src, output=tmp_path / "a.parquet", chunk_size=3))
+    fingerprint = first.document["provenance"]["fingerprint"]
+    ten = np.ones(10, dtype="<f4").tobytes()
+
+    _plant(tmp_path / "cache", fingerprint, [SAMPLE_TEXTS[0]], ten)  # a wrong value, the record still says 384
+    again = embed_file(EmbedOptions(input=src, output=tmp_path / "b.parquet", chunk_size=3))
+    assert again.metrics["cache"]["rejected"] == 1 and again.metrics["texts_computed"] == 1
+    assert again.document["provenance"]["backends"]["local"]["model_loaded"] is True
+    assert _embeddings(again.output) == _embeddings(first.output)
+
+    # a planted record of 10 and a 10-float value: the chunk's computed vectors overrule both
+    import diskcache
+
+    from hfbatch.cache import _DIM_PREFIX, _RawOnlyDisk, cache_key
+
+    with diskcache.Cache(str(tmp_path / "cache"), disk=_RawOnlyDisk) as planted:
+        planted.set(cache_key(_DIM_PREFIX + fingerprint, ""), 10)
+    _plant(tmp_path / "cache", fingerprint, [SAMPLE_TEXTS[0]], ten)
+    (tmp_path / "more.csv").write_text("id,text\n0," + SAMPLE_TEXTS[0] + "\n1,a text never seen before\n", encoding="utf-8")
+    mixed = embed_file(EmbedOptions(input=tmp_path / "more.csv", output=tmp_path / "c.parquet"))
+    assert pq.read_table(mixed.output).schema.field("embedding").type == pa.list_(pa.float32(), 384)
+    assert _embeddings(mixed.output)[0] == _embeddings(first.output)[0]
+    assert mixed.metrics["cache"]["rejected"] == 1
+    fully_cached = embed_file(EmbedOptions(input=src, output=tmp_path / "d.parquet", chunk_size=3))
+    assert fully_cached.metrics["texts_computed"] == 0  # the record was put right by the real vectors
+    assert fully_cached.document["provenance"]["backends"]["local"]["model_loaded"] is False
+    assert _embeddings(fully_cached.output) == _embeddings(first.output)
+
+
+def test_a_row_naming_a_file_outside_the_cache_is_rejected_and_recomputed(tmp_path: Path) -> None:
+    import sqlite3
+
+    from hfbatch.cache import cache_key
+
+    src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
+    first = embed_file(EmbedOptions(input=src, output=tmp_path / "a.parquet"))
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(np.full(384, 0.5, dtype="<f4").tobytes())  # a valid-length float32 vector
+    key = cache_key(first.document["provenance"]["fingerprint"], SAMPLE_TEXTS[1])
+    with sqlite3.connect(tmp_path / "cache" / "cache.db") as db:  # diskcache's file mode (MODE_BINARY = 2)
+        assert db.execute("UPDATE Cache SET mode = 2, filename = ?, value = NULL WHERE key = ?", (str(outside), key)).rowcount == 1
+    again = embed_file(EmbedOptions(input=src, output=tmp_path / "b.parquet"))
+    assert again.metrics["cache"]["rejected"] == 1 and again.metrics["texts_computed"] == 1
+    assert _embeddings(again.output) == _embeddings(first.output)  # not 384 x 0.5
+    assert outside.exists()  # replacing the planted row did not delete the file it named
+
+
+def test_nfc_and_nfd_forms_of_a_text_are_embedded_and_cached_separately(tmp_path: Path) -> None:
+    """Documented: the cache key is the exact text, never Unicode-normalised."""
+    import unicodedata
+
+    texts = [unicodedata.normalize("NFC", "café au lait"), unicodedata.normalize("NFD", "café au lait")]
+    src = write_jsonl(tmp_path / "in.jsonl", rows_for(texts))
+    first = embed_file(EmbedOptions(input=src, output=tmp_path / "a.parquet"))
+    assert first.metrics["cache"]["misses"] == 2 and first.metrics["texts_computed"] == 2
+    assert pq.read_table(first.output).column("text").to_pylist() == texts  # each kept as written
+    again = embed_file(EmbedOptions(input=src, output=tmp_path / "b.parquet"))
+    assert again.metrics["cache"]["hits"] == 2 and again.metrics["texts_computed"] == 0
+
+
+def test_a_planted_dimension_record_found_out_in_a_later_chunk_fails_once_then_heals(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without a cheap dimension, a first chunk that is all hits takes its size from the cache's
+    record. If a planted record and planted values agree, only a vector the model makes can tell:
+    the job stops (nothing published) and the rerun is right."""
+    import diskcache
+
+    import hfbatch.pipeline as pipeline
+    from hfbatch.cache import _DIM_PREFIX, _RawOnlyDisk, cache_key
+
+    monkeypatch.setattr(pipeline, "make_backend", lambda *a, **k: _DimensionFromTheModelOnly())
+    fingerprint = _DimensionFromTheModelOnly().fingerprint()
+    _plant(tmp_path / "cache", fingerprint, SAMPLE_TEXTS[:3], np.ones(10, dtype="<f4").tobytes())
+    with diskcache.Cache(str(tmp_path / "cache"), disk=_RawOnlyDisk) as planted:
+        planted.set(cache_key(_DIM_PREFIX + fingerprint, ""), 10)
+    src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
+    out = tmp_path / "o.parquet"
+    with pytest.raises(BackendError, match="held 10-dimensional vectors for this model, which makes 384-dimensional"):
+        embed_file(EmbedOptions(input=src, output=out, chunk_size=3))
+    assert not out.exists() and not list(tmp_path.glob(".o.parquet*"))
+    result = embed_file(EmbedOptions(input=src, output=out, chunk_size=3))
+    assert result.document["provenance"]["dim"] == 384 and result.metrics["cache"]["rejected"] == 3
+    assert np.array(_embeddings(out)).shape == (len(SAMPLE_TEXTS), 384)

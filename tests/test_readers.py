@@ -5,6 +5,9 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import subprocess
+import sys
+import zlib
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +19,9 @@ from hypothesis import strategies as st
 
 from conftest import WRITERS, write_csv, write_jsonl
 from hfbatch.errors import InputError
+from hfbatch.io import readers
 from hfbatch.io.readers import Chunk, CsvReader, JsonlReader, ParquetReader, open_reader
+from hfbatch.validate import check_columns
 
 EXT = {"csv": ".csv", "jsonl": ".jsonl", "parquet": ".parquet"}
 
@@ -402,3 +407,185 @@ def test_property_jsonl_round_trips_exactly(
     assert all(c.batch.num_rows == chunk_size for c in chunks[:-1])
     assert all(c.invalid == {} for c in chunks)
     assert [r for c in chunks for r in c.batch.to_pylist()] == rows
+
+
+# --- hostile sizes: endless lines, wide files, foreign encodings (issue 11) ---------------------
+
+MiB = 1 << 20
+
+
+def _gzip_bomb(path: Path, prefix: bytes, inflated_mib: int) -> Path:
+    """`prefix`, then `inflated_mib` MiB of one line with no newline, gzipped to ~1/1000 the size."""
+    packer = zlib.compressobj(9, zlib.DEFLATED, 31)  # wbits 31: gzip framing
+    with path.open("wb") as handle:
+        handle.write(packer.compress(prefix))
+        block = b"a" * MiB
+        for _ in range(inflated_mib):
+            handle.write(packer.compress(block))
+        handle.write(packer.flush())
+    return path
+
+
+@pytest.mark.parametrize(("name", "prefix", "where"), [
+    ("bomb.jsonl.gz", b'{"text": "', "line 1 is longer"),
+    ("bomb.csv.gz", b"id,text\n0,", "data row 1 is longer"),
+])
+def test_a_gzip_bomb_line_stops_at_the_cap_with_the_fix(tmp_path: Path, name: str, prefix: bytes, where: str) -> None:
+    path = _gzip_bomb(tmp_path / name, prefix, 48)
+    assert path.stat().st_size < MiB
+    with pytest.raises(InputError) as info:
+        open_reader(path, max_line_bytes=MiB)
+    message = str(info.value)
+    assert str(path) in message and where in message and "--max-line-bytes (1 MiB)" in message
+    assert "raise --max-line-bytes" in message and "\n" not in message
+
+
+_PEAK_MEMORY = """
+import json, resource, sys
+from hfbatch.errors import InputError
+from hfbatch.io.readers import open_reader
+scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+try:
+    open_reader(sys.argv[1], max_line_bytes=int(sys.argv[2]))
+    error = None
+except InputError as exc:
+    error = str(exc)
+print(json.dumps({"error": error, "grew": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale - before}))
+"""
+
+
+@pytest.mark.parametrize(("name", "prefix"), [("bomb.jsonl.gz", b'{"text": "'), ("bomb.csv.gz", b"id,text\n0,")])
+def test_a_gzip_bomb_never_holds_more_than_the_cap_and_a_few_blocks(tmp_path: Path, name: str, prefix: bytes) -> None:
+    """Peak memory of a fresh process (its own ru_maxrss) reading a line that inflates to 96 MiB
+    under a 1 MiB cap: the whole line was read before any check, so it grew by the line's size."""
+    path = _gzip_bomb(tmp_path / name, prefix, 96)
+    done = subprocess.run([sys.executable, "-c", _PEAK_MEMORY, str(path), str(MiB)],
+                          capture_output=True, text=True, timeout=300, check=True)
+    report = json.loads(done.stdout)
+    assert report["error"] and "--max-line-bytes (1 MiB)" in report["error"]
+    assert report["grew"] < 32 * MiB, report
+
+
+def test_jsonl_line_up_to_the_cap_is_read_and_one_byte_more_is_not(tmp_path: Path) -> None:
+    line = json.dumps({"id": 1, "text": "x" * (3 * MiB)}).encode()
+    path = tmp_path / "long.jsonl.gz"
+    path.write_bytes(gzip.compress(b'{"id": 0, "text": "short"}\n' + line + b'\n{"id": 2, "text": "after"}'))
+    reader = open_reader(path, chunk_size=2, max_line_bytes=len(line))
+    assert [(r["id"], len(r["text"])) for r in _read_rows(reader)] == [(0, 5), (1, 3 * MiB), (2, 5)]
+    with pytest.raises(InputError, match=r"line 2 is longer than --max-line-bytes \(3,145,7\d\d bytes\)"):
+        open_reader(path, max_line_bytes=len(line) - 1)
+
+
+def test_jsonl_lines_spanning_read_blocks_round_trip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks of 7 bytes: every line crosses block boundaries; rows and line numbers stay exact."""
+    monkeypatch.setattr(readers, "_READ_BLOCK_BYTES", 7)
+    rows = [{"id": i, "text": "é" * i + "\u2028"} for i in range(12)]
+    path = write_jsonl(tmp_path / "small-blocks.jsonl", rows)
+    assert _read_rows(open_reader(path, chunk_size=5)) == rows
+    path.write_bytes(path.read_bytes() + b'{"id": 12, "text": \n')
+    with pytest.raises(InputError, match="line 13 is not valid JSON"):
+        open_reader(path)
+
+
+def test_csv_row_longer_than_a_block_is_read_up_to_the_cap(tmp_path: Path) -> None:
+    """pyarrow refuses a row longer than its block (1 MiB); the block grows up to the cap, so a
+    4 MiB row in the middle of a file is read whole, with every row once and in order."""
+    rows = [{"id": str(i), "text": ("y" * (4 * MiB) if i == 5 else f"row {i}")} for i in range(10)]
+    path = write_csv(tmp_path / "long-row.csv", rows)
+    reader = open_reader(path, chunk_size=3)
+    assert reader.total_rows == 10
+    assert [(r["id"], len(r["text"])) for r in _read_rows(reader)] == [(r["id"], len(r["text"])) for r in rows]
+    # parsed in blocks of up to the cap, a CSV row is refused for sure past twice the cap
+    with pytest.raises(InputError, match="data row 6 is longer than --max-line-bytes \\(1 MiB\\)"):
+        open_reader(path, max_line_bytes=MiB)
+
+
+def test_csv_block_growth_keeps_every_row_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks start at 16 bytes: the read restarts at each growth and must skip rows it already gave."""
+    monkeypatch.setattr(readers, "_CSV_BLOCK_BYTES", 16)
+    rows = [{"id": str(i), "text": "z" * (i * i * 7)} for i in range(30)]
+    path = write_csv(tmp_path / "growing.csv", rows)
+    reader = open_reader(path, chunk_size=4)
+    assert reader.total_rows == 30
+    assert _read_rows(reader) == rows
+
+
+def test_csv_header_longer_than_the_cap_names_the_header(tmp_path: Path) -> None:
+    path = tmp_path / "long-header.csv"
+    path.write_bytes(b"id," + b"h" * (2 * MiB) + b"\n0,a\n")
+    with pytest.raises(InputError, match="the header row is longer than --max-line-bytes \\(1 MiB\\)"):
+        open_reader(path, max_line_bytes=MiB)
+    assert open_reader(path, max_line_bytes=4 * MiB).total_rows == 1
+
+
+@pytest.mark.parametrize(("name", "data", "encoding", "mark"), [
+    ("excel.csv", "id,text\n0,héllo\n".encode("utf-16"), "UTF-16", "FF FE"),
+    ("big-endian.csv", b"\xfe\xff" + "id,text\n0,a\n".encode("utf-16-be"), "UTF-16", "FE FF"),
+    ("no-mark.csv", "id,text\n0,a\n".encode("utf-16-le"), "UTF-16LE", None),
+    ("utf32.jsonl", '{"text": "a"}\n'.encode("utf-32"), "UTF-32", "FF FE 00 00"),
+    ("excel.jsonl", '{"text": "a"}\n'.encode("utf-16"), "UTF-16", "FF FE"),
+    ("excel.jsonl.gz", gzip.compress('{"text": "a"}\n'.encode("utf-16")), "UTF-16", "FF FE"),
+])
+def test_utf16_and_utf32_files_are_refused_with_the_fix(tmp_path: Path, name: str, data: bytes, encoding: str,
+                                                        mark: str | None) -> None:
+    path = tmp_path / name
+    path.write_bytes(data)
+    with pytest.raises(InputError) as info:
+        open_reader(path)
+    message = str(info.value)
+    assert str(path) in message and encoding in message and "re-save it as UTF-8" in message
+    assert f"iconv -f {encoding} -t UTF-8" in message
+    assert mark is None or f"byte order mark {mark}" in message
+    assert "\x00" not in message and "\n" not in message
+
+
+def test_library_error_text_never_carries_control_bytes(tmp_path: Path) -> None:
+    path = tmp_path / "nul.csv"
+    path.write_bytes(b"id,text\n0,a\n1,b,\x00extra\n")
+    with pytest.raises(InputError) as info:
+        open_reader(path)
+    assert "\x00" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_jsonl_key_given_twice_keeps_its_last_value(tmp_path: Path) -> None:
+    """Documented in the README: like JavaScript's JSON.parse and Python's json, the last value wins,
+    in the text column and in passthrough columns alike."""
+    path = tmp_path / "dupes.jsonl"
+    path.write_bytes(b'{"id": 1, "text": "first", "id": 2, "text": "last"}\n{"text": "only", "id": 3}\n')
+    reader = open_reader(path, text_column="text")
+    assert reader.all_columns == ["id", "text"]
+    assert _read_rows(reader) == [{"id": 2, "text": "last"}, {"id": 3, "text": "only"}]
+
+
+def test_csv_of_100k_columns_opens_checks_and_reads(tmp_path: Path) -> None:
+    """Issue 11 item 9, at the issue's size (a 1 MB CSV of 100k columns took 178 s in quadratic
+    column checks). Speed is measured by the benchmarks; a quadratic step shows here as a very slow test."""
+    names = ["text", *(f"c{i}" for i in range(1, 100_000))]
+    path = tmp_path / "wide.csv"
+    path.write_text(",".join(names) + "\n" + ",".join(["hello", *("x" * (1 + i % 3) for i in range(1, 100_000))]) + "\n")
+    assert path.stat().st_size > 900_000
+    reader = open_reader(path, text_column="text", columns=names)
+    check_columns(path, reader.schema, "text", names, reader.all_columns)
+    [chunk] = list(reader.chunks())
+    assert reader.total_rows == 1 and chunk.batch.num_columns == 100_000
+    assert chunk.batch.schema.names == names
+    assert chunk.batch.column("c99999").to_pylist() == ["x" * (1 + 99_999 % 3)]
+    with pytest.raises(InputError) as info:
+        check_columns(path, reader.schema, "body", None, reader.all_columns)
+    assert "columns are: text, c1, c2" in str(info.value) and "(99,980 more)" in str(info.value)
+    assert len(str(info.value)) < 1_000  # the error names the columns, not all 100k of them
+
+
+def test_parquet_of_20k_columns_opens_checks_and_reads(tmp_path: Path) -> None:
+    """Issue 11 item 9, at the issue's size (a 20k-column Parquet took 55 s to open)."""
+    names = ["text", *(f"c{i}" for i in range(1, 20_000))]
+    path = tmp_path / "wide.parquet"
+    pq.write_table(pa.table({"text": ["a", "b"], **{n: pa.array([i, -i], pa.int32()) for i, n in enumerate(names[1:])}}), path)
+    reader = open_reader(path, text_column="text")
+    check_columns(path, reader.schema, "text", names[::-1], reader.all_columns)
+    chunks = list(reader.chunks())
+    assert reader.all_columns == names and reader.schema.names == names and reader.total_rows == 2
+    assert chunks[0].batch.num_columns == 20_000 and chunks[0].batch.column("c19999").to_pylist() == [19_998, -19_998]
+    with pytest.raises(InputError, match=r"--keep names column\(s\) nope that do not exist"):
+        check_columns(path, reader.schema, "text", [*names, "nope"], reader.all_columns)

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from conftest import SAMPLE_TEXTS, rows_for, write_csv
-from embedding_server import EmbeddingServer, Reply
+from embedding_server import CaptureServer, EmbeddingServer, Reply, route_through
 from hfbatch.cli import app
+from hfbatch.io.writers import read_metadata
 
 SECRET = "hf_SeCrEtToKeN0123456789abcdefXYZ"
 runner = CliRunner()
@@ -67,3 +71,82 @@ def test_relative_paths_leave_no_absolute_path_in_the_sidecar(tmp_path: Path) ->
     assert prov["command"][2] == "../data/in.csv"
     plain = embed_file(EmbedOptions(input=src, output=tmp_path / "results" / "p.parquet", cache_dir=tmp_path / "cache"))
     assert plain.document["provenance"]["input"]["path"] == str(src)  # absolute unless asked
+
+
+def _all_text(tmp_path: Path, printed: list[str]) -> list[tuple[str, bytes]]:
+    """Everything a run left behind: what it printed, and every file it wrote."""
+    files = [(str(p), p.read_bytes()) for p in tmp_path.rglob("*") if p.is_file() and p.suffix not in (".csv",)]
+    return [("printed", text.encode()) for text in printed] + files
+
+
+def test_hf_token_never_goes_to_a_space(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The issue's report: --backend api --endpoint http://attacker-space.hf.space/ok with HF_TOKEN
+    set, watched through HTTP_PROXY at a local capture server."""
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
+    with CaptureServer() as proxy:
+        route_through(monkeypatch, proxy)
+        result = runner.invoke(app, ["embed", str(src), "-o", str(tmp_path / "o.parquet"), "--backend", "api",
+                                     "--endpoint", "http://attacker-space.hf.space/ok", "--no-cache"])
+    assert result.exit_code == 0, result.output
+    posts = [r for r in proxy.requests if r["method"] == "POST"]
+    assert posts and {r["target"] for r in posts} == {"http://attacker-space.hf.space/ok"}
+    assert all("Authorization" not in r["headers"] for r in proxy.requests)
+
+
+def test_url_credentials_never_reach_an_artifact(tmp_path: Path, server: EmbeddingServer,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
+    endpoint = server.url.replace("http://", "http://user:s3cretpw@")
+    args = ["embed", str(src), "-o", str(tmp_path / "o.parquet"), "--backend", "tei", "--endpoint", endpoint, "--json"]
+    monkeypatch.setattr(sys, "argv", ["hfbatch", *args])  # the sidecar records the real command line
+    ok = runner.invoke(app, args)
+    assert ok.exit_code == 0, ok.output
+    assert server.requests[0]["headers"]["Authorization"].startswith("Basic ")  # the credentials were used
+    prov = json.loads(ok.stdout)["provenance"]
+    assert f"http://***@{server.url[7:]}" in prov["command"]
+    assert server.url in prov["fingerprint"] and prov["backends"]["tei"]["endpoint"] == server.url + "/embed"
+    assert read_metadata(tmp_path / "o.parquet")["provenance"]["fingerprint"] == prov["fingerprint"]
+    # other credentials for the same endpoint: the same cache namespace, nothing recomputed
+    rotated = runner.invoke(app, ["embed", str(src), "-o", str(tmp_path / "o2.parquet"), "--backend", "tei",
+                                  "--endpoint", server.url.replace("http://", "http://user:rotated@"), "--json"])
+    assert rotated.exit_code == 0 and json.loads(rotated.stdout)["metrics"]["texts_computed"] == 0
+    server.script.append(Reply(404, {"error": "no such route"}))
+    bad = runner.invoke(app, ["embed", str(src), "-o", str(tmp_path / "bad.parquet"), "--backend", "tei",
+                              "--endpoint", endpoint, "--no-cache", "--debug"])
+    assert bad.exit_code == 1 and "Traceback" in bad.stderr and f"{server.url}/embed answered 404" in bad.stderr
+    for where, data in _all_text(tmp_path, [ok.output, rotated.output, bad.output]):
+        assert b"s3cretpw" not in data, where
+
+
+def test_an_api_key_echoed_by_the_server_is_scrubbed(tmp_path: Path, server: EmbeddingServer,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    key = "key-MyOwnServer-0123456789"
+    monkeypatch.setenv("HFBATCH_API_KEY", key)
+    server.script.append(Reply(401, {"error": f"invalid credentials: Bearer {key}"}))  # as some proxies do
+    src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
+    bad = runner.invoke(app, ["embed", str(src), "-o", str(tmp_path / "o.parquet"), "--backend", "tei",
+                              "--endpoint", server.url, "--debug"])
+    assert server.requests[0]["headers"]["Authorization"] == f"Bearer {key}"  # it was used...
+    assert bad.exit_code == 1 and "answered 401 (invalid credentials: Bearer ***)" in bad.stderr
+    assert key not in bad.output  # ...and never shown, traceback included
+
+
+def test_a_dotenv_router_is_refused(tmp_path: Path) -> None:
+    """A .env in the working directory (a cloned repository's, say) points HFBATCH_HF_ROUTER at a
+    server of its choosing: the real `hfbatch` command refuses it with one warning, and the request
+    goes to the real router instead (seen as a CONNECT at a local proxy, which refuses the tunnel)."""
+    src = write_csv(tmp_path / "in.csv", rows_for(["one text"]))
+    with CaptureServer() as planted, CaptureServer() as proxy:
+        (tmp_path / ".env").write_text(f"HFBATCH_HF_ROUTER={planted.url}\nHFBATCH_TEXT_COLUMN=text\n", encoding="utf-8")
+        env = {k: v for k, v in os.environ.items() if k.upper() not in ("NO_PROXY", "ALL_PROXY")}
+        env.update(HF_TOKEN=SECRET, HTTP_PROXY=proxy.url, HTTPS_PROXY=proxy.url, http_proxy=proxy.url,
+                   https_proxy=proxy.url)
+        run = subprocess.run([sys.executable, "-m", "hfbatch", "embed", str(src), "-o", str(tmp_path / "o.parquet"),
+                              "--backend", "api", "--api-retries", "1", "--no-cache"],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    warnings = [line for line in run.stderr.splitlines() if "HFBATCH_HF_ROUTER" in line]
+    assert len(warnings) == 1 and "ignored HFBATCH_HF_ROUTER from" in warnings[0], run.stderr
+    assert planted.requests == []  # the token (and the texts) never went to the planted router
+    assert [r["target"] for r in proxy.requests] == ["router.huggingface.co:443"]  # but to the real one
+    assert run.returncode == 1 and SECRET not in run.stdout + run.stderr

@@ -34,7 +34,8 @@ def test_capabilities_json(tmp_path: Path) -> None:
     assert info["libraries"]["torch"]["version"]
     missing = [lib for lib in info["libraries"].values() if not lib["version"]]
     assert all(lib["install"].startswith("pip install") for lib in missing)
-    assert info["cache"]["entries"] == 2 * len(set(SAMPLE_TEXTS))  # a vector and a token count per text
+    # a vector and a token count per text, and the dimension record of the model's fingerprint
+    assert info["cache"]["entries"] == 2 * len(set(SAMPLE_TEXTS)) + 1
     assert info["memory"]["available_gb"] > 0 and info["token"] == "not set"
 
 
@@ -54,6 +55,20 @@ def test_connection_local_and_tei(server: EmbeddingServer) -> None:
     (tei,) = json.loads(result.stdout)
     assert result.exit_code == 0 and tei["status"] == "ok" and tei["dim"] == 384
     assert server.requests[-1]["path"] == "/embed"
+
+
+def test_connection_rows_never_show_url_credentials(server: EmbeddingServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    with_password = server.url.replace("http://", "http://user:s3cretpw@")
+    monkeypatch.setenv("HFBATCH_ENDPOINT", with_password)
+    shown = runner.invoke(app, ["capabilities", "--json"])
+    assert shown.exit_code == 0 and "s3cretpw" not in shown.stdout
+    result = runner.invoke(app, ["test-connection", "--backend", "tei", "--json"])
+    (tei,) = json.loads(result.stdout)
+    assert result.exit_code == 0 and tei["status"] == "ok" and tei["endpoint"] == server.url
+    failed = runner.invoke(app, ["test-connection", "--backend", "tei", "--endpoint", "http://user:s3cretpw@127.0.0.1:9",
+                                 "--json"])
+    assert failed.exit_code == 1 and "127.0.0.1:9" in failed.stdout
+    assert "s3cretpw" not in failed.output
 
 
 def test_connection_failure_exits_1_with_the_reason() -> None:

@@ -8,7 +8,7 @@ import pytest
 from platformdirs import user_cache_dir
 
 from hfbatch.errors import InputError
-from hfbatch.settings import BYTES_PER_CACHE_ENTRY, DEFAULT_MODEL, Settings, parse_cache_size
+from hfbatch.settings import BYTES_PER_CACHE_ENTRY, DEFAULT_MODEL, Settings, load_env_file, parse_cache_size
 
 
 def test_defaults_without_environment() -> None:
@@ -89,6 +89,34 @@ def test_default_dotenv_is_dot_env_in_cwd(tmp_path: Path) -> None:
 
 def test_missing_dotenv_file_is_fine(tmp_path: Path) -> None:
     assert Settings.load(environ={}, dotenv=tmp_path / "absent.env").batch_size == 32
+    environ: dict[str, str] = {}
+    load_env_file(tmp_path / "absent.env", environ)
+    assert environ == {}
+
+
+def test_env_file_fills_the_environment_but_never_redirects_credentials(tmp_path: Path,
+                                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("HF_TOKEN=hf_fromdotenv123\nEMBEDDING_BATCH_SIZE=16\nHFBATCH_MODEL=from-dotenv/model\n"
+                      "HFBATCH_HF_ROUTER=http://127.0.0.1:9/capture\nHF_ENDPOINT=http://127.0.0.1:9\n"
+                      "https_proxy=http://127.0.0.1:9\nREQUESTS_CA_BUNDLE=/tmp/planted.pem\n", encoding="utf-8")
+    environ = {"HFBATCH_MODEL": "from-env/model"}
+    load_env_file(dotenv, environ)
+    assert environ == {"HFBATCH_MODEL": "from-env/model",  # the environment wins
+                       "HF_TOKEN": "hf_fromdotenv123", "EMBEDDING_BATCH_SIZE": "16"}
+    warning = capsys.readouterr().err
+    assert warning.count("\n") == 1 and warning.startswith("warning: ignored HFBATCH_HF_ROUTER, HF_ENDPOINT, ")
+    assert "https_proxy" in warning and "REQUESTS_CA_BUNDLE" in warning and str(dotenv) in warning
+    assert "set it in the environment" in warning
+    assert Settings.load(environ={}, dotenv=dotenv).model == "from-dotenv/model"  # the same reader
+
+
+def test_a_router_set_in_the_environment_is_not_warned_about(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("HFBATCH_HF_ROUTER=http://127.0.0.1:9/capture\n", encoding="utf-8")
+    environ = {"HFBATCH_HF_ROUTER": "https://router.example"}
+    load_env_file(dotenv, environ)
+    assert environ == {"HFBATCH_HF_ROUTER": "https://router.example"} and capsys.readouterr().err == ""
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,9 @@ backend that produces the vectors). On start the local model is loaded and embed
 texts; if it cannot load, the remote takes over for the whole job. If it fails later, in the
 middle of a job, the remote embeds the same canaries first: when their cosine to the local
 vectors falls below the threshold (another model or revision behind the API), the job stops
-rather than write an output whose rows live in two vector spaces.
+rather than write an output whose rows live in two vector spaces. A remote whose vectors have
+another dimension than the local model's (known from its files, or its canaries) is refused the
+same way: it serves another model.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import BackendError
+from ..errors import BackendError, RemoteError
 from .local import LocalBackend
 from .remote import RemoteBackend
 
@@ -44,6 +46,7 @@ class FallbackBackend:
         self.canary_min_cosine: float | None = None
         self.texts_by_backend: Counter[str] = Counter()
         self._canary: np.ndarray | None = None
+        self._local_dim: int | None = None  # what the remote's vectors must match once it takes over
         self._started = False
 
     @property
@@ -66,8 +69,17 @@ class FallbackBackend:
     def _switch(self, exc: BaseException, *, mixing: bool) -> None:
         self.reason = f"{type(exc).__name__}: {exc}"
         log.warning("local backend failed (%s); %s takes over", self.reason, self.secondary.name)
+        if self._canary is not None:
+            self._local_dim = int(self._canary.shape[1])
+        else:  # it never embedded: its files may still say the dimension (the remote reads them anyway, for
+            try:  # its token counts); None when they cannot be found or do not say
+                _ = self.primary.model_dir
+                self._local_dim = self.primary.describe().get("dim")
+            except Exception:  # a model that failed to resolve or load may fail to describe itself too
+                self._local_dim = None
         if mixing and self._canary is not None:
             remote = self.secondary.embed(list(CANARY_TEXTS))
+            self._check_dimension(remote.shape[1])
             cosine = (remote * self._canary).sum(1) / (
                 np.linalg.norm(remote, axis=1) * np.linalg.norm(self._canary, axis=1)
             )
@@ -89,7 +101,19 @@ class FallbackBackend:
 
     def dimension(self) -> int:
         self._start()
-        return self.active.dimension()
+        dim = self.active.dimension()
+        if self.active is self.secondary:
+            self._check_dimension(dim)
+        return dim
+
+    def _check_dimension(self, dim: int) -> None:
+        """Refuse a remote whose vectors have another dimension than the local model's."""
+        if self._local_dim is not None and dim != self._local_dim:
+            raise RemoteError(
+                f"{self.secondary.name} answered {dim}-dimensional vectors but the local model "
+                f"{self.model_id} makes {self._local_dim}-dimensional ones, so it serves another model; nothing was "
+                f"written. Rerun with --backend local, or --backend {self.secondary.name} to use its model alone."
+            )
 
     @property
     def max_length(self) -> int:
@@ -110,6 +134,7 @@ class FallbackBackend:
             except BackendError as exc:
                 self._switch(exc, mixing=True)
         vectors = self.secondary.embed(texts)
+        self._check_dimension(vectors.shape[1])
         self.texts_by_backend[self.secondary.name] += len(texts)
         return vectors
 

@@ -9,6 +9,7 @@ the generation budget (the end of a prompt is what the model must continue).
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -28,6 +29,16 @@ class GenerationParams:
     top_p: float = 1.0
     seed: int | None = None
     chat: bool = False
+
+    def check(self) -> None:
+        """Refuse values the model would turn into garbage or a crash later (NaN compares false
+        with everything, so `temperature == 0` would not even mean greedy): exit 2 before any work."""
+        if self.max_new_tokens < 1:
+            raise InputError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens}).")
+        if not math.isfinite(self.temperature) or self.temperature < 0:
+            raise InputError(f"--temperature must be a finite number >= 0 (got {self.temperature}); 0 means greedy.")
+        if not math.isfinite(self.top_p) or not 0 < self.top_p <= 1:
+            raise InputError(f"--top-p must be a number in (0, 1] (got {self.top_p}).")
 
     @property
     def deterministic(self) -> bool:

@@ -8,12 +8,16 @@ request, so they live here once:
   exponential backoff and jitter, bounded by attempts and by a ceiling that is never overshot;
   400/401/403/404/422 are terminal one-line errors with the fix; 413 raises PayloadTooLarge so
   the caller can split its batch;
-- the Hugging Face token only goes to Hugging Face hosts (or the router when no endpoint was
-  given); any other server gets HFBATCH_API_KEY. Errors are built without the token.
+- the Hugging Face token only goes, over https, to Hugging Face hosts and the configured router,
+  decided per request on the URL requests will really connect to; any other server gets
+  HFBATCH_API_KEY. A POST redirected to another server is refused (its vectors would come from a
+  host the provenance does not name). Errors name URLs without user:password@ and are scrubbed
+  of the token and the key.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import threading
@@ -21,14 +25,18 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Mapping
-from urllib.parse import urlparse
+from urllib.parse import urljoin, urlsplit
 
 import numpy as np
 import requests
 from requests.adapters import HTTPAdapter
+from requests.auth import AuthBase, HTTPBasicAuth
+from requests.utils import get_auth_from_url, urldefragauth
+from urllib3.util import parse_url
 from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, stop_before_delay
 
 from ..errors import RemoteError, TerminalBackendError, TransientBackendError
+from ..provenance import redact_text
 
 HF_ROUTER = "https://router.huggingface.co"
 _TRANSIENT_STATUS = {429, 500, 502, 503, 504}
@@ -78,22 +86,75 @@ def resolve_token(explicit: str | None = None) -> str | None:
         return None
 
 
-def is_hf_host(url: str) -> bool:
-    host = (urlparse(url).hostname or "").lower()
-    return host == "huggingface.co" or host.endswith((".huggingface.co", ".huggingface.cloud", ".hf.space"))
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _server(url: str) -> tuple[str, str, int | None]:
+    """(scheme, host, port) as urllib3 parses them: the server requests will really connect to
+    (Python's urlparse reads `https://evil.net\\@huggingface.co/` as huggingface.co; urllib3 does not)."""
+    parts = parse_url(url)
+    scheme, host = (parts.scheme or "").lower(), (parts.host or "").lower().rstrip(".")
+    return scheme, host, parts.port or _DEFAULT_PORTS.get(scheme)
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:  # a name, not an address
+        return host == "localhost"
+
+
+def hf_token_allowed(url: str) -> bool:
+    """May the Hugging Face token go to `url`? Only over https (plain http only to this machine, for
+    tests) and only to huggingface.co and its subdomains, *.huggingface.cloud (Inference Endpoints)
+    or the server of the router (HFBATCH_HF_ROUTER). Spaces (*.hf.space) run their owners' code."""
+    try:
+        scheme, host, port = _server(url)
+        router = _server(hf_router())
+    except ValueError:  # unparseable: nothing to trust
+        return False
+    if scheme != "https" and not (scheme == "http" and _is_loopback(host)):
+        return False
+    if host == "huggingface.co" or host.endswith((".huggingface.co", ".huggingface.cloud")):
+        return True
+    return (scheme, host, port) == router
+
+
+def public_url(url: str) -> str:
+    """`url` without user:password@ (sent as Basic auth, never shown): what errors, the sidecar and
+    the cache fingerprint name, so one endpoint with other credentials is still the same endpoint."""
+    return urldefragauth(url) if "@" in urlsplit(url).netloc else url
+
+
+class _Credentials(AuthBase):
+    """requests' auth hook, run on every prepared request (so on the URL it will connect to): Basic
+    auth from the URL's user:password@, else the HF token where `hf_token_allowed`, else
+    HFBATCH_API_KEY, else nothing."""
+
+    def __init__(self, token: str | None):
+        self.token = token
+
+    def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
+        url = request.url or ""
+        user, password = get_auth_from_url(url)
+        if user or password:
+            return HTTPBasicAuth(user, password)(request)
+        credential = resolve_token(self.token) if hf_token_allowed(url) else os.environ.get("HFBATCH_API_KEY")
+        if credential:
+            request.headers["Authorization"] = f"Bearer {credential}"
+        return request
 
 
 class HttpClient:
     """POST JSON, get JSON back, with hfbatch's retry, error and credential rules.
 
-    `name` labels errors ("hf-api: http://... answered 503 ..."); `router_default` says the URL is
-    the HF router because no --endpoint was given, so the HF token may go there.
+    `name` labels errors ("hf-api: http://... answered 503 ..."); `token` is the HF token to use
+    instead of HF_TOKEN (still only where `hf_token_allowed`).
     """
 
     def __init__(self, name: str, *, concurrency: int = 4, timeout: float = 60.0, retry: RetryPolicy = RetryPolicy(),
-                 token: str | None = None, router_default: bool = False, fixes: Mapping[int, str] | None = None):
+                 token: str | None = None, fixes: Mapping[int, str] | None = None):
         self.name, self.concurrency, self.timeout, self.retry = name, concurrency, timeout, retry
-        self.router_default = router_default
         self.fixes = {**DEFAULT_FIXES, **(fixes or {})}
         self._token = token
         self._lock = threading.Lock()
@@ -115,7 +176,7 @@ class HttpClient:
 
     # --- session and credentials ----------------------------------------------------------------
 
-    def session(self, url: str) -> requests.Session:
+    def session(self) -> requests.Session:
         with self._lock:  # the first requests start on several threads at once
             if self._session is None:
                 session = requests.Session()
@@ -123,24 +184,31 @@ class HttpClient:
                 session.mount("http://", adapter)
                 session.mount("https://", adapter)
                 session.headers["User-Agent"] = "hfbatch"
-                credential = self._credential(url)
-                if credential:
-                    session.headers["Authorization"] = f"Bearer {credential}"
+                session.auth = _Credentials(self._token)  # decided per request, on the URL really used
                 self._session = session
             return self._session
 
-    def _credential(self, url: str) -> str | None:
-        """The Hugging Face token goes to Hugging Face hosts (and the router you configured) only;
-        any other server gets HFBATCH_API_KEY, if set, so a token never leaks to a third party."""
-        if is_hf_host(url) or self.router_default:
-            return resolve_token(self._token)
-        return self._token or os.environ.get("HFBATCH_API_KEY") or None
+    def _same_server_only(self, response: requests.Response, *args: Any, **kwargs: Any) -> None:
+        """Response hook: a redirect to another server is refused before it is followed, so every
+        vector comes from the server the provenance names (requests' own should_strip_auth says
+        what "another server" is: host, port or scheme changed, http -> https upgrades allowed)."""
+        target = self.session().get_redirect_target(response)
+        if target is None:
+            return
+        final = urljoin(response.url, target)
+        if self.session().should_strip_auth(response.url, final):
+            response.close()
+            raise TerminalBackendError(
+                f"{self.name}: {public_url(response.url)} redirected the request ({response.status_code}) to another "
+                f"server, {public_url(final)}; refused, so no vector comes from a server the provenance does not "
+                "name. Point --endpoint at the final URL."
+            )
 
     # --- requests -------------------------------------------------------------------------------
 
     def get_json(self, url: str, timeout: float | None = None) -> Any:
         """One GET, no retries (used for optional facts such as TEI's /info)."""
-        return self.session(url).get(url, timeout=timeout or self.timeout).json()
+        return self.session().get(url, timeout=timeout or self.timeout).json()
 
     def post_json(self, url: str, body: Any) -> Any:
         """POST with retries; the decoded JSON answer, or a one-line error (PayloadTooLarge on 413)."""
@@ -163,27 +231,29 @@ class HttpClient:
 
     def _post(self, url: str, body: Any) -> Any:
         self.count("requests")
+        shown = public_url(url)
         try:
-            response = self.session(url).post(url, json=body, timeout=self.timeout)
+            response = self.session().post(url, json=body, timeout=self.timeout,
+                                           hooks={"response": self._same_server_only})
         except requests.Timeout:
-            raise RetryableHTTPError(f"{self.name}: no answer from {url} within {self.timeout:g}s", "timeout") from None
+            raise RetryableHTTPError(f"{self.name}: no answer from {shown} within {self.timeout:g}s", "timeout") from None
         except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError) as exc:
-            raise RetryableHTTPError(f"{self.name}: cannot connect to {url} ({type(exc).__name__})", "connection") from None
+            raise RetryableHTTPError(f"{self.name}: cannot connect to {shown} ({type(exc).__name__})", "connection") from None
         except requests.RequestException as exc:  # bad URL, redirect loop, undecodable body: retrying won't help
-            raise TerminalBackendError(f"{self.name}: request to {url} failed ({type(exc).__name__}); check --endpoint.") from None
+            raise TerminalBackendError(f"{self.name}: request to {shown} failed ({type(exc).__name__}); check --endpoint.") from None
         status = response.status_code
         if status == 413:
             raise PayloadTooLarge()
         if status in _TRANSIENT_STATUS:
-            raise RetryableHTTPError(f"{self.name}: {url} answered {status} {_error_text(response)}", str(status),
+            raise RetryableHTTPError(f"{self.name}: {shown} answered {status} {_error_text(response)}", str(status),
                                      _server_wait(response))
         if status >= 400:
             fix = self.fixes.get(status, "check the endpoint and model")
-            raise TerminalBackendError(f"{self.name}: {url} answered {status} {_error_text(response)}; {fix}.")
+            raise TerminalBackendError(f"{self.name}: {shown} answered {status} {_error_text(response)}; {fix}.")
         try:
             return response.json()
         except ValueError:
-            raise RemoteError(f"{self.name}: {url} answered {status} with a body that is not JSON; nothing was written.") from None
+            raise RemoteError(f"{self.name}: {shown} answered {status} with a body that is not JSON; nothing was written.") from None
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None
@@ -233,5 +303,6 @@ def _error_text(response: requests.Response) -> str:
             message = message.get("message")
     except ValueError:
         message = response.text
-    message = " ".join(str(message or response.reason or "").split())[:200]
+    # a server may echo the Authorization header (token or HFBATCH_API_KEY) back in its error
+    message = " ".join(redact_text(str(message or response.reason or "")).split())[:200]
     return f"({message})" if message else ""

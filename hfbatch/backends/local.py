@@ -149,6 +149,12 @@ class LocalBackend:
             self._precision = resolve_precision(self.requested_precision, self.requested_device)
         return self._precision
 
+    def known_dimension(self) -> int | None:
+        """The dimension if known without loading the model (config files, or a vector already
+        made): what cached vectors are checked against before the first one is computed."""
+        _ = self.model_dir
+        return self._dim
+
     def dimension(self) -> int:
         _ = self.model_dir
         if self._dim is None:

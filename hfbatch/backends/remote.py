@@ -20,7 +20,7 @@ import numpy as np
 import requests
 
 from ..errors import InputError, ModelLoadError, RemoteError, TerminalBackendError
-from .http import HttpClient, PayloadTooLarge, RetryPolicy, hf_router, resolve_token, short_json
+from .http import HttpClient, PayloadTooLarge, RetryPolicy, hf_router, public_url, resolve_token, short_json
 
 REMOTE_KINDS = ("hf-api", "tei", "openai")
 _FIXES = {422: "the server could not process the inputs; check --model supports feature-extraction"}
@@ -114,7 +114,7 @@ class RemoteBackend:
         if api_batch_size < 1 or concurrency < 1:
             raise InputError("--api-batch-size and --api-concurrency must be at least 1.")
         if endpoint is not None and urlparse(endpoint).scheme not in ("http", "https"):
-            raise InputError(f"--endpoint {endpoint!r} is not an http(s) URL; give it like http://gpu-box:8080.")
+            raise InputError(f"--endpoint {public_url(endpoint)!r} is not an http(s) URL; give it like http://gpu-box:8080.")
         if pooling not in (None, "mean"):
             raise InputError(f"--remote-pooling {pooling!r}: only 'mean' is supported.")
         self.name = kind
@@ -126,8 +126,7 @@ class RemoteBackend:
         self.retry = retry
         self.pooling = pooling
         self._protocol = _PROTOCOLS[kind](model, endpoint, normalize)
-        self._http = HttpClient(kind, concurrency=concurrency, timeout=timeout, retry=retry, token=token,
-                                router_default=kind == "hf-api" and not endpoint, fixes=_FIXES)
+        self._http = HttpClient(kind, concurrency=concurrency, timeout=timeout, retry=retry, token=token, fixes=_FIXES)
         self._batch_size = api_batch_size
         self._batch_lock = threading.Lock()
         self._dim: int | None = None
@@ -148,7 +147,7 @@ class RemoteBackend:
         """Kind, model (and the revision the server or hub reports), endpoint and normalisation:
         vectors of another server, model or revision never share a cache namespace. Asks TEI's
         /info (or the hub) once; unknown revisions leave the endpoint to tell servers apart."""
-        where = self.endpoint or hf_router()
+        where = public_url(self.endpoint or hf_router())  # credentials are not identity
         revision = self.hub_revision()
         served = self.served_model or self.model_id
         return (f"{self.name}:{served}@{revision or 'unresolved'}:{where};"
@@ -204,7 +203,7 @@ class RemoteBackend:
             "backend": self.name,
             "model_id": self.model_id,
             "served_model_id": self.served_model,
-            "endpoint": self._protocol.url() if self.name == "hf-api" or self.endpoint else None,
+            "endpoint": public_url(self._protocol.url()) if self.name == "hf-api" or self.endpoint else None,
             "model_source": f"remote ({self.name})",
             "revision": f"hub:{self.model_id}@{revision}" if revision else None,
             "device": f"remote ({self.name})",
@@ -233,6 +232,10 @@ class RemoteBackend:
         else:
             with ThreadPoolExecutor(max_workers=min(self.concurrency, len(parts))) as pool:
                 results = list(pool.map(self._embed_part, parts))  # map keeps input order
+        dims = {r.shape[1] for r in results}
+        if len(dims) > 1:  # concurrent first requests: each passed the check before _dim was known
+            raise RemoteError(f"{self.name}: {public_url(self._protocol.url())} returned vectors of "
+                              f"{' and '.join(map(str, sorted(dims)))} dimensions in one job; nothing was written.")
         out = np.concatenate(results, axis=0)
         if out.shape[0] != len(texts):
             raise RemoteError(f"{self.name} returned {out.shape[0]} vectors for {len(texts)} texts; nothing was written.")
@@ -254,7 +257,7 @@ class RemoteBackend:
                     self._batch_size = half
                     self._http.count("halvings")
             return np.concatenate([self._embed_part(texts[:half]), self._embed_part(texts[half:])], axis=0)
-        return self._check(self._protocol.vectors(payload, len(texts)), len(texts), url)
+        return self._check(self._protocol.vectors(payload, len(texts)), len(texts), public_url(url))
 
     def _check(self, raw: Any, n: int, url: str) -> np.ndarray:
         """1-D (one input), 2-D (pooled) or 3-D (token level, mean-pooled only when asked)."""
@@ -263,7 +266,12 @@ class RemoteBackend:
                 f"{self.name}: {url} answered a JSON {type(raw).__name__} instead of a list of vectors "
                 f"({short_json(raw)}); nothing was written."
             )
-        if isinstance(raw, list) and raw and isinstance(raw[0], list) and raw[0] and isinstance(raw[0][0], list):
+        token_level = bool(raw) and isinstance(raw[0], list) and bool(raw[0]) and isinstance(raw[0][0], list)
+        one_vector = n == 1 and bool(raw) and not isinstance(raw[0], list)
+        bad = _first_non_number(raw, 3 if token_level else 1 if one_vector else 2)
+        if bad is not None:  # numpy would quietly turn "0.1", true or a nested list into numbers
+            raise RemoteError(f"{self.name}: {url} answered {bad} where numbers belong; nothing was written.")
+        if token_level:
             if self.pooling != "mean":
                 raise RemoteError(
                     f"{self.name}: {url} returned token-level vectors (3-D), not one vector per text; "
@@ -291,6 +299,27 @@ class RemoteBackend:
             array = array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), 1e-12)
         self._dim = array.shape[1]
         return array
+
+
+def _first_non_number(value: Any, depth: int) -> str | None:
+    """The first value of a `depth`-deep list of lists that is not a JSON number, described, or
+    None. (A number where a list belongs is a shape error, left to the shape checks.)"""
+    if depth == 0 or not isinstance(value, list):
+        if type(value) in (int, float):  # not bool: json gives True as a bool, numpy would make it 1.0
+            return None
+        if isinstance(value, list):
+            return f"a list nested deeper than vectors ({short_json(value)[:40]})"
+        if value is None:
+            return "null"
+        kind = {str: "a string", bool: "a boolean", dict: "an object"}.get(type(value), "a value")
+        return f"{kind} ({short_json(value)[:40]})"
+    for item in value:
+        if depth == 1 and type(item) in (int, float):  # the common case, kept cheap (~1,000 per vector)
+            continue
+        bad = _first_non_number(item, depth - 1)
+        if bad is not None:
+            return bad
+    return None
 
 
 def _hub_sha(model: str, token: str | None) -> str | None:

@@ -25,7 +25,7 @@ from urllib.parse import urlparse
 
 from ..errors import InputError, ModelLoadError, RemoteError
 from .generation import GenerationParams, LocalGenerator, Prepared
-from .http import HttpClient, RetryPolicy, hf_router, resolve_token, short_json
+from .http import HttpClient, RetryPolicy, hf_router, public_url, resolve_token, short_json
 
 _FIXES = {422: "the server could not process the prompt; check that --model is a text-generation model",
           400: "the server rejected the request; check --model (is it served for text generation?) and the parameters"}
@@ -38,7 +38,7 @@ class RemoteGenerator:
                  token: str | None = None, concurrency: int = 4, timeout: float = 120.0,
                  retry: RetryPolicy = RetryPolicy(), tokenizer: str | None = None):
         if endpoint is not None and urlparse(endpoint).scheme not in ("http", "https"):
-            raise InputError(f"--endpoint {endpoint!r} is not an http(s) URL; give it like http://tgi-box:8080.")
+            raise InputError(f"--endpoint {public_url(endpoint)!r} is not an http(s) URL; give it like http://tgi-box:8080.")
         if concurrency < 1:
             raise InputError("--api-concurrency must be at least 1.")
         self.model_id, self.params, self.endpoint, self.concurrency = model, params, endpoint, concurrency
@@ -47,7 +47,7 @@ class RemoteGenerator:
         self._local = LocalGenerator(tokenizer or model, params=replace(params, chat=False))
         self._tokenizer_source = tokenizer or model
         self._http = HttpClient(self.name, concurrency=concurrency, timeout=timeout, retry=retry, token=token,
-                                router_default=not endpoint, fixes=_FIXES)
+                                fixes=_FIXES)
         self._revision: str | None = None
         self.load_seconds = 0.0
 
@@ -69,11 +69,12 @@ class RemoteGenerator:
 
             self._revision = _hub_sha(self.model_id, resolve_token(None)) or "" if "/" in self.model_id else ""
         h = hashlib.blake2b(digest_size=16)
-        h.update(f"{self.model_id}@{self._revision or 'unresolved'}|{self.url}|{self.params.key()}".encode())
+        # the URL without user:password@: credentials are not identity, and never hashed into a key
+        h.update(f"{self.model_id}@{self._revision or 'unresolved'}|{public_url(self.url)}|{self.params.key()}".encode())
         return f"generate-api:{h.hexdigest()}"
 
     def describe(self) -> dict[str, Any]:
-        return {"backend": self.name, "model_id": self.model_id, "endpoint": self.url,
+        return {"backend": self.name, "model_id": self.model_id, "endpoint": public_url(self.url),
                 "revision": f"hub:{self.model_id}@{self._revision}" if self._revision else None,
                 "route": "chat-completion" if self.params.chat else "text-generation",
                 "tokenizer": self._tokenizer_source, "api_concurrency": self.concurrency,
@@ -121,7 +122,7 @@ class RemoteGenerator:
                                     "stream": False}
             if p.seed is not None:
                 body["seed"] = p.seed
-            return self._chat_answer(self._http.post_json(url, body), url)
+            return self._chat_answer(self._http.post_json(url, body), public_url(url))
         parameters: dict[str, Any] = {"max_new_tokens": p.max_new_tokens, "do_sample": p.temperature > 0,
                                       "return_full_text": False, "details": True}
         if p.temperature > 0:  # TGI refuses temperature 0; greedy is do_sample false
@@ -129,7 +130,7 @@ class RemoteGenerator:
         if p.seed is not None:
             parameters["seed"] = p.seed
         body = {"inputs": item.text, "parameters": {k: v for k, v in parameters.items() if v is not None}}
-        return self._text_answer(self._http.post_json(url, body), url)
+        return self._text_answer(self._http.post_json(url, body), public_url(url))
 
     def _chat_answer(self, payload: Any, url: str) -> tuple[str, int, str]:
         try:

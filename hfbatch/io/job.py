@@ -43,11 +43,13 @@ def open_job_files(
     keep: Sequence[str] | None,
     added_columns: Sequence[str],
     extra_outputs: Sequence[tuple[str, Path | None]] = (),
+    max_line_bytes: int | None = None,
 ) -> JobFiles:
     """Open the input, check its columns, and prove every output path writable."""
     check_output_path(input, output)
     columns = None if keep is None else list(dict.fromkeys([*keep, text_column]))
-    reader = open_reader(input, fmt=fmt, chunk_size=chunk_size, columns=columns, text_column=text_column)
+    reader = open_reader(input, fmt=fmt, chunk_size=chunk_size, columns=columns, text_column=text_column,
+                         max_line_bytes=max_line_bytes)
     check_columns(input, reader.schema, text_column, keep, reader.all_columns, added_columns=added_columns)
     passthrough = pa.schema([reader.schema.field(n) for n in (keep if keep is not None else reader.schema.names)])
     if output.is_dir():

@@ -2,6 +2,8 @@
 
 The format is decided here, once; the rest of hfbatch never asks which format a row came from.
 Nothing reads the whole file into memory: Parquet by row batches, CSV by blocks, JSONL by lines.
+A JSONL line or CSV row longer than `max_line_bytes` (--max-line-bytes, default 64 MiB) is refused
+once that many bytes are read, so a small gzip that inflates to one endless line cannot fill memory.
 
 Type rules (documented in the README):
 - CSV columns are read as strings, exactly as written, so ids keep leading zeros and a late row
@@ -14,12 +16,15 @@ Type rules (documented in the README):
 
 from __future__ import annotations
 
+import csv
 import gzip
+import io
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import IO, Any, Iterable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -37,8 +42,18 @@ _EXTENSIONS = {
     ".parquet": "parquet",
     ".pq": "parquet",
 }
-_CSV_BLOCK_BYTES = 1 << 20
+_CSV_BLOCK_BYTES = 1 << 20  # CSV starts with this block and grows it (x8, up to the cap) for a longer row
+_READ_BLOCK_BYTES = 1 << 20  # JSONL is read in blocks of this many (decompressed) bytes
+DEFAULT_MAX_LINE_BYTES = 64 << 20
 _SURROGATE_RE = re.compile("[\ud800-\udfff]")
+_CONTROL_RE = re.compile("[\x00-\x08\x0b-\x1f\x7f]")
+# byte order marks of encodings hfbatch does not read (UTF-32 first: its LE mark starts like UTF-16's)
+_FOREIGN_BOMS = (
+    (b"\xff\xfe\x00\x00", "UTF-32", "FF FE 00 00"),
+    (b"\x00\x00\xfe\xff", "UTF-32", "00 00 FE FF"),
+    (b"\xff\xfe", "UTF-16", "FF FE"),
+    (b"\xfe\xff", "UTF-16", "FE FF"),
+)
 
 
 @dataclass
@@ -92,8 +107,10 @@ def open_reader(
     chunk_size: int = 10_000,
     columns: Sequence[str] | None = None,
     text_column: str | None = None,
+    max_line_bytes: int | None = None,
 ) -> Reader:
-    """Open `path` for streaming. `columns` limits what is read (None: all).
+    """Open `path` for streaming. `columns` limits what is read (None: all); `max_line_bytes`
+    caps one JSONL line or CSV row (None: DEFAULT_MAX_LINE_BYTES; Parquet has no lines).
 
     Raises InputError (exit 2) when the file is missing, unreadable or of an unknown format.
     """
@@ -104,9 +121,14 @@ def open_reader(
         raise InputError(f"{path}: is a directory; pass a CSV, JSONL or Parquet file.")
     if chunk_size < 1:
         raise InputError(f"--chunk-size must be at least 1 (got {chunk_size}).")
+    limit = DEFAULT_MAX_LINE_BYTES if max_line_bytes is None else max_line_bytes
+    if limit < 1:
+        raise InputError(f"--max-line-bytes must be at least 1 (got {limit}).")
     fmt = detect_format(path, fmt)
-    cls = {"csv": CsvReader, "jsonl": JsonlReader, "parquet": ParquetReader}[fmt]
-    return cls(path, chunk_size=chunk_size, columns=columns, text_column=text_column)
+    if fmt == "parquet":
+        return ParquetReader(path, chunk_size=chunk_size, columns=columns)
+    cls = CsvReader if fmt == "csv" else JsonlReader
+    return cls(path, chunk_size=chunk_size, columns=columns, text_column=text_column, max_line_bytes=limit)
 
 
 def rechunk(batches: Iterator[pa.RecordBatch], size: int, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
@@ -129,16 +151,23 @@ def rechunk(batches: Iterator[pa.RecordBatch], size: int, schema: pa.Schema) -> 
         yield table.to_batches()[0]
 
 
-def _select(schema: pa.Schema, columns: Sequence[str] | None) -> list[str]:
+def _select(names: list[str], columns: Sequence[str] | None) -> list[str]:
+    """`names` in file order, limited to `columns`; one set lookup per name (a file may have 100k)."""
     if columns is None:
-        return list(schema.names)
-    return [name for name in schema.names if name in set(columns)]
+        return list(names)
+    wanted = set(columns)
+    return [name for name in names if name in wanted]
+
+
+def _repeated(names: Iterable[str]) -> list[str]:
+    """Names that appear more than once, counted in one pass (list.count per name is quadratic)."""
+    return sorted(name for name, count in Counter(names).items() if count > 1)
 
 
 class ParquetReader(Reader):
     format = "parquet"
 
-    def __init__(self, path: Path, *, chunk_size: int, columns: Sequence[str] | None, text_column: str | None):
+    def __init__(self, path: Path, *, chunk_size: int, columns: Sequence[str] | None):
         self.path, self.chunk_size = path, chunk_size
         try:
             # buffered page-by-page reads: a file written as one huge row group still streams
@@ -146,12 +175,14 @@ class ParquetReader(Reader):
         except (pa.ArrowException, OSError) as exc:
             raise InputError(f"{path}: not a readable Parquet file ({_short(exc)}).") from exc
         full = self._file.schema_arrow
-        dupes = sorted({n for n in full.names if full.names.count(n) > 1})
+        names = full.names  # a new list on every access: taken once
+        dupes = _repeated(names)
         if dupes:
-            raise InputError(f"{path}: column name(s) {', '.join(dupes)} appear more than once; rename them so each is unique.")
-        self._columns = _select(full, columns)
-        self.all_columns = list(full.names)
-        self.schema = pa.schema([full.field(name) for name in self._columns], metadata=None)
+            raise InputError(f"{path}: column name(s) {shown_names(dupes)} appear more than once; rename them so each is unique.")
+        self._columns = _select(names, columns)
+        self.all_columns = names
+        wanted = set(self._columns)
+        self.schema = pa.schema([f for f in full if f.name in wanted], metadata=None)
         self.total_rows = self._file.metadata.num_rows
 
     def chunks(self) -> Iterator[Chunk]:
@@ -168,12 +199,18 @@ class ParquetReader(Reader):
 class CsvReader(Reader):
     format = "csv"
 
-    def __init__(self, path: Path, *, chunk_size: int, columns: Sequence[str] | None, text_column: str | None):
-        self.path, self.chunk_size = path, chunk_size
+    def __init__(self, path: Path, *, chunk_size: int, columns: Sequence[str] | None, text_column: str | None,
+                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES):
+        self.path, self.chunk_size, self._limit = path, chunk_size, max_line_bytes
+        # pyarrow refuses a row longer than its block; the block grows only for a file that needs it
+        self._block = min(_CSV_BLOCK_BYTES, max_line_bytes)
+        self._header_ends = self._head_full = False  # the header ends in / fills the first block (_header_hint)
         self._delimiter = "\t" if ".tsv" in [s.lower() for s in path.suffixes] else ","
+        _check_encoding(path)
         names = self._header()
         self.all_columns = names
-        self._columns = names if columns is None else [n for n in names if n in set(columns)]
+        self._columns = _select(names, columns)
+        self._every_column = len(self._columns) == len(names)  # then no include list is passed to pyarrow
         self.schema = pa.schema([pa.field(n, pa.string()) for n in self._columns])
         self.total_rows = self._count_rows()
 
@@ -181,7 +218,8 @@ class CsvReader(Reader):
         stream = pa.input_stream(str(self.path), compression="detect")
         return pacsv.open_csv(
             stream,
-            read_options=pacsv.ReadOptions(block_size=_CSV_BLOCK_BYTES, use_threads=True),
+            # one thread: as fast for narrow files, and 3x faster to open a file of 100k columns
+            read_options=pacsv.ReadOptions(block_size=self._block, use_threads=False),
             parse_options=pacsv.ParseOptions(delimiter=self._delimiter, newlines_in_values=True),
             convert_options=pacsv.ConvertOptions(
                 column_types=types or {},
@@ -191,19 +229,61 @@ class CsvReader(Reader):
             ),
         )
 
-    def _header(self) -> list[str]:
+    def _grow(self) -> bool:
+        """A bigger block (x8, up to the cap) after a row longer than the block; False at the cap."""
+        if self._block >= self._limit:
+            return False
+        self._block = min(self._limit, self._block * 8)
+        return True
+
+    def _too_long(self, where: str) -> InputError:
+        return InputError(
+            f"{self.path}: {where} is longer than --max-line-bytes ({_size(self._limit)}), or opens a quote that is "
+            f"never closed; raise --max-line-bytes (e.g. --max-line-bytes {_size(self._limit * 4, unit=True)}) "
+            "if the row is real, or fix its quoting."
+        )
+
+    def _header_hint(self) -> dict[str, pa.DataType]:
+        """The header as Python's csv reads it from the first MiB, typed string: pyarrow then skips
+        inferring a type per column (seconds for 100k columns). Only a hint: pyarrow's own parse of
+        the header decides the names. Also notes whether the header ends within that MiB."""
+        size = min(self._block, _CSV_BLOCK_BYTES)  # 100k names fit; a bomb's line is not copied thrice
         try:
-            with self._open(None, None) as reader:
-                names = list(reader.schema.names)
-        except (pa.ArrowException, OSError, StopIteration) as exc:
-            raise InputError(f"{self.path}: not a readable CSV file ({_short(exc)}).") from exc
-        dupes = sorted({n for n in names if names.count(n) > 1})
+            with pa.input_stream(str(self.path), compression="detect") as stream:
+                raw = stream.read(size)
+            self._head_full = len(raw) == size
+            head = raw.decode("utf-8-sig", errors="replace")
+            text = io.StringIO(head, newline="")
+            names = next(csv.reader(text, delimiter=self._delimiter), [])
+        except (pa.ArrowException, OSError, csv.Error):  # csv.Error: a field past csv's own limit
+            return {}
+        self._header_ends = head[: text.tell()].endswith(("\n", "\r"))
+        return {name: pa.string() for name in names}
+
+    def _header(self) -> list[str]:
+        hint = self._header_hint()
+        while True:
+            try:
+                with self._open(None, hint) as reader:
+                    names = reader.schema.names
+                break
+            except (pa.ArrowException, OSError, StopIteration) as exc:
+                # pyarrow's words for a row past the block, and for a header past it
+                header_past_block = self._head_full and not self._header_ends and "infer number of columns" in str(exc)
+                too_long = _straddles(exc) or header_past_block
+                if too_long and self._grow():
+                    continue
+                if too_long:
+                    raise self._too_long("data row 1" if self._header_ends else "the header row") from None
+                raise InputError(f"{self.path}: not a readable CSV file ({_short(exc)}).") from exc
+        dupes = _repeated(names)
         if dupes:
-            raise InputError(f"{self.path}: the header repeats column(s) {', '.join(dupes)}; give each column a unique name.")
+            raise InputError(f"{self.path}: the header repeats column(s) {shown_names(dupes)}; give each column a unique name.")
         return names
 
     def _count_rows(self) -> int:
-        """Rows in the file, by a fast parse of the first column only (quoted newlines counted right)."""
+        """Rows in the file, by a fast parse of the first column only (quoted newlines counted right).
+        This first pass also finds the block size the file's longest row needs."""
         first = self._columns[:1] or None
         rows = 0
         for batch in self._batches(first):
@@ -211,22 +291,34 @@ class CsvReader(Reader):
         return rows
 
     def _batches(self, columns: Sequence[str] | None) -> Iterator[pa.RecordBatch]:
+        """Record batches of `columns` (None: all). A row longer than the block restarts the read
+        with a bigger block, skipping the rows already given."""
         types = {n: pa.string() for n in (columns if columns is not None else self._columns)}
-        rows_before = 0
-        try:
-            with self._open(columns, types) as reader:
-                for batch in reader:
-                    rows_before += batch.num_rows
-                    yield batch
-        except (pa.ArrowException, OSError) as exc:
-            raise InputError(
-                f"{self.path}: CSV parse error after data row {rows_before} ({_short(exc)}); "
-                "fix the row (quote fields that hold the delimiter or newlines) or convert the file."
-            ) from exc
+        given = 0  # rows already yielded, over every restart
+        while True:
+            seen = 0
+            try:
+                with self._open(columns, types) as reader:
+                    for batch in reader:
+                        if seen + batch.num_rows > given:
+                            yield batch.slice(max(0, given - seen))
+                            given = seen + batch.num_rows
+                        seen += batch.num_rows
+                return
+            except (pa.ArrowException, OSError) as exc:
+                if _straddles(exc) and self._grow():
+                    continue
+                if _straddles(exc):
+                    raise self._too_long(f"data row {seen + 1}") from None
+                raise InputError(
+                    f"{self.path}: CSV parse error after data row {seen} ({_short(exc)}); "
+                    "fix the row (quote fields that hold the delimiter or newlines) or convert the file."
+                ) from exc
 
     def chunks(self) -> Iterator[Chunk]:
         start = 0
-        for batch in rechunk(self._batches(self._columns), self.chunk_size, self.schema):
+        batches = self._batches(None if self._every_column else self._columns)
+        for batch in rechunk(batches, self.chunk_size, self.schema):
             yield Chunk(batch, start)
             start += batch.num_rows
 
@@ -234,8 +326,10 @@ class CsvReader(Reader):
 class JsonlReader(Reader):
     format = "jsonl"
 
-    def __init__(self, path: Path, *, chunk_size: int, columns: Sequence[str] | None, text_column: str | None):
-        self.path, self.chunk_size = path, chunk_size
+    def __init__(self, path: Path, *, chunk_size: int, columns: Sequence[str] | None, text_column: str | None,
+                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES):
+        self.path, self.chunk_size, self._limit = path, chunk_size, max_line_bytes
+        _check_encoding(path)
         self._wanted = set(columns) if columns is not None else None
         self._text_column = text_column
         self._kinds: dict[str, set[str]] = {}
@@ -248,14 +342,15 @@ class JsonlReader(Reader):
         self._as_json.discard(text_column or "")
 
     def _lines(self) -> Iterator[tuple[int, dict[str, Any] | None]]:
-        """(line number, object) for each non-blank line; None object for a blank line."""
+        """(line number, object) for each non-blank line. A key given twice in one object keeps
+        its last value (Python's json, like JavaScript's JSON.parse)."""
         opener = gzip.open if self.path.suffix.lower() == ".gz" else open
         line_no = 0
         try:
             # Bytes, split on b"\n" only (never on U+2028 or a lone \r inside a JSON string),
             # decoded line by line so a bad byte is reported on its own line.
             with opener(self.path, "rb") as handle:  # type: ignore[operator]
-                for line_no, raw in enumerate(handle, start=1):
+                for line_no, raw in _capped_lines(handle, self._limit, self.path):
                     try:
                         line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
                     except UnicodeDecodeError as exc:
@@ -339,6 +434,75 @@ class JsonlReader(Reader):
         return Chunk(pa.RecordBatch.from_arrays(arrays, schema=self.schema), start, invalid)
 
 
+def _straddles(exc: BaseException) -> bool:
+    """pyarrow's CSV error for a row longer than its block ("straddling object straddles two block boundaries")."""
+    return isinstance(exc, pa.ArrowInvalid) and "straddl" in str(exc)
+
+
+def _capped_lines(stream: IO[bytes], limit: int, path: Path) -> Iterator[tuple[int, bytes]]:
+    """(line number, bytes without the b"\\n") for each line of `stream`, read a block at a time.
+    A line is refused once `limit` of its bytes are read, so memory stays near `limit` plus a
+    block even when a small gzip inflates to one endless line."""
+    partial: list[bytes] = []  # the pieces of a line that spans blocks
+    held = line_no = 0
+    while block := stream.read(_READ_BLOCK_BYTES):
+        *complete, rest = block.split(b"\n")
+        for piece in complete:
+            line_no += 1
+            if held + len(piece) > limit:
+                raise _line_too_long(path, line_no, limit)
+            if partial:
+                piece, partial, held = b"".join([*partial, piece]), [], 0
+            yield line_no, piece
+        if rest:
+            partial.append(rest)
+            held += len(rest)
+            if held > limit:
+                raise _line_too_long(path, line_no + 1, limit)
+    if partial:  # a last line with no newline
+        yield line_no + 1, b"".join(partial)
+
+
+def _line_too_long(path: Path, line_no: int, limit: int) -> InputError:
+    return InputError(
+        f"{path}: line {line_no} is longer than --max-line-bytes ({_size(limit)}); raise --max-line-bytes "
+        f"(e.g. --max-line-bytes {_size(limit * 4, unit=True)}) if the line is real."
+    )
+
+
+def _check_encoding(path: Path) -> None:
+    """Refuse UTF-16/UTF-32 text (Excel's "Unicode text") up front with the fix, instead of a
+    parse error full of NUL bytes later."""
+    try:
+        with pa.input_stream(str(path), compression="detect") as stream:
+            head = stream.read(4)
+    except (pa.ArrowException, OSError):
+        return  # the reader itself reports an unreadable or damaged file
+    for bom, encoding, shown in _FOREIGN_BOMS:
+        if head.startswith(bom):
+            raise InputError(f"{path}: is {encoding} encoded (byte order mark {shown}); hfbatch reads UTF-8: "
+                             f"re-save it as UTF-8 (e.g. iconv -f {encoding} -t UTF-8 {path.name} > utf8-{path.name}).")
+    if len(head) >= 2 and (head[0] == 0) != (head[1] == 0):  # "i\0d\0" or "\0i\0d": ASCII as UTF-16
+        encoding = "UTF-16LE" if head[1] == 0 else "UTF-16BE"
+        raise InputError(f"{path}: looks {encoding} encoded (a NUL byte between the first characters, no byte order "
+                         f"mark); hfbatch reads UTF-8: re-save it as UTF-8 (e.g. iconv -f {encoding} -t UTF-8 "
+                         f"{path.name} > utf8-{path.name}).")
+
+
+def shown_names(names: Sequence[str], most: int = 20) -> str:
+    """Column names for an error message: the first `most`, then how many more (a file may have 100k)."""
+    shown = ", ".join(names[:most]) if names else "(none)"
+    return shown if len(names) <= most else f"{shown}, ... ({len(names) - most:,} more)"
+
+
+def _size(n: int, *, unit: bool = False) -> str:
+    """64 MiB as "64 MiB" (or "64MiB", a value --max-line-bytes takes), odd sizes in bytes."""
+    for factor, name in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if n % factor == 0:
+            return f"{n // factor}{'' if unit else ' '}{name}"
+    return str(n) if unit else f"{n:,} bytes"
+
+
 def _encodable(text: str) -> bool:
     try:
         text.encode("utf-8")
@@ -364,8 +528,11 @@ def _kind(value: Any) -> str:
 
 
 def _short(exc: BaseException) -> str:
+    """A library's message as one short line; control bytes (a NUL from a mis-encoded file) escaped."""
     text = str(exc).strip().splitlines()
-    return (text[0] if text else type(exc).__name__)[:300]
+    line = (text[0] if text else type(exc).__name__)[:300]
+    return _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", line)
 
 
-__all__ = ["Chunk", "Reader", "open_reader", "detect_format", "rechunk", "FORMATS"]
+__all__ = ["Chunk", "Reader", "open_reader", "detect_format", "rechunk", "shown_names", "FORMATS",
+           "DEFAULT_MAX_LINE_BYTES"]
