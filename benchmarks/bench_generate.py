@@ -78,7 +78,7 @@ def raw_loops(model_dir: Path, texts: list[str], max_new: int) -> dict[str, floa
 
 def hfbatch_run(model_dir: Path, src: Path, name: str, max_new: int, **kw) -> dict:
     from hfbatch.backends.generation import GenerationParams
-    from hfbatch.generate import GenerateOptions, run_generate
+    from hfbatch.jobs.generate import GenerateOptions, run_generate
 
     started = time.perf_counter()
     result = run_generate(GenerateOptions(input=src, output=WORK / name, model=str(model_dir), device="cpu",

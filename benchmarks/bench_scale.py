@@ -35,10 +35,10 @@ if kind == "single":
     result = embed_file(opts)
     rows = result.metrics["rows_written"]
 elif kind == "parts":
-    from hfbatch.parts import run_embed_parts
+    from hfbatch.engines.parts import run_embed_parts
     rows = run_embed_parts(opts).document["totals"]["rows_out"]
 else:
-    from hfbatch.ray_engine import run_embed_ray
+    from hfbatch.engines.ray import run_embed_ray
     rows = run_embed_ray(opts, num_workers=int(workers)).document["totals"]["rows_out"]
 print(json.dumps({"s": time.perf_counter() - started, "rows": rows}))
 """

@@ -1,6 +1,6 @@
 """hfbatch: turn files of text into embeddings with Hugging Face models, as a batch job.
 
-    from hfbatch import embed_file, EmbedOptions
+    from . import embed_file, EmbedOptions
     result = embed_file(EmbedOptions(input="reviews.csv", output="reviews.parquet"))
     result.document["metrics"]["rows_per_second"]
 """
@@ -19,7 +19,7 @@ from .errors import (  # noqa: E402
     TransientBackendError,
 )
 from .options import EmbedOptions  # noqa: E402
-from .pipeline import EmbedResult, embed_file, run_embed  # noqa: E402
+from .jobs.embed import EmbedResult, embed_file, run_embed  # noqa: E402
 
 __all__ = [
     "__version__",

@@ -18,8 +18,8 @@ from rich.table import Table
 from . import __version__
 from .errors import HfbatchError, Terminated
 from .options import EmbedOptions
-from .parts import PartsResult, expand_inputs, is_multi_input, merge_job_sidecars, parse_shard, run_embed_parts
-from .pipeline import EmbedResult, run_embed
+from .engines.parts import PartsResult, expand_inputs, is_multi_input, merge_job_sidecars, parse_shard, run_embed_parts
+from .jobs.embed import EmbedResult, run_embed
 from .progress import NullProgress, RichProgress
 from .provenance import redact_text
 from .settings import DEFAULT_MODEL, Settings
@@ -153,7 +153,7 @@ def embed(
         if is_multi_input(input) or engine != "local":
             err.print("InputError: --dry-run plans one input file with the local engine; give one file.")
             raise typer.Exit(2)
-        from .dry_run import plan_embed
+        from .tools.dry_run import plan_embed
 
         report = _run(lambda: plan_embed(options, settings), debug or settings.debug)
         if as_json:
@@ -165,7 +165,7 @@ def embed(
         err.print(f"InputError: --engine {engine!r} is not one of: local, ray.")
         raise typer.Exit(2)
     if engine == "ray":
-        from .ray_engine import run_embed_ray
+        from .engines.ray import run_embed_ray
 
         shard_of = _run(lambda: parse_shard(shard), debug)
         result = _run_job(lambda progress: run_embed_ray(options, shard=shard_of, address=ray_address,
@@ -238,7 +238,7 @@ def verify(
     debug: DebugOpt = False,
 ) -> None:
     """Re-embed a sample of OUTPUT's rows with the recorded model and options; exit 1 if any disagrees."""
-    from .verify import verify_output
+    from .tools.verify import verify_output
 
     report = _run(lambda: verify_output(output, sample=sample, tolerance=tolerance), debug)
     if as_json:
@@ -317,7 +317,7 @@ def generate(
 ) -> None:
     """Generate text for the prompt column of INPUT with a causal LM (local transformers, or the HF Inference API)."""
     from .backends.generation import GenerationParams
-    from .generate import GenerateOptions, run_generate
+    from .jobs.generate import GenerateOptions, run_generate
 
     settings = _settings_or_exit(debug)
     if local and backend != "local":
@@ -363,7 +363,7 @@ def capabilities(
     debug: DebugOpt = False,
 ) -> None:
     """What this machine can do: backends and why not, devices, libraries, memory, cache."""
-    from .service import capabilities as report
+    from .tools.doctor import capabilities as report
 
     settings = _settings_or_exit(debug)
     info = _run(lambda: report(settings), debug or settings.debug)
@@ -406,7 +406,7 @@ def test_connection(
     debug: DebugOpt = False,
 ) -> None:
     """Embed one text with the local model and each configured remote; report latency, dimension, status."""
-    from .service import check_connection
+    from .tools.doctor import check_connection
 
     settings = _settings_or_exit(debug)
     rows = _run(lambda: check_connection(model=model, backend=backend, endpoint=endpoint, settings=settings), debug or settings.debug)
@@ -435,7 +435,7 @@ def models(
     debug: DebugOpt = False,
 ) -> None:
     """List hub models (through huggingface_hub) by search, task and sort."""
-    from .service import list_models
+    from .tools.doctor import list_models
 
     rows = _run(lambda: list_models(search=search, task=task, sort=sort, limit=limit, served=served), debug)
     if as_json:

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Sequence
 
 from .errors import InputError
-from .io.job import check_output_path
+from .io.plan import check_output_path
 from .settings import Settings, parse_byte_size
 from .validate import ON_INVALID
 

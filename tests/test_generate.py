@@ -12,7 +12,7 @@ import pytest
 from conftest import write_csv, write_jsonl
 from hfbatch.backends.generation import GenerationParams, LocalGenerator
 from hfbatch.errors import InputError
-from hfbatch.generate import GenerateOptions, run_generate
+from hfbatch.jobs.generate import GenerateOptions, run_generate
 
 PROMPTS = ["The kettle", "Battery life is", "Arrived broken and", "The kettle", "A very long prompt " * 30]
 

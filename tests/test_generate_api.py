@@ -15,7 +15,7 @@ from embedding_server import CaptureServer, Reply, route_through
 from generation_server import GenerationServer
 from hfbatch.backends.generation import GenerationParams
 from hfbatch.errors import TerminalBackendError, TransientBackendError
-from hfbatch.generate import GenerateOptions, run_generate
+from hfbatch.jobs.generate import GenerateOptions, run_generate
 
 PROMPTS = ["The kettle", "Battery life is", "Arrived broken and", "The kettle", "A very long prompt " * 30]
 TOKEN = "hf_generationSECRET123"

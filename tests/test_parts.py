@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 
 from conftest import SAMPLE_TEXTS, write_csv, write_jsonl, write_parquet
 from hfbatch import EmbedOptions, InputError
-from hfbatch import parts as parts_module
+from hfbatch.engines import parts as parts_module
 from hfbatch.cli import app
-from hfbatch.parts import expand_inputs, merge_job_sidecars, parse_shard, run_embed_parts, shard_of
+from hfbatch.engines.parts import expand_inputs, merge_job_sidecars, parse_shard, run_embed_parts, shard_of
 
 WORDS = "kettle lid battery cable strap zipper screen hinge charger pocket seam button".split()
 
@@ -158,7 +158,7 @@ def test_cli_refusals_for_many_parts(tmp_path: Path) -> None:
         parse_shard("3-8")
 
 
-_EXPAND = "import json, sys; from hfbatch.parts import expand_inputs; print(json.dumps([str(p) for p in expand_inputs(sys.argv[1])[1]]))"
+_EXPAND = "import json, sys; from hfbatch.engines.parts import expand_inputs; print(json.dumps([str(p) for p in expand_inputs(sys.argv[1])[1]]))"
 
 
 def _expand_with_deadline(pattern: str) -> list[str]:

@@ -28,16 +28,16 @@ from typing import Any, Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from .errors import HfbatchError, InputError
-from .io.job import open_job_files
-from .io.readers import Chunk, open_reader
-from .io.writers import ParquetSink
-from .options import EmbedOptions, sidecar_path
+from ..errors import HfbatchError, InputError
+from ..io.plan import open_job_files
+from ..io.readers import Chunk, open_reader
+from ..io.writers import ParquetSink
+from ..options import EmbedOptions, sidecar_path
 from .parts import (PartRecord, PartsResult, earlier_records, expand_inputs, is_multi_input, job_sidecar_path,
                     options_key, part_output, shard_of, skip_if_complete, write_job_sidecar)
-from .provenance import file_digest, library_versions, redact, utc_now
-from .settings import Settings
-from .validate import EMBED_COLUMNS
+from ..provenance import file_digest, library_versions, redact, utc_now
+from ..settings import Settings
+from ..validate import EMBED_COLUMNS
 
 _META = ("__part", "__row", "__invalid")
 _STATS = ("__computed", "__hits", "__actor")
@@ -65,8 +65,8 @@ class EmbedActor:
     def __init__(self, options: EmbedOptions, fingerprint_hint: str | None = None):
         import torch
 
-        from .backends import make_backend
-        from .cache import NullCache, open_cache
+        from ..backends import make_backend
+        from ..cache import NullCache, open_cache
 
         torch.set_num_threads(1)  # one core per actor: more threads than cores thrash
         self.options = options
@@ -76,10 +76,10 @@ class EmbedActor:
         self.id = uuid.uuid4().hex[:12]  # distinct ids seen by the driver = actor starts (restarts show)
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        from .pipeline import _Job
-        from .progress import NullProgress
-        from .provenance import Metrics
-        from .validate import validate_chunk
+        from ..jobs.embed import _Job
+        from ..progress import NullProgress
+        from ..provenance import Metrics
+        from ..validate import validate_chunk
 
         opts = self.options
         rows = table.column("__row").to_pylist()
@@ -210,7 +210,7 @@ def _write_part(relative: str, part: Path, output: Path, out_dir: Path, pieces: 
                 passthrough: pa.Schema) -> PartRecord:
     """Order a part's rows by __row and write them atomically, with a sidecar, like run_embed."""
     started = time.perf_counter()
-    from .pipeline import output_schema
+    from ..jobs.embed import output_schema
 
     table = pa.concat_tables(pieces) if pieces else None
     dim = None

@@ -18,20 +18,20 @@ from typing import Any, Sequence
 
 import pyarrow as pa
 
-from .backends.generation import GenerationParams, LocalGenerator
-from .backends.http import RetryPolicy
-from .backends.remote_generation import RemoteGenerator
-from .cache import NullCache, open_cache
-from .errors import InputError
-from .io.job import open_job_files
-from .io.writers import ParquetSink
-from .options import sidecar_path
-from .overlap import prefetch
-from .progress import NullProgress, ProgressReporter
-from .provenance import file_digest, library_versions, redact, utc_now
-from .resources import peak_rss_mb
-from .settings import Settings, parse_byte_size
-from .validate import ON_INVALID, validate_chunk
+from ..backends.generation import GenerationParams, LocalGenerator
+from ..backends.http import RetryPolicy
+from ..backends.remote_generation import RemoteGenerator
+from ..cache import NullCache, open_cache
+from ..errors import InputError
+from ..io.plan import open_job_files
+from ..io.writers import ParquetSink
+from ..options import sidecar_path
+from .core import prefetch
+from ..progress import NullProgress, ProgressReporter
+from ..provenance import file_digest, library_versions, redact, utc_now
+from ..resources import peak_rss_mb
+from ..settings import Settings, parse_byte_size
+from ..validate import ON_INVALID, validate_chunk
 
 GENERATED_COLUMNS = ("generated_text", "n_prompt_tokens", "n_generated_tokens", "finish_reason", "prompt_truncated",
                      "generation_error")

@@ -14,10 +14,10 @@ from typing import Any
 
 import psutil
 
-from .backends.http import public_url
-from .errors import HfbatchError, InputError, RemoteError
-from .provenance import redact_text
-from .settings import Settings
+from ..backends.http import public_url
+from ..errors import HfbatchError, InputError, RemoteError
+from ..provenance import redact_text
+from ..settings import Settings
 
 # package -> what installing it brings
 _OPTIONAL = {
@@ -42,7 +42,7 @@ def _version(name: str) -> str | None:
 def capabilities(settings: Settings | None = None) -> dict[str, Any]:
     """Backends usable here and why not, devices, libraries, memory and the cache."""
     settings = settings or Settings.load()
-    from .backends.remote import resolve_token
+    from ..backends.remote import resolve_token
 
     libraries = {
         name: {"version": _version(name), "for": purpose, **({} if _version(name) else {"install": hint})}
@@ -106,9 +106,9 @@ def check_connection(
     *, model: str | None = None, backend: str = "local", endpoint: str | None = None, settings: Settings | None = None
 ) -> list[dict[str, Any]]:
     """Embed one text with the local model and with each configured remote; latency, dim, status."""
-    from .backends import backend_name
-    from .backends.local import LocalBackend
-    from .backends.remote import RemoteBackend, RetryPolicy
+    from ..backends import backend_name
+    from ..backends.local import LocalBackend
+    from ..backends.remote import RemoteBackend, RetryPolicy
 
     settings = settings or Settings.load()
     model = model or settings.model

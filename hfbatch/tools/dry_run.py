@@ -14,13 +14,13 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .backends import make_backend
-from .cache import NullCache, open_cache
-from .io.readers import open_reader
-from .options import EmbedOptions
-from .pipeline import known_dimension
-from .settings import Settings
-from .validate import EMBED_COLUMNS, check_columns, validate_chunk
+from ..backends import make_backend
+from ..cache import NullCache, open_cache
+from ..io.readers import open_reader
+from ..options import EmbedOptions
+from ..jobs.embed import known_dimension
+from ..settings import Settings
+from ..validate import EMBED_COLUMNS, check_columns, validate_chunk
 
 SAMPLE = 32
 

@@ -19,10 +19,10 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from .backends import make_backend
-from .errors import HfbatchError, InputError
-from .io.readers import open_reader
-from .options import EmbedOptions, sidecar_path
+from ..backends import make_backend
+from ..errors import HfbatchError, InputError
+from ..io.readers import open_reader
+from ..options import EmbedOptions, sidecar_path
 
 
 class VerifyMismatch(HfbatchError):

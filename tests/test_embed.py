@@ -189,7 +189,7 @@ def test_failed_run_writes_nothing_and_rerun_resumes(tmp_path: Path, monkeypatch
     texts = [f"review {i}: the product number {i} was {'good' if i % 2 else 'bad'}" for i in range(40)]
     src = write_csv(tmp_path / "in.csv", rows_for(texts))
     out = tmp_path / "out.parquet"
-    import hfbatch.pipeline as pipeline
+    import hfbatch.jobs.embed as pipeline
 
     monkeypatch.setattr(pipeline, "make_backend", lambda *a, **k: _FailingAfter(3))
     with pytest.raises(BackendError):
@@ -210,7 +210,7 @@ def test_failed_run_writes_nothing_and_rerun_resumes(tmp_path: Path, monkeypatch
 from hypothesis import given, settings as hsettings
 from hypothesis import strategies as st
 
-from hfbatch.pipeline import plan_batches
+from hfbatch.jobs.embed import plan_batches
 
 
 @hsettings(max_examples=100, deadline=None)
@@ -382,7 +382,7 @@ class _DimensionFromTheModelOnly(LocalBackend):
 
 def test_without_a_cheap_dimension_a_planted_value_or_record_cannot_change_the_output(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import hfbatch.pipeline as pipeline
+    import hfbatch.jobs.embed as pipeline
 
     monkeypatch.setattr(pipeline, "make_backend", lambda *a, **k: _DimensionFromTheModelOnly())
     src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
@@ -453,7 +453,7 @@ def test_a_planted_dimension_record_found_out_in_a_later_chunk_fails_once_then_h
     the job stops (nothing published) and the rerun is right."""
     import diskcache
 
-    import hfbatch.pipeline as pipeline
+    import hfbatch.jobs.embed as pipeline
     from hfbatch.cache import _DIM_PREFIX, _RawOnlyDisk, cache_key
 
     monkeypatch.setattr(pipeline, "make_backend", lambda *a, **k: _DimensionFromTheModelOnly())

@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from conftest import SAMPLE_TEXTS, write_csv, write_jsonl, write_parquet
 from hfbatch import EmbedOptions
 from hfbatch.cli import app
-from hfbatch.parts import run_embed_parts
-from hfbatch.ray_engine import run_embed_ray
+from hfbatch.engines.parts import run_embed_parts
+from hfbatch.engines.ray import run_embed_ray
 
 
 def _parts(root: Path) -> None:

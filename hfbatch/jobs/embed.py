@@ -21,19 +21,19 @@ from typing import Any, Iterator
 import numpy as np
 import pyarrow as pa
 
-from .backends import Backend, make_backend
-from .cache import EmbeddingCache, NullCache, open_cache
-from .errors import BackendError, InputError, TooManyErrors
-from .io.readers import Reader, open_reader
-from .monitoring import ChunkLog, prometheus_text, write_prometheus
-from .overlap import prefetch
-from .io.job import open_job_files
-from .io.writers import ParquetSink, output_schema
-from .options import EmbedOptions
-from .progress import NullProgress, ProgressReporter
-from .provenance import Metrics, file_digest, library_versions, redact, relative_paths, utc_now
-from .settings import Settings
-from .validate import EMBED_COLUMNS, ValidatedChunk, validate_chunk
+from ..backends import Backend, make_backend
+from ..cache import EmbeddingCache, NullCache, open_cache
+from ..errors import BackendError, InputError, TooManyErrors
+from ..io.readers import Reader, open_reader
+from ..monitoring import ChunkLog, prometheus_text, write_prometheus
+from .core import prefetch
+from ..io.plan import open_job_files
+from ..io.writers import ParquetSink, output_schema
+from ..options import EmbedOptions
+from ..progress import NullProgress, ProgressReporter
+from ..provenance import Metrics, file_digest, library_versions, redact, relative_paths, utc_now
+from ..settings import Settings
+from ..validate import EMBED_COLUMNS, ValidatedChunk, validate_chunk
 
 
 @dataclass

@@ -25,14 +25,14 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
-from .errors import HfbatchError, InputError
-from .io.readers import detect_format
-from .io.writers import write_json_atomic
-from .options import EmbedOptions, sidecar_path
-from .pipeline import run_embed
-from .progress import ProgressReporter
-from .provenance import file_digest, library_versions, redact, relative_paths, utc_now
-from .settings import Settings
+from ..errors import HfbatchError, InputError
+from ..io.readers import detect_format
+from ..io.writers import write_json_atomic
+from ..options import EmbedOptions, sidecar_path
+from ..jobs.embed import run_embed
+from ..progress import ProgressReporter
+from ..provenance import file_digest, library_versions, redact, relative_paths, utc_now
+from ..settings import Settings
 
 JOB_SIDECAR = "_hfbatch_job"
 _GLOB_CHARS = set("*?[")

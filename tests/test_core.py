@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from hfbatch.overlap import prefetch
+from hfbatch.jobs.core import prefetch
 
 
 def test_order_and_completeness() -> None:
