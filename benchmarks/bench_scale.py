@@ -2,10 +2,17 @@
 against the plain single-file pipeline on the same rows, in one run.
 
     python benchmarks/bench_scale.py [--parts 4] [--rows-per-part 2500] [--workers 2]
+    python benchmarks/bench_scale.py --driver-memory [--rows-per-part 5000]
 
 Every contender starts with an empty cache. Ray's time includes `ray.init` of a local cluster and
 each actor loading the model; the plain pipeline's includes its own model load (the process has
 not loaded the model before its run: each contender runs in a fresh process).
+
+--driver-memory: the Ray driver's peak RSS over 16 parts against 4 parts of the same size (every
+part holds the same texts under other ids, and the cache is warmed first, so the actors compute
+nothing and the run measures what the driver holds, not the model). A driver that kept every
+part's rows until the end would grow with the parts; one that writes each part as it completes
+stays flat.
 """
 
 from __future__ import annotations
@@ -40,13 +47,16 @@ elif kind == "parts":
 else:
     from hfbatch.engines.ray import run_embed_ray
     rows = run_embed_ray(opts, num_workers=int(workers)).document["totals"]["rows_out"]
-print(json.dumps({"s": time.perf_counter() - started, "rows": rows}))
+import resource
+peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # this process: the driver
+print(json.dumps({"s": time.perf_counter() - started, "rows": rows, "peak_mb": peak_mb}))
 """
 
 
-def run(kind: str, src: Path, out: Path, workers: int) -> dict:
-    cache = WORK / f"cache-{kind}"
-    shutil.rmtree(cache, ignore_errors=True)
+def run(kind: str, src: Path, out: Path, workers: int, cache: Path | None = None) -> dict:
+    if cache is None:
+        cache = WORK / f"cache-{kind}"
+        shutil.rmtree(cache, ignore_errors=True)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     done = subprocess.run([sys.executable, "-c", _RUN, kind, str(src), str(out), str(cache), str(workers)],
                           capture_output=True, text=True, env=env, check=True)
@@ -62,8 +72,11 @@ def main() -> None:
     parser.add_argument("--parts", type=int, default=4)
     parser.add_argument("--rows-per-part", type=int, default=2500)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--driver-memory", action="store_true", help="Ray driver peak RSS, 16 parts vs 4")
     args = parser.parse_args()
     shutil.rmtree(WORK, ignore_errors=True)
+    if args.driver_memory:
+        return driver_memory(args.rows_per_part, args.workers)
     (WORK / "data").mkdir(parents=True)
     texts = corpus(args.parts * args.rows_per_part, seed=21)
     for p in range(args.parts):
@@ -77,6 +90,27 @@ def main() -> None:
     for label, r in (("plain pipeline, one file", single), ("local engine, parts", parts),
                      (f"ray engine, local cluster, {args.workers} actors", ray)):
         print(f"{label:40s} {r['s']:7.2f} s  {r['rows'] / r['s']:7.1f} rows/s  ratio vs plain {single['s'] / r['s']:.2f}x")
+
+
+def driver_memory(rows_per_part: int, workers: int) -> None:
+    from bench_embed import corpus
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = corpus(rows_per_part, seed=22)
+    for count in (4, 16):
+        (WORK / f"data-{count}").mkdir(parents=True)
+        for p in range(count):
+            ids = list(range(p * rows_per_part, (p + 1) * rows_per_part))
+            pq.write_table(pa.table({"id": ids, "text": texts}), WORK / f"data-{count}" / f"part-{p:03d}.parquet")
+    cache = WORK / "cache-shared"
+    warm = run("parts", WORK / "data-4", WORK / "out-warm", workers, cache)  # fills the cache once
+    print(f"{os.cpu_count()} cores; parts of {rows_per_part} rows (the same texts), warm cache "
+          f"(filled in {warm['s']:.1f} s); Ray local cluster, {workers} actors")
+    results = {count: run("ray", WORK / f"data-{count}", WORK / f"out-ray-{count}", workers, cache) for count in (4, 16)}
+    for count, r in results.items():
+        print(f"ray driver, {count:2d} parts ({count * rows_per_part:,} rows): peak RSS {r['peak_mb']:7.1f} MiB, {r['s']:6.2f} s")
+    print(f"driver peak RSS 16 parts / 4 parts: {results[16]['peak_mb'] / results[4]['peak_mb']:.3f} (target <= 1.15)")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,8 @@
     result.document["metrics"]["rows_per_second"]
 """
 
-__version__ = "0.1.0"
-
-from .errors import (  # noqa: E402
+from ._version import __version__
+from .errors import (
     BackendError,
     HfbatchError,
     InputError,
@@ -18,8 +17,8 @@ from .errors import (  # noqa: E402
     TooManyErrors,
     TransientBackendError,
 )
-from .options import EmbedOptions  # noqa: E402
-from .jobs.embed import EmbedResult, embed_file, run_embed  # noqa: E402
+from .options import EmbedOptions
+from .jobs.embed import EmbedResult, embed_file, run_embed
 
 __all__ = [
     "__version__",

@@ -17,10 +17,10 @@ from rich.table import Table
 
 from . import __version__
 from .errors import HfbatchError, Terminated
-from .options import EmbedOptions
 from .engines.parts import PartsResult, expand_inputs, is_multi_input, merge_job_sidecars, parse_shard, run_embed_parts
 from .jobs.embed import EmbedResult, run_embed
-from .progress import NullProgress, RichProgress
+from .monitoring import NullObserver, RichProgress
+from .options import EmbedOptions, GenerateOptions
 from .provenance import redact_text
 from .settings import DEFAULT_MODEL, Settings
 
@@ -49,6 +49,12 @@ ApiRetriesOpt = Annotated[int, typer.Option("--api-retries", help="Attempts per 
 ApiRetryCeilingOpt = Annotated[float, typer.Option("--api-retry-ceiling", help="Give up on a request after this many seconds, retries included.")]
 TrustRemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run Python code that ships with the model (custom architectures). Off unless given: only for models you trust.")]
 TokenizerOpt = Annotated[Optional[str], typer.Option("--tokenizer", help="Hub id or directory of the tokenizer used to count tokens for remote backends (default: --model).")]
+KeepOpt = Annotated[Optional[str], typer.Option("--keep", help="Comma-separated input columns to pass through (default: all).")]
+FormatOpt = Annotated[Optional[str], typer.Option("--format", "-f", help="csv, jsonl or parquet; default: from the extension.")]
+MaxErrorsOpt = Annotated[Optional[int], typer.Option("--max-errors", help="Stop (exit 1, nothing written) once more than N rows are invalid.")]
+MetricsFileOpt = Annotated[Optional[Path], typer.Option("--metrics-file", help="Write Prometheus text metrics here (node_exporter textfile collector), on success and on failure.")]
+LogFileOpt = Annotated[Optional[Path], typer.Option("--log-file", help="Append one JSON line per chunk (and one at the end) to this file.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")]
 
 
 def _version(value: bool) -> None:
@@ -69,8 +75,8 @@ def embed(
     input: Annotated[Path, typer.Argument(help="Input file: .csv, .tsv, .jsonl, .ndjson (optionally .gz) or .parquet; or a directory or quoted glob of such parts.", show_default=False)],
     output: Annotated[Path, typer.Option("--output", "-o", help="Output Parquet file (a <output>.meta.json sidecar is written beside it); a directory when the input is many parts.", show_default=False)],
     text_column: TextColumnOpt = None,
-    keep: Annotated[Optional[str], typer.Option("--keep", help="Comma-separated input columns to pass through (default: all).")] = None,
-    fmt: Annotated[Optional[str], typer.Option("--format", "-f", help="csv, jsonl or parquet; default: from the extension.")] = None,
+    keep: KeepOpt = None,
+    fmt: FormatOpt = None,
     model: ModelOpt = None,
     device: DeviceOpt = None,
     batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Texts per model call. [env: EMBEDDING_BATCH_SIZE; default: 32]")] = None,
@@ -97,17 +103,17 @@ def embed(
     trust_remote_code: TrustRemoteCodeOpt = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Read and check the input, count rows, tokens, cache hits and requests, time a sample for an ETA; write nothing.")] = False,
     relative_paths: Annotated[bool, typer.Option("--relative-paths", help="Write paths in the sidecars relative to the output's folder, to share results without this machine's layout.")] = False,
-    max_errors: Annotated[Optional[int], typer.Option("--max-errors", help="Stop (exit 1, nothing written) once more than N rows are invalid.")] = None,
+    max_errors: MaxErrorsOpt = None,
     max_line_bytes: MaxLineBytesOpt = None,
-    metrics_file: Annotated[Optional[Path], typer.Option("--metrics-file", help="Write Prometheus text metrics here (node_exporter textfile collector), on success and on failure.")] = None,
-    log_file: Annotated[Optional[Path], typer.Option("--log-file", help="Append one JSON line per chunk (and one at the end) to this file.")] = None,
+    metrics_file: MetricsFileOpt = None,
+    log_file: LogFileOpt = None,
     engine: Annotated[str, typer.Option("--engine", help="local (this process), or ray (Ray Data over a cluster; needs hfbatch[ray]).")] = "local",
     ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="With --engine ray: a cluster address (auto, ray://host:10001); default: a local cluster.")] = None,
     num_workers: Annotated[int, typer.Option("--num-workers", help="With --engine ray: embedding actors (each loads the model once).")] = 2,
     gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", help="With --engine ray: GPUs per actor (0 = CPU).")] = 0.0,
     shard: Annotated[Optional[str], typer.Option("--shard", help="I/N: with many input parts, take only shard I of N (1..N), chosen by a hash of each part's path; run N hosts, then hfbatch merge-meta.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the sidecar document (provenance + metrics) to stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
+    quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Embed the text column of INPUT into a Parquet file, with a cache and a provenance sidecar."""
@@ -116,7 +122,7 @@ def embed(
         input=input,
         output=output,
         text_column=text_column,
-        keep=[c.strip() for c in keep.split(",") if c.strip()] if keep else None,
+        keep=_columns(keep),
         format=fmt,
         model=model,
         device=device,
@@ -168,7 +174,7 @@ def embed(
         from .engines.ray import run_embed_ray
 
         shard_of = _run(lambda: parse_shard(shard), debug)
-        result = _run_job(lambda progress: run_embed_ray(options, shard=shard_of, address=ray_address,
+        result = _run_job(lambda observer: run_embed_ray(options, shard=shard_of, address=ray_address,
                                                          num_workers=num_workers, gpus_per_worker=gpus_per_worker,
                                                          settings=settings),
                           _parts_summary, as_json=as_json, quiet=quiet, debug=debug or settings.debug)
@@ -179,10 +185,10 @@ def embed(
                       "(e.g. Parquet row groups written as files) or drop --shard.", soft_wrap=True)
             raise typer.Exit(2)
         shard_of = _run(lambda: parse_shard(shard), debug)
-        result = _run_job(lambda progress: run_embed_parts(options, shard=shard_of, progress=progress, settings=settings),
+        result = _run_job(lambda observer: run_embed_parts(options, shard=shard_of, observer=observer, settings=settings),
                           _parts_summary, as_json=as_json, quiet=quiet, debug=debug or settings.debug)
         return _exit_for_parts(result, on_invalid)
-    result = _run_job(lambda progress: run_embed(options, progress=progress, settings=settings), _summary,
+    result = _run_job(lambda observer: run_embed(options, observer=observer, settings=settings), _summary,
                       as_json=as_json, quiet=quiet, debug=debug or settings.debug)
     _exit_if_marked(result.metrics["rows_invalid"] if options.on_invalid == "mark" else 0)
 
@@ -287,8 +293,8 @@ def generate(
     output: Annotated[Path, typer.Option("--output", "-o", help="Output Parquet file; a <output>.meta.json sidecar is written beside it.", show_default=False)],
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Causal LM: hub id or local directory.")] = None,
     prompt_column: Annotated[str, typer.Option("--prompt-column", help="Column holding the prompt.")] = "prompt",
-    keep: Annotated[Optional[str], typer.Option("--keep", help="Comma-separated input columns to pass through (default: all).")] = None,
-    fmt: Annotated[Optional[str], typer.Option("--format", "-f", help="csv, jsonl or parquet; default: from the extension.")] = None,
+    keep: KeepOpt = None,
+    fmt: FormatOpt = None,
     backend: Annotated[str, typer.Option("--backend", help="local, or api (alias hf-api): the HF Inference API (text generation; chat completion with --chat), or --endpoint (a TGI server or Inference Endpoint).")] = "local",
     local: Annotated[bool, typer.Option("--local", help="Run the model here (the original service's flag; the default).")] = False,
     device: DeviceOpt = None,
@@ -310,31 +316,33 @@ def generate(
     cache_dir: CacheDirOpt = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the cache.")] = False,
     on_invalid: Annotated[str, typer.Option("--on-invalid", help="mark, skip or fail rows with null/empty/non-string prompts.")] = "mark",
+    max_errors: MaxErrorsOpt = None,
     max_line_bytes: MaxLineBytesOpt = None,
+    metrics_file: MetricsFileOpt = None,
+    log_file: LogFileOpt = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the sidecar document to stdout.")] = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")] = False,
+    quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Generate text for the prompt column of INPUT with a causal LM (local transformers, or the HF Inference API)."""
     from .backends.generation import GenerationParams
-    from .jobs.generate import GenerateOptions, run_generate
+    from .jobs.generate import run_generate
 
     settings = _settings_or_exit(debug)
     if local and backend != "local":
         err.print(f"InputError: --local and --backend {backend} contradict each other; give one.")
         raise typer.Exit(2)
     options = GenerateOptions(
-        input=input, output=output, model=model or "", prompt_column=prompt_column,
-        keep=[c.strip() for c in keep.split(",") if c.strip()] if keep else None, format=fmt,
-        device=device or settings.device, precision=precision, trust_remote_code=trust_remote_code, batch_size=batch_size, chunk_size=chunk_size,
+        input=input, output=output, model=model, prompt_column=prompt_column, keep=_columns(keep), format=fmt,
+        device=device, precision=precision, trust_remote_code=trust_remote_code, batch_size=batch_size, chunk_size=chunk_size,
         params=GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=chat),
-        use_cache=False if no_cache else None, cache_dir=cache_dir, on_invalid=on_invalid, max_line_bytes=max_line_bytes,
-        backend=backend, endpoint=endpoint, api_concurrency=api_concurrency, api_timeout=api_timeout,
-        api_retries=api_retries, api_retry_ceiling=api_retry_ceiling, tokenizer=tokenizer,
-        command=["hfbatch", *sys.argv[1:]],
+        use_cache=False if no_cache else None, cache_dir=cache_dir, on_invalid=on_invalid, max_errors=max_errors,
+        max_line_bytes=max_line_bytes, backend=backend, endpoint=endpoint, api_concurrency=api_concurrency,
+        api_timeout=api_timeout, api_retries=api_retries, api_retry_ceiling=api_retry_ceiling, tokenizer=tokenizer,
+        metrics_file=metrics_file, log_file=log_file, command=["hfbatch", *sys.argv[1:]],
     )
-    result = _run_job(lambda progress: run_generate(options, progress=progress, settings=settings), _generate_summary,
-                      as_json=as_json, quiet=quiet, debug=debug or settings.debug)
+    result = _run_job(lambda observer: run_generate(options, observer=observer, settings=settings), _generate_summary,
+                      as_json=as_json, quiet=quiet, debug=debug or settings.debug, label="generating")
     _exit_if_marked(result.document["metrics"]["rows_invalid"] if on_invalid == "mark" else 0)
 
 
@@ -346,10 +354,15 @@ def _generate_summary(result) -> None:  # type: ignore[no-untyped-def]
                      f"cache {m['cache']['hits']:,} hits / {m['cache']['misses']:,} misses"))
 
 
-def _run_job(job, summary, *, as_json: bool, quiet: bool, debug: bool):  # type: ignore[no-untyped-def]
+def _columns(keep: str | None) -> list[str] | None:
+    """--keep id,title -> ["id", "title"]."""
+    return [c.strip() for c in keep.split(",") if c.strip()] if keep else None
+
+
+def _run_job(job, summary, *, as_json: bool, quiet: bool, debug: bool, label: str = "embedding"):  # type: ignore[no-untyped-def]
     """Run a job with a progress bar (or none), then print its document (--json) or its summary."""
-    progress = NullProgress() if (quiet or as_json) else RichProgress(err)
-    result = _run(lambda: job(progress), debug)
+    observer = NullObserver() if (quiet or as_json) else RichProgress(err, label=label)
+    result = _run(lambda: job(observer), debug)
     if as_json:
         _print_json(result.document)
     elif not quiet:

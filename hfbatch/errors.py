@@ -1,8 +1,26 @@
 """The error hierarchy users can catch.
 
-Each error carries the exit code the CLI returns for it, and a message that says what went wrong,
-where (file, row, column) and the fix. The CLI prints the message on one line; tracebacks only
-with --debug.
+    HfbatchError                  exit 1   every error hfbatch raises on purpose
+    ├── InputError                exit 2   bad flag, file, column or row: found before any work
+    ├── TooManyErrors             exit 1   more invalid rows than --max-errors
+    ├── OutputError               exit 1   the output could not be written
+    └── BackendError              exit 1   no vectors (or completions) for a batch
+        ├── ModelLoadError                 the model cannot be found, downloaded or loaded
+        │                                  (hfbatch.resources.MemoryGuardError: it would not fit)
+        └── RemoteError                    an HTTP backend failed or answered wrongly
+            ├── TransientBackendError      transient: unreachable, timed out, 429, 5xx (retried first)
+            └── TerminalBackendError       refused: 4xx, a redirect elsewhere, one text too large
+    Terminated (a BaseException)  exit 128 + signal: SIGTERM / SIGHUP, unwinds like Ctrl-C
+
+Two properties of each class, read by the code that handles them, never inferred from a message:
+- `exit_code`: what the CLI returns for it;
+- `transient`: whether the same request may succeed if tried again. Retries (backends/http.py)
+  decide by this property alone. Only TransientBackendError is transient; every other error,
+  a malformed answer included, is terminal. TransientBackendError and TerminalBackendError are
+  the two kinds of RemoteError, named so `except TransientBackendError` reads as what it means.
+
+Each message says what went wrong, where (file, row, column) and the fix. The CLI prints it on one
+line; tracebacks only with --debug.
 """
 
 from __future__ import annotations
@@ -12,6 +30,7 @@ class HfbatchError(Exception):
     """Base of every error hfbatch raises on purpose."""
 
     exit_code = 1
+    transient = False
 
 
 class InputError(HfbatchError):
@@ -23,35 +42,34 @@ class InputError(HfbatchError):
 class TooManyErrors(HfbatchError):
     """More rows were invalid than --max-errors allows: the job stops, nothing is written."""
 
-    exit_code = 1
-
 
 class OutputError(HfbatchError):
     """The output could not be written; nothing was left at the output path."""
 
-    exit_code = 1
-
 
 class BackendError(HfbatchError):
-    """A backend could not produce vectors."""
-
-    exit_code = 1
+    """A backend could not produce vectors (or completions)."""
 
 
 class ModelLoadError(BackendError):
     """The model could not be found, downloaded or loaded."""
 
 
-class TransientBackendError(BackendError):
-    """A failure worth retrying (timeouts, overloaded servers)."""
-
-
-class TerminalBackendError(BackendError):
-    """A failure that retrying will not fix (bad request, wrong credentials)."""
-
-
 class RemoteError(BackendError):
-    """An HTTP backend answered with an error or an answer of the wrong shape."""
+    """An HTTP backend failed: it could not be reached, refused the request, or answered with
+    something that is not what was asked for (wrong shape, not JSON, NaN)."""
+
+
+class TransientBackendError(RemoteError):
+    """A failure worth retrying (timeouts, refused connections, 429, overloaded servers); raised
+    once the retries are spent."""
+
+    transient = True
+
+
+class TerminalBackendError(RemoteError):
+    """A request the server refused in a way retrying will not fix (bad request, wrong credentials,
+    a redirect to another server, a single text too large)."""
 
 
 class Terminated(BaseException):
@@ -60,6 +78,8 @@ class Terminated(BaseException):
     129). A BaseException, like KeyboardInterrupt, so that no `except Exception` on the way
     swallows it."""
 
+    transient = False
+
     def __init__(self, signum: int = 15, name: str = "SIGTERM"):
         super().__init__(name)
         self.signum, self.name = signum, name
@@ -67,3 +87,9 @@ class Terminated(BaseException):
     @property
     def exit_code(self) -> int:
         return 128 + self.signum
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether `exc` may go away if the same request is tried again: the `transient` property of
+    hfbatch's errors; anything else (a bug, an OSError) is not retried."""
+    return isinstance(exc, HfbatchError) and exc.transient

@@ -1,18 +1,177 @@
-"""Monitoring for cron jobs: a Prometheus textfile (node_exporter's textfile collector) and a
-structured log with one JSON line per chunk. Both are optional and cost nothing when unused.
+"""One observer of a job, injected: what the jobs report while they run, and to whom.
+
+A job calls only its Observer: `start(total_rows)`, `advance(rows, hit_rate=)` as rows get their
+results, `chunk(first_row, rows, metrics)` after each chunk is written, then `done(document)` or
+`failed(error)`. `NullObserver` (the default) reports nothing; `RichProgress` draws the bar for
+people; `MonitoringFiles` keeps the files of cron jobs: a Prometheus textfile (node_exporter's
+textfile collector) and a structured log with one JSON line per chunk (`--metrics-file`,
+`--log-file`); `watch()` composes what one job asked for. Trouble writing the monitoring files
+never fails a job, nor hides the error of one that failed.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+
+from .errors import InputError
 from .io.writers import temp_path_for
-from .provenance import utc_now
+from .provenance import Metrics, utc_now
 from .resources import peak_rss_mb
+
+log = logging.getLogger(__name__)
+
+
+class Observer(Protocol):
+    def start(self, total_rows: int | None) -> None: ...
+    def advance(self, rows: int, *, hit_rate: float) -> None: ...
+    def chunk(self, first_row: int, rows: int, metrics: Metrics) -> None: ...
+    def done(self, document: Mapping[str, Any]) -> None: ...
+    def failed(self, error: BaseException) -> None: ...
+
+
+class NullObserver:
+    """Reports nothing; the library default."""
+
+    def start(self, total_rows: int | None) -> None:
+        pass
+
+    def advance(self, rows: int, *, hit_rate: float) -> None:
+        pass
+
+    def chunk(self, first_row: int, rows: int, metrics: Metrics) -> None:
+        pass
+
+    def done(self, document: Mapping[str, Any]) -> None:
+        pass
+
+    def failed(self, error: BaseException) -> None:
+        pass
+
+
+class RichProgress(NullObserver):
+    """Rows done / total, rows per second and cache hit rate, on stderr."""
+
+    def __init__(self, console: Console | None = None, *, label: str = "embedding"):
+        self._bar = Progress(
+            TextColumn(f"[bold]{label}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TaskProgressColumn(),
+            TextColumn("{task.fields[rate]} rows/s · cache hits {task.fields[hits]}"),
+            TimeElapsedColumn(),
+            console=console or Console(stderr=True),
+            transient=False,
+        )
+        self._task = None
+
+    def start(self, total_rows: int | None) -> None:
+        self._bar.start()
+        self._task = self._bar.add_task("job", total=total_rows, rate="-", hits="-")
+
+    def advance(self, rows: int, *, hit_rate: float) -> None:
+        if self._task is None:
+            return
+        self._bar.advance(self._task, rows)
+        speed = self._bar.tasks[0].speed
+        self._bar.update(self._task, rate=f"{speed:,.0f}" if speed else "-", hits=f"{hit_rate:.0%}")
+
+    def done(self, document: Mapping[str, Any]) -> None:
+        self._bar.stop()
+
+    def failed(self, error: BaseException) -> None:
+        self._bar.stop()
+
+
+class MonitoringFiles(NullObserver):
+    """--log-file (a JSON line per chunk, and one at the end) and --metrics-file (Prometheus text,
+    on success and on failure), labelled with the job's input, output, model and backend."""
+
+    def __init__(self, log_file: Path | None, metrics_file: Path | None, labels: Mapping[str, str]):
+        try:
+            self.log = ChunkLog(log_file)
+        except OSError as exc:
+            raise InputError(f"--log-file {log_file}: cannot open it ({exc.strerror or exc}); choose another path.") from None
+        self.metrics_file, self.labels = metrics_file, dict(labels)
+        self._rows_done = 0
+
+    def chunk(self, first_row: int, rows: int, metrics: Metrics) -> None:
+        self._rows_done = metrics.rows_total
+        self.log.write("chunk", chunk=metrics.chunks, first_row=first_row, rows=rows, rows_done=metrics.rows_total,
+                       texts_computed=metrics.texts_computed, cache_hits=metrics.cache_hits,
+                       cache_misses=metrics.cache_misses)
+
+    def done(self, document: Mapping[str, Any]) -> None:
+        # the output is published: trouble with these files is a warning, not a failed job
+        m = document["metrics"]
+        try:
+            self.log.write("done", rows=m["rows_total"], rows_written=m["rows_written"], wall_seconds=m["wall_seconds"])
+            if self.metrics_file:
+                write_prometheus(self.metrics_file, prometheus_text(document, success=True, labels=self.labels))
+        except OSError as exc:
+            log.warning("the output is complete, but a monitoring file could not be written: %s", exc)
+        finally:
+            self.log.close()
+
+    def failed(self, error: BaseException) -> None:
+        # a cron job's failure must show up too; trouble reporting it must not hide the job's own error
+        try:
+            self.log.write("failed", error=type(error).__name__, rows_done=self._rows_done)
+            if self.metrics_file:
+                write_prometheus(self.metrics_file,
+                                 prometheus_text(None, success=False, labels=self.labels, error=type(error).__name__))
+        except OSError as exc:
+            log.warning("could not write the monitoring files: %s", exc)
+        finally:
+            self.log.close()
+
+
+class Observers(NullObserver):
+    """Several observers as one, each told everything in turn."""
+
+    def __init__(self, *observers: Observer):
+        self.observers = observers
+
+    def start(self, total_rows: int | None) -> None:
+        for o in self.observers:
+            o.start(total_rows)
+
+    def advance(self, rows: int, *, hit_rate: float) -> None:
+        for o in self.observers:
+            o.advance(rows, hit_rate=hit_rate)
+
+    def chunk(self, first_row: int, rows: int, metrics: Metrics) -> None:
+        for o in self.observers:
+            o.chunk(first_row, rows, metrics)
+
+    def done(self, document: Mapping[str, Any]) -> None:
+        for o in self.observers:
+            o.done(document)
+
+    def failed(self, error: BaseException) -> None:
+        for o in self.observers:
+            o.failed(error)
+
+
+def watch(observer: Observer | None, *, log_file: Path | None, metrics_file: Path | None,
+          labels: Mapping[str, str]) -> Observer:
+    """The observer of one job: the caller's (a progress bar, or nothing) and the monitoring files
+    its options ask for. InputError if --log-file cannot be opened."""
+    observer = observer or NullObserver()
+    if log_file is None and metrics_file is None:
+        return observer
+    return Observers(observer, MonitoringFiles(log_file, metrics_file, labels))
+
+
+_COUNTS = ("rows_total", "rows_written", "rows_embedded", "rows_generated", "rows_invalid", "rows_skipped",
+           "rows_truncated", "texts_computed", "prompts_computed", "tokens_computed", "tokens_generated", "batches", "chunks")
 
 
 def _label(value: Any) -> str:
@@ -40,14 +199,14 @@ def prometheus_text(document: Mapping[str, Any] | None, *, success: bool, labels
     gauge("job_last_run_timestamp_seconds", time.time(), "Unix time the last run ended.")
     if document:
         m = document["metrics"]
-        for key in ("rows_total", "rows_written", "rows_embedded", "rows_invalid", "rows_skipped", "rows_truncated",
-                    "texts_computed", "tokens_computed", "batches", "chunks"):
-            gauge(key, m[key], f"{key.replace('_', ' ').capitalize()} in the last run.")
+        for key in _COUNTS:  # the job's own names: rows_embedded, or rows_generated and prompts_computed
+            if key in m:
+                gauge(key, m[key], f"{key.replace('_', ' ').capitalize()} in the last run.")
         gauge("wall_seconds", m["wall_seconds"], "Wall-clock seconds of the last run.")
         for stage, seconds in m["stage_seconds"].items():
             gauge("stage_seconds", seconds, "Seconds spent per pipeline stage in the last run.", {"stage": stage})
         gauge("rows_per_second", m["rows_per_second"], "Input rows per wall-clock second.")
-        gauge("tokens_per_second", m["tokens_per_second"], "Tokens computed per second of embedding.")
+        gauge("tokens_per_second", m["tokens_per_second"], "Tokens computed per second of the model's work.")
         gauge("cache_hits", m["cache"]["hits"], "Cache hits (distinct texts per chunk).")
         gauge("cache_misses", m["cache"]["misses"], "Cache misses (distinct texts per chunk).")
         gauge("cache_hit_rate", m["cache"]["hit_rate"], "Cache hit rate of the last run.")

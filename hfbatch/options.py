@@ -1,100 +1,168 @@
-"""EmbedOptions: everything one embed job needs, as the library and the CLI both build it."""
+"""Job options, as the library and the CLI both build them: JobOptions (what every job takes),
+EmbedOptions and GenerateOptions. `resolved(settings)` is the one step that fills what was left
+unset from Settings (environment, defaults) and refuses, as InputError (exit 2), every value that
+can be judged without a file or a model.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence, TypeVar
 
+from .backends.generation import GenerationParams
 from .errors import InputError
 from .io.plan import check_output_path
 from .settings import Settings, parse_byte_size
 from .validate import ON_INVALID
 
+_Opts = TypeVar("_Opts", bound="JobOptions")
+GENERATE_BACKENDS = ("local", "api", "hf-api")
+
 
 @dataclass(frozen=True)
-class EmbedOptions:
-    """Options of one `embed` job. None means "take it from Settings" (environment, defaults)."""
+class JobOptions:
+    """Options every job has. None means "take it from Settings" (environment, defaults)."""
 
     input: Path
     output: Path
-    text_column: str | None = None
     keep: Sequence[str] | None = None
     format: str | None = None
     model: str | None = None
     backend: str = "local"
     device: str | None = None
+    precision: str = "fp32"
+    trust_remote_code: bool = False  # run code that ships with a model (--trust-remote-code)
     batch_size: int | None = None
     chunk_size: int | None = None
-    max_length: int | None = None
-    normalize: bool = True
-    precision: str = "fp32"
-    runtime: str = "torch"
-    quantize: str | None = None  # None: from ENABLE_MODEL_QUANTIZATION
-    max_batch_tokens: int | None = None
     use_cache: bool | None = None
     cache_dir: Path | None = None
     cache_size_bytes: int | None = None
     on_invalid: str = "mark"
-    trust_remote_code: bool = False  # run code that ships with a model (--trust-remote-code)
-    relative_paths: bool = False  # paths in the sidecar relative to the output's folder (for sharing)
     max_errors: int | None = None  # stop (exit 1, nothing written) once more rows than this are invalid
     max_line_bytes: int | str | None = None  # longest JSONL line / CSV row: bytes or "64MiB"; None: from settings
-    # remote backends (hf-api, tei, openai) and --backend auto
+    relative_paths: bool = False  # paths in the sidecar relative to the output's folder (for sharing)
+    # remote backends
     endpoint: str | None = None
-    fallback: str = "hf-api"
-    api_batch_size: int = 32
     api_concurrency: int = 4
     api_timeout: float | None = None
     api_retries: int = 5
     api_retry_ceiling: float = 300.0
-    remote_pooling: str | None = None
-    tokenizer: str | None = None
+    tokenizer: str | None = None  # counts tokens / truncates for remote backends (default: the model's own)
     # monitoring
     metrics_file: Path | None = None
     log_file: Path | None = None
     command: Sequence[str] = field(default_factory=tuple)
 
-    def resolved(self, settings: Settings) -> "EmbedOptions":
+    @property
+    def input_column(self) -> str:
+        """The column the job reads its texts from."""
+        raise NotImplementedError
+
+    @property
+    def sidecar(self) -> Path:
+        return sidecar_path(Path(self.output))
+
+    def resolved(self: _Opts, settings: Settings) -> _Opts:
         """Fill unset options from settings and check the values that need no file or model."""
-        opts = replace(
-            self,
+        opts = replace(self, **self._filled(settings))
+        opts._check()
+        return opts
+
+    def _filled(self, settings: Settings) -> dict[str, Any]:
+        """The values `resolved` replaces; a job's options add their own."""
+        return dict(
             input=Path(self.input),
             output=Path(self.output),
-            text_column=self.text_column or settings.text_column,
-            model=self.model or settings.model,
             device=self.device or settings.device,
-            batch_size=settings.batch_size if self.batch_size is None else self.batch_size,
             chunk_size=settings.chunk_size if self.chunk_size is None else self.chunk_size,
             use_cache=settings.cache_enabled if self.use_cache is None else self.use_cache,
             cache_dir=Path(self.cache_dir).expanduser() if self.cache_dir else settings.cache_dir,
             cache_size_bytes=self.cache_size_bytes or settings.cache_size_bytes,
             keep=list(dict.fromkeys(self.keep)) if self.keep is not None else None,  # --keep id,id: once
             api_timeout=self.api_timeout or settings.api_timeout,
-            endpoint=self.endpoint or settings.endpoint,
-            quantize=self.quantize if self.quantize is not None else ("int8" if settings.quantize else "none"),
             max_line_bytes=settings.max_line_bytes if self.max_line_bytes is None
             else parse_byte_size(self.max_line_bytes, "--max-line-bytes"),
+            metrics_file=Path(self.metrics_file) if self.metrics_file is not None else None,
+            log_file=Path(self.log_file) if self.log_file is not None else None,
         )
-        if opts.api_retries < 1:
-            raise InputError(f"--api-retries must be at least 1 (got {opts.api_retries}).")
+
+    def _check(self) -> None:
+        if self.api_retries < 1:
+            raise InputError(f"--api-retries must be at least 1 (got {self.api_retries}).")
         for name in ("batch_size", "chunk_size"):
-            if getattr(opts, name) < 1:
-                raise InputError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(opts, name)}).")
-        if opts.max_batch_tokens is not None and opts.max_batch_tokens < 1:
-            raise InputError(f"--max-batch-tokens must be at least 1 (got {opts.max_batch_tokens}).")
-        if opts.max_length is not None and opts.max_length < 2:
-            raise InputError(f"--max-length must be at least 2 tokens (got {opts.max_length}).")
-        if opts.on_invalid not in ON_INVALID:
-            raise InputError(f"--on-invalid {opts.on_invalid!r} is not one of: {', '.join(ON_INVALID)}.")
-        if opts.max_errors is not None and opts.max_errors < 0:
-            raise InputError(f"--max-errors must be 0 or more (got {opts.max_errors}); 0 stops at the first invalid row.")
-        check_output_path(opts.input, opts.output)
-        return opts
+            if getattr(self, name) < 1:
+                raise InputError(f"--{name.replace('_', '-')} must be at least 1 (got {getattr(self, name)}).")
+        if self.on_invalid not in ON_INVALID:
+            raise InputError(f"--on-invalid {self.on_invalid!r} is not one of: {', '.join(ON_INVALID)}.")
+        if self.max_errors is not None and self.max_errors < 0:
+            raise InputError(f"--max-errors must be 0 or more (got {self.max_errors}); 0 stops at the first invalid row.")
+        check_output_path(self.input, self.output)
+
+
+@dataclass(frozen=True)
+class EmbedOptions(JobOptions):
+    """Options of one `embed` job."""
+
+    text_column: str | None = None
+    max_length: int | None = None
+    normalize: bool = True
+    runtime: str = "torch"
+    quantize: str | None = None  # None: from ENABLE_MODEL_QUANTIZATION
+    max_batch_tokens: int | None = None
+    # remote backends (hf-api, tei, openai) and --backend auto
+    fallback: str = "hf-api"
+    api_batch_size: int = 32
+    remote_pooling: str | None = None
 
     @property
-    def sidecar(self) -> Path:
-        return sidecar_path(Path(self.output))
+    def input_column(self) -> str:
+        return self.text_column or "text"
+
+    def _filled(self, settings: Settings) -> dict[str, Any]:
+        return dict(
+            super()._filled(settings),
+            text_column=self.text_column or settings.text_column,
+            model=self.model or settings.model,
+            batch_size=settings.batch_size if self.batch_size is None else self.batch_size,
+            endpoint=self.endpoint or settings.endpoint,
+            quantize=self.quantize if self.quantize is not None else ("int8" if settings.quantize else "none"),
+        )
+
+    def _check(self) -> None:
+        super()._check()
+        if self.max_batch_tokens is not None and self.max_batch_tokens < 1:
+            raise InputError(f"--max-batch-tokens must be at least 1 (got {self.max_batch_tokens}).")
+        if self.max_length is not None and self.max_length < 2:
+            raise InputError(f"--max-length must be at least 2 tokens (got {self.max_length}).")
+
+
+@dataclass(frozen=True)
+class GenerateOptions(JobOptions):
+    """Options of one `generate` job: prompts in, completions out."""
+
+    batch_size: int | None = 8  # prompts per generate call (left-padded); not EMBEDDING_BATCH_SIZE
+    prompt_column: str = "prompt"
+    params: GenerationParams = GenerationParams()
+
+    @property
+    def input_column(self) -> str:
+        return self.prompt_column
+
+    def _filled(self, settings: Settings) -> dict[str, Any]:
+        filled = super()._filled(settings)
+        # sampling without a seed gives another text each time: never cached
+        filled["use_cache"] = filled["use_cache"] and self.params.deterministic
+        filled["batch_size"] = 8 if self.batch_size is None else self.batch_size
+        return filled
+
+    def _check(self) -> None:
+        if not self.model:
+            raise InputError("generate needs --model (a hub id or a local directory of a causal LM).")
+        if self.backend not in GENERATE_BACKENDS:
+            raise InputError(f"--backend {self.backend!r} is not one of: local, api (hf-api) for generate.")
+        super()._check()
+        self.params.check()
 
 
 def sidecar_path(output: Path) -> Path:

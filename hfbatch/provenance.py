@@ -1,7 +1,9 @@
-"""The sidecar document: provenance (what produced each vector) and metrics (what it cost).
+"""The sidecar document: provenance (what produced each result) and metrics (what it cost).
 
-The same document goes to `<output>.meta.json`, the Parquet key/value metadata under `hfbatch`,
-and stdout with --json. Secrets never enter it: the recorded command is redacted.
+`Metrics` counts one job (and merges those of parts); `build_document()` is the one builder of
+the document every job and engine writes: to `<output>.meta.json`, the Parquet key/value
+metadata under `hfbatch`, and stdout with --json. Secrets never enter it: the recorded command
+is redacted.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import hashlib
 import os
 import platform
 import re
+import sys
 import threading
 import time
 from contextlib import contextmanager
@@ -17,13 +20,12 @@ from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
-from . import __version__
+from ._version import __version__
 from .resources import peak_rss_mb
 
 _STAGE_LOCK = threading.Lock()
-STAGES = ("read", "validate", "cache", "model_load", "embed", "write")
 _LIBRARIES = ("torch", "sentence-transformers", "transformers", "tokenizers", "huggingface_hub", "pyarrow", "numpy", "diskcache")
 _TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{6,}")
 _SECRET_FLAGS = ("--token", "--api-key", "--hf-token")
@@ -31,14 +33,34 @@ _SECRET_ENV = ("HF_TOKEN", "HUGGINGFACE_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HFBAT
 # user:password@ in any URL (greedy up to the last @ before the path, as URL parsers split it)
 _USERINFO_RE = re.compile(r"\b([a-z][a-z0-9+.\-]*://)[^/?#\s'\"<>]*@", re.IGNORECASE)
 
+# What each job calls the shared counters in its document (a generate job's rows are generated, its
+# texts are prompts, and the tokens it computes are the ones it writes); None leaves one out.
+_METRIC_NAMES: dict[str, dict[str, str]] = {
+    "embed": {"rows_done": "rows_embedded"},
+    "generate": {"rows_done": "rows_generated", "texts_computed": "prompts_computed", "tokens_computed": "tokens_generated"},
+}
+_COUNTERS = ("rows_total", "rows_written", "rows_done", "rows_invalid", "rows_skipped", "rows_truncated", "texts_unique",
+             "texts_computed", "tokens_computed", "chunks", "batches")
+_CACHE_COUNTERS = ("cache_hits", "cache_misses", "cache_stores", "cache_rejected")
+
+
+def stages(job: str) -> tuple[str, ...]:
+    """The stages a job's seconds are booked to; the model's own work is the stage named after the job."""
+    return ("read", "validate", "cache", "model_load", job, "write")
+
 
 @dataclass
 class Metrics:
-    """Counters and per-stage seconds of one job."""
+    """Counters and per-stage seconds of one job (or, merged with `add`, of its parts).
 
+    `rows_done`: rows that got a result; `texts_computed` / `tokens_computed`: what the model
+    computed (the tokens it read for embed, the tokens it wrote for generate); the cache counters
+    are distinct texts per chunk, as the cache answered."""
+
+    job: str = "embed"
     rows_total: int = 0
     rows_written: int = 0
-    rows_embedded: int = 0
+    rows_done: int = 0
     rows_invalid: int = 0
     rows_skipped: int = 0
     rows_truncated: int = 0
@@ -47,21 +69,34 @@ class Metrics:
     tokens_computed: int = 0
     batches: int = 0
     chunks: int = 0
-    stage_seconds: dict[str, float] = field(default_factory=lambda: {s: 0.0 for s in STAGES})
+    cache_hits: int = 0
+    cache_misses: int = 0
+    cache_stores: int = 0
+    cache_rejected: int = 0
+    stage_seconds: dict[str, float] = field(default_factory=dict)
     _started: float = field(default_factory=time.perf_counter)
+
+    def __post_init__(self) -> None:
+        for name in stages(self.job):
+            self.stage_seconds.setdefault(name, 0.0)
+
+    @property
+    def hit_rate(self) -> float:
+        looked = self.cache_hits + self.cache_misses
+        return self.cache_hits / looked if looked else 0.0
 
     @contextmanager
     def stage(self, name: str) -> Iterator[None]:
         """Add the time spent inside to stage `name` (stages run on two threads, hence the lock).
 
-        With prefetch, read and validate overlap embed, so stage seconds can add up to more
-        than the wall time."""
+        With prefetch, read and validate overlap the model's work, so stage seconds can add up to
+        more than the wall time."""
         began = time.perf_counter()
         try:
             yield
         finally:
             with _STAGE_LOCK:
-                self.stage_seconds[name] += time.perf_counter() - began
+                self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + time.perf_counter() - began
 
     def timed(self, name: str, items: Iterator[Any]) -> Iterator[Any]:
         """Yield from `items`, counting the time spent producing each one as stage `name`."""
@@ -73,31 +108,122 @@ class Metrics:
                     return
             yield item
 
-    def as_dict(self, cache: dict[str, Any], backend: dict[str, Any], api: dict[str, int]) -> dict[str, Any]:
+    def book_load(self, seconds: float) -> None:
+        """`seconds` of the model's stage were its first load: book them as model_load instead."""
+        if seconds > 0:
+            with _STAGE_LOCK:
+                self.stage_seconds[self.job] -= seconds
+                self.stage_seconds["model_load"] += seconds
+
+    def add_cache(self, before: Any, after: Any) -> None:
+        """Count what a cache's stats (hits, misses, stores, rejected) gained from `before` to `after`."""
+        for name in _CACHE_COUNTERS:
+            key = name.removeprefix("cache_")
+            setattr(self, name, getattr(self, name) + getattr(after, key) - getattr(before, key))
+
+    def add(self, other: "Metrics") -> None:
+        """Merge `other` (a chunk's or a part's metrics) into these: counters and stage seconds add
+        up; the wall clock stays this one's."""
+        for name in (*_COUNTERS, *_CACHE_COUNTERS):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        with _STAGE_LOCK:
+            for name, seconds in other.stage_seconds.items():
+                self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + seconds
+
+    def as_dict(self, *, cache: Mapping[str, Any], api: Mapping[str, int], model_load_seconds: float) -> dict[str, Any]:
+        """The document's `metrics`, under this job's names (see _METRIC_NAMES)."""
         wall = time.perf_counter() - self._started
-        embed_s = self.stage_seconds["embed"]
+        model_s = self.stage_seconds.get(self.job, 0.0)
+        names = _METRIC_NAMES.get(self.job, {})
+        counts = {names.get(k, k): getattr(self, k) for k in _COUNTERS}
         return {
             "wall_seconds": round(wall, 3),
             "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
-            "rows_total": self.rows_total,
-            "rows_written": self.rows_written,
-            "rows_embedded": self.rows_embedded,
-            "rows_invalid": self.rows_invalid,
-            "rows_skipped": self.rows_skipped,
-            "rows_truncated": self.rows_truncated,
-            "texts_unique": self.texts_unique,
-            "texts_computed": self.texts_computed,
-            "tokens_computed": self.tokens_computed,
-            "chunks": self.chunks,
-            "batches": self.batches,
-            "cache": cache,
+            **counts,
+            "cache": {**cache, "hits": self.cache_hits, "misses": self.cache_misses, "hit_rate": round(self.hit_rate, 4),
+                      "stores": self.cache_stores, "rejected": self.cache_rejected},
             "rows_per_second": round(self.rows_total / wall, 2) if wall > 0 else None,
-            # the model's own rate: tokens it computed per second of embedding (load excluded)
-            "tokens_per_second": round(self.tokens_computed / embed_s, 1) if embed_s > 0 else None,
+            # the model's own rate: tokens it computed per second of its stage (load excluded)
+            "tokens_per_second": round(self.tokens_computed / model_s, 1) if model_s > 0 else None,
             "peak_rss_mb": round(peak_rss_mb(), 1),
-            "model_load_seconds": backend.get("load_seconds", 0.0),
-            "api": api,
+            "model_load_seconds": model_load_seconds,
+            "api": dict(api),
         }
+
+
+@dataclass(frozen=True)
+class InputFacts:
+    """What a sidecar says of the input it describes."""
+
+    path: Path
+    format: str
+    bytes: int
+    hash: str
+    rows: int
+
+    @classmethod
+    def of(cls, path: Path, format: str, rows: int) -> "InputFacts":
+        """The facts of the file at `path` (its size and content hash read now)."""
+        return cls(Path(path), format, Path(path).stat().st_size, file_digest(Path(path)), rows)
+
+
+@dataclass(frozen=True)
+class OutputFacts:
+    path: Path
+    rows: int
+
+
+def build_document(*, job: str, backend: Any, options: Any, input: InputFacts, output: OutputFacts,
+                   metrics: Metrics, started: str, cache: Any = None, details: Mapping[str, Any] | None = None,
+                   engine: str = "local") -> dict[str, Any]:
+    """The sidecar document of one output file, whichever job and engine wrote it: `provenance`
+    (what produced the results) and `metrics` (what it cost). The same document goes to
+    `<output>.meta.json`, the Parquet metadata and --json.
+
+    `backend`: the embedding backend or generator (its name, fingerprint() and describe(); it need
+    not be loaded). `options`: the resolved JobOptions (model, command, on_invalid,
+    relative_paths). `cache`: the cache object (directory, disabled, volume_bytes()), None for
+    none. `details`: what only this job records (embed: dim, normalize, max_length...)."""
+    described = dict(backend.describe())
+    backends = described.pop("backends", None) or {backend.name: {"texts_computed": metrics.texts_computed, **described}}
+    api = {
+        "requests": sum(int(b.get("requests", 0)) for b in backends.values()),
+        "retries": sum(int(b.get("retries", 0)) for b in backends.values()),
+        "fallbacks": int(bool(described.get("fell_back"))),
+    }
+    directory = getattr(cache, "directory", None)
+    disabled = getattr(cache, "disabled", None)
+    cache_info = {
+        "enabled": directory is not None and disabled is None,
+        "disabled": disabled,  # why a cache that was asked for did not work (the job ran without it)
+        "directory": str(directory) if directory else None,
+        "volume_bytes": cache.volume_bytes() if cache is not None else 0,
+    }
+    provenance = {
+        "tool": "hfbatch",
+        "tool_version": __version__,
+        "job": job,
+        "engine": engine,
+        "command": redact(list(options.command) or sys.argv),
+        "model_id": options.model,
+        "revision": described.get("revision"),
+        "model_source": described.get("model_source"),
+        "fingerprint": backend.fingerprint(),
+        "backend": backend.name,
+        "backends": backends,
+        "device": described.get("device"),
+        "on_invalid": options.on_invalid,
+        **(details or {}),
+        "input": {"path": str(input.path), "format": input.format, "bytes": input.bytes, "hash": input.hash,
+                  "rows": input.rows},
+        "output": {"path": str(output.path), "rows": output.rows},
+        "started": started,
+        "finished": utc_now(),
+        "libraries": library_versions(),
+    }
+    document = {"provenance": provenance, "metrics": metrics.as_dict(
+        cache=cache_info, api=api, model_load_seconds=described.get("load_seconds", 0.0))}
+    return relative_paths(document, Path(output.path).parent) if options.relative_paths else document
 
 
 def utc_now() -> str:

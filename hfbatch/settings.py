@@ -1,9 +1,12 @@
 """One Settings object: defaults < environment (and a .env file) < CLI flags.
 
-This module is the only reader of `.env`. A `.env` may set anything but where credentials go: a
-file in the working directory (a cloned repository's, say) must not point the HF token at another
-server, so the router, the hub endpoint, proxies and CA bundles are taken from the real
-environment only (see `load_env_file`).
+This module is the only reader of `.env`, for the CLI and the library alike: `environment()` is
+the one view (a .env in the working directory, overlaid by the real environment) that Settings,
+the HF token (`hf_token`) and the key for other servers (`api_key`) are read from, so a token
+in `.env` works from a notebook as from `hfbatch embed`. A `.env` may set anything but where
+credentials go: a file in the working directory (a cloned repository's, say) must not point the
+HF token at another server, so the router, the hub endpoint, proxies and CA bundles are taken
+from the real environment only (ENV_FILE_REFUSED; see `load_env_file`).
 
 The environment names of the original service stay valid (EMBEDDING_BATCH_SIZE,
 ENABLE_EMBEDDING_CACHE, EMBEDDING_CACHE_SIZE, ...); `.env.example` lists them all.
@@ -62,8 +65,7 @@ class Settings:
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env")) -> "Settings":
         """Read settings from a .env file (if present) overlaid by the real environment."""
-        env: dict[str, str] = dict(read_env_file(dotenv)[0]) if dotenv is not None else {}
-        env.update(os.environ if environ is None else environ)
+        env = environment(environ, dotenv)
         defaults = cls()
         return cls(
             model=env.get("HFBATCH_MODEL") or defaults.model,
@@ -81,6 +83,27 @@ class Settings:
             max_line_bytes=parse_byte_size(env["HFBATCH_MAX_LINE_BYTES"], "HFBATCH_MAX_LINE_BYTES")
             if env.get("HFBATCH_MAX_LINE_BYTES") else defaults.max_line_bytes,
         )
+
+
+def environment(environ: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env")) -> dict[str, str]:
+    """The variables hfbatch reads: a .env file (in the working directory by default; less the
+    ENV_FILE_REFUSED keys) overlaid by the real environment (`environ`, default os.environ).
+    The CLI and the library see the same values, whether or not `load_env_file` ran first."""
+    env: dict[str, str] = dict(read_env_file(dotenv)[0]) if dotenv is not None else {}
+    env.update(os.environ if environ is None else environ)
+    return env
+
+
+def hf_token(environ: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env")) -> str | None:
+    """HF_TOKEN, else HUGGINGFACE_TOKEN (the original service's name), from `environment()`.
+    Where it may be sent is not decided here: a .env cannot move the router or the hub."""
+    env = environment(environ, dotenv)
+    return env.get("HF_TOKEN") or env.get("HUGGINGFACE_TOKEN") or None
+
+
+def api_key(environ: Mapping[str, str] | None = None, dotenv: Path | None = Path(".env")) -> str | None:
+    """HFBATCH_API_KEY from `environment()`: the bearer key for servers that are not Hugging Face's."""
+    return environment(environ, dotenv).get("HFBATCH_API_KEY") or None
 
 
 def read_env_file(path: Path) -> tuple[dict[str, str], list[str]]:

@@ -21,3 +21,17 @@ def test_error_hierarchy_and_exit_codes() -> None:
     assert issubclass(errors.OutputError, errors.HfbatchError) and errors.OutputError.exit_code == 1
     assert issubclass(errors.TooManyErrors, errors.HfbatchError) and errors.TooManyErrors.exit_code == 1
     assert not issubclass(errors.Terminated, Exception)  # like KeyboardInterrupt: no `except Exception` swallows it
+
+
+def test_one_version_read_without_an_import_cycle() -> None:
+    from pathlib import Path
+
+    from hfbatch import _version
+    from hfbatch.provenance import library_versions
+
+    assert hfbatch.__version__ == _version.__version__ == library_versions()["hfbatch"]
+    root = Path(hfbatch.__file__).parent
+    assert "noqa: E402" not in (root / "__init__.py").read_text()  # nothing imported late to dodge a cycle
+    assert "from . import __version__" not in (root / "provenance.py").read_text()
+    pyproject = (root.parent / "pyproject.toml").read_text()
+    assert 'version = {attr = "hfbatch._version.__version__"}' in pyproject and '\nversion = "' not in pyproject

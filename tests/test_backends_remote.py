@@ -410,11 +410,113 @@ def test_auto_hands_over_when_the_memory_guard_refuses(tmp_path: Path, server: E
     assert pq.read_table(result.output).column("embedding").null_count == 0
 
 
-def test_fingerprint_follows_the_served_revision(server: EmbeddingServer) -> None:
-    first = _backend("tei", server).fingerprint()
-    assert server.model_sha in first and MODEL in first
-    server.model_sha = "0" * 40  # the server was redeployed with another revision
-    assert _backend("tei", server).fingerprint() != first
+def test_fingerprint_is_the_configuration_and_asks_no_server(server: EmbeddingServer,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "ENDPOINT", server.url)  # the hub too is played by the server: it would see a lookup
+    monkeypatch.setenv("HFBATCH_HF_ROUTER", server.url)
+    prints = [
+        *(_backend(kind, server).fingerprint() for kind in ("tei", "hf-api", "openai")),
+        _backend("tei", server, normalize=False).fingerprint(),
+        _backend("tei", server, pooling="mean").fingerprint(),
+        RemoteBackend("tei", model="BAAI/bge-small-en-v1.5", endpoint=server.url).fingerprint(),
+        RemoteBackend("tei", model=MODEL, endpoint=server.url + "/v2").fingerprint(),
+    ]
+    assert len(set(prints)) == len(prints)  # another kind, setting, model or endpoint: another namespace
+    assert _backend("tei", server).fingerprint() == prints[0]
+    assert server.gets == [] and server.requests == []  # not /info, not the hub, not the embed route
+
+
+def test_fingerprint_with_the_server_stopped_neither_raises_nor_connects(st_model) -> None:
+    with EmbeddingServer(st_model) as stopped:
+        url = stopped.url
+    backend = RemoteBackend("tei", model=MODEL, endpoint=url, retry=RetryPolicy(attempts=1))
+    assert backend.fingerprint() == f"tei:{MODEL}:{url};normalize=True;pooling=server"
+    assert backend.describe()["model_loaded"] is False and backend.describe()["requests"] == 0  # no session opened
+    assert backend.known_dimension() is None  # no request to find it out either
+
+
+def test_served_revision_is_recorded_once_the_first_embed_connects(server: EmbeddingServer) -> None:
+    backend = _backend("tei", server)
+    before = backend.fingerprint()
+    assert backend.describe()["revision"] is None and server.gets == []
+    backend.embed(["a"])
+    backend.embed(["b"])
+    assert server.gets == ["/info"]  # asked once, with the first request
+    info = backend.describe()
+    assert info["revision"] == f"hub:{MODEL}@{server.model_sha}" and info["served_model_id"] == MODEL
+    assert backend.fingerprint() == before and backend.known_dimension() == 384
+
+
+def test_a_tei_server_serving_another_model_is_refused_before_its_vectors_are_used(server: EmbeddingServer,
+                                                                                    tmp_path: Path) -> None:
+    backend = RemoteBackend("tei", model="BAAI/bge-small-en-v1.5", endpoint=server.url, retry=FAST)
+    for _ in range(2):  # the refusal sticks
+        with pytest.raises(TerminalBackendError, match=f"serves {MODEL}, not --model BAAI/bge-small-en-v1.5; pass "
+                                                       f"--model {MODEL}"):
+            backend.embed(["a"])
+    assert server.requests == []  # no POST: nothing of that server is cached under the wrong model
+
+
+def test_a_cached_tei_rerun_makes_no_request(tmp_path: Path, server: EmbeddingServer) -> None:
+    src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
+    first = embed_file(EmbedOptions(input=src, output=tmp_path / "a.parquet", backend="tei", endpoint=server.url))
+    asked = (list(server.gets), len(server.requests))
+    again = embed_file(EmbedOptions(input=src, output=tmp_path / "b.parquet", backend="tei", endpoint=server.url))
+    assert (server.gets, len(server.requests)) == asked  # no /info, no embed request
+    assert again.metrics["texts_computed"] == 0
+    assert again.document["provenance"]["fingerprint"] == first.document["provenance"]["fingerprint"]
+    assert pq.read_table(again.output).column("embedding").to_pylist() == \
+        pq.read_table(first.output).column("embedding").to_pylist()
+
+
+def test_a_cached_auto_rerun_loads_no_model_and_makes_no_request(tmp_path: Path, server: EmbeddingServer) -> None:
+    from hfbatch.backends.local import LocalBackend
+
+    src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
+    opts = dict(backend="auto", fallback="tei", endpoint=server.url)
+    first = embed_file(EmbedOptions(input=src, output=tmp_path / "a.parquet", **opts))
+    assert first.document["provenance"]["backends"]["local"]["model_loaded"] is True  # the local side made them
+    again = embed_file(EmbedOptions(input=src, output=tmp_path / "b.parquet", **opts))
+    assert server.gets == [] and server.requests == []  # the remote side was never asked anything
+    local = again.document["provenance"]["backends"]["local"]
+    assert local["model_loaded"] is False and local["load_seconds"] == 0.0 and again.metrics["texts_computed"] == 0
+    assert again.metrics["cache"]["hits"] == len(set(SAMPLE_TEXTS))
+    # auto caches under the local model's fingerprint while the local model makes the vectors
+    assert again.document["provenance"]["fingerprint"] == LocalBackend(MODEL).fingerprint()
+    assert pq.read_table(again.output).column("embedding").to_pylist() == \
+        pq.read_table(first.output).column("embedding").to_pylist()
+
+
+def test_a_cached_auto_rerun_that_fell_back_asks_the_server_nothing(tmp_path: Path, server: EmbeddingServer) -> None:
+    src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
+    # no CUDA here: the local side fails its preflight, so the remote's namespace is used from the start
+    opts = dict(backend="auto", device="cuda", fallback="tei", endpoint=server.url)
+    first = embed_file(EmbedOptions(input=src, output=tmp_path / "a.parquet", **opts))
+    assert first.document["provenance"]["fingerprint"].startswith("tei:")
+    asked = (list(server.gets), len(server.requests))
+    again = embed_file(EmbedOptions(input=src, output=tmp_path / "b.parquet", **opts))
+    assert (server.gets, len(server.requests)) == asked and again.metrics["texts_computed"] == 0
+    assert again.document["provenance"]["fallback"]["fell_back"] is True
+
+
+def test_auto_stops_when_the_local_model_fails_to_load_after_its_checks(tmp_path: Path, server: EmbeddingServer) -> None:
+    import shutil
+
+    from conftest import BUNDLED_MODEL_DIR
+
+    model_dir = tmp_path / "broken-model"
+    shutil.copytree(BUNDLED_MODEL_DIR, model_dir)
+    (model_dir / "model.safetensors").write_bytes(b"\x00" * 64)  # found, small enough, but not loadable
+    src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
+    out = tmp_path / "o.parquet"
+    with pytest.raises(BackendError, match="passed its checks but failed to load .* stops instead of mixing two "
+                                           "vector spaces. Rerun with --backend tei"):
+        embed_file(EmbedOptions(input=src, output=out, model=str(model_dir), backend="auto", fallback="tei",
+                                endpoint=server.url))
+    assert not out.exists() and server.requests == []
 
 
 def test_endpoint_must_be_http() -> None:

@@ -250,3 +250,13 @@ def test_verify_re_embeds_a_sample_and_catches_tampering(tmp_path: Path) -> None
     assert bad.exit_code == 1 and "28/30 sampled rows agree" in bad.stdout  # the two swapped rows disagree
     missing = run("verify", str(tmp_path / "nothing.parquet"))
     assert missing.exit_code == 2 and "cannot read the sidecar" in missing.stderr
+
+
+def test_embed_and_generate_share_the_job_options() -> None:
+    import typer.main
+
+    group = typer.main.get_command(app)
+    params = {name: {p.name: p for p in group.commands[name].params} for name in ("embed", "generate")}  # type: ignore[attr-defined]
+    for name in ("metrics_file", "log_file", "max_errors", "max_line_bytes", "keep", "fmt", "quiet", "cache_dir"):
+        embed, generate = params["embed"][name], params["generate"][name]
+        assert (embed.opts, embed.help) == (generate.opts, generate.help), name  # declared once, at the top of cli.py

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import SAMPLE_TEXTS, WRITERS, rows_for, write_csv, write_jsonl
-from hfbatch import EmbedOptions, InputError, embed_file
+from hfbatch import EmbedOptions, InputError, embed_file, run_embed
 from hfbatch.backends.local import LocalBackend
 from hfbatch.errors import BackendError
 from hfbatch.io.writers import read_metadata
@@ -185,46 +185,50 @@ class _FailingAfter(LocalBackend):
         return super().embed(texts)
 
 
-def test_failed_run_writes_nothing_and_rerun_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+class _Counting(LocalBackend):
+    """The real model, counting the calls the job makes to it."""
+
+    def __init__(self) -> None:
+        super().__init__("sentence-transformers/all-MiniLM-L6-v2")
+        self.embed_calls = self.count_calls = 0
+
+    def embed(self, texts):
+        self.embed_calls += 1
+        return super().embed(texts)
+
+    def token_counts(self, texts):
+        self.count_calls += 1
+        return super().token_counts(texts)
+
+
+def test_an_injected_backend_makes_the_vectors_and_a_warm_rerun_calls_it_zero_times(tmp_path: Path, st_model) -> None:
+    src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
+    cold = _Counting()
+    first = run_embed(EmbedOptions(input=src, output=tmp_path / "a.parquet", chunk_size=3, batch_size=2), backend=cold)
+    assert cold.embed_calls == first.metrics["batches"] > 0 and first.metrics["texts_computed"] == len(set(SAMPLE_TEXTS))
+    got = np.array(_embeddings(first.output), dtype=np.float32)
+    assert np.allclose(got, st_model.encode(SAMPLE_TEXTS), atol=1e-5)  # the injected backend's vectors
+    warm = _Counting()
+    second = run_embed(EmbedOptions(input=src, output=tmp_path / "b.parquet", chunk_size=3, batch_size=2), backend=warm)
+    assert (warm.embed_calls, warm.count_calls) == (0, 0)  # not one call: vectors and token counts from the cache
+    assert second.metrics["texts_computed"] == 0 and _embeddings(second.output) == _embeddings(first.output)
+    assert second.document["provenance"]["fingerprint"] == warm.fingerprint()
+
+
+def test_failed_run_writes_nothing_and_rerun_resumes(tmp_path: Path) -> None:
     texts = [f"review {i}: the product number {i} was {'good' if i % 2 else 'bad'}" for i in range(40)]
     src = write_csv(tmp_path / "in.csv", rows_for(texts))
     out = tmp_path / "out.parquet"
-    import hfbatch.jobs.embed as pipeline
-
-    monkeypatch.setattr(pipeline, "make_backend", lambda *a, **k: _FailingAfter(3))
     with pytest.raises(BackendError):
-        embed_file(EmbedOptions(input=src, output=out, chunk_size=10, batch_size=5))
+        embed_file(EmbedOptions(input=src, output=out, chunk_size=10, batch_size=5), backend=_FailingAfter(3))
     assert not out.exists() and not out.with_name("out.parquet.meta.json").exists()
     assert not list(tmp_path.glob(".out.parquet*"))  # no temp file left either
-    monkeypatch.undo()
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HFBATCH_CACHE_DIR", str(tmp_path / "cache"))
     result = embed_file(EmbedOptions(input=src, output=out, chunk_size=10, batch_size=5))
     # every batch is stored as it is made: chunk 1 (2 batches) and the first batch of chunk 2
     # survived the crash in chunk 2's second batch; only the other 25 texts are computed
     assert result.metrics["cache"]["hits"] == 15
     assert result.metrics["texts_computed"] == 25
     assert pq.read_table(out).num_rows == 40
-
-
-from hypothesis import given, settings as hsettings
-from hypothesis import strategies as st
-
-from hfbatch.jobs.embed import plan_batches
-
-
-@hsettings(max_examples=100, deadline=None)
-@given(st.lists(st.integers(1, 600), max_size=200), st.integers(1, 64), st.one_of(st.none(), st.integers(1, 20000)))
-def test_plan_batches_covers_every_text_once_within_budget(lengths, batch_size, budget) -> None:
-    lengths = sorted(lengths, reverse=True)
-    batches = plan_batches(lengths, batch_size, budget)
-    assert [i for b in batches for i in b] == list(range(len(lengths)))  # each once, in order
-    for b in batches:
-        assert b
-        if budget is None:
-            assert len(b) <= batch_size
-        elif len(b) > 1:
-            assert max(lengths[i] for i in b) * len(b) <= budget  # padded size within the budget
 
 
 def test_token_budget_batches_short_texts_together(tmp_path: Path, st_model) -> None:
@@ -380,11 +384,10 @@ class _DimensionFromTheModelOnly(LocalBackend):
         return None
 
 
-def test_without_a_cheap_dimension_a_planted_value_or_record_cannot_change_the_output(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import hfbatch.jobs.embed as pipeline
+def test_without_a_cheap_dimension_a_planted_value_or_record_cannot_change_the_output(tmp_path: Path) -> None:
+    def embed_file(options: EmbedOptions):  # every run with a fresh backend, as every CLI run has
+        return run_embed(options, backend=_DimensionFromTheModelOnly())
 
-    monkeypatch.setattr(pipeline, "make_backend", lambda *a, **k: _DimensionFromTheModelOnly())
     src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
     first = embed_file(EmbedOptions(input=src, output=tmp_path / "a.parquet", chunk_size=3))
     fingerprint = first.document["provenance"]["fingerprint"]
@@ -446,17 +449,17 @@ def test_nfc_and_nfd_forms_of_a_text_are_embedded_and_cached_separately(tmp_path
     assert again.metrics["cache"]["hits"] == 2 and again.metrics["texts_computed"] == 0
 
 
-def test_a_planted_dimension_record_found_out_in_a_later_chunk_fails_once_then_heals(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_planted_dimension_record_found_out_in_a_later_chunk_fails_once_then_heals(tmp_path: Path) -> None:
     """Without a cheap dimension, a first chunk that is all hits takes its size from the cache's
     record. If a planted record and planted values agree, only a vector the model makes can tell:
     the job stops (nothing published) and the rerun is right."""
     import diskcache
 
-    import hfbatch.jobs.embed as pipeline
     from hfbatch.cache import _DIM_PREFIX, _RawOnlyDisk, cache_key
 
-    monkeypatch.setattr(pipeline, "make_backend", lambda *a, **k: _DimensionFromTheModelOnly())
+    def embed_file(options: EmbedOptions):
+        return run_embed(options, backend=_DimensionFromTheModelOnly())
+
     fingerprint = _DimensionFromTheModelOnly().fingerprint()
     _plant(tmp_path / "cache", fingerprint, SAMPLE_TEXTS[:3], np.ones(10, dtype="<f4").tobytes())
     with diskcache.Cache(str(tmp_path / "cache"), disk=_RawOnlyDisk) as planted:

@@ -4,6 +4,7 @@ saved to disk and loaded through the same code path as any hub model."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -151,3 +152,83 @@ def test_model_code_runs_only_with_trust_remote_code(tmp_path: Path, tiny_lm: Pa
     trusted = LocalGenerator(str(custom), device="cpu", params=params, trust_remote_code=True)
     assert len(trusted.generate(trusted.prepare(["The kettle"]))) == 1
     assert marker.exists() and trusted.describe()["trust_remote_code"] is True
+
+
+def test_generate_command_writes_monitoring_files_and_stops_at_max_errors(tmp_path: Path, tiny_lm: Path) -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+    from typer.testing import CliRunner
+
+    from hfbatch.cli import app
+
+    src = write_jsonl(tmp_path / "p.jsonl", [{"id": i, "prompt": p} for i, p in
+                                            enumerate(["The kettle", "", "Battery life is", None, "The kettle"])])
+    prom, log = tmp_path / "node" / "gen.prom", tmp_path / "logs" / "gen.jsonl"
+    common = ["generate", str(src), "--model", str(tiny_lm), "--max-new-tokens", "4", "--chunk-size", "2",
+              "--metrics-file", str(prom), "--log-file", str(log), "--quiet"]
+    ok = CliRunner().invoke(app, [*common, "-o", str(tmp_path / "a.parquet"), "--max-errors", "2"])
+    assert ok.exit_code == 3, ok.output  # complete, 2 rows marked
+    families = {f.name: f for f in text_string_to_metric_families(prom.read_text())}
+    value = {name: f.samples[0].value for name, f in families.items()}
+    assert value["hfbatch_job_success"] == 1 and value["hfbatch_rows_total"] == 5
+    assert value["hfbatch_rows_generated"] == 3 and value["hfbatch_rows_invalid"] == 2
+    assert value["hfbatch_prompts_computed"] == 2 and value["hfbatch_tokens_generated"] > 0
+    assert families["hfbatch_rows_total"].samples[0].labels == {"input": "p.jsonl", "output": "a.parquet",
+                                                                "model": str(tiny_lm), "backend": "local"}
+    stages = {s.labels["stage"]: s.value for s in families["hfbatch_stage_seconds"].samples}
+    assert stages["generate"] > 0 and "model_load" in stages  # the one Metrics' stages, not hand-kept timers
+    lines = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [line["first_row"] for line in lines if line["event"] == "chunk"] == [0, 2, 4]
+    assert lines[-1]["event"] == "done" and lines[-1]["rows_written"] == 5
+
+    over = CliRunner().invoke(app, [*common, "-o", str(tmp_path / "b.parquet"), "--max-errors", "1"])
+    assert over.exit_code == 1 and "more than --max-errors 1 rows are invalid (2 so far" in over.stderr
+    assert not (tmp_path / "b.parquet").exists()
+    families = {f.name: f for f in text_string_to_metric_families(prom.read_text())}
+    (failed,) = families["hfbatch_job_success"].samples
+    assert failed.value == 0 and failed.labels["error"] == "TooManyErrors"
+    assert json.loads(log.read_text().splitlines()[-1])["event"] == "failed"
+
+
+def test_embed_and_generate_sidecars_are_one_document(tmp_path: Path, tiny_lm: Path) -> None:
+    """Both built by provenance.build_document: the same shared keys, each job adding only its own."""
+    from hfbatch import EmbedOptions, run_embed
+
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "prompt": p, "text": p} for i, p in enumerate(PROMPTS)])
+    embedded = run_embed(EmbedOptions(input=src, output=tmp_path / "e.parquet", keep=["id"])).document
+    generated = run_generate(GenerateOptions(input=src, output=tmp_path / "g.parquet", model=str(tiny_lm), keep=["id"],
+                                             params=GenerationParams(max_new_tokens=3))).document
+    e, g = embedded["provenance"], generated["provenance"]
+    shared = set(e) & set(g)
+    assert set(e) - shared == {"fallback", "dim", "normalize", "max_length", "text_column"}
+    assert set(g) - shared == {"prompt_column", "params", "cached"}
+    assert {"tool_version", "command", "model_id", "fingerprint", "backend", "backends", "device", "input", "output",
+            "started", "finished", "libraries", "engine", "job"} <= shared
+    assert (e["job"], g["job"], e["engine"], g["engine"]) == ("embed", "generate", "local", "local")
+    for key in ("input", "output", "libraries"):
+        assert set(e[key]) == set(g[key]), key
+    assert e["input"]["hash"] == g["input"]["hash"] and g["output"]["rows"] == len(PROMPTS)
+    em, gm = embedded["metrics"], generated["metrics"]
+    assert set(em) - {"rows_embedded", "texts_computed", "tokens_computed"} == \
+        set(gm) - {"rows_generated", "prompts_computed", "tokens_generated"}
+    assert set(em["cache"]) == set(gm["cache"]) and set(em["api"]) == set(gm["api"])
+    assert set(em["stage_seconds"]) - {"embed"} == set(gm["stage_seconds"]) - {"generate"}
+
+
+def test_run_generate_takes_an_injected_generator(tmp_path: Path, tiny_lm: Path) -> None:
+    class Counting(LocalGenerator):
+        calls = 0
+
+        def generate(self, prepared):
+            Counting.calls += 1
+            return super().generate(prepared)
+
+    params = GenerationParams(max_new_tokens=3)
+    src = write_jsonl(tmp_path / "p.jsonl", [{"id": i, "prompt": p} for i, p in enumerate(PROMPTS)])
+    options = GenerateOptions(input=src, output=tmp_path / "a.parquet", model=str(tiny_lm), params=params, batch_size=2)
+    first = run_generate(options, generator=Counting(str(tiny_lm), device="cpu", params=params))
+    assert Counting.calls == 2 and first.document["metrics"]["prompts_computed"] == len(set(PROMPTS))
+    again = run_generate(replace(options, output=tmp_path / "b.parquet"),
+                         generator=Counting(str(tiny_lm), device="cpu", params=params))
+    assert Counting.calls == 2 and again.document["metrics"]["cache"]["hits"] == len(set(PROMPTS))
+    assert pq.read_table(again.output).column("generated_text").to_pylist() == \
+        pq.read_table(first.output).column("generated_text").to_pylist()

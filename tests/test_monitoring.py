@@ -78,3 +78,55 @@ def test_a_directory_as_metrics_or_log_file_is_refused_before_work(tmp_path: Pat
         with pytest.raises(InputError, match="is a directory or not writable"):
             embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", **kwargs))
     assert not (tmp_path / "o.parquet").exists() and not (tmp_path / "cache").exists()
+
+
+class _Recorder:
+    """An Observer that writes down what the job told it."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple] = []
+
+    def start(self, total_rows):
+        self.events.append(("start", total_rows))
+
+    def advance(self, rows, *, hit_rate):
+        self.events.append(("advance", rows))
+
+    def chunk(self, first_row, rows, metrics):
+        self.events.append(("chunk", first_row, rows, metrics.rows_total))
+
+    def done(self, document):
+        self.events.append(("done", document))
+
+    def failed(self, error):
+        self.events.append(("failed", type(error).__name__))
+
+
+def test_the_job_reports_only_to_its_observer_and_the_monitoring_files_ride_along(tmp_path: Path) -> None:
+    texts = SAMPLE_TEXTS + [""]
+    src = write_csv(tmp_path / "in.csv", rows_for(texts))
+    seen, log = _Recorder(), tmp_path / "run.jsonl"
+    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", chunk_size=4, log_file=log), observer=seen)
+    kinds = [e[0] for e in seen.events]
+    assert kinds[0] == "start" and seen.events[0][1] == len(texts) and kinds[-1] == "done"
+    assert sum(e[1] for e in seen.events if e[0] == "advance") == len(texts)  # every row once, the invalid one too
+    assert [e[1:] for e in seen.events if e[0] == "chunk"] == [(0, 4, 4), (4, 4, 8), (8, 1, 9)]
+    assert seen.events[-1][1] == result.document
+    assert [json.loads(line)["event"] for line in log.read_text().splitlines()] == ["chunk"] * 3 + ["done"]
+
+    failing, log2 = _Recorder(), tmp_path / "fail.jsonl"
+    with pytest.raises(InputError):
+        embed_file(EmbedOptions(input=src, output=tmp_path / "f.parquet", on_invalid="fail", log_file=log2), observer=failing)
+    assert failing.events[-1] == ("failed", "InputError") and not any(e[0] == "done" for e in failing.events)
+    assert json.loads(log2.read_text().splitlines()[-1])["event"] == "failed"
+
+
+def test_a_failure_to_write_the_metrics_file_after_publishing_is_a_warning(tmp_path: Path, caplog) -> None:
+    from hfbatch.monitoring import MonitoringFiles
+
+    document = embed_file(EmbedOptions(input=write_csv(tmp_path / "in.csv", rows_for(["a"])),
+                                       output=tmp_path / "o.parquet")).document
+    monitor = MonitoringFiles(None, tmp_path / "gone" / "m.prom", {"input": "in.csv"})
+    (tmp_path / "gone").write_text("a file where the directory should be")
+    monitor.done(document)  # no exception: the output was published already
+    assert "the output is complete, but a monitoring file could not be written" in caplog.text

@@ -5,11 +5,14 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import os
 import subprocess
 import sys
+import threading
 import zlib
+from contextlib import contextmanager, suppress
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -17,10 +20,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import WRITERS, write_csv, write_jsonl
+from conftest import BUNDLED_MODEL_DIR, WRITERS, write_csv, write_jsonl
 from hfbatch.errors import InputError
 from hfbatch.io import readers
-from hfbatch.io.readers import Chunk, CsvReader, JsonlReader, ParquetReader, open_reader
+from hfbatch.io.readers import Chunk, CsvReader, JsonlReader, ParquetReader, is_stream, open_reader, spooled_input
 from hfbatch.validate import check_columns
 
 EXT = {"csv": ".csv", "jsonl": ".jsonl", "parquet": ".parquet"}
@@ -589,3 +592,184 @@ def test_parquet_of_20k_columns_opens_checks_and_reads(tmp_path: Path) -> None:
     assert chunks[0].batch.num_columns == 20_000 and chunks[0].batch.column("c19999").to_pylist() == [19_998, -19_998]
     with pytest.raises(InputError, match=r"--keep names column\(s\) nope that do not exist"):
         check_columns(path, reader.schema, "text", [*names, "nope"], reader.all_columns)
+
+
+# --- pipes and standard input: spooled once, then read like a file ------------------------------
+
+SPOOL_ROWS = _rows(3_000)  # ~200 KiB of JSONL: more than a pipe's 64 KiB buffer
+
+
+def _encoded(fmt: str, rows: list[dict[str, Any]], tmp_path: Path, *, gz: bool = False) -> bytes:
+    """The bytes a file of `rows` holds, as a producer would pipe them."""
+    path = WRITERS[fmt](tmp_path / f"source{EXT[fmt]}", rows)
+    data = path.read_bytes()
+    path.unlink()
+    return gzip.compress(data) if gz else data
+
+
+@contextmanager
+def _pipe(data: bytes) -> Iterator[BinaryIO]:
+    """The read end of a real os.pipe(), fed `data` by a thread (the pipe holds only 64 KiB)."""
+    read_fd, write_fd = os.pipe()
+
+    def feed() -> None:
+        with suppress(BrokenPipeError), os.fdopen(write_fd, "wb") as sink:  # a refused stream is never read
+            sink.write(data)
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    with os.fdopen(read_fd, "rb") as source:
+        yield source
+    writer.join(timeout=10)
+
+
+@contextmanager
+def _fifo(path: Path, data: bytes) -> Iterator[Path]:
+    """A real FIFO at `path`, written by a thread once a reader opens it."""
+    os.mkfifo(path)
+
+    def feed() -> None:
+        with open(path, "wb") as sink:
+            sink.write(data)
+
+    writer = threading.Thread(target=feed, daemon=True)
+    writer.start()
+    yield path
+    writer.join(timeout=10)
+
+
+@pytest.mark.parametrize(("fmt", "gz"), [("csv", False), ("csv", True), ("jsonl", False), ("jsonl", True),
+                                       ("parquet", False)])
+def test_stdin_from_a_pipe_is_spooled_and_every_row_read(tmp_path: Path, fmt: str, gz: bool) -> None:
+    """Before spooling: JSONL from a pipe gave 0 rows (the counting scan ate the stream), CSV 'lseek failed'."""
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    with _pipe(_encoded(fmt, SPOOL_ROWS, tmp_path, gz=gz)) as stdin, \
+            spooled_input("-", fmt, directory=spool, stdin=stdin) as copy:
+        assert copy.parent == spool and copy.name.endswith(EXT[fmt] + (".gz" if gz else ""))
+        reader = open_reader(copy, fmt=fmt, chunk_size=1_000)
+        assert reader.total_rows == len(SPOOL_ROWS)
+        assert _read_rows(reader) == _expected(fmt, SPOOL_ROWS)
+    assert os.listdir(spool) == []  # the copy is gone once the job is
+
+
+@pytest.mark.parametrize(("name", "fmt", "gz"), [("rows", "jsonl", True), ("rows", "csv", False),
+                                                 ("rows.jsonl", None, False), ("rows.csv", None, True)])
+def test_a_fifo_is_spooled_with_or_without_format(tmp_path: Path, name: str, fmt: str | None, gz: bool) -> None:
+    """A FIFO named rows.jsonl tells its format; one named rows needs -f. Gzip is told by its bytes."""
+    kind = fmt or name.rsplit(".", 1)[1]
+    with _fifo(tmp_path / name, _encoded(kind, SPOOL_ROWS, tmp_path, gz=gz)) as fifo:
+        assert is_stream(fifo)
+        with spooled_input(fifo, fmt) as copy:
+            assert copy.is_file() and copy.parent != tmp_path  # TMPDIR by default
+            assert _read_rows(open_reader(copy, fmt=fmt)) == _expected(kind, SPOOL_ROWS)
+        assert not copy.exists()
+
+
+def test_a_fifo_named_tsv_keeps_tab_delimiting(tmp_path: Path) -> None:
+    with _fifo(tmp_path / "rows.tsv", b"id\ttext\n1\ta, b\n") as fifo, spooled_input(fifo) as copy:
+        assert copy.suffix == ".tsv"
+        assert _read_rows(open_reader(copy)) == [{"id": "1", "text": "a, b"}]
+
+
+def test_a_real_subprocess_pipe_into_stdin_gives_every_row(tmp_path: Path) -> None:
+    """`producer | hfbatch embed - -f jsonl`: the producer is a real process writing to a real pipe."""
+    producer = subprocess.Popen([sys.executable, "-c", "import json\nfor i in range(5000): print(json.dumps({'text': f'row {i}'}))"],
+                                stdout=subprocess.PIPE)
+    assert producer.stdout is not None
+    with producer.stdout, spooled_input("-", "jsonl", stdin=producer.stdout) as copy:  # type: ignore[arg-type]
+        reader = open_reader(copy, fmt="jsonl", chunk_size=1_000)
+        texts = [t for chunk in reader.chunks() for t in chunk.batch.column("text").to_pylist()]
+    assert producer.wait(timeout=30) == 0
+    assert reader.total_rows == 5000 and texts == [f"row {i}" for i in range(5000)]
+
+
+def test_the_line_cap_holds_for_a_spooled_stream(tmp_path: Path) -> None:
+    data = b'{"text": "short"}\n{"text": "' + b"x" * 4096 + b'"}\n'
+    with _pipe(gzip.compress(data)) as stdin, spooled_input("-", "jsonl", stdin=stdin) as copy:
+        with pytest.raises(InputError, match=r"line 2 is longer than --max-line-bytes \(1 KiB\)"):
+            open_reader(copy, fmt="jsonl", max_line_bytes=1024)
+        assert open_reader(copy, fmt="jsonl", max_line_bytes=8192).total_rows == 2
+
+
+def test_stdin_without_a_format_is_refused_with_the_fix(tmp_path: Path) -> None:
+    with _pipe(b'{"text": "a"}\n') as stdin, pytest.raises(InputError) as info:
+        with spooled_input("-", None, stdin=stdin):
+            pass
+    assert str(info.value) == ("standard input (-): a stream has no file extension to tell its format; "
+                               "pass --format csv|jsonl|parquet (-f).")
+
+
+def test_the_copy_is_removed_when_the_job_fails(tmp_path: Path) -> None:
+    (tmp_path / "spool").mkdir()
+    with _pipe(b"text\na\n") as stdin, pytest.raises(KeyboardInterrupt):
+        with spooled_input("-", "csv", directory=tmp_path / "spool", stdin=stdin) as copy:
+            assert copy.exists()
+            raise KeyboardInterrupt  # Ctrl-C mid-job
+    assert os.listdir(tmp_path / "spool") == []
+
+
+class _BrokenStream:
+    """A stream that fails after its first block. A real pipe cannot be made to return EIO, so
+    this stands in for a producer whose device fails mid-stream."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def read(self, size: int = -1) -> bytes:
+        self.calls += 1
+        if self.calls > 2:
+            raise OSError(5, "Input/output error")
+        return b"text\n" if self.calls == 1 else b"a\n" * 1000
+
+
+def test_a_stream_that_fails_while_copying_leaves_no_copy(tmp_path: Path) -> None:
+    (tmp_path / "spool").mkdir()
+    with pytest.raises(InputError) as info:
+        with spooled_input("-", "csv", directory=tmp_path / "spool", stdin=_BrokenStream()):  # type: ignore[arg-type]
+            pass
+    assert str(info.value).startswith(f"standard input (-): copying it to a temp file in {tmp_path / 'spool'} failed "
+                                      "(Input/output error)")
+    assert os.listdir(tmp_path / "spool") == []
+
+
+def test_a_regular_file_is_not_copied(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "rows.jsonl", SPOOL_ROWS[:3])
+    with spooled_input(path, None) as same:
+        assert same == path
+    assert is_stream("-") and is_stream("/dev/null") and not is_stream(path) and not is_stream(tmp_path / "missing")
+
+
+def test_a_socket_is_refused_with_the_fix(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as server:
+        server.bind(str(tmp_path / "sock"))
+        with pytest.raises(InputError, match=r"sock: is a socket, which hfbatch does not open; pipe it in instead"):
+            with spooled_input(tmp_path / "sock", "jsonl"):
+                pass
+
+
+@pytest.mark.parametrize("name", ["-", "fifo"])
+def test_open_reader_refuses_a_stream_instead_of_reading_no_rows(tmp_path: Path, name: str) -> None:
+    if name == "fifo":
+        os.mkfifo(tmp_path / name)  # nobody writes to it: open_reader must not open (and block on) it
+    with pytest.raises(InputError) as info:
+        open_reader("-" if name == "-" else tmp_path / name, fmt="jsonl")
+    assert "is a pipe or device, which can be read only once" in str(info.value)
+    assert "spooled_input()" in str(info.value) and "\n" not in str(info.value)
+
+
+@pytest.mark.xfail(strict=True, reason="wired by the jobs engineer: run_embed must call spooled_input")
+@pytest.mark.parametrize(("name", "fmt"), [("-", "jsonl"), ("/dev/stdin", "csv")])
+def test_cli_embeds_every_row_piped_into_stdin(tmp_path: Path, name: str, fmt: str) -> None:
+    """`cat rows | hfbatch embed - -f jsonl -o out.parquet` wrote 0 rows with exit 0 (CSV: lseek failed)."""
+    texts = [f"piped row {i}" for i in range(50)]
+    data = _encoded(fmt, [{"id": i, "text": t} for i, t in enumerate(texts)], tmp_path)
+    out = tmp_path / "out.parquet"
+    proc = subprocess.run([sys.executable, "-m", "hfbatch", "embed", name, "-f", fmt, "-o", str(out),
+                           "--model", str(BUNDLED_MODEL_DIR), "--quiet"],
+                          input=data, capture_output=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert pq.read_table(out).column("text").to_pylist() == texts
+    assert [p for p in os.listdir(tmp_path) if "spool" in p] == []

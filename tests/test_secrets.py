@@ -53,6 +53,43 @@ def test_no_artifact_contains_the_token(tmp_path: Path, server: EmbeddingServer,
         assert SECRET.encode() not in path.read_bytes(), path
 
 
+def test_a_token_in_dotenv_works_from_the_library_and_cannot_be_redirected(tmp_path: Path, server: EmbeddingServer,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """hfbatch.embed_file in a notebook whose working directory has a .env with HF_TOKEN: the token
+    is used as by the CLI, and only where the real environment says the router is."""
+    from hfbatch import EmbedOptions, TransientBackendError, embed_file
+
+    src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
+    with CaptureServer() as planted:
+        # cwd is tmp_path (conftest): this is the .env the library finds
+        (tmp_path / ".env").write_text(f"HF_TOKEN={SECRET}\nHFBATCH_HF_ROUTER={planted.url}\n", encoding="utf-8")
+        monkeypatch.setenv("HFBATCH_HF_ROUTER", server.url)  # the router, as the real environment sets it
+        result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", backend="hf-api"))
+        assert server.requests and {r["headers"].get("Authorization") for r in server.requests} == {f"Bearer {SECRET}"}
+
+        monkeypatch.delenv("HFBATCH_HF_ROUTER")  # now only the .env names a router: refused, so the default one
+        with pytest.raises(TransientBackendError, match="router.huggingface.co"):  # unreachable from a test
+            embed_file(EmbedOptions(input=src, output=tmp_path / "p.parquet", backend="hf-api", api_retries=1,
+                                    use_cache=False))
+    assert planted.requests == []  # the token never went where the .env pointed
+    assert "HF_TOKEN" not in os.environ  # read in place, not copied into the process environment
+    assert SECRET.encode() not in result.sidecar.read_bytes()
+
+
+def test_a_dotenv_token_echoed_by_a_server_is_not_shown(tmp_path: Path, server: EmbeddingServer,
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from hfbatch import EmbedOptions, TerminalBackendError, embed_file
+
+    key = "k3y-only-in-the-dotenv-file"  # no hf_ shape to recognise it by
+    (tmp_path / ".env").write_text(f"HFBATCH_API_KEY={key}\n", encoding="utf-8")
+    server.script.append(Reply(401, {"error": f"invalid credentials: Bearer {key}"}))
+    src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
+    with pytest.raises(TerminalBackendError) as refused:
+        embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", backend="tei", endpoint=server.url))
+    assert server.requests[0]["headers"]["Authorization"] == f"Bearer {key}"  # used...
+    assert "invalid credentials: Bearer ***" in str(refused.value) and key not in str(refused.value)  # ...not shown
+
+
 def test_relative_paths_leave_no_absolute_path_in_the_sidecar(tmp_path: Path) -> None:
     from conftest import rows_for, write_csv
     from hfbatch import EmbedOptions, embed_file

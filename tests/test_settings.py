@@ -8,7 +8,8 @@ import pytest
 from platformdirs import user_cache_dir
 
 from hfbatch.errors import InputError
-from hfbatch.settings import BYTES_PER_CACHE_ENTRY, DEFAULT_MODEL, Settings, load_env_file, parse_cache_size
+from hfbatch.settings import (BYTES_PER_CACHE_ENTRY, DEFAULT_MODEL, Settings, api_key, environment, hf_token,
+                              load_env_file, parse_cache_size)
 
 
 def test_defaults_without_environment() -> None:
@@ -109,6 +110,25 @@ def test_env_file_fills_the_environment_but_never_redirects_credentials(tmp_path
     assert "https_proxy" in warning and "REQUESTS_CA_BUNDLE" in warning and str(dotenv) in warning
     assert "set it in the environment" in warning
     assert Settings.load(environ={}, dotenv=dotenv).model == "from-dotenv/model"  # the same reader
+
+
+def test_credentials_come_from_the_same_view_as_every_setting(tmp_path: Path) -> None:
+    dotenv = tmp_path / ".env"
+    dotenv.write_text("HF_TOKEN=hf_fromdotenv123\nHFBATCH_API_KEY=key-from-dotenv\n"
+                      "HFBATCH_HF_ROUTER=http://127.0.0.1:9/capture\n", encoding="utf-8")
+    assert environment(environ={}, dotenv=dotenv) == {"HF_TOKEN": "hf_fromdotenv123",
+                                                      "HFBATCH_API_KEY": "key-from-dotenv"}  # never the router
+    assert hf_token(environ={}, dotenv=dotenv) == "hf_fromdotenv123"
+    assert hf_token(environ={"HF_TOKEN": "hf_fromtheenv456"}, dotenv=dotenv) == "hf_fromtheenv456"  # the environment wins
+    assert hf_token(environ={"HUGGINGFACE_TOKEN": "hf_oldname789"}, dotenv=None) == "hf_oldname789"
+    assert hf_token(environ={}, dotenv=None) is None and api_key(environ={}, dotenv=None) is None
+    assert api_key(environ={}, dotenv=dotenv) == "key-from-dotenv"
+    assert hf_token() == "hf_fromdotenv123" and api_key() == "key-from-dotenv"  # ./.env: conftest chdir'd into tmp_path
+    # the CLI copies .env into the environment first; the library reads it in place: the same answer
+    environ: dict[str, str] = {"HUGGINGFACE_TOKEN": "hf_oldname789"}
+    load_env_file(dotenv, environ)
+    for view in ({"environ": environ, "dotenv": None}, {"environ": {"HUGGINGFACE_TOKEN": "hf_oldname789"}, "dotenv": dotenv}):
+        assert hf_token(**view) == "hf_fromdotenv123" and api_key(**view) == "key-from-dotenv"
 
 
 def test_a_router_set_in_the_environment_is_not_warned_about(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

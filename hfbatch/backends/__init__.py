@@ -1,15 +1,33 @@
-"""The Backend seam: local models and (later) remote APIs all look like this to the pipeline."""
+"""The two seams between a job and a model: Backend (texts -> vectors) and Generator (prompts ->
+completions), with the registries that build them (`make_backend`, `make_generator`).
+
+Each protocol declares every member the job core, the engines and the tools use, so they call
+members directly (no getattr, no "has it got X?"). Implementations:
+
+    Backend     local.LocalBackend        sentence-transformers (torch, or ONNX Runtime via onnx.py)
+                remote.RemoteBackend      hf-api, tei, openai over HTTP (http.HttpClient)
+                fallback.FallbackBackend  --backend auto: local first, a remote that agrees on failure
+    Generator   generation.LocalGenerator         a transformers causal LM in this process
+                remote_generation.RemoteGenerator the HF Inference API / a TGI endpoint
+
+Both are lazy: building one loads nothing and opens no connection, and `fingerprint()` never
+loads a model or calls a server, so --help, validation errors and a fully cached rerun cost no
+model load and no request.
+"""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
 from ..errors import InputError
 
 if TYPE_CHECKING:
-    from ..options import EmbedOptions
+    from ..options import EmbedOptions, GenerateOptions
+    from .generation import Prepared
+    from .local import LocalBackend
+    from .remote import RemoteBackend
 
 
 @runtime_checkable
@@ -17,19 +35,46 @@ class Backend(Protocol):
     """Turns texts into vectors.
 
     Created lazily: constructing a backend loads nothing and opens no connection; the tokenizer is
-    loaded by the first `token_counts` call and the model by the first `embed`, so --help,
-    validation errors and a fully cached rerun cost no model load.
+    loaded by the first `token_counts` call and the model by the first `embed`.
     """
 
     name: str  # "local", "hf-api", "tei", "openai", "auto"
     model_id: str
-    max_length: int  # tokens per text the model sees; longer texts are truncated
 
-    def fingerprint(self) -> str:
-        """Model id + revision/weights hash + pooling/normalize/max_length: the cache namespace."""
+    @property
+    def remote(self) -> bool:
+        """Vectors come over HTTP (now: `auto` turns remote when it falls back): the job counts
+        requests of `batch_texts`, not model calls."""
         ...
 
-    def dimension(self) -> int: ...
+    @property
+    def batch_texts(self) -> int | None:
+        """Texts per `embed` call the core should send; None: the job's --batch-size."""
+        ...
+
+    @property
+    def load_seconds(self) -> float:
+        """Seconds spent loading the model so far: 0.0 until it loads, and for HTTP backends."""
+        ...
+
+    @property
+    def max_length(self) -> int:
+        """Tokens per text the model sees; longer texts are truncated. From files: no model load."""
+        ...
+
+    def fingerprint(self) -> str:
+        """The identity of the vectors this backend makes, the cache namespace: model, revision or
+        weights, pooling/normalize/max_length, endpoint. Never loads a model or calls a server."""
+        ...
+
+    def known_dimension(self) -> int | None:
+        """The dimension when it costs no model load and no request (config files, a vector already
+        made), else None: what cached vectors are checked against before one is computed."""
+        ...
+
+    def dimension(self) -> int:
+        """The dimension, loading the model or asking the server if it must."""
+        ...
 
     def token_counts(self, texts: Sequence[str]) -> list[int]:
         """Tokens per text by the model's own tokenizer, special tokens included, untruncated."""
@@ -39,12 +84,48 @@ class Backend(Protocol):
         """float32 array of shape (len(texts), dim), one forward pass (the caller batches)."""
         ...
 
-    def describe(self) -> dict:
+    def describe(self) -> dict[str, Any]:
         """Provenance of this backend: model source, revision, device, load seconds..."""
         ...
 
 
+@runtime_checkable
+class Generator(Protocol):
+    """Turns prompts into completions; lazy like Backend (the model loads on the first `generate`)."""
+
+    name: str  # "local", "hf-api"
+    model_id: str
+
+    @property
+    def remote(self) -> bool:
+        """Completions come over HTTP: one request per prompt."""
+        ...
+
+    @property
+    def load_seconds(self) -> float:
+        """Seconds spent loading the model so far (0.0 until it loads, and for HTTP)."""
+        ...
+
+    def fingerprint(self) -> str:
+        """Model, revision or files, parameters (and URL): the cache namespace. Never loads a model
+        or calls a server."""
+        ...
+
+    def prepare(self, prompts: Sequence[str]) -> list["Prepared"]:
+        """Template (with --chat) and left-truncate each prompt to fit the context; tokenizer only."""
+        ...
+
+    def generate(self, prepared: Sequence["Prepared"]) -> list[tuple[str, int, str]]:
+        """(text, tokens generated, finish_reason 'stop' | 'length') per prompt, in order."""
+        ...
+
+    def describe(self) -> dict[str, Any]:
+        """Provenance of this generator: model source, revision, device, load seconds, parameters..."""
+        ...
+
+
 BACKENDS = ("local", "hf-api", "tei", "openai", "auto")
+GENERATORS = ("local", "hf-api")
 _ALIASES = {"api": "hf-api", "hf": "hf-api", "inference-api": "hf-api"}
 
 
@@ -73,7 +154,7 @@ def make_backend(opts: "EmbedOptions") -> Backend:
     return _remote(opts, name)
 
 
-def _local(opts: "EmbedOptions") -> Backend:
+def _local(opts: "EmbedOptions") -> "LocalBackend":
     from .local import LocalBackend
 
     return LocalBackend(opts.model or "", device=opts.device or "auto", normalize=opts.normalize,
@@ -81,7 +162,7 @@ def _local(opts: "EmbedOptions") -> Backend:
                         quantize=opts.quantize, trust_remote_code=opts.trust_remote_code)
 
 
-def _remote(opts: "EmbedOptions", kind: str) -> Backend:
+def _remote(opts: "EmbedOptions", kind: str) -> "RemoteBackend":
     from .remote import RemoteBackend, RetryPolicy
 
     return RemoteBackend(
@@ -96,3 +177,24 @@ def _remote(opts: "EmbedOptions", kind: str) -> Backend:
         pooling=opts.remote_pooling,
         tokenizer=opts.tokenizer,
     )
+
+
+def make_generator(opts: "GenerateOptions") -> Generator:
+    """The generator registry (`local`, or `hf-api` / `api`); only builds objects. `opts` is a
+    resolved GenerateOptions (its api_timeout filled from Settings)."""
+    name = _ALIASES.get(opts.backend, opts.backend)
+    if name not in GENERATORS:
+        raise InputError(f"--backend {opts.backend!r} is not one of: local, api (hf-api) for generate.")
+    if name == "local":
+        from .generation import LocalGenerator
+
+        return LocalGenerator(opts.model or "", device=opts.device or "auto", params=opts.params,
+                              precision=opts.precision, trust_remote_code=opts.trust_remote_code)
+    if opts.api_retries < 1:
+        raise InputError(f"--api-retries must be at least 1 (got {opts.api_retries}).")
+    from .http import RetryPolicy
+    from .remote_generation import RemoteGenerator
+
+    return RemoteGenerator(opts.model or "", params=opts.params, endpoint=opts.endpoint, concurrency=opts.api_concurrency,
+                           timeout=opts.api_timeout or 60.0, tokenizer=opts.tokenizer,
+                           retry=RetryPolicy(attempts=opts.api_retries, ceiling_seconds=opts.api_retry_ceiling))

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from ..errors import BackendError, InputError, ModelLoadError
 from ..resources import check_model_memory, resolve_device, resolve_precision
-from .local import _read_json, resolve_model_dir
+from .local import read_json, resolve_model_dir
 
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -61,7 +61,11 @@ class Prepared:
 
 
 class LocalGenerator:
+    """A causal LM on this machine. Lazy: files resolve for `fingerprint()`, the tokenizer loads for
+    `prepare()`, the model for the first `generate()`."""
+
     name = "local"
+    remote = False
 
     def __init__(self, model: str, *, device: str = "auto", params: GenerationParams = GenerationParams(),
                  precision: str = "fp32", trust_remote_code: bool = False):
@@ -129,7 +133,7 @@ class LocalGenerator:
 
     @property
     def context(self) -> int:
-        config = _read_json(self.model_dir / "config.json")
+        config = read_json(self.model_dir / "config.json")
         for key in ("max_position_embeddings", "n_positions", "n_ctx", "seq_length"):
             if isinstance(config.get(key), int):
                 return int(config[key])

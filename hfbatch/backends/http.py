@@ -3,16 +3,17 @@
 Embedding (remote.py) and generation (remote_generation.py) both need the same things from a
 request, so they live here once:
 - a pooled requests.Session sized for `concurrency` requests in flight, created under a lock;
-- retries by type (tenacity): connection errors, timeouts, 429 (Retry-After honoured) and
-  500/502/503/504 (503 "model is loading" waits its estimated_time) are transient, with
-  exponential backoff and jitter, bounded by attempts and by a ceiling that is never overshot;
-  400/401/403/404/422 are terminal one-line errors with the fix; 413 raises PayloadTooLarge so
-  the caller can split its batch;
-- the Hugging Face token only goes, over https, to Hugging Face hosts and the configured router,
-  decided per request on the URL requests will really connect to; any other server gets
-  HFBATCH_API_KEY. A POST redirected to another server is refused (its vectors would come from a
-  host the provenance does not name). Errors name URLs without user:password@ and are scrubbed
-  of the token and the key.
+- retries by the errors' `transient` property (tenacity), never by message: connection errors,
+  timeouts, 429 (Retry-After honoured) and 500/502/503/504 (503 "model is loading" waits its
+  estimated_time) are transient, with exponential backoff and jitter, bounded by attempts and by
+  a ceiling that is never overshot; 400/401/403/404/422 are terminal one-line errors with the
+  fix; 413 raises PayloadTooLarge so the caller can split its batch;
+- the Hugging Face token (HF_TOKEN / HUGGINGFACE_TOKEN, from the environment or a .env file, as
+  settings.environment() reads them) only goes, over https, to Hugging Face hosts and the
+  configured router, decided per request on the URL requests will really connect to; any other
+  server gets HFBATCH_API_KEY. A POST redirected to another server is refused (its vectors would
+  come from a host the provenance does not name). Errors name URLs without user:password@ and
+  are scrubbed of the token and the key.
 """
 
 from __future__ import annotations
@@ -33,10 +34,11 @@ from requests.adapters import HTTPAdapter
 from requests.auth import AuthBase, HTTPBasicAuth
 from requests.utils import get_auth_from_url, urldefragauth
 from urllib3.util import parse_url
-from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, stop_before_delay
+from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, stop_before_delay
 
-from ..errors import RemoteError, TerminalBackendError, TransientBackendError
+from ..errors import RemoteError, TerminalBackendError, TransientBackendError, is_transient
 from ..provenance import redact_text
+from ..settings import api_key, hf_token
 
 HF_ROUTER = "https://router.huggingface.co"
 _TRANSIENT_STATUS = {429, 500, 502, 503, 504}
@@ -62,6 +64,9 @@ class PayloadTooLarge(Exception):
 
 
 class RetryableHTTPError(TransientBackendError):
+    """One failed try (transient by its class): why (`cause`, for the retry counts) and how long
+    the server asked to wait."""
+
     def __init__(self, message: str, cause: str, wait: float | None = None):
         super().__init__(message)
         self.cause = cause
@@ -69,13 +74,15 @@ class RetryableHTTPError(TransientBackendError):
 
 
 def hf_router() -> str:
-    """The Inference Providers router; HFBATCH_HF_ROUTER points it at a proxy (or a test server)."""
+    """The Inference Providers router; HFBATCH_HF_ROUTER points it at a proxy (or a test server).
+    Read from the real environment only: the token follows the router, so a .env may not move it."""
     return os.environ.get("HFBATCH_HF_ROUTER", HF_ROUTER).rstrip("/")
 
 
 def resolve_token(explicit: str | None = None) -> str | None:
-    """--token, else HF_TOKEN, else HUGGINGFACE_TOKEN, else the hub's stored login."""
-    token = explicit or os.environ.get("HF_TOKEN") or os.environ.get("HUGGINGFACE_TOKEN")
+    """--token, else HF_TOKEN, else HUGGINGFACE_TOKEN (the environment, then a .env file in the
+    working directory), else the hub's stored login."""
+    token = explicit or hf_token()
     if token:
         return token
     try:
@@ -129,17 +136,18 @@ def public_url(url: str) -> str:
 class _Credentials(AuthBase):
     """requests' auth hook, run on every prepared request (so on the URL it will connect to): Basic
     auth from the URL's user:password@, else the HF token where `hf_token_allowed`, else
-    HFBATCH_API_KEY, else nothing."""
+    HFBATCH_API_KEY, else nothing. Both are read once, when the session starts."""
 
     def __init__(self, token: str | None):
-        self.token = token
+        self.token = resolve_token(token)
+        self.api_key = api_key()
 
     def __call__(self, request: requests.PreparedRequest) -> requests.PreparedRequest:
         url = request.url or ""
         user, password = get_auth_from_url(url)
         if user or password:
             return HTTPBasicAuth(user, password)(request)
-        credential = resolve_token(self.token) if hf_token_allowed(url) else os.environ.get("HFBATCH_API_KEY")
+        credential = self.token if hf_token_allowed(url) else self.api_key
         if credential:
             request.headers["Authorization"] = f"Bearer {credential}"
         return request
@@ -213,7 +221,7 @@ class HttpClient:
     def post_json(self, url: str, body: Any) -> Any:
         """POST with retries; the decoded JSON answer, or a one-line error (PayloadTooLarge on 413)."""
         retrying = Retrying(
-            retry=retry_if_exception_type(RetryableHTTPError),
+            retry=retry_if_exception(is_transient),
             # stop_before_delay: never start a wait that would end past the ceiling
             stop=stop_after_attempt(self.retry.attempts) | stop_before_delay(self.retry.ceiling_seconds),
             wait=self._wait,
@@ -222,7 +230,9 @@ class HttpClient:
         )
         try:
             return retrying(self._post, url, body)
-        except RetryableHTTPError as exc:
+        except RemoteError as exc:
+            if not exc.transient:
+                raise
             tries = retrying.statistics.get("attempt_number", self.retry.attempts)
             raise TransientBackendError(
                 f"{exc} (gave up after {tries} attempt{'s' if tries != 1 else ''}, --api-retries {self.retry.attempts}, "
@@ -245,15 +255,26 @@ class HttpClient:
         if status == 413:
             raise PayloadTooLarge()
         if status in _TRANSIENT_STATUS:
-            raise RetryableHTTPError(f"{self.name}: {shown} answered {status} {_error_text(response)}", str(status),
+            raise RetryableHTTPError(f"{self.name}: {shown} answered {status} {self._server_message(response)}", str(status),
                                      _server_wait(response))
         if status >= 400:
             fix = self.fixes.get(status, "check the endpoint and model")
-            raise TerminalBackendError(f"{self.name}: {shown} answered {status} {_error_text(response)}; {fix}.")
+            raise TerminalBackendError(f"{self.name}: {shown} answered {status} {self._server_message(response)}; {fix}.")
         try:
             return response.json()
         except ValueError:
             raise RemoteError(f"{self.name}: {shown} answered {status} with a body that is not JSON; nothing was written.") from None
+
+    def _server_message(self, response: requests.Response) -> str:
+        """The server's own error message, short, without the credentials this client sends (a
+        server may echo the Authorization header back; the token may come from a .env file, which
+        redact_text, reading the process environment, does not see)."""
+        text = _error_text(response)
+        auth = self.session().auth
+        for secret in (getattr(auth, "token", None), getattr(auth, "api_key", None)):
+            if secret and len(secret) >= 8:
+                text = text.replace(secret, "***")
+        return text
 
     def _wait(self, state: RetryCallState) -> float:
         exc = state.outcome.exception() if state.outcome else None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import os
 import json
 import logging
@@ -24,6 +25,7 @@ from platformdirs import user_cache_dir
 from ..errors import BackendError, InputError, ModelLoadError
 from ..resources import check_model_memory, resolve_device, resolve_precision
 from ..settings import DEFAULT_MODEL
+from ..vectors import cosine_rows, l2_normalize
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +51,8 @@ class LocalBackend:
     """A sentence-transformers model on this machine (CPU, CUDA or MPS)."""
 
     name = "local"
+    remote = False
+    batch_texts: int | None = None  # the job's --batch-size / --max-batch-tokens decide
 
     def __init__(self, model: str, *, device: str = "auto", normalize: bool = True, max_length: int | None = None,
                  precision: str = "fp32", runtime: str = "torch", quantize: str | None = None,
@@ -100,8 +104,8 @@ class LocalBackend:
     def _read_configs(self) -> None:
         root = self._dir
         assert root is not None
-        sbert = _read_json(root / "sentence_bert_config.json")
-        config = _read_json(root / "config.json")
+        sbert = read_json(root / "sentence_bert_config.json")
+        config = read_json(root / "config.json")
         self._lower = bool(sbert.get("do_lower_case", False))
         native = sbert.get("max_seq_length") or config.get("max_position_embeddings") or 512
         limit = config.get("max_position_embeddings")
@@ -185,12 +189,22 @@ class LocalBackend:
 
     # --- model (expensive, lazy) --------------------------------------------------------------
 
+    def preflight(self) -> str:
+        """Every check that decides whether the model can load, short of loading it: its files
+        found, the device present, the runtime installed, the memory guard passed (before, not
+        after, an OOM). Reads file names and sizes only. Returns the device; raises ModelLoadError
+        (MemoryGuardError) or InputError."""
+        device = resolve_device(self.requested_device)
+        if self.runtime == "onnx" and importlib.util.find_spec("onnxruntime") is None:
+            raise ModelLoadError("--runtime onnx / --quantize int8 need onnxruntime: pip install 'hfbatch[onnx]'.")
+        self.estimated_bytes = check_model_memory(self.model_id, self.model_dir)
+        return device
+
     def _load_model(self) -> Any:
         if self._model is not None:
             return self._model
         started = time.perf_counter()
-        device = resolve_device(self.requested_device)
-        self.estimated_bytes = check_model_memory(self.model_id, self.model_dir)  # before, not after, an OOM
+        device = self.preflight()
         model = _load_sentence_transformer(str(self.model_dir), device, self.model_id, self.trust_remote_code)
         has_normalize = type(model[len(model) - 1]).__name__ == "Normalize"
         if has_normalize and not self.normalize:
@@ -237,11 +251,11 @@ class LocalBackend:
         reference = self._encode(model, CALIBRATION_TEXTS, "fp32")
         got = encoder.encode(CALIBRATION_TEXTS, self.max_length)
         if self._normalize_in_encode:
-            got = got / np.maximum(np.linalg.norm(got, axis=1, keepdims=True), 1e-12)
+            got = l2_normalize(got)
         if self.quantize:
             self.onnx_fidelity = check_int8(reference, got, self.model_id)
         else:
-            cosine = (reference * got).sum(1) / (np.linalg.norm(reference, axis=1) * np.linalg.norm(got, axis=1))
+            cosine = cosine_rows(reference, got)
             self.onnx_fidelity = {"mean": float(cosine.mean()), "min": float(cosine.min())}
             if self.onnx_fidelity["min"] < 0.999:
                 raise ModelLoadError(f"the ONNX export of {self.model_id} differs from torch (min cosine "
@@ -252,7 +266,7 @@ class LocalBackend:
         """--precision auto keeps half precision only where it matches fp32 on a calibration sample."""
         fp32 = self._encode(model, CALIBRATION_TEXTS, "fp32")
         half = self._encode(model, CALIBRATION_TEXTS, self.precision)
-        cosine = (fp32 * half).sum(1) / (np.linalg.norm(fp32, axis=1) * np.linalg.norm(half, axis=1))
+        cosine = cosine_rows(fp32, half)
         self.fidelity = {"mean": float(cosine.mean()), "min": float(cosine.min())}
         if self.fidelity["mean"] < 0.9999 or self.fidelity["min"] < 0.999:
             raise ModelLoadError(
@@ -267,7 +281,7 @@ class LocalBackend:
             if self._onnx is not None:
                 vectors = self._onnx.encode(texts, self.max_length)
                 if self._normalize_in_encode:
-                    vectors = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+                    vectors = l2_normalize(vectors)
             else:
                 vectors = self._encode(model, texts, self.precision)
         except Exception as exc:
@@ -397,7 +411,7 @@ def weights_hash(root: Path) -> str:
 
 def _dimension_from_files(root: Path, config: dict[str, Any]) -> int | None:
     """The output dimension read from config files, so writing can start without the model."""
-    modules = _read_json(root / "modules.json")
+    modules = read_json(root / "modules.json")
     if not isinstance(modules, list):
         return None
     types = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
@@ -405,7 +419,7 @@ def _dimension_from_files(root: Path, config: dict[str, Any]) -> int | None:
         return None  # Dense and friends change the size: ask the model
     for m in modules:
         if str(m.get("type", "")).endswith("Pooling"):
-            pooling = _read_json(root / m.get("path", "") / "config.json")
+            pooling = read_json(root / m.get("path", "") / "config.json")
             dim = pooling.get("word_embedding_dimension")
             modes = [k for k, v in pooling.items() if k.startswith("pooling_mode") and v]
             if dim and len(modes) == 1:  # several pooling modes concatenate
@@ -413,7 +427,7 @@ def _dimension_from_files(root: Path, config: dict[str, Any]) -> int | None:
     return None
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):

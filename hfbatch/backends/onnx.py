@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import InputError, ModelLoadError
+from ..vectors import cosine_rows
 
 log = logging.getLogger(__name__)
 
@@ -289,7 +290,7 @@ class _Quiet:
 
 def check_int8(reference: np.ndarray, quantized: np.ndarray, model_id: str) -> dict[str, float]:
     """Cosine of int8 to fp32 vectors; refuse below 0.99 mean / 0.98 min with the figures."""
-    cosine = (reference * quantized).sum(1) / (np.linalg.norm(reference, axis=1) * np.linalg.norm(quantized, axis=1))
+    cosine = cosine_rows(reference, quantized)
     figures = {"mean": float(cosine.mean()), "min": float(cosine.min())}
     if figures["mean"] < INT8_MIN_MEAN or figures["min"] < INT8_MIN_MIN:
         raise ModelLoadError(

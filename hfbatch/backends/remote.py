@@ -20,6 +20,7 @@ import numpy as np
 import requests
 
 from ..errors import InputError, ModelLoadError, RemoteError, TerminalBackendError
+from ..vectors import l2_normalize
 from .http import HttpClient, PayloadTooLarge, RetryPolicy, hf_router, public_url, resolve_token, short_json
 
 REMOTE_KINDS = ("hf-api", "tei", "openai")
@@ -92,7 +93,9 @@ _PROTOCOLS = {"hf-api": HfApiProtocol, "tei": TeiProtocol, "openai": OpenAIProto
 
 
 class RemoteBackend:
-    """Embeddings over HTTP. Nothing connects until the first `embed`."""
+    """Embeddings over HTTP. Nothing connects until the first `embed`; `fingerprint()` never does."""
+
+    remote = True
 
     def __init__(
         self,
@@ -144,14 +147,24 @@ class RemoteBackend:
     # --- identity ------------------------------------------------------------------------------
 
     def fingerprint(self) -> str:
-        """Kind, model (and the revision the server or hub reports), endpoint and normalisation:
-        vectors of another server, model or revision never share a cache namespace. Asks TEI's
-        /info (or the hub) once; unknown revisions leave the endpoint to tell servers apart."""
+        """Kind, model, endpoint (without credentials), normalisation and pooling: what this
+        backend is configured to ask for. Built from the configuration alone, so a fully cached
+        rerun makes no request (and an offline one finds the same namespace as an online one).
+
+        The revision a server or the hub reports is not part of it (knowing it takes a request);
+        it is recorded in `describe()` once the first `embed` has connected. What keeps the model
+        honest instead: hf-api and openai name the model in every request, and TEI, which serves
+        whatever it was started with, is asked on the first `embed` what it serves (/info): a
+        model other than --model is refused before any of its vectors is used, so (where /info
+        answers) every vector in a namespace came from a server that said it serves that model.
+        A server redeployed with another revision of the same model behind the same URL shares
+        the namespace; the sidecar of each run records the revision it was served."""
         where = public_url(self.endpoint or hf_router())  # credentials are not identity
-        revision = self.hub_revision()
-        served = self.served_model or self.model_id
-        return (f"{self.name}:{served}@{revision or 'unresolved'}:{where};"
-                f"normalize={self.normalize};pooling={self.pooling or 'server'}")
+        return f"{self.name}:{self.model_id}:{where};normalize={self.normalize};pooling={self.pooling or 'server'}"
+
+    def known_dimension(self) -> int | None:
+        """The dimension of the vectors already received (None before the first `embed`)."""
+        return self._dim
 
     def dimension(self) -> int:
         if self._dim is None:
@@ -181,21 +194,29 @@ class RemoteBackend:
                 ) from None
         return self._tokens
 
-    def hub_revision(self) -> str | None:
-        """The commit sha of the model: from TEI's /info, else the hub's model info (None offline)."""
+    def _identify(self) -> None:
+        """Once, on the first `embed` (the first time anything connects): what the server serves
+        and its revision, for the provenance. TEI's /info names the model it was started with; one
+        other than --model is refused (its vectors would be cached under the wrong model). Without
+        /info, the hub's current commit of the model id (None offline)."""
         if self._revision is not None:
-            return self._revision or None
-        self._revision = ""
+            return
+        revision, served = "", None
         if self.name == "tei" and self.endpoint:
             try:
                 info = self._http.get_json(self.endpoint.rstrip("/") + "/info", timeout=min(self.timeout, 10))
-                self._revision = str(info.get("model_sha") or "")
-                self.served_model = info.get("model_id")
+                revision, served = str(info.get("model_sha") or ""), info.get("model_id")
             except (requests.RequestException, ValueError, AttributeError):
-                pass
-        if not self._revision and "/" in self.model_id:
-            self._revision = _hub_sha(self.model_id, resolve_token(None)) or ""  # the HF token, to the hub only
-        return self._revision or None
+                pass  # an older TEI or a proxy without /info: the configuration is all there is
+            if served and served != self.model_id:  # asked again on every embed: the refusal sticks
+                raise TerminalBackendError(
+                    f"tei: {public_url(self.endpoint)} serves {served}, not --model {self.model_id}; pass --model "
+                    f"{served} (and --tokenizer with a hub id or directory of its tokenizer if that is not one), so "
+                    "the cache and the sidecar name the model that makes the vectors."
+                )
+        if not revision and "/" in self.model_id:
+            revision = hub_sha(self.model_id, resolve_token(None)) or ""  # the HF token, to the hub only
+        self._revision, self.served_model = revision, served
 
     def describe(self) -> dict[str, Any]:
         revision = self._revision or None
@@ -225,6 +246,7 @@ class RemoteBackend:
         texts = list(texts)
         if not texts:
             return np.zeros((0, self._dim or 0), dtype=np.float32)
+        self._identify()
         size = self._batch_size
         parts = [texts[i : i + size] for i in range(0, len(texts), size)]
         if len(parts) == 1 or self.concurrency == 1:
@@ -279,7 +301,7 @@ class RemoteBackend:
                 )
             raw = [np.asarray(tokens, dtype=np.float32).mean(axis=0) for tokens in raw]
             if self.normalize:
-                raw = [v / max(float(np.linalg.norm(v)), 1e-12) for v in raw]
+                raw = [l2_normalize(v) for v in raw]
         try:
             array = np.asarray(raw, dtype=np.float32)
         except (TypeError, ValueError):
@@ -296,7 +318,7 @@ class RemoteBackend:
         if not np.isfinite(array).all():
             raise RemoteError(f"{self.name}: {url} returned NaN or infinite values; nothing was written.")
         if self.name == "openai" and self.normalize:  # the OpenAI protocol has no normalize flag
-            array = array / np.maximum(np.linalg.norm(array, axis=1, keepdims=True), 1e-12)
+            array = l2_normalize(array)
         self._dim = array.shape[1]
         return array
 
@@ -322,7 +344,7 @@ def _first_non_number(value: Any, depth: int) -> str | None:
     return None
 
 
-def _hub_sha(model: str, token: str | None) -> str | None:
+def hub_sha(model: str, token: str | None) -> str | None:
     """The model's current commit on the hub, or None when offline or unknown (never raises)."""
     try:
         from huggingface_hub import HfApi, constants
@@ -334,4 +356,4 @@ def _hub_sha(model: str, token: str | None) -> str | None:
         return None
 
 
-__all__ = ["RemoteBackend", "RetryPolicy", "resolve_token", "REMOTE_KINDS"]
+__all__ = ["RemoteBackend", "RetryPolicy", "resolve_token", "hub_sha", "REMOTE_KINDS"]

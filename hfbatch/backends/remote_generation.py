@@ -26,13 +26,17 @@ from urllib.parse import urlparse
 from ..errors import InputError, ModelLoadError, RemoteError
 from .generation import GenerationParams, LocalGenerator, Prepared
 from .http import HttpClient, RetryPolicy, hf_router, public_url, resolve_token, short_json
+from .remote import hub_sha
 
 _FIXES = {422: "the server could not process the prompt; check that --model is a text-generation model",
           400: "the server rejected the request; check --model (is it served for text generation?) and the parameters"}
 
 
 class RemoteGenerator:
+    """Completions over HTTP. Nothing connects until the first `generate`; `fingerprint()` never does."""
+
     name = "hf-api"
+    remote = True
 
     def __init__(self, model: str, *, params: GenerationParams = GenerationParams(), endpoint: str | None = None,
                  token: str | None = None, concurrency: int = 4, timeout: float = 120.0,
@@ -62,16 +66,19 @@ class RemoteGenerator:
         return _chat_url(base) if self.params.chat else base
 
     def fingerprint(self) -> str:
-        """Model, its hub revision when known, the URL and the parameters: answers of another
-        server, model or setting never share a cache namespace."""
-        if self._revision is None:
-            from .remote import _hub_sha
-
-            self._revision = _hub_sha(self.model_id, resolve_token(None)) or "" if "/" in self.model_id else ""
+        """Model, URL and parameters: answers of another server, model or setting never share a
+        cache namespace. The configuration alone (the model is named in every request), so a fully
+        cached rerun makes no request; the hub revision is looked up on the first `generate` and
+        recorded in `describe()`."""
         h = hashlib.blake2b(digest_size=16)
         # the URL without user:password@: credentials are not identity, and never hashed into a key
-        h.update(f"{self.model_id}@{self._revision or 'unresolved'}|{public_url(self.url)}|{self.params.key()}".encode())
+        h.update(f"{self.model_id}|{public_url(self.url)}|{self.params.key()}".encode())
         return f"generate-api:{h.hexdigest()}"
+
+    def _identify(self) -> None:
+        """Once, on the first `generate`: the model's commit on the hub (None offline), for the provenance."""
+        if self._revision is None:
+            self._revision = (hub_sha(self.model_id, resolve_token(None)) or "") if "/" in self.model_id else ""
 
     def describe(self) -> dict[str, Any]:
         return {"backend": self.name, "model_id": self.model_id, "endpoint": public_url(self.url),
@@ -107,6 +114,7 @@ class RemoteGenerator:
 
     def generate(self, prepared: Sequence[Prepared]) -> list[tuple[str, int, str]]:
         """(text, tokens generated, 'stop' | 'length') per prompt, in order; requests in parallel."""
+        self._identify()
         if len(prepared) == 1 or self.concurrency == 1:
             return [self._one(p) for p in prepared]
         with ThreadPoolExecutor(max_workers=min(self.concurrency, len(prepared))) as pool:

@@ -30,7 +30,7 @@ from ..io.readers import detect_format
 from ..io.writers import write_json_atomic
 from ..options import EmbedOptions, sidecar_path
 from ..jobs.embed import run_embed
-from ..progress import ProgressReporter
+from ..monitoring import NullObserver, Observer
 from ..provenance import file_digest, library_versions, redact, relative_paths, utc_now
 from ..settings import Settings
 
@@ -168,7 +168,7 @@ class PartsResult:
 
 
 def run_embed_parts(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1),
-                    progress: ProgressReporter | None = None, settings: Settings | None = None) -> PartsResult:
+                    observer: Observer | None = None, settings: Settings | None = None) -> PartsResult:
     """Embed every part of `options.input` (a directory or glob) owned by `shard` into the
     directory `options.output`. A part with bad data is marked failed and the others go on (the
     job then exits 1); an error of the model or backend stops the job, with the sidecar saying
@@ -201,7 +201,7 @@ def run_embed_parts(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1),
         "options_key": key, "started": utc_now(), "parts": [],
     }
     wall = time.perf_counter()
-    shared = _OneBar(progress) if progress is not None else None
+    shared = _OneBar(observer) if observer is not None else None
     try:
         for part in mine:
             relative = str(part.relative_to(root))
@@ -221,10 +221,10 @@ def run_embed_parts(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1),
     return PartsResult(out_dir, sidecar, document)
 
 
-class _OneBar:
-    """One progress bar across all parts: each part's start/finish would otherwise open a new one."""
+class _OneBar(NullObserver):
+    """One progress bar across all parts: each part's start/done would otherwise open a new one."""
 
-    def __init__(self, inner: ProgressReporter):
+    def __init__(self, inner: Observer):
         self.inner, self.started = inner, False
 
     def start(self, total_rows: int | None) -> None:
@@ -235,20 +235,17 @@ class _OneBar:
     def advance(self, rows: int, *, hit_rate: float) -> None:
         self.inner.advance(rows, hit_rate=hit_rate)
 
-    def finish(self) -> None:
-        pass
-
     def close(self) -> None:
         if self.started:
-            self.inner.finish()
+            self.inner.done({})
 
 
 def _embed_part(options: EmbedOptions, relative: str, part: Path, output: Path, out_dir: Path,
-                progress: ProgressReporter | _OneBar | None, settings: Settings) -> PartRecord:
+                observer: Observer | None, settings: Settings) -> PartRecord:
     started = time.perf_counter()
     output.parent.mkdir(parents=True, exist_ok=True)
     try:
-        result = run_embed(replace(options, input=part, output=output), progress=progress, settings=settings)
+        result = run_embed(replace(options, input=part, output=output), observer=observer, settings=settings)
     except InputError as exc:  # this file's data or columns: the other parts go on
         return PartRecord(relative, str(output.relative_to(out_dir)), "failed", error=str(exc),
                           seconds=round(time.perf_counter() - started, 3))

@@ -5,8 +5,8 @@ Shape of the job (each step named for the trap it avoids; measured with Ray 2.60
   JSONL schema and Parquet buffering as `run_embed`), emitting chunks with a `__row` id, so rows
   can be put back in order: Ray writes and joins do not keep order, even with preserve_order.
 - Embed: `map_batches` with `EmbedActor`, an actor class that builds the same backend, cache and
-  `_Job` as the local pipeline and calls the same `validate_chunk` + `_Job.process` on each chunk
-  (shared code, not a copy). Actors take a fraction of a CPU and one torch thread, so read tasks
+  `EmbedTask` as the local pipeline and calls the same `validate_chunk` + `ChunkProcessor.process`
+  (jobs/core.py) on each chunk (shared code, not a copy). Actors take a fraction of a CPU and one torch thread, so read tasks
   are never starved (two 1-CPU actors on a 2-CPU machine hang forever). Compute is
   `ActorPoolStrategy(size=N)`; failed actors restart and their tasks retry (`max_restarts`,
   `max_task_retries`); `max_errored_blocks` is never used, because it drops rows silently.
@@ -76,8 +76,8 @@ class EmbedActor:
         self.id = uuid.uuid4().hex[:12]  # distinct ids seen by the driver = actor starts (restarts show)
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        from ..jobs.embed import _Job
-        from ..progress import NullProgress
+        from ..jobs.core import ChunkProcessor
+        from ..jobs.embed import EmbedTask
         from ..provenance import Metrics
         from ..validate import validate_chunk
 
@@ -89,7 +89,8 @@ class EmbedActor:
                       rows[0] if rows else 0, invalid)
         passthrough = pa.schema([f for f in data.schema if f.name in (opts.keep or data.schema.names)])
         metrics = Metrics()
-        job = _Job(opts, None, self.backend, self.cache, metrics, NullProgress(), passthrough)  # type: ignore[arg-type]
+        job = ChunkProcessor(EmbedTask(self.backend, opts), self.cache, metrics, passthrough=passthrough,
+                             on_invalid=opts.on_invalid)
         validated = validate_chunk(chunk, path=Path(table.column("__part")[0].as_py()), text_column=opts.text_column,
                                    on_invalid=opts.on_invalid)
         hits_before = self.cache.stats.hits
@@ -210,7 +211,7 @@ def _write_part(relative: str, part: Path, output: Path, out_dir: Path, pieces: 
                 passthrough: pa.Schema) -> PartRecord:
     """Order a part's rows by __row and write them atomically, with a sidecar, like run_embed."""
     started = time.perf_counter()
-    from ..jobs.embed import output_schema
+    from ..io.writers import output_schema
 
     table = pa.concat_tables(pieces) if pieces else None
     dim = None

@@ -12,19 +12,35 @@ Type rules (documented in the README):
   chunk, count rows and reject broken lines before any model work. A key whose values mix types,
   or hold objects/lists, becomes a string column of JSON text. The text column is always a
   string column; a non-string value there becomes null and is reported per row.
+
+Pipes and standard input: every reader reads its file more than once (a counting scan, then the
+rows), which a stream cannot give. `open_reader` refuses `-`, a FIFO and a character device
+(`/dev/stdin` fed by a pipe) with the fix instead of reading 0 rows; a job wraps its input in
+`spooled_input(path, fmt)` first, which copies such a stream once to a temp file, yields that
+path for the reader (and the input hash, bytes, ...) and removes it when the job ends, on success
+or failure. A stream has no extension, so the format comes from `-f` (or a FIFO's own name), and
+gzip is told by its magic bytes. The `--max-line-bytes` cap applies to the spooled copy as to any
+file; spooling itself holds one copy buffer in memory, whatever the line lengths.
 """
 
 from __future__ import annotations
 
 import csv
+import errno
 import gzip
 import io
 import json
+import os
 import re
+import shutil
+import stat
+import sys
+import tempfile
 from collections import Counter
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Iterable, Iterator, Sequence
+from typing import IO, Any, BinaryIO, Iterable, Iterator, Sequence
 
 import pyarrow as pa
 import pyarrow.csv as pacsv
@@ -42,6 +58,10 @@ _EXTENSIONS = {
     ".parquet": "parquet",
     ".pq": "parquet",
 }
+# every suffix that names a data file or its compression: what a part's output name drops
+DATA_SUFFIXES = frozenset({*_EXTENSIONS, ".gz"})
+STDIN = "-"  # the input name that means standard input
+_GZIP_MAGIC = b"\x1f\x8b"
 _CSV_BLOCK_BYTES = 1 << 20  # CSV starts with this block and grows it (x8, up to the cap) for a longer row
 _READ_BLOCK_BYTES = 1 << 20  # JSONL is read in blocks of this many (decompressed) bytes
 DEFAULT_MAX_LINE_BYTES = 64 << 20
@@ -112,8 +132,13 @@ def open_reader(
     """Open `path` for streaming. `columns` limits what is read (None: all); `max_line_bytes`
     caps one JSONL line or CSV row (None: DEFAULT_MAX_LINE_BYTES; Parquet has no lines).
 
-    Raises InputError (exit 2) when the file is missing, unreadable or of an unknown format.
+    Raises InputError (exit 2) when the file is missing, unreadable or of an unknown format, and
+    for a stream (`-`, a pipe, a terminal), which must go through `spooled_input` first.
     """
+    if is_stream(path):
+        raise InputError(f"{_shown(path)}: is a pipe or device, which can be read only once and hfbatch reads its "
+                         "input twice (a counting scan, then the rows); open it through spooled_input(), or save it "
+                         "to a file and pass that.")
     path = Path(path)
     if not path.exists():
         raise InputError(f"{path}: no such file.")
@@ -129,6 +154,77 @@ def open_reader(
         return ParquetReader(path, chunk_size=chunk_size, columns=columns)
     cls = CsvReader if fmt == "csv" else JsonlReader
     return cls(path, chunk_size=chunk_size, columns=columns, text_column=text_column, max_line_bytes=limit)
+
+
+def is_stream(path: str | Path) -> bool:
+    """`-` (standard input), a FIFO or a character device: input that can be read only once."""
+    if str(path) == STDIN:
+        return True
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return False
+    return stat.S_ISFIFO(mode) or stat.S_ISCHR(mode)
+
+
+@contextmanager
+def spooled_input(path: str | Path, fmt: str | None = None, *, directory: Path | None = None,
+                  stdin: BinaryIO | None = None) -> Iterator[Path]:
+    """Yield a path every reader can read: `path` itself for a file, or for a stream (`is_stream`;
+    `-` reads `stdin`, default sys.stdin's bytes) a temp file in `directory` (None: TMPDIR)
+    holding one copy of it, removed when the block exits however it exits. The copy is named for
+    its format, with `.gz` when its first bytes are gzip's, so open_reader(copy, fmt=fmt) reads it.
+
+    Raises InputError (exit 2): a stream without `fmt` whose name tells no format, a socket, or a
+    stream that cannot be read or copied (e.g. no room in `directory`: the fix is TMPDIR).
+    """
+    if not is_stream(path):
+        if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
+            raise InputError(f"{path}: is a socket, which hfbatch does not open; pipe it in instead "
+                             "(... | hfbatch embed - -f jsonl).")
+        yield Path(path)
+        return
+    shown = _shown(path)
+    try:
+        fmt = detect_format(Path(path), fmt)
+    except InputError:
+        raise InputError(f"{shown}: a stream has no file extension to tell its format; pass --format "
+                         f"{'|'.join(FORMATS)} (-f).") from None
+    copy: Path | None = None
+    try:
+        # standard input stays open (the process owns it); a named stream is closed here
+        with nullcontext(stdin or sys.stdin.buffer) if str(path) == STDIN else open(path, "rb") as source:
+            head = source.read(len(_GZIP_MAGIC))
+            suffix = _spool_suffix(Path(path), fmt) + (".gz" if head == _GZIP_MAGIC else "")
+            with tempfile.NamedTemporaryFile(prefix=".hfbatch-spool-", suffix=suffix, dir=directory, delete=False) as sink:
+                copy = Path(sink.name)
+                sink.write(head)
+                shutil.copyfileobj(source, sink, _READ_BLOCK_BYTES)
+    except BaseException as exc:  # also Ctrl-C or SIGTERM (Terminated) while copying: no copy is left behind
+        if copy is not None:
+            copy.unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            raise InputError(f"{shown}: copying it to a temp file in {directory or tempfile.gettempdir()} failed "
+                             f"({exc.strerror or exc}); "
+                             f"{'make room there, or point TMPDIR at a disk that has it' if full else 'check what feeds it'}.") from None
+        raise
+    assert copy is not None
+    try:
+        yield copy
+    finally:
+        copy.unlink(missing_ok=True)
+
+
+def _spool_suffix(path: Path, fmt: str) -> str:
+    """The copy's extension: the stream's own (a FIFO named rows.tsv keeps tab delimiting) when it
+    names `fmt`, else the format's."""
+    names = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
+    return names[-1] if names and _EXTENSIONS.get(names[-1]) == fmt else f".{fmt}"
+
+
+def _shown(path: str | Path) -> str:
+    return "standard input (-)" if str(path) == STDIN else str(path)
 
 
 def rechunk(batches: Iterator[pa.RecordBatch], size: int, schema: pa.Schema) -> Iterator[pa.RecordBatch]:
@@ -535,4 +631,4 @@ def _short(exc: BaseException) -> str:
 
 
 __all__ = ["Chunk", "Reader", "open_reader", "detect_format", "rechunk", "shown_names", "FORMATS",
-           "DEFAULT_MAX_LINE_BYTES"]
+           "DEFAULT_MAX_LINE_BYTES", "DATA_SUFFIXES", "STDIN", "is_stream", "spooled_input"]

@@ -1,18 +1,341 @@
-"""prefetch(): run an iterator ahead in a background thread, a bounded number of items ahead.
+"""The chunk core that every job plugs into: embed and generate are Tasks on it.
 
-Reading and validating chunk N+1 then overlaps the model's work on chunk N: torch releases the
-GIL while it computes, so the two really run at once, and memory stays bounded: `depth` items
-queued, one being made, one being used.
+    reader -> validate -> distinct texts -> cache lookup -> misses in ordered batches -> cache store
+           -> back to row order -> assemble -> ParquetSink (atomic) -> sidecar
+
+`run_task()` drives one job: chunks are read and validated a chunk ahead in a background thread
+(`prefetch`), each goes through `ChunkProcessor.process()` and is written before the next is
+taken, so memory stays flat. Nothing reaches the output path unless the whole job succeeds and
+every row read was written (or dropped on purpose by --on-invalid skip); every result computed
+is in the cache as soon as its batch is done, so a rerun after a failure or a kill resumes where
+it stopped. The job reports only to its Observer.
+
+A `Task` says what is particular to a job: how a text is measured (token count, truncation),
+how a batch of misses is computed, how results are kept in and read back from the cache, which
+columns it adds and what its provenance records. Engines that run chunks elsewhere (Ray actors)
+use `ChunkProcessor` on its own.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from typing import Iterator, TypeVar
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator, Protocol, Sequence, TypeVar
+
+import numpy as np
+import pyarrow as pa
+
+from ..cache import EmbeddingCache, NullCache, open_cache
+from ..errors import OutputError, TooManyErrors
+from ..io.plan import JobFiles, open_job_files
+from ..io.readers import Reader
+from ..io.writers import ParquetSink
+from ..monitoring import NullObserver, Observer, watch
+from ..options import JobOptions
+from ..provenance import InputFacts, Metrics, OutputFacts, build_document, utc_now
+from ..settings import Settings
+from ..validate import ValidatedChunk, validate_chunk
+
+Cache = EmbeddingCache | NullCache
+O = TypeVar("O", bound=JobOptions)
+
+
+class Task(Protocol):
+    """What a job plugs into the core. Values are a task's own results per distinct text (embed:
+    a vector and its token count; generate: the completion and its counts)."""
+
+    job: str  # "embed" | "generate": the document's job, and the stage its model work is booked to
+    backend: Any  # the backend or generator: name, model_id, fingerprint(), describe(); lazy
+    added_columns: Sequence[str]  # the columns the task writes after the input's
+
+    @property
+    def batch_texts(self) -> int:
+        """Texts per model call (without a token budget)."""
+        ...
+
+    @property
+    def max_batch_tokens(self) -> int | None:
+        """Token budget per model call (texts x longest), or None."""
+        ...
+
+    def load_seconds(self) -> float:
+        """Seconds the backend has spent loading its model so far."""
+        ...
+
+    def lookup(self, cache: Cache, texts: Sequence[str]) -> dict[int, Any]:
+        """Index in `texts` -> value, for the texts the cache has; one batched read per chunk."""
+        ...
+
+    def prepare(self, texts: Sequence[str]) -> tuple[list[Any], list[int]]:
+        """Per text: what `compute` takes (token counts, truncated prompts) and the tokens the model reads."""
+        ...
+
+    def compute(self, items: Sequence[Any]) -> tuple[list[Any], int]:
+        """One model call: the values of `items`, in order, and the tokens the model computed."""
+        ...
+
+    def store(self, cache: Cache, texts: Sequence[str], values: Sequence[Any]) -> None:
+        """Keep one batch's values in the cache (one transaction)."""
+        ...
+
+    def recheck(self, cache: Cache, found: dict[int, Any]) -> list[int]:
+        """Hits that the values just computed show to be wrong (to compute again)."""
+        ...
+
+    def truncated(self, values: Sequence[Any]) -> list[bool]:
+        """For each value, whether the model saw only part of its text."""
+        ...
+
+    def schema(self, passthrough: pa.Schema) -> pa.Schema:
+        """The output schema: the passed-through input columns, then the task's."""
+        ...
+
+    def columns(self, values: Sequence[Any], rows: np.ndarray, errors: Sequence[str | None]) -> list[pa.Array]:
+        """The task's columns for output rows whose values are `values[rows[i]]` (-1: an invalid row)."""
+        ...
+
+    def provenance(self) -> dict[str, Any]:
+        """What only this job records in the sidecar's provenance."""
+        ...
+
+
+@dataclass
+class JobResult:
+    """What a finished job produced: the output paths and the sidecar document."""
+
+    output: Path
+    sidecar: Path
+    document: dict[str, Any]
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self.document["metrics"]
+
+
+class ChunkProcessor:
+    """The work on one validated chunk: distinct texts, one cache lookup, misses computed in
+    length-sorted batches and stored batch by batch, results put back in row order, the output
+    rows assembled. Counts into `metrics`, reports progress to `observer`."""
+
+    def __init__(self, task: Task, cache: Cache, metrics: Metrics, observer: Observer | None = None, *,
+                 passthrough: pa.Schema, on_invalid: str):
+        self.task, self.cache, self.metrics = task, cache, metrics
+        self.observer = observer or NullObserver()
+        self.passthrough, self.on_invalid = passthrough, on_invalid
+
+    def process(self, v: ValidatedChunk) -> pa.RecordBatch:
+        before = replace(self.cache.stats)
+        try:
+            return self._process(v)
+        finally:
+            self.metrics.add_cache(before, self.cache.stats)
+
+    def _process(self, v: ValidatedChunk) -> pa.RecordBatch:
+        m, task = self.metrics, self.task
+        valid = v.valid_rows
+        invalid_rows = len(v.texts) - len(valid)
+        m.rows_invalid += invalid_rows
+
+        # identical texts in a chunk are looked up and computed once
+        unique: dict[str, int] = {}
+        row_to_unique = np.full(len(v.texts), -1, dtype=np.int64)
+        for i in valid:
+            row_to_unique[i] = unique.setdefault(v.texts[i], len(unique))  # type: ignore[arg-type]
+        texts = list(unique)
+        rows_per_text = np.bincount(row_to_unique[row_to_unique >= 0], minlength=len(texts))
+        m.texts_unique += len(texts)
+
+        with m.stage("cache"):
+            found = task.lookup(self.cache, texts)
+        self.observer.advance(invalid_rows + int(sum(rows_per_text[u] for u in found)), hit_rate=self.cache.stats.hit_rate)
+
+        values = self._compute([u for u in range(len(texts)) if u not in found], texts, rows_per_text)
+        stale = task.recheck(self.cache, found)
+        if stale:  # their rows were counted as done already
+            for u in stale:
+                del found[u]
+            values.update(self._compute(stale, texts, np.zeros_like(rows_per_text)))
+        values.update(found)
+        ordered = [values[u] for u in range(len(texts))]
+        m.rows_done += len(valid)
+        m.rows_truncated += int(sum(rows_per_text[u] for u, cut in enumerate(task.truncated(ordered)) if cut))
+        return self._assemble(v, row_to_unique, ordered)
+
+    def _compute(self, indices: list[int], texts: list[str], rows_per_text: np.ndarray) -> dict[int, Any]:
+        """Compute the texts at `indices` longest first (see plan_batches), so padding stays small;
+        each batch is stored as soon as it is made."""
+        m, task = self.metrics, self.task
+        if not indices:
+            return {}
+        with m.stage("validate"):
+            items, lengths = task.prepare([texts[u] for u in indices])
+        order = sorted(range(len(indices)), key=lambda j: -lengths[j])
+        out: dict[int, Any] = {}
+        for batch in plan_batches([lengths[j] for j in order], task.batch_texts, task.max_batch_tokens):
+            picked = [order[i] for i in batch]
+            load_before = task.load_seconds()
+            with m.stage(m.job):
+                values, tokens = task.compute([items[j] for j in picked])
+            m.book_load(task.load_seconds() - load_before)  # the first batch also loaded the model
+            with m.stage("cache"):
+                task.store(self.cache, [texts[indices[j]] for j in picked], values)
+            m.batches += 1
+            m.texts_computed += len(picked)
+            m.tokens_computed += tokens
+            for j, value in zip(picked, values):
+                out[indices[j]] = value
+            self.observer.advance(int(sum(rows_per_text[indices[j]] for j in picked)), hit_rate=self.cache.stats.hit_rate)
+        return out
+
+    def _assemble(self, v: ValidatedChunk, row_to_unique: np.ndarray, values: list[Any]) -> pa.RecordBatch:
+        """The output rows of one chunk, in input order (invalid rows dropped under --on-invalid skip)."""
+        keep_rows = np.arange(len(v.texts))
+        if self.on_invalid == "skip":
+            keep_rows = keep_rows[row_to_unique >= 0]
+            self.metrics.rows_skipped += len(v.texts) - len(keep_rows)
+        base = v.chunk.batch.select(self.passthrough.names)
+        if len(keep_rows) != len(v.texts):
+            base = base.take(pa.array(keep_rows))
+        added = self.task.columns(values, row_to_unique[keep_rows], [v.errors[i] for i in keep_rows])
+        return pa.RecordBatch.from_arrays(list(base.columns) + added, schema=self.task.schema(self.passthrough))
+
+
+def open_files(opts: JobOptions, added_columns: Sequence[str]) -> JobFiles:
+    """Every check that needs no model: the input opened and its columns checked, the output and
+    monitoring paths planned and proved writable. InputError (exit 2) before any work."""
+    return open_job_files(input=opts.input, output=opts.output, fmt=opts.format, chunk_size=opts.chunk_size or 10_000,
+                          text_column=opts.input_column, keep=opts.keep, added_columns=added_columns,
+                          extra_outputs=(("--metrics-file", opts.metrics_file), ("--log-file", opts.log_file)),
+                          max_line_bytes=opts.max_line_bytes)  # type: ignore[arg-type]  # an int once resolved
+
+
+def run_job(options: O, added_columns: Sequence[str], task_for: Callable[[O], Task], *, observer: Observer | None = None,
+            settings: Settings | None = None) -> tuple[O, dict[str, Any]]:
+    """Resolve `options`, make every check that needs no model, then run the task that `task_for`
+    makes from the resolved options. Returns (resolved options, sidecar document)."""
+    opts = options.resolved(settings or Settings.load())
+    files = open_files(opts, added_columns)
+    return opts, run_task(task_for(opts), opts, files, observer=observer)
+
+
+def run_task(task: Task, opts: JobOptions, files: JobFiles, *, observer: Observer | None = None) -> dict[str, Any]:
+    """Run one job of `task` over the opened input; publish the output and its sidecar atomically
+    and return the sidecar document. On any failure nothing is published, the observer is told,
+    and the error is raised again."""
+    metrics = Metrics(job=task.job)
+    started = utc_now()
+    reader = files.reader
+    observer = watch(observer, log_file=opts.log_file, metrics_file=opts.metrics_file,
+                     labels={"input": opts.input.name, "output": opts.output.name, "model": str(opts.model),
+                             "backend": task.backend.name})
+    cache: Cache = NullCache()
+    sink: ParquetSink | None = None
+    observer.start(reader.total_rows)
+    try:
+        if opts.use_cache:  # the fingerprint may resolve the model: a model not found is a failed job
+            cache = open_cache(opts.cache_dir, task.backend.fingerprint(), size_limit_bytes=opts.cache_size_bytes or 0)  # type: ignore[arg-type]
+        processor = ChunkProcessor(task, cache, metrics, observer, passthrough=files.passthrough, on_invalid=opts.on_invalid)
+        # chunks are read and validated one ahead, in a background thread, while the model works
+        for validated in prefetch(_validated(reader, opts, metrics), depth=1):
+            chunk = validated.chunk
+            metrics.chunks += 1
+            metrics.rows_total += chunk.batch.num_rows
+            out = processor.process(validated)
+            check_max_errors(opts, metrics, validated)
+            with metrics.stage("write"):
+                if sink is None:
+                    sink = ParquetSink(opts.output, out.schema)
+                sink.write(out)
+                metrics.rows_written += out.num_rows
+            observer.chunk(chunk.first_row, chunk.batch.num_rows, metrics)
+        if sink is None:  # an input with no rows still gets a (valid, empty) output
+            sink = ParquetSink(opts.output, task.schema(files.passthrough))
+        check_rows(opts, reader, metrics, sink)
+        # one document, the same in the Parquet metadata, the sidecar and --json
+        document = build_document(job=task.job, backend=task.backend, options=opts, metrics=metrics, started=started,
+                                  input=InputFacts.of(opts.input, reader.format, metrics.rows_total),
+                                  output=OutputFacts(opts.output, metrics.rows_written), cache=cache,
+                                  details=task.provenance())
+        sink.commit(document, sidecar=opts.sidecar)
+    except BaseException as exc:
+        if sink is not None:
+            sink.abort()
+        observer.failed(exc)
+        raise
+    finally:
+        cache.close()
+    observer.done(document)
+    return document
+
+
+def _validated(reader: Reader, opts: JobOptions, metrics: Metrics) -> Iterator[ValidatedChunk]:
+    for chunk in metrics.timed("read", reader.chunks()):
+        with metrics.stage("validate"):
+            # row checks only; token counts follow the cache lookup (a warm rerun needs no tokenizer)
+            validated = validate_chunk(chunk, path=opts.input, text_column=opts.input_column, on_invalid=opts.on_invalid)
+        yield validated  # outside the timer: waiting for the consumer is no stage's time
+
+
+def check_max_errors(opts: JobOptions, metrics: Metrics, validated: ValidatedChunk) -> None:
+    """TooManyErrors (nothing written) once more rows than --max-errors are invalid."""
+    if opts.max_errors is None or metrics.rows_invalid <= opts.max_errors:
+        return
+    first_row = validated.chunk.first_row
+    first = next((f"row {first_row + i + 1}: {e}" for i, e in enumerate(validated.errors) if e), "")
+    raise TooManyErrors(
+        f"{opts.input}: more than --max-errors {opts.max_errors} rows are invalid ({metrics.rows_invalid} so far; "
+        f"in this chunk {first}); nothing was written. Fix the input, or raise --max-errors."
+    )
+
+
+def check_rows(opts: JobOptions, reader: Reader, metrics: Metrics, sink: ParquetSink) -> None:
+    """Rows in == rows out: every row the input has was read, and written or dropped on purpose
+    (--on-invalid skip). Anything else is a lost row, and nothing is published."""
+    if reader.total_rows is not None and metrics.rows_total != reader.total_rows:
+        raise OutputError(f"{opts.input}: {metrics.rows_total:,} rows were read of the {reader.total_rows:,} it has "
+                          "(was it read by another process, or is it a pipe?); nothing was written.")
+    if metrics.rows_written + metrics.rows_skipped != metrics.rows_total or sink.rows != metrics.rows_written:
+        raise OutputError(f"{opts.input}: {metrics.rows_total:,} rows were read but {sink.rows:,} written "
+                          f"({metrics.rows_skipped:,} skipped); nothing was written.")
+
+
+def plan_batches(lengths: list[int], batch_size: int, max_batch_tokens: int | None) -> list[list[int]]:
+    """Split positions of `lengths` (sorted longest first) into model calls.
+
+    Without a token budget: `batch_size` texts a call. With one, a batch grows while
+    (texts x its longest text) -- what the padded tensor holds -- stays within the budget, so
+    short texts go in large batches and long ones in small; `batch_size` is then not a limit.
+    A text longer than the budget goes alone.
+    """
+    if not max_batch_tokens:
+        return [list(range(i, min(i + batch_size, len(lengths)))) for i in range(0, len(lengths), batch_size)]
+    batches: list[list[int]] = []
+    current: list[int] = []
+    longest = 0
+    for i, n in enumerate(lengths):
+        longest_if_added = max(longest, n)
+        if current and longest_if_added * (len(current) + 1) > max_batch_tokens:
+            batches.append(current)
+            current, longest_if_added = [], n
+        current.append(i)
+        longest = longest_if_added
+    if current:
+        batches.append(current)
+    return batches
+
+
+# --- read-ahead ---------------------------------------------------------------------------------
+# prefetch(): run an iterator ahead in a background thread, a bounded number of items ahead.
+# Reading and validating chunk N+1 then overlaps the model's work on chunk N: torch releases the
+# GIL while it computes, so the two really run at once, and memory stays bounded: `depth` items
+# queued, one being made, one being used.
+
+_DONE = object()
+
 
 T = TypeVar("T")
-_DONE = object()
 
 
 class _Failed:

@@ -1,75 +1,41 @@
-"""run_generate(): prompts in, completions out, with the embed job's qualities.
+"""run_generate(): prompts in, completions out, as a Task on the same chunk core as embedding.
 
-Same stages as embedding: streamed chunks, row validation, a content-hashed cache (only for
-deterministic generation: greedy, or sampling with a fixed --seed), batches of prompts with
-similar length, an atomic Parquet output with a sidecar. The model runs here (LocalGenerator) or
-behind the HF Inference API / a TGI endpoint (RemoteGenerator); both take the same prepared
-prompts and give the same (text, tokens, finish_reason) answers.
+Streamed chunks, row validation, a content-hashed cache (only for deterministic generation:
+greedy, or sampling with a fixed --seed; see GenerateOptions), batches of prompts with similar
+length, an atomic Parquet output with a sidecar, --max-errors, --log-file and --metrics-file.
+The model runs here (LocalGenerator) or behind the HF Inference API / a TGI endpoint
+(RemoteGenerator); both take the same prepared prompts and give the same (text, tokens,
+finish_reason) answers. A cached answer is UTF-8 JSON; one that does not decode to an answer
+(planted, or from another version) is a miss.
 """
 
 from __future__ import annotations
 
 import json
-import sys
-import time
-from dataclasses import dataclass, field, replace
-from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import pyarrow as pa
 
-from ..backends.generation import GenerationParams, LocalGenerator
+from ..backends.generation import LocalGenerator
 from ..backends.http import RetryPolicy
 from ..backends.remote_generation import RemoteGenerator
-from ..cache import NullCache, open_cache
-from ..errors import InputError
-from ..io.plan import open_job_files
-from ..io.writers import ParquetSink
-from ..options import sidecar_path
-from .core import prefetch
-from ..progress import NullProgress, ProgressReporter
-from ..provenance import file_digest, library_versions, redact, utc_now
-from ..resources import peak_rss_mb
-from ..settings import Settings, parse_byte_size
-from ..validate import ON_INVALID, validate_chunk
+from ..monitoring import Observer
+from ..options import GenerateOptions
+from ..settings import Settings
+from .core import Cache, JobResult, run_job
+
+__all__ = ["GENERATED_COLUMNS", "GenerateOptions", "GenerateResult", "GenerateTask", "make_generator", "output_schema",
+           "run_generate"]
 
 GENERATED_COLUMNS = ("generated_text", "n_prompt_tokens", "n_generated_tokens", "finish_reason", "prompt_truncated",
                      "generation_error")
+_ANSWER = {"text": str, "n_generated": int, "finish_reason": str, "n_prompt": int, "truncated": bool}
+Generator = LocalGenerator | RemoteGenerator
 
 
-@dataclass(frozen=True)
-class GenerateOptions:
-    input: Path
-    output: Path
-    model: str = ""
-    prompt_column: str = "prompt"
-    keep: Sequence[str] | None = None
-    format: str | None = None
-    device: str = "auto"
-    trust_remote_code: bool = False  # run code that ships with a model (--trust-remote-code)
-    precision: str = "fp32"  # weights' dtype for the local model: fp32, bf16, fp16 (CUDA) or auto
-    batch_size: int = 8
-    chunk_size: int | None = None
-    params: GenerationParams = GenerationParams()
-    use_cache: bool | None = None
-    cache_dir: Path | None = None
-    on_invalid: str = "mark"
-    max_line_bytes: int | str | None = None  # longest JSONL line / CSV row: bytes or "64MiB"; None: from settings
-    backend: str = "local"  # local, or api / hf-api
-    endpoint: str | None = None  # a TGI server or Inference Endpoint instead of the HF router
-    api_concurrency: int = 4
-    api_timeout: float | None = None
-    api_retries: int = 5
-    api_retry_ceiling: float = 300.0
-    tokenizer: str | None = None  # for prompt truncation with --backend api (default: the model's own)
-    command: Sequence[str] = field(default_factory=tuple)
-
-
-@dataclass
-class GenerateResult:
-    output: Path
-    sidecar: Path
-    document: dict[str, Any]
+class GenerateResult(JobResult):
+    """What a finished generate job produced: the output paths and the sidecar document."""
 
 
 def output_schema(passthrough: pa.Schema) -> pa.Schema:
@@ -80,125 +46,96 @@ def output_schema(passthrough: pa.Schema) -> pa.Schema:
     ])
 
 
-def make_generator(opts: GenerateOptions, settings: Settings) -> LocalGenerator | RemoteGenerator:
+def make_generator(opts: GenerateOptions) -> Generator:
+    """The generator the (resolved) options name; nothing loads or connects here."""
     if opts.backend == "local":
-        return LocalGenerator(opts.model, device=opts.device, params=opts.params, precision=opts.precision,
-                              trust_remote_code=opts.trust_remote_code)
-    if opts.backend in ("api", "hf-api"):
-        if opts.api_retries < 1:
-            raise InputError(f"--api-retries must be at least 1 (got {opts.api_retries}).")
-        return RemoteGenerator(opts.model, params=opts.params, endpoint=opts.endpoint, concurrency=opts.api_concurrency,
-                               timeout=opts.api_timeout or settings.api_timeout, tokenizer=opts.tokenizer,
-                               retry=RetryPolicy(attempts=opts.api_retries, ceiling_seconds=opts.api_retry_ceiling))
-    raise InputError(f"--backend {opts.backend!r} is not one of: local, api (hf-api) for generate.")
+        return LocalGenerator(opts.model or "", device=opts.device or "auto", params=opts.params,
+                              precision=opts.precision, trust_remote_code=opts.trust_remote_code)
+    return RemoteGenerator(opts.model or "", params=opts.params, endpoint=opts.endpoint, concurrency=opts.api_concurrency,
+                           timeout=opts.api_timeout or 60.0, tokenizer=opts.tokenizer,
+                           retry=RetryPolicy(attempts=opts.api_retries, ceiling_seconds=opts.api_retry_ceiling))
 
 
-def run_generate(options: GenerateOptions, *, progress: ProgressReporter | None = None,
+def run_generate(options: GenerateOptions, *, generator: Generator | None = None, observer: Observer | None = None,
                  settings: Settings | None = None) -> GenerateResult:
-    """Run one generation job; InputError (exit 2) before any work, other HfbatchErrors (exit 1) after."""
-    settings = settings or Settings.load()
-    progress = progress or NullProgress()
-    opts = replace(options, input=Path(options.input), output=Path(options.output),
-                   chunk_size=options.chunk_size or settings.chunk_size,
-                   cache_dir=Path(options.cache_dir) if options.cache_dir else settings.cache_dir,
-                   use_cache=settings.cache_enabled if options.use_cache is None else options.use_cache,
-                   keep=list(dict.fromkeys(options.keep)) if options.keep is not None else None,
-                   max_line_bytes=settings.max_line_bytes if options.max_line_bytes is None
-                   else parse_byte_size(options.max_line_bytes, "--max-line-bytes"))
-    if not opts.model:
-        raise InputError("generate needs --model (a hub id or a local directory of a causal LM).")
-    if opts.on_invalid not in ON_INVALID:
-        raise InputError(f"--on-invalid {opts.on_invalid!r} is not one of: {', '.join(ON_INVALID)}.")
-    if opts.batch_size < 1:
-        raise InputError(f"--batch-size must be at least 1 (got {opts.batch_size}).")
-    opts.params.check()
-    started, wall = utc_now(), time.perf_counter()
-    files = open_job_files(input=opts.input, output=opts.output, fmt=opts.format, chunk_size=opts.chunk_size or 10_000,
-                           text_column=opts.prompt_column, keep=opts.keep, added_columns=GENERATED_COLUMNS,
-                           max_line_bytes=opts.max_line_bytes)  # type: ignore[arg-type]  # an int once resolved
-    reader, passthrough = files.reader, files.passthrough
+    """Run one generation job with `generator` (default: the one the options name, made lazily).
+    InputError (exit 2) before any work, other HfbatchErrors (exit 1) after."""
+    opts, document = run_job(options, GENERATED_COLUMNS, lambda o: GenerateTask(generator or make_generator(o), o),
+                             observer=observer, settings=settings)
+    return GenerateResult(opts.output, opts.sidecar, document)
 
-    generator = make_generator(opts, settings)
-    cached = opts.use_cache and opts.params.deterministic  # sampling without a seed is never cached
-    cache = open_cache(opts.cache_dir, generator.fingerprint(), size_limit_bytes=settings.cache_size_bytes) \
-        if cached else NullCache()
-    counts = {"rows_total": 0, "rows_generated": 0, "rows_invalid": 0, "rows_truncated": 0, "prompts_computed": 0,
-              "tokens_generated": 0, "batches": 0}
-    seconds = {"read_validate": 0.0, "cache": 0.0, "generate": 0.0, "write": 0.0}
-    sink = ParquetSink(opts.output, output_schema(passthrough))
-    progress.start(reader.total_rows)
+
+class GenerateTask:
+    """The generate job on the chunk core. A value is the answer to one prompt: its text, tokens
+    generated, finish reason, and the prompt's tokens and truncation."""
+
+    job = "generate"
+    added_columns = GENERATED_COLUMNS
+    max_batch_tokens = None  # left-padded prompts: batch_size prompts a call
+
+    def __init__(self, generator: Generator, opts: GenerateOptions):
+        self.backend, self.opts = generator, opts
+
+    @property
+    def batch_texts(self) -> int:
+        return self.opts.batch_size or 8
+
+    def load_seconds(self) -> float:
+        return float(getattr(self.backend, "load_seconds", 0.0))
+
+    def lookup(self, cache: Cache, texts: Sequence[str]) -> dict[int, Any]:
+        found = {}
+        for i, raw in cache.lookup_bytes(texts, self.backend.fingerprint()).items():
+            answer = _decode(raw)
+            if answer is None:
+                cache.stats.unhit(1)
+            else:
+                found[i] = answer
+        return found
+
+    def prepare(self, texts: Sequence[str]) -> tuple[list[Any], list[int]]:
+        prepared = self.backend.prepare(texts)
+        return prepared, [p.n_prompt_tokens for p in prepared]
+
+    def compute(self, items: Sequence[Any]) -> tuple[list[Any], int]:
+        answers = [{"text": text, "n_generated": n_new, "finish_reason": reason, "n_prompt": item.n_prompt_tokens,
+                    "truncated": item.truncated}
+                   for item, (text, n_new, reason) in zip(items, self.backend.generate(items))]
+        return answers, sum(a["n_generated"] for a in answers)
+
+    def store(self, cache: Cache, texts: Sequence[str], values: Sequence[Any]) -> None:
+        cache.store_bytes(texts, [json.dumps(v).encode() for v in values], self.backend.fingerprint())
+
+    def recheck(self, cache: Cache, found: dict[int, Any]) -> list[int]:
+        return []
+
+    def truncated(self, values: Sequence[Any]) -> list[bool]:
+        return [bool(v["truncated"]) for v in values]
+
+    def schema(self, passthrough: pa.Schema) -> pa.Schema:
+        return output_schema(passthrough)
+
+    def columns(self, values: Sequence[Any], rows: np.ndarray, errors: Sequence[str | None]) -> list[pa.Array]:
+        got = [values[r] if r >= 0 else None for r in rows]
+        return [
+            pa.array([g["text"] if g else None for g in got], pa.string()),
+            pa.array([g["n_prompt"] if g else None for g in got], pa.int32()),
+            pa.array([g["n_generated"] if g else None for g in got], pa.int32()),
+            pa.array([g["finish_reason"] if g else None for g in got], pa.string()),
+            pa.array([g["truncated"] if g else None for g in got], pa.bool_()),
+            pa.array(errors, pa.string()),
+        ]
+
+    def provenance(self) -> dict[str, Any]:
+        return {"prompt_column": self.opts.prompt_column, "params": self.opts.params.key(), "cached": bool(self.opts.use_cache)}
+
+
+def _decode(raw: bytes) -> dict[str, Any] | None:
+    """A cached answer, or None when the bytes are not one."""
     try:
-        chunks = (validate_chunk(c, path=opts.input, text_column=opts.prompt_column, on_invalid=opts.on_invalid)
-                  for c in reader.chunks())
-        for v in prefetch(chunks, depth=1):
-            n = len(v.texts)
-            counts["rows_total"] += n
-            valid = v.valid_rows
-            counts["rows_invalid"] += n - len(valid)
-            unique = list(dict.fromkeys(v.texts[i] for i in valid))
-            t0 = time.perf_counter()
-            found = cache.lookup_bytes(unique, generator.fingerprint())  # type: ignore[arg-type]
-            results: dict[str, dict[str, Any]] = {unique[i]: json.loads(b) for i, b in found.items()}
-            seconds["cache"] += time.perf_counter() - t0
-            misses = [p for p in unique if p not in results]
-            t0 = time.perf_counter()
-            prepared = dict(zip(misses, generator.prepare(misses))) if misses else {}
-            order = sorted(misses, key=lambda p: -prepared[p].n_prompt_tokens)
-            for start in range(0, len(order), opts.batch_size):
-                group = order[start : start + opts.batch_size]
-                for prompt, (text, n_new, reason) in zip(group, generator.generate([prepared[p] for p in group])):
-                    item = prepared[prompt]
-                    results[prompt] = {"text": text, "n_generated": n_new, "finish_reason": reason,
-                                       "n_prompt": item.n_prompt_tokens, "truncated": item.truncated}
-                    counts["tokens_generated"] += n_new
-                counts["batches"] += 1
-                counts["prompts_computed"] += len(group)
-                cache.store_bytes(group, [json.dumps(results[p]).encode() for p in group], generator.fingerprint())
-            seconds["generate"] += time.perf_counter() - t0
-            t0 = time.perf_counter()
-            rows = [i for i in range(n) if opts.on_invalid != "skip" or v.texts[i] is not None]
-            got = [results.get(v.texts[i]) if v.texts[i] is not None else None for i in rows]  # type: ignore[arg-type]
-            base = v.chunk.batch.select(passthrough.names)
-            if len(rows) != n:
-                base = base.take(pa.array(rows, type=pa.int64()))
-            counts["rows_generated"] += sum(1 for g in got if g)
-            counts["rows_truncated"] += sum(1 for g in got if g and g["truncated"])
-            extra = [
-                pa.array([g["text"] if g else None for g in got], pa.string()),
-                pa.array([g["n_prompt"] if g else None for g in got], pa.int32()),
-                pa.array([g["n_generated"] if g else None for g in got], pa.int32()),
-                pa.array([g["finish_reason"] if g else None for g in got], pa.string()),
-                pa.array([g["truncated"] if g else None for g in got], pa.bool_()),
-                pa.array([v.errors[i] for i in rows], pa.string()),
-            ]
-            sink.write(pa.RecordBatch.from_arrays(list(base.columns) + extra, schema=sink.schema))
-            seconds["write"] += time.perf_counter() - t0
-            progress.advance(n, hit_rate=cache.stats.hit_rate)
-        wall_s = time.perf_counter() - wall
-        document = {
-            "provenance": {
-                "tool": "hfbatch", "job": "generate", "tool_version": library_versions()["hfbatch"],
-                "command": redact(list(opts.command) or sys.argv), "model_id": opts.model,
-                "fingerprint": generator.fingerprint(), "backends": {generator.name: generator.describe()},
-                "prompt_column": opts.prompt_column, "params": opts.params.key(), "cached": bool(cached),
-                "input": {"path": str(opts.input), "format": reader.format, "bytes": opts.input.stat().st_size,
-                          "hash": file_digest(opts.input), "rows": counts["rows_total"]},
-                "output": {"path": str(opts.output)}, "started": started, "finished": utc_now(),
-                "libraries": library_versions(),
-            },
-            "metrics": {
-                **counts, "wall_seconds": round(wall_s, 3), "stage_seconds": {k: round(x, 3) for k, x in seconds.items()},
-                "tokens_per_second": round(counts["tokens_generated"] / seconds["generate"], 1) if seconds["generate"] else None,
-                "cache": {"enabled": bool(cached) and cache.disabled is None, "disabled": cache.disabled, "hits": cache.stats.hits, "misses": cache.stats.misses,
-                          "hit_rate": round(cache.stats.hit_rate, 4)},
-                "model_load_seconds": round(generator.load_seconds, 3), "peak_rss_mb": round(peak_rss_mb(), 1),
-            },
-        }
-        sink.commit(document, sidecar=sidecar_path(opts.output))
-    except BaseException:
-        sink.abort()
-        raise
-    finally:
-        progress.finish()
-        cache.close()
-    return GenerateResult(opts.output, sidecar_path(opts.output), document)
+        answer = json.loads(raw)
+    except ValueError:
+        return None
+    if not isinstance(answer, dict) or any(type(answer.get(k)) is not t for k, t in _ANSWER.items()):
+        return None
+    return answer

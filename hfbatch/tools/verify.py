@@ -23,6 +23,7 @@ from ..backends import make_backend
 from ..errors import HfbatchError, InputError
 from ..io.readers import open_reader
 from ..options import EmbedOptions, sidecar_path
+from ..vectors import cosine_rows
 
 
 class VerifyMismatch(HfbatchError):
@@ -72,7 +73,7 @@ def verify_output(output: Path, *, sample: int = 64, seed: int = 0, tolerance: f
         return report
     fresh = backend.embed([texts[i] for i in rows])
     stored = np.array([vectors[i] for i in rows], dtype=np.float32)
-    cosine = (fresh * stored).sum(1) / (np.linalg.norm(fresh, axis=1) * np.linalg.norm(stored, axis=1))
+    cosine = cosine_rows(fresh, stored)
     worst = int(np.argmin(cosine))
     report.update(agree=int((cosine >= tolerance).sum()), cosine_mean=round(float(cosine.mean()), 6),
                   cosine_min=round(float(cosine.min()), 6), worst_row=rows[worst] + 1,
