@@ -1,11 +1,20 @@
-"""hfbatch: turn files of text into embeddings with Hugging Face models, as a batch job.
+"""hfbatch: turn files of text into embeddings (and generated text) with Hugging Face models, as
+a batch job. The library API is what the CLI calls, one function per command:
 
-    from . import embed_file, EmbedOptions
-    result = embed_file(EmbedOptions(input="reviews.csv", output="reviews.parquet"))
-    result.document["metrics"]["rows_per_second"]
+    import hfbatch
+    result = hfbatch.embed(hfbatch.EmbedOptions(input="reviews.csv", output="reviews.parquet"))
+    result.metrics["rows_per_second"]
+    hfbatch.embed(hfbatch.EmbedOptions(input="data/", output="out/"))   # many parts, as `hfbatch embed data/ -o out/`
+    hfbatch.generate(hfbatch.GenerateOptions(input="prompts.jsonl", output="answers.parquet", model="gpt2"))
+    hfbatch.plan(options)      # the dry run: rows, cache hits, tokens, ETA; nothing written
+    hfbatch.verify("reviews.parquet")
+
+Errors are one tree (see hfbatch.errors); each has the CLI's exit code as `exit_code`.
 """
 
 from ._version import __version__
+from .engines import embed
+from .engines.parts import PartsResult
 from .errors import (
     BackendError,
     HfbatchError,
@@ -17,15 +26,28 @@ from .errors import (
     TooManyErrors,
     TransientBackendError,
 )
-from .options import EmbedOptions
 from .jobs.embed import EmbedResult, embed_file, run_embed
+from .jobs.generate import GenerateResult, run_generate
+from .options import EmbedOptions, GenerateOptions
+from .tools.dry_run import plan_embed as plan
+from .tools.verify import verify_output as verify
+
+generate = run_generate
 
 __all__ = [
     "__version__",
+    "embed",
+    "generate",
+    "plan",
+    "verify",
     "embed_file",
     "run_embed",
+    "run_generate",
     "EmbedOptions",
+    "GenerateOptions",
     "EmbedResult",
+    "GenerateResult",
+    "PartsResult",
     "HfbatchError",
     "InputError",
     "OutputError",

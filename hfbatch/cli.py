@@ -17,12 +17,14 @@ from rich.table import Table
 
 from . import __version__
 from .errors import HfbatchError, Terminated
-from .engines.parts import PartsResult, expand_inputs, is_multi_input, merge_job_sidecars, parse_shard, run_embed_parts
-from .jobs.embed import EmbedResult, run_embed
+from .engines import embed as embed_job
+from .engines.parts import PartsResult, expand_inputs, merge_job_sidecars
+from .jobs.embed import EmbedResult
 from .monitoring import NullObserver, RichProgress
 from .options import EmbedOptions, GenerateOptions
 from .provenance import redact_text
 from .settings import DEFAULT_MODEL, Settings
+from .tools.dry_run import plan_embed as plan
 
 app = typer.Typer(
     name="hfbatch",
@@ -156,40 +158,22 @@ def embed(
         command=["hfbatch", *sys.argv[1:]],
     )
     if dry_run:
-        if is_multi_input(input) or engine != "local":
-            err.print("InputError: --dry-run plans one input file with the local engine; give one file.")
+        if engine != "local":
+            err.print("InputError: --dry-run plans one input file with the local engine; drop --engine.")
             raise typer.Exit(2)
-        from .tools.dry_run import plan_embed
-
-        report = _run(lambda: plan_embed(options, settings), debug or settings.debug)
+        report = _run(lambda: plan(options, settings), debug or settings.debug)
         if as_json:
             _print_json(report)
         else:
             _plan_summary(report)
         return
-    if engine not in ("local", "ray"):
-        err.print(f"InputError: --engine {engine!r} is not one of: local, ray.")
-        raise typer.Exit(2)
-    if engine == "ray":
-        from .engines.ray import run_embed_ray
-
-        shard_of = _run(lambda: parse_shard(shard), debug)
-        result = _run_job(lambda observer: run_embed_ray(options, shard=shard_of, address=ray_address,
-                                                         num_workers=num_workers, gpus_per_worker=gpus_per_worker,
-                                                         settings=settings),
-                          _parts_summary, as_json=as_json, quiet=quiet, debug=debug or settings.debug)
-        return _exit_for_parts(result, on_invalid)
-    if is_multi_input(input) or shard:
-        if not is_multi_input(input):
-            err.print(f"InputError: --shard splits a job of many parts; {input} is one file. Split it into parts "
-                      "(e.g. Parquet row groups written as files) or drop --shard.", soft_wrap=True)
-            raise typer.Exit(2)
-        shard_of = _run(lambda: parse_shard(shard), debug)
-        result = _run_job(lambda observer: run_embed_parts(options, shard=shard_of, observer=observer, settings=settings),
-                          _parts_summary, as_json=as_json, quiet=quiet, debug=debug or settings.debug)
-        return _exit_for_parts(result, on_invalid)
-    result = _run_job(lambda observer: run_embed(options, observer=observer, settings=settings), _summary,
+    result = _run_job(lambda observer: embed_job(options, engine=engine, shard=shard, ray_address=ray_address,
+                                                 num_workers=num_workers, gpus_per_worker=gpus_per_worker,
+                                                 observer=observer, settings=settings),
+                      lambda r: _parts_summary(r) if isinstance(r, PartsResult) else _summary(r),
                       as_json=as_json, quiet=quiet, debug=debug or settings.debug)
+    if isinstance(result, PartsResult):
+        return _exit_for_parts(result, on_invalid)
     _exit_if_marked(result.metrics["rows_invalid"] if options.on_invalid == "mark" else 0)
 
 

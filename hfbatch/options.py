@@ -53,6 +53,7 @@ class JobOptions:
     metrics_file: Path | None = None
     log_file: Path | None = None
     command: Sequence[str] = field(default_factory=tuple)
+    sidecar_file: Path | None = None  # None: `<output>.meta.json`; many-part outputs put it under `_hfbatch/`
 
     @property
     def input_column(self) -> str:
@@ -61,7 +62,7 @@ class JobOptions:
 
     @property
     def sidecar(self) -> Path:
-        return sidecar_path(Path(self.output))
+        return Path(self.sidecar_file) if self.sidecar_file is not None else sidecar_path(Path(self.output))
 
     def resolved(self: _Opts, settings: Settings) -> _Opts:
         """Fill unset options from settings and check the values that need no file or model."""

@@ -162,9 +162,10 @@ class InputFacts:
     rows: int
 
     @classmethod
-    def of(cls, path: Path, format: str, rows: int) -> "InputFacts":
-        """The facts of the file at `path` (its size and content hash read now)."""
-        return cls(Path(path), format, Path(path).stat().st_size, file_digest(Path(path)), rows)
+    def of(cls, path: Path, format: str, rows: int, *, shown: Path | None = None) -> "InputFacts":
+        """The facts of the file at `path` (its size and content hash read now), named `shown` when
+        that is what the user gave (`-` for a spooled stdin)."""
+        return cls(Path(shown or path), format, Path(path).stat().st_size, file_digest(Path(path)), rows)
 
 
 @dataclass(frozen=True)

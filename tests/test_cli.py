@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
-from conftest import SAMPLE_TEXTS, rows_for, write_csv, write_jsonl
+from conftest import SAMPLE_TEXTS, rows_for, write_csv, write_jsonl, write_parquet
 from hfbatch.cli import app
 
 runner = CliRunner()
@@ -260,3 +260,58 @@ def test_embed_and_generate_share_the_job_options() -> None:
     for name in ("metrics_file", "log_file", "max_errors", "max_line_bytes", "keep", "fmt", "quiet", "cache_dir"):
         embed, generate = params["embed"][name], params["generate"][name]
         assert (embed.opts, embed.help) == (generate.opts, generate.help), name  # declared once, at the top of cli.py
+
+
+def test_the_library_and_the_cli_agree_on_a_directory_of_parts(tmp_path: Path) -> None:
+    """`hfbatch.embed(EmbedOptions(input=dir, ...))` does what `hfbatch embed dir -o out/` does: the
+    same engine (many parts), the same files, the same vectors."""
+    import numpy as np
+
+    import hfbatch
+
+    data = tmp_path / "data"
+    (data / "nested").mkdir(parents=True)
+    write_csv(data / "a.csv", rows_for(SAMPLE_TEXTS[:5]))
+    write_jsonl(data / "nested" / "b.jsonl", rows_for(SAMPLE_TEXTS[3:]))
+    cli = run("embed", str(data), "-o", str(tmp_path / "cli-out"), "--quiet")
+    assert cli.exit_code == 0, cli.output
+    library = hfbatch.embed(hfbatch.EmbedOptions(input=data, output=tmp_path / "lib-out"))
+    assert isinstance(library, hfbatch.PartsResult) and not library.failed
+
+    def parts(out: Path) -> dict[str, object]:
+        return {str(p.relative_to(out)): pq.read_table(p) for p in sorted(out.rglob("*.parquet"))}
+
+    from_cli, from_library = parts(tmp_path / "cli-out"), parts(tmp_path / "lib-out")
+    assert sorted(from_cli) == sorted(from_library) == ["a.parquet", "nested/b.parquet"]
+    for name, table in from_cli.items():
+        other = from_library[name]
+        assert table.column("id").to_pylist() == other.column("id").to_pylist()  # type: ignore[attr-defined]
+        got = np.array(table.column("embedding").to_pylist())  # type: ignore[attr-defined]
+        assert np.abs(got - np.array(other.column("embedding").to_pylist())).max() < 1e-6  # type: ignore[attr-defined]
+    single = hfbatch.embed(hfbatch.EmbedOptions(input=data / "a.csv", output=tmp_path / "a.parquet"))
+    assert isinstance(single, hfbatch.EmbedResult) and single.metrics["rows_written"] == 5
+
+
+@pytest.mark.parametrize("case", ["sidecar-is-the-input", "metrics-file-is-the-input", "log-file-is-the-output",
+                                  "metrics-file-is-a-device", "output-is-the-input-through-dotdot"])
+def test_every_path_a_job_writes_is_checked_before_any_work(tmp_path: Path, case: str) -> None:
+    """Each of these overwrote or appended to a file the user gave (exit 0) or replaced a device node."""
+    src = write_jsonl(tmp_path / "in.jsonl", rows_for(SAMPLE_TEXTS[:3]))
+    before = src.read_bytes()
+    out = str(tmp_path / "out.parquet")
+    args = {
+        "sidecar-is-the-input": [str(write_jsonl(tmp_path / "out.parquet.meta.json", rows_for(["x"]))), "-f", "jsonl",
+                                 "-o", out],
+        "metrics-file-is-the-input": [str(src), "-o", out, "--metrics-file", str(src)],
+        "log-file-is-the-output": [str(src), "-o", out, "--log-file", out],
+        "metrics-file-is-a-device": [str(src), "-o", out, "--metrics-file", "/dev/null"],
+        "output-is-the-input-through-dotdot": [str(write_parquet(tmp_path / "in.parquet", rows_for(["x"]))), "-o",
+                                               str(tmp_path / "sub" / ".." / "in.parquet")],
+    }[case]
+    (tmp_path / "sub").mkdir()
+    given = {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    result = run("embed", *args, "--model", "nobody/no-such-model")  # refused before the model is asked for
+    assert result.exit_code == 2, result.output
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
+    assert {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == given  # nothing written or changed
+    assert src.read_bytes() == before and not Path("/dev/null").is_file()

@@ -269,11 +269,24 @@ def test_precision_auto_and_fp16_on_cpu(tmp_path: Path) -> None:
 def test_sidecar_failure_publishes_nothing(tmp_path: Path) -> None:
     from hfbatch import OutputError
 
+    from hfbatch.monitoring import NullObserver
+
     src = write_csv(tmp_path / "in.csv", rows_for(["a", "b"]))
-    (tmp_path / "o.parquet.meta.json").mkdir()  # the sidecar cannot be written
+    sidecar = tmp_path / "o.parquet.meta.json"
+
+    class BlockTheSidecar(NullObserver):
+        """Mid-job, after every path was planned, something takes the sidecar's name."""
+
+        def chunk(self, *args: object, **kwargs: object) -> None:
+            sidecar.mkdir()
+
     with pytest.raises(OutputError):
-        embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet"))
+        embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet"), observer=BlockTheSidecar())
     assert not (tmp_path / "o.parquet").exists() and not list(tmp_path.glob(".o.parquet*"))
+    sidecar.rmdir()
+    sidecar.mkdir()  # there before the job: refused up front, before any work
+    with pytest.raises(InputError, match="sidecar"):
+        embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet"), observer=BlockTheSidecar())
 
 
 def test_sidecar_equals_parquet_metadata(tmp_path: Path) -> None:

@@ -760,7 +760,6 @@ def test_open_reader_refuses_a_stream_instead_of_reading_no_rows(tmp_path: Path,
     assert "spooled_input()" in str(info.value) and "\n" not in str(info.value)
 
 
-@pytest.mark.xfail(strict=True, reason="wired by the jobs engineer: run_embed must call spooled_input")
 @pytest.mark.parametrize(("name", "fmt"), [("-", "jsonl"), ("/dev/stdin", "csv")])
 def test_cli_embeds_every_row_piped_into_stdin(tmp_path: Path, name: str, fmt: str) -> None:
     """`cat rows | hfbatch embed - -f jsonl -o out.parquet` wrote 0 rows with exit 0 (CSV: lseek failed)."""

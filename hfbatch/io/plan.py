@@ -348,6 +348,7 @@ def _label(role: str, path: Path) -> str:
 class JobFiles:
     reader: Reader
     passthrough: pa.Schema  # the input columns copied to the output
+    source: Path  # the file read: the input itself, or the spooled copy of a pipe / stdin
 
 
 def check_output_path(input: Path, output: Path) -> None:
@@ -386,7 +387,7 @@ def open_job_files(
     passthrough = pa.schema([reader.schema.field(n) for n in (keep if keep is not None else reader.schema.names)])
     remove_stale_temps(output)
     plan.check_writable()
-    return JobFiles(reader, passthrough)
+    return JobFiles(reader, passthrough, Path(input))
 
 
 __all__ = ["OutputPlan", "PlannedWrite", "plan_outputs", "part_outputs", "case_insensitive", "JobFiles",

@@ -30,7 +30,7 @@ import pyarrow as pa
 from ..cache import EmbeddingCache, NullCache, open_cache
 from ..errors import OutputError, TooManyErrors
 from ..io.plan import JobFiles, open_job_files
-from ..io.readers import Reader
+from ..io.readers import Reader, spooled_input
 from ..io.writers import ParquetSink
 from ..monitoring import NullObserver, Observer, watch
 from ..options import JobOptions
@@ -202,12 +202,15 @@ class ChunkProcessor:
         return pa.RecordBatch.from_arrays(list(base.columns) + added, schema=self.task.schema(self.passthrough))
 
 
-def open_files(opts: JobOptions, added_columns: Sequence[str]) -> JobFiles:
-    """Every check that needs no model: the input opened and its columns checked, the output and
-    monitoring paths planned and proved writable. InputError (exit 2) before any work."""
-    return open_job_files(input=opts.input, output=opts.output, fmt=opts.format, chunk_size=opts.chunk_size or 10_000,
-                          text_column=opts.input_column, keep=opts.keep, added_columns=added_columns,
-                          extra_outputs=(("--metrics-file", opts.metrics_file), ("--log-file", opts.log_file)),
+def open_files(opts: JobOptions, added_columns: Sequence[str], source: Path | None = None) -> JobFiles:
+    """Every check that needs no model: the input opened and its columns checked, the output, its
+    sidecar and the monitoring paths planned and proved writable. `source` is the file to read when
+    it is not `opts.input` itself (the spooled copy of a pipe). InputError (exit 2) before any work."""
+    return open_job_files(input=source or opts.input, output=opts.output, fmt=opts.format,
+                          chunk_size=opts.chunk_size or 10_000, text_column=opts.input_column, keep=opts.keep,
+                          added_columns=added_columns,
+                          extra_outputs=(("sidecar", opts.sidecar), ("--metrics-file", opts.metrics_file),
+                                         ("--log-file", opts.log_file)),
                           max_line_bytes=opts.max_line_bytes)  # type: ignore[arg-type]  # an int once resolved
 
 
@@ -216,8 +219,11 @@ def run_job(options: O, added_columns: Sequence[str], task_for: Callable[[O], Ta
     """Resolve `options`, make every check that needs no model, then run the task that `task_for`
     makes from the resolved options. Returns (resolved options, sidecar document)."""
     opts = options.resolved(settings or Settings.load())
-    files = open_files(opts, added_columns)
-    return opts, run_task(task_for(opts), opts, files, observer=observer)
+    # a pipe or stdin is read once into a temp file beside the output, so every row is read
+    # (and counted, and hashed); the copy goes when the job ends, however it ends
+    with spooled_input(opts.input, opts.format, directory=opts.output.parent if opts.output.parent.is_dir() else None) as source:
+        files = open_files(opts, added_columns, source)
+        return opts, run_task(task_for(opts), opts, files, observer=observer)
 
 
 def run_task(task: Task, opts: JobOptions, files: JobFiles, *, observer: Observer | None = None) -> dict[str, Any]:
@@ -255,7 +261,7 @@ def run_task(task: Task, opts: JobOptions, files: JobFiles, *, observer: Observe
         check_rows(opts, reader, metrics, sink)
         # one document, the same in the Parquet metadata, the sidecar and --json
         document = build_document(job=task.job, backend=task.backend, options=opts, metrics=metrics, started=started,
-                                  input=InputFacts.of(opts.input, reader.format, metrics.rows_total),
+                                  input=InputFacts.of(files.source, reader.format, metrics.rows_total, shown=opts.input),
                                   output=OutputFacts(opts.output, metrics.rows_written), cache=cache,
                                   details=task.provenance())
         sink.commit(document, sidecar=opts.sidecar)

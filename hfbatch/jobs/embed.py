@@ -63,21 +63,21 @@ class EmbedTask:
     @property
     def batch_texts(self) -> int:
         # a remote backend wants enough texts per call to keep all its connections busy
-        return getattr(self.backend, "batch_texts", None) or self.opts.batch_size or 32
+        return self.backend.batch_texts or self.opts.batch_size or 32
 
     @property
     def max_batch_tokens(self) -> int | None:
         return self.opts.max_batch_tokens
 
     def load_seconds(self) -> float:
-        return float(getattr(self.backend, "load_seconds", 0.0))
+        return self.backend.load_seconds
 
     def dim(self) -> int:
         """The output's dimension. A fully cached job takes it from hits (checked against the
         cache's record) rather than load the model; should the model later disagree (a planted
         record), the job fails once, its stores having put the record right for the rerun."""
         if self._out_dim is None:
-            self._out_dim = self._dim or known_dimension(self.backend) or self._hit_dim or self.backend.dimension()
+            self._out_dim = self._dim or self.backend.known_dimension() or self._hit_dim or self.backend.dimension()
         if self._dim is not None and self._dim != self._out_dim:
             raise BackendError(
                 f"the cache at {self._cache_dir} held {self._out_dim}-dimensional vectors for this model, which makes "
@@ -89,7 +89,7 @@ class EmbedTask:
         fingerprint, self._cache_dir = self.backend.fingerprint(), cache.directory
         # hits must have the model's size, known before the first lookup when the backend can
         # tell it without loading (else the cache checks them against the size it recorded)
-        self._dim = self._dim or known_dimension(self.backend)
+        self._dim = self._dim or self.backend.known_dimension()
         found = cache.lookup(texts, self._dim, fingerprint)
         if not found:
             return {}
@@ -177,8 +177,3 @@ def embed_provenance(backend: Backend, opts: EmbedOptions, dim: int) -> dict[str
     }
 
 
-def known_dimension(backend: Backend) -> int | None:
-    """The backend's dimension when it costs no model load and no request (a local model's config
-    files), else None. Not part of the Backend protocol: remote backends cannot know it for free."""
-    probe = getattr(backend, "known_dimension", None)
-    return probe() if callable(probe) else None

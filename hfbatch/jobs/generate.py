@@ -17,21 +17,18 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
-from ..backends.generation import LocalGenerator
-from ..backends.http import RetryPolicy
-from ..backends.remote_generation import RemoteGenerator
+from ..backends import Generator, make_generator
 from ..monitoring import Observer
 from ..options import GenerateOptions
 from ..settings import Settings
 from .core import Cache, JobResult, run_job
 
-__all__ = ["GENERATED_COLUMNS", "GenerateOptions", "GenerateResult", "GenerateTask", "make_generator", "output_schema",
+__all__ = ["GENERATED_COLUMNS", "GenerateOptions", "GenerateResult", "GenerateTask", "output_schema",
            "run_generate"]
 
 GENERATED_COLUMNS = ("generated_text", "n_prompt_tokens", "n_generated_tokens", "finish_reason", "prompt_truncated",
                      "generation_error")
 _ANSWER = {"text": str, "n_generated": int, "finish_reason": str, "n_prompt": int, "truncated": bool}
-Generator = LocalGenerator | RemoteGenerator
 
 
 class GenerateResult(JobResult):
@@ -44,16 +41,6 @@ def output_schema(passthrough: pa.Schema) -> pa.Schema:
         pa.field("n_generated_tokens", pa.int32()), pa.field("finish_reason", pa.string()),
         pa.field("prompt_truncated", pa.bool_()), pa.field("generation_error", pa.string()),
     ])
-
-
-def make_generator(opts: GenerateOptions) -> Generator:
-    """The generator the (resolved) options name; nothing loads or connects here."""
-    if opts.backend == "local":
-        return LocalGenerator(opts.model or "", device=opts.device or "auto", params=opts.params,
-                              precision=opts.precision, trust_remote_code=opts.trust_remote_code)
-    return RemoteGenerator(opts.model or "", params=opts.params, endpoint=opts.endpoint, concurrency=opts.api_concurrency,
-                           timeout=opts.api_timeout or 60.0, tokenizer=opts.tokenizer,
-                           retry=RetryPolicy(attempts=opts.api_retries, ceiling_seconds=opts.api_retry_ceiling))
 
 
 def run_generate(options: GenerateOptions, *, generator: Generator | None = None, observer: Observer | None = None,
@@ -81,7 +68,7 @@ class GenerateTask:
         return self.opts.batch_size or 8
 
     def load_seconds(self) -> float:
-        return float(getattr(self.backend, "load_seconds", 0.0))
+        return self.backend.load_seconds
 
     def lookup(self, cache: Cache, texts: Sequence[str]) -> dict[int, Any]:
         found = {}

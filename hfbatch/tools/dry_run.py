@@ -16,9 +16,10 @@ from typing import Any
 
 from ..backends import make_backend
 from ..cache import NullCache, open_cache
-from ..io.readers import open_reader
+from ..engines.parts import is_multi_input
+from ..errors import InputError
+from ..io.readers import open_reader, spooled_input
 from ..options import EmbedOptions
-from ..jobs.embed import known_dimension
 from ..settings import Settings
 from ..validate import EMBED_COLUMNS, check_columns, validate_chunk
 
@@ -30,8 +31,16 @@ def plan_embed(options: EmbedOptions, settings: Settings | None = None) -> dict[
     model calls or HTTP requests, and an ETA measured on a sample."""
     opts = options.resolved(settings or Settings.load())
     assert opts.text_column and opts.chunk_size
+    if is_multi_input(opts.input):
+        raise InputError(f"{opts.input}: --dry-run plans one input file with the local engine; give one file.")
+    with spooled_input(opts.input, opts.format) as source:  # a pipe is read once, like the job reads it
+        return _plan(opts, source)
+
+
+def _plan(opts: EmbedOptions, source: Path) -> dict[str, Any]:
+    assert opts.text_column and opts.chunk_size
     columns = None if opts.keep is None else list(dict.fromkeys([*opts.keep, opts.text_column]))
-    reader = open_reader(opts.input, fmt=opts.format, chunk_size=opts.chunk_size, columns=columns,
+    reader = open_reader(source, fmt=opts.format, chunk_size=opts.chunk_size, columns=columns,
                          text_column=opts.text_column, max_line_bytes=opts.max_line_bytes)  # type: ignore[arg-type]
     check_columns(opts.input, reader.schema, opts.text_column, opts.keep, reader.all_columns, added_columns=EMBED_COLUMNS)
     backend = make_backend(opts)
@@ -43,7 +52,7 @@ def plan_embed(options: EmbedOptions, settings: Settings | None = None) -> dict[
     distinct: set[str] = set()
     misses: list[str] = []
     hits = 0
-    dim = known_dimension(backend) if exists else None  # hits must have the model's size, as in the job
+    dim = backend.known_dimension() if exists else None  # hits must have the model's size, as in the job
     try:
         for chunk in reader.chunks():
             validated = validate_chunk(chunk, path=opts.input, text_column=opts.text_column, on_invalid=opts.on_invalid)
@@ -59,8 +68,7 @@ def plan_embed(options: EmbedOptions, settings: Settings | None = None) -> dict[
     counts = backend.token_counts(misses) if misses else []
     max_length = backend.max_length
     seen = [min(c, max_length) for c in counts]
-    per_call = getattr(backend, "batch_texts", None)
-    remote = per_call is not None
+    remote = backend.remote
     size = opts.api_batch_size if remote else (opts.batch_size or 32)
     report: dict[str, Any] = {
         "input": str(opts.input), "output": str(opts.output), "model_id": opts.model, "backend": backend.name,
@@ -77,7 +85,7 @@ def plan_embed(options: EmbedOptions, settings: Settings | None = None) -> dict[
         started = time.perf_counter()
         backend.embed(texts)
         per_token = (time.perf_counter() - started) / max(1, sum(seen[i] for i in sample))
-        load = getattr(backend, "load_seconds", 0.0)
+        load = backend.load_seconds
         report["eta_seconds"] = round(load + per_token * sum(seen), 1)
         report["eta_basis"] = (f"{len(texts)} of the texts to compute timed on {backend.name} "
                                f"({per_token * 1000:.3f} ms per token), plus model load {load:.1f} s")
