@@ -16,7 +16,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
-from .errors import HfbatchError, Terminated
+from .errors import HfbatchError, InputError, Terminated
 from .engines import embed as embed_job
 from .engines.parts import PartsResult, expand_inputs, merge_job_sidecars
 from .jobs.embed import EmbedResult
@@ -159,8 +159,7 @@ def embed(
     )
     if dry_run:
         if engine != "local":
-            err.print("InputError: --dry-run plans one input file with the local engine; drop --engine.")
-            raise typer.Exit(2)
+            _refuse(InputError("--dry-run plans one input file with the local engine; drop --engine."), debug)
         report = _run(lambda: plan(options, settings), debug or settings.debug)
         if as_json:
             _print_json(report)
@@ -314,8 +313,7 @@ def generate(
 
     settings = _settings_or_exit(debug)
     if local and backend != "local":
-        err.print(f"InputError: --local and --backend {backend} contradict each other; give one.")
-        raise typer.Exit(2)
+        _refuse(InputError(f"--local and --backend {backend} contradict each other; give one."), debug)
     options = GenerateOptions(
         input=input, output=output, model=model, prompt_column=prompt_column, keep=_columns(keep), format=fmt,
         device=device, precision=precision, trust_remote_code=trust_remote_code, batch_size=batch_size, chunk_size=chunk_size,
@@ -476,6 +474,14 @@ def _run(job, debug: bool):  # type: ignore[no-untyped-def]
         err.print(f"[bold red]error[/]: {type(exc).__name__}: {escape(_one_line(redact_text(str(exc))))} "
                   "(no output was written; rerun with --debug for the traceback)")
         raise typer.Exit(1) from None
+
+
+def _refuse(error: HfbatchError, debug: bool) -> None:
+    """A contradiction among flags, found before any library call: reported like any other error."""
+    def fail() -> None:
+        raise error
+
+    _run(fail, debug)
 
 
 def _one_line(text: str) -> str:

@@ -1,12 +1,27 @@
 """Embed jobs over many files: a directory or glob of parts, shards across hosts, resume.
 
-Each input part goes through the one pipeline (`run_embed`) into its own output part, at the same
-relative path under the output directory (`data/2026/a.csv` -> `out/2026/a.parquet`, with its own
-sidecar). A job sidecar (`_hfbatch_job.json`, or `_hfbatch_job.shard-I-of-N.json`) lists every
-part of this run with its rows and status, rewritten atomically after each part, so an
+The output directory is a Parquet dataset: readers of `out/` (pyarrow, pandas, Polars, DuckDB,
+Spark, `datasets`) skip names that start with `_` or `.`, so everything but the data goes there:
+
+    out/2026/a.parquet                      one output per input part, at its relative path
+    out/_hfbatch/2026/a.parquet.meta.json   that part's sidecar (the document run_embed writes)
+    out/_hfbatch_job.json                   the job sidecar (`_hfbatch_job.shard-I-of-N.json`)
+
+Part names come from `io.plan.part_outputs` over every part of the input (so every shard's host
+finds the same ones): data suffixes become `.parquet`, and parts that would collide (`a.csv` +
+`a.jsonl`) keep their whole name (`a.csv.parquet`, `a.jsonl.parquet`). Every path the job writes
+(outputs, part sidecars, job sidecar, --log-file) is planned and checked before any model work
+(`io.plan.plan_outputs`; a refusal is exit 2).
+
+`PartsJob` (made by `plan_parts`) is what the two many-part engines share, this one (each part
+through `run_embed`) and engines/ray.py: the plan, resume, and the job sidecar, which lists every
+part of this run with its rows and status and is rewritten atomically after each part, so an
 interrupted 1,000-file job shows how far it got. On rerun a part is skipped when its output and
 sidecar exist, its input bytes are unchanged (the sidecar's input hash) and the options that
-shape vectors are the same (`options_key`).
+shape vectors are the same (`options_key`). What an earlier run of the same job wrote that this
+one no longer names (an output renamed by a collision, a part gone from the input, sidecars of the
+layout before `_hfbatch/`) is removed first, and a part that fails loses its earlier output, so
+that the job sidecar's totals are the rows a reader of `out/` gets.
 
 Shards (`--shard I/N`, I = 1..N) take whole parts by a hash of the part's path relative to the
 input root: every host computes the same assignment from its own listing, without talking to the
@@ -21,20 +36,25 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
-from pathlib import Path
-from typing import Any, Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path, PurePath
+from typing import Any, Collection, Sequence
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ..errors import HfbatchError, InputError
+from ..io.plan import part_outputs, plan_outputs
 from ..io.readers import detect_format
 from ..io.writers import write_json_atomic
-from ..options import EmbedOptions, sidecar_path
 from ..jobs.embed import run_embed
 from ..monitoring import NullObserver, Observer
+from ..options import EmbedOptions, sidecar_path
 from ..provenance import file_digest, library_versions, redact, relative_paths, utc_now
 from ..settings import Settings
 
 JOB_SIDECAR = "_hfbatch_job"
+PART_SIDECARS = "_hfbatch"  # out/_hfbatch/<output relative path>.meta.json
 _GLOB_CHARS = set("*?[")
 # fields of EmbedOptions that decide what the vectors are; the rest (paths, batching, retries) do not
 _KEY_FIELDS = ("model", "text_column", "keep", "format", "normalize", "max_length", "precision", "runtime",
@@ -118,18 +138,6 @@ def shard_of(relative: str, count: int) -> int:
     return int.from_bytes(digest, "big") % count + 1
 
 
-def part_output(out_dir: Path, root: Path, part: Path) -> Path:
-    """out_dir / relative path, the data suffixes (.csv, .jsonl.gz, ...) replaced by .parquet."""
-    relative = part.relative_to(root)
-    name = relative.name
-    for suffix in reversed(relative.suffixes):
-        if suffix.lower() in (".gz", ".csv", ".tsv", ".jsonl", ".ndjson", ".json", ".parquet", ".pq"):
-            name = name[: -len(suffix)]
-        else:
-            break
-    return out_dir / relative.parent / f"{name}.parquet"
-
-
 def options_key(opts: EmbedOptions) -> str:
     values = {name: getattr(opts, name) for name in _KEY_FIELDS}
     values["keep"] = list(values["keep"]) if values["keep"] is not None else None
@@ -139,6 +147,19 @@ def options_key(opts: EmbedOptions) -> str:
 def job_sidecar_path(out_dir: Path, shard: tuple[int, int]) -> Path:
     index, count = shard
     return out_dir / (f"{JOB_SIDECAR}.json" if count == 1 else f"{JOB_SIDECAR}.shard-{index}-of-{count}.json")
+
+
+
+def part_sidecar_path(out_dir: Path, output: Path) -> Path:
+    """Where a part's sidecar goes: `out/_hfbatch/<output relative to out/>.meta.json`, out of the
+    dataset's way (readers skip `_` names) and one per output, however the outputs are named."""
+    return sidecar_path(Path(out_dir) / PART_SIDECARS / Path(output).relative_to(out_dir))
+
+
+def input_id(spec: str | Path) -> str:
+    """What says two runs are one job: their input (directory or glob) made absolute, hashed (a hash,
+    not a path, so --relative-paths leaves it alone and it shows nothing of the machine)."""
+    return hashlib.blake2b(os.path.abspath(str(spec)).encode(), digest_size=12).hexdigest()
 
 
 @dataclass
@@ -167,6 +188,188 @@ class PartsResult:
         return [p for p in self.document["parts"] if p["status"] == "failed"]
 
 
+@dataclass
+class PartsJob:
+    """A many-part job, planned (see `plan_parts`): which parts this shard embeds, where each one's
+    output and sidecar go, what an earlier run finished, and the job sidecar, rewritten as each
+    part is recorded. Both engines run on it."""
+
+    options: EmbedOptions
+    resolved: EmbedOptions  # resolved as the first part is: what the actors of the Ray engine take
+    out_dir: Path
+    root: Path
+    mine: list[Path]  # the parts of this shard, in order
+    outputs: dict[Path, Path]  # every part of the input -> its output
+    sidecar: Path  # the job sidecar
+    earlier: dict[str, dict[str, Any]]  # parts of an earlier run with the same options, by input path
+    document: dict[str, Any]
+    records: dict[str, PartRecord] = field(default_factory=dict)
+    wall: float = field(default_factory=time.perf_counter)
+
+    def relative(self, part: Path) -> str:
+        return str(part.relative_to(self.root))
+
+    def output_name(self, part: Path) -> str:
+        return str(self.outputs[part].relative_to(self.out_dir))
+
+    def part_sidecar(self, part: Path) -> Path:
+        return part_sidecar_path(self.out_dir, self.outputs[part])
+
+    def part_options(self, part: Path) -> EmbedOptions:
+        """The options of one part's job (unresolved, as given): its input, output and sidecar."""
+        return replace(self.options, input=part, output=self.outputs[part], sidecar_file=self.part_sidecar(part))
+
+    def resume(self, part: Path) -> bool:
+        """Record `part` as skipped when an earlier run finished it: its output is whole (the rows
+        recorded) and its sidecar describes these input bytes."""
+        earlier = self.earlier.get(self.relative(part))
+        output = self.outputs[part]
+        if (not earlier or earlier.get("status") not in ("done", "skipped") or earlier.get("output") != self.output_name(part)
+                or not output.is_file()):
+            return False
+        try:
+            meta = json.loads(self.part_sidecar(part).read_text(encoding="utf-8"))
+            recorded = meta["provenance"]["input"]["hash"]
+            rows = pq.ParquetFile(output).metadata.num_rows
+        except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
+            return False
+        if recorded != earlier.get("input_hash") or rows != earlier.get("rows_out") or recorded != file_digest(part):
+            return False
+        fields = {k: earlier.get(k) for k in ("rows_in", "rows_out", "rows_invalid", "input_hash")}
+        self.add(PartRecord(self.relative(part), self.output_name(part), "skipped", texts_computed=0, cache_hits=0,
+                            seconds=0.0, **fields))
+        return True
+
+    def done(self, part: Path, document: dict[str, Any], started: float) -> None:
+        """Record `part` as embedded, from the sidecar document its output was published with."""
+        m, prov = document["metrics"], document["provenance"]
+        self.add(PartRecord(self.relative(part), self.output_name(part), "done", rows_in=m["rows_total"],
+                            rows_out=prov["output"]["rows"], rows_invalid=m["rows_invalid"],
+                            texts_computed=m["texts_computed"], cache_hits=m["cache"]["hits"],
+                            input_hash=prov["input"]["hash"], seconds=round(time.perf_counter() - started, 3)))
+
+    def failed(self, part: Path, error: str, started: float) -> None:
+        """Record `part` as failed (its data or columns: the other parts go on). An output an
+        earlier run made of it (its sidecar under _hfbatch/ says hfbatch wrote it) no longer
+        describes the input and goes, so the totals stay the rows on disk."""
+        sidecar = self.part_sidecar(part)
+        if sidecar.is_file():
+            self.outputs[part].unlink(missing_ok=True)
+            sidecar.unlink()
+        self.add(PartRecord(self.relative(part), self.output_name(part), "failed", error=error,
+                            seconds=round(time.perf_counter() - started, 3)))
+
+    def add(self, record: PartRecord) -> None:
+        self.records[record.input] = record
+        self.write(finished=False)
+
+    def write(self, *, finished: bool) -> None:
+        """Rewrite the job sidecar (atomically): the parts recorded so far, in input order, and totals."""
+        document = self.document
+        parts = [asdict(self.records[r]) for r in map(self.relative, self.mine) if r in self.records]
+        document["parts"] = parts
+        document["finished"] = utc_now() if finished else None
+        document["totals"] = {
+            "parts": len(parts),
+            **{f"parts_{s}": sum(1 for p in parts if p["status"] == s) for s in ("done", "skipped", "failed")},
+            "rows_in": sum(p["rows_in"] or 0 for p in parts), "rows_out": sum(p["rows_out"] or 0 for p in parts),
+            "texts_computed": sum(p["texts_computed"] or 0 for p in parts),
+            "wall_seconds": round(time.perf_counter() - self.wall, 3),
+        }
+        write_json_atomic(self.sidecar, relative_paths(document, self.sidecar.parent) if self.options.relative_paths
+                          else document)
+
+    def finish(self) -> PartsResult:
+        self.write(finished=True)
+        return PartsResult(self.out_dir, self.sidecar, self.document)
+
+
+def plan_parts(options: EmbedOptions, *, shard: tuple[int, int], settings: Settings, engine: str) -> PartsJob:
+    """Everything a many-part job does before any model work: list the parts (a directory, a glob,
+    or for the Ray engine one file), name their outputs, plan and check every path the job writes,
+    find what an earlier run finished, and remove what it wrote that this run no longer names.
+    Raises InputError (exit 2)."""
+    out_dir = Path(options.output)
+    if out_dir.suffix.lower() in (".parquet", ".pq") or out_dir.is_file():
+        why = "with --engine ray" if engine == "ray" else "with many input files"
+        raise InputError(f"-o {out_dir}: {why} the output is a directory; give one, e.g. -o out/.")
+    if options.metrics_file is not None:
+        raise InputError("--metrics-file is written per job for one input file; with many files each part's "
+                         "sidecar and the job sidecar carry the metrics. Drop --metrics-file.")
+    if Path(options.input).is_file():  # the Ray engine takes one file as a job of one part
+        root, parts = Path(options.input).parent, [Path(options.input)]
+    else:
+        root, parts = expand_inputs(options.input, options.format)
+    inside = out_dir.resolve()
+    parts = [p for p in parts if inside not in p.resolve().parents]  # our own outputs are never inputs
+    if not parts or inside == root.resolve():
+        raise InputError(f"-o {out_dir} is the input directory; give the output its own directory.")
+    mine = [p for p in parts if shard_of(str(p.relative_to(root)), shard[1]) == shard[0]]
+    outputs = part_outputs(root, parts, out_dir)  # every part's, so that every shard names them alike
+    resolved = replace(options, input=parts[0], output=outputs[parts[0]]).resolved(settings)  # the defaults filled in
+    key = options_key(resolved)
+    sidecar = job_sidecar_path(out_dir, shard)
+    writes = [w for p in mine for w in (("part output", outputs[p]), ("part sidecar", part_sidecar_path(out_dir, outputs[p])))]
+    plan = plan_outputs(parts, [*writes, ("job sidecar", sidecar), ("--log-file", options.log_file)],
+                        input_dirs=[root] if Path(options.input).is_dir() else (), appends=("--log-file",))
+    plan.check_writable()
+    earlier = read_job_sidecar(sidecar)
+    if earlier.get("input_id", input_id(earlier.get("input", ""))) == input_id(options.input):
+        remove_stale_outputs(out_dir, earlier, outputs.values())
+    document: dict[str, Any] = {
+        "job": "embed-parts", "engine": engine, "tool_version": library_versions()["hfbatch"],
+        "command": redact(list(options.command) or sys.argv), "input": str(options.input), "input_id": input_id(options.input),
+        "input_root": str(root), "output_dir": str(out_dir), "part_sidecars": f"{PART_SIDECARS}/",
+        "shard": f"{shard[0]}/{shard[1]}", "parts_in_input": len(parts), "options_key": key, "started": utc_now(), "parts": [],
+    }
+    return PartsJob(options, resolved, out_dir, root, mine, outputs, sidecar, earlier_records(earlier, key), document)
+
+
+def read_job_sidecar(sidecar: Path) -> dict[str, Any]:
+    """An earlier run's job sidecar, or {} when there is none (or it is not one)."""
+    try:
+        document = json.loads(sidecar.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return document if isinstance(document, dict) else {}
+
+
+def earlier_records(earlier: dict[str, Any], key: str) -> dict[str, dict[str, Any]]:
+    """Parts of an earlier run (its job sidecar) with the same vector-shaping options, by input path."""
+    if earlier.get("options_key") != key:
+        return {}
+    return {p["input"]: p for p in earlier.get("parts", []) if isinstance(p, dict) and "input" in p}
+
+
+def remove_stale_outputs(out_dir: Path, earlier: dict[str, Any], planned: Collection[Path]) -> list[Path]:
+    """Remove what an earlier run of this job wrote under `out_dir` (as its job sidecar `earlier`
+    records: parts done or skipped) that this run no longer names: the output of a part whose name
+    changed (`a.parquet` once `a.csv` joins `a.jsonl`) or that left the input, with its sidecar,
+    and the sidecars the layout before `_hfbatch/` kept beside the parts. A reader of the dataset
+    `out/` would otherwise read those rows too, or fail on the JSON. Nothing outside `out_dir` and
+    nothing but Parquet outputs and their sidecars is touched. Returns what was removed."""
+    keep = {Path(p).relative_to(out_dir) for p in planned}
+    beside = earlier.get("part_sidecars") is None  # written before _hfbatch/: sidecars beside the parts
+    base = Path(out_dir).resolve()
+    removed = []
+    for record in earlier.get("parts", []):
+        if not isinstance(record, dict) or record.get("status") not in ("done", "skipped"):
+            continue
+        name = PurePath(str(record.get("output", "")))
+        if name.is_absolute() or ".." in name.parts or name.suffix.lower() not in (".parquet", ".pq"):
+            continue  # not a name this engine gives an output
+        output = Path(out_dir) / name
+        folder = output.parent.resolve()
+        if folder != base and base not in folder.parents:
+            continue  # through a symlink out of out/: not ours to remove
+        stale = [] if Path(name) in keep else [output, part_sidecar_path(out_dir, output)]
+        for path in [*stale, *([sidecar_path(output)] if beside else [])]:
+            if path.is_file() or path.is_symlink():
+                path.unlink()
+                removed.append(path)
+    return removed
+
+
 def run_embed_parts(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1),
                     observer: Observer | None = None, settings: Settings | None = None) -> PartsResult:
     """Embed every part of `options.input` (a directory or glob) owned by `shard` into the
@@ -174,51 +377,19 @@ def run_embed_parts(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1),
     job then exits 1); an error of the model or backend stops the job, with the sidecar saying
     which parts are done."""
     settings = settings or Settings.load()
-    out_dir = Path(options.output)
-    if out_dir.suffix.lower() in (".parquet", ".pq") or out_dir.is_file():
-        raise InputError(f"-o {out_dir}: with many input files the output is a directory; give one, e.g. -o out/.")
-    if options.metrics_file is not None:
-        raise InputError("--metrics-file is written per job for one input file; with many files each part's "
-                         "sidecar and the job sidecar carry the metrics. Drop --metrics-file.")
-    root, parts = expand_inputs(options.input, options.format)
-    inside = out_dir.resolve()
-    parts = [p for p in parts if inside not in p.resolve().parents]  # our own outputs are never inputs
-    if not parts or inside == root.resolve():
-        raise InputError(f"-o {out_dir} is the input directory; give the output its own directory.")
-    mine = [p for p in parts if shard_of(str(p.relative_to(root)), shard[1]) == shard[0]]
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"-o {out_dir}: cannot create the directory ({exc.strerror or exc}).") from None
-    probe = replace(options, input=parts[0], output=part_output(out_dir, root, parts[0]))
-    key = options_key(probe.resolved(settings))  # resolved as a part is: the defaults filled in
-    sidecar = job_sidecar_path(out_dir, shard)
-    earlier = earlier_records(sidecar, key)
-    document: dict[str, Any] = {
-        "job": "embed-parts", "tool_version": library_versions()["hfbatch"],
-        "command": redact(list(options.command) or sys.argv), "input": str(options.input), "input_root": str(root),
-        "output_dir": str(out_dir), "shard": f"{shard[0]}/{shard[1]}", "parts_in_input": len(parts),
-        "options_key": key, "started": utc_now(), "parts": [],
-    }
-    wall = time.perf_counter()
+    job = plan_parts(options, shard=shard, settings=settings, engine="local")
     shared = _OneBar(observer) if observer is not None else None
     try:
-        for part in mine:
-            relative = str(part.relative_to(root))
-            output = part_output(out_dir, root, part)
-            record = skip_if_complete(relative, part, output, out_dir, earlier.get(relative))
-            if record is None:
-                record = _embed_part(options, relative, part, output, out_dir, shared, settings)
-            document["parts"].append(asdict(record))
-            write_job_sidecar(sidecar, document, wall, finished=False, relative=options.relative_paths)
+        for part in job.mine:
+            if not job.resume(part):
+                _embed_part(job, part, shared, settings)
     except BaseException:
-        write_job_sidecar(sidecar, document, wall, finished=False, relative=options.relative_paths)
+        job.write(finished=False)
         raise
     finally:
         if shared is not None:
             shared.close()
-    write_job_sidecar(sidecar, document, wall, finished=True, relative=options.relative_paths)
-    return PartsResult(out_dir, sidecar, document)
+    return job.finish()
 
 
 class _OneBar(NullObserver):
@@ -240,61 +411,14 @@ class _OneBar(NullObserver):
             self.inner.done({})
 
 
-def _embed_part(options: EmbedOptions, relative: str, part: Path, output: Path, out_dir: Path,
-                observer: Observer | None, settings: Settings) -> PartRecord:
+def _embed_part(job: PartsJob, part: Path, observer: Observer | None, settings: Settings) -> None:
     started = time.perf_counter()
-    output.parent.mkdir(parents=True, exist_ok=True)
     try:
-        result = run_embed(replace(options, input=part, output=output), observer=observer, settings=settings)
+        result = run_embed(job.part_options(part), observer=observer, settings=settings)
     except InputError as exc:  # this file's data or columns: the other parts go on
-        return PartRecord(relative, str(output.relative_to(out_dir)), "failed", error=str(exc),
-                          seconds=round(time.perf_counter() - started, 3))
-    m, prov = result.metrics, result.document["provenance"]
-    return PartRecord(relative, str(output.relative_to(out_dir)), "done", rows_in=m["rows_total"],
-                      rows_out=prov["output"]["rows"], rows_invalid=m["rows_invalid"], texts_computed=m["texts_computed"],
-                      cache_hits=m["cache"]["hits"], input_hash=prov["input"]["hash"],
-                      seconds=round(time.perf_counter() - started, 3))
-
-
-def skip_if_complete(relative: str, part: Path, output: Path, out_dir: Path,
-                      earlier: dict[str, Any] | None) -> PartRecord | None:
-    """The earlier record, marked skipped, if that part's output is whole and still describes these bytes."""
-    if not earlier or earlier.get("status") not in ("done", "skipped") or not output.is_file():
-        return None
-    try:
-        meta = json.loads(sidecar_path(output).read_text(encoding="utf-8"))
-        recorded = meta["provenance"]["input"]["hash"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if recorded != earlier.get("input_hash") or recorded != file_digest(part):
-        return None
-    fields = {k: earlier.get(k) for k in ("rows_in", "rows_out", "rows_invalid", "input_hash")}
-    return PartRecord(relative, str(output.relative_to(out_dir)), "skipped", texts_computed=0, cache_hits=0,
-                      seconds=0.0, **fields)
-
-
-def earlier_records(sidecar: Path, key: str) -> dict[str, dict[str, Any]]:
-    """Parts of an earlier run of this shard with the same vector-shaping options, by input path."""
-    try:
-        earlier = json.loads(sidecar.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(earlier, dict) or earlier.get("options_key") != key:
-        return {}
-    return {p["input"]: p for p in earlier.get("parts", []) if isinstance(p, dict) and "input" in p}
-
-
-def write_job_sidecar(sidecar: Path, document: dict[str, Any], wall: float, *, finished: bool, relative: bool = False) -> None:
-    parts = document["parts"]
-    document["finished"] = utc_now() if finished else None
-    document["totals"] = {
-        "parts": len(parts),
-        **{f"parts_{s}": sum(1 for p in parts if p["status"] == s) for s in ("done", "skipped", "failed")},
-        "rows_in": sum(p["rows_in"] or 0 for p in parts), "rows_out": sum(p["rows_out"] or 0 for p in parts),
-        "texts_computed": sum(p["texts_computed"] or 0 for p in parts),
-        "wall_seconds": round(time.perf_counter() - wall, 3),
-    }
-    write_json_atomic(sidecar, relative_paths(document, sidecar.parent) if relative else document)
+        job.failed(part, str(exc), started)
+        return
+    job.done(part, result.document, started)
 
 
 def merge_job_sidecars(out_dir: Path, expected: Sequence[str] | None = None) -> dict[str, Any]:
