@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
@@ -63,7 +65,7 @@ def test_a_directory_of_parts_equals_the_single_file_row_for_row(tmp_path: Path)
         "a.parquet", "b.parquet", "c.parquet", "nested/d.parquet", "nested/e.parquet"]
     ids, vectors = [], []
     for name, _ in made:
-        got_ids, got = _vectors(tmp_path / "out" / parts_module.part_output(Path("."), Path("."), Path(name)))
+        got_ids, got = _vectors(tmp_path / "out" / (name.split(".")[0] + ".parquet"))
         ids += got_ids
         vectors.append(got)
     everything = [{"id": f"{name}:{i}", "text": t} for name, texts in made for i, t in enumerate(texts)]
@@ -76,7 +78,8 @@ def test_a_directory_of_parts_equals_the_single_file_row_for_row(tmp_path: Path)
     assert np.abs(np.concatenate(vectors) - want).max() < 1e-5
     sidecar = json.loads(result.sidecar.read_text())
     assert sidecar["parts_in_input"] == 5 and sidecar["shard"] == "1/1"
-    assert all((tmp_path / "out" / (p["output"] + ".meta.json")).is_file() for p in sidecar["parts"])
+    assert all((tmp_path / "out" / "_hfbatch" / (p["output"] + ".meta.json")).is_file() for p in sidecar["parts"])
+    assert {p.relative_to(tmp_path / "out").parts[0] for p in (tmp_path / "out").rglob("*.json")} == {"_hfbatch", "_hfbatch_job.json"}
 
 
 def test_four_shards_cover_every_part_exactly_once(tmp_path: Path) -> None:
@@ -156,6 +159,115 @@ def test_cli_refusals_for_many_parts(tmp_path: Path) -> None:
     assert nothing.exit_code == 2 and "no CSV, JSONL or Parquet files" in nothing.stderr
     with pytest.raises(InputError, match="give it as I/N"):
         parse_shard("3-8")
+
+
+def test_a_many_part_output_is_a_parquet_dataset_read_with_no_options(tmp_path: Path) -> None:
+    """pyarrow and pandas (like Polars, DuckDB, Spark and `datasets`) read out/ as one dataset, because
+    what is not data starts with `_`: the part sidecars under _hfbatch/ and the job sidecar. Beside
+    the parts, the sidecars failed every reader with "Parquet magic bytes not found"."""
+    import pandas as pd
+
+    made = _dataset(tmp_path / "data")
+    result = run_embed_parts(EmbedOptions(input=tmp_path / "data", output=tmp_path / "out", cache_dir=tmp_path / "cache"))
+    table = ds.dataset(tmp_path / "out").to_table()
+    frame = pd.read_parquet(tmp_path / "out")
+    ids = sorted(f"{name}:{i}" for name, texts in made for i in range(len(texts)))
+    assert table.num_rows == len(frame) == len(ids) == result.document["totals"]["rows_out"] == 27
+    assert sorted(table.column("id").to_pylist()) == sorted(frame["id"]) == ids
+    assert table.schema.field("embedding").type == pa.list_(pa.float32(), 384)
+
+
+def test_parts_with_one_stem_keep_their_rows_and_a_renamed_output_is_not_left_behind(tmp_path: Path) -> None:
+    """a.csv and a.jsonl in one directory both wrote out/a.parquet: the CSV's rows were lost, the
+    job sidecar said done for both and merge-meta said complete. Now each keeps its whole name,
+    and the a.parquet an earlier run wrote (before a.csv came) goes, or a reader of out/ would
+    read a.jsonl's rows twice."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    write_jsonl(data / "a.jsonl", [{"id": f"jsonl:{i}", "text": t} for i, t in enumerate(_texts(4, 1))])
+    options = EmbedOptions(input=data, output=out, cache_dir=tmp_path / "cache")
+    run_embed_parts(options)
+    assert (out / "a.parquet").is_file() and (out / "_hfbatch" / "a.parquet.meta.json").is_file()
+    write_csv(data / "a.csv", [{"id": f"csv:{i}", "text": t} for i, t in enumerate(_texts(3, 2))])
+    second = run_embed_parts(options)
+    assert {p["input"]: p["output"] for p in second.document["parts"]} == {"a.csv": "a.csv.parquet", "a.jsonl": "a.jsonl.parquet"}
+    assert pq.read_table(out / "a.csv.parquet").column("id").to_pylist() == ["csv:0", "csv:1", "csv:2"]
+    assert pq.read_table(out / "a.jsonl.parquet").column("id").to_pylist() == [f"jsonl:{i}" for i in range(4)]
+    assert not (out / "a.parquet").exists() and not (out / "_hfbatch" / "a.parquet.meta.json").exists()
+    assert ds.dataset(out).to_table().num_rows == second.document["totals"]["rows_out"] == 7  # the totals are the rows on disk
+    merged = merge_job_sidecars(out, ["a.csv", "a.jsonl"])
+    assert merged["complete"], merged["problems"]
+    assert merged["rows_out"] == 7
+    again = run_embed_parts(options)
+    assert [p["status"] for p in again.document["parts"]] == ["skipped", "skipped"]
+
+
+def test_merge_meta_refuses_two_parts_recorded_with_one_output(tmp_path: Path) -> None:
+    """The job sidecar the collision wrote (both parts done, one file): merge-meta said complete."""
+    out = tmp_path / "out"
+    out.mkdir()
+    pq.write_table(pa.table({"id": [0, 1, 2]}), out / "a.parquet")
+    parts = [{"input": name, "output": output, "status": "done", "rows_in": 3, "rows_out": 3}
+             for name, output in (("a.csv", "a.parquet"), ("a.jsonl", "a.parquet"), ("b.csv", "b.parquet"))]
+    (out / "_hfbatch_job.json").write_text(json.dumps({"options_key": "k", "shard": "1/1", "parts": parts}))
+    merged = merge_job_sidecars(out, ["a.csv", "a.jsonl", "b.csv"])
+    assert not merged["complete"]
+    assert merged["problems"] == ["a.parquet is the output of 2 parts (a.csv, a.jsonl): only the last one's rows are there",
+                                  f"b.parquet (of b.csv) is not in {out}"]
+
+
+def test_every_path_of_a_many_part_job_is_planned_before_any_work(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--log-file naming an input part was appended to, then read back as data; -o inside the input
+    directory is read back as parts by the next run. Both are refused (exit 2), nothing written."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    _dataset(data)
+    before = {p: p.read_bytes() for p in data.rglob("*") if p.is_file()}
+    monkeypatch.setattr(parts_module, "run_embed", lambda *a, **k: pytest.fail("a part ran"))
+    with pytest.raises(InputError, match=f"--log-file {data / 'b.jsonl'} is the input"):
+        run_embed_parts(EmbedOptions(input=str(data / "*.*"), output=out, log_file=data / "b.jsonl"))
+    with pytest.raises(InputError, match="--log-file .* is inside the input directory"):
+        run_embed_parts(EmbedOptions(input=data, output=out, log_file=data / "run.log"))
+    with pytest.raises(InputError, match="inside the input directory"):
+        run_embed_parts(EmbedOptions(input=data, output=data / "out"))
+    inside = CliRunner().invoke(app, ["embed", str(data), "-o", str(data / "out")])
+    assert inside.exit_code == 2 and "inside the input directory" in inside.stderr
+    assert {p: p.read_bytes() for p in data.rglob("*") if p.is_file()} == before and not out.exists()
+
+
+def test_a_part_that_fails_on_rerun_loses_its_earlier_output(tmp_path: Path) -> None:
+    """Its rows no longer describe its input: left in out/, a reader would get rows the job sidecar
+    does not count."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    data.mkdir()
+    write_jsonl(data / "a.jsonl", [{"id": i, "text": t} for i, t in enumerate(_texts(2, 1))])
+    write_csv(data / "b.csv", [{"id": i, "text": t} for i, t in enumerate(_texts(3, 2))])
+    options = EmbedOptions(input=data, output=out, cache_dir=tmp_path / "cache")
+    run_embed_parts(options)
+    write_csv(data / "b.csv", [{"id": 0, "body": "the text column is gone"}])
+    again = run_embed_parts(options)
+    assert [p["status"] for p in again.document["parts"]] == ["skipped", "failed"]
+    assert not (out / "b.parquet").exists() and not (out / "_hfbatch" / "b.parquet.meta.json").exists()
+    assert ds.dataset(out).to_table().num_rows == again.document["totals"]["rows_out"] == 2
+
+
+def test_a_job_from_before_the_hfbatch_folder_moves_to_the_dataset_layout(tmp_path: Path) -> None:
+    """Earlier versions kept each part's sidecar beside it (out/a.parquet.meta.json): a rerun removes
+    those (and embeds the parts again, from the cache), so out/ becomes a dataset."""
+    data, out = tmp_path / "data", tmp_path / "out"
+    _dataset(data)
+    options = EmbedOptions(input=data, output=out, cache_dir=tmp_path / "cache")
+    run_embed_parts(options)
+    for sidecar in (out / "_hfbatch").rglob("*.meta.json"):  # what the old layout left
+        sidecar.replace(out / sidecar.relative_to(out / "_hfbatch"))
+    job = json.loads((out / "_hfbatch_job.json").read_text())
+    del job["part_sidecars"], job["input_id"]
+    (out / "_hfbatch_job.json").write_text(json.dumps(job))
+    again = run_embed_parts(options)
+    assert again.document["totals"]["parts_done"] == 5 and again.document["totals"]["texts_computed"] == 0
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*.meta.json")) == [
+        "_hfbatch/a.parquet.meta.json", "_hfbatch/b.parquet.meta.json", "_hfbatch/c.parquet.meta.json",
+        "_hfbatch/nested/d.parquet.meta.json", "_hfbatch/nested/e.parquet.meta.json"]
+    assert ds.dataset(out).to_table().num_rows == 27
 
 
 _EXPAND = "import json, sys; from hfbatch.engines.parts import expand_inputs; print(json.dumps([str(p) for p in expand_inputs(sys.argv[1])[1]]))"

@@ -261,7 +261,8 @@ class PartsJob:
 
     def add(self, record: PartRecord) -> None:
         self.records[record.input] = record
-        self.write(finished=False)
+        if record.status != "skipped":  # a rerun of 10,000 complete parts need not write the sidecar 10,000 times
+            self.write(finished=False)
 
     def write(self, *, finished: bool) -> None:
         """Rewrite the job sidecar (atomically): the parts recorded so far, in input order, and totals."""
@@ -443,6 +444,14 @@ def merge_job_sidecars(out_dir: Path, expected: Sequence[str] | None = None) -> 
     problems = []
     problems += [f"{name} is in {len(where)} sidecars ({', '.join(where)})" for name, where in seen.items() if len(where) > 1]
     problems += [f"{r['input']} failed: {r.get('error')}" for r in records if r["status"] == "failed"]
+    written: dict[str, list[str]] = {}
+    for r in records:
+        if r["status"] in ("done", "skipped"):
+            written.setdefault(str(r.get("output")), []).append(r["input"])
+    problems += [f"{output} is the output of {len(inputs)} parts ({', '.join(inputs)}): only the last one's rows are there"
+                 for output, inputs in written.items() if len(inputs) > 1]
+    problems += [f"{output} (of {inputs[0]}) is not in {out_dir}" for output, inputs in written.items()
+                 if not (Path(out_dir) / output).is_file()]
     if expected is not None:
         problems += [f"{name} is in no sidecar (its shard has not run, or not finished)"
                      for name in sorted(set(expected) - set(seen))]

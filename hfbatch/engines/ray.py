@@ -1,60 +1,79 @@
-"""`--engine ray`: the same per-chunk work as the local pipeline, spread over a Ray cluster.
+"""`--engine ray`: the same per-chunk work as the local engines, spread over a Ray cluster.
 
 Shape of the job (each step named for the trap it avoids; measured with Ray 2.60):
+- Plan: the same `PartsJob` as the local many-part engine (engines/parts.py): part names, every
+  path planned and checked, resume, the job sidecar. Each part's columns are checked
+  (`jobs.core.open_files`) before the cluster starts; a bad part is marked failed.
 - Read: one Ray Data task per input part runs hfbatch's own reader (the same CSV-as-strings,
-  JSONL schema and Parquet buffering as `run_embed`), emitting chunks with a `__row` id, so rows
-  can be put back in order: Ray writes and joins do not keep order, even with preserve_order.
-- Embed: `map_batches` with `EmbedActor`, an actor class that builds the same backend, cache and
-  `EmbedTask` as the local pipeline and calls the same `validate_chunk` + `ChunkProcessor.process`
-  (jobs/core.py) on each chunk (shared code, not a copy). Actors take a fraction of a CPU and one torch thread, so read tasks
-  are never starved (two 1-CPU actors on a 2-CPU machine hang forever). Compute is
-  `ActorPoolStrategy(size=N)`; failed actors restart and their tasks retry (`max_restarts`,
-  `max_task_retries`); `max_errored_blocks` is never used, because it drops rows silently.
-- Write: the driver receives the embedded chunks, orders each part by `__row`, and writes it
-  through the same atomic ParquetSink (same schema, a sidecar per part) and job sidecar as the
-  multi-part local engine (`parts.py`), so merge-meta and resume work the same.
+  JSONL schema and Parquet buffering as `run_embed`). Every row carries its part (`__part`), its
+  index (`__row`) and its chunk (`__chunk`, the chunk's first row): Ray merges what a task yields
+  into blocks, so the actor splits the chunks again, and each chunk is the local engine's chunk
+  (the same batches, distinct texts and cache counts in the sidecar).
+- Embed: `map_batches` with `EmbedActor`, an actor class that builds the same backend and cache
+  as the local pipeline and calls the same `validate_chunk` + `ChunkProcessor.process`
+  (jobs/core.py) on each chunk. Each chunk's first row carries a JSON report (`__report`): the
+  chunk's Metrics, what the backend's describe() gained (load seconds, requests), its fingerprint
+  and the cache's facts. Rows that --on-invalid skip drops stay in, flagged (`__keep`), so every
+  chunk has a first row for its report; the driver drops them. Actors take a fraction of a CPU
+  and one torch thread, so read tasks are never starved (two 1-CPU actors on a 2-CPU machine hang
+  forever). Compute is `ActorPoolStrategy(size=N)`; failed actors restart and their tasks retry
+  (`max_restarts`, `max_task_retries`); `max_errored_blocks` is never used: it drops rows silently.
+- Write: with `preserve_order` the parts arrive one after another, their rows in order. The driver
+  streams each part's rows into its ParquetSink as they come (rows that arrive early wait for the
+  gap to fill) and publishes it as soon as every row of the input is in, with the sidecar that
+  `provenance.build_document` makes for every engine (the actors' Metrics merged with
+  `Metrics.add`; the backend built here, which loads nothing, for what it is; the actors' reports
+  for what it did). So the driver holds one part's rows in flight, however many parts there are.
+  Rows in == rows out (`jobs.core.check_rows`), or the part is not published.
 A shared cache directory (NFS, or one machine) is shared by all actors: diskcache is process-safe.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 import uuid
-from dataclasses import asdict, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from ..errors import HfbatchError, InputError
-from ..io.plan import open_job_files
+from ..backends import Backend, make_backend
+from ..cache import NullCache, open_cache
+from ..errors import HfbatchError, InputError, OutputError
 from ..io.readers import Chunk, open_reader
-from ..io.writers import ParquetSink
-from ..options import EmbedOptions, sidecar_path
-from .parts import (PartRecord, PartsResult, earlier_records, expand_inputs, is_multi_input, job_sidecar_path,
-                    options_key, part_output, shard_of, skip_if_complete, write_job_sidecar)
-from ..provenance import file_digest, library_versions, redact, utc_now
+from ..io.writers import ParquetSink, output_schema
+from ..jobs.core import ChunkProcessor, check_rows, open_files
+from ..jobs.embed import EmbedTask, embed_provenance
+from ..options import EmbedOptions
+from ..provenance import InputFacts, Metrics, OutputFacts, build_document, utc_now
 from ..settings import Settings
-from ..validate import EMBED_COLUMNS
+from ..validate import EMBED_COLUMNS, validate_chunk
+from .parts import PartsJob, PartsResult, plan_parts
 
-_META = ("__part", "__row", "__invalid")
-_STATS = ("__computed", "__hits", "__actor")
+_META = ("__part", "__row", "__chunk", "__invalid")
 ACTOR_RETRIES = 2  # max_restarts / max_task_retries of the embedding actors
+# what a backend's describe() counts up over its life (an actor's serves many parts): a part's
+# sidecar gets what they gained over its own chunks
+_COUNTERS = frozenset({"requests", "retries", "batch_halvings", "retry_causes", "texts_computed", "load_seconds"})
 
 
 def _read_part(batch: pa.Table, *, options: EmbedOptions) -> Iterator[pa.Table]:
     """A Ray Data task: one part (a row of `batch`) read by hfbatch's reader, chunk by chunk."""
     for part, path in zip(batch.column("part").to_pylist(), batch.column("path").to_pylist()):
         reader = open_reader(path, fmt=options.format, chunk_size=options.chunk_size or 10_000,
-                             columns=None if options.keep is None else list(dict.fromkeys([*options.keep, options.text_column])),
-                             text_column=options.text_column, max_line_bytes=options.max_line_bytes)  # type: ignore[arg-type]
+                             columns=None if options.keep is None else list(dict.fromkeys([*options.keep, options.input_column])),
+                             text_column=options.input_column, max_line_bytes=options.max_line_bytes)  # type: ignore[arg-type]
         for chunk in reader.chunks():
             n = chunk.batch.num_rows
             table = pa.Table.from_batches([chunk.batch])
             table = table.append_column("__part", pa.array([str(part)] * n, pa.string()))
             table = table.append_column("__row", pa.array(range(chunk.first_row, chunk.first_row + n), pa.int64()))
+            table = table.append_column("__chunk", pa.array([chunk.first_row] * n, pa.int64()))
             table = table.append_column("__invalid", pa.array([chunk.invalid.get(i) for i in range(n)], pa.string()))
             yield table
 
@@ -62,201 +81,359 @@ def _read_part(batch: pa.Table, *, options: EmbedOptions) -> Iterator[pa.Table]:
 class EmbedActor:
     """Holds one backend (model loaded once per actor) and runs the local pipeline's chunk work."""
 
-    def __init__(self, options: EmbedOptions, fingerprint_hint: str | None = None):
+    def __init__(self, options: EmbedOptions):
         import torch
-
-        from ..backends import make_backend
-        from ..cache import NullCache, open_cache
 
         torch.set_num_threads(1)  # one core per actor: more threads than cores thrash
         self.options = options
         self.backend = make_backend(options)
-        self.cache = (open_cache(options.cache_dir, self.backend.fingerprint(), size_limit_bytes=options.cache_size_bytes or 0)
-                      if options.use_cache else NullCache())
+        self.cache = _open_cache(options, self.backend.fingerprint())
         self.id = uuid.uuid4().hex[:12]  # distinct ids seen by the driver = actor starts (restarts show)
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        from ..jobs.core import ChunkProcessor
-        from ..jobs.embed import EmbedTask
-        from ..provenance import Metrics
-        from ..validate import validate_chunk
+        """The embedded rows of every chunk in `table` (a block: whole chunks, as read)."""
+        keys = list(zip(table.column("__part").to_pylist(), table.column("__chunk").to_pylist()))
+        starts = [i for i in range(len(keys)) if i == 0 or keys[i] != keys[i - 1]]
+        pieces = [self.chunk(table.slice(a, b - a)) for a, b in zip(starts, [*starts[1:], len(keys)])]
+        return pa.concat_tables(pieces, promote_options="default") if pieces else table
 
+    def chunk(self, table: pa.Table) -> pa.Table:
         opts = self.options
-        rows = table.column("__row").to_pylist()
+        n = table.num_rows
+        metrics = Metrics(job="embed", chunks=1, rows_total=n)
+        data = table.drop_columns(list(_META)).combine_chunks()
         invalid = {i: msg for i, msg in enumerate(table.column("__invalid").to_pylist()) if msg}
-        data = table.drop_columns(list(_META))
-        chunk = Chunk(data.combine_chunks().to_batches()[0] if data.num_rows else pa.RecordBatch.from_pylist([], data.schema),
-                      rows[0] if rows else 0, invalid)
-        passthrough = pa.schema([f for f in data.schema if f.name in (opts.keep or data.schema.names)])
-        metrics = Metrics()
-        job = ChunkProcessor(EmbedTask(self.backend, opts), self.cache, metrics, passthrough=passthrough,
-                             on_invalid=opts.on_invalid)
-        validated = validate_chunk(chunk, path=Path(table.column("__part")[0].as_py()), text_column=opts.text_column,
-                                   on_invalid=opts.on_invalid)
-        hits_before = self.cache.stats.hits
-        out = pa.Table.from_batches([job.process(validated)])
-        keep = [i for i, t in enumerate(validated.texts) if t is not None or opts.on_invalid != "skip"]
-        n = out.num_rows
-        out = out.append_column("__part", table.column("__part").take(keep))
-        out = out.append_column("__row", pa.array([rows[i] for i in keep], pa.int64()))
-        stats = {"__computed": metrics.texts_computed, "__hits": self.cache.stats.hits - hits_before}
-        for name, value in stats.items():  # per-chunk counters ride on the first row
-            out = out.append_column(name, pa.array([value] + [0] * (n - 1) if n else [], pa.int64()))
-        return out.append_column("__actor", pa.array([self.id] * n, pa.string()))
+        chunk = Chunk(data.to_batches()[0], table.column("__row")[0].as_py(), invalid)
+        passthrough = pa.schema([data.schema.field(c) for c in (data.schema.names if opts.keep is None else opts.keep)])
+        with metrics.stage("validate"):
+            validated = validate_chunk(chunk, path=Path(table.column("__part")[0].as_py()), text_column=opts.input_column,
+                                       on_invalid=opts.on_invalid)
+        described = self.backend.describe()
+        # rows --on-invalid skip drops are kept (marked) and flagged, so the chunk has a row for its report
+        processor = ChunkProcessor(EmbedTask(self.backend, opts), self.cache, metrics, passthrough=passthrough,
+                                   on_invalid="mark" if opts.on_invalid == "skip" else opts.on_invalid)
+        out = pa.Table.from_batches([processor.process(validated)])
+        keep = np.ones(n, dtype=bool)
+        if opts.on_invalid == "skip":
+            keep[:] = False
+            keep[validated.valid_rows] = True
+            metrics.rows_skipped = int(n - keep.sum())
+        report = {
+            "actor": self.id,
+            "metrics": {f.name: getattr(metrics, f.name) for f in fields(Metrics) if not f.name.startswith("_")},
+            "backend": gained(self.backend.describe(), described),
+            "fingerprint": self.backend.fingerprint(),
+            "cache": {"directory": str(self.cache.directory) if self.cache.directory else None,
+                      "disabled": self.cache.disabled, "volume_bytes": self.cache.volume_bytes()},
+        }
+        out = out.append_column("__part", table.column("__part"))
+        out = out.append_column("__row", table.column("__row"))
+        out = out.append_column("__keep", pa.array(keep))
+        return out.append_column("__report", pa.array([json.dumps(report, default=str)] + [None] * (n - 1), pa.string()))
+
+
+def gained(after: Mapping[str, Any], before: Mapping[str, Any], counting: bool = False) -> dict[str, Any]:
+    """`after` (a describe()) with each counter (see _COUNTERS, and numbers inside them) replaced
+    by what it gained since `before`; other values as they are now."""
+    out: dict[str, Any] = {}
+    for key, value in after.items():
+        old = before.get(key)
+        count = counting or key in _COUNTERS
+        if isinstance(value, Mapping):
+            out[key] = gained(value, old if isinstance(old, Mapping) else {}, count)
+        elif count and _number(value):
+            out[key] = round(value - (old if _number(old) else 0), 3)
+        else:
+            out[key] = value
+    return out
+
+
+def summed(total: Mapping[str, Any], more: Mapping[str, Any], counting: bool = False) -> dict[str, Any]:
+    """Two `gained` reports as one: counters added, other values the later report's."""
+    out = dict(total)
+    for key, value in more.items():
+        old = total.get(key)
+        count = counting or key in _COUNTERS
+        if isinstance(value, Mapping):
+            out[key] = summed(old if isinstance(old, Mapping) else {}, value, count)
+        elif count and _number(value) and _number(old):
+            out[key] = round(old + value, 3)
+        else:
+            out[key] = value
+    return out
+
+
+def _open_cache(opts: EmbedOptions, fingerprint: str) -> Any:
+    return (open_cache(opts.cache_dir, fingerprint, size_limit_bytes=opts.cache_size_bytes or 0)  # type: ignore[arg-type]
+            if opts.use_cache else NullCache())
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+class ReportedBackend:
+    """The backend as build_document and embed_provenance see it, for a part the actors embedded:
+    what it is from the backend built in the driver (building one loads nothing), what it did
+    (device, load seconds, requests, a fallback) as the actors reported it."""
+
+    def __init__(self, backend: Backend, described: Mapping[str, Any] | None, fingerprint: str | None):
+        self.name = backend.name
+        self.backend, self.described, self.reported_fingerprint = backend, described, fingerprint
+
+    def fingerprint(self) -> str:
+        return self.reported_fingerprint or self.backend.fingerprint()
+
+    def describe(self) -> dict[str, Any]:
+        return dict(self.described) if self.described is not None else self.backend.describe()
+
+    @property
+    def max_length(self) -> int:
+        return self.backend.max_length
+
+
+@dataclass(frozen=True)
+class ReportedCache:
+    """The cache as the actors last reported it: what build_document reads of a cache."""
+
+    directory: str | None
+    disabled: str | None
+    volume: int
+
+    def volume_bytes(self) -> int:
+        return self.volume
+
+
+@dataclass
+class PlannedPart:
+    """A part the actors will embed: checked, with what its writer needs."""
+
+    path: Path
+    opts: EmbedOptions  # resolved, with this part's input, output and sidecar
+    passthrough: pa.Schema
+    format: str
+    rows: int  # rows the input had when it was checked
+
+
+class PartStream:
+    """One part's rows as the actors return them: written in input order into its ParquetSink as
+    they come, published with its sidecar once every row of the input is in."""
+
+    def __init__(self, planned: PlannedPart):
+        self.planned = planned
+        self.metrics = Metrics(job="embed")
+        self.started, self.clock = utc_now(), time.perf_counter()
+        self.next_row = 0  # rows before it are written (or dropped on purpose)
+        self.waiting: dict[int, pa.Table] = {}  # rows that came before a gap, by first row
+        self.sink: ParquetSink | None = None
+        self.dim: int | None = None
+        self.described: dict[str, Any] | None = None
+        self.fingerprint: str | None = None
+        self.cache: ReportedCache | None = None
+        self.actors: set[str] = set()
+
+    @property
+    def complete(self) -> bool:
+        return self.next_row >= self.planned.rows
+
+    def add(self, table: pa.Table) -> None:
+        """Rows of this part (consecutive, as one actor call returned them)."""
+        rows = table.column("__row")
+        first, last = rows[0].as_py(), rows[-1].as_py()
+        if last - first + 1 != table.num_rows or first < self.next_row or first in self.waiting:
+            raise OutputError(f"{self.planned.path}: the Ray job returned rows {first + 1:,}-{last + 1:,} twice or out of "
+                              "order; the part was not written.")
+        self.waiting[first] = table
+        while self.next_row in self.waiting:
+            self._write(self.waiting.pop(self.next_row))
+
+    def _write(self, table: pa.Table) -> None:
+        for text in table.column("__report").drop_null().to_pylist():
+            report = json.loads(text)
+            self.actors.add(report["actor"])
+            self.metrics.add(Metrics(**report["metrics"]))
+            self.described = summed(self.described or {}, report["backend"])
+            self.fingerprint = report["fingerprint"]
+            cache = report["cache"]
+            self.cache = ReportedCache(cache["directory"], cache["disabled"], cache["volume_bytes"])
+        if self.sink is None:
+            self.dim = table.schema.field("embedding").type.list_size
+            self.sink = ParquetSink(self.planned.opts.output, output_schema(self.planned.passthrough, self.dim))
+        with self.metrics.stage("write"):
+            # no copies in the usual case (every row kept, types as planned): the rows are written
+            # from the block Ray handed over, and the driver's own memory stays what it was
+            keep = table.column("__keep")
+            data = (table if pc.all(keep).as_py() else table.filter(keep)).select(self.sink.schema.names)
+            if data.schema != self.sink.schema:
+                data = data.cast(self.sink.schema)
+            for batch in data.to_batches(max_chunksize=65_536):
+                self.sink.write(batch)
+        self.metrics.rows_written += data.num_rows
+        self.next_row += table.num_rows
+
+    def commit(self, backend: Backend) -> dict[str, Any]:
+        """Check rows in == rows out, publish the output and its sidecar; returns the sidecar document."""
+        opts, planned = self.planned.opts, self.planned
+        cache: Any = self.cache
+        try:
+            if self.sink is None:  # a part without rows: the actors never saw it
+                task = EmbedTask(backend, opts)
+                self.sink, self.dim = ParquetSink(opts.output, task.schema(planned.passthrough)), task.dim()
+                cache = _open_cache(opts, backend.fingerprint())
+            reader = open_reader(planned.path, fmt=opts.format, chunk_size=opts.chunk_size or 10_000,
+                                 columns=[opts.input_column], text_column=opts.input_column,
+                                 max_line_bytes=opts.max_line_bytes)  # type: ignore[arg-type]  # the rows it has now
+            check_rows(opts, reader, self.metrics, self.sink)
+            reported = ReportedBackend(backend, self.described, self.fingerprint)
+            document = build_document(job="embed", backend=reported, options=opts, metrics=self.metrics,
+                                      started=self.started, cache=cache, engine="ray",
+                                      input=InputFacts.of(planned.path, planned.format, self.metrics.rows_total),
+                                      output=OutputFacts(opts.output, self.metrics.rows_written),
+                                      details=embed_provenance(reported, opts, self.dim or 0))  # type: ignore[arg-type]
+            self.sink.commit(document, sidecar=opts.sidecar)
+        except BaseException:
+            self.abort()
+            raise
+        finally:
+            if cache is not self.cache:
+                cache.close()
+        return document
+
+    def abort(self) -> None:
+        if self.sink is not None:
+            self.sink.abort()
+
+
+class PartsWriter:
+    """The driver's side: the actors' rows, part by part, into PartStreams; each part published
+    (and recorded in the job sidecar) as soon as it is complete, so only parts in flight are held."""
+
+    def __init__(self, job: PartsJob, planned: dict[str, PlannedPart], backend: Backend):
+        self.job, self.planned, self.backend = job, planned, backend
+        self.open: dict[str, PartStream] = {}
+        self.actors: set[str] = set()
+
+    def add(self, table: pa.Table) -> None:
+        if not table.num_rows:
+            return
+        parts = table.column("__part").to_pylist()
+        starts = [i for i in range(len(parts)) if i == 0 or parts[i] != parts[i - 1]]
+        for a, b in zip(starts, [*starts[1:], len(parts)]):
+            relative = parts[a]
+            stream = self.open.get(relative)
+            if stream is None:
+                if relative not in self.planned or relative in self.job.records:
+                    raise OutputError(f"the Ray job returned rows of {relative} after it was written; nothing more was kept.")
+                stream = self.open[relative] = PartStream(self.planned[relative])
+            stream.add(table.slice(a, b - a))
+            if stream.complete:
+                self.commit(relative)
+
+    def commit(self, relative: str) -> None:
+        stream = self.open.pop(relative, None) or PartStream(self.planned[relative])
+        document = stream.commit(self.backend)
+        self.actors |= stream.actors
+        self.job.done(stream.planned.path, document, stream.clock)
+
+    def finish(self) -> None:
+        """Every part was published, or the job fails with the rows it lost."""
+        if self.open:
+            stream = next(iter(self.open.values()))
+            self.abort()
+            raise OutputError(f"{stream.planned.path}: the Ray job returned {stream.next_row:,} rows of the "
+                              f"{stream.planned.rows:,} it has; the part was not written.")
+
+    def abort(self) -> None:
+        for stream in self.open.values():
+            stream.abort()
+        self.open.clear()
 
 
 def run_embed_ray(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1), address: str | None = None,
                   num_workers: int = 2, gpus_per_worker: float = 0, settings: Settings | None = None) -> PartsResult:
     """Embed a file, directory or glob with Ray Data; outputs and sidecars as `run_embed_parts`."""
     try:
-        import ray
-        from ray.data import ActorPoolStrategy, DataContext
+        import ray  # noqa: F401  # an optional extra: missing is a usage error, before any work
     except ImportError:
         raise InputError("--engine ray needs Ray: pip install 'hfbatch[ray]' (ray[data]).") from None
     if num_workers < 1:
         raise InputError(f"--num-workers must be at least 1 (got {num_workers}).")
     settings = settings or Settings.load()
-    out_dir = Path(options.output)
-    if out_dir.suffix.lower() in (".parquet", ".pq") or out_dir.is_file():
-        raise InputError(f"-o {out_dir}: with --engine ray the output is a directory; give one, e.g. -o out/.")
-    if is_multi_input(options.input):
-        root, parts = expand_inputs(options.input, options.format)
-    else:
-        root, parts = Path(options.input).parent, [Path(options.input)]
-    mine = [p for p in parts if shard_of(str(p.relative_to(root)), shard[1]) == shard[0]]
-    out_dir.mkdir(parents=True, exist_ok=True)
-    resolved = replace(options, input=parts[0], output=part_output(out_dir, root, parts[0])).resolved(settings)
-    key = options_key(resolved)
-    sidecar = job_sidecar_path(out_dir, shard)
-    earlier = earlier_records(sidecar, key)
+    job = plan_parts(options, shard=shard, settings=settings, engine="ray")
 
     # every check that needs no model, before the cluster starts: columns, outputs, earlier runs
-    todo: dict[str, tuple[Path, Path, pa.Schema]] = {}
-    records: dict[str, PartRecord] = {}
-    for part in mine:
-        relative, output = str(part.relative_to(root)), part_output(out_dir, root, part)
-        done = skip_if_complete(relative, part, output, out_dir, earlier.get(relative))
-        if done is not None:
-            records[relative] = done
+    planned: dict[str, PlannedPart] = {}
+    for part in job.mine:
+        if job.resume(part):
             continue
-        output.parent.mkdir(parents=True, exist_ok=True)
+        opts = job.part_options(part).resolved(settings)
         try:
-            files = open_job_files(input=part, output=output, fmt=resolved.format, chunk_size=resolved.chunk_size or 10_000,
-                                   text_column=resolved.text_column or "text", keep=resolved.keep, added_columns=EMBED_COLUMNS,
-                                   max_line_bytes=resolved.max_line_bytes)  # type: ignore[arg-type]
+            files = open_files(opts, EMBED_COLUMNS)
         except InputError as exc:
-            records[relative] = PartRecord(relative, str(output.relative_to(out_dir)), "failed", error=str(exc))
+            job.failed(part, str(exc), time.perf_counter())
             continue
-        todo[relative] = (part, output, files.passthrough)
-
-    document: dict[str, Any] = {
-        "job": "embed-parts", "engine": "ray", "tool_version": library_versions()["hfbatch"],
-        "command": redact(list(options.command)), "input": str(options.input), "input_root": str(root),
-        "output_dir": str(out_dir), "shard": f"{shard[0]}/{shard[1]}", "parts_in_input": len(parts),
-        "options_key": key, "started": utc_now(), "parts": [],
-    }
-    wall = time.perf_counter()
+        planned[job.relative(part)] = PlannedPart(part, opts, files.passthrough, files.reader.format,
+                                                  files.reader.total_rows or 0)
     ray_info: dict[str, Any] = {"address": address or "local", "num_workers": num_workers,
                                 "gpus_per_worker": gpus_per_worker, "actor_max_restarts": ACTOR_RETRIES,
                                 "actor_max_task_retries": ACTOR_RETRIES}
-    if todo:
-        started_here = not ray.is_initialized()
-        if started_here:  # address="local": a bare init() may join a stale cluster found on this machine
-            ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
-                     configure_logging=False, ignore_reinit_error=True)
-        try:
-            context = DataContext.get_current()
-            context.execution_options.preserve_order = True
-            context.enable_progress_bars = False  # hfbatch reports; Ray's bars and banners would interleave
-            logging.getLogger("ray.data").setLevel(logging.WARNING)
-            cpus = float(ray.cluster_resources().get("CPU", 1))
-            items = [{"part": rel, "path": str(path)} for rel, (path, _, _) in todo.items()]
-            embedded = (
-                ray.data.from_items(items, override_num_blocks=len(items))
-                .map_batches(_read_part, fn_kwargs={"options": resolved}, batch_size=1, batch_format="pyarrow",
-                             num_cpus=0.25)
-                .map_batches(EmbedActor, fn_constructor_args=(resolved,), batch_size=None, batch_format="pyarrow",
-                             compute=ActorPoolStrategy(size=num_workers),
-                             num_cpus=min(1.0, max(0.25, (cpus - 0.5) / num_workers)),
-                             **({"num_gpus": gpus_per_worker} if gpus_per_worker else {}),
-                             max_restarts=ACTOR_RETRIES, max_task_retries=ACTOR_RETRIES)
-            )
-            pieces: dict[str, list[pa.Table]] = {rel: [] for rel in todo}
-            actors: set[str] = set()
-            for table in embedded.iter_batches(batch_format="pyarrow", batch_size=None):
-                if table.num_rows:
-                    actors.update(table.column("__actor").unique().to_pylist())
-                    for rel in table.column("__part").unique().to_pylist():
-                        pieces[rel].append(table.filter(pc.equal(table.column("__part"), rel)))
-            ray_info["actor_starts"] = len(actors)
-            for rel, (part, output, passthrough) in todo.items():
-                records[rel] = _write_part(rel, part, output, out_dir, pieces[rel], resolved, passthrough)
-        except HfbatchError:
-            raise
-        except Exception as exc:  # a task that failed after its retries: Ray wraps the cause
-            cause = getattr(exc, "cause", None) or exc
-            if isinstance(cause, HfbatchError):
-                raise cause from None
-            raise HfbatchError(f"the Ray job failed ({type(cause).__name__}: {cause}); no part it was writing was kept.") from None
-        finally:
-            if started_here:
-                ray.shutdown()
-    document["ray"] = ray_info
-    document["parts"] = [asdict(records[str(p.relative_to(root))]) for p in mine]
-    write_job_sidecar(sidecar, document, wall, finished=True, relative=options.relative_paths)
-    return PartsResult(out_dir, sidecar, document)
-
-
-def _write_part(relative: str, part: Path, output: Path, out_dir: Path, pieces: list[pa.Table], opts: EmbedOptions,
-                passthrough: pa.Schema) -> PartRecord:
-    """Order a part's rows by __row and write them atomically, with a sidecar, like run_embed."""
-    started = time.perf_counter()
-    from ..io.writers import output_schema
-
-    table = pa.concat_tables(pieces) if pieces else None
-    dim = None
-    if table is not None and table.num_rows:
-        table = table.sort_by("__row")
-        dim = table.schema.field("embedding").type.list_size
-    computed = int(pc.sum(table.column("__computed")).as_py() or 0) if table is not None and table.num_rows else 0
-    hits = int(pc.sum(table.column("__hits")).as_py() or 0) if table is not None and table.num_rows else 0
-    schema = output_schema(passthrough, dim or 0)
-    sink = ParquetSink(output, schema)
+    job.document["ray"] = ray_info
+    writer = PartsWriter(job, planned, make_backend(job.resolved))  # the driver's backend loads nothing
     try:
-        rows_out = 0
-        if table is not None and table.num_rows:
-            data = table.select(schema.names).cast(schema)
-            for batch in data.to_batches(max_chunksize=65_536):
-                sink.write(batch)
-            rows_out = data.num_rows
-        input_hash = file_digest(part)
-        rows_in = count_rows(part, opts)
-        document = {
-            "provenance": {"tool": "hfbatch", "engine": "ray", "tool_version": library_versions()["hfbatch"],
-                           "model_id": opts.model, "backend": opts.backend, "text_column": opts.text_column,
-                           "normalize": opts.normalize, "on_invalid": opts.on_invalid, "dim": dim,
-                           "input": {"path": str(part), "hash": input_hash, "rows": rows_in},
-                           "output": {"path": str(output), "rows": rows_out}, "finished": utc_now(),
-                           "libraries": library_versions()},
-            "metrics": {"rows_total": rows_in, "rows_written": rows_out, "texts_computed": computed,
-                        "cache": {"hits": hits}, "write_seconds": round(time.perf_counter() - started, 3)},
-        }
-        if opts.on_invalid != "skip" and rows_out != rows_in:
-            raise HfbatchError(f"{part}: the Ray job returned {rows_out} rows of {rows_in}; the part was not written.")
-        sink.commit(document, sidecar=sidecar_path(output))
+        for relative in [r for r, p in planned.items() if not p.rows]:
+            writer.commit(relative)  # nothing for the actors to do
+        items = [{"part": r, "path": str(p.path)} for r, p in planned.items() if p.rows]
+        if items:
+            _run_on_ray(items, job.resolved, writer, address=address, num_workers=num_workers,
+                        gpus_per_worker=gpus_per_worker)
+            ray_info["actor_starts"] = len(writer.actors)
     except BaseException:
-        sink.abort()
+        writer.abort()
+        job.write(finished=False)
         raise
-    invalid = int(table.column("embedding_error").drop_null().length()) if table is not None and table.num_rows else 0
-    return PartRecord(relative, str(output.relative_to(out_dir)), "done", rows_in=rows_in, rows_out=rows_out,
-                      rows_invalid=invalid, texts_computed=computed, cache_hits=hits, input_hash=input_hash,
-                      seconds=round(time.perf_counter() - started, 3))
+    return job.finish()
 
 
-def count_rows(part: Path, opts: EmbedOptions) -> int:
-    """Rows of the input part, counted by its reader (the check that no row was lost)."""
-    reader = open_reader(part, fmt=opts.format, chunk_size=opts.chunk_size or 10_000, columns=[opts.text_column],
-                         text_column=opts.text_column, max_line_bytes=opts.max_line_bytes)  # type: ignore[arg-type]
-    if reader.total_rows is not None:
-        return reader.total_rows
-    return sum(chunk.batch.num_rows for chunk in reader.chunks())
+def _run_on_ray(items: list[dict[str, str]], resolved: EmbedOptions, writer: PartsWriter, *, address: str | None,
+                num_workers: int, gpus_per_worker: float) -> None:
+    """Read, embed and hand every row to `writer`, on a cluster (a local one started here, and
+    stopped again, unless one is running or `address` names one)."""
+    import ray
+    from ray.data import ActorPoolStrategy, DataContext
+
+    started_here = not ray.is_initialized()
+    if started_here:  # address="local": a bare init() may join a stale cluster found on this machine
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
+                 configure_logging=False, ignore_reinit_error=True)
+    try:
+        context = DataContext.get_current()
+        context.execution_options.preserve_order = True  # parts arrive one after another: each written as it ends
+        context.enable_progress_bars = False  # hfbatch reports; Ray's bars and banners would interleave
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
+        cpus = float(ray.cluster_resources().get("CPU", 1))
+        embedded = (
+            ray.data.from_items(items, override_num_blocks=len(items))
+            .map_batches(_read_part, fn_kwargs={"options": resolved}, batch_size=1, batch_format="pyarrow",
+                         num_cpus=0.25)
+            .map_batches(EmbedActor, fn_constructor_args=(resolved,), batch_size=None, batch_format="pyarrow",
+                         compute=ActorPoolStrategy(size=num_workers),
+                         num_cpus=min(1.0, max(0.25, (cpus - 0.5) / num_workers)),
+                         **({"num_gpus": gpus_per_worker} if gpus_per_worker else {}),
+                         max_restarts=ACTOR_RETRIES, max_task_retries=ACTOR_RETRIES)
+        )
+        for table in embedded.iter_batches(batch_format="pyarrow", batch_size=None):
+            writer.add(table)
+        writer.finish()
+    except HfbatchError:
+        raise
+    except Exception as exc:  # a task that failed after its retries: Ray wraps the cause
+        cause = getattr(exc, "cause", None) or exc
+        if isinstance(cause, HfbatchError):
+            raise cause from None
+        raise HfbatchError(f"the Ray job failed ({type(cause).__name__}: {cause}); no part it was writing was kept.") from None
+    finally:
+        if started_here:
+            ray.shutdown()
+
+
+__all__ = ["run_embed_ray", "EmbedActor", "PartsWriter", "PartStream"]

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ..backends import make_backend
+from ..engines.parts import part_sidecar_path
 from ..errors import HfbatchError, InputError
 from ..io.readers import open_reader
 from ..options import EmbedOptions, sidecar_path
@@ -32,13 +33,14 @@ class VerifyMismatch(HfbatchError):
 
 def verify_output(output: Path, *, sample: int = 64, seed: int = 0, tolerance: float = 0.999) -> dict[str, Any]:
     output = Path(output)
-    meta_path = sidecar_path(output)
+    meta_path = find_sidecar(output)
     try:
         document = json.loads(meta_path.read_text(encoding="utf-8"))
         prov = document["provenance"]
     except (OSError, ValueError, KeyError) as exc:
         raise InputError(f"{meta_path}: cannot read the sidecar ({exc}); verify needs the <output>.meta.json "
-                         "that hfbatch wrote beside the output.") from None
+                         "that hfbatch wrote beside the output (for a part of a many-part output: under "
+                         "_hfbatch/ in its output directory).") from None
     if prov.get("job") == "generate":
         raise InputError(f"{output}: verify checks embedding outputs; this is a generate output.")
     try:
@@ -79,6 +81,16 @@ def verify_output(output: Path, *, sample: int = 64, seed: int = 0, tolerance: f
                   cosine_min=round(float(cosine.min()), 6), worst_row=rows[worst] + 1,
                   ok=bool((cosine >= tolerance).all()))
     return report
+
+
+def find_sidecar(output: Path) -> Path:
+    """`output`'s sidecar: beside it, or for a part of a many-part output directory `out/`,
+    `out/_hfbatch/<its path in out>.meta.json` (out: the nearest folder above it that has one)."""
+    beside = sidecar_path(output)
+    if beside.is_file():
+        return beside
+    full = output.absolute()
+    return next((s for s in (part_sidecar_path(d, full) for d in full.parents) if s.is_file()), beside)
 
 
 def _texts(table: Any, column: str, prov: dict[str, Any], output: Path) -> list[Any]:
