@@ -26,13 +26,14 @@ from .errors import (
     TooManyErrors,
     TransientBackendError,
 )
-from .jobs.embed import EmbedResult, embed_file, run_embed
+from .jobs.embed import EmbedResult, run_embed
 from .jobs.generate import GenerateResult, run_generate
 from .options import EmbedOptions, GenerateOptions
 from .tools.dry_run import plan_embed as plan
 from .tools.verify import verify_output as verify
 
 generate = run_generate
+embed_file = embed  # the earlier name: the same call as `hfbatch embed`, a file or many parts
 
 __all__ = [
     "__version__",

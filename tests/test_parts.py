@@ -296,3 +296,32 @@ def test_a_quoted_glob_does_not_follow_symlink_loops(tmp_path: Path) -> None:
     assert _expand_with_deadline(str(two / "**")) == [str(two / p) for p in ("a.csv", "linked.csv", "sub/b.csv")]
     assert _expand_with_deadline(str(two / "*" / "*.csv")) == [str(two / "sub" / "b.csv")]  # not back/a.csv
     assert expand_inputs(two)[1] == [two / p for p in ("a.csv", "linked.csv", "sub/b.csv")]  # the same rule
+
+
+@pytest.mark.parametrize("flags, code, message", [
+    (["--backend", "tei"], 2, "--endpoint"),  # a usage error found by the backend
+    (["--model", "no/such-model-here"], 1, "no/such-model-here"),  # a model that cannot be found
+])
+def test_a_usage_error_on_a_rerun_ends_the_job_and_keeps_every_finished_part(tmp_path: Path, flags: list[str],
+                                                                             code: int, message: str) -> None:
+    """It marked every part failed and deleted the outputs of the earlier run (exit 1)."""
+    _dataset(tmp_path / "data")
+    runner = CliRunner()
+    first = runner.invoke(app, ["embed", str(tmp_path / "data"), "-o", str(tmp_path / "out"), "--quiet"])
+    assert first.exit_code == 0, first.output
+    before = {p: p.read_bytes() for p in (tmp_path / "out").rglob("*.parquet")}
+    assert len(before) == 5
+    again = runner.invoke(app, ["embed", str(tmp_path / "data"), "-o", str(tmp_path / "out"), *flags])
+    assert again.exit_code == code, again.output
+    assert message in again.stderr and "failed:" not in again.output
+    assert {p: p.read_bytes() for p in (tmp_path / "out").rglob("*.parquet")} == before
+
+
+def test_the_job_key_names_the_endpoint_without_its_credentials() -> None:
+    from hfbatch.engines.parts import options_key
+
+    def key(endpoint: str) -> str:
+        return options_key(EmbedOptions(input=Path("in.csv"), output=Path("out"), backend="tei", endpoint=endpoint))
+
+    assert key("http://u:pw1@gpu-box:8080") == key("http://u:pw2@gpu-box:8080") == key("http://gpu-box:8080")
+    assert key("http://gpu-box:8080") != key("http://other-box:8080")

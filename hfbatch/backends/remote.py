@@ -129,6 +129,7 @@ class RemoteBackend:
         self.retry = retry
         self.pooling = pooling
         self._protocol = _PROTOCOLS[kind](model, endpoint, normalize)
+        self._protocol.url()  # builds a string, connects nowhere: a missing --endpoint is a usage error now
         self._http = HttpClient(kind, concurrency=concurrency, timeout=timeout, retry=retry, token=token, fixes=_FIXES)
         self._batch_size = api_batch_size
         self._batch_lock = threading.Lock()

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from ..backends import Backend
 from ..errors import InputError
 from ..jobs.embed import EmbedResult, run_embed
 from ..monitoring import Observer
@@ -22,28 +23,32 @@ ENGINES = ("local", "ray")
 
 def embed(options: EmbedOptions, *, engine: str = "local", shard: str | tuple[int, int] | None = None,
           ray_address: str | None = None, num_workers: int = 2, gpus_per_worker: float = 0.0,
-          observer: Observer | None = None, settings: Settings | None = None) -> EmbedResult | PartsResult:
+          backend: Backend | None = None, observer: Observer | None = None,
+          settings: Settings | None = None) -> EmbedResult | PartsResult:
     """Run one embed job with the engine its input and options call for.
 
     One file with the local engine gives an EmbedResult (one Parquet file and its sidecar); a
     directory or glob of parts, or `engine="ray"`, gives a PartsResult (a directory of parts, a
-    sidecar per part under `_hfbatch/`, and a job sidecar). `shard` is "I/N" or (I, N).
+    sidecar per part under `_hfbatch/`, and a job sidecar). `shard` is "I/N" or (I, N). `backend`
+    replaces the one the options name (tests, other programs); the Ray actors make their own.
     Raises InputError (exit 2) before any work for a bad engine or shard.
     """
     if engine not in ENGINES:
         raise InputError(f"--engine {engine!r} is not one of: {', '.join(ENGINES)}.")
     shard_of = parse_shard(shard) if shard is None or isinstance(shard, str) else shard
     if engine == "ray":
+        if backend is not None:
+            raise InputError("the Ray engine's actors make their own backend; a backend object cannot be given.")
         from .ray import run_embed_ray  # Ray is an optional extra: imported only when asked for
 
         return run_embed_ray(options, shard=shard_of, address=ray_address, num_workers=num_workers,
                              gpus_per_worker=gpus_per_worker, settings=settings)
     if is_multi_input(options.input):
-        return run_embed_parts(options, shard=shard_of, observer=observer, settings=settings)
+        return run_embed_parts(options, shard=shard_of, backend=backend, observer=observer, settings=settings)
     if shard_of != (1, 1):
         raise InputError(f"--shard splits a job of many parts; {options.input} is one file. Split it into parts "
                          "(e.g. Parquet row groups written as files) or drop --shard.")
-    return run_embed(options, observer=observer, settings=settings)
+    return run_embed(options, backend=backend, observer=observer, settings=settings)
 
 
 __all__ = ["ENGINES", "embed"]

@@ -43,6 +43,8 @@ from typing import Any, Collection, Sequence
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..backends import Backend, make_backend
+from ..backends.http import public_url
 from ..errors import HfbatchError, InputError
 from ..io.plan import part_outputs, plan_outputs
 from ..io.readers import detect_format
@@ -141,6 +143,8 @@ def shard_of(relative: str, count: int) -> int:
 def options_key(opts: EmbedOptions) -> str:
     values = {name: getattr(opts, name) for name in _KEY_FIELDS}
     values["keep"] = list(values["keep"]) if values["keep"] is not None else None
+    # the endpoint without user:password@: credentials are not identity, and the key is written down
+    values["endpoint"] = public_url(values["endpoint"]) if values["endpoint"] else None
     return hashlib.blake2b(json.dumps(values, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
 
 
@@ -297,6 +301,9 @@ def plan_parts(options: EmbedOptions, *, shard: tuple[int, int], settings: Setti
     if options.metrics_file is not None:
         raise InputError("--metrics-file is written per job for one input file; with many files each part's "
                          "sidecar and the job sidecar carry the metrics. Drop --metrics-file.")
+    if engine == "ray" and (options.max_errors is not None or options.log_file is not None):
+        flag = "--max-errors" if options.max_errors is not None else "--log-file"
+        raise InputError(f"{flag} is not supported by --engine ray yet; drop it, or use the local engine.")
     if Path(options.input).is_file():  # the Ray engine takes one file as a job of one part
         root, parts = Path(options.input).parent, [Path(options.input)]
     else:
@@ -371,7 +378,7 @@ def remove_stale_outputs(out_dir: Path, earlier: dict[str, Any], planned: Collec
     return removed
 
 
-def run_embed_parts(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1),
+def run_embed_parts(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1), backend: Backend | None = None,
                     observer: Observer | None = None, settings: Settings | None = None) -> PartsResult:
     """Embed every part of `options.input` (a directory or glob) owned by `shard` into the
     directory `options.output`. A part with bad data is marked failed and the others go on (the
@@ -379,17 +386,23 @@ def run_embed_parts(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1),
     which parts are done."""
     settings = settings or Settings.load()
     job = plan_parts(options, shard=shard, settings=settings, engine="local")
+    # the backend is made and asked for its identity now: a usage error (no --endpoint, no such
+    # model) ends the job here, before any part could be marked failed and lose its output. Each
+    # part still makes its own (the model itself is loaded once per process), so that each part's
+    # sidecar describes what that part did.
+    (backend or make_backend(job.resolved)).fingerprint()
     shared = _OneBar(observer) if observer is not None else None
     try:
         for part in job.mine:
             if not job.resume(part):
-                _embed_part(job, part, shared, settings)
-    except BaseException:
+                _embed_part(job, part, backend, shared, settings)
+    except BaseException as exc:
         job.write(finished=False)
-        raise
-    finally:
         if shared is not None:
-            shared.close()
+            shared.job_failed(exc)
+        raise
+    if shared is not None:
+        shared.close()
     return job.finish()
 
 
@@ -411,11 +424,19 @@ class _OneBar(NullObserver):
         if self.started:
             self.inner.done({})
 
+    def job_failed(self, error: BaseException) -> None:
+        """The job itself failed. (A part's own failure reaches `failed`, a no-op: the job records
+        it and the other parts go on.)"""
+        if self.started:
+            self.inner.failed(error)
+            self.started = False
 
-def _embed_part(job: PartsJob, part: Path, observer: Observer | None, settings: Settings) -> None:
+
+def _embed_part(job: PartsJob, part: Path, backend: Backend | None, observer: Observer | None,
+                settings: Settings) -> None:
     started = time.perf_counter()
     try:
-        result = run_embed(job.part_options(part), observer=observer, settings=settings)
+        result = run_embed(job.part_options(part), backend=backend, observer=observer, settings=settings)
     except InputError as exc:  # this file's data or columns: the other parts go on
         job.failed(part, str(exc), started)
         return

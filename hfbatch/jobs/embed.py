@@ -32,12 +32,6 @@ class EmbedResult(JobResult):
     """What a finished embed job produced: the output paths and the sidecar document."""
 
 
-def embed_file(options: EmbedOptions, *, backend: Backend | None = None, observer: Observer | None = None,
-               settings: Settings | None = None) -> EmbedResult:
-    """The library entry point: same job, same results as `hfbatch embed`."""
-    return run_embed(options, backend=backend, observer=observer, settings=settings)
-
-
 def run_embed(options: EmbedOptions, *, backend: Backend | None = None, observer: Observer | None = None,
               settings: Settings | None = None) -> EmbedResult:
     """Run one embed job with `backend` (default: the one the options name, made lazily).
