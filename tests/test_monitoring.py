@@ -75,7 +75,7 @@ def test_a_directory_as_metrics_or_log_file_is_refused_before_work(tmp_path: Pat
     src = write_csv(tmp_path / "in.csv", rows_for(["a"]))
     (tmp_path / "d").mkdir()
     for kwargs in ({"metrics_file": tmp_path / "d"}, {"log_file": tmp_path / "d"}):
-        with pytest.raises(InputError, match="is a directory or not writable"):
+        with pytest.raises(InputError, match="is a directory; give --(metrics|log)-file a file's path"):
             embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", **kwargs))
     assert not (tmp_path / "o.parquet").exists() and not (tmp_path / "cache").exists()
 

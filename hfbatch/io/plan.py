@@ -352,9 +352,8 @@ class JobFiles:
 
 
 def check_output_path(input: Path, output: Path) -> None:
-    """The output is a .parquet file that is not the input."""
-    if input.resolve() == output.resolve():
-        raise InputError(f"-o {output} is the input file; choose another output path.")
+    """The output is named as a Parquet file (checked with the options, before any file is read).
+    Whether it is the input, another output or a device is the plan's question (`plan_outputs`)."""
     if output.suffix.lower() not in (".parquet", ".pq"):
         raise InputError(f"-o {output}: the output is Parquet; give it a .parquet name.")
 
@@ -373,12 +372,6 @@ def open_job_files(
 ) -> JobFiles:
     """Plan `-o` and `extra_outputs` (role, path) against the input (`plan_outputs`, paths first so
     a bad path costs no read), open the input, check its columns, and prove every output writable."""
-    check_output_path(input, output)
-    if output.is_dir():
-        raise InputError(f"-o {output} is a directory; give the output file's path, e.g. {output / 'out.parquet'}.")
-    for flag, path in extra_outputs:
-        if path is not None and (path.is_dir() or (path.exists() and not os.access(path, os.W_OK))):
-            raise InputError(f"{flag} {path}: is a directory or not writable; choose another path.")
     plan = plan_outputs([input], [("-o", output), *extra_outputs], appends=("--log-file",))
     columns = None if keep is None else list(dict.fromkeys([*keep, text_column]))
     reader = open_reader(input, fmt=fmt, chunk_size=chunk_size, columns=columns, text_column=text_column,
