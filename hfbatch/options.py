@@ -15,6 +15,7 @@ from .errors import InputError
 from .io.plan import check_output_path
 from .settings import Settings, parse_byte_size
 from .validate import ON_INVALID
+from .vectors import CALIBRATED, OUTPUT_PRECISIONS
 
 _Opts = TypeVar("_Opts", bound="JobOptions")
 GENERATE_BACKENDS = ("local", "api", "hf-api")
@@ -115,10 +116,41 @@ class EmbedOptions(JobOptions):
     fallback: str = "hf-api"
     api_batch_size: int = 32
     remote_pooling: str | None = None
+    # what is embedded and what is written (README "Long texts, prompts, smaller vectors")
+    split: str | None = None  # "tokens:N": embed every window of N tokens instead of truncating
+    overlap: int | None = None  # tokens consecutive windows share; None: N // 8
+    aggregate: str | None = None  # "mean": one row per input row, the (renormalised) mean of its windows
+    prompt: str | None = None  # prepended to every text; None: the model's default prompt, if it names one
+    prompt_name: str | None = None  # a prompt from the model's config_sentence_transformers.json
+    truncate_dim: int | None = None  # Matryoshka: the first D dimensions (renormalised with --normalize)
+    output_precision: str = "float32"
+    calibration: Path | None = None  # int8/uint8 ranges: an earlier run's sidecar, or a file of texts
+    calibration_size: int = 1000  # vectors the int8/uint8 ranges are taken from
+    # int8/uint8 ranges once known, and where they came from: a many-part job settles them once and
+    # every part carries them (set by the engines, not by users)
+    ranges: Sequence[Sequence[float]] | None = None
+    calibration_record: dict[str, Any] | None = None
 
     @property
     def input_column(self) -> str:
         return self.text_column or "text"
+
+    @property
+    def split_tokens(self) -> int | None:
+        """N of --split tokens:N (None: texts are not split)."""
+        if self.split is None:
+            return None
+        kind, _, size = str(self.split).partition(":")
+        if kind != "tokens" or not size.isdigit() or int(size) < 2:
+            raise InputError(f"--split {self.split!r} is not tokens:N with N >= 2 (e.g. --split tokens:256).")
+        return int(size)
+
+    @property
+    def window_overlap(self) -> int:
+        """Tokens consecutive windows share: --overlap, else N // 8."""
+        if self.overlap is not None:
+            return self.overlap
+        return (self.split_tokens or 0) // 8
 
     def _filled(self, settings: Settings) -> dict[str, Any]:
         return dict(
@@ -136,6 +168,31 @@ class EmbedOptions(JobOptions):
             raise InputError(f"--max-batch-tokens must be at least 1 (got {self.max_batch_tokens}).")
         if self.max_length is not None and self.max_length < 2:
             raise InputError(f"--max-length must be at least 2 tokens (got {self.max_length}).")
+        self._check_shaping()
+
+    def _check_shaping(self) -> None:
+        """--split, --aggregate, prompts, --truncate-dim and --output-precision: what can be judged without the model."""
+        size = self.split_tokens
+        if size is None and (self.overlap is not None or self.aggregate is not None):
+            raise InputError(f"{'--overlap' if self.overlap is not None else '--aggregate'} needs --split tokens:N.")
+        if self.overlap is not None and not 0 <= self.overlap < (size or 0):
+            raise InputError(f"--overlap must be 0 or more and less than the window ({size} tokens); got {self.overlap}.")
+        if self.aggregate is not None and self.aggregate != "mean":
+            raise InputError(f"--aggregate {self.aggregate!r} is not supported; the one aggregate is mean.")
+        if self.prompt is not None and self.prompt_name is not None:
+            raise InputError("give --prompt TEXT or --prompt-name NAME, not both.")
+        if self.truncate_dim is not None and self.truncate_dim < 1:
+            raise InputError(f"--truncate-dim must be at least 1 (got {self.truncate_dim}).")
+        if self.output_precision not in OUTPUT_PRECISIONS:
+            raise InputError(f"--output-precision {self.output_precision!r} is not one of: {', '.join(OUTPUT_PRECISIONS)}.")
+        if self.calibration is not None and self.output_precision not in CALIBRATED:
+            raise InputError(f"--calibration sets the ranges of --output-precision {' or '.join(CALIBRATED)}; "
+                             f"--output-precision {self.output_precision} has none.")
+        if self.calibration_size < 1:
+            raise InputError(f"--calibration-size must be at least 1 (got {self.calibration_size}).")
+        if self.calibration is not None and not Path(self.calibration).is_file():
+            raise InputError(f"--calibration {self.calibration}: no such file (give an earlier run's .meta.json, "
+                             "or a CSV/JSONL/Parquet file of texts).")
 
 
 @dataclass(frozen=True)

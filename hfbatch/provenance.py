@@ -39,8 +39,8 @@ _METRIC_NAMES: dict[str, dict[str, str]] = {
     "embed": {"rows_done": "rows_embedded"},
     "generate": {"rows_done": "rows_generated", "texts_computed": "prompts_computed", "tokens_computed": "tokens_generated"},
 }
-_COUNTERS = ("rows_total", "rows_written", "rows_done", "rows_invalid", "rows_skipped", "rows_truncated", "texts_unique",
-             "texts_computed", "tokens_computed", "chunks", "batches")
+_COUNTERS = ("rows_total", "rows_written", "rows_done", "rows_invalid", "rows_skipped", "rows_truncated", "rows_added",
+             "windows", "texts_unique", "texts_computed", "tokens_computed", "chunks", "batches")
 _CACHE_COUNTERS = ("cache_hits", "cache_misses", "cache_stores", "cache_rejected")
 
 
@@ -64,6 +64,8 @@ class Metrics:
     rows_invalid: int = 0
     rows_skipped: int = 0
     rows_truncated: int = 0
+    rows_added: int = 0  # --split: output rows beyond one per input row (an input row's 2nd, 3rd... window)
+    windows: int = 0  # --split: windows the valid rows were cut into
     texts_unique: int = 0
     texts_computed: int = 0
     tokens_computed: int = 0

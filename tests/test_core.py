@@ -149,6 +149,17 @@ class _UpperTask:
     def provenance(self) -> dict:
         return {}
 
+    split_mode = None  # the core's --split path is tested with the real model in test_long_texts.py
+
+    def split(self, texts):
+        raise AssertionError("not a splitting task")
+
+    def combine(self, values, tokens):
+        raise AssertionError("not a splitting task")
+
+    def calibrate(self, sample) -> None:
+        return None
+
 
 class _Rows(NullObserver):
     def __init__(self) -> None:

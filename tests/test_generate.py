@@ -199,7 +199,8 @@ def test_embed_and_generate_sidecars_are_one_document(tmp_path: Path, tiny_lm: P
                                              params=GenerationParams(max_new_tokens=3))).document
     e, g = embedded["provenance"], generated["provenance"]
     shared = set(e) & set(g)
-    assert set(e) - shared == {"fallback", "dim", "normalize", "max_length", "text_column"}
+    assert set(e) - shared == {"fallback", "dim", "normalize", "max_length", "text_column", "prompt", "prompt_name", "split",
+                               "vectors"}
     assert set(g) - shared == {"prompt_column", "params", "cached"}
     assert {"tool_version", "command", "model_id", "fingerprint", "backend", "backends", "device", "input", "output",
             "started", "finished", "libraries", "engine", "job"} <= shared

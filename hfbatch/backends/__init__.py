@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from .generation import Prepared
     from .local import LocalBackend
     from .remote import RemoteBackend
+    from .windows import Windows
 
 
 @runtime_checkable
@@ -76,8 +77,18 @@ class Backend(Protocol):
         """The dimension, loading the model or asking the server if it must."""
         ...
 
+    @property
+    def prompt(self) -> str | None:
+        """The text put before every text (--prompt, --prompt-name or the model's default); None: none.
+        Part of the fingerprint; counted in token_counts and split."""
+        ...
+
     def token_counts(self, texts: Sequence[str]) -> list[int]:
-        """Tokens per text by the model's own tokenizer, special tokens included, untruncated."""
+        """Tokens per text by the model's own tokenizer, special tokens and prompt included, untruncated."""
+        ...
+
+    def split(self, texts: Sequence[str], size: int, overlap: int) -> list["Windows"]:
+        """Each text's windows of at most `size` tokens as the model reads them, `overlap` shared."""
         ...
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
@@ -159,7 +170,8 @@ def _local(opts: "EmbedOptions") -> "LocalBackend":
 
     return LocalBackend(opts.model or "", device=opts.device or "auto", normalize=opts.normalize,
                         max_length=opts.max_length, precision=opts.precision, runtime=opts.runtime,
-                        quantize=opts.quantize, trust_remote_code=opts.trust_remote_code)
+                        quantize=opts.quantize, trust_remote_code=opts.trust_remote_code,
+                        prompt=opts.prompt, prompt_name=opts.prompt_name)
 
 
 def _remote(opts: "EmbedOptions", kind: str) -> "RemoteBackend":
@@ -176,6 +188,8 @@ def _remote(opts: "EmbedOptions", kind: str) -> "RemoteBackend":
         retry=RetryPolicy(attempts=opts.api_retries, ceiling_seconds=opts.api_retry_ceiling),
         pooling=opts.remote_pooling,
         tokenizer=opts.tokenizer,
+        prompt=opts.prompt,
+        prompt_name=opts.prompt_name,
     )
 
 

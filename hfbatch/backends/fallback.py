@@ -34,6 +34,7 @@ from ..errors import BackendError, RemoteError
 from ..vectors import cosine_rows
 from .local import LocalBackend
 from .remote import RemoteBackend
+from .windows import Windows
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +165,15 @@ class FallbackBackend:
     def max_length(self) -> int:
         return self._side().max_length
 
+    @property
+    def prompt(self) -> str | None:
+        return self._side().prompt
+
     def token_counts(self, texts: Sequence[str]) -> list[int]:
         return self._side().token_counts(texts)
+
+    def split(self, texts: Sequence[str], size: int, overlap: int) -> list[Windows]:
+        return self._side().split(texts, size, overlap)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         self._start()

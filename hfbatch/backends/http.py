@@ -63,6 +63,15 @@ class PayloadTooLarge(Exception):
     """413: fewer inputs per request will do."""
 
 
+class RejectedRequest(TerminalBackendError):
+    """A 4xx the server meant (not 413): `status` and the server's own message, for a caller that
+    can ask differently (TEI told a prompt name it does not know)."""
+
+    def __init__(self, message: str, status: int, server_message: str):
+        super().__init__(message)
+        self.status, self.server_message = status, server_message
+
+
 class RetryableHTTPError(TransientBackendError):
     """One failed try (transient by its class): why (`cause`, for the retry counts) and how long
     the server asked to wait."""
@@ -259,7 +268,8 @@ class HttpClient:
                                      _server_wait(response))
         if status >= 400:
             fix = self.fixes.get(status, "check the endpoint and model")
-            raise TerminalBackendError(f"{self.name}: {shown} answered {status} {self._server_message(response)}; {fix}.")
+            said = self._server_message(response)
+            raise RejectedRequest(f"{self.name}: {shown} answered {status} {said}; {fix}.", status, said)
         try:
             return response.json()
         except ValueError:

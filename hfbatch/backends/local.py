@@ -26,6 +26,7 @@ from ..errors import BackendError, InputError, ModelLoadError
 from ..resources import check_model_memory, resolve_device, resolve_precision
 from ..settings import DEFAULT_MODEL
 from ..vectors import cosine_rows, l2_normalize
+from .windows import Windows, fit_windows
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class LocalBackend:
 
     def __init__(self, model: str, *, device: str = "auto", normalize: bool = True, max_length: int | None = None,
                  precision: str = "fp32", runtime: str = "torch", quantize: str | None = None,
-                 trust_remote_code: bool = False):
+                 trust_remote_code: bool = False, prompt: str | None = None, prompt_name: str | None = None):
         if not _DEVICE_RE.match(device):
             raise InputError(f"--device {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps.")
         if precision not in PRECISIONS:
@@ -91,6 +92,10 @@ class LocalBackend:
         self.load_seconds = 0.0
         self.estimated_bytes: int | None = None
         self.fidelity: dict[str, float] | None = None
+        self._requested_prompt, self._requested_prompt_name = prompt, prompt_name
+        self._prompt: str | None = None
+        self.prompt_name: str | None = None  # the name the prompt came by (--prompt-name or the model's default)
+        self._include_prompt = True  # the model's pooling averages over the prompt's tokens too
 
     # --- resolution (cheap: files only) -------------------------------------------------------
 
@@ -117,6 +122,19 @@ class LocalBackend:
             )
         self._max_length = int(wanted)
         self._dim = _dimension_from_files(root, config)
+        self._prompt, self.prompt_name = resolve_prompt(self.model_id, read_json(root / "config_sentence_transformers.json"),
+                                                        self._requested_prompt, self._requested_prompt_name)
+        pooling = next(iter(sorted(root.glob("*Pooling*/config.json"))), None)
+        self._include_prompt = bool(read_json(pooling).get("include_prompt", True)) if pooling else True
+        if self._prompt and not self._include_prompt and self.runtime == "onnx":
+            raise InputError(f"{self.model_id} pools without its prompt's tokens, which --runtime onnx cannot do; "
+                             "use --runtime torch with a prompt.")
+
+    @property
+    def prompt(self) -> str | None:
+        """The text put before every text: --prompt, --prompt-name's, or the model's default (None: none)."""
+        _ = self.model_dir
+        return self._prompt
 
     @property
     def max_length(self) -> int:
@@ -143,6 +161,8 @@ class LocalBackend:
                 h.update(cfg.read_bytes())
             h.update(f"normalize={self.normalize};max_length={self.max_length};precision={self.precision};"
                      f"runtime={self.runtime};quantize={self._quantize_recipe()}".encode())
+            if self.prompt:  # a prompt makes other vectors of the same text (none: the namespace of old)
+                h.update(f";prompt={json.dumps(self.prompt)}".encode())
             self._fingerprint = f"local:{h.hexdigest()}"
         return self._fingerprint
 
@@ -167,7 +187,7 @@ class LocalBackend:
 
     # --- tokenizer (cheap) --------------------------------------------------------------------
 
-    def token_counts(self, texts: Sequence[str]) -> list[int]:
+    def _load_tokenizer(self) -> Any:
         if self._tokenizer is None:
             from transformers import AutoTokenizer
 
@@ -175,9 +195,17 @@ class LocalBackend:
                 self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), trust_remote_code=self.trust_remote_code)
             except Exception as exc:
                 raise ModelLoadError(f"cannot load the tokenizer of {self.model_id} from {self.model_dir} ({exc}).") from exc
-        # The same preparation sentence-transformers applies before tokenizing.
-        prepared = [t.strip().lower() if self._lower else t.strip() for t in texts]
-        encoded = self._tokenizer(
+        return self._tokenizer
+
+    def token_counts(self, texts: Sequence[str]) -> list[int]:
+        tokenizer = self._load_tokenizer()
+        # The same preparation sentence-transformers applies before tokenizing: the prompt put
+        # before the text, then stripped (and lowercased where the model says so).
+        prompt = self.prompt or ""
+        prepared = [(prompt + t).strip() for t in texts]
+        if self._lower:
+            prepared = [t.lower() for t in prepared]
+        encoded = tokenizer(
             prepared,
             add_special_tokens=True,
             truncation=False,
@@ -186,6 +214,23 @@ class LocalBackend:
             return_token_type_ids=False,
         )
         return [len(ids) for ids in encoded["input_ids"]]
+
+    def split(self, texts: Sequence[str], size: int, overlap: int) -> list[Windows]:
+        """Windows of at most `size` tokens as the model reads them (specials and prompt included),
+        `overlap` tokens shared, cut by this model's tokenizer (see windows.py)."""
+        if size > self.max_length:
+            raise InputError(f"--split tokens:{size} is more than {self.model_id} reads ({self.max_length} tokens); "
+                             f"use --split tokens:{self.max_length} or less.")
+        tokenizer = self._load_tokenizer()
+        if not getattr(tokenizer, "is_fast", False):
+            raise InputError(f"--split needs a fast tokenizer (with offsets); {self.model_id}'s is not one.")
+        # offsets index the text as given; lowercasing is kept only where it keeps every length
+        seen = [t.lower() if self._lower and len(t.lower()) == len(t) else t for t in texts]
+        encoded = tokenizer(seen, add_special_tokens=False, truncation=False, verbose=False, return_offsets_mapping=True,
+                            return_attention_mask=False, return_token_type_ids=False)
+        offsets = [[(int(a), int(b)) for a, b in o] for o in encoded["offset_mapping"]]
+        overhead = self.token_counts([""])[0]  # specials and the prompt: what any text costs beside its own tokens
+        return fit_windows(list(texts), offsets, size=size, overlap=overlap, overhead=overhead, count=self.token_counts)
 
     # --- model (expensive, lazy) --------------------------------------------------------------
 
@@ -237,6 +282,7 @@ class LocalBackend:
                 convert_to_numpy=True,
                 normalize_embeddings=self._normalize_in_encode,
                 show_progress_bar=False,
+                prompt=self.prompt or None,
             )
         return np.asarray(vectors, dtype=np.float32)
 
@@ -278,8 +324,8 @@ class LocalBackend:
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         model = self._load_model()
         try:
-            if self._onnx is not None:
-                vectors = self._onnx.encode(texts, self.max_length)
+            if self._onnx is not None:  # the prompt is text before the text (pooling over all of it: checked at load)
+                vectors = self._onnx.encode([(self.prompt or "") + t for t in texts], self.max_length)
                 if self._normalize_in_encode:
                     vectors = l2_normalize(vectors)
             else:
@@ -306,6 +352,8 @@ class LocalBackend:
                 trust_remote_code=self.trust_remote_code,
                 quantize=self._quantize_recipe(),
                 onnx_fidelity=self.onnx_fidelity,
+                prompt=self.prompt,
+                prompt_name=self.prompt_name,
             )
         info["device"] = self._device or "not loaded (every vector came from the cache)"
         info["model_loaded"] = self._model is not None
@@ -313,6 +361,26 @@ class LocalBackend:
         info["estimated_memory_mb"] = round(self.estimated_bytes / 2**20, 1) if self.estimated_bytes else None
         info["load_seconds"] = round(self.load_seconds, 3)
         return info
+
+
+def resolve_prompt(model_id: str, config: dict[str, Any], prompt: str | None, name: str | None) -> tuple[str | None, str | None]:
+    """(prompt text, the name it came by), as sentence-transformers chooses: --prompt as given
+    ("" for none), else --prompt-name from the model's `prompts`, else its `default_prompt_name`."""
+    prompts = config.get("prompts") or {}
+    if not isinstance(prompts, dict):
+        prompts = {}
+    if prompt is not None:
+        return prompt or None, None
+    if name is not None:
+        if name not in prompts:
+            known = ", ".join(sorted(prompts)) or "none (config_sentence_transformers.json has no prompts)"
+            raise InputError(f"--prompt-name {name!r} is not a prompt of {model_id}; its prompts are: {known}. "
+                             "Use one of them, or --prompt TEXT.")
+        return str(prompts[name]) or None, name
+    default = config.get("default_prompt_name")
+    if default and default in prompts:
+        return str(prompts[default]) or None, default
+    return None, None
 
 
 def _first_line(exc: BaseException) -> str:

@@ -11,6 +11,7 @@ and error rules are HttpClient's, shared with remote generation):
 
 from __future__ import annotations
 
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Sequence
@@ -21,7 +22,8 @@ import requests
 
 from ..errors import InputError, ModelLoadError, RemoteError, TerminalBackendError
 from ..vectors import l2_normalize
-from .http import HttpClient, PayloadTooLarge, RetryPolicy, hf_router, public_url, resolve_token, short_json
+from .http import HttpClient, PayloadTooLarge, RejectedRequest, RetryPolicy, hf_router, public_url, resolve_token, short_json
+from .windows import Windows
 
 REMOTE_KINDS = ("hf-api", "tei", "openai")
 _FIXES = {422: "the server could not process the inputs; check --model supports feature-extraction"}
@@ -38,9 +40,12 @@ class _Protocol:
     def url(self) -> str:
         raise NotImplementedError
 
-    def body(self, texts: Sequence[str]) -> dict[str, Any]:
+    def body(self, texts: Sequence[str], prompt_name: str | None = None) -> dict[str, Any]:
         # TEI and the HF Inference API take parameters at the top level, beside "inputs".
-        return {"inputs": list(texts), "normalize": self.normalize, "truncate": True, "truncation_direction": "Right"}
+        body = {"inputs": list(texts), "normalize": self.normalize, "truncate": True, "truncation_direction": "Right"}
+        if prompt_name is not None:  # the server puts its prompt of that name before each text
+            body["prompt_name"] = prompt_name
+        return body
 
     def vectors(self, payload: Any, n: int) -> Any:
         return payload
@@ -73,7 +78,7 @@ class OpenAIProtocol(_Protocol):
         base = self.endpoint.rstrip("/")
         return base if base.endswith("/embeddings") else base + "/embeddings"
 
-    def body(self, texts: Sequence[str]) -> dict[str, Any]:
+    def body(self, texts: Sequence[str], prompt_name: str | None = None) -> dict[str, Any]:
         return {"input": list(texts), "model": self.model, "encoding_format": "float"}
 
     def vectors(self, payload: Any, n: int) -> Any:
@@ -111,6 +116,8 @@ class RemoteBackend:
         retry: RetryPolicy = RetryPolicy(),
         pooling: str | None = None,
         tokenizer: str | None = None,
+        prompt: str | None = None,
+        prompt_name: str | None = None,
     ):
         if kind not in _PROTOCOLS:
             raise InputError(f"--backend {kind!r} is not a remote backend; use one of: {', '.join(REMOTE_KINDS)}.")
@@ -135,6 +142,9 @@ class RemoteBackend:
         self._batch_lock = threading.Lock()
         self._dim: int | None = None
         self._tokenizer_source = tokenizer or model
+        self._prompt_args = (prompt, prompt_name)
+        # TEI is sent the prompt's name when it came by one, until the server says it does not know it
+        self.prompt_sent_as: str | None = None  # "name" | "text", once a prompt was sent
         self._tokens: Any = None  # a LocalBackend used for its tokenizer only
         self.load_seconds = 0.0
         self._revision: str | None = None
@@ -161,7 +171,19 @@ class RemoteBackend:
         A server redeployed with another revision of the same model behind the same URL shares
         the namespace; the sidecar of each run records the revision it was served."""
         where = public_url(self.endpoint or hf_router())  # credentials are not identity
-        return f"{self.name}:{self.model_id}:{where};normalize={self.normalize};pooling={self.pooling or 'server'}"
+        given, name = self._prompt_args  # as configured: naming the prompt needs no file (none: the namespace of old)
+        prompt = f";prompt={json.dumps(given)}" if given else f";prompt_name={json.dumps(name)}" if name else ""
+        return f"{self.name}:{self.model_id}:{where};normalize={self.normalize};pooling={self.pooling or 'server'}{prompt}"
+
+    @property
+    def prompt(self) -> str | None:
+        """The prompt text: --prompt as given, or --prompt-name's from the model's
+        config_sentence_transformers.json (found with its tokenizer's files, as locally). A model's
+        default prompt is the server's to apply, not put before the text here as well."""
+        prompt, name = self._prompt_args
+        if prompt is not None:
+            return prompt or None
+        return self._token_backend().prompt if name is not None else None
 
     def known_dimension(self) -> int | None:
         """The dimension of the vectors already received (None before the first `embed`)."""
@@ -181,11 +203,18 @@ class RemoteBackend:
         """Counted by the model's own tokenizer (hub, cache or --tokenizer), as for the local backend."""
         return self._token_backend().token_counts(texts)
 
+    def split(self, texts: Sequence[str], size: int, overlap: int) -> list[Windows]:
+        """Windows cut by the model's own tokenizer, as for the local backend."""
+        return self._token_backend().split(texts, size, overlap)
+
     def _token_backend(self) -> Any:
         if self._tokens is None:
             from .local import LocalBackend
 
-            self._tokens = LocalBackend(self._tokenizer_source)
+            prompt, name = self._prompt_args
+            # counts include the prompt this backend sends, and no default prompt it does not
+            self._tokens = LocalBackend(self._tokenizer_source, prompt="" if prompt is None and name is None else prompt,
+                                        prompt_name=name)
             try:
                 _ = self._tokens.model_dir
             except ModelLoadError as exc:
@@ -232,6 +261,9 @@ class RemoteBackend:
             "dim": self._dim,
             "normalize": self.normalize,
             "pooling": self.pooling or "server",
+            "prompt": self.prompt,
+            "prompt_name": self._tokens.prompt_name if self._tokens is not None else self._prompt_args[1],
+            "prompt_sent_as": self.prompt_sent_as,
             "api_batch_size": self._batch_size,
             "api_concurrency": self.concurrency,
             **self._http.summary(),
@@ -264,10 +296,29 @@ class RemoteBackend:
             raise RemoteError(f"{self.name} returned {out.shape[0]} vectors for {len(texts)} texts; nothing was written.")
         return out
 
+    def _request(self, url: str, texts: list[str]) -> Any:
+        """One POST of `texts` with the prompt: TEI by its name while the server knows it (else,
+        and for the other kinds, the text put before each text)."""
+        prompt = self.prompt
+        if not prompt:
+            return self._http.post_json(url, self._protocol.body(texts))
+        name = self._token_backend().prompt_name if self.name == "tei" and self.prompt_sent_as != "text" else None
+        if name is not None:
+            try:
+                payload = self._http.post_json(url, self._protocol.body(texts, prompt_name=name))
+                self.prompt_sent_as = "name"
+                return payload
+            except RejectedRequest as exc:
+                if exc.status not in (400, 422) or "prompt" not in exc.server_message.lower():
+                    raise
+                self.prompt_sent_as = "text"  # this server has no prompt of that name: send the text
+        self.prompt_sent_as = "text"
+        return self._http.post_json(url, self._protocol.body([prompt + t for t in texts]))
+
     def _embed_part(self, texts: list[str]) -> np.ndarray:
         try:
             url = self._protocol.url()
-            payload = self._http.post_json(url, self._protocol.body(texts))
+            payload = self._request(url, texts)
         except PayloadTooLarge:
             if len(texts) == 1:
                 raise TerminalBackendError(

@@ -28,12 +28,17 @@ METADATA_KEY = "hfbatch"
 _TMP_SUFFIX = ".hfbatch-tmp"
 
 
-def output_schema(passthrough: pa.Schema, dim: int) -> pa.Schema:
-    """Input columns, then the four columns hfbatch adds (see DESIGN.md, 'Output')."""
+VECTOR_TYPES = {"float32": pa.float32(), "float16": pa.float16(), "int8": pa.int8(), "uint8": pa.uint8(),
+                "binary": pa.int8(), "ubinary": pa.uint8()}  # --output-precision -> the embedding's value type
+
+
+def output_schema(passthrough: pa.Schema, width: int, precision: str = "float32") -> pa.Schema:
+    """Input columns, then the four columns hfbatch adds (see DESIGN.md, 'Output'): `embedding` is a
+    fixed-size list of `width` values of the precision's type (binary: 8 dimensions a byte)."""
     return pa.schema(
         list(passthrough)
         + [
-            pa.field("embedding", pa.list_(pa.float32(), dim)),
+            pa.field("embedding", pa.list_(VECTOR_TYPES[precision], width)),
             pa.field("n_tokens", pa.int32()),
             pa.field("truncated", pa.bool_()),
             pa.field("embedding_error", pa.string()),

@@ -28,14 +28,15 @@ import numpy as np
 import pyarrow as pa
 
 from ..cache import EmbeddingCache, NullCache, open_cache
-from ..errors import OutputError, TooManyErrors
+from ..errors import InputError, OutputError, TooManyErrors
 from ..io.plan import JobFiles, open_job_files
-from ..io.readers import Reader, spooled_input
+from ..io.readers import Reader, open_reader, spooled_input
 from ..io.writers import ParquetSink
 from ..monitoring import NullObserver, Observer, watch
 from ..options import JobOptions
 from ..provenance import InputFacts, Metrics, OutputFacts, build_document, utc_now
 from ..settings import Settings
+from ..backends.windows import Window, Windows
 from ..validate import ValidatedChunk, validate_chunk
 
 Cache = EmbeddingCache | NullCache
@@ -100,6 +101,55 @@ class Task(Protocol):
         """What only this job records in the sidecar's provenance."""
         ...
 
+    # long texts (--split): None, "rows" (one output row per window) or "mean" (one per input row)
+    split_mode: str | None
+
+    def split(self, texts: Sequence[str]) -> list[Windows]:
+        """Each text's windows (only called when `split_mode` is set)."""
+        ...
+
+    def combine(self, values: Sequence[Any], tokens: int) -> Any:
+        """One value for an input row from its windows' values (`split_mode` "mean"); `tokens`: the whole text's."""
+        ...
+
+    def calibrate(self, sample: "Sampler") -> None:
+        """Before the first chunk: settle what must be fixed for the whole job from its first results
+        (embed: the int8/uint8 ranges). `sample(k, path=None)` gives the first k result values."""
+        ...
+
+
+Sampler = Callable[..., list[Any]]  # (k, path: Path | None = None) -> the first k result values
+
+
+def window_fields(mode: str | None) -> list[pa.Field]:
+    """The columns --split adds after the input's: per window, or per input row with --aggregate."""
+    if mode == "rows":
+        return [pa.field("parent_row", pa.int64()), pa.field("chunk_index", pa.int32()), pa.field("n_chunks", pa.int32()),
+                pa.field("char_start", pa.int64()), pa.field("char_end", pa.int64())]
+    if mode == "mean":
+        return [pa.field("n_chunks", pa.int32())]
+    return []
+
+
+@dataclass
+class _Units:
+    """What a chunk's values are computed for: its input rows, or with --split one unit per window
+    (an invalid row stays one unit). `parents[j]`: the chunk row unit j belongs to."""
+
+    texts: list[str | None]
+    parents: np.ndarray
+    errors: list[str | None]
+    spans: list[tuple[int, Window] | None] | None = None  # per unit: (index, window), None for an invalid row
+    windows: dict[int, Windows] | None = None  # chunk row -> its windows
+
+    @property
+    def weights(self) -> np.ndarray:
+        """Share of an input row each unit is (1/n for n windows), for the progress bar."""
+        if self.windows is None:
+            return np.ones(len(self.texts))
+        return np.array([1.0 / len(self.windows[int(p)].spans) if t is not None else 1.0
+                         for t, p in zip(self.texts, self.parents)])
+
 
 @dataclass
 class JobResult:
@@ -120,36 +170,84 @@ class ChunkProcessor:
     rows assembled. Counts into `metrics`, reports progress to `observer`."""
 
     def __init__(self, task: Task, cache: Cache, metrics: Metrics, observer: Observer | None = None, *,
-                 passthrough: pa.Schema, on_invalid: str):
+                 passthrough: pa.Schema, on_invalid: str, text_column: str = "text"):
         self.task, self.cache, self.metrics = task, cache, metrics
+        self.text_column = text_column  # where a window's own text goes (--split)
         self.observer = observer or NullObserver()
         self.passthrough, self.on_invalid = passthrough, on_invalid
+        self._progress = 0.0  # rows done but not yet reported (windows are fractions of a row)
+
+    def schema(self) -> pa.Schema:
+        """The output schema: the passed-through columns, the window columns, the task's."""
+        return self.task.schema(pa.schema(list(self.passthrough) + window_fields(self.task.split_mode)))
 
     def process(self, v: ValidatedChunk) -> pa.RecordBatch:
+        return self.process_rows(v)[0]
+
+    def process_rows(self, v: ValidatedChunk) -> tuple[pa.RecordBatch, np.ndarray]:
+        """The chunk's output rows, and for each the chunk row it came from (with --split many
+        output rows come from one input row)."""
         before = replace(self.cache.stats)
         try:
-            return self._process(v)
+            units, row_to_unique, ordered = self._values(v)
+            return self._assemble(v, units, row_to_unique, ordered)
         finally:
             self.metrics.add_cache(before, self.cache.stats)
 
-    def _process(self, v: ValidatedChunk) -> pa.RecordBatch:
+    def values(self, v: ValidatedChunk) -> list[Any]:
+        """The result value of each valid output row of the chunk, in order (what `process` would
+        write for them), computed through the cache."""
+        before = replace(self.cache.stats)
+        try:
+            units, row_to_unique, ordered = self._values(v)
+        finally:
+            self.metrics.add_cache(before, self.cache.stats)
+        if self.task.split_mode == "mean":
+            return self._combined(v, units, row_to_unique, ordered)[0]
+        return [ordered[u] for u in row_to_unique if u >= 0]
+
+    def _units(self, v: ValidatedChunk, valid: list[int]) -> _Units:
+        if self.task.split_mode is None:
+            return _Units(v.texts, np.arange(len(v.texts)), v.errors)
+        with self.metrics.stage("validate"):  # tokenizer work, as token counts are
+            windows = dict(zip(valid, self.task.split([v.texts[i] for i in valid])))  # type: ignore[misc]
+        texts: list[str | None] = []
+        parents: list[int] = []
+        errors: list[str | None] = []
+        spans: list[tuple[int, Window] | None] = []
+        for i, text in enumerate(v.texts):
+            if i not in windows:
+                texts.append(None), parents.append(i), errors.append(v.errors[i]), spans.append(None)
+                continue
+            for k, span in enumerate(windows[i].spans):
+                texts.append(text[span.char_start:span.char_end])  # type: ignore[index]
+                parents.append(i), errors.append(None), spans.append((k, span))
+        self.metrics.windows += sum(len(w.spans) for w in windows.values())
+        return _Units(texts, np.array(parents, dtype=np.int64), errors, spans, windows)
+
+    def _values(self, v: ValidatedChunk) -> tuple[_Units, np.ndarray, list[Any]]:
+        """Units of the chunk, each unit's index among the distinct texts (-1: invalid), and the
+        distinct texts' values."""
         m, task = self.metrics, self.task
         valid = v.valid_rows
         invalid_rows = len(v.texts) - len(valid)
         m.rows_invalid += invalid_rows
+        units = self._units(v, valid)
 
         # identical texts in a chunk are looked up and computed once
         unique: dict[str, int] = {}
-        row_to_unique = np.full(len(v.texts), -1, dtype=np.int64)
-        for i in valid:
-            row_to_unique[i] = unique.setdefault(v.texts[i], len(unique))  # type: ignore[arg-type]
+        row_to_unique = np.full(len(units.texts), -1, dtype=np.int64)
+        for j, text in enumerate(units.texts):
+            if text is not None:
+                row_to_unique[j] = unique.setdefault(text, len(unique))
         texts = list(unique)
-        rows_per_text = np.bincount(row_to_unique[row_to_unique >= 0], minlength=len(texts))
+        ok = row_to_unique >= 0
+        rows_per_text = np.bincount(row_to_unique[ok], weights=units.weights[ok], minlength=len(texts))
         m.texts_unique += len(texts)
 
         with m.stage("cache"):
             found = task.lookup(self.cache, texts)
-        self.observer.advance(invalid_rows + int(sum(rows_per_text[u] for u in found)), hit_rate=self.cache.stats.hit_rate)
+        self._advance(invalid_rows + float(sum(rows_per_text[u] for u in found)))
 
         values = self._compute([u for u in range(len(texts)) if u not in found], texts, rows_per_text)
         stale = task.recheck(self.cache, found)
@@ -160,8 +258,15 @@ class ChunkProcessor:
         values.update(found)
         ordered = [values[u] for u in range(len(texts))]
         m.rows_done += len(valid)
-        m.rows_truncated += int(sum(rows_per_text[u] for u, cut in enumerate(task.truncated(ordered)) if cut))
-        return self._assemble(v, row_to_unique, ordered)
+        if task.split_mode is None:  # a window is never truncated
+            m.rows_truncated += int(sum(rows_per_text[u] for u, cut in enumerate(task.truncated(ordered)) if cut))
+        return units, row_to_unique, ordered
+
+    def _advance(self, rows: float) -> None:
+        self._progress += rows
+        whole = int(self._progress + 1e-6)
+        self._progress -= whole
+        self.observer.advance(whole, hit_rate=self.cache.stats.hit_rate)
 
     def _compute(self, indices: list[int], texts: list[str], rows_per_text: np.ndarray) -> dict[int, Any]:
         """Compute the texts at `indices` longest first (see plan_batches), so padding stays small;
@@ -186,20 +291,75 @@ class ChunkProcessor:
             m.tokens_computed += tokens
             for j, value in zip(picked, values):
                 out[indices[j]] = value
-            self.observer.advance(int(sum(rows_per_text[indices[j]] for j in picked)), hit_rate=self.cache.stats.hit_rate)
+            self._advance(float(sum(rows_per_text[indices[j]] for j in picked)))
         return out
 
-    def _assemble(self, v: ValidatedChunk, row_to_unique: np.ndarray, values: list[Any]) -> pa.RecordBatch:
-        """The output rows of one chunk, in input order (invalid rows dropped under --on-invalid skip)."""
-        keep_rows = np.arange(len(v.texts))
+    def _combined(self, v: ValidatedChunk, units: _Units, row_to_unique: np.ndarray,
+                  values: list[Any]) -> tuple[list[Any], np.ndarray]:
+        """--aggregate: one value per valid chunk row from its windows', and each chunk row's index
+        into them (-1: invalid)."""
+        members: dict[int, list[int]] = {}
+        for j, parent in enumerate(units.parents):
+            if row_to_unique[j] >= 0:
+                members.setdefault(int(parent), []).append(int(row_to_unique[j]))
+        combined, index = [], np.full(len(v.texts), -1, dtype=np.int64)
+        assert units.windows is not None
+        for i, us in members.items():
+            index[i] = len(combined)
+            combined.append(self.task.combine([values[u] for u in us], units.windows[i].tokens))
+        return combined, index
+
+    def _assemble(self, v: ValidatedChunk, units: _Units, row_to_unique: np.ndarray,
+                  values: list[Any]) -> tuple[pa.RecordBatch, np.ndarray]:
+        """The output rows of one chunk, in input order (invalid rows dropped under --on-invalid
+        skip), and the chunk row each came from."""
+        mode = self.task.split_mode
+        if mode == "mean":  # one row per input row again
+            values, row_to_unique = self._combined(v, units, row_to_unique, values)
+            units = _Units(v.texts, np.arange(len(v.texts)), v.errors, windows=units.windows)
+        keep = np.arange(len(units.texts))
         if self.on_invalid == "skip":
-            keep_rows = keep_rows[row_to_unique >= 0]
-            self.metrics.rows_skipped += len(v.texts) - len(keep_rows)
+            keep = keep[row_to_unique >= 0]
+        parents = units.parents[keep]
+        kept_rows = len(np.unique(parents)) if mode == "rows" else len(keep)
+        self.metrics.rows_skipped += len(v.texts) - kept_rows
+        self.metrics.rows_added += len(keep) - kept_rows  # windows beyond an input row's first
         base = v.chunk.batch.select(self.passthrough.names)
-        if len(keep_rows) != len(v.texts):
-            base = base.take(pa.array(keep_rows))
-        added = self.task.columns(values, row_to_unique[keep_rows], [v.errors[i] for i in keep_rows])
-        return pa.RecordBatch.from_arrays(list(base.columns) + added, schema=self.task.schema(self.passthrough))
+        if len(keep) != len(v.texts) or mode == "rows":
+            base = base.take(pa.array(parents))
+        columns = list(base.columns)
+        if mode == "rows":
+            columns = self._window_texts(base, columns, units, keep)
+        columns += self._window_columns(v, units, keep)
+        added = self.task.columns(values, row_to_unique[keep], [units.errors[j] for j in keep])
+        return pa.RecordBatch.from_arrays(columns + added, schema=self.schema()), parents
+
+    def _window_texts(self, base: pa.RecordBatch, columns: list[pa.Array], units: _Units, keep: np.ndarray) -> list[pa.Array]:
+        """With --split, a window's row carries the window's own text in the text column."""
+        if self.text_column not in base.schema.names:
+            return columns
+        at = base.schema.names.index(self.text_column)
+        original = columns[at].to_pylist()
+        texts = [units.texts[j] if units.texts[j] is not None else original[n] for n, j in enumerate(keep)]
+        columns[at] = pa.array(texts, type=base.schema.field(at).type)
+        return columns
+
+    def _window_columns(self, v: ValidatedChunk, units: _Units, keep: np.ndarray) -> list[pa.Array]:
+        mode = self.task.split_mode
+        if mode is None:
+            return []
+        windows = units.windows or {}
+        n_chunks = pa.array([len(windows[int(p)].spans) if int(p) in windows else 0 for p in units.parents[keep]], pa.int32())
+        if mode == "mean":
+            return [n_chunks]
+        spans = [units.spans[j] if units.spans else None for j in keep]
+        return [
+            pa.array(units.parents[keep] + v.chunk.first_row, pa.int64()),
+            pa.array([s[0] if s else None for s in spans], pa.int32()),
+            n_chunks,
+            pa.array([s[1].char_start if s else None for s in spans], pa.int64()),
+            pa.array([s[1].char_end if s else None for s in spans], pa.int64()),
+        ]
 
 
 def open_files(opts: JobOptions, added_columns: Sequence[str], source: Path | None = None) -> JobFiles:
@@ -242,7 +402,9 @@ def run_task(task: Task, opts: JobOptions, files: JobFiles, *, observer: Observe
     try:
         if opts.use_cache:  # the fingerprint may resolve the model: a model not found is a failed job
             cache = open_cache(opts.cache_dir, task.backend.fingerprint(), size_limit_bytes=opts.cache_size_bytes or 0)  # type: ignore[arg-type]
-        processor = ChunkProcessor(task, cache, metrics, observer, passthrough=files.passthrough, on_invalid=opts.on_invalid)
+        processor = ChunkProcessor(task, cache, metrics, observer, passthrough=files.passthrough, on_invalid=opts.on_invalid,
+                                   text_column=opts.input_column)
+        task.calibrate(sampler(task, opts, cache, source=files.source))
         # chunks are read and validated one ahead, in a background thread, while the model works
         for validated in prefetch(_validated(reader, opts, metrics), depth=1):
             chunk = validated.chunk
@@ -257,7 +419,7 @@ def run_task(task: Task, opts: JobOptions, files: JobFiles, *, observer: Observe
                 metrics.rows_written += out.num_rows
             observer.chunk(chunk.first_row, chunk.batch.num_rows, metrics)
         if sink is None:  # an input with no rows still gets a (valid, empty) output
-            sink = ParquetSink(opts.output, task.schema(files.passthrough))
+            sink = ParquetSink(opts.output, processor.schema())
         check_rows(opts, reader, metrics, sink)
         # one document, the same in the Parquet metadata, the sidecar and --json
         document = build_document(job=task.job, backend=task.backend, options=opts, metrics=metrics, started=started,
@@ -274,6 +436,31 @@ def run_task(task: Task, opts: JobOptions, files: JobFiles, *, observer: Observe
         cache.close()
     observer.done(document)
     return document
+
+
+def sampler(task: Task, opts: JobOptions, cache: Cache, *, source: Path | None = None) -> Sampler:
+    """`sample(k, path=None)`: the first k result values of the job's input (`source`, else
+    opts.input), or of another file of texts, computed through the job's cache (so the job itself
+    then finds them there). Counted apart from the job's metrics, in `sample.metrics`."""
+    metrics = Metrics(job=task.job)
+
+    def sample(k: int, path: Path | None = None) -> list[Any]:
+        reader = open_reader(path or source or opts.input, fmt=None if path else opts.format, chunk_size=opts.chunk_size or 10_000,
+                             columns=[opts.input_column], text_column=opts.input_column,
+                             max_line_bytes=opts.max_line_bytes)  # type: ignore[arg-type]
+        if opts.input_column not in reader.schema.names:
+            raise InputError(f"{path or opts.input} has no column {opts.input_column!r} to take a sample of texts from; "
+                             f"columns are: {', '.join(reader.all_columns[:20])}.")
+        processor = ChunkProcessor(task, cache, metrics, passthrough=pa.schema([]), on_invalid="mark")
+        values: list[Any] = []
+        for validated in _validated(reader, replace(opts, input=Path(path or opts.input)), metrics):
+            values += processor.values(validated)
+            if len(values) >= k:
+                break
+        return values[:k]
+
+    sample.metrics = metrics  # type: ignore[attr-defined]
+    return sample
 
 
 def _validated(reader: Reader, opts: JobOptions, metrics: Metrics) -> Iterator[ValidatedChunk]:
@@ -302,9 +489,10 @@ def check_rows(opts: JobOptions, reader: Reader, metrics: Metrics, sink: Parquet
     if reader.total_rows is not None and metrics.rows_total != reader.total_rows:
         raise OutputError(f"{opts.input}: {metrics.rows_total:,} rows were read of the {reader.total_rows:,} it has "
                           "(was it read by another process, or is it a pipe?); nothing was written.")
-    if metrics.rows_written + metrics.rows_skipped != metrics.rows_total or sink.rows != metrics.rows_written:
+    if (metrics.rows_written + metrics.rows_skipped != metrics.rows_total + metrics.rows_added
+            or sink.rows != metrics.rows_written):
         raise OutputError(f"{opts.input}: {metrics.rows_total:,} rows were read but {sink.rows:,} written "
-                          f"({metrics.rows_skipped:,} skipped); nothing was written.")
+                          f"({metrics.rows_skipped:,} skipped, {metrics.rows_added:,} added by --split); nothing was written.")
 
 
 def plan_batches(lengths: list[int], batch_size: int, max_batch_tokens: int | None) -> list[list[int]]:

@@ -13,19 +13,44 @@ wrong size fails once (its stores having put the record right for the rerun).
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import json
+from pathlib import Path
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
 
 from ..backends import Backend, make_backend
-from ..errors import BackendError
-from ..io.writers import output_schema
+from ..backends.windows import Windows
+from ..errors import BackendError, InputError
+from ..io.writers import VECTOR_TYPES, output_schema
 from ..monitoring import Observer
 from ..options import EmbedOptions
 from ..settings import Settings
 from ..validate import EMBED_COLUMNS
-from .core import Cache, JobResult, run_job
+from ..vectors import CALIBRATED, l2_normalize, output_width, quantization_ranges, quantize, truncate_dims
+from .core import Cache, JobResult, Sampler, run_job, window_fields
+
+
+class Embedded(NamedTuple):
+    """One text's result: its vector (full size, float32, as cached) and its untruncated token
+    count; `whole`: the mean of a text's windows (--aggregate), which no model call truncated."""
+
+    vector: np.ndarray
+    count: int
+    whole: bool = False
+
+
+def embed_columns(opts: EmbedOptions) -> tuple[str, ...]:
+    """The columns an embed job adds after the input's (--split adds its window columns)."""
+    mode = split_mode(opts)
+    return (*(f.name for f in window_fields(mode)), *EMBED_COLUMNS)
+
+
+def split_mode(opts: EmbedOptions) -> str | None:
+    if opts.split is None:
+        return None
+    return "mean" if opts.aggregate == "mean" else "rows"
 
 
 class EmbedResult(JobResult):
@@ -36,7 +61,7 @@ def run_embed(options: EmbedOptions, *, backend: Backend | None = None, observer
               settings: Settings | None = None) -> EmbedResult:
     """Run one embed job with `backend` (default: the one the options name, made lazily).
     Raises InputError (exit 2) before any work, other HfbatchErrors (exit 1) after."""
-    opts, document = run_job(options, EMBED_COLUMNS, lambda o: EmbedTask(backend or make_backend(o), o),
+    opts, document = run_job(options, embed_columns(options), lambda o: EmbedTask(backend or make_backend(o), o),
                              observer=observer, settings=settings)
     return EmbedResult(opts.output, opts.sidecar, document)
 
@@ -45,10 +70,13 @@ class EmbedTask:
     """The embed job on the chunk core. A value is (vector, untruncated token count)."""
 
     job = "embed"
-    added_columns = EMBED_COLUMNS
 
     def __init__(self, backend: Backend, opts: EmbedOptions):
         self.backend, self.opts = backend, opts
+        self.added_columns = embed_columns(opts)
+        self.split_mode = split_mode(opts)
+        self.ranges: np.ndarray | None = np.asarray(opts.ranges, dtype=np.float32) if opts.ranges is not None else None
+        self.calibration: dict[str, Any] | None = dict(opts.calibration_record or {}) or None
         self._dim: int | None = None  # the backend's own: config files or a vector it made, never the cache's word
         self._hit_dim: int | None = None  # size of hits the cache checked against its own record
         self._out_dim: int | None = None  # the size this job's output was started with
@@ -93,7 +121,7 @@ class EmbedTask:
         tokens = cache.lookup_tokens([texts[u] for u in hits], fingerprint)
         uncounted = [u for j, u in enumerate(hits) if j not in tokens]  # entries stored without a count
         counted = dict(zip(uncounted, self.backend.token_counts([texts[u] for u in uncounted]))) if uncounted else {}
-        return {u: (found[u], tokens[j] if j in tokens else counted[u]) for j, u in enumerate(hits)}
+        return {u: Embedded(found[u], tokens[j] if j in tokens else counted[u]) for j, u in enumerate(hits)}
 
     def prepare(self, texts: Sequence[str]) -> tuple[list[Any], list[int]]:
         counts = [int(c) for c in self.backend.token_counts(texts)]
@@ -113,54 +141,128 @@ class EmbedTask:
             raise BackendError(f"backend {self.backend.name} returned NaN or infinite values; nothing was written.")
         self._dim = result.shape[1]
         max_length = self.backend.max_length
-        return list(zip(result, counts)), sum(min(c, max_length) for c in counts)
+        return [Embedded(v, c) for v, c in zip(result, counts)], sum(min(c, max_length) for c in counts)
 
     def store(self, cache: Cache, texts: Sequence[str], values: Sequence[Any]) -> None:
         # under the fingerprint of the backend that made them: under --backend auto that can
         # change between two batches of a chunk
-        cache.store(texts, np.stack([vector for vector, _ in values]), self.backend.fingerprint(),
-                    token_counts=[count for _, count in values])
+        cache.store(texts, np.stack([value.vector for value in values]), self.backend.fingerprint(),
+                    token_counts=[value.count for value in values])
 
     def recheck(self, cache: Cache, found: dict[int, Any]) -> list[int]:
         # hits accepted on the cache's record, which the vectors just computed contradict
-        wrong = [u for u, (vector, _) in found.items() if self._dim is not None and len(vector) != self._dim]
+        wrong = [u for u, value in found.items() if self._dim is not None and len(value.vector) != self._dim]
         if wrong:
             cache.stats.unhit(len(wrong))
         return wrong
 
     def truncated(self, values: Sequence[Any]) -> list[bool]:
         max_length = self.backend.max_length if values else 0
-        return [count > max_length for _, count in values]
+        return [value.count > max_length and not value.whole for value in values]
+
+    # --- long texts -----------------------------------------------------------------------------
+
+    def split(self, texts: Sequence[str]) -> list[Windows]:
+        return self.backend.split(texts, self.opts.split_tokens or 0, self.opts.window_overlap)
+
+    def combine(self, values: Sequence[Any], tokens: int) -> Any:
+        """The mean of the windows' vectors, renormalised under --normalize; the whole text's tokens."""
+        mean = np.mean(np.stack([value.vector for value in values]), axis=0, dtype=np.float64).astype(np.float32)
+        return Embedded(l2_normalize(mean) if self.opts.normalize else mean, tokens, True)
+
+    # --- what is written ------------------------------------------------------------------------
+
+    def calibrate(self, sample: Sampler) -> None:
+        """int8/uint8 ranges, fixed before the first row is written: given (an earlier run's, or
+        every part's from the job's first), read from --calibration's sidecar, or taken from the
+        first --calibration-size vectors of --calibration's texts or of the job itself."""
+        opts = self.opts
+        if opts.output_precision not in CALIBRATED or self.ranges is not None:
+            return
+        path = Path(opts.calibration) if opts.calibration is not None else None
+        if path is not None and path.name.endswith(".json"):
+            self.ranges, self.calibration = read_ranges(path, self.out_dim_hint())
+            return
+        values = sample(opts.calibration_size, path)
+        if not values:
+            raise InputError(f"{path or opts.input} has no valid text to take --output-precision {opts.output_precision} "
+                             "ranges from; give --calibration FILE (an earlier run's .meta.json or a file of texts).")
+        self.ranges = quantization_ranges(self.finish(np.stack([value.vector for value in values])))
+        self.calibration = {"source": str(path) if path else "job", "vectors": len(values),
+                            "texts_computed": sample.metrics.texts_computed}  # type: ignore[attr-defined]
+
+    def out_dim_hint(self) -> int | None:
+        """The output's float width (before packing) when known without a model call."""
+        full = self._dim or self.backend.known_dimension()
+        if full is None:
+            return self.opts.truncate_dim
+        return min(full, self.opts.truncate_dim or full)
+
+    def finish(self, vectors: np.ndarray) -> np.ndarray:
+        """Full cached vectors -> what the output holds before quantizing: --truncate-dim (renormalised)."""
+        if self.opts.truncate_dim is None:
+            return vectors
+        return truncate_dims(vectors, self.opts.truncate_dim, normalize=self.opts.normalize)
+
+    def float_dim(self) -> int:
+        dim = self.dim()
+        return min(dim, self.opts.truncate_dim) if self.opts.truncate_dim else dim
 
     def schema(self, passthrough: pa.Schema) -> pa.Schema:
-        return output_schema(passthrough, self.dim())
+        precision = self.opts.output_precision
+        return output_schema(passthrough, output_width(self.float_dim(), precision), precision)
 
     def columns(self, values: Sequence[Any], rows: np.ndarray, errors: Sequence[str | None]) -> list[pa.Array]:
-        dim = self.dim()
+        dim, precision = self.dim(), self.opts.output_precision
         vectors = np.zeros((len(values), dim), dtype=np.float32)
-        for u, (vector, _) in enumerate(values):
-            vectors[u] = vector
-        counts = np.array([count for _, count in values], dtype=np.int64)
+        for u, value in enumerate(values):
+            vectors[u] = value.vector
+        counts = np.array([value.count for value in values], dtype=np.int64)
+        whole = np.array([value.whole for value in values], dtype=bool)
         valid = rows >= 0
-        flat = np.zeros((len(rows), dim), dtype=np.float32)
-        flat[valid] = vectors[rows[valid]]
+        if precision in CALIBRATED and self.ranges is None:
+            raise BackendError(f"--output-precision {precision} has no ranges (the job was not calibrated); nothing was written.")
+        stored = quantize(self.finish(vectors), precision, self.ranges)
+        width = stored.shape[1] if stored.ndim == 2 else output_width(self.float_dim(), precision)
+        flat = np.zeros((len(rows), width), dtype=stored.dtype)
+        flat[valid] = stored[rows[valid]]
         full = np.zeros(len(rows), dtype=np.int64)
         full[valid] = counts[rows[valid]]
+        read_all = np.zeros(len(rows), dtype=bool)
+        read_all[valid] = whole[rows[valid]]
         max_length = self.backend.max_length if valid.any() else 0
         return [
-            pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=pa.float32()), dim, mask=pa.array(~valid)),
-            pa.array(np.minimum(full, max_length), type=pa.int32(), mask=~valid),
-            pa.array(full > max_length, type=pa.bool_(), mask=~valid),
+            pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=VECTOR_TYPES[precision]), width,
+                                              mask=pa.array(~valid)),
+            pa.array(np.where(read_all, full, np.minimum(full, max_length)), type=pa.int32(), mask=~valid),
+            pa.array((full > max_length) & ~read_all, type=pa.bool_(), mask=~valid),
             pa.array(errors, type=pa.string()),
         ]
 
     def provenance(self) -> dict[str, Any]:
-        return embed_provenance(self.backend, self.opts, self.dim())
+        return embed_provenance(self.backend, self.opts, self.dim(), ranges=self.ranges, calibration=self.calibration)
 
 
-def embed_provenance(backend: Backend, opts: EmbedOptions, dim: int) -> dict[str, Any]:
+def read_ranges(path: Path, dim: int | None) -> tuple[np.ndarray, dict[str, Any]]:
+    """int8/uint8 ranges from an earlier run's sidecar (its provenance.vectors.ranges)."""
+    try:
+        document = json.loads(path.read_text(encoding="utf-8"))
+        output = document["provenance"]["vectors"]
+        ranges = np.asarray(output["ranges"], dtype=np.float32)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise InputError(f"--calibration {path}: not an hfbatch sidecar with int8/uint8 ranges ({type(exc).__name__}: "
+                         f"{exc}); give the .meta.json of a run with --output-precision int8 or uint8, or a file of texts.") from None
+    if ranges.ndim != 2 or ranges.shape[0] != 2 or (dim is not None and ranges.shape[1] != dim):
+        raise InputError(f"--calibration {path}: its ranges are for {ranges.shape[-1]}-dimensional vectors, this job "
+                         f"writes {dim}; use a sidecar of the same model and --truncate-dim.")
+    return ranges, {"source": str(path), "vectors": (output.get("calibration") or {}).get("vectors")}
+
+
+def embed_provenance(backend: Backend, opts: EmbedOptions, dim: int, *, ranges: np.ndarray | None = None,
+                     calibration: dict[str, Any] | None = None) -> dict[str, Any]:
     """What an embed sidecar records beside the shared provenance (build_document's `details`)."""
     described = backend.describe() if backend.name == "auto" else {}
+    out_dim = min(dim, opts.truncate_dim) if opts.truncate_dim else dim
     return {
         "fallback": {k: described.get(k) for k in ("fell_back", "fallback_reason", "canary_min_cosine")}
         if backend.name == "auto" else None,
@@ -168,6 +270,14 @@ def embed_provenance(backend: Backend, opts: EmbedOptions, dim: int) -> dict[str
         "normalize": opts.normalize,
         "max_length": backend.max_length,
         "text_column": opts.text_column,
+        "prompt": backend.prompt,
+        "prompt_name": opts.prompt_name or (backend.describe().get("prompt_name") if backend.prompt else None),
+        "split": {"tokens": opts.split_tokens, "overlap": opts.window_overlap, "aggregate": opts.aggregate}
+        if opts.split else None,
+        # what the embedding column holds: the first `dim` dimensions, stored at `precision`
+        "vectors": {"dim": out_dim, "truncate_dim": opts.truncate_dim, "precision": opts.output_precision,
+                   "values_per_vector": output_width(out_dim, opts.output_precision),
+                   "ranges": ranges.tolist() if ranges is not None else None, "calibration": calibration},
     }
 
 

@@ -116,6 +116,18 @@ class GenerateTask:
     def provenance(self) -> dict[str, Any]:
         return {"prompt_column": self.opts.prompt_column, "params": self.opts.params.key(), "cached": bool(self.opts.use_cache)}
 
+    # a prompt is answered whole: nothing to split, combine or calibrate
+    split_mode = None
+
+    def split(self, texts: Sequence[str]) -> list[Any]:
+        raise NotImplementedError("generate does not split prompts")
+
+    def combine(self, values: Sequence[Any], tokens: int) -> Any:
+        raise NotImplementedError("generate does not split prompts")
+
+    def calibrate(self, sample: Any) -> None:
+        return None
+
 
 def _decode(raw: bytes) -> dict[str, Any] | None:
     """A cached answer, or None when the bytes are not one."""
