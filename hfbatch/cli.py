@@ -216,6 +216,8 @@ def _plan_summary(report: dict) -> None:
     for key, value in (
         ("input", report["input"]), ("model", f"{report['model_id']} ({report['backend']})"),
         ("rows", f"{report['rows']:,} ({report['rows_invalid']:,} invalid), {report['texts_distinct']:,} distinct texts"),
+        *([("windows", f"{report['windows']:,} (--split); the output will have {report['output_rows']:,} rows")]
+          if report.get("windows") is not None else []),
         ("cache", f"{report['cache']['expected_hits']:,} expected hits, {report['cache']['texts_to_compute']:,} to compute"
                   + ("" if report["cache"]["used"] else " (no cache yet)")),
         ("work", f"{report['tokens_to_compute']:,} tokens, {calls:,} {'HTTP requests' if 'requests' in report else 'model calls'}, "

@@ -123,6 +123,16 @@ class Metrics:
             key = name.removeprefix("cache_")
             setattr(self, name, getattr(self, name) + getattr(after, key) - getattr(before, key))
 
+    def add_work(self, other: "Metrics") -> None:
+        """Count the model work of `other` (a sample taken before the job: texts and tokens
+        computed, model calls, the model's seconds) into these, but none of its rows."""
+        self.texts_computed += other.texts_computed
+        self.tokens_computed += other.tokens_computed
+        self.batches += other.batches
+        with _STAGE_LOCK:
+            for name in (self.job, "model_load"):
+                self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + other.stage_seconds.get(name, 0.0)
+
     def add(self, other: "Metrics") -> None:
         """Merge `other` (a chunk's or a part's metrics) into these: counters and stage seconds add
         up; the wall clock stays this one's."""

@@ -60,7 +60,13 @@ class RetryPolicy:
 
 
 class PayloadTooLarge(Exception):
-    """413: fewer inputs per request will do."""
+    """413: fewer inputs per request will do. `server_message`: what the server said, for a caller
+    that must tell a batch too large from TEI's other 413s (TEI answers every input validation
+    error, an unknown prompt_name included, with 413)."""
+
+    def __init__(self, server_message: str = ""):
+        super().__init__(server_message)
+        self.server_message = server_message
 
 
 class RejectedRequest(TerminalBackendError):
@@ -262,7 +268,7 @@ class HttpClient:
             raise TerminalBackendError(f"{self.name}: request to {shown} failed ({type(exc).__name__}); check --endpoint.") from None
         status = response.status_code
         if status == 413:
-            raise PayloadTooLarge()
+            raise PayloadTooLarge(self._server_message(response))
         if status in _TRANSIENT_STATUS:
             raise RetryableHTTPError(f"{self.name}: {shown} answered {status} {self._server_message(response)}", str(status),
                                      _server_wait(response))

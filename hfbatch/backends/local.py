@@ -96,6 +96,7 @@ class LocalBackend:
         self._prompt: str | None = None
         self.prompt_name: str | None = None  # the name the prompt came by (--prompt-name or the model's default)
         self._include_prompt = True  # the model's pooling averages over the prompt's tokens too
+        self._has_default_prompt = False
 
     # --- resolution (cheap: files only) -------------------------------------------------------
 
@@ -122,8 +123,10 @@ class LocalBackend:
             )
         self._max_length = int(wanted)
         self._dim = _dimension_from_files(root, config)
-        self._prompt, self.prompt_name = resolve_prompt(self.model_id, read_json(root / "config_sentence_transformers.json"),
-                                                        self._requested_prompt, self._requested_prompt_name)
+        st_config = read_json(root / "config_sentence_transformers.json")
+        self._has_default_prompt = bool(st_config.get("default_prompt_name"))
+        self._prompt, self.prompt_name = resolve_prompt(self.model_id, st_config, self._requested_prompt,
+                                                        self._requested_prompt_name)
         pooling = next(iter(sorted(root.glob("*Pooling*/config.json"))), None)
         self._include_prompt = bool(read_json(pooling).get("include_prompt", True)) if pooling else True
         if self._prompt and not self._include_prompt and self.runtime == "onnx":
@@ -282,7 +285,9 @@ class LocalBackend:
                 convert_to_numpy=True,
                 normalize_embeddings=self._normalize_in_encode,
                 show_progress_bar=False,
-                prompt=self.prompt or None,
+                # "" where the model names a default prompt this job turned off (--prompt ""); None
+                # otherwise (an empty prompt would still be measured for prompt-excluding pooling)
+                prompt=self.prompt or ("" if self._has_default_prompt else None),
             )
         return np.asarray(vectors, dtype=np.float32)
 

@@ -308,8 +308,11 @@ class RemoteBackend:
                 payload = self._http.post_json(url, self._protocol.body(texts, prompt_name=name))
                 self.prompt_sent_as = "name"
                 return payload
-            except RejectedRequest as exc:
-                if exc.status not in (400, 422) or "prompt" not in exc.server_message.lower():
+            except (RejectedRequest, PayloadTooLarge) as exc:
+                # TEI answers a prompt_name its model does not have with 413 (its input validation
+                # errors are all 413s), others with 400/422: whatever the status, the message says so
+                status = exc.status if isinstance(exc, RejectedRequest) else 413
+                if status not in (400, 413, 422) or "prompt" not in exc.server_message.lower():
                     raise
                 self.prompt_sent_as = "text"  # this server has no prompt of that name: send the text
         self.prompt_sent_as = "text"

@@ -49,18 +49,20 @@ from ..errors import HfbatchError, InputError
 from ..io.plan import part_outputs, plan_outputs
 from ..io.readers import detect_format
 from ..io.writers import write_json_atomic
-from ..jobs.embed import run_embed
+from ..jobs.embed import calibrate_ranges, run_embed
 from ..monitoring import NullObserver, Observer
 from ..options import EmbedOptions, sidecar_path
 from ..provenance import file_digest, library_versions, redact, relative_paths, utc_now
 from ..settings import Settings
+from ..vectors import CALIBRATED
 
 JOB_SIDECAR = "_hfbatch_job"
 PART_SIDECARS = "_hfbatch"  # out/_hfbatch/<output relative path>.meta.json
 _GLOB_CHARS = set("*?[")
 # fields of EmbedOptions that decide what the vectors are; the rest (paths, batching, retries) do not
 _KEY_FIELDS = ("model", "text_column", "keep", "format", "normalize", "max_length", "precision", "runtime",
-               "quantize", "on_invalid", "backend", "endpoint", "fallback", "remote_pooling")
+               "quantize", "on_invalid", "backend", "endpoint", "fallback", "remote_pooling", "split", "overlap",
+               "aggregate", "prompt", "prompt_name", "truncate_dim", "output_precision", "calibration", "calibration_size")
 
 
 def is_multi_input(spec: str | Path) -> bool:
@@ -395,6 +397,7 @@ def run_embed_parts(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1), b
     try:
         for part in job.mine:
             if not job.resume(part):
+                settle_ranges(job, settings, backend)  # once, before the first part that runs
                 _embed_part(job, part, backend, shared, settings)
     except BaseException as exc:
         job.write(finished=False)
@@ -404,6 +407,27 @@ def run_embed_parts(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1), b
     if shared is not None:
         shared.close()
     return job.finish()
+
+
+def settle_ranges(job: PartsJob, settings: Settings, backend: Backend | None = None) -> None:
+    """--output-precision int8/uint8 without ranges: take them once for the whole job from its
+    first part that has texts (the first of the whole input, so every --shard takes the same) and
+    give them to every part. Nothing to do once they are set."""
+    if job.options.output_precision not in CALIBRATED or job.options.ranges is not None:
+        return
+    problems = []
+    for part in job.outputs:  # the input's parts in order, whichever shard this is
+        try:
+            ranges, record = calibrate_ranges(job.part_options(part), backend=backend, settings=settings)
+        except InputError as exc:  # this part has no usable texts: the next one may
+            problems.append(str(exc))
+            continue
+        job.options = replace(job.options, ranges=ranges, calibration_record=record)
+        job.resolved = replace(job.resolved, ranges=ranges, calibration_record=record)
+        return
+    raise InputError(f"no part of {job.options.input} has texts to take --output-precision "
+                     f"{job.options.output_precision} ranges from ({problems[0] if problems else 'no parts'}); "
+                     "give --calibration FILE.")
 
 
 class _OneBar(NullObserver):

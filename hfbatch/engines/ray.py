@@ -34,7 +34,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -46,14 +46,14 @@ from ..backends import Backend, make_backend
 from ..cache import NullCache, open_cache
 from ..errors import HfbatchError, InputError, OutputError
 from ..io.readers import Chunk, open_reader
-from ..io.writers import ParquetSink, output_schema
-from ..jobs.core import ChunkProcessor, check_rows, open_files
-from ..jobs.embed import EmbedTask, embed_provenance
+from ..io.writers import ParquetSink
+from ..jobs.core import ChunkProcessor, check_rows, open_files, window_fields
+from ..jobs.embed import EmbedTask, embed_columns, embed_provenance, split_mode
 from ..options import EmbedOptions
 from ..provenance import InputFacts, Metrics, OutputFacts, build_document, utc_now
 from ..settings import Settings
 from ..validate import EMBED_COLUMNS, validate_chunk
-from .parts import PartsJob, PartsResult, plan_parts
+from .parts import PartsJob, PartsResult, plan_parts, settle_ranges
 
 _META = ("__part", "__row", "__chunk", "__invalid")
 ACTOR_RETRIES = 2  # max_restarts / max_task_retries of the embedding actors
@@ -110,9 +110,12 @@ class EmbedActor:
                                        on_invalid=opts.on_invalid)
         described = self.backend.describe()
         # rows --on-invalid skip drops are kept (marked) and flagged, so the chunk has a row for its report
-        processor = ChunkProcessor(EmbedTask(self.backend, opts), self.cache, metrics, passthrough=passthrough,
-                                   on_invalid="mark" if opts.on_invalid == "skip" else opts.on_invalid)
-        out = pa.Table.from_batches([processor.process(validated)])
+        task = EmbedTask(self.backend, opts)
+        processor = ChunkProcessor(task, self.cache, metrics, passthrough=passthrough,
+                                   on_invalid="mark" if opts.on_invalid == "skip" else opts.on_invalid,
+                                   text_column=opts.input_column)
+        batch, parents = processor.process_rows(validated)  # with --split, many rows of one input row
+        out = pa.Table.from_batches([batch])
         keep = np.ones(n, dtype=bool)
         if opts.on_invalid == "skip":
             keep[:] = False
@@ -120,16 +123,19 @@ class EmbedActor:
             metrics.rows_skipped = int(n - keep.sum())
         report = {
             "actor": self.id,
+            "dim": task.dim(),
             "metrics": {f.name: getattr(metrics, f.name) for f in fields(Metrics) if not f.name.startswith("_")},
             "backend": gained(self.backend.describe(), described),
             "fingerprint": self.backend.fingerprint(),
             "cache": {"directory": str(self.cache.directory) if self.cache.directory else None,
                       "disabled": self.cache.disabled, "volume_bytes": self.cache.volume_bytes()},
         }
-        out = out.append_column("__part", table.column("__part"))
-        out = out.append_column("__row", table.column("__row"))
-        out = out.append_column("__keep", pa.array(keep))
-        return out.append_column("__report", pa.array([json.dumps(report, default=str)] + [None] * (n - 1), pa.string()))
+        rows = pa.array(parents)
+        out = out.append_column("__part", table.column("__part").take(rows))
+        out = out.append_column("__row", table.column("__row").take(rows))
+        out = out.append_column("__keep", pa.array(keep[parents]))
+        return out.append_column("__report", pa.array([json.dumps(report, default=str)] + [None] * (out.num_rows - 1),
+                                                      pa.string()))
 
 
 def gained(after: Mapping[str, Any], before: Mapping[str, Any], counting: bool = False) -> dict[str, Any]:
@@ -191,6 +197,10 @@ class ReportedBackend:
     def max_length(self) -> int:
         return self.backend.max_length
 
+    @property
+    def prompt(self) -> str | None:
+        return self.backend.prompt
+
 
 @dataclass(frozen=True)
 class ReportedCache:
@@ -237,10 +247,11 @@ class PartStream:
         return self.next_row >= self.planned.rows
 
     def add(self, table: pa.Table) -> None:
-        """Rows of this part (consecutive, as one actor call returned them)."""
+        """Rows of this part (consecutive input rows, as one actor call returned them; with --split
+        an input row's windows are consecutive rows with its row number)."""
         rows = table.column("__row")
         first, last = rows[0].as_py(), rows[-1].as_py()
-        if last - first + 1 != table.num_rows or first < self.next_row or first in self.waiting:
+        if last - first + 1 != len(pc.unique(rows)) or first < self.next_row or first in self.waiting:
             raise OutputError(f"{self.planned.path}: the Ray job returned rows {first + 1:,}-{last + 1:,} twice or out of "
                               "order; the part was not written.")
         self.waiting[first] = table
@@ -254,11 +265,14 @@ class PartStream:
             self.metrics.add(Metrics(**report["metrics"]))
             self.described = summed(self.described or {}, report["backend"])
             self.fingerprint = report["fingerprint"]
+            self.dim = report["dim"]
             cache = report["cache"]
             self.cache = ReportedCache(cache["directory"], cache["disabled"], cache["volume_bytes"])
         if self.sink is None:
-            self.dim = table.schema.field("embedding").type.list_size
-            self.sink = ParquetSink(self.planned.opts.output, output_schema(self.planned.passthrough, self.dim))
+            opts = self.planned.opts
+            schema = pa.schema([*self.planned.passthrough, *window_fields(split_mode(opts)),
+                                *(table.schema.field(name) for name in EMBED_COLUMNS)])
+            self.sink = ParquetSink(opts.output, schema)
         with self.metrics.stage("write"):
             # no copies in the usual case (every row kept, types as planned): the rows are written
             # from the block Ray handed over, and the driver's own memory stays what it was
@@ -269,7 +283,7 @@ class PartStream:
             for batch in data.to_batches(max_chunksize=65_536):
                 self.sink.write(batch)
         self.metrics.rows_written += data.num_rows
-        self.next_row += table.num_rows
+        self.next_row += len(pc.unique(table.column("__row")))
 
     def commit(self, backend: Backend) -> dict[str, Any]:
         """Check rows in == rows out, publish the output and its sidecar; returns the sidecar document."""
@@ -278,7 +292,8 @@ class PartStream:
         try:
             if self.sink is None:  # a part without rows: the actors never saw it
                 task = EmbedTask(backend, opts)
-                self.sink, self.dim = ParquetSink(opts.output, task.schema(planned.passthrough)), task.dim()
+                schema = task.schema(pa.schema([*planned.passthrough, *window_fields(task.split_mode)]))
+                self.sink, self.dim = ParquetSink(opts.output, schema), task.dim()
                 cache = _open_cache(opts, backend.fingerprint())
             reader = open_reader(planned.path, fmt=opts.format, chunk_size=opts.chunk_size or 10_000,
                                  columns=[opts.input_column], text_column=opts.input_column,
@@ -289,7 +304,9 @@ class PartStream:
                                       started=self.started, cache=cache, engine="ray",
                                       input=InputFacts.of(planned.path, planned.format, self.metrics.rows_total),
                                       output=OutputFacts(opts.output, self.metrics.rows_written),
-                                      details=embed_provenance(reported, opts, self.dim or 0))  # type: ignore[arg-type]
+                                      details=embed_provenance(reported, opts, self.dim or 0,  # type: ignore[arg-type]
+                                                               ranges=np.asarray(opts.ranges) if opts.ranges else None,
+                                                               calibration=opts.calibration_record))
             self.sink.commit(document, sidecar=opts.sidecar)
         except BaseException:
             self.abort()
@@ -368,12 +385,17 @@ def run_embed_ray(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1), add
             continue
         opts = job.part_options(part).resolved(settings)
         try:
-            files = open_files(opts, EMBED_COLUMNS)
+            files = open_files(opts, embed_columns(opts))
         except InputError as exc:
             job.failed(part, str(exc), time.perf_counter())
             continue
         planned[job.relative(part)] = PlannedPart(part, opts, files.passthrough, files.reader.format,
                                                   files.reader.total_rows or 0)
+    if planned:  # int8/uint8: the job's ranges, settled here once, travel to every actor with the options
+        settle_ranges(job, settings)
+        planned = {r: replace(p, opts=replace(p.opts, ranges=job.resolved.ranges,
+                                              calibration_record=job.resolved.calibration_record))
+                   for r, p in planned.items()}
     ray_info: dict[str, Any] = {"address": address or "local", "num_workers": num_workers,
                                 "gpus_per_worker": gpus_per_worker, "actor_max_restarts": ACTOR_RETRIES,
                                 "actor_max_task_retries": ACTOR_RETRIES}

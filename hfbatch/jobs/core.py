@@ -404,7 +404,9 @@ def run_task(task: Task, opts: JobOptions, files: JobFiles, *, observer: Observe
             cache = open_cache(opts.cache_dir, task.backend.fingerprint(), size_limit_bytes=opts.cache_size_bytes or 0)  # type: ignore[arg-type]
         processor = ChunkProcessor(task, cache, metrics, observer, passthrough=files.passthrough, on_invalid=opts.on_invalid,
                                    text_column=opts.input_column)
-        task.calibrate(sampler(task, opts, cache, source=files.source))
+        sample = sampler(task, opts, cache, source=files.source)
+        task.calibrate(sample)
+        metrics.add_work(sample.metrics)  # what the sample computed is this job's work (its rows are not)
         # chunks are read and validated one ahead, in a background thread, while the model works
         for validated in prefetch(_validated(reader, opts, metrics), depth=1):
             chunk = validated.chunk

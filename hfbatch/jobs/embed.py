@@ -29,7 +29,8 @@ from ..options import EmbedOptions
 from ..settings import Settings
 from ..validate import EMBED_COLUMNS
 from ..vectors import CALIBRATED, l2_normalize, output_width, quantization_ranges, quantize, truncate_dims
-from .core import Cache, JobResult, Sampler, run_job, window_fields
+from ..cache import NullCache, open_cache
+from .core import Cache, JobResult, Sampler, run_job, sampler, window_fields
 
 
 class Embedded(NamedTuple):
@@ -66,6 +67,26 @@ def run_embed(options: EmbedOptions, *, backend: Backend | None = None, observer
     return EmbedResult(opts.output, opts.sidecar, document)
 
 
+def calibrate_ranges(options: EmbedOptions, *, backend: Backend | None = None,
+                     settings: Settings | None = None) -> tuple[list[list[float]], dict[str, Any]]:
+    """The int8/uint8 ranges of a job whose parts must all share them (engines settle them once,
+    before any part runs): as a single-file job of `options` would take them. The sample's
+    vectors go to the cache, where the job then finds them."""
+    opts = options.resolved(settings or Settings.load())
+    task = EmbedTask(backend or make_backend(opts), opts)
+    cache: Cache = open_cache(opts.cache_dir, task.backend.fingerprint(),  # type: ignore[arg-type]
+                              size_limit_bytes=opts.cache_size_bytes or 0) if opts.use_cache else NullCache()
+    try:
+        task.calibrate(sampler(task, opts, cache))
+    finally:
+        cache.close()
+    assert task.ranges is not None
+    record = dict(task.calibration or {})
+    if record.get("source") == "job":
+        record["source"] = f"job: {opts.input}"  # the job's first part
+    return task.ranges.tolist(), record
+
+
 class EmbedTask:
     """The embed job on the chunk core. A value is (vector, untruncated token count)."""
 
@@ -77,10 +98,14 @@ class EmbedTask:
         self.split_mode = split_mode(opts)
         self.ranges: np.ndarray | None = np.asarray(opts.ranges, dtype=np.float32) if opts.ranges is not None else None
         self.calibration: dict[str, Any] | None = dict(opts.calibration_record or {}) or None
+        if opts.prompt_name is not None:
+            _ = backend.prompt  # an unknown --prompt-name is a usage error now, before the job starts
         self._dim: int | None = None  # the backend's own: config files or a vector it made, never the cache's word
         self._hit_dim: int | None = None  # size of hits the cache checked against its own record
         self._out_dim: int | None = None  # the size this job's output was started with
         self._cache_dir: Any = None  # where the hits came from, for the message when they were wrong
+        if self.ranges is None and opts.calibration is not None and Path(opts.calibration).name.endswith(".json"):
+            self.ranges, self.calibration = read_ranges(Path(opts.calibration), self.out_dim_hint())  # before it starts, too
 
     @property
     def batch_texts(self) -> int:
@@ -179,10 +204,7 @@ class EmbedTask:
         opts = self.opts
         if opts.output_precision not in CALIBRATED or self.ranges is not None:
             return
-        path = Path(opts.calibration) if opts.calibration is not None else None
-        if path is not None and path.name.endswith(".json"):
-            self.ranges, self.calibration = read_ranges(path, self.out_dim_hint())
-            return
+        path = Path(opts.calibration) if opts.calibration is not None else None  # (a sidecar was read in __init__)
         values = sample(opts.calibration_size, path)
         if not values:
             raise InputError(f"{path or opts.input} has no valid text to take --output-precision {opts.output_precision} "
@@ -248,10 +270,13 @@ def read_ranges(path: Path, dim: int | None) -> tuple[np.ndarray, dict[str, Any]
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
         output = document["provenance"]["vectors"]
-        ranges = np.asarray(output["ranges"], dtype=np.float32)
+        ranges = np.asarray(output["ranges"], dtype=np.float32) if output.get("ranges") is not None else None
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"--calibration {path}: not an hfbatch sidecar with int8/uint8 ranges ({type(exc).__name__}: "
-                         f"{exc}); give the .meta.json of a run with --output-precision int8 or uint8, or a file of texts.") from None
+        raise InputError(f"--calibration {path}: not an hfbatch sidecar ({type(exc).__name__}: {exc}); give the "
+                         ".meta.json of a run with --output-precision int8 or uint8, or a file of texts.") from None
+    if ranges is None:
+        raise InputError(f"--calibration {path}: that run wrote {output.get('precision') or 'float32'} vectors and has no "
+                         "ranges; give the .meta.json of a run with --output-precision int8 or uint8, or a file of texts.")
     if ranges.ndim != 2 or ranges.shape[0] != 2 or (dim is not None and ranges.shape[1] != dim):
         raise InputError(f"--calibration {path}: its ranges are for {ranges.shape[-1]}-dimensional vectors, this job "
                          f"writes {dim}; use a sidecar of the same model and --truncate-dim.")

@@ -19,9 +19,10 @@ from ..cache import NullCache, open_cache
 from ..engines.parts import is_multi_input
 from ..errors import InputError
 from ..io.readers import open_reader, spooled_input
+from ..jobs.embed import embed_columns
 from ..options import EmbedOptions
 from ..settings import Settings
-from ..validate import EMBED_COLUMNS, check_columns, validate_chunk
+from ..validate import check_columns, validate_chunk
 
 SAMPLE = 32
 
@@ -42,13 +43,13 @@ def _plan(opts: EmbedOptions, source: Path) -> dict[str, Any]:
     columns = None if opts.keep is None else list(dict.fromkeys([*opts.keep, opts.text_column]))
     reader = open_reader(source, fmt=opts.format, chunk_size=opts.chunk_size, columns=columns,
                          text_column=opts.text_column, max_line_bytes=opts.max_line_bytes)  # type: ignore[arg-type]
-    check_columns(opts.input, reader.schema, opts.text_column, opts.keep, reader.all_columns, added_columns=EMBED_COLUMNS)
+    check_columns(opts.input, reader.schema, opts.text_column, opts.keep, reader.all_columns, added_columns=embed_columns(opts))
     backend = make_backend(opts)
     cache_dir = Path(opts.cache_dir) if opts.cache_dir else None
     exists = bool(opts.use_cache and cache_dir and (cache_dir / "cache.db").exists())
     cache = open_cache(cache_dir, backend.fingerprint(), size_limit_bytes=opts.cache_size_bytes or 0) if exists \
         else NullCache()
-    rows = invalid = 0
+    rows = invalid = windows = 0
     distinct: set[str] = set()
     misses: list[str] = []
     hits = 0
@@ -58,7 +59,12 @@ def _plan(opts: EmbedOptions, source: Path) -> dict[str, Any]:
             validated = validate_chunk(chunk, path=opts.input, text_column=opts.text_column, on_invalid=opts.on_invalid)
             rows += len(validated.texts)
             invalid += len(validated.texts) - len(validated.valid_rows)
-            new = [t for t in dict.fromkeys(validated.texts[i] for i in validated.valid_rows) if t not in distinct]
+            texts = [validated.texts[i] for i in validated.valid_rows]
+            if opts.split_tokens:  # what the job computes is each text's windows
+                cut = backend.split(texts, opts.split_tokens, opts.window_overlap)  # type: ignore[arg-type]
+                windows += sum(len(w.spans) for w in cut)
+                texts = [t[s.char_start:s.char_end] for t, w in zip(texts, cut) for s in w.spans]  # type: ignore[index]
+            new = [t for t in dict.fromkeys(texts) if t not in distinct]
             distinct.update(new)  # type: ignore[arg-type]
             found = cache.lookup(new, dim)  # type: ignore[arg-type]
             hits += len(found)
@@ -73,6 +79,10 @@ def _plan(opts: EmbedOptions, source: Path) -> dict[str, Any]:
     report: dict[str, Any] = {
         "input": str(opts.input), "output": str(opts.output), "model_id": opts.model, "backend": backend.name,
         "rows": rows, "rows_invalid": invalid, "texts_distinct": len(distinct),
+        # --split: the windows the valid rows are cut into, and the rows the output will have
+        "windows": windows if opts.split_tokens else None,
+        "output_rows": rows - invalid * (opts.on_invalid == "skip")
+        + (windows - (rows - invalid) if opts.split_tokens and not opts.aggregate else 0),
         "cache": {"used": exists, "expected_hits": hits, "texts_to_compute": len(misses)},
         "tokens_to_compute": sum(seen), "texts_truncated": sum(1 for c in counts if c > max_length),
         ("requests" if remote else "model_calls"): math.ceil(len(misses) / size) if misses else 0,

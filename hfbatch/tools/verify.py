@@ -24,7 +24,7 @@ from ..engines.parts import part_sidecar_path
 from ..errors import HfbatchError, InputError
 from ..io.readers import open_reader
 from ..options import EmbedOptions, sidecar_path
-from ..vectors import cosine_rows
+from ..vectors import cosine_rows, l2_normalize, output_width, quantize, truncate_dims
 
 
 class VerifyMismatch(HfbatchError):
@@ -61,6 +61,7 @@ def verify_output(output: Path, *, sample: int = 64, seed: int = 0, tolerance: f
         precision=local.get("precision") or "fp32", runtime=local.get("runtime") or "torch",
         quantize=None if (local.get("quantize") or "none") == "none" else "int8",
         endpoint=remote.get("endpoint") if prov.get("backend") in ("tei", "openai") else None,
+        prompt=prov.get("prompt") or "",  # the prompt the run used, as text ("": none, not a model default)
     )
     backend = make_backend(options)
     fingerprint = backend.fingerprint()
@@ -73,14 +74,48 @@ def verify_output(output: Path, *, sample: int = 64, seed: int = 0, tolerance: f
     if not rows:
         report.update(agree=0, cosine_mean=None, cosine_min=None, ok=True)
         return report
-    fresh = backend.embed([texts[i] for i in rows])
+    fresh = _fresh(backend, [texts[i] for i in rows], prov.get("split"), options.normalize)
     stored = np.array([vectors[i] for i in rows], dtype=np.float32)
-    cosine = cosine_rows(fresh, stored)
+    cosine = _agreement(fresh, stored, prov.get("vectors") or {}, options.normalize)
     worst = int(np.argmin(cosine))
     report.update(agree=int((cosine >= tolerance).sum()), cosine_mean=round(float(cosine.mean()), 6),
                   cosine_min=round(float(cosine.min()), 6), worst_row=rows[worst] + 1,
                   ok=bool((cosine >= tolerance).all()))
     return report
+
+
+def _fresh(backend: Any, texts: list[str], split: dict[str, Any] | None, normalize: bool) -> np.ndarray:
+    """The texts embedded again as the run did: whole, or (--aggregate mean) as the mean of their
+    windows. A --split run's rows already hold each window's own text."""
+    if not split or split.get("aggregate") != "mean":
+        return backend.embed(texts)
+    cut = backend.split(texts, int(split["tokens"]), int(split["overlap"]))
+    out = []
+    for text, windows in zip(texts, cut):
+        mean = backend.embed([text[w.char_start:w.char_end] for w in windows.spans]).mean(axis=0)
+        out.append(l2_normalize(mean) if normalize else mean)
+    return np.stack(out).astype(np.float32)
+
+
+def _agreement(fresh: np.ndarray, stored: np.ndarray, shape: dict[str, Any], normalize: bool) -> np.ndarray:
+    """Per row, how far the stored vector agrees with the fresh one made into what the run wrote
+    (--truncate-dim, --output-precision with its recorded ranges): cosine of the vectors, or of
+    the int8/uint8 codes (centred), or for binary the share of equal bits."""
+    fresh = truncate_dims(fresh, shape.get("truncate_dim"), normalize=normalize)
+    precision = shape.get("precision") or "float32"
+    if output_width(fresh.shape[1], precision) != stored.shape[1]:
+        raise InputError(f"the output's vectors have {stored.shape[1]} values but its sidecar describes "
+                         f"{output_width(fresh.shape[1], precision)} ({precision}, {fresh.shape[1]} dimensions); "
+                         "the sidecar is not this output's.")
+    if precision in ("float32", "float16"):
+        return cosine_rows(fresh, stored)
+    ranges = np.asarray(shape["ranges"], dtype=np.float32) if shape.get("ranges") else None
+    codes = quantize(fresh, precision, ranges).astype(np.float32)
+    if precision in ("binary", "ubinary"):
+        bits = np.unpackbits(codes.astype(np.int16).astype(np.uint8), axis=1)
+        return (bits == np.unpackbits(stored.astype(np.int16).astype(np.uint8), axis=1)).mean(axis=1)
+    centre = 127.5 if precision == "uint8" else -0.5
+    return cosine_rows(codes - centre, stored - centre)
 
 
 def find_sidecar(output: Path) -> Path:
