@@ -83,7 +83,11 @@ class ParquetSink:
         self.temp = temp_path_for(self.path)
         self.rows = 0
         try:
-            self._writer = pq.ParquetWriter(str(self.temp), schema, compression="zstd")
+            # vectors never repeat enough for a dictionary: writing one first only to fall back to
+            # plain encoding costs space and time (the other columns keep it)
+            plain = {"embedding"}
+            self._writer = pq.ParquetWriter(str(self.temp), schema, compression="zstd",
+                                            use_dictionary=[n for n in schema.names if n not in plain])
         except (OSError, pa.ArrowException) as exc:
             raise OutputError(f"cannot create {self.temp} ({exc}); check the output directory.") from exc
 
