@@ -1,7 +1,8 @@
 """A real HTTP server on 127.0.0.1 that speaks the three embedding protocols with the real model.
 
 Routes, as the real servers have them:
-- TEI:      POST /embed  {"inputs": [...], "normalize", "truncate", "truncation_direction"} -> [[...], ...]
+- TEI:      POST /embed  {"inputs": [...], "normalize", "truncate", "truncation_direction", "prompt_name"?}
+            -> [[...], ...]
             GET  /info   -> {"model_id", "max_client_batch_size", ...}
 - HF API:   POST /hf-inference/models/<model>/pipeline/feature-extraction (same body as TEI)
 - OpenAI:   POST /v1/embeddings {"input": [...], "model"} -> {"object": "list", "data": [{"embedding", "index"}]}
@@ -10,6 +11,15 @@ Faults are scripted per request (`script`), so tests can play 429 + Retry-After,
 500, 401, 413, malformed JSON or a wrong dimension exactly as a server would send them; or drawn at
 random (`chaos_rate`) from 429/500/502/503/504, a late answer (timeout) and a dropped connection
 (reset), for fault injection at scale. `fast` answers hash-based vectors instead of the model's.
+
+`prompts` plays the model's config_sentence_transformers.json `prompts` as TEI reads them: a
+request's "prompt_name" (TEI and HF API routes) puts that prompt's text before each input before it
+is encoded (core/src/tokenization.rs, prepare_pre_prompt / tokenize_input: `pre_prompt.push_str(&s)`);
+a name the server does not have is TEI's Validation error, which TEI's router answers with 413
+(ErrorType::Validation => StatusCode::PAYLOAD_TOO_LARGE in router/src/http/server.rs) and
+{"error": "Input validation error: `default-prompt-name` is set to `X` but it was not found in the
+Sentence Transformers prompts. Available prompts: [...]", "error_type": "Validation"}
+(`prompt_error_status` plays another server's status for it, e.g. 422).
 """
 
 from __future__ import annotations
@@ -107,6 +117,10 @@ class EmbeddingServer(LocalServer):
         self.chaos_seen: dict[str, int] = {}
         self.hang_seconds = 1.0  # a "timeout" fault answers this late (set it above the client's timeout)
         self.fast = False  # answer deterministic hash-based vectors instead of running the model
+        # the model's prompts, as TEI reads them from config_sentence_transformers.json (none by default)
+        self.prompts: dict[str, str] = {}
+        self.prompt_error_status = 413  # TEI answers an unknown prompt_name so (a Validation error)
+        self.encoded: list[str] = []  # every text the model was given, prompt included, in arrival order
         self._lock = threading.Lock()
         self._serve(self._handler())
 
@@ -129,6 +143,7 @@ class EmbeddingServer(LocalServer):
         class Handler(JsonHandler):
 
             def do_GET(self) -> None:
+                self._record = None  # a kept-alive connection's earlier POST keeps the status it was answered
                 with server._lock:
                     server.gets.append(self.path)
                 if self.path.startswith("/api/models") and server.hub_status != 200:
@@ -144,10 +159,11 @@ class EmbeddingServer(LocalServer):
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
                 body = json.loads(self.rfile.read(length) or b"{}")
+                self._record: dict[str, Any] = {"path": self.path, "headers": dict(self.headers), "body": body}
                 with server._lock:
                     server.in_flight += 1
                     server.max_in_flight = max(server.max_in_flight, server.in_flight)
-                    server.requests.append({"path": self.path, "headers": dict(self.headers), "body": body})
+                    server.requests.append(self._record)
                     step = server.script.popleft() if server.script else None
                     fault = None
                     if step is None and server.chaos_rate and server.chaos.random() < server.chaos_rate:
@@ -170,6 +186,12 @@ class EmbeddingServer(LocalServer):
                     with server._lock:
                         server.in_flight -= 1
 
+            def _send(self, reply: Reply) -> None:
+                record = getattr(self, "_record", None)
+                if record is not None:  # what this request was answered, beside what it sent
+                    record["status"] = reply.status
+                super()._send(reply)
+
             def _answer(self, body: dict[str, Any], step: Any) -> None:
                 openai = self.path.rstrip("/").endswith("/embeddings")
                 tei = self.path == "/embed"
@@ -183,6 +205,14 @@ class EmbeddingServer(LocalServer):
                 if server.max_batch is not None and len(texts) > server.max_batch:
                     return self._send(Reply(413, {"error": f"batch size {len(texts)} > maximum allowed batch size {server.max_batch}",
                                                   "error_type": "Validation"}))
+                name = body.get("prompt_name") if not openai else None
+                if name is not None:  # TEI: the named prompt's text put before each input, then tokenized
+                    if name not in server.prompts:
+                        return self._send(Reply(server.prompt_error_status, {"error": _unknown_prompt(name, server.prompts),
+                                                                             "error_type": "Validation"}))
+                    texts = [server.prompts[name] + t for t in texts]
+                with server._lock:
+                    server.encoded.extend(texts)
                 vectors = step(texts) if callable(step) else server.vectors(texts, bool(body.get("normalize", True)))
                 if openai:
                     data = [{"object": "embedding", "embedding": v, "index": i} for i, v in enumerate(vectors)]
@@ -193,6 +223,17 @@ class EmbeddingServer(LocalServer):
                 return self._send(Reply(200, vectors))
 
         return Handler
+
+
+def _unknown_prompt(name: str, prompts: dict[str, str]) -> str:
+    """TEI's message for a prompt_name its model does not have (prepare_pre_prompt, with the
+    "Input validation error: " that TextEmbeddingsError::Validation's Display puts first)."""
+    if not prompts:
+        said = f"`default-prompt-name` is set to `{name}` but no prompts were found in the Sentence Transformers configuration"
+    else:
+        said = (f"`default-prompt-name` is set to `{name}` but it was not found in the Sentence Transformers prompts. "
+                f"Available prompts: {json.dumps(sorted(prompts))}")
+    return f"Input validation error: {said}"
 
 
 class CaptureServer(LocalServer):

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import SAMPLE_TEXTS, rows_for, write_csv
+from conftest import BUNDLED_MODEL_DIR, SAMPLE_TEXTS, rows_for, write_csv
 from embedding_server import CaptureServer, EmbeddingServer, Reply, route_through
-from hfbatch import EmbedOptions, embed_file
+from hfbatch import EmbedOptions, embed, embed_file
 from hfbatch.backends.http import hf_token_allowed
 from hfbatch.backends.remote import RemoteBackend, RetryPolicy
 from hfbatch.errors import BackendError, InputError, RemoteError, TerminalBackendError, TransientBackendError
+from hfbatch.vectors import cosine_rows
 
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 FAST = RetryPolicy(attempts=4, base_wait_seconds=0.01, max_wait_seconds=2)
@@ -522,3 +524,208 @@ def test_auto_stops_when_the_local_model_fails_to_load_after_its_checks(tmp_path
 def test_endpoint_must_be_http() -> None:
     with pytest.raises(InputError, match="is not an http\\(s\\) URL"):
         RemoteBackend("tei", model=MODEL, endpoint="localhost:8080")
+
+
+# --- prompts, long texts and smaller vectors through the remote backends (issue 13) -------------
+
+PROMPTS = {"query": "query: ", "passage": "passage: "}
+
+
+def _endpoint(kind: str, server: EmbeddingServer) -> str | None:
+    return {"tei": server.url, "openai": server.url + "/v1", "hf-api": None}[kind]
+
+
+def _job(src: Path, out: Path, **kw):  # type: ignore[no-untyped-def]
+    return embed(EmbedOptions(input=src, output=out, **kw))
+
+
+def _vectors(result) -> np.ndarray:  # type: ignore[no-untyped-def]
+    return np.asarray(pq.read_table(result.output).column("embedding").to_pylist())
+
+
+def _assert_same_vectors(a: np.ndarray, b: np.ndarray) -> None:
+    """Row by row cosine >= 0.9999: the same model in another process (other batches, other padding)."""
+    assert a.shape == b.shape and len(a) > 0
+    assert (cosine_rows(a.astype(np.float64), b.astype(np.float64)) >= 0.9999).all()
+
+
+@pytest.fixture
+def prompt_model(tmp_path: Path) -> Path:
+    """The bundled model with prompts in its config_sentence_transformers.json, as a model with
+    query/passage prompts ships (and no default prompt, so a run without --prompt-name uses none)."""
+    model_dir = tmp_path / "minilm-with-prompts"
+    shutil.copytree(BUNDLED_MODEL_DIR, model_dir)
+    config = json.loads((model_dir / "config_sentence_transformers.json").read_text())
+    (model_dir / "config_sentence_transformers.json").write_text(json.dumps({**config, "prompts": PROMPTS}))
+    return model_dir
+
+
+@pytest.mark.parametrize("kind", ["tei", "openai"])
+def test_prompt_text_is_put_before_each_text_as_the_local_backend_does(kind: str, tmp_path: Path,
+                                                                      server: EmbeddingServer) -> None:
+    src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
+    remote = dict(backend=kind, endpoint=_endpoint(kind, server))
+    plain = _job(src, tmp_path / "plain.parquet", **remote)
+    server.requests.clear()
+    prompted = _job(src, tmp_path / "prompted.parquet", prompt="query: ", **remote)
+    local = _job(src, tmp_path / "local.parquet", prompt="query: ")
+
+    sent = [text for r in server.requests for text in r["body"]["inputs" if kind == "tei" else "input"]]
+    assert sorted(sent) == sorted("query: " + t for t in set(SAMPLE_TEXTS))  # every text, the prompt before it
+    assert all("prompt_name" not in r["body"] for r in server.requests)  # a prompt given as text is sent as text
+    _assert_same_vectors(_vectors(prompted), _vectors(local))
+    assert (cosine_rows(_vectors(prompted), _vectors(plain)) < 0.999).any()  # the prompt changed the vectors
+    a, b = pq.read_table(prompted.output), pq.read_table(local.output)
+    assert a.column("n_tokens").to_pylist() == b.column("n_tokens").to_pylist()  # the prompt's tokens counted
+    assert a.column("n_tokens").to_pylist() != pq.read_table(plain.output).column("n_tokens").to_pylist()
+
+    prov = prompted.document["provenance"]
+    assert prov["fingerprint"] != plain.document["provenance"]["fingerprint"]  # another cache namespace
+    assert prompted.metrics["cache"]["hits"] == 0 and prompted.metrics["texts_computed"] == len(set(SAMPLE_TEXTS))
+    assert prov["prompt"] == "query: " and prov["backends"][kind]["prompt_sent_as"] == "text"
+    again = _job(src, tmp_path / "again.parquet", prompt="query: ", **remote)  # ...which a rerun finds
+    assert again.metrics["texts_computed"] == 0 and again.document["provenance"]["fingerprint"] == prov["fingerprint"]
+
+
+def test_prompt_name_goes_to_tei_by_name_when_the_server_has_it(tmp_path: Path, server: EmbeddingServer,
+                                                                prompt_model: Path) -> None:
+    server.prompts = dict(PROMPTS)
+    src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
+    local = _job(src, tmp_path / "local.parquet", model=str(prompt_model), prompt_name="query")
+    remote = _job(src, tmp_path / "tei.parquet", backend="tei", endpoint=server.url, tokenizer=str(prompt_model),
+                  prompt_name="query")
+
+    assert server.requests and all(r["body"]["prompt_name"] == "query" for r in server.requests)
+    sent = [text for r in server.requests for text in r["body"]["inputs"]]
+    assert sorted(sent) == sorted(set(SAMPLE_TEXTS))  # not prefixed here: TEI puts its prompt before them
+    assert sorted(server.encoded) == sorted("query: " + t for t in set(SAMPLE_TEXTS))
+    _assert_same_vectors(_vectors(remote), _vectors(local))
+    for name in ("n_tokens", "truncated"):
+        assert pq.read_table(remote.output).column(name).to_pylist() == pq.read_table(local.output).column(name).to_pylist()
+    prov = json.loads(remote.sidecar.read_text())["provenance"]
+    assert prov["prompt"] == "query: " and prov["prompt_name"] == "query"
+    assert prov["backends"]["tei"]["prompt_sent_as"] == "name"
+
+
+@pytest.mark.parametrize("status", [413, 422])  # 413: what TEI answers (a Validation error); 422: another server
+def test_prompt_name_the_tei_server_does_not_have_is_sent_as_text(status: int, tmp_path: Path, server: EmbeddingServer,
+                                                                   prompt_model: Path) -> None:
+    server.prompts = {"passage": "passage: "}  # the server's model has no "query" prompt
+    server.prompt_error_status = status
+    src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
+    local = _job(src, tmp_path / "local.parquet", model=str(prompt_model), prompt_name="query")
+    # one request at a time, so exactly one is sent before the server's answer is known
+    remote = _job(src, tmp_path / "tei.parquet", backend="tei", endpoint=server.url, tokenizer=str(prompt_model),
+                  prompt_name="query", api_concurrency=1, api_batch_size=3)
+
+    first, *rest = server.requests
+    assert first["body"]["prompt_name"] == "query" and first["status"] == status
+    assert rest and all("prompt_name" not in r["body"] and r["status"] == 200 for r in rest)
+    sent = [text for r in rest for text in r["body"]["inputs"]]
+    assert sorted(sent) == sorted("query: " + t for t in set(SAMPLE_TEXTS))  # every text, once, with the prompt
+    _assert_same_vectors(_vectors(remote), _vectors(local))
+    prov = remote.document["provenance"]
+    assert prov["prompt"] == "query: " and prov["backends"]["tei"]["prompt_sent_as"] == "text"
+    assert prov["backends"]["tei"]["batch_halvings"] == 0  # the refusal was about the prompt, not the batch
+
+
+def test_a_batch_too_large_for_tei_still_halves_with_a_prompt_name(server: EmbeddingServer, prompt_model: Path,
+                                                                   st_model) -> None:
+    """TEI's 413 for too many inputs is not its 413 for an unknown prompt: the batch halves, the name stays."""
+    server.prompts, server.max_batch = dict(PROMPTS), 2
+    backend = _backend("tei", server, tokenizer=str(prompt_model), prompt_name="query", api_batch_size=8, concurrency=1)
+    texts = SAMPLE_TEXTS  # 8: one request of 8, then 4, then 2
+    vectors = backend.embed(texts)
+    assert [r["status"] for r in server.requests][:3] == [413, 413, 200]  # 8 -> 4 -> 2 inputs
+    assert all(r["body"]["prompt_name"] == "query" for r in server.requests)
+    info = backend.describe()
+    assert info["prompt_sent_as"] == "name" and info["api_batch_size"] == 2 and info["batch_halvings"] == 2
+    assert np.allclose(vectors, st_model.encode(["query: " + t for t in texts]), atol=1e-5)
+
+
+def test_hf_api_sends_the_prompt_before_each_text(tmp_path: Path, router: EmbeddingServer, prompt_model: Path) -> None:
+    router.prompts = dict(PROMPTS)  # the route would honour a name: the hf-api backend sends the text all the same
+    src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
+    local = _job(src, tmp_path / "local.parquet", prompt="query: ")
+    for out, given in (("text.parquet", dict(prompt="query: ")),
+                       ("name.parquet", dict(prompt_name="query", tokenizer=str(prompt_model)))):
+        router.requests.clear()
+        result = _job(src, tmp_path / out, backend="hf-api", **given)
+        assert {r["path"] for r in router.requests} == {f"/hf-inference/models/{MODEL}/pipeline/feature-extraction"}
+        assert all("prompt_name" not in r["body"] for r in router.requests)
+        assert sorted(t for r in router.requests for t in r["body"]["inputs"]) == sorted("query: " + t for t in set(SAMPLE_TEXTS))
+        _assert_same_vectors(_vectors(result), _vectors(local))
+        assert result.document["provenance"]["backends"]["hf-api"]["prompt_sent_as"] == "text"
+
+
+LONG_TEXTS = [
+    "The kettle boils fast and the handle stays cool. " * 12,
+    "Short.",
+    " ".join(f"word{i} and, more: text-{i * 7}!" for i in range(90)),
+    "Très bien! Works exactly as described 👍 " * 20,
+    "",
+]
+
+
+@pytest.mark.parametrize("kind", ["tei", "openai"])
+def test_split_windows_through_remote_equal_the_local_backend(kind: str, tmp_path: Path, server: EmbeddingServer) -> None:
+    src = write_csv(tmp_path / "in.csv", rows_for(LONG_TEXTS))
+    remote = dict(backend=kind, endpoint=_endpoint(kind, server))
+    runs = {}
+    for aggregate in ("mean", None):  # --aggregate mean first: its windows are what the server computes
+        for side, opts in (("local", {}), ("remote", remote)):
+            runs[side, aggregate] = _job(src, tmp_path / f"{side}-{aggregate}.parquet", split="tokens:64", overlap=8,
+                                         aggregate=aggregate, **opts)
+    for aggregate in ("mean", None):
+        a, b = (pq.read_table(runs[side, aggregate].output) for side in ("local", "remote"))
+        columns = ["id", "n_chunks", "n_tokens", "truncated", "embedding_error"]
+        if aggregate is None:
+            columns += ["text", "parent_row", "chunk_index", "char_start", "char_end"]
+        assert a.num_rows == b.num_rows == (len(LONG_TEXTS) if aggregate else a.num_rows)
+        for name in columns:
+            assert a.column(name).to_pylist() == b.column(name).to_pylist(), name
+        va, vb = a.column("embedding").to_pylist(), b.column("embedding").to_pylist()
+        assert [v is None for v in va] == [v is None for v in vb]
+        _assert_same_vectors(np.asarray([v for v in va if v is not None]), np.asarray([v for v in vb if v is not None]))
+        assert runs["remote", aggregate].document["provenance"]["split"] == {"tokens": 64, "overlap": 8,
+                                                                             "aggregate": aggregate}
+    whole = pq.read_table(runs["remote", "mean"].output)  # a text longer than the model reads, read whole
+    assert whole.column("n_tokens").to_pylist()[2] > 256 and whole.column("truncated").to_pylist()[2] is False
+    # one row per window: each row's text is its window, text[char_start:char_end], and those windows
+    # are what the server was sent (by the --aggregate mean run; the rows run found them all cached)
+    rows = pq.read_table(runs["remote", None].output).to_pylist()
+    windows = [r for r in rows if r["embedding_error"] is None]
+    assert len(rows) > len(LONG_TEXTS) and max(r["n_tokens"] for r in windows) <= 64
+    assert all(r["text"] == LONG_TEXTS[r["parent_row"]][r["char_start"]:r["char_end"]] for r in windows)
+    assert set(server.encoded) == {r["text"] for r in windows}
+    assert runs["remote", None].metrics["texts_computed"] == 0
+
+
+@pytest.mark.parametrize("kind", ["tei", "openai"])
+def test_truncated_and_quantized_vectors_through_remote_equal_the_local_backend(kind: str, tmp_path: Path,
+                                                                               server: EmbeddingServer) -> None:
+    texts = SAMPLE_TEXTS + [f"review {i}: the lid {'cracked' if i % 2 else 'held'} after {i} weeks" for i in range(24)]
+    src = write_csv(tmp_path / "in.csv", rows_for(texts))
+    remote = dict(backend=kind, endpoint=_endpoint(kind, server))
+    runs = {}
+    for precision in ("float32", "int8", "ubinary"):  # the full vectors are cached: the later runs only requantize
+        for side, opts in (("local", {}), ("remote", remote)):
+            runs[side, precision] = _job(src, tmp_path / f"{side}-{precision}.parquet", truncate_dim=128,
+                                         output_precision=precision, **opts)
+
+    local, far = _vectors(runs["local", "float32"]), _vectors(runs["remote", "float32"])
+    assert far.shape == (len(texts), 128) and np.allclose(np.linalg.norm(far, axis=1), 1, atol=1e-5)  # renormalised
+    _assert_same_vectors(far, local)
+    ranges = [np.asarray(runs[side, "int8"].document["provenance"]["vectors"]["ranges"]) for side in ("local", "remote")]
+    assert ranges[0].shape == (2, 128) and np.allclose(ranges[0], ranges[1], atol=1e-5)  # both from the job's vectors
+    codes = [_vectors(runs[side, "int8"]).astype(int) for side in ("local", "remote")]
+    # Not bitwise: the server batches and pads otherwise, so floats differ by ~3e-8 (seen: 1 value in
+    # 10). A bucket is ~1e-3 wide: that noise (in the values and in the ranges taken from them) can
+    # tip a value across a bucket edge (seen: 1 code in 4,096), never further than the next bucket.
+    assert codes[0].shape == (len(texts), 128) and np.abs(codes[0] - codes[1]).max() <= 1
+    assert (codes[0] == codes[1]).mean() > 0.99
+    bits = [np.unpackbits(_vectors(runs[side, "ubinary"]).astype(np.uint8), axis=1) for side in ("local", "remote")]
+    assert bits[0].shape == (len(texts), 128)
+    clear = np.abs(local) > 1e-4  # a sign is noise only for a value that close to 0
+    assert (bits[0] == (local > 0)).all() and (bits[0][clear] == bits[1][clear]).all()
+    assert runs["remote", "int8"].metrics["texts_computed"] == 0  # the same namespace as the float32 run

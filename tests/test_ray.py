@@ -138,3 +138,40 @@ def test_a_part_sidecar_counts_what_the_actors_did_for_that_part() -> None:
     assert first == {"requests": 4, "retries": 2, "retry_causes": {"429": 1, "503": 1}, "load_seconds": 0.0, "dim": 384,
                      "device": "remote (tei)", "model_loaded": True}  # what is not a counter is as it is now
     assert summed(summed({}, first), second) == {**first, "requests": 5}
+
+
+def test_ray_engine_splits_prompts_truncates_and_quantizes_like_the_local_engine(tmp_path: Path) -> None:
+    """--split/--overlap, --prompt, --truncate-dim and --output-precision int8 through the actors:
+    the same rows, windows and codes as the local parts engine, with one set of int8 ranges for
+    every part (settled once, from the job's first part) recorded in each part's sidecar."""
+    root = tmp_path / "data"
+    root.mkdir()
+    long = " ".join(SAMPLE_TEXTS) * 6  # a few hundred tokens: several windows of 64
+    write_jsonl(root / "a.jsonl", [{"id": 0, "text": long}, {"id": 1, "text": None}, {"id": 2, "text": SAMPLE_TEXTS[0]}])
+    write_csv(root / "b.csv", [{"id": i, "text": f"{SAMPLE_TEXTS[i % 5]} {long[: 300 * i]}"} for i in range(6)])
+    shaped = dict(split="tokens:64", overlap=8, prompt="query: ", truncate_dim=128, output_precision="int8",
+                  calibration_size=5, chunk_size=4)
+    local = run_embed_parts(EmbedOptions(input=root, output=tmp_path / "local", cache_dir=tmp_path / "c1", **shaped))
+    ray = run_embed_ray(EmbedOptions(input=root, output=tmp_path / "ray", cache_dir=tmp_path / "c2", **shaped),
+                        num_workers=2)
+    assert ray.document["totals"]["parts_done"] == 2
+    ranges = []
+    for record in local.document["parts"]:
+        want = pq.read_table(tmp_path / "local" / record["output"])
+        got = pq.read_table(tmp_path / "ray" / record["output"])
+        assert got.schema.remove_metadata() == want.schema.remove_metadata()
+        assert str(got.schema.field("embedding").type) == "fixed_size_list<element: int8>[128]"
+        for column in ("id", "text", "parent_row", "chunk_index", "n_chunks", "char_start", "char_end", "n_tokens",
+                       "embedding_error"):
+            assert got.column(column).to_pylist() == want.column(column).to_pylist(), column
+        a = np.array([v or [0] * 128 for v in got.column("embedding").to_pylist()], dtype=np.int16)
+        b = np.array([v or [0] * 128 for v in want.column("embedding").to_pylist()], dtype=np.int16)
+        assert np.abs(a - b).max() <= 1  # one grid; float noise between processes moves a code by one at most
+        assert got.num_rows > 6 and max(got.column("n_tokens").to_pylist(), key=lambda n: n or 0) <= 64
+        for out in ("local", "ray"):
+            meta = json.loads((tmp_path / out / "_hfbatch" / (record["output"] + ".meta.json")).read_text())
+            assert meta["provenance"]["prompt"] == "query: " and meta["provenance"]["split"]["tokens"] == 64
+            assert meta["metrics"]["rows_written"] == meta["metrics"]["rows_total"] + meta["metrics"]["rows_added"]
+            ranges.append(meta["provenance"]["vectors"]["ranges"])
+            assert meta["provenance"]["vectors"]["calibration"]["source"].endswith("a.jsonl")
+    assert all(np.allclose(r, ranges[0], atol=1e-6) for r in ranges)  # every part, both engines: one set of ranges

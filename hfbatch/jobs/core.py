@@ -326,7 +326,7 @@ class ChunkProcessor:
         self.metrics.rows_added += len(keep) - kept_rows  # windows beyond an input row's first
         base = v.chunk.batch.select(self.passthrough.names)
         if len(keep) != len(v.texts) or mode == "rows":
-            base = base.take(pa.array(parents))
+            base = take_rows(base, parents)
         columns = list(base.columns)
         if mode == "rows":
             columns = self._window_texts(base, columns, units, keep)
@@ -360,6 +360,18 @@ class ChunkProcessor:
             pa.array([s[1].char_start if s else None for s in spans], pa.int64()),
             pa.array([s[1].char_end if s else None for s in spans], pa.int64()),
         ]
+
+
+def take_rows(batch: pa.RecordBatch, rows: np.ndarray) -> pa.RecordBatch:
+    """`batch.take(rows)`, also for columns of Arrow's view types (string_view, binary_view),
+    which have no take kernel: taken as their plain large types and cast back."""
+    try:
+        return batch.take(pa.array(rows))
+    except pa.ArrowNotImplementedError:
+        plain = {pa.string_view(): pa.large_string(), pa.binary_view(): pa.large_binary()}
+        columns = [c.cast(plain[c.type]).take(pa.array(rows)).cast(c.type) if c.type in plain else c.take(pa.array(rows))
+                   for c in batch.columns]
+        return pa.RecordBatch.from_arrays(columns, schema=batch.schema)
 
 
 def open_files(opts: JobOptions, added_columns: Sequence[str], source: Path | None = None) -> JobFiles:

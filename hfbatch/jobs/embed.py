@@ -100,6 +100,9 @@ class EmbedTask:
         self.calibration: dict[str, Any] | None = dict(opts.calibration_record or {}) or None
         if opts.prompt_name is not None:
             _ = backend.prompt  # an unknown --prompt-name is a usage error now, before the job starts
+        if opts.split_tokens is not None and opts.split_tokens > backend.max_length:  # config files: no model load
+            raise InputError(f"--split tokens:{opts.split_tokens} is more than {backend.model_id} reads "
+                             f"({backend.max_length} tokens); use --split tokens:{backend.max_length} or less.")
         self._dim: int | None = None  # the backend's own: config files or a vector it made, never the cache's word
         self._hit_dim: int | None = None  # size of hits the cache checked against its own record
         self._out_dim: int | None = None  # the size this job's output was started with
