@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import diskcache
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
@@ -250,6 +251,40 @@ def test_verify_re_embeds_a_sample_and_catches_tampering(tmp_path: Path) -> None
     assert bad.exit_code == 1 and "28/30 sampled rows agree" in bad.stdout  # the two swapped rows disagree
     missing = run("verify", str(tmp_path / "nothing.parquet"))
     assert missing.exit_code == 2 and "cannot read the sidecar" in missing.stderr
+
+
+def test_dry_run_counts_windows_and_the_rows_the_output_will_have(tmp_path: Path) -> None:
+    long = " ".join(SAMPLE_TEXTS) * 8  # several windows of 64 tokens
+    src = write_jsonl(tmp_path / "in.jsonl", [{"text": long}, {"text": "short"}, {"text": None}, {"text": long}])
+    plan = json.loads(run("embed", str(src), "-o", str(tmp_path / "o.parquet"), "--split", "tokens:64", "--dry-run",
+                          "--json", "--cache-dir", str(tmp_path / "c")).stdout)
+    done = run("embed", str(src), "-o", str(tmp_path / "o.parquet"), "--split", "tokens:64", "--json",
+               "--cache-dir", str(tmp_path / "c"))
+    metrics = json.loads(done.stdout)["metrics"]
+    assert plan["windows"] == metrics["windows"] > 4 and plan["output_rows"] == pq.read_table(tmp_path / "o.parquet").num_rows
+    assert plan["texts_distinct"] == metrics["texts_computed"]  # the two long rows share every window
+    mean = json.loads(run("embed", str(src), "-o", str(tmp_path / "m.parquet"), "--split", "tokens:64", "--aggregate",
+                          "mean", "--dry-run", "--json").stdout)
+    assert mean["output_rows"] == 4 and mean["windows"] == plan["windows"]
+
+
+@pytest.mark.parametrize("shaping", [
+    ["--split", "tokens:64", "--aggregate", "mean"], ["--split", "tokens:64"], ["--prompt", "query: ", "--truncate-dim", "96"],
+    ["--output-precision", "int8", "--truncate-dim", "128"], ["--output-precision", "ubinary"], ["--output-precision", "float16"],
+])
+def test_verify_checks_outputs_as_they_were_shaped(tmp_path: Path, shaping: list[str]) -> None:
+    texts = [f"verify row {i}: " + " ".join(SAMPLE_TEXTS[: 1 + i % 6]) * (1 + i % 3) for i in range(24)]
+    src = write_csv(tmp_path / "in.csv", [{"id": i, "text": t} for i, t in enumerate(texts)])
+    out = tmp_path / "o.parquet"
+    assert run("embed", str(src), "-o", str(out), "--cache-dir", str(tmp_path / "c"), *shaping).exit_code == 0
+    report = json.loads(run("verify", str(out), "--sample", "12", "--json").stdout)
+    assert report["ok"] is True and report["agree"] == report["rows_checked"] > 0 and report["cosine_min"] > 0.999
+    table = pq.read_table(out)  # tamper: every stored vector replaced by the next row's
+    vectors = table.column("embedding").to_pylist()
+    column = pa.array(vectors[1:] + vectors[:1], table.schema.field("embedding").type)
+    pq.write_table(table.set_column(table.schema.get_field_index("embedding"), "embedding", column), out)
+    bad = json.loads(run("verify", str(out), "--sample", "12", "--json").stdout)
+    assert bad["ok"] is False and bad["agree"] < bad["rows_checked"]
 
 
 def test_embed_and_generate_share_the_job_options() -> None:
