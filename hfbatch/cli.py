@@ -74,8 +74,8 @@ def _root(
 
 @app.command()
 def embed(
-    input: Annotated[Path, typer.Argument(help="Input file: .csv, .tsv, .jsonl, .ndjson (optionally .gz) or .parquet; or a directory or quoted glob of such parts.", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output Parquet file (a <output>.meta.json sidecar is written beside it); a directory when the input is many parts.", show_default=False)],
+    input: Annotated[str, typer.Argument(help="Input file: .csv, .tsv, .jsonl, .ndjson (optionally .gz) or .parquet; or a directory or quoted glob of such parts; local, or in a store (s3://bucket/key, gs://, az://).", show_default=False)],
+    output: Annotated[str, typer.Option("--output", "-o", help="Output Parquet file (a <output>.meta.json sidecar is written beside it); a directory when the input is many parts; local or s3://bucket/key.", show_default=False)],
     text_column: TextColumnOpt = None,
     keep: KeepOpt = None,
     fmt: FormatOpt = None,
@@ -240,7 +240,7 @@ def _parts_summary(result: PartsResult) -> None:
 
 @app.command()
 def verify(
-    output: Annotated[Path, typer.Argument(help="An output Parquet file of hfbatch embed (its .meta.json beside it).", show_default=False)],
+    output: Annotated[str, typer.Argument(help="An output Parquet file of hfbatch embed (its .meta.json beside it); local or in a store.", show_default=False)],
     sample: Annotated[int, typer.Option("--sample", help="Rows to re-embed, chosen at random (fixed seed).")] = 64,
     tolerance: Annotated[float, typer.Option("--tolerance", help="Cosine a re-embedded row must reach to agree.")] = 0.999,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
@@ -264,7 +264,7 @@ def verify(
 
 @app.command("merge-meta")
 def merge_meta(
-    output_dir: Annotated[Path, typer.Argument(help="The -o directory of a many-part job (its shards' job sidecars).", show_default=False)],
+    output_dir: Annotated[str, typer.Argument(help="The -o directory of a many-part job (its shards' job sidecars); local or in a store.", show_default=False)],
     input: Annotated[Optional[str], typer.Option("--input", help="The job's input (directory or glob): also check that no part is missing.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the merged document to stdout.")] = False,
     debug: DebugOpt = False,
@@ -292,8 +292,8 @@ def merge_meta(
 
 @app.command()
 def generate(
-    input: Annotated[Path, typer.Argument(help="Input file with a prompt column: CSV, JSONL or Parquet.", show_default=False)],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Output Parquet file; a <output>.meta.json sidecar is written beside it.", show_default=False)],
+    input: Annotated[str, typer.Argument(help="Input file with a prompt column: CSV, JSONL or Parquet; local or in a store.", show_default=False)],
+    output: Annotated[str, typer.Option("--output", "-o", help="Output Parquet file; a <output>.meta.json sidecar is written beside it; local or in a store.", show_default=False)],
     model: Annotated[Optional[str], typer.Option("--model", "-m", help="Causal LM: hub id or local directory.")] = None,
     prompt_column: Annotated[str, typer.Option("--prompt-column", help="Column holding the prompt.")] = "prompt",
     keep: KeepOpt = None,

@@ -13,6 +13,7 @@ from typing import Any, Sequence, TypeVar
 from .backends.generation import GenerationParams
 from .errors import InputError
 from .io.plan import check_output_path
+from .io.stores import is_remote, location
 from .settings import Settings, parse_byte_size
 from .validate import ON_INVALID
 from .vectors import CALIBRATED, OUTPUT_PRECISIONS
@@ -63,7 +64,7 @@ class JobOptions:
 
     @property
     def sidecar(self) -> Path:
-        return Path(self.sidecar_file) if self.sidecar_file is not None else sidecar_path(Path(self.output))
+        return location(self.sidecar_file) if self.sidecar_file is not None else sidecar_path(location(self.output))
 
     def resolved(self: _Opts, settings: Settings) -> _Opts:
         """Fill unset options from settings and check the values that need no file or model."""
@@ -74,8 +75,8 @@ class JobOptions:
     def _filled(self, settings: Settings) -> dict[str, Any]:
         """The values `resolved` replaces; a job's options add their own."""
         return dict(
-            input=Path(self.input),
-            output=Path(self.output),
+            input=location(self.input),  # a store's URL stays one (Path would fold its //)
+            output=location(self.output),
             device=self.device or settings.device,
             chunk_size=settings.chunk_size if self.chunk_size is None else self.chunk_size,
             use_cache=settings.cache_enabled if self.use_cache is None else self.use_cache,
@@ -85,8 +86,8 @@ class JobOptions:
             api_timeout=self.api_timeout or settings.api_timeout,
             max_line_bytes=settings.max_line_bytes if self.max_line_bytes is None
             else parse_byte_size(self.max_line_bytes, "--max-line-bytes"),
-            metrics_file=Path(self.metrics_file) if self.metrics_file is not None else None,
-            log_file=Path(self.log_file) if self.log_file is not None else None,
+            metrics_file=_local_file("--metrics-file", self.metrics_file),
+            log_file=_local_file("--log-file", self.log_file),
         )
 
     def _check(self) -> None:
@@ -221,6 +222,15 @@ class GenerateOptions(JobOptions):
             raise InputError(f"--backend {self.backend!r} is not one of: local, api (hf-api) for generate.")
         super()._check()
         self.params.check()
+
+
+def _local_file(flag: str, value: Any) -> Path | None:
+    """A monitoring file: written on this machine as the job goes, never a store's object."""
+    if value is None:
+        return None
+    if is_remote(str(value)):
+        raise InputError(f"{flag} {value}: is written on this machine as the job goes; give a local path.")
+    return Path(value)
 
 
 def sidecar_path(output: Path) -> Path:

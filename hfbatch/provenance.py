@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from ._version import __version__
+from .io.stores import RemotePath
 from .resources import peak_rss_mb
 
 _STAGE_LOCK = threading.Lock()
@@ -177,6 +178,8 @@ class InputFacts:
     def of(cls, path: Path, format: str, rows: int, *, shown: Path | None = None) -> "InputFacts":
         """The facts of the file at `path` (its size and content hash read now), named `shown` when
         that is what the user gave (`-` for a spooled stdin)."""
+        if isinstance(path, RemotePath):  # the store's word for its content: no second read of the bytes
+            return cls(shown or path, format, path.size(), path.identity(), rows)  # type: ignore[arg-type]
         return cls(Path(shown or path), format, Path(path).stat().st_size, file_digest(Path(path)), rows)
 
 
@@ -236,7 +239,8 @@ def build_document(*, job: str, backend: Any, options: Any, input: InputFacts, o
     }
     document = {"provenance": provenance, "metrics": metrics.as_dict(
         cache=cache_info, api=api, model_load_seconds=described.get("load_seconds", 0.0))}
-    return relative_paths(document, Path(output.path).parent) if options.relative_paths else document
+    local = options.relative_paths and not isinstance(output.path, RemotePath)
+    return relative_paths(document, Path(output.path).parent) if local else document
 
 
 def utc_now() -> str:

@@ -48,6 +48,7 @@ from ..backends.http import public_url
 from ..errors import HfbatchError, InputError
 from ..io.plan import part_outputs, plan_outputs
 from ..io.readers import detect_format
+from ..io.stores import RemotePath, is_remote, location
 from ..io.writers import write_json_atomic
 from ..jobs.embed import calibrate_ranges, run_embed
 from ..monitoring import NullObserver, Observer
@@ -66,8 +67,8 @@ _KEY_FIELDS = ("model", "text_column", "keep", "format", "normalize", "max_lengt
 
 
 def is_multi_input(spec: str | Path) -> bool:
-    """A directory, or a pattern with glob characters that is not itself a file."""
-    path = Path(spec)
+    """A directory (a store's prefix), or a pattern with glob characters that is not itself a file."""
+    path = location(spec)
     return path.is_dir() or (bool(_GLOB_CHARS & set(str(spec))) and not path.is_file())
 
 
@@ -75,7 +76,9 @@ def expand_inputs(spec: str | Path, fmt: str | None = None) -> tuple[Path, list[
     """(root, parts): the files of a directory (recursively) or of a glob, sorted, that hfbatch can
     read; hidden and underscore-prefixed files (_SUCCESS, .crc, our own sidecars) are not parts."""
     text = str(spec)
-    if Path(text).is_dir():
+    if is_remote(text):
+        root, candidates = _store_candidates(RemotePath(text))
+    elif Path(text).is_dir():
         root = Path(text)
         candidates = [p for p in root.rglob("*") if p.is_file()]
     else:
@@ -95,6 +98,18 @@ def expand_inputs(spec: str | Path, fmt: str | None = None) -> tuple[Path, list[
         raise InputError(f"{spec}: no CSV, JSONL or Parquet files there; give a directory of parts or a glob "
                          "like 'data/part-*.parquet' (quoted, so the shell leaves it to hfbatch).")
     return root, parts
+
+
+def _store_candidates(spec: RemotePath) -> tuple[RemotePath, list[RemotePath]]:
+    """(root, objects) of a store's prefix (every object below it) or glob (its matches, under the
+    deepest prefix without a glob character)."""
+    if not _GLOB_CHARS & set(spec.key):
+        return spec, list(spec.walk_files())
+    found = spec.glob(spec.key)
+    pieces = spec.key.split("/")
+    fixed = next(i for i, piece in enumerate(pieces) if _GLOB_CHARS & set(piece))
+    root = RemotePath(f"{spec.scheme}://{'/'.join(pieces[:fixed])}")
+    return root, found
 
 
 def glob_files(pattern: str) -> list[Path]:
@@ -159,13 +174,16 @@ def job_sidecar_path(out_dir: Path, shard: tuple[int, int]) -> Path:
 def part_sidecar_path(out_dir: Path, output: Path) -> Path:
     """Where a part's sidecar goes: `out/_hfbatch/<output relative to out/>.meta.json`, out of the
     dataset's way (readers skip `_` names) and one per output, however the outputs are named."""
-    return sidecar_path(Path(out_dir) / PART_SIDECARS / Path(output).relative_to(out_dir))
+    if isinstance(out_dir, RemotePath):
+        return sidecar_path(out_dir / PART_SIDECARS / output.relative_to(out_dir).as_posix())  # type: ignore[arg-type]
+    return sidecar_path(Path(out_dir) / PART_SIDECARS / Path(output).relative_to(out_dir))  # type: ignore[arg-type]
 
 
 def input_id(spec: str | Path) -> str:
     """What says two runs are one job: their input (directory or glob) made absolute, hashed (a hash,
     not a path, so --relative-paths leaves it alone and it shows nothing of the machine)."""
-    return hashlib.blake2b(os.path.abspath(str(spec)).encode(), digest_size=12).hexdigest()
+    where = str(spec) if is_remote(spec) else os.path.abspath(str(spec))
+    return hashlib.blake2b(where.encode(), digest_size=12).hexdigest()
 
 
 @dataclass
@@ -236,10 +254,12 @@ class PartsJob:
         try:
             meta = json.loads(self.part_sidecar(part).read_text(encoding="utf-8"))
             recorded = meta["provenance"]["input"]["hash"]
-            rows = pq.ParquetFile(output).metadata.num_rows
-        except (OSError, ValueError, KeyError, TypeError, pa.ArrowException):
+            rows = pq.ParquetFile(output.open(ranged=True) if isinstance(output, RemotePath) else output).metadata.num_rows
+        except (OSError, ValueError, KeyError, TypeError, pa.ArrowException, InputError):
             return False
-        if recorded != earlier.get("input_hash") or rows != earlier.get("rows_out") or recorded != file_digest(part):
+        # a store's object by what the store says of it (ETag/version, size): no byte of it is read
+        now = part.identity() if isinstance(part, RemotePath) else file_digest(part)
+        if recorded != earlier.get("input_hash") or rows != earlier.get("rows_out") or recorded != now:
             return False
         fields = {k: earlier.get(k) for k in ("rows_in", "rows_out", "rows_invalid", "input_hash")}
         self.add(PartRecord(self.relative(part), self.output_name(part), "skipped", texts_computed=0, cache_hits=0,
@@ -283,8 +303,8 @@ class PartsJob:
             "texts_computed": sum(p["texts_computed"] or 0 for p in parts),
             "wall_seconds": round(time.perf_counter() - self.wall, 3),
         }
-        write_json_atomic(self.sidecar, relative_paths(document, self.sidecar.parent) if self.options.relative_paths
-                          else document)
+        local = self.options.relative_paths and not isinstance(self.sidecar, RemotePath)
+        write_json_atomic(self.sidecar, relative_paths(document, self.sidecar.parent) if local else document)
 
     def finish(self) -> PartsResult:
         self.write(finished=True)
@@ -296,7 +316,7 @@ def plan_parts(options: EmbedOptions, *, shard: tuple[int, int], settings: Setti
     or for the Ray engine one file), name their outputs, plan and check every path the job writes,
     find what an earlier run finished, and remove what it wrote that this run no longer names.
     Raises InputError (exit 2)."""
-    out_dir = Path(options.output)
+    out_dir = location(options.output)
     if out_dir.suffix.lower() in (".parquet", ".pq") or out_dir.is_file():
         why = "with --engine ray" if engine == "ray" else "with many input files"
         raise InputError(f"-o {out_dir}: {why} the output is a directory; give one, e.g. -o out/.")
@@ -306,8 +326,9 @@ def plan_parts(options: EmbedOptions, *, shard: tuple[int, int], settings: Setti
     if engine == "ray" and (options.max_errors is not None or options.log_file is not None):
         flag = "--max-errors" if options.max_errors is not None else "--log-file"
         raise InputError(f"{flag} is not supported by --engine ray yet; drop it, or use the local engine.")
-    if Path(options.input).is_file():  # the Ray engine takes one file as a job of one part
-        root, parts = Path(options.input).parent, [Path(options.input)]
+    given = location(options.input)
+    if given.is_file():  # the Ray engine takes one file as a job of one part
+        root, parts = given.parent, [given]
     else:
         root, parts = expand_inputs(options.input, options.format)
     inside = out_dir.resolve()
@@ -321,7 +342,7 @@ def plan_parts(options: EmbedOptions, *, shard: tuple[int, int], settings: Setti
     sidecar = job_sidecar_path(out_dir, shard)
     writes = [w for p in mine for w in (("part output", outputs[p]), ("part sidecar", part_sidecar_path(out_dir, outputs[p])))]
     plan = plan_outputs(parts, [*writes, ("job sidecar", sidecar), ("--log-file", options.log_file)],
-                        input_dirs=[root] if Path(options.input).is_dir() else (), appends=("--log-file",))
+                        input_dirs=[root] if given.is_dir() else (), appends=("--log-file",))
     plan.check_writable()
     earlier = read_job_sidecar(sidecar)
     if earlier.get("input_id", input_id(earlier.get("input", ""))) == input_id(options.input):
@@ -358,6 +379,8 @@ def remove_stale_outputs(out_dir: Path, earlier: dict[str, Any], planned: Collec
     and the sidecars the layout before `_hfbatch/` kept beside the parts. A reader of the dataset
     `out/` would otherwise read those rows too, or fail on the JSON. Nothing outside `out_dir` and
     nothing but Parquet outputs and their sidecars is touched. Returns what was removed."""
+    if isinstance(out_dir, RemotePath):
+        return _remove_stale_objects(out_dir, earlier, planned)
     keep = {Path(p).relative_to(out_dir) for p in planned}
     beside = earlier.get("part_sidecars") is None  # written before _hfbatch/: sidecars beside the parts
     base = Path(out_dir).resolve()
@@ -376,6 +399,24 @@ def remove_stale_outputs(out_dir: Path, earlier: dict[str, Any], planned: Collec
         for path in [*stale, *([sidecar_path(output)] if beside else [])]:
             if path.is_file() or path.is_symlink():
                 path.unlink()
+                removed.append(path)
+    return removed
+
+
+def _remove_stale_objects(out_dir: RemotePath, earlier: dict[str, Any], planned: Collection[Any]) -> list[Any]:
+    """remove_stale_outputs in a store: keys have no links, so only the names are checked."""
+    keep = {str(p.relative_to(out_dir)) for p in planned}
+    removed = []
+    for record in earlier.get("parts", []):
+        if not isinstance(record, dict) or record.get("status") not in ("done", "skipped"):
+            continue
+        name = PurePath(str(record.get("output", "")))
+        if name.is_absolute() or ".." in name.parts or name.suffix.lower() not in (".parquet", ".pq") or name.as_posix() in keep:
+            continue
+        output = out_dir / name.as_posix()
+        for path in (output, part_sidecar_path(out_dir, output)):  # type: ignore[arg-type]
+            if path.is_file():
+                path.unlink(missing_ok=True)
                 removed.append(path)
     return removed
 
@@ -470,7 +511,9 @@ def _embed_part(job: PartsJob, part: Path, backend: Backend | None, observer: Ob
 def merge_job_sidecars(out_dir: Path, expected: Sequence[str] | None = None) -> dict[str, Any]:
     """Every job sidecar under `out_dir` together: each part exactly once and complete, and (with
     `expected`, the relative paths of the input's parts) none missing. Metrics summed."""
-    sidecars = sorted(Path(out_dir).glob(f"{JOB_SIDECAR}*.json"))
+    out_dir = location(out_dir)
+    sidecars = sorted(out_dir.glob(f"{out_dir.key}/{JOB_SIDECAR}*.json") if isinstance(out_dir, RemotePath)
+                      else out_dir.glob(f"{JOB_SIDECAR}*.json"))
     if not sidecars:
         raise InputError(f"{out_dir}: no {JOB_SIDECAR}*.json job sidecars there; is it the -o of a many-file job?")
     seen: dict[str, list[str]] = {}
@@ -496,7 +539,7 @@ def merge_job_sidecars(out_dir: Path, expected: Sequence[str] | None = None) -> 
     problems += [f"{output} is the output of {len(inputs)} parts ({', '.join(inputs)}): only the last one's rows are there"
                  for output, inputs in written.items() if len(inputs) > 1]
     problems += [f"{output} (of {inputs[0]}) is not in {out_dir}" for output, inputs in written.items()
-                 if not (Path(out_dir) / output).is_file()]
+                 if not (out_dir / output).is_file()]
     if expected is not None:
         problems += [f"{name} is in no sidecar (its shard has not run, or not finished)"
                      for name in sorted(set(expected) - set(seen))]

@@ -57,6 +57,7 @@ import pyarrow as pa
 from ..errors import InputError
 from ..validate import check_columns
 from .readers import DATA_SUFFIXES, Reader, open_reader
+from .stores import RemotePath, location
 from .writers import check_writable, remove_stale_temps
 
 # Names that are a process's open file, whatever it is now: writing through a temp file and a
@@ -98,7 +99,11 @@ class OutputPlan:
         proved: set[Path] = set()  # one probe per directory, however many parts go there
         for write in self.writes:
             try:
-                if _special_kind(write.path) is None:
+                if isinstance(write.path, RemotePath):
+                    if write.resolved.parent not in proved:
+                        check_writable(write.path)  # the bucket is there and these credentials see it
+                    proved.add(write.resolved.parent)
+                elif _special_kind(write.path) is None:
                     if write.resolved.parent not in proved:
                         check_writable(write.path)
                     proved.add(write.resolved.parent)
@@ -121,7 +126,7 @@ def plan_outputs(
     where = _Resolver(input_dirs)
     owners: dict[_Key, _Owner] = {}  # identity -> the first path seen there
     folders: dict[_Key, _Owner] = {}  # identity of a directory the job will make -> the write that needs it
-    for source in map(Path, inputs):
+    for source in map(location, inputs):
         found = where.identity(source, f"the input {source}")
         if found is not None:
             owners.setdefault(found[0], _Owner(f"the input {source}", None, source, found[1]))
@@ -129,7 +134,7 @@ def plan_outputs(
     for role, given in writes:
         if given is None:
             continue
-        path = Path(given)
+        path = location(given)
         who = _label(role, path)
         found = where.identity(path, who)
         if found is None:
@@ -154,7 +159,7 @@ def plan_outputs(
         owners[identity] = owner
         folders.update(dict.fromkeys(made, owner))
         planned.append(write)
-    return OutputPlan(tuple(map(Path, inputs)), tuple(planned))
+    return OutputPlan(tuple(map(location, inputs)), tuple(planned))
 
 
 class _Resolver:
@@ -162,7 +167,8 @@ class _Resolver:
     check) done once: a job of 10,000 parts writes into a few directories."""
 
     def __init__(self, input_dirs: Sequence[Path]):
-        self._guarded = [(Path(d), os.stat(d)) for d in input_dirs if os.path.isdir(d)]
+        self._guarded = [(Path(d), os.stat(d)) for d in input_dirs if not isinstance(d, RemotePath) and os.path.isdir(d)]
+        self._remote_dirs = [d for d in input_dirs if isinstance(d, RemotePath)]
         self._real: dict[Path, Path] = {}  # directory as given -> resolved
         self._bases: dict[Path, tuple[Path, _Key, bool]] = {}  # resolved directory -> deepest existing one, its key, folds
         self._inside: dict[Path, Path | None] = {}
@@ -178,7 +184,10 @@ class _Resolver:
 
     def identity(self, path: Path, who: str) -> tuple[_Key, Path] | None:
         """(what makes two paths one file, the resolved path); None when a parent is not a directory.
-        Symlink loops and parents that cannot be entered are InputError."""
+        Symlink loops and parents that cannot be entered are InputError. In a store, a key is
+        itself: no links, no case folding."""
+        if isinstance(path, RemotePath):
+            return ("remote", hash(path), str(path)), path  # type: ignore[return-value]
         resolved = self.resolve(path)
         # the given name first (/dev/stdout's /proc link resolves only this way), then the resolved
         # one (`new/../in.csv` is in.csv once the job makes `new`)
@@ -207,6 +216,8 @@ class _Resolver:
 
     def input_dir_holding(self, directory: Path) -> Path | None:
         """The input directory that `directory` (resolved) is in, compared by identity; None if none."""
+        if isinstance(directory, RemotePath):
+            return next((d for d in self._remote_dirs if d == directory or d in directory.parents), None)  # type: ignore[return-value]
         if not self._guarded:
             return None
         if directory not in self._inside:
@@ -229,8 +240,8 @@ class _Owner(NamedTuple):
 def part_outputs(root: Path, parts: Sequence[Path], out_dir: Path) -> dict[Path, Path]:
     """Each part's output path (see the module docstring); pass every part of the input, not one
     shard's, so that every host derives the same names. Raises InputError if names still collide."""
-    folds = case_insensitive(_existing_dir(Path(out_dir)))
-    relative = {part: Path(part).relative_to(root) for part in parts}
+    folds = False if isinstance(out_dir, RemotePath) else case_insensitive(_existing_dir(Path(out_dir)))
+    relative = {part: PurePath(part.relative_to(root)) for part in parts}  # type: ignore[arg-type]
     plain = {part: rel.parent / f"{_data_stem(rel.name)}.parquet" for part, rel in relative.items()}
     claims = Counter(_name_key(name, folds) for name in plain.values())
     named = {part: plain[part] if claims[_name_key(plain[part], folds)] == 1 else rel.parent / f"{rel.name}.parquet"
@@ -240,11 +251,12 @@ def part_outputs(root: Path, parts: Sequence[Path], out_dir: Path) -> dict[Path,
         other = final.setdefault(_name_key(name, folds), part)
         if other != part:
             raise InputError(
-                f"input parts {other} and {part} would both write {Path(out_dir) / name}"
+                f"input parts {other} and {part} would both write {out_dir / name}"
                 f"{' (names differing only in case, on a case-insensitive filesystem)' if folds else ''}; "
                 "rename one of them."
             )
-    return {part: Path(out_dir) / name for part, name in named.items()}
+    return {part: out_dir / (name.as_posix() if isinstance(out_dir, RemotePath) else name)  # type: ignore[misc]
+            for part, name in named.items()}
 
 
 def case_insensitive(directory: Path) -> bool:
@@ -295,6 +307,8 @@ def _existing_dir(path: Path) -> Path:
 
 def _check_kind(write: PlannedWrite, appends: Collection[str]) -> None:
     """Refuse a directory, and (unless the role appends) a device, FIFO, socket or descriptor name."""
+    if isinstance(write.path, RemotePath):
+        return  # a store holds objects only
     kind = _special_kind(write.path)
     if kind == "directory":
         raise InputError(f"{_who(write)}: is a directory; give {write.flag} a file's path.")
@@ -380,7 +394,7 @@ def open_job_files(
     passthrough = pa.schema([reader.schema.field(n) for n in (keep if keep is not None else reader.schema.names)])
     remove_stale_temps(output)
     plan.check_writable()
-    return JobFiles(reader, passthrough, Path(input))
+    return JobFiles(reader, passthrough, location(input))
 
 
 __all__ = ["OutputPlan", "PlannedWrite", "plan_outputs", "part_outputs", "case_insensitive", "JobFiles",

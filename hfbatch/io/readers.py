@@ -21,6 +21,10 @@ path for the reader (and the input hash, bytes, ...) and removes it when the job
 or failure. A stream has no extension, so the format comes from `-f` (or a FIFO's own name), and
 gzip is told by its magic bytes. The `--max-line-bytes` cap applies to the spooled copy as to any
 file; spooling itself holds one copy buffer in memory, whatever the line lengths.
+Objects in a store (`s3://...`, a RemotePath from stores.py) are read where they are: Parquet by
+ranged reads of its footer and the needed column chunks, CSV and JSONL as streams. Neither is
+counted first (a second read of the object; the progress bar then has no total): CSV rows are
+counted as read, JSONL still has its schema scan (two streamed reads of the object).
 """
 
 from __future__ import annotations
@@ -47,6 +51,7 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from ..errors import InputError
+from .stores import RemotePath, is_remote, location
 
 FORMATS = ("csv", "jsonl", "parquet")
 _EXTENSIONS = {
@@ -139,7 +144,7 @@ def open_reader(
         raise InputError(f"{_shown(path)}: is a pipe or device, which can be read only once and hfbatch reads its "
                          "input twice (a counting scan, then the rows); open it through spooled_input(), or save it "
                          "to a file and pass that.")
-    path = Path(path)
+    path = location(path)
     if not path.exists():
         raise InputError(f"{path}: no such file.")
     if path.is_dir():
@@ -160,6 +165,8 @@ def is_stream(path: str | Path) -> bool:
     """`-` (standard input), a FIFO or a character device: input that can be read only once."""
     if str(path) == STDIN:
         return True
+    if is_remote(path):
+        return False
     try:
         mode = os.stat(path).st_mode
     except OSError:
@@ -178,6 +185,9 @@ def spooled_input(path: str | Path, fmt: str | None = None, *, directory: Path |
     Raises InputError (exit 2): a stream without `fmt` whose name tells no format, a socket, or a
     stream that cannot be read or copied (e.g. no room in `directory`: the fix is TMPDIR).
     """
+    if is_remote(path):  # an object in a store is read where it is, as often as needed
+        yield location(path)  # type: ignore[misc]
+        return
     if not is_stream(path):
         if os.path.exists(path) and stat.S_ISSOCK(os.stat(path).st_mode):
             raise InputError(f"{path}: is a socket, which hfbatch does not open; pipe it in instead "
@@ -267,7 +277,8 @@ class ParquetReader(Reader):
         self.path, self.chunk_size = path, chunk_size
         try:
             # buffered page-by-page reads: a file written as one huge row group still streams
-            self._file = pq.ParquetFile(path, buffer_size=1 << 20, pre_buffer=False)
+            self._file = pq.ParquetFile(path.open(ranged=True) if isinstance(path, RemotePath) else path,
+                                        buffer_size=1 << 20, pre_buffer=False)
         except (pa.ArrowException, OSError) as exc:
             raise InputError(f"{path}: not a readable Parquet file ({_short(exc)}).") from exc
         full = self._file.schema_arrow
@@ -308,10 +319,11 @@ class CsvReader(Reader):
         self._columns = _select(names, columns)
         self._every_column = len(self._columns) == len(names)  # then no include list is passed to pyarrow
         self.schema = pa.schema([pa.field(n, pa.string()) for n in self._columns])
-        self.total_rows = self._count_rows()
+        # a store's object is not read twice to count its rows
+        self.total_rows = None if isinstance(path, RemotePath) else self._count_rows()
 
     def _open(self, columns: Sequence[str] | None, types: dict[str, pa.DataType] | None) -> pacsv.CSVStreamingReader:
-        stream = pa.input_stream(str(self.path), compression="detect")
+        stream = input_stream(self.path)
         return pacsv.open_csv(
             stream,
             # one thread: as fast for narrow files, and 3x faster to open a file of 100k columns
@@ -345,7 +357,7 @@ class CsvReader(Reader):
         the header decides the names. Also notes whether the header ends within that MiB."""
         size = min(self._block, _CSV_BLOCK_BYTES)  # 100k names fit; a bomb's line is not copied thrice
         try:
-            with pa.input_stream(str(self.path), compression="detect") as stream:
+            with input_stream(self.path) as stream:
                 raw = stream.read(size)
             self._head_full = len(raw) == size
             head = raw.decode("utf-8-sig", errors="replace")
@@ -440,12 +452,11 @@ class JsonlReader(Reader):
     def _lines(self) -> Iterator[tuple[int, dict[str, Any] | None]]:
         """(line number, object) for each non-blank line. A key given twice in one object keeps
         its last value (Python's json, like JavaScript's JSON.parse)."""
-        opener = gzip.open if self.path.suffix.lower() == ".gz" else open
         line_no = 0
         try:
             # Bytes, split on b"\n" only (never on U+2028 or a lone \r inside a JSON string),
             # decoded line by line so a bad byte is reported on its own line.
-            with opener(self.path, "rb") as handle:  # type: ignore[operator]
+            with _open_lines(self.path) as handle:
                 for line_no, raw in _capped_lines(handle, self._limit, self.path):
                     try:
                         line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
@@ -570,7 +581,7 @@ def _check_encoding(path: Path) -> None:
     """Refuse UTF-16/UTF-32 text (Excel's "Unicode text") up front with the fix, instead of a
     parse error full of NUL bytes later."""
     try:
-        with pa.input_stream(str(path), compression="detect") as stream:
+        with input_stream(path) as stream:
             head = stream.read(4)
     except (pa.ArrowException, OSError):
         return  # the reader itself reports an unreadable or damaged file
@@ -583,6 +594,24 @@ def _check_encoding(path: Path) -> None:
         raise InputError(f"{path}: looks {encoding} encoded (a NUL byte between the first characters, no byte order "
                          f"mark); hfbatch reads UTF-8: re-save it as UTF-8 (e.g. iconv -f {encoding} -t UTF-8 "
                          f"{path.name} > utf8-{path.name}).")
+
+
+def input_stream(path: Path | RemotePath) -> pa.NativeFile:
+    """The file's bytes as a stream, gunzipped when its name ends in .gz (a store's object read as
+    it streams in, never whole)."""
+    if not isinstance(path, RemotePath):
+        return pa.input_stream(str(path), compression="detect")
+    raw = pa.PythonFile(path.open(), mode="r")
+    return pa.CompressedInputStream(raw, "gzip") if path.suffix.lower() == ".gz" else raw
+
+
+def _open_lines(path: Path | RemotePath) -> IO[bytes]:
+    """A binary handle for line-by-line reading, gunzipped when the name ends in .gz."""
+    gz = path.suffix.lower() == ".gz"
+    if isinstance(path, RemotePath):
+        raw = path.open()
+        return gzip.GzipFile(fileobj=raw, mode="rb") if gz else raw  # type: ignore[return-value]
+    return gzip.open(path, "rb") if gz else open(path, "rb")  # type: ignore[return-value]
 
 
 def shown_names(names: Sequence[str], most: int = 20) -> str:

@@ -7,6 +7,10 @@ run that was killed (its pid is gone) are removed by the next run for the same o
 Two runs writing the same output both finish; the last to publish wins, and its sidecar is the
 one beside the file: publishing (sidecar, then rename) holds a lock on the output's directory.
 An output path that is a symlink is replaced by a regular file; the link's target is untouched.
+
+An output in a store (`-o s3://bucket/out.parquet`, see stores.py) is written the same way into a
+local temp file (in TMPDIR), and `commit()` publishes it by upload: the sidecar object first (one
+PUT), then the Parquet object (S3: multipart, completed only when whole, aborted on failure).
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..errors import OutputError
+from .stores import RemotePath, publish_error
 
 METADATA_KEY = "hfbatch"
 _TMP_SUFFIX = ".hfbatch-tmp"
@@ -52,9 +57,12 @@ def temp_path_for(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
 
 
-def remove_stale_temps(path: Path) -> list[Path]:
+def remove_stale_temps(path: Path | RemotePath) -> list[Path]:
     """Delete temp files of earlier runs for `path` whose process is no longer alive."""
-    removed = []
+    removed: list[Path] = []
+    if isinstance(path, RemotePath):
+        path = _local_temp_dir() / _remote_temp_name(path)
+    path = Path(path)
     for candidate in path.parent.glob(f".{path.name}.*{_TMP_SUFFIX}"):
         pid_text = candidate.name[len(path.name) + 2 : -len(_TMP_SUFFIX)].split("-")[0]
         if pid_text.isdigit() and not psutil.pid_exists(int(pid_text)):
@@ -63,8 +71,11 @@ def remove_stale_temps(path: Path) -> list[Path]:
     return removed
 
 
-def check_writable(path: Path) -> None:
+def check_writable(path: Path | RemotePath) -> None:
     """Fail before any work when the output cannot be created (exit 2 via the caller)."""
+    if isinstance(path, RemotePath):
+        path.check_writable()
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     probe = temp_path_for(path)
     try:
@@ -77,10 +88,12 @@ def check_writable(path: Path) -> None:
 class ParquetSink:
     """Write batches to a temp file; `commit()` publishes it, `abort()` removes it."""
 
-    def __init__(self, path: str | Path, schema: pa.Schema):
-        self.path = Path(path)
+    def __init__(self, path: str | Path | RemotePath, schema: pa.Schema):
+        self.path: Path | RemotePath = path if isinstance(path, RemotePath) else Path(path)
         self.schema = schema
-        self.temp = temp_path_for(self.path)
+        # a store's output is written locally first, published by upload at commit
+        self.temp = temp_path_for(_local_temp_dir() / _remote_temp_name(self.path)) if isinstance(self.path, RemotePath) \
+            else temp_path_for(self.path)
         self.rows = 0
         try:
             # vectors never repeat enough for a dictionary: writing one first only to fall back to
@@ -99,7 +112,7 @@ class ParquetSink:
             raise OutputError(f"writing {self.path} failed ({exc}); nothing was written there.") from exc
         self.rows += batch.num_rows
 
-    def commit(self, metadata: Mapping[str, Any], sidecar: Path | None = None) -> None:
+    def commit(self, metadata: Mapping[str, Any], sidecar: Path | RemotePath | None = None) -> None:
         """Add the provenance as key/value metadata, close, write the sidecar, rename into place.
 
         The sidecar is written (atomically) before the Parquet file is published, and removed
@@ -108,6 +121,9 @@ class ParquetSink:
         try:
             self._writer.add_key_value_metadata({METADATA_KEY: json.dumps(metadata, default=str)})
             self._writer.close()
+            if isinstance(self.path, RemotePath):
+                self._upload(metadata, sidecar)
+                return
             with publishing(self.path.parent):
                 if sidecar is not None:
                     write_json_atomic(sidecar, metadata)
@@ -120,6 +136,24 @@ class ParquetSink:
         except (OSError, pa.ArrowException, OutputError) as exc:
             self.abort()
             raise OutputError(f"finishing {self.path} failed ({exc}); nothing was written there.") from exc
+
+    def _upload(self, metadata: Mapping[str, Any], sidecar: Path | RemotePath | None) -> None:
+        assert isinstance(self.path, RemotePath)
+        if sidecar is not None:
+            write_json_atomic(sidecar, metadata)
+        try:
+            self.path.upload(self.temp)
+        except BaseException as exc:
+            if sidecar is not None:
+                try:
+                    sidecar.unlink(missing_ok=True)
+                except Exception:  # noqa: BLE001 - the upload's error is the one to report
+                    pass
+            if isinstance(exc, Exception) and not isinstance(exc, OutputError):
+                raise publish_error(self.path, exc) from exc
+            raise
+        finally:
+            self.temp.unlink(missing_ok=True)
 
     def abort(self) -> None:
         try:
@@ -152,8 +186,15 @@ def publishing(directory: Path) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
-def write_json_atomic(path: Path, document: Mapping[str, Any]) -> None:
-    """Write JSON through a temp file and rename, so readers never see half a document."""
+def write_json_atomic(path: Path | RemotePath, document: Mapping[str, Any]) -> None:
+    """Write JSON through a temp file and rename, so readers never see half a document (in a
+    store: one PUT, which is whole or nothing)."""
+    if isinstance(path, RemotePath):
+        try:
+            path.write_text(json.dumps(document, indent=2, default=str) + "\n")
+        except Exception as exc:  # noqa: BLE001 - a store's errors are many
+            raise OutputError(f"cannot write {path} ({exc}).") from exc
+        return
     temp = temp_path_for(path)
     try:
         temp.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
@@ -163,8 +204,20 @@ def write_json_atomic(path: Path, document: Mapping[str, Any]) -> None:
         raise OutputError(f"cannot write {path} ({exc}).") from exc
 
 
-def read_metadata(path: str | Path) -> dict[str, Any]:
+def _local_temp_dir() -> Path:
+    import tempfile
+
+    return Path(tempfile.gettempdir())
+
+
+def _remote_temp_name(path: RemotePath) -> str:
+    """A local name for a store output's temp file: the key flattened, so temps never collide."""
+    return "hfbatch-" + path.url.replace("://", "-").replace("/", "-")
+
+
+def read_metadata(path: str | Path | RemotePath) -> dict[str, Any]:
     """The hfbatch provenance stored in a Parquet file written by ParquetSink."""
-    meta = pq.ParquetFile(str(path)).metadata.metadata or {}  # file key/value metadata
+    source: Any = path.open(ranged=True) if isinstance(path, RemotePath) else str(path)
+    meta = pq.ParquetFile(source).metadata.metadata or {}  # file key/value metadata
     raw = meta.get(METADATA_KEY.encode())
     return json.loads(raw) if raw else {}

@@ -31,6 +31,7 @@ from ..cache import EmbeddingCache, NullCache, open_cache
 from ..errors import InputError, OutputError, TooManyErrors
 from ..io.plan import JobFiles, open_job_files
 from ..io.readers import Reader, open_reader, spooled_input
+from ..io.stores import location
 from ..io.writers import ParquetSink
 from ..monitoring import NullObserver, Observer, watch
 from ..options import JobOptions
@@ -393,7 +394,8 @@ def run_job(options: O, added_columns: Sequence[str], task_for: Callable[[O], Ta
     opts = options.resolved(settings or Settings.load())
     # a pipe or stdin is read once into a temp file beside the output, so every row is read
     # (and counted, and hashed); the copy goes when the job ends, however it ends
-    with spooled_input(opts.input, opts.format, directory=opts.output.parent if opts.output.parent.is_dir() else None) as source:
+    beside = opts.output.parent if isinstance(opts.output, Path) and opts.output.parent.is_dir() else None
+    with spooled_input(opts.input, opts.format, directory=beside) as source:
         files = open_files(opts, added_columns, source)
         return opts, run_task(task_for(opts), opts, files, observer=observer)
 
@@ -467,7 +469,7 @@ def sampler(task: Task, opts: JobOptions, cache: Cache, *, source: Path | None =
                              f"columns are: {', '.join(reader.all_columns[:20])}.")
         processor = ChunkProcessor(task, cache, metrics, passthrough=pa.schema([]), on_invalid="mark")
         values: list[Any] = []
-        for validated in _validated(reader, replace(opts, input=Path(path or opts.input)), metrics):
+        for validated in _validated(reader, replace(opts, input=location(path or opts.input)), metrics):
             values += processor.values(validated)
             if len(values) >= k:
                 break

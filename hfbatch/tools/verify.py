@@ -23,6 +23,7 @@ from ..backends import make_backend
 from ..engines.parts import part_sidecar_path
 from ..errors import HfbatchError, InputError
 from ..io.readers import open_reader
+from ..io.stores import RemotePath, location
 from ..options import EmbedOptions, sidecar_path
 from ..vectors import cosine_rows, l2_normalize, output_width, quantize, truncate_dims
 
@@ -32,7 +33,7 @@ class VerifyMismatch(HfbatchError):
 
 
 def verify_output(output: Path, *, sample: int = 64, seed: int = 0, tolerance: float = 0.999) -> dict[str, Any]:
-    output = Path(output)
+    output = location(output)
     meta_path = find_sidecar(output)
     try:
         document = json.loads(meta_path.read_text(encoding="utf-8"))
@@ -44,7 +45,7 @@ def verify_output(output: Path, *, sample: int = 64, seed: int = 0, tolerance: f
     if prov.get("job") == "generate":
         raise InputError(f"{output}: verify checks embedding outputs; this is a generate output.")
     try:
-        table = pq.read_table(output)
+        table = pq.read_table(output.open(ranged=True) if isinstance(output, RemotePath) else output)
     except Exception as exc:  # pyarrow raises several types for a missing or broken file
         raise InputError(f"{output}: cannot read it as Parquet ({exc}).") from None
     text_column = prov.get("text_column") or "text"
@@ -132,8 +133,8 @@ def _texts(table: Any, column: str, prov: dict[str, Any], output: Path) -> list[
     """The text of every output row: from the output if it kept the column, else the input."""
     if column in table.column_names:
         return table.column(column).to_pylist()
-    source = Path(prov.get("input", {}).get("path", ""))
-    if not source.is_absolute():
+    source = location(prov.get("input", {}).get("path", ""))
+    if isinstance(source, Path) and not source.is_absolute():
         source = output.parent / source  # written with --relative-paths
     if prov.get("on_invalid") == "skip" or not source.is_file():
         raise InputError(f"{output}: the output has no {column!r} column and the input {source} cannot be matched "
