@@ -228,8 +228,10 @@ def _local_file(flag: str, value: Any) -> Path | None:
     """A monitoring file: written on this machine as the job goes, never a store's object."""
     if value is None:
         return None
-    if is_remote(str(value)):
-        raise InputError(f"{flag} {value}: is written on this machine as the job goes; give a local path.")
+    text = str(value)
+    unfolded = text if "://" in text else text.replace(":/", "://", 1)  # typer's Path folds s3:// to s3:/
+    if is_remote(unfolded):
+        raise InputError(f"{flag} {unfolded}: is written on this machine as the job goes; give a local path.")
     return Path(value)
 
 

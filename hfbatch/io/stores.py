@@ -21,7 +21,6 @@ stores through their own put, whose object appears when the upload completes.
 
 from __future__ import annotations
 
-import functools
 import re
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Iterator
@@ -50,12 +49,13 @@ def location(spec: Any) -> "Path | RemotePath":
     return RemotePath(str(spec)) if is_remote(spec) else Path(spec)
 
 
-@functools.lru_cache(maxsize=None)
 def _filesystem(protocol: str) -> Any:
+    """The store's fsspec filesystem (fsspec keeps one instance per configuration). Listings are
+    not cached: a job lists a prefix once, and a rerun must see objects added since."""
     try:
         import fsspec
 
-        return fsspec.filesystem(protocol)
+        return fsspec.filesystem(protocol, use_listings_cache=False)
     except ImportError as exc:
         raise InputError(f"{protocol}:// paths need {_EXTRAS.get(protocol, protocol)}: pip install "
                          f"'hfbatch[{'s3' if protocol == 's3' else 'stores'}]' ({exc}).") from None
