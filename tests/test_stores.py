@@ -206,3 +206,18 @@ def test_store_paths_that_cannot_work_are_refused_before_any_work(s3: S3Server, 
     _, stderr = same.communicate(timeout=120)
     assert same.returncode == 2 and "in/in.parquet" in stderr, stderr  # the output would overwrite its input
     assert s3.keys(BUCKET) == ["in/in.parquet"]
+
+
+def test_the_ray_engine_reads_and_writes_the_store_like_the_local_engine(s3: S3Server, tmp_path: Path) -> None:
+    pytest.importorskip("ray")
+    root = _local_parts(tmp_path / "data")
+    _upload_dir(s3, root, "in")
+    local = embed(EmbedOptions(input=root, output=tmp_path / "local", cache_dir=tmp_path / "c1"))
+    ray = embed(EmbedOptions(input=f"s3://{BUCKET}/in", output=f"s3://{BUCKET}/rout/", cache_dir=tmp_path / "c2"),
+                engine="ray", num_workers=1)
+    assert ray.document["totals"]["rows_out"] == local.document["totals"]["rows_out"] == 61
+    for record in local.document["parts"]:
+        want = pq.read_table(tmp_path / "local" / record["output"])
+        got = _table(s3, f"rout/{record['output']}")
+        assert got.column("id").to_pylist() == want.column("id").to_pylist()
+        assert got.column("embedding_error").to_pylist() == want.column("embedding_error").to_pylist()

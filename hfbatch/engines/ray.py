@@ -389,8 +389,11 @@ def run_embed_ray(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1), add
         except InputError as exc:
             job.failed(part, str(exc), time.perf_counter())
             continue
+        if files.reader.total_rows is None:  # the driver knows a part is complete by its count: never guess 0
+            raise InputError(f"{part}: its rows cannot be counted before the job, which --engine ray needs; "
+                             "use the local engine.")
         planned[job.relative(part)] = PlannedPart(part, opts, files.passthrough, files.reader.format,
-                                                  files.reader.total_rows or 0)
+                                                  files.reader.total_rows)
     if planned:  # int8/uint8: the job's ranges, settled here once, travel to every actor with the options
         settle_ranges(job, settings)
         planned = {r: replace(p, opts=replace(p.opts, ranges=job.resolved.ranges,

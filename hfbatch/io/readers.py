@@ -22,9 +22,9 @@ or failure. A stream has no extension, so the format comes from `-f` (or a FIFO'
 gzip is told by its magic bytes. The `--max-line-bytes` cap applies to the spooled copy as to any
 file; spooling itself holds one copy buffer in memory, whatever the line lengths.
 Objects in a store (`s3://...`, a RemotePath from stores.py) are read where they are: Parquet by
-ranged reads of its footer and the needed column chunks, CSV and JSONL as streams. Neither is
-counted first (a second read of the object; the progress bar then has no total): CSV rows are
-counted as read, JSONL still has its schema scan (two streamed reads of the object).
+ranged reads of its footer and the needed column chunks, CSV and JSONL as streams, each read
+twice like a local file (the counting or schema scan, then the rows): rows in == rows out needs
+the count, and the Ray engine needs it to know when a part is complete.
 """
 
 from __future__ import annotations
@@ -319,8 +319,7 @@ class CsvReader(Reader):
         self._columns = _select(names, columns)
         self._every_column = len(self._columns) == len(names)  # then no include list is passed to pyarrow
         self.schema = pa.schema([pa.field(n, pa.string()) for n in self._columns])
-        # a store's object is not read twice to count its rows
-        self.total_rows = None if isinstance(path, RemotePath) else self._count_rows()
+        self.total_rows = self._count_rows()
 
     def _open(self, columns: Sequence[str] | None, types: dict[str, pa.DataType] | None) -> pacsv.CSVStreamingReader:
         stream = input_stream(self.path)
