@@ -31,6 +31,7 @@ bench: install
 	$(PY) benchmarks/bench_generate.py
 	$(PY) benchmarks/bench_scale.py
 	$(PY) benchmarks/bench_retrieval.py
+	$(PY) benchmarks/bench_stores.py
 
 clean:
 	rm -rf out benchmarks/.work .pytest_cache .hypothesis build dist *.egg-info

@@ -13,6 +13,7 @@ from typing import Any, Sequence, TypeVar
 from .backends.generation import GenerationParams
 from .errors import InputError
 from .io.plan import check_output_path
+from .io.readers import detect_format
 from .io.stores import is_remote, location
 from .settings import Settings, parse_byte_size
 from .validate import ON_INVALID
@@ -194,6 +195,12 @@ class EmbedOptions(JobOptions):
         if self.calibration is not None and not Path(self.calibration).is_file():
             raise InputError(f"--calibration {self.calibration}: no such file (give an earlier run's .meta.json, "
                              "or a CSV/JSONL/Parquet file of texts).")
+        if self.calibration is not None and not str(self.calibration).endswith(".json"):
+            try:
+                detect_format(Path(self.calibration))
+            except InputError:
+                raise InputError(f"--calibration {self.calibration}: give an earlier run's .meta.json, or a file of "
+                                 "texts named .csv, .tsv, .jsonl, .ndjson or .parquet (optionally .gz).") from None
 
 
 @dataclass(frozen=True)

@@ -350,3 +350,11 @@ def test_every_path_a_job_writes_is_checked_before_any_work(tmp_path: Path, case
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.output
     assert {p: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == given  # nothing written or changed
     assert src.read_bytes() == before and not Path("/dev/null").is_file()
+
+
+def test_verify_names_the_fix_for_a_split_output_without_its_text_column(tmp_path: Path) -> None:
+    src = write_jsonl(tmp_path / "in.jsonl", [{"id": i, "text": " ".join(SAMPLE_TEXTS) * 3} for i in range(3)])
+    out = tmp_path / "o.parquet"
+    assert run("embed", str(src), "-o", str(out), "--split", "tokens:64", "--keep", "id").exit_code == 0
+    result = run("verify", str(out))
+    assert result.exit_code == 2 and "keep it (--keep) to verify" in result.stderr and "changed" not in result.stderr

@@ -325,3 +325,29 @@ def test_the_job_key_names_the_endpoint_without_its_credentials() -> None:
 
     assert key("http://u:pw1@gpu-box:8080") == key("http://u:pw2@gpu-box:8080") == key("http://gpu-box:8080")
     assert key("http://gpu-box:8080") != key("http://other-box:8080")
+
+
+def test_int8_ranges_come_from_the_job_across_parts_and_a_part_on_another_grid_is_embedded_again(tmp_path: Path) -> None:
+    """The ranges are the job's first --calibration-size vectors across its parts (a first part of
+    one row does not make them), every part shares them, and a rerun whose ranges changed (the
+    first part changed) embeds again every part recorded with the old ones, not only that part."""
+    root = tmp_path / "data"
+    root.mkdir()
+    write_jsonl(root / "a.jsonl", [{"id": 0, "text": SAMPLE_TEXTS[0]}])
+    write_jsonl(root / "b.jsonl", [{"id": i, "text": f"{SAMPLE_TEXTS[i % 8]} b{i}"} for i in range(30)])
+    options = EmbedOptions(input=root, output=tmp_path / "out", output_precision="int8", calibration_size=20,
+                           cache_dir=tmp_path / "c")
+    first = run_embed_parts(options)
+    metas = {p: json.loads((tmp_path / "out" / "_hfbatch" / f"{p}.parquet.meta.json").read_text()) for p in "ab"}
+    ranges = [m["provenance"]["vectors"]["ranges"] for m in metas.values()]
+    assert ranges[0] == ranges[1] and metas["a"]["provenance"]["vectors"]["calibration"]["vectors"] == 20
+    codes = np.array(pq.read_table(tmp_path / "out" / "b.parquet").column("embedding").to_pylist())
+    assert len({tuple(row) for row in codes}) == 30  # distinct rows keep distinct codes
+    assert first.document["totals"]["parts_done"] == 2
+    write_jsonl(root / "a.jsonl", [{"id": i, "text": f"something else entirely, number {i}"} for i in range(25)])
+    again = run_embed_parts(options)
+    assert again.document["totals"]["parts_done"] == 2 and again.document["totals"]["parts_skipped"] == 0
+    metas = {p: json.loads((tmp_path / "out" / "_hfbatch" / f"{p}.parquet.meta.json").read_text()) for p in "ab"}
+    assert metas["a"]["provenance"]["vectors"]["ranges"] == metas["b"]["provenance"]["vectors"]["ranges"] != ranges[0]
+    third = run_embed_parts(options)
+    assert third.document["totals"]["parts_skipped"] == 2  # same grid: resumed

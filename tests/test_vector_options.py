@@ -510,3 +510,55 @@ def test_calibration_sidecar_without_ranges_exits_2(tmp_path: Path, runs: Runs) 
     assert result.exit_code == 2, result.output
     assert "--calibration" in result.stderr and result.stderr.count("\n") == 1
     assert not out.exists()
+
+
+# --- calibration that cannot be one (hostile-review findings) ------------------------------------
+
+
+def test_ranges_from_too_few_vectors_are_refused(tmp_path: Path, runs: Runs) -> None:
+    one = write_jsonl(tmp_path / "one.jsonl", [{"text": TEXTS[0]}])
+    for args in (["--calibration-size", "1"], ["--calibration", one]):
+        out = tmp_path / "o.parquet"
+        result = cli("embed", runs.src, "-o", out, "--model", MODEL, "--cache-dir", runs.cache, "--output-precision", "int8",
+                     "--quiet", *args)
+        assert result.exit_code == 2 and "ranges need at least" in result.stderr, (args, result.output)
+        assert not out.exists()
+
+
+def test_a_sidecar_whose_ranges_are_not_ranges_or_not_of_these_vectors_is_refused(tmp_path: Path, runs: Runs) -> None:
+    first = runs.quantized("int8", None)
+    document = json.loads(first.sidecar.read_text())
+    cases = {}
+    inverted = json.loads(json.dumps(document))
+    inverted["provenance"]["vectors"]["ranges"] = [document["provenance"]["vectors"]["ranges"][1],
+                                                   document["provenance"]["vectors"]["ranges"][0]]
+    cases["inverted"] = (inverted, "not finite minimums below their maximums")
+    nan = json.loads(json.dumps(document))
+    nan["provenance"]["vectors"]["ranges"][0][3] = float("nan")
+    cases["nan"] = (nan, "not finite minimums below their maximums")
+    other = json.loads(json.dumps(document))
+    other["provenance"]["normalize"] = False
+    cases["unnormalized"] = (other, "normalize not the same")
+    for name, (doc, message) in cases.items():
+        path = tmp_path / f"{name}.meta.json"
+        path.write_text(json.dumps(doc))
+        out = tmp_path / f"{name}.parquet"
+        result = cli("embed", runs.src, "-o", out, "--model", MODEL, "--cache-dir", runs.cache, "--output-precision",
+                     "int8", "--calibration", path, "--quiet")
+        assert result.exit_code == 2 and message in result.stderr, (name, result.output)
+        assert not out.exists()
+
+
+def test_a_jsonl_file_named_json_is_a_file_of_texts_not_a_sidecar(tmp_path: Path, runs: Runs) -> None:
+    texts = tmp_path / "texts.json"
+    texts.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS[:20]))
+    result = runs.get("json_texts_int8", output_precision="int8", calibration=texts)
+    calibration = vectors_of(result)["calibration"]
+    assert calibration["source"] == str(texts) and calibration["vectors"] == 20
+    bad = cli("embed", runs.src, "-o", tmp_path / "o.parquet", "--model", MODEL, "--output-precision", "int8",
+              "--calibration", tmp_path / "cal.txt")
+    assert bad.exit_code == 2  # no such file
+    (tmp_path / "cal.txt").write_text("a\nb\n")
+    bad = cli("embed", runs.src, "-o", tmp_path / "o.parquet", "--model", MODEL, "--output-precision", "int8",
+              "--calibration", tmp_path / "cal.txt")
+    assert bad.exit_code == 2 and "named .csv, .tsv, .jsonl" in bad.stderr and "--format" not in bad.stderr

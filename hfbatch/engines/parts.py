@@ -254,6 +254,8 @@ class PartsJob:
         try:
             meta = json.loads(self.part_sidecar(part).read_text(encoding="utf-8"))
             recorded = meta["provenance"]["input"]["hash"]
+            if self.options.ranges is not None and meta["provenance"]["vectors"]["ranges"] != list(map(list, self.options.ranges)):
+                return False  # quantized on another grid than this job's: embedded again
             rows = pq.ParquetFile(output.open(ranged=True) if isinstance(output, RemotePath) else output).metadata.num_rows
         except (OSError, ValueError, KeyError, TypeError, pa.ArrowException, InputError):
             return False
@@ -436,9 +438,9 @@ def run_embed_parts(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1), b
     (backend or make_backend(job.resolved)).fingerprint()
     shared = _OneBar(observer) if observer is not None else None
     try:
+        settle_ranges(job, settings, backend)  # int8/uint8: before any part is resumed or run
         for part in job.mine:
             if not job.resume(part):
-                settle_ranges(job, settings, backend)  # once, before the first part that runs
                 _embed_part(job, part, backend, shared, settings)
     except BaseException as exc:
         job.write(finished=False)
@@ -452,23 +454,15 @@ def run_embed_parts(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1), b
 
 def settle_ranges(job: PartsJob, settings: Settings, backend: Backend | None = None) -> None:
     """--output-precision int8/uint8 without ranges: take them once for the whole job from its
-    first part that has texts (the first of the whole input, so every --shard takes the same) and
-    give them to every part. Nothing to do once they are set."""
+    first --calibration-size vectors (or --calibration's), whichever shard this is, and give them
+    to every part; a part recorded with other ranges is not resumed (`PartsJob.resume`). Nothing
+    to do once they are set."""
     if job.options.output_precision not in CALIBRATED or job.options.ranges is not None:
         return
-    problems = []
-    for part in job.outputs:  # the input's parts in order, whichever shard this is
-        try:
-            ranges, record = calibrate_ranges(job.part_options(part), backend=backend, settings=settings)
-        except InputError as exc:  # this part has no usable texts: the next one may
-            problems.append(str(exc))
-            continue
-        job.options = replace(job.options, ranges=ranges, calibration_record=record)
-        job.resolved = replace(job.resolved, ranges=ranges, calibration_record=record)
-        return
-    raise InputError(f"no part of {job.options.input} has texts to take --output-precision "
-                     f"{job.options.output_precision} ranges from ({problems[0] if problems else 'no parts'}); "
-                     "give --calibration FILE.")
+    parts = list(job.outputs)  # the input's parts in order, whichever shard this is
+    ranges, record = calibrate_ranges(job.part_options(parts[0]), parts, backend=backend, settings=settings)
+    job.options = replace(job.options, ranges=ranges, calibration_record=record)
+    job.resolved = replace(job.resolved, ranges=ranges, calibration_record=record)
 
 
 class _OneBar(NullObserver):

@@ -34,7 +34,7 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -377,6 +377,9 @@ def run_embed_ray(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1), add
         raise InputError(f"--num-workers must be at least 1 (got {num_workers}).")
     settings = settings or Settings.load()
     job = plan_parts(options, shard=shard, settings=settings, engine="ray")
+    # int8/uint8: the job's ranges, settled once in the driver before any part is resumed; they
+    # travel to every actor with the options
+    settle_ranges(job, settings)
 
     # every check that needs no model, before the cluster starts: columns, outputs, earlier runs
     planned: dict[str, PlannedPart] = {}
@@ -394,11 +397,6 @@ def run_embed_ray(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1), add
                              "use the local engine.")
         planned[job.relative(part)] = PlannedPart(part, opts, files.passthrough, files.reader.format,
                                                   files.reader.total_rows)
-    if planned:  # int8/uint8: the job's ranges, settled here once, travel to every actor with the options
-        settle_ranges(job, settings)
-        planned = {r: replace(p, opts=replace(p.opts, ranges=job.resolved.ranges,
-                                              calibration_record=job.resolved.calibration_record))
-                   for r, p in planned.items()}
     ray_info: dict[str, Any] = {"address": address or "local", "num_workers": num_workers,
                                 "gpus_per_worker": gpus_per_worker, "actor_max_restarts": ACTOR_RETRIES,
                                 "actor_max_task_retries": ACTOR_RETRIES}

@@ -178,6 +178,7 @@ class RemotePath:
     def identity(self) -> str:
         """What the store says of this object's content without a read of its bytes: its ETag (S3,
         Azure), generation or md5 (GCS), commit/blob id (hub), and its size."""
+        self._forget_listings()
         info = self.info()
         mark = next((str(info[k]) for k in ("VersionId", "ETag", "etag", "generation", "md5Hash", "blob_id", "lfs")
                      if info.get(k)), "")
@@ -189,6 +190,7 @@ class RemotePath:
         if mode != "rb":
             raise ValueError("RemotePath.open reads only; outputs are published with upload()")
         options = {"cache_type": "none"} if ranged else {"cache_type": "readahead", "block_size": 1 << 20}
+        self._forget_listings()  # the size it reads up to is the object's now
         try:
             return self._ask(self.fs.open, self.key, "rb", **options)
         except FileNotFoundError:
@@ -216,17 +218,21 @@ class RemotePath:
 
     def walk_files(self) -> Iterator["RemotePath"]:
         """Every object under this prefix, recursively, in key order."""
+        self._forget_listings()
         for key in sorted(self._ask(self.fs.find, self.key)):
             yield RemotePath(f"{self.scheme}://{key}")
 
     def glob(self, pattern: str) -> list["RemotePath"]:
         """Objects matching a glob pattern (the whole URL is the pattern), in key order."""
+        self._forget_listings()
         return [RemotePath(f"{self.scheme}://{key}") for key in sorted(self._ask(self.fs.glob, pattern))
                 if not self._ask(self.fs.isdir, key)]
 
     def _ask(self, call: Any, *args: Any, **kwargs: Any) -> Any:
         """Call the store; its permission and connection errors become one-line InputErrors."""
         try:
+            if SCHEMES[self.scheme] == "hf":
+                self._hub_repo_visible()
             return call(*args, **kwargs)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise
@@ -234,6 +240,26 @@ class RemotePath:
             raise InputError(f"{self}: access denied ({_short(exc)}); check the store's credentials.") from None
         except OSError as exc:
             raise InputError(f"{self}: the store answered an error ({_short(exc)}).") from None
+
+    def _hub_repo_visible(self) -> None:
+        """hf://: HfFileSystem's exists/isdir/isfile answer False for a repo or revision the hub will
+        not show (a private one without HF_TOKEN among them), which would read as 'no such file', and
+        its glob raises a bare FileNotFoundError: name the cause first. (Cached by HfFileSystem: no
+        request after the first.)"""
+        try:
+            self.fs.resolve_path(self.key)
+        except FileNotFoundError as exc:
+            raise InputError(f"{self}: the hub shows no such repo or revision; if it is private or gated, set "
+                             f"HF_TOKEN to a token that can read it ({_short(exc)}).") from None
+        except (ValueError, NotImplementedError) as exc:
+            raise InputError(f"{self}: {_short(exc)}; give hf://datasets/org/name/path.") from None
+
+    def _forget_listings(self) -> None:
+        """HfFileSystem keeps its listings, and which repos it could see, for the life of its instance
+        (one per process and thread) whatever use_listings_cache says: forget what it holds for this
+        key, so a second job in the same process sees the objects (and HF_TOKEN) as they are now."""
+        if SCHEMES[self.scheme] == "hf":
+            self.fs.invalidate_cache(self.key)
 
     # --- publishing ----------------------------------------------------------------------------
 

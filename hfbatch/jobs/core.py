@@ -470,13 +470,24 @@ def sampler(task: Task, opts: JobOptions, cache: Cache, *, source: Path | None =
         processor = ChunkProcessor(task, cache, metrics, passthrough=pa.schema([]), on_invalid="mark")
         values: list[Any] = []
         for validated in _validated(reader, replace(opts, input=location(path or opts.input)), metrics):
-            values += processor.values(validated)
+            # only the rows the sample needs are computed (each valid row gives at least one value)
+            values += processor.values(_first_valid(validated, k - len(values)))
             if len(values) >= k:
                 break
         return values[:k]
 
     sample.metrics = metrics  # type: ignore[attr-defined]
     return sample
+
+
+def _first_valid(v: ValidatedChunk, n: int) -> ValidatedChunk:
+    """The chunk cut after its n-th valid row."""
+    valid = v.valid_rows
+    if len(valid) <= n:
+        return v
+    end = valid[n - 1] + 1
+    chunk = replace(v.chunk, batch=v.chunk.batch.slice(0, end))
+    return ValidatedChunk(chunk, v.texts[:end], v.errors[:end], v.n_tokens[:end], v.truncated[:end])
 
 
 def _validated(reader: Reader, opts: JobOptions, metrics: Metrics) -> Iterator[ValidatedChunk]:

@@ -67,23 +67,46 @@ def run_embed(options: EmbedOptions, *, backend: Backend | None = None, observer
     return EmbedResult(opts.output, opts.sidecar, document)
 
 
-def calibrate_ranges(options: EmbedOptions, *, backend: Backend | None = None,
+MIN_CALIBRATION_VECTORS = 10  # fewer cannot give a range per dimension (one vector: every value in one bucket)
+
+
+def calibrate_ranges(options: EmbedOptions, inputs: Sequence[Any], *, backend: Backend | None = None,
                      settings: Settings | None = None) -> tuple[list[list[float]], dict[str, Any]]:
     """The int8/uint8 ranges of a job whose parts must all share them (engines settle them once,
-    before any part runs): as a single-file job of `options` would take them. The sample's
-    vectors go to the cache, where the job then finds them."""
+    before any part runs): the first --calibration-size vectors of `inputs` (the job's parts, in
+    order; a part without usable texts is passed over), or --calibration's. The sample's vectors
+    go to the cache, where the job then finds them."""
     opts = options.resolved(settings or Settings.load())
     task = EmbedTask(backend or make_backend(opts), opts)
     cache: Cache = open_cache(opts.cache_dir, task.backend.fingerprint(),  # type: ignore[arg-type]
                               size_limit_bytes=opts.cache_size_bytes or 0) if opts.use_cache else NullCache()
+    one = sampler(task, opts, cache)
+    used: list[str] = []
+
+    def across_parts(k: int, path: Any = None) -> list[Any]:
+        if path is not None:
+            return one(k, path)
+        values: list[Any] = []
+        for part in inputs:
+            try:
+                got = one(k - len(values), part)
+            except InputError:  # this part's columns or data: the next part may serve
+                continue
+            values += got
+            used.append(str(part)) if got else None
+            if len(values) >= k:
+                break
+        return values
+
+    across_parts.metrics = one.metrics  # type: ignore[attr-defined]
     try:
-        task.calibrate(sampler(task, opts, cache))
+        task.calibrate(across_parts)
     finally:
         cache.close()
     assert task.ranges is not None
     record = dict(task.calibration or {})
     if record.get("source") == "job":
-        record["source"] = f"job: {opts.input}"  # the job's first part
+        record["source"] = "job: " + ", ".join(used[:3]) + (f" and {len(used) - 3} more parts" if len(used) > 3 else "")
     return task.ranges.tolist(), record
 
 
@@ -107,8 +130,10 @@ class EmbedTask:
         self._hit_dim: int | None = None  # size of hits the cache checked against its own record
         self._out_dim: int | None = None  # the size this job's output was started with
         self._cache_dir: Any = None  # where the hits came from, for the message when they were wrong
-        if self.ranges is None and opts.calibration is not None and Path(opts.calibration).name.endswith(".json"):
-            self.ranges, self.calibration = read_ranges(Path(opts.calibration), self.out_dim_hint())  # before it starts, too
+        if self.ranges is None and opts.calibration is not None and is_sidecar(Path(opts.calibration)):
+            expect = {"model_id": backend.model_id, "normalize": opts.normalize, "prompt": backend.prompt,
+                      "truncate_dim": opts.truncate_dim}
+            self.ranges, self.calibration = read_ranges(Path(opts.calibration), self.out_dim_hint(), expect)  # before it starts
 
     @property
     def batch_texts(self) -> int:
@@ -209,10 +234,19 @@ class EmbedTask:
             return
         path = Path(opts.calibration) if opts.calibration is not None else None  # (a sidecar was read in __init__)
         values = sample(opts.calibration_size, path)
-        if not values:
-            raise InputError(f"{path or opts.input} has no valid text to take --output-precision {opts.output_precision} "
-                             "ranges from; give --calibration FILE (an earlier run's .meta.json or a file of texts).")
-        self.ranges = quantization_ranges(self.finish(np.stack([value.vector for value in values])))
+        if len(values) < min(MIN_CALIBRATION_VECTORS, opts.calibration_size) or len(values) < 2:
+            raise InputError(
+                f"{path or opts.input} has {len(values)} valid text{'s' if len(values) != 1 else ''} to take "
+                f"--output-precision {opts.output_precision} ranges from; ranges need at least {MIN_CALIBRATION_VECTORS} "
+                "vectors (from fewer, most values fall in one bucket): give --calibration FILE with more texts (or an "
+                "earlier run's .meta.json), or --calibration-size 10 or more.")
+        ranges = quantization_ranges(self.finish(np.stack([value.vector for value in values])))
+        flat = int((ranges[1] <= ranges[0]).sum())
+        if flat:
+            raise InputError(f"the {len(values)} calibration vectors of {path or opts.input} do not vary in {flat} of "
+                             f"{ranges.shape[1]} dimensions, so int8/uint8 would put every value of those in one bucket; "
+                             "calibrate on more (and more varied) texts with --calibration FILE.")
+        self.ranges = ranges
         self.calibration = {"source": str(path) if path else "job", "vectors": len(values),
                             "texts_computed": sample.metrics.texts_computed}  # type: ignore[attr-defined]
 
@@ -268,11 +302,29 @@ class EmbedTask:
         return embed_provenance(self.backend, self.opts, self.dim(), ranges=self.ranges, calibration=self.calibration)
 
 
-def read_ranges(path: Path, dim: int | None) -> tuple[np.ndarray, dict[str, Any]]:
-    """int8/uint8 ranges from an earlier run's sidecar (its provenance.vectors.ranges)."""
+def is_sidecar(path: Path) -> bool:
+    """Whether --calibration names an earlier run's sidecar (a JSON document with a provenance),
+    rather than a file of texts (CSV, JSONL -- also named .json -- or Parquet)."""
+    if path.name.endswith(".meta.json"):
+        return True
+    if path.suffix.lower() != ".json":
+        return False
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(1 << 16).lstrip()
+        return head.startswith(b"{") and b'"provenance"' in head and b"\n{" not in head
+    except OSError:
+        return False
+
+
+def read_ranges(path: Path, dim: int | None, expect: dict[str, Any] | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """int8/uint8 ranges from an earlier run's sidecar (its provenance.vectors.ranges), refused
+    unless they are real ranges (finite, each minimum below its maximum) of vectors like this
+    job's (`expect`: model_id, normalize, prompt, truncate_dim)."""
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
-        output = document["provenance"]["vectors"]
+        provenance = document["provenance"]
+        output = provenance["vectors"]
         ranges = np.asarray(output["ranges"], dtype=np.float32) if output.get("ranges") is not None else None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise InputError(f"--calibration {path}: not an hfbatch sidecar ({type(exc).__name__}: {exc}); give the "
@@ -280,9 +332,19 @@ def read_ranges(path: Path, dim: int | None) -> tuple[np.ndarray, dict[str, Any]
     if ranges is None:
         raise InputError(f"--calibration {path}: that run wrote {output.get('precision') or 'float32'} vectors and has no "
                          "ranges; give the .meta.json of a run with --output-precision int8 or uint8, or a file of texts.")
-    if ranges.ndim != 2 or ranges.shape[0] != 2 or (dim is not None and ranges.shape[1] != dim):
+    if ranges.ndim != 2 or ranges.shape[0] != 2:
+        raise InputError(f"--calibration {path}: its ranges are not two rows (minimums, maximums); the sidecar is damaged.")
+    if dim is not None and ranges.shape[1] != dim:
         raise InputError(f"--calibration {path}: its ranges are for {ranges.shape[-1]}-dimensional vectors, this job "
                          f"writes {dim}; use a sidecar of the same model and --truncate-dim.")
+    if not np.isfinite(ranges).all() or (ranges[1] <= ranges[0]).any():
+        raise InputError(f"--calibration {path}: its ranges are not finite minimums below their maximums in every "
+                         "dimension; the sidecar was edited or damaged.")
+    differ = [k for k, v in (expect or {}).items()
+              if (output.get(k) if k == "truncate_dim" else provenance.get(k)) != v]
+    if differ:
+        raise InputError(f"--calibration {path}: that run's vectors differ from this job's ({', '.join(differ)} "
+                         "not the same), so its ranges are not theirs; calibrate with a run of the same options.")
     return ranges, {"source": str(path), "vectors": (output.get("calibration") or {}).get("vectors")}
 
 

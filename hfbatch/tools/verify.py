@@ -133,6 +133,10 @@ def _texts(table: Any, column: str, prov: dict[str, Any], output: Path) -> list[
     """The text of every output row: from the output if it kept the column, else the input."""
     if column in table.column_names:
         return table.column(column).to_pylist()
+    split = prov.get("split") or {}
+    if split and split.get("aggregate") != "mean":
+        raise InputError(f"{output}: a --split output is verified from the windows' own texts, and this one did not "
+                         f"keep its {column!r} column; keep it (--keep) to verify.")
     source = location(prov.get("input", {}).get("path", ""))
     if isinstance(source, Path) and not source.is_absolute():
         source = output.parent / source  # written with --relative-paths
