@@ -221,3 +221,12 @@ def test_the_ray_engine_reads_and_writes_the_store_like_the_local_engine(s3: S3S
         got = _table(s3, f"rout/{record['output']}")
         assert got.column("id").to_pylist() == want.column("id").to_pylist()
         assert got.column("embedding_error").to_pylist() == want.column("embedding_error").to_pylist()
+
+
+def test_no_credentials_is_a_one_line_usage_error_naming_the_fix(s3: S3Server, tmp_path: Path) -> None:
+    s3.put(BUCKET, "in/a.csv", b"text\nhello\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")}
+    proc = _cli("embed", f"s3://{BUCKET}/in/a.csv", "-o", str(tmp_path / "o.parquet"), "--quiet", env=env)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 2 and "no credentials for the store" in stderr and "AWS_ACCESS_KEY_ID" in stderr
+    assert len(stderr.strip().splitlines()) == 1 and not (tmp_path / "o.parquet").exists()

@@ -25,7 +25,7 @@ import re
 from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Iterator
 
-from ..errors import InputError, OutputError
+from ..errors import HfbatchError, InputError, OutputError
 
 # URL scheme -> the fsspec protocol that serves it
 SCHEMES = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "abfs", "abfs": "abfs", "abfss": "abfs", "hf": "hf"}
@@ -234,12 +234,18 @@ class RemotePath:
             if SCHEMES[self.scheme] == "hf":
                 self._hub_repo_visible()
             return call(*args, **kwargs)
-        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
-            raise
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError, HfbatchError):
+            raise  # (HfbatchError: a signal's Terminated raised inside the call stays what it is)
         except PermissionError as exc:
             raise InputError(f"{self}: access denied ({_short(exc)}); check the store's credentials.") from None
         except OSError as exc:
             raise InputError(f"{self}: the store answered an error ({_short(exc)}).") from None
+        except Exception as exc:  # noqa: BLE001 - botocore/google/azure raise their own types
+            if "Credential" in type(exc).__name__:
+                raise InputError(f"{self}: no credentials for the store ({_short(exc)}); set them the store's way "
+                                 "(AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE, "
+                                 "GOOGLE_APPLICATION_CREDENTIALS, AZURE_STORAGE_*, HF_TOKEN).") from None
+            raise InputError(f"{self}: the store answered an error ({type(exc).__name__}: {_short(exc)}).") from None
 
     def _hub_repo_visible(self) -> None:
         """hf://: HfFileSystem's exists/isdir/isfile answer False for a repo or revision the hub will
