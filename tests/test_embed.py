@@ -262,6 +262,8 @@ def test_precision_auto_and_fp16_on_cpu(tmp_path: Path) -> None:
     assert local["precision"] == ("bf16" if cpu_has_native_bf16() else "fp32")
     if local["precision"] == "bf16":  # auto measured it against fp32 before using it
         assert local["precision_fidelity"]["mean"] >= 0.9999 and local["precision_fidelity"]["min"] >= 0.999
+        # ...and on the job's own first texts, before any of its vectors was used
+        assert local["job_fidelity"]["texts"] == len(set(SAMPLE_TEXTS)) and local["job_fidelity"]["min"] >= 0.999
     with pytest.raises(InputError, match="--precision fp16 is for CUDA"):
         embed_file(EmbedOptions(input=src, output=tmp_path / "h.parquet", precision="fp16", device="cpu"))
 

@@ -31,6 +31,7 @@ from .windows import Windows, fit_windows
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+JOB_SAMPLE_TEXTS = 64  # at most this many of the job's first texts are checked against fp32 (int8, auto half)
 # Varied lengths and languages: what --precision auto checks half precision against fp32 on.
 CALIBRATION_TEXTS = [
     "The kettle boils fast and the handle stays cool.",
@@ -92,6 +93,7 @@ class LocalBackend:
         self.load_seconds = 0.0
         self.estimated_bytes: int | None = None
         self.fidelity: dict[str, float] | None = None
+        self.job_fidelity: dict[str, Any] | None = None
         self._requested_prompt, self._requested_prompt_name = prompt, prompt_name
         self._prompt: str | None = None
         self.prompt_name: str | None = None  # the name the prompt came by (--prompt-name or the model's default)
@@ -328,6 +330,8 @@ class LocalBackend:
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         model = self._load_model()
+        if self.job_fidelity is None and (self.quantize or (self.requested_precision == "auto" and self.precision != "fp32")):
+            self._check_job_texts(model, texts)
         try:
             if self._onnx is not None:  # the prompt is text before the text (pooling over all of it: checked at load)
                 vectors = self._onnx.encode([(self.prompt or "") + t for t in texts], self.max_length)
@@ -340,6 +344,31 @@ class LocalBackend:
         if self._dim is None:
             self._dim = int(vectors.shape[1])
         return vectors
+
+    def _check_job_texts(self, model: Any, texts: Sequence[str]) -> None:
+        """The fixed calibration sample passed at load; the job's own first texts (the first batch,
+        the longest of the first chunk) must pass the same bar before any of its vectors is used:
+        int8 cosine to torch fp32 >= 0.99 mean / 0.98 min, half precision >= 0.9999 / 0.999.
+        Refused (ModelLoadError) before anything is written; the figures go to the sidecar."""
+        sample = list(dict.fromkeys(texts))[:JOB_SAMPLE_TEXTS]
+        if not sample:
+            return
+        reference = self._encode(model, sample, "fp32")
+        where = f"this job's first {len(sample)} texts"
+        if self._onnx is not None:
+            from .onnx import check_int8
+
+            got = self._onnx.encode([(self.prompt or "") + t for t in sample], self.max_length)
+            got = l2_normalize(got) if self._normalize_in_encode else got
+            figures = check_int8(reference, got, self.model_id, where)
+        else:
+            cosine = cosine_rows(reference, self._encode(model, sample, self.precision))
+            figures = {"mean": float(cosine.mean()), "min": float(cosine.min())}
+            if figures["mean"] < 0.9999 or figures["min"] < 0.999:
+                raise ModelLoadError(
+                    f"--precision auto chose {self.precision} but on {where} it differs from fp32 (cosine mean "
+                    f"{figures['mean']:.5f}, min {figures['min']:.5f}; needs >= 0.9999 / 0.999); pass --precision fp32.")
+        self.job_fidelity = {"texts": len(sample), **{k: round(v, 6) for k, v in figures.items()}}
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"backend": self.name, "model_id": self.model_id}
@@ -357,6 +386,7 @@ class LocalBackend:
                 trust_remote_code=self.trust_remote_code,
                 quantize=self._quantize_recipe(),
                 onnx_fidelity=self.onnx_fidelity,
+                job_fidelity=self.job_fidelity,  # the same bar, measured on the job's own first texts
                 prompt=self.prompt,
                 prompt_name=self.prompt_name,
             )

@@ -288,13 +288,14 @@ class _Quiet:
         self._warnings.__exit__(*exc)
 
 
-def check_int8(reference: np.ndarray, quantized: np.ndarray, model_id: str) -> dict[str, float]:
+def check_int8(reference: np.ndarray, quantized: np.ndarray, model_id: str,
+               sample: str = "the calibration sample") -> dict[str, float]:
     """Cosine of int8 to fp32 vectors; refuse below 0.99 mean / 0.98 min with the figures."""
     cosine = cosine_rows(reference, quantized)
     figures = {"mean": float(cosine.mean()), "min": float(cosine.min())}
     if figures["mean"] < INT8_MIN_MEAN or figures["min"] < INT8_MIN_MIN:
         raise ModelLoadError(
-            f"int8 {model_id} is not faithful enough on the calibration sample: cosine to fp32 mean "
+            f"int8 {model_id} is not faithful enough on {sample}: cosine to fp32 mean "
             f"{figures['mean']:.4f} (needs >= {INT8_MIN_MEAN}), min {figures['min']:.4f} (needs >= {INT8_MIN_MIN}); "
             "drop --quantize int8 (bf16 may be the faster faithful choice: --precision auto)."
         )
