@@ -487,3 +487,26 @@ def test_a_planted_dimension_record_found_out_in_a_later_chunk_fails_once_then_h
     result = embed_file(EmbedOptions(input=src, output=out, chunk_size=3))
     assert result.document["provenance"]["dim"] == 384 and result.metrics["cache"]["rejected"] == 3
     assert np.array(_embeddings(out)).shape == (len(SAMPLE_TEXTS), 384)
+
+
+def test_bf16_on_a_cpu_without_native_bf16_warns_once_with_the_measured_factor(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                              caplog: pytest.LogCaptureFixture) -> None:
+    # the CPU's flags faked (this machine's may have avx512_bf16): the warning is decided by the flags
+    # and carries the factor measured here
+    import hfbatch.backends.local as local_module
+
+    monkeypatch.setattr(local_module, "cpu_has_native_bf16", lambda: False)
+    src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
+    with caplog.at_level("WARNING"):
+        result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", precision="bf16", device="cpu"))
+    lines = [r.getMessage() for r in caplog.records if "--precision bf16" in r.getMessage()]
+    assert len(lines) == 1 and "no native bf16" in lines[0] and "\n" not in lines[0]
+    factor = result.document["provenance"]["backends"]["local"]["bf16_emulated_factor"]
+    assert factor > 0 and f"{factor:.1f}x the time of fp32" in lines[0]
+    monkeypatch.setattr(local_module, "cpu_has_native_bf16", lambda: True)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        native = embed_file(EmbedOptions(input=src, output=tmp_path / "n.parquet", precision="bf16", device="cpu",
+                                         cache_dir=tmp_path / "c2"))
+    assert not [r for r in caplog.records if "--precision bf16" in r.getMessage()]
+    assert native.document["provenance"]["backends"]["local"]["bf16_emulated_factor"] is None

@@ -23,7 +23,7 @@ import numpy as np
 from platformdirs import user_cache_dir
 
 from ..errors import BackendError, InputError, ModelLoadError
-from ..resources import check_model_memory, resolve_device, resolve_precision
+from ..resources import check_model_memory, cpu_has_native_bf16, resolve_device, resolve_precision
 from ..settings import DEFAULT_MODEL
 from ..vectors import cosine_rows, l2_normalize
 from .windows import Windows, fit_windows
@@ -94,6 +94,7 @@ class LocalBackend:
         self.estimated_bytes: int | None = None
         self.fidelity: dict[str, float] | None = None
         self.job_fidelity: dict[str, Any] | None = None
+        self.bf16_factor: float | None = None  # bf16 time / fp32 time, measured where bf16 is emulated
         self._requested_prompt, self._requested_prompt_name = prompt, prompt_name
         self._prompt: str | None = None
         self.prompt_name: str | None = None  # the name the prompt came by (--prompt-name or the model's default)
@@ -267,6 +268,8 @@ class LocalBackend:
         self._model, self._device = model, device
         if self.requested_precision == "auto" and self.precision != "fp32":
             self._check_fidelity(model)
+        if self.precision == "bf16" and device == "cpu" and not cpu_has_native_bf16():
+            self._warn_emulated_bf16(model)
         if self.runtime == "onnx":
             self._start_onnx(model)
         self.load_seconds = time.perf_counter() - started
@@ -314,6 +317,21 @@ class LocalBackend:
                 raise ModelLoadError(f"the ONNX export of {self.model_id} differs from torch (min cosine "
                                      f"{self.onnx_fidelity['min']:.4f}); use --runtime torch.")
         self._onnx = encoder
+
+    def _warn_emulated_bf16(self, model: Any) -> None:
+        """--precision bf16 on a CPU without native bf16 (no AVX-512 BF16, no AMX): torch emulates it,
+        usually slower than fp32. Say so in one line, with the factor measured here and now."""
+        def seconds(precision: str) -> float:
+            self._encode(model, CALIBRATION_TEXTS, precision)  # warm-up: the first call pays for setup
+            started = time.perf_counter()
+            self._encode(model, CALIBRATION_TEXTS, precision)
+            return time.perf_counter() - started
+
+        fp32 = seconds("fp32")
+        self.bf16_factor = round(seconds("bf16") / max(fp32, 1e-9), 2)
+        log.warning("--precision bf16: this CPU has no native bf16 (no avx512_bf16 or amx_bf16 flag), so torch "
+                    "emulates it: %.1fx the time of fp32 on a sample here; --precision fp32 (or auto) is the fast "
+                    "choice on this machine.", self.bf16_factor)
 
     def _check_fidelity(self, model: Any) -> None:
         """--precision auto keeps half precision only where it matches fp32 on a calibration sample."""
@@ -387,6 +405,7 @@ class LocalBackend:
                 quantize=self._quantize_recipe(),
                 onnx_fidelity=self.onnx_fidelity,
                 job_fidelity=self.job_fidelity,  # the same bar, measured on the job's own first texts
+                bf16_emulated_factor=self.bf16_factor,
                 prompt=self.prompt,
                 prompt_name=self.prompt_name,
             )
