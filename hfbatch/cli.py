@@ -395,7 +395,10 @@ def capabilities(
     for col in ("device", "available", "detail"):
         devices.add_column(col)
     for d in info["devices"]:
-        detail = f"{d['name']}, {d['memory_gb']} GB" if "name" in d else ""
+        cpu = d.get("cpu") or {}
+        detail = (f"{d['name']}, {d['memory_gb']} GB" if "name" in d else
+                  f"{cpu.get('model') or 'CPU'}, {cpu.get('cores')} cores; {' '.join(cpu.get('flags') or []) or 'no AVX2'}; "
+                  f"bf16 {'native' if cpu.get('native_bf16') else 'emulated (slower than fp32)'}" if cpu else "")
         devices.add_row(d["device"], "yes" if d["available"] else "no", detail)
     out.print(devices)
     libs = Table(title="libraries", title_justify="left")

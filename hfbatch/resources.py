@@ -107,6 +107,29 @@ def check_model_memory(model_id: str, model_dir: Path, load_dtype: str = "float3
     return need
 
 
+# the CPU features that decide which fast path is fast here (see README "Precision and runtimes")
+SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
+
+
+def cpu_facts() -> dict[str, object]:
+    """The CPU as speed choices depend on it: model name, cores, the flags that matter, and
+    whether bf16 is native (Linux /proc/cpuinfo; empty where it cannot be read)."""
+    model, flags = "", set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.startswith("model name") and not model:
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    import os
+
+    return {"model": model or None, "cores": os.cpu_count(), "flags": [f for f in SPEED_FLAGS if f in flags],
+            "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"})}
+
+
 def cpu_has_native_bf16() -> bool:
     """AVX-512 BF16 or AMX: CPUs where bf16 matmuls are fast (Linux /proc/cpuinfo flags)."""
     try:

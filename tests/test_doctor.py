@@ -30,7 +30,7 @@ def test_capabilities_json(tmp_path: Path) -> None:
     info = json.loads(result.stdout)
     assert info["backends"]["local"]["usable"] is True
     assert info["backends"]["tei"]["usable"] is False and "--endpoint" in info["backends"]["tei"]["why"]
-    assert {"device": "cpu", "available": True} in info["devices"]
+    assert info["devices"][0]["device"] == "cpu" and info["devices"][0]["available"] is True
     assert info["libraries"]["torch"]["version"]
     missing = [lib for lib in info["libraries"].values() if not lib["version"]]
     assert all(lib["install"].startswith("pip install") for lib in missing)
@@ -106,3 +106,14 @@ def test_models_offline_is_one_clear_line() -> None:
     result = runner.invoke(app, ["models"])
     assert result.exit_code == 1
     assert "cannot list models: HF_HUB_OFFLINE is set" in result.stderr and "Traceback" not in result.output
+
+
+def test_capabilities_names_the_cpu_and_whether_bf16_is_native() -> None:
+    from hfbatch.resources import SPEED_FLAGS, cpu_has_native_bf16
+    from hfbatch.tools.doctor import capabilities
+
+    cpu = capabilities()["devices"][0]["cpu"]
+    assert cpu["native_bf16"] is cpu_has_native_bf16() and cpu["cores"] >= 1
+    assert set(cpu["flags"]) <= set(SPEED_FLAGS)
+    flags = open("/proc/cpuinfo", encoding="utf-8").read().split("flags", 1)[1].split("\n", 1)[0].split()
+    assert cpu["flags"] == [f for f in SPEED_FLAGS if f in flags]  # read from the machine, in a fixed order

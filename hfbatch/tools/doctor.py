@@ -17,6 +17,7 @@ import psutil
 from ..backends.http import public_url
 from ..errors import HfbatchError, InputError, RemoteError
 from ..provenance import redact_text
+from ..resources import cpu_facts
 from ..settings import Settings
 
 # package -> what installing it brings
@@ -28,7 +29,10 @@ _OPTIONAL = {
     "onnxruntime": ("--runtime onnx, --quantize int8", "pip install 'hfbatch[onnx]'"),
     "onnx": ("--runtime onnx export", "pip install 'hfbatch[onnx]'"),
     "bitsandbytes": ("8-bit loading on CUDA (planned)", "pip install bitsandbytes"),
-    "ray": ("multi-machine runs (planned)", "pip install 'ray[data]'"),
+    "ray": ("--engine ray", "pip install 'hfbatch[ray]'"),
+    "s3fs": ("s3:// inputs and outputs", "pip install 'hfbatch[s3]'"),
+    "gcsfs": ("gs:// inputs and outputs", "pip install 'hfbatch[stores]'"),
+    "adlfs": ("az:// inputs and outputs", "pip install 'hfbatch[stores]'"),
 }
 
 
@@ -75,7 +79,7 @@ def capabilities(settings: Settings | None = None) -> dict[str, Any]:
 
 
 def _devices() -> list[dict[str, Any]]:
-    devices: list[dict[str, Any]] = [{"device": "cpu", "available": True}]
+    devices: list[dict[str, Any]] = [{"device": "cpu", "available": True, "cpu": cpu_facts()}]
     if importlib.util.find_spec("torch") is None:
         return devices
     import torch
