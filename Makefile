@@ -32,6 +32,7 @@ bench: install
 	$(PY) benchmarks/bench_scale.py
 	$(PY) benchmarks/bench_retrieval.py
 	$(PY) benchmarks/bench_stores.py
+	$(PY) benchmarks/bench_runtimes.py
 
 clean:
 	rm -rf out benchmarks/.work .pytest_cache .hypothesis build dist *.egg-info
