@@ -118,6 +118,7 @@ class EmbedTask:
     def __init__(self, backend: Backend, opts: EmbedOptions):
         self.backend, self.opts = backend, opts
         self.added_columns = embed_columns(opts)
+        self._window_counts: dict[str, int] = {}  # window text -> its tokens, from the last split
         self.split_mode = split_mode(opts)
         self.ranges: np.ndarray | None = np.asarray(opts.ranges, dtype=np.float32) if opts.ranges is not None else None
         self.calibration: dict[str, Any] | None = dict(opts.calibration_record or {}) or None
@@ -177,7 +178,10 @@ class EmbedTask:
         return {u: Embedded(found[u], tokens[j] if j in tokens else counted[u]) for j, u in enumerate(hits)}
 
     def prepare(self, texts: Sequence[str]) -> tuple[list[Any], list[int]]:
-        counts = [int(c) for c in self.backend.token_counts(texts)]
+        # a window's count is known from cutting it (split): only other texts go to the tokenizer
+        fresh = [t for t in texts if t not in self._window_counts]
+        counted = dict(zip(fresh, self.backend.token_counts(fresh))) if fresh else {}
+        counts = [int(self._window_counts[t] if t in self._window_counts else counted[t]) for t in texts]
         max_length = self.backend.max_length  # the model reads at most max_length tokens
         return list(zip(texts, counts)), [min(c, max_length) for c in counts]
 
@@ -216,7 +220,10 @@ class EmbedTask:
     # --- long texts -----------------------------------------------------------------------------
 
     def split(self, texts: Sequence[str]) -> list[Windows]:
-        return self.backend.split(texts, self.opts.split_tokens or 0, self.opts.window_overlap)
+        cut = self.backend.split(texts, self.opts.split_tokens or 0, self.opts.window_overlap)
+        # the tokens of each window as the model reads it, for `prepare` (this chunk's windows only)
+        self._window_counts = {text[w.char_start:w.char_end]: w.n_tokens for text, ws in zip(texts, cut) for w in ws.spans}
+        return cut
 
     def combine(self, values: Sequence[Any], tokens: int) -> Any:
         """The mean of the windows' vectors, renormalised under --normalize; the whole text's tokens."""
@@ -255,7 +262,7 @@ class EmbedTask:
         full = self._dim or self.backend.known_dimension()
         if full is None:
             return self.opts.truncate_dim
-        return min(full, self.opts.truncate_dim or full)
+        return output_dim(full, self.opts.truncate_dim)
 
     def finish(self, vectors: np.ndarray) -> np.ndarray:
         """Full cached vectors -> what the output holds before quantizing: --truncate-dim (renormalised)."""
@@ -264,8 +271,7 @@ class EmbedTask:
         return truncate_dims(vectors, self.opts.truncate_dim, normalize=self.opts.normalize)
 
     def float_dim(self) -> int:
-        dim = self.dim()
-        return min(dim, self.opts.truncate_dim) if self.opts.truncate_dim else dim
+        return output_dim(self.dim(), self.opts.truncate_dim)
 
     def schema(self, passthrough: pa.Schema) -> pa.Schema:
         precision = self.opts.output_precision
@@ -348,11 +354,16 @@ def read_ranges(path: Path, dim: int | None, expect: dict[str, Any] | None = Non
     return ranges, {"source": str(path), "vectors": (output.get("calibration") or {}).get("vectors")}
 
 
+def output_dim(dim: int, truncate_dim: int | None) -> int:
+    """Dimensions the output keeps of the model's `dim` (--truncate-dim above it keeps all)."""
+    return min(dim, truncate_dim) if truncate_dim else dim
+
+
 def embed_provenance(backend: Backend, opts: EmbedOptions, dim: int, *, ranges: np.ndarray | None = None,
                      calibration: dict[str, Any] | None = None) -> dict[str, Any]:
     """What an embed sidecar records beside the shared provenance (build_document's `details`)."""
     described = backend.describe() if backend.name == "auto" else {}
-    out_dim = min(dim, opts.truncate_dim) if opts.truncate_dim else dim
+    out_dim = output_dim(dim, opts.truncate_dim)
     return {
         "fallback": {k: described.get(k) for k in ("fell_back", "fallback_reason", "canary_min_cosine")}
         if backend.name == "auto" else None,
