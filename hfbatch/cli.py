@@ -85,9 +85,9 @@ def embed(
     chunk_size: Annotated[Optional[int], typer.Option("--chunk-size", help="Rows read, embedded and written at a time. [env: HFBATCH_CHUNK_SIZE; default: 10000]")] = None,
     max_length: Annotated[Optional[int], typer.Option("--max-length", help="Tokens per text; longer texts are truncated. Default: the model's max_seq_length.")] = None,
     normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="Unit-length vectors.")] = True,
-    precision: Annotated[str, typer.Option("--precision", help="fp32; bf16 (CPU autocast, fast where the CPU has native bf16); fp16 (CUDA); auto (the fastest measured faithful to fp32 here).")] = "fp32",
-    runtime: Annotated[str, typer.Option("--runtime", help="torch, or onnx (ONNX Runtime on the CPU; the model is exported once and cached).")] = "torch",
-    quantize: Annotated[Optional[str], typer.Option("--quantize", help="int8: ONNX Runtime int8, used only if a calibration check keeps cosine to fp32 >= 0.99 mean / 0.98 min. [env: ENABLE_MODEL_QUANTIZATION]")] = None,
+    precision: Annotated[Optional[str], typer.Option("--precision", help="auto (the fastest measured faithful to fp32 here); fp32; bf16 (CPU autocast, fast only where the CPU has native bf16); fp16 (CUDA). [env: HFBATCH_PRECISION; default: auto]")] = None,
+    runtime: Annotated[Optional[str], typer.Option("--runtime", help="auto (measured once per machine and model, see `hfbatch capabilities`); torch; onnx (ONNX Runtime); openvino (hfbatch[openvino]). The exports are made once and cached. [env: HFBATCH_RUNTIME; default: auto]")] = None,
+    quantize: Annotated[Optional[str], typer.Option("--quantize", help="int8 (ONNX Runtime or OpenVINO int8, used only while cosine to fp32 stays >= 0.99 mean / 0.98 min, on a calibration sample and on the job's first texts); none; auto (int8 is one of auto's candidates). [env: ENABLE_MODEL_QUANTIZATION]")] = None,
     max_batch_tokens: Annotated[Optional[int], typer.Option("--max-batch-tokens", help="Token budget per model call (texts x longest text, padding included); batches of short texts grow up to it.")] = None,
     split: Annotated[Optional[str], typer.Option("--split", help="tokens:N: cut long texts into windows of N tokens (the model's own tokenizer, specials and prompt included) and write one row per window, instead of truncating.")] = None,
     overlap: Annotated[Optional[int], typer.Option("--overlap", help="With --split: tokens consecutive windows share. Default: N/8.")] = None,
@@ -377,7 +377,7 @@ def capabilities(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """What this machine can do: backends and why not, devices, libraries, memory, cache."""
+    """What this machine can do: backends and why not, devices, libraries, the runtimes measured for `auto`, memory, cache."""
     from .tools.doctor import capabilities as report
 
     settings = _settings_or_exit(debug)
@@ -407,6 +407,21 @@ def capabilities(
     for name, lib in info["libraries"].items():
         libs.add_row(name, lib["version"] or "missing", lib["for"], escape(lib.get("install", "")))
     out.print(libs)
+    for record in info["runtimes"]:
+        best = record["fastest_for_rows"]
+        title = (f"runtimes measured for {record['model_id']} ({record['measured_at']}"
+                 f"{'' if record['in_force'] else '; another CPU or library versions: not in force'}); "
+                 f"auto takes {best['100']} for 100 rows, {best['10000']} for 10,000, {best['None']} for large jobs")
+        runtimes = Table(title=escape(title), title_justify="left")
+        for col in ("runtime", "start-up s", "texts/s", "cosine to torch fp32 (mean / min)", "accepted"):
+            runtimes.add_column(col)
+        for c in record["candidates"]:
+            fid = c.get("fidelity") or {}
+            runtimes.add_row(c["label"], f"{c['startup_s']:.2f}" if c.get("startup_s") is not None else "-",
+                             f"{c['texts_per_s']:.1f}" if c.get("texts_per_s") is not None else "-",
+                             f"{fid['mean']:.5f} / {fid['min']:.5f}" if fid else "-",
+                             "yes" if c.get("accepted") else escape(f"no: {c.get('reason')}"))
+        out.print(runtimes)
     mem, cache = info["memory"], info["cache"]
     out.print(f"memory: {mem['available_gb']} GB free of {mem['total_gb']} GB, {mem['cpu_cores']} cores; "
               f"MAX_MODEL_MEMORY_GB {mem['max_model_memory_gb'] or 'not set'}")

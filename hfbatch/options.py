@@ -111,8 +111,9 @@ class EmbedOptions(JobOptions):
     text_column: str | None = None
     max_length: int | None = None
     normalize: bool = True
-    runtime: str = "torch"
-    quantize: str | None = None  # None: from ENABLE_MODEL_QUANTIZATION
+    precision: str | None = None  # None: HFBATCH_PRECISION, else auto (measured here; see backends/selection.py)
+    runtime: str | None = None  # None: HFBATCH_RUNTIME, else auto
+    quantize: str | None = None  # None: int8 with ENABLE_MODEL_QUANTIZATION, else auto (int8 one of the candidates)
     max_batch_tokens: int | None = None
     # remote backends (hf-api, tei, openai) and --backend auto
     fallback: str = "hf-api"
@@ -132,6 +133,8 @@ class EmbedOptions(JobOptions):
     # every part carries them (set by the engines, not by users)
     ranges: Sequence[Sequence[float]] | None = None
     calibration_record: dict[str, Any] | None = None
+    # how `auto` runtime/precision chose, once the engines have settled it for every part (not set by users)
+    selection: dict[str, Any] | None = None
 
     @property
     def input_column(self) -> str:
@@ -161,7 +164,9 @@ class EmbedOptions(JobOptions):
             model=self.model or settings.model,
             batch_size=settings.batch_size if self.batch_size is None else self.batch_size,
             endpoint=self.endpoint or settings.endpoint,
-            quantize=self.quantize if self.quantize is not None else ("int8" if settings.quantize else "none"),
+            quantize=self.quantize if self.quantize is not None else ("int8" if settings.quantize else "auto"),
+            precision=self.precision or settings.precision,
+            runtime=self.runtime or settings.runtime,
         )
 
     def _check(self) -> None:

@@ -21,6 +21,15 @@ class MemoryGuardError(ModelLoadError):
     """Loading the model would exceed MAX_MODEL_MEMORY_GB or the free memory."""
 
 
+def gpu_possible() -> bool:
+    """Whether this machine could have a CUDA, ROCm or MPS device, judged without importing torch
+    (1.5 s): macOS, or a GPU driver's device node. False means `--device auto` is the CPU."""
+    if sys.platform == "darwin":
+        return True
+    dev = Path("/dev")
+    return any(dev.glob("nvidia[0-9]*")) or (dev / "dxg").exists() or (dev / "kfd").exists()
+
+
 def resolve_device(requested: str) -> str:
     """auto -> cuda > mps > cpu; an explicit device must exist (ModelLoadError otherwise)."""
     import torch

@@ -60,6 +60,8 @@ class Settings:
     api_timeout: float = 60.0
     endpoint: str | None = None
     quantize: bool = False
+    runtime: str = "auto"  # local embedding runtime: auto (measured), torch, onnx, openvino
+    precision: str = "auto"  # local embedding precision: auto (measured), fp32, bf16, fp16
     max_line_bytes: int = 64 << 20  # longest JSONL line / CSV row read (a gzip bomb's one line stops here)
 
     @classmethod
@@ -80,6 +82,8 @@ class Settings:
             api_timeout=float(_int(env, "HUGGINGFACE_API_TIMEOUT", int(defaults.api_timeout))),
             endpoint=env.get("HFBATCH_ENDPOINT") or None,
             quantize=_bool(env, "ENABLE_MODEL_QUANTIZATION", False),
+            runtime=env.get("HFBATCH_RUNTIME") or defaults.runtime,
+            precision=env.get("HFBATCH_PRECISION") or defaults.precision,
             max_line_bytes=parse_byte_size(env["HFBATCH_MAX_LINE_BYTES"], "HFBATCH_MAX_LINE_BYTES")
             if env.get("HFBATCH_MAX_LINE_BYTES") else defaults.max_line_bytes,
         )

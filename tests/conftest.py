@@ -10,6 +10,10 @@ import socket
 # huggingface_hub reads these when it is first imported: set them before anything imports it.
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
+# jobs run torch fp32 unless a test asks for another runtime (clean_environ sets these per test;
+# here for module-scoped fixtures, which run before it)
+os.environ["HFBATCH_RUNTIME"] = "torch"
+os.environ["HFBATCH_PRECISION"] = "fp32"
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -51,6 +55,10 @@ def clean_environ(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, onnx_dir: Pat
         if name.startswith(_PREFIXES):
             monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # never try the network from a test
+    # jobs run torch fp32 unless a test asks for another runtime: their vectors are compared with
+    # SentenceTransformer.encode's. `auto` (measured per machine) has its own tests: test_selection.py
+    monkeypatch.setenv("HFBATCH_RUNTIME", "torch")
+    monkeypatch.setenv("HFBATCH_PRECISION", "fp32")
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
     import huggingface_hub.constants as hub
 

@@ -253,15 +253,27 @@ def test_bf16_precision_is_faithful_and_namespaced(tmp_path: Path, st_model) -> 
     assert fp32.metrics["cache"]["hits"] == 0  # bf16 vectors are never served as fp32 ones
 
 
-def test_precision_auto_and_fp16_on_cpu(tmp_path: Path) -> None:
-    from hfbatch.resources import cpu_has_native_bf16
+def test_precision_auto_and_fp16_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hfbatch.backends import selection
 
     src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
+    # torch with precision auto on a CPU without native bf16: fp32, the only candidate (nothing measured)
+    with monkeypatch.context() as m:
+        m.setattr(selection, "cpu_has_native_bf16", lambda: False)
+        plain = embed_file(EmbedOptions(input=src, output=tmp_path / "p.parquet", precision="auto", device="cpu"))
+    local = plain.document["provenance"]["backends"]["local"]
+    assert local["precision"] == "fp32" and local["selection"] is None
+    # with native bf16 (real or said to be): fp32 and bf16 measured, the faster faithful one taken
+    monkeypatch.setattr(selection, "cpu_has_native_bf16", lambda: True)
     result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", precision="auto", device="cpu"))
     local = result.document["provenance"]["backends"]["local"]
-    assert local["precision"] == ("bf16" if cpu_has_native_bf16() else "fp32")
-    if local["precision"] == "bf16":  # auto measured it against fp32 before using it
-        assert local["precision_fidelity"]["mean"] >= 0.9999 and local["precision_fidelity"]["min"] >= 0.999
+    measured = {c["label"]: c for c in local["selection"]["candidates"]}
+    assert set(measured) == {"torch fp32", "torch bf16"} and local["selection"]["by"] == "measured on this machine"
+    assert local["selection"]["chosen"] == f"torch {local['precision']}"
+    best = min((c for c in measured.values() if c["accepted"]), key=lambda c: selection.estimate(c, len(SAMPLE_TEXTS)))
+    assert best["label"] == local["selection"]["chosen"]
+    if local["precision"] == "bf16":  # measured against fp32 before it was chosen
+        assert measured["torch bf16"]["fidelity"]["mean"] >= 0.9999 and measured["torch bf16"]["fidelity"]["min"] >= 0.999
         # ...and on the job's own first texts, before any of its vectors was used
         assert local["job_fidelity"]["texts"] == len(set(SAMPLE_TEXTS)) and local["job_fidelity"]["min"] >= 0.999
     with pytest.raises(InputError, match="--precision fp16 is for CUDA"):

@@ -21,6 +21,7 @@ from conftest import write_csv
 pytestmark = pytest.mark.slow
 
 ROWS = 240
+PINNED = ("HFBATCH_RUNTIME", "HFBATCH_PRECISION", "HFBATCH_ONNX_DIR")  # the suite's runtime (conftest)
 
 
 def _rows() -> list[dict]:
@@ -33,7 +34,7 @@ def _input(tmp_path: Path) -> Path:
 
 
 def _start(src: Path, out: Path, cache: Path, log: Path) -> subprocess.Popen:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HFBATCH_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HFBATCH_") or k in PINNED}
     env.update(HF_HUB_OFFLINE="1", HFBATCH_CACHE_DIR=str(cache))
     return subprocess.Popen([sys.executable, "-m", "hfbatch", "embed", str(src), "-o", str(out), "--chunk-size", "40",
                              "--batch-size", "8", "--log-file", str(log), "--quiet"],
@@ -135,7 +136,7 @@ def test_a_disk_that_fills_during_the_write_leaves_no_output(tmp_path: Path) -> 
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # fail the write() instead of killing the process
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HFBATCH_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HFBATCH_") or k in PINNED}
     env.update(HF_HUB_OFFLINE="1", HFBATCH_CACHE_DIR=str(tmp_path / "cache"))
     proc = subprocess.run([sys.executable, "-m", "hfbatch", "embed", str(src), "-o", str(tmp_path / "out.parquet"),
                            "--quiet", "--chunk-size", "40"], env=env, capture_output=True, text=True,
@@ -161,7 +162,7 @@ def test_sigkill_at_the_final_rename(tmp_path: Path, reference: np.ndarray) -> N
         "    return _replace(src, dst, *a, **k)\n"
         "os.replace = replace\n")
     src, out, cache = _input(tmp_path), tmp_path / "out.parquet", tmp_path / "cache"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HFBATCH_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("HFBATCH_") or k in PINNED}
     env.update(HF_HUB_OFFLINE="1", HFBATCH_CACHE_DIR=str(cache), PYTHONPATH=str(hooks))
     killed = subprocess.run([sys.executable, "-m", "hfbatch", "embed", str(src), "-o", str(out), "--quiet"],
                             env=env, capture_output=True, text=True, timeout=300)

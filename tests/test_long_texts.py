@@ -158,6 +158,8 @@ def module_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
         mp.setattr(hub, "HF_HUB_OFFLINE", True)
         mp.setattr(hub, "HF_HUB_CACHE", str(root / "hf_home" / "hub"))
         mp.setenv("HFBATCH_CACHE_DIR", str(root / "cache"))
+        mp.setenv("HFBATCH_RUNTIME", "torch")  # as conftest pins every test's
+        mp.setenv("HFBATCH_PRECISION", "fp32")
         mp.setenv("TOKENIZERS_PARALLELISM", "false")
         mp.setattr(socket, "getaddrinfo", conftest._local_only_getaddrinfo)
         mp.chdir(root)

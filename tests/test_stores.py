@@ -55,7 +55,8 @@ def _table(server: S3Server, key: str) -> pa.Table:
 
 
 def _cli(*args: str, env: dict | None = None, **kw) -> subprocess.Popen:
-    full = {k: v for k, v in (env or os.environ).items() if not k.startswith("HFBATCH_")}
+    pinned = ("HFBATCH_RUNTIME", "HFBATCH_PRECISION", "HFBATCH_ONNX_DIR")  # the suite's runtime (conftest)
+    full = {k: v for k, v in (env or os.environ).items() if not k.startswith("HFBATCH_") or k in pinned}
     full.update(HF_HUB_OFFLINE="1")
     return subprocess.Popen([sys.executable, "-m", "hfbatch", *args], env=full, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, **kw)

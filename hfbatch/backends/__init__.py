@@ -166,12 +166,16 @@ def make_backend(opts: "EmbedOptions") -> Backend:
 
 
 def _local(opts: "EmbedOptions") -> "LocalBackend":
+    from ..settings import Settings
     from .local import LocalBackend
 
+    unset = None if opts.precision and opts.runtime and opts.quantize else Settings.load()  # options not resolved
     return LocalBackend(opts.model or "", device=opts.device or "auto", normalize=opts.normalize,
-                        max_length=opts.max_length, precision=opts.precision, runtime=opts.runtime,
-                        quantize=opts.quantize, trust_remote_code=opts.trust_remote_code,
-                        prompt=opts.prompt, prompt_name=opts.prompt_name)
+                        max_length=opts.max_length, precision=opts.precision or unset.precision,  # type: ignore[union-attr]
+                        runtime=opts.runtime or unset.runtime,  # type: ignore[union-attr]
+                        quantize=opts.quantize or ("int8" if unset.quantize else "auto"),  # type: ignore[union-attr]
+                        trust_remote_code=opts.trust_remote_code,
+                        prompt=opts.prompt, prompt_name=opts.prompt_name, selection=opts.selection)
 
 
 def _remote(opts: "EmbedOptions", kind: str) -> "RemoteBackend":

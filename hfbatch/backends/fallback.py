@@ -76,6 +76,16 @@ class FallbackBackend:
     def load_seconds(self) -> float:
         return self.primary.load_seconds
 
+    def settle(self, rows: int | None = None, texts: Any = None) -> None:
+        """The local side's runtime choice (LocalBackend.settle); one it cannot make hands over."""
+        if self._checked:
+            return
+        try:
+            self.primary.settle(rows=rows, texts=texts)
+        except BackendError as exc:
+            self._checked = True
+            self._switch(exc, verified=False)
+
     def _side(self) -> LocalBackend | RemoteBackend:
         """The side that makes the vectors, settled as far as it can be without loading a model:
         the local model's preflight runs once, and a failure hands over before any cache lookup."""

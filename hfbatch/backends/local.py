@@ -11,26 +11,30 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.util
-import os
 import json
 import logging
 import re
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
-from platformdirs import user_cache_dir
 
 from ..errors import BackendError, InputError, ModelLoadError
-from ..resources import check_model_memory, cpu_has_native_bf16, resolve_device, resolve_precision
+from ..resources import check_model_memory, cpu_has_native_bf16, gpu_possible, resolve_device, resolve_precision
 from ..settings import DEFAULT_MODEL
 from ..vectors import cosine_rows, l2_normalize
+from .exports import ExportBundle, package_version
+from .tokenizer import ModelTokenizer, load_fast, load_transformers, same_ids
 from .windows import Windows, fit_windows
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+RUNTIMES = ("torch", "onnx", "openvino", "auto")
+EXPORT_RUNTIMES = ("onnx", "openvino")  # run a cached export of the model, on the CPU
+EXPORT_MIN_COSINE = 0.999  # an fp32 export must match torch fp32 this closely on every calibration text
+HALF_MIN_MEAN, HALF_MIN_MIN = 0.9999, 0.999  # bf16/fp16 against fp32
 JOB_SAMPLE_TEXTS = 64  # at most this many of the job's first texts are checked against fp32 (int8, auto half)
 # Varied lengths and languages: what --precision auto checks half precision against fp32 on.
 CALIBRATION_TEXTS = [
@@ -50,7 +54,9 @@ DOWNLOAD_WAIT_SECONDS = 1.0  # exponential backoff base, with jitter
 
 
 class LocalBackend:
-    """A sentence-transformers model on this machine (CPU, CUDA or MPS)."""
+    """A sentence-transformers model on this machine: torch (CPU, CUDA, MPS), or its cached export
+    run by ONNX Runtime or OpenVINO on the CPU. `auto` runtime/precision/quantize settle on the
+    configuration measured fastest-and-faithful here (selection.py) before the first vector."""
 
     name = "local"
     remote = False
@@ -58,24 +64,30 @@ class LocalBackend:
 
     def __init__(self, model: str, *, device: str = "auto", normalize: bool = True, max_length: int | None = None,
                  precision: str = "fp32", runtime: str = "torch", quantize: str | None = None,
-                 trust_remote_code: bool = False, prompt: str | None = None, prompt_name: str | None = None):
+                 trust_remote_code: bool = False, prompt: str | None = None, prompt_name: str | None = None,
+                 selection: dict[str, Any] | None = None):
         if not _DEVICE_RE.match(device):
             raise InputError(f"--device {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps.")
         if precision not in PRECISIONS:
             raise InputError(f"--precision {precision!r} is not one of: {', '.join(PRECISIONS)}.")
-        if quantize not in (None, "none", "int8"):
-            raise InputError(f"--quantize {quantize!r} is not one of: none, int8.")
-        self.quantize = quantize if quantize == "int8" else None
+        if quantize not in (None, "none", "int8", "auto"):
+            raise InputError(f"--quantize {quantize!r} is not one of: none, int8, auto.")
+        if runtime not in RUNTIMES:
+            raise InputError(f"--runtime {runtime!r} is not one of: {', '.join(RUNTIMES)}.")
+        quantize = quantize or "none"
+        if quantize == "int8" and runtime == "torch":
+            runtime = "onnx"  # int8 is made by the ONNX Runtime / OpenVINO exports here
+        if runtime in EXPORT_RUNTIMES and (precision not in ("fp32", "auto") or device.startswith(("cuda", "mps"))):
+            raise InputError(f"--runtime {runtime} / --quantize int8 run in fp32 or int8 on the CPU here; drop --precision "
+                             "and --device, or use --runtime torch.")
         self.trust_remote_code = trust_remote_code  # code shipped with a model runs only when asked for
-        self.runtime = "onnx" if self.quantize else runtime  # int8 is an ONNX Runtime feature here
-        if self.runtime not in ("torch", "onnx"):
-            raise InputError(f"--runtime {runtime!r} is not one of: torch, onnx.")
-        if self.runtime == "onnx" and (precision != "fp32" or device.startswith(("cuda", "mps"))):
-            raise InputError("--runtime onnx / --quantize int8 run in fp32 on the CPU here; drop --precision and --device, "
-                             "or use --runtime torch.")
-        self.requested_precision = precision
+        self.requested_runtime, self.requested_precision, self.requested_quantize = runtime, precision, quantize
+        self._config: tuple[str, str, str] | None = None  # (runtime, precision, quantize) once settled
+        self.selection = selection  # how `auto` chose (selection.py), for the sidecar
         self._precision: str | None = None
-        self._onnx: Any = None
+        self._engine: Any = None  # the torch model or the export's runner
+        self.engine_path: Path | None = None  # the export file the runner reads
+        self._reference: Any = None  # the fp32 runner int8 is checked against on the job's texts
         self.onnx_fidelity: dict[str, float] | None = None
         self.model_id = model
         self.requested_device = device
@@ -83,13 +95,15 @@ class LocalBackend:
         self._requested_max_length = max_length
         self._dir: Path | None = None
         self._source: dict[str, Any] = {}
-        self._tokenizer: Any = None
+        self._tokenizer: ModelTokenizer | None = None
         self._lower = False
         self._model: Any = None
         self._device: str | None = None
+        self._files_hash: Any = None
         self._fingerprint: str | None = None
         self._max_length: int | None = None
         self._dim: int | None = None
+        self._normalize_in_encode = False
         self.load_seconds = 0.0
         self.estimated_bytes: int | None = None
         self.fidelity: dict[str, float] | None = None
@@ -132,9 +146,9 @@ class LocalBackend:
                                                         self._requested_prompt_name)
         pooling = next(iter(sorted(root.glob("*Pooling*/config.json"))), None)
         self._include_prompt = bool(read_json(pooling).get("include_prompt", True)) if pooling else True
-        if self._prompt and not self._include_prompt and self.runtime == "onnx":
-            raise InputError(f"{self.model_id} pools without its prompt's tokens, which --runtime onnx cannot do; "
-                             "use --runtime torch with a prompt.")
+        if self._prompt and not self._include_prompt and self.requested_runtime in EXPORT_RUNTIMES:
+            raise InputError(f"{self.model_id} pools without its prompt's tokens, which --runtime "
+                             f"{self.requested_runtime} cannot do; use --runtime torch with a prompt.")
 
     @property
     def prompt(self) -> str | None:
@@ -148,16 +162,100 @@ class LocalBackend:
         assert self._max_length is not None
         return self._max_length
 
+    # --- which runtime and precision (settled once, before the first vector) ------------------
+
+    def settle(self, rows: int | None = None, texts: Callable[[], Sequence[str]] | None = None) -> None:
+        """Fix runtime, precision and quantize. `auto` choices are made by selection.py from this
+        machine's measurements (`rows`: the job's size, which decides whether start-up or speed
+        matters more; `texts`: the job's first texts, which the chosen configuration must pass
+        the fidelity bar on, or the next one is taken). A no-op once settled."""
+        if self._config is not None:
+            return
+        from .selection import candidates, choose
+
+        if self._prompt_excluded():
+            runtimes = "torch"  # the exports pool over the prompt's tokens; this model's pooling does not
+        else:
+            runtimes = self.requested_runtime
+        options = candidates(runtimes, self.requested_precision, self.requested_quantize, self.cpu_only())
+        if len(options) == 1:
+            self._config = options[0]
+            return
+        self.selection = choose(self, options, rows=rows, texts=texts)  # sets self._config through use()
+
+    def _prompt_excluded(self) -> bool:
+        _ = self.model_dir
+        return bool(self._prompt) and not self._include_prompt
+
+    def use(self, config: tuple[str, str, str], engine_from: "LocalBackend | None" = None) -> None:
+        """Settle on `config`; take over another instance's loaded engine and checks (the one
+        selection measured) so nothing loads twice."""
+        self._config = config
+        self._fingerprint = None
+        if engine_from is not None and engine_from._config == config:
+            for name in ("_engine", "_reference", "_tokenizer", "_model", "_device", "_normalize_in_encode",
+                         "engine_path", "onnx_fidelity", "fidelity", "job_fidelity", "bf16_factor", "load_seconds", "estimated_bytes",
+                         "_precision"):
+                setattr(self, name, getattr(engine_from, name))
+
+    def variant(self, config: tuple[str, str, str]) -> "LocalBackend":
+        """The same model and settings, forced to `config` (what selection measures)."""
+        other = LocalBackend(self.model_id, device=self.requested_device, normalize=self.normalize,
+                             max_length=self._requested_max_length, precision=config[1], runtime=config[0],
+                             quantize=config[2], trust_remote_code=self.trust_remote_code,
+                             prompt=self._requested_prompt, prompt_name=self._requested_prompt_name)
+        other._config = config
+        return other
+
+    def cpu_only(self) -> bool:
+        """Whether the model will run on the CPU, decided without importing torch where possible."""
+        if self.requested_device != "auto":
+            return self.requested_device == "cpu"  # an explicit GPU that is not there is refused at load
+        return not gpu_possible() or resolve_device("auto") == "cpu"
+
+    @property
+    def config(self) -> tuple[str, str, str] | None:
+        """(runtime, precision, quantize) once settled, else None."""
+        return self._config
+
+    @property
+    def runtime(self) -> str:
+        if self._config is None:
+            self.settle()
+        assert self._config is not None
+        return self._config[0]
+
+    @property
+    def quantize(self) -> str | None:
+        if self._config is None:
+            self.settle()
+        assert self._config is not None
+        return "int8" if self._config[2] == "int8" else None
+
+    @property
+    def precision(self) -> str:
+        """fp32, bf16 or fp16 (int8 is `quantize`); torch's `auto` on a GPU: fp16, by device."""
+        if self._precision is None:
+            if self._config is None:
+                self.settle()
+            assert self._config is not None
+            self._precision = resolve_precision(self._config[1], self.requested_device)
+        return self._precision
+
     def _quantize_recipe(self) -> str:
         if not self.quantize:
             return "none"
+        if self.runtime == "openvino":
+            from .openvino_export import int8_recipe as openvino_recipe
+
+            return openvino_recipe()
         from .onnx import int8_recipe
 
         return int8_recipe()
 
-    def fingerprint(self) -> str:
-        """Identity of the vectors this backend makes; the cache namespace."""
-        if self._fingerprint is None:
+    def _files_digest(self) -> Any:
+        """blake2b over the model's revision and every small file that shapes its vectors."""
+        if self._files_hash is None:
             root = self.model_dir
             h = hashlib.blake2b(digest_size=16)
             h.update(self._source["revision"].encode())
@@ -165,19 +263,25 @@ class LocalBackend:
             for cfg in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in _CONFIG_SUFFIXES):
                 h.update(str(cfg.relative_to(root)).encode())
                 h.update(cfg.read_bytes())
+            self._files_hash = h
+        return self._files_hash.copy()
+
+    def model_key(self) -> str:
+        """Names the export folder: the model's files and whether its graph normalises."""
+        h = self._files_digest()
+        h.update(f"export;normalize={self.normalize}".encode())
+        return h.hexdigest()
+
+    def fingerprint(self) -> str:
+        """Identity of the vectors this backend makes; the cache namespace."""
+        if self._fingerprint is None:
+            h = self._files_digest()
             h.update(f"normalize={self.normalize};max_length={self.max_length};precision={self.precision};"
                      f"runtime={self.runtime};quantize={self._quantize_recipe()}".encode())
             if self.prompt:  # a prompt makes other vectors of the same text (none: the namespace of old)
                 h.update(f";prompt={json.dumps(self.prompt)}".encode())
             self._fingerprint = f"local:{h.hexdigest()}"
         return self._fingerprint
-
-    @property
-    def precision(self) -> str:
-        """fp32, bf16 or fp16; `auto` settles by device and CPU features, without loading the model."""
-        if self._precision is None:
-            self._precision = resolve_precision(self.requested_precision, self.requested_device)
-        return self._precision
 
     def known_dimension(self) -> int | None:
         """The dimension if known without loading the model (config files, or a vector already
@@ -188,38 +292,28 @@ class LocalBackend:
     def dimension(self) -> int:
         _ = self.model_dir
         if self._dim is None:
-            self._dim = int(self._load_model().get_sentence_embedding_dimension())
+            if self.runtime == "torch":
+                self._dim = int(self._load_model().get_sentence_embedding_dimension())
+            else:
+                self._dim = int(self.embed(["dimension probe"]).shape[1])
         return self._dim
 
     # --- tokenizer (cheap) --------------------------------------------------------------------
 
-    def _load_tokenizer(self) -> Any:
+    def _load_tokenizer(self) -> ModelTokenizer:
+        """The tokenizers-library load where this model's export proved it gives transformers'
+        ids (no transformers import: a second or more of start-up), else transformers'."""
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            try:
-                self._tokenizer = AutoTokenizer.from_pretrained(str(self.model_dir), trust_remote_code=self.trust_remote_code)
-            except Exception as exc:
-                raise ModelLoadError(f"cannot load the tokenizer of {self.model_id} from {self.model_dir} ({exc}).") from exc
+            if ExportBundle(self.model_key()).meta().get("tokenizer_fast"):
+                self._tokenizer = load_fast(self.model_dir, lower=self._lower)
+            if self._tokenizer is None:
+                self._tokenizer = load_transformers(self.model_dir, self.model_id, trust_remote_code=self.trust_remote_code,
+                                                    lower=self._lower)
         return self._tokenizer
 
     def token_counts(self, texts: Sequence[str]) -> list[int]:
-        tokenizer = self._load_tokenizer()
-        # The same preparation sentence-transformers applies before tokenizing: the prompt put
-        # before the text, then stripped (and lowercased where the model says so).
-        prompt = self.prompt or ""
-        prepared = [(prompt + t).strip() for t in texts]
-        if self._lower:
-            prepared = [t.lower() for t in prepared]
-        encoded = tokenizer(
-            prepared,
-            add_special_tokens=True,
-            truncation=False,
-            verbose=False,
-            return_attention_mask=False,
-            return_token_type_ids=False,
-        )
-        return [len(ids) for ids in encoded["input_ids"]]
+        # the preparation sentence-transformers applies: prompt + text, stripped, lowercased where the model says
+        return self._load_tokenizer().count(texts, self.prompt or "")
 
     def split(self, texts: Sequence[str], size: int, overlap: int) -> list[Windows]:
         """Windows of at most `size` tokens as the model reads them (specials and prompt included),
@@ -228,13 +322,11 @@ class LocalBackend:
             raise InputError(f"--split tokens:{size} is more than {self.model_id} reads ({self.max_length} tokens); "
                              f"use --split tokens:{self.max_length} or less.")
         tokenizer = self._load_tokenizer()
-        if not getattr(tokenizer, "is_fast", False):
+        if not tokenizer.fast:
             raise InputError(f"--split needs a fast tokenizer (with offsets); {self.model_id}'s is not one.")
         # offsets index the text as given; lowercasing is kept only where it keeps every length
         seen = [t.lower() if self._lower and len(t.lower()) == len(t) else t for t in texts]
-        encoded = tokenizer(seen, add_special_tokens=False, truncation=False, verbose=False, return_offsets_mapping=True,
-                            return_attention_mask=False, return_token_type_ids=False)
-        offsets = [[(int(a), int(b)) for a, b in o] for o in encoded["offset_mapping"]]
+        offsets = tokenizer.offsets(seen)
         overhead = self.token_counts([""])[0]  # specials and the prompt: what any text costs beside its own tokens
         return fit_windows(list(texts), offsets, size=size, overlap=overlap, overhead=overhead, count=self.token_counts)
 
@@ -245,17 +337,48 @@ class LocalBackend:
         found, the device present, the runtime installed, the memory guard passed (before, not
         after, an OOM). Reads file names and sizes only. Returns the device; raises ModelLoadError
         (MemoryGuardError) or InputError."""
-        device = resolve_device(self.requested_device)
-        if self.runtime == "onnx" and importlib.util.find_spec("onnxruntime") is None:
-            raise ModelLoadError("--runtime onnx / --quantize int8 need onnxruntime: pip install 'hfbatch[onnx]'.")
+        if self.runtime == "torch":
+            device = resolve_device(self.requested_device)
+        else:
+            device = "cpu"
+            module, extra = ("openvino", "openvino") if self.runtime == "openvino" else ("onnxruntime", "onnx")
+            if importlib.util.find_spec(module) is None:
+                raise ModelLoadError(f"--runtime {self.runtime} needs {module}: pip install 'hfbatch[{extra}]'.")
         self.estimated_bytes = check_model_memory(self.model_id, self.model_dir)
         return device
+
+    def load(self) -> Any:
+        """Load what computes the vectors (the torch model or the export's runner); timed."""
+        if self._engine is None:
+            started = time.perf_counter()
+            self._engine = self._load_model() if self.runtime == "torch" else self._start_export()
+            self.load_seconds = time.perf_counter() - started
+            log.info("loaded %s (%s %s) in %.2fs", self.model_id, self.runtime, self.quantize or self.precision,
+                     self.load_seconds)
+        return self._engine
+
+    def reload_seconds(self) -> float:
+        """Seconds to load this configuration's model (or export session, and the fast tokenizer)
+        afresh, the in-process caches bypassed: what a new process pays besides imports."""
+        self.load()
+        started = time.perf_counter()
+        if self.runtime == "torch":
+            _load_sentence_transformer.__wrapped__(str(self.model_dir), "cpu", self.model_id, self.trust_remote_code)
+        elif self.runtime == "openvino":
+            _openvino_session.__wrapped__(str(self.engine_path))
+        else:
+            from .onnx import OnnxRunner
+
+            OnnxRunner(Path(str(self.engine_path)), fresh=True)
+        if self.runtime != "torch":
+            load_fast(self.model_dir, lower=self._lower)
+        return time.perf_counter() - started
 
     def _load_model(self) -> Any:
         if self._model is not None:
             return self._model
-        started = time.perf_counter()
-        device = self.preflight()
+        device = resolve_device(self.requested_device) if self.runtime == "torch" else "cpu"
+        self.estimated_bytes = check_model_memory(self.model_id, self.model_dir)
         model = _load_sentence_transformer(str(self.model_dir), device, self.model_id, self.trust_remote_code)
         has_normalize = type(model[len(model) - 1]).__name__ == "Normalize"
         if has_normalize and not self.normalize:
@@ -266,14 +389,11 @@ class LocalBackend:
             model = SentenceTransformer(modules=list(model)[:-1], device=device)
         self._normalize_in_encode = self.normalize and not has_normalize
         self._model, self._device = model, device
-        if self.requested_precision == "auto" and self.precision != "fp32":
-            self._check_fidelity(model)
-        if self.precision == "bf16" and device == "cpu" and not cpu_has_native_bf16():
-            self._warn_emulated_bf16(model)
-        if self.runtime == "onnx":
-            self._start_onnx(model)
-        self.load_seconds = time.perf_counter() - started
-        log.info("loaded %s on %s in %.2fs", self.model_id, device, self.load_seconds)
+        if self.runtime == "torch":
+            if self.requested_precision == "auto" and self.precision != "fp32":
+                self._check_fidelity(model)
+            if self.precision == "bf16" and device == "cpu" and not cpu_has_native_bf16():
+                self._warn_emulated_bf16(model)
         return model
 
     def _encode(self, model: Any, texts: Sequence[str], precision: str) -> np.ndarray:
@@ -296,27 +416,97 @@ class LocalBackend:
             )
         return np.asarray(vectors, dtype=np.float32)
 
-    def _start_onnx(self, model: Any) -> None:
-        """Export (once, cached), optionally quantize, and check against torch fp32 before use."""
-        from .onnx import OnnxEncoder, check_int8
+    # --- the exported runtimes (ONNX Runtime, OpenVINO) ---------------------------------------
 
-        export_dir = Path(os.environ.get("HFBATCH_ONNX_DIR") or user_cache_dir("hfbatch")) / "onnx"
-        base_print = self.fingerprint().replace("local:", "")
-        encoder = OnnxEncoder(model, model_id=self.model_id, export_dir=export_dir, fingerprint=base_print,
-                              quantize=self.quantize)
+    def _variant(self, quantize: str | None = None) -> str:
+        kind = quantize if quantize is not None else (self.quantize or "fp32")
+        return f"{self.runtime}-{kind}" if kind == "fp32" else f"{self.runtime}-{self._quantize_recipe()}"
+
+    def _runtime_version(self) -> str | None:
+        return package_version("openvino" if self.runtime == "openvino" else "onnxruntime")
+
+    def _start_export(self) -> Any:
+        """The cached, proved export run by this runtime: onnxruntime/openvino and the tokenizers
+        library only (no torch) once it exists; made and checked against torch fp32 otherwise."""
+        self._device = self.preflight()
+        bundle = ExportBundle(self.model_key())
+        entry = bundle.proved(self._variant(), self._runtime_version())
+        if entry is None:
+            self._build(bundle)
+            entry = bundle.proved(self._variant(), self._runtime_version())
+            assert entry is not None
+        meta = bundle.meta()
+        self._normalize_in_encode = self.normalize and not meta.get("normalize")
+        self.onnx_fidelity = dict(entry["fidelity"])
+        self.engine_path = bundle.path(entry["file"])
+        return self._runner(self.engine_path)
+
+    def _runner(self, path: Path) -> Any:
+        if self.runtime == "openvino":
+            from .openvino import OpenVinoSession
+
+            return _openvino_session(str(path))
+        from .onnx import OnnxRunner
+
+        return OnnxRunner(path)
+
+    def _build(self, bundle: ExportBundle) -> None:
+        """Export (fp32 always, int8 when asked) from the torch model, prove each variant against
+        torch fp32 on the calibration sample, and record it in meta.json."""
+        from .onnx import check_int8, export_fp32, export_int8, graph_facts
+
+        model = self._load_model()
+        facts = graph_facts(model, self.model_id)
+        fp32_path = bundle.path("model.onnx")
+        if not fp32_path.is_file():
+            export_fp32(model, fp32_path, facts, self.model_id)
+        slow = ModelTokenizer(hf=model.tokenizer, lower=self._lower)
+        fast = load_fast(self.model_dir, lower=self._lower)
+        bundle.record(input_names=facts["input_names"], pooling=facts["pooling"], normalize=facts["normalize"],
+                      model_id=self.model_id, tokenizer_fast=bool(fast is not None and same_ids(fast, slow)))
+        self._tokenizer = self._tokenizer or slow
         reference = self._encode(model, CALIBRATION_TEXTS, "fp32")
-        got = encoder.encode(CALIBRATION_TEXTS, self.max_length)
-        if self._normalize_in_encode:
-            got = l2_normalize(got)
-        if self.quantize:
-            self.onnx_fidelity = check_int8(reference, got, self.model_id)
-        else:
+        version = self._runtime_version()
+        fp32_variant = self._variant("fp32")
+        if bundle.proved(fp32_variant, version) is None:
+            got = self._run(self._runner(fp32_path), CALIBRATION_TEXTS)
             cosine = cosine_rows(reference, got)
-            self.onnx_fidelity = {"mean": float(cosine.mean()), "min": float(cosine.min())}
-            if self.onnx_fidelity["min"] < 0.999:
-                raise ModelLoadError(f"the ONNX export of {self.model_id} differs from torch (min cosine "
-                                     f"{self.onnx_fidelity['min']:.4f}); use --runtime torch.")
-        self._onnx = encoder
+            figures = {"mean": float(cosine.mean()), "min": float(cosine.min())}
+            if figures["min"] < EXPORT_MIN_COSINE:
+                raise ModelLoadError(f"the {self.runtime} run of {self.model_id}'s export differs from torch (min cosine "
+                                     f"{figures['min']:.4f}); use --runtime torch.")
+            bundle.record(variants={fp32_variant: {"file": fp32_path.name, "fidelity": figures, "runtime_version": version}})
+        if not self.quantize:
+            return
+        variant = self._variant()
+        if self.runtime == "openvino":
+            from .openvino_export import quantize_openvino
+
+            name, figures = quantize_openvino(self, bundle, fp32_path, reference)
+        else:
+            name = f"model.{self._quantize_recipe()}.onnx"
+            if not bundle.path(name).is_file():
+                export_int8(model, bundle.path(name), facts, self.model_id, self.max_length)
+            figures = check_int8(reference, self._run(self._runner(bundle.path(name)), CALIBRATION_TEXTS), self.model_id)
+        bundle.record(variants={variant: {"file": name, "fidelity": figures, "runtime_version": version}})
+
+    def _run(self, runner: Any, texts: Sequence[str]) -> np.ndarray:
+        feeds = self._load_tokenizer().feeds(texts, self.max_length, runner.input_names, self.prompt or "")
+        vectors = runner.run(feeds)
+        return l2_normalize(vectors) if self._normalize_in_encode else vectors
+
+    def _reference_runner(self) -> Any:
+        """The fp32 export of the same runtime: the reference int8 is checked against on the job's
+        texts (itself proved against torch fp32 at >= EXPORT_MIN_COSINE), without loading torch."""
+        if self._reference is None:
+            bundle = ExportBundle(self.model_key())
+            entry = bundle.proved(self._variant("fp32"), self._runtime_version())
+            if entry is None:
+                self._build(bundle)
+                entry = bundle.proved(self._variant("fp32"), self._runtime_version())
+                assert entry is not None
+            self._reference = self._runner(bundle.path(entry["file"]))
+        return self._reference
 
     def _warn_emulated_bf16(self, model: Any) -> None:
         """--precision bf16 on a CPU without native bf16 (no AVX-512 BF16, no AMX): torch emulates it,
@@ -339,53 +529,61 @@ class LocalBackend:
         half = self._encode(model, CALIBRATION_TEXTS, self.precision)
         cosine = cosine_rows(fp32, half)
         self.fidelity = {"mean": float(cosine.mean()), "min": float(cosine.min())}
-        if self.fidelity["mean"] < 0.9999 or self.fidelity["min"] < 0.999:
+        if self.fidelity["mean"] < HALF_MIN_MEAN or self.fidelity["min"] < HALF_MIN_MIN:
             raise ModelLoadError(
                 f"--precision auto chose {self.precision} but on this machine it differs from fp32 "
                 f"(cosine mean {self.fidelity['mean']:.5f}, min {self.fidelity['min']:.5f}; needs >= 0.9999 / 0.999); "
                 "pass --precision fp32."
             )
 
+    def compute(self, texts: Sequence[str]) -> np.ndarray:
+        """Vectors of `texts` by the settled configuration, without the job-text check (what
+        selection times)."""
+        engine = self.load()
+        if self.runtime == "torch":
+            return self._encode(engine, texts, self.precision)
+        return self._run(engine, texts)
+
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        model = self._load_model()
-        if self.job_fidelity is None and (self.quantize or (self.requested_precision == "auto" and self.precision != "fp32")):
-            self._check_job_texts(model, texts)
+        self.load()
+        if self.job_fidelity is None and self.needs_job_check():
+            self.check_job_texts(texts)
         try:
-            if self._onnx is not None:  # the prompt is text before the text (pooling over all of it: checked at load)
-                vectors = self._onnx.encode([(self.prompt or "") + t for t in texts], self.max_length)
-                if self._normalize_in_encode:
-                    vectors = l2_normalize(vectors)
-            else:
-                vectors = self._encode(model, texts, self.precision)
+            vectors = self.compute(texts)
         except Exception as exc:
             raise BackendError(f"{self.model_id} failed on a batch of {len(texts)} texts ({exc}).") from exc
         if self._dim is None:
             self._dim = int(vectors.shape[1])
         return vectors
 
-    def _check_job_texts(self, model: Any, texts: Sequence[str]) -> None:
+    def needs_job_check(self) -> bool:
+        """int8 and half precision are checked on the job's own texts; fp32 of any runtime is not
+        (its export was proved at >= EXPORT_MIN_COSINE)."""
+        return bool(self.quantize) or self.precision in ("bf16", "fp16")
+
+    def check_job_texts(self, texts: Sequence[str]) -> None:
         """The fixed calibration sample passed at load; the job's own first texts (the first batch,
-        the longest of the first chunk) must pass the same bar before any of its vectors is used:
-        int8 cosine to torch fp32 >= 0.99 mean / 0.98 min, half precision >= 0.9999 / 0.999.
-        Refused (ModelLoadError) before anything is written; the figures go to the sidecar."""
+        the longest of the first chunk, or what selection read) must pass the same bar before any
+        of its vectors is used: int8 cosine to fp32 >= 0.99 mean / 0.98 min, half precision >=
+        0.9999 / 0.999. Refused (ModelLoadError) before anything is written; figures to the sidecar."""
         sample = list(dict.fromkeys(texts))[:JOB_SAMPLE_TEXTS]
         if not sample:
             return
-        reference = self._encode(model, sample, "fp32")
+        engine = self.load()
         where = f"this job's first {len(sample)} texts"
-        if self._onnx is not None:
+        if self.runtime != "torch":
             from .onnx import check_int8
 
-            got = self._onnx.encode([(self.prompt or "") + t for t in sample], self.max_length)
-            got = l2_normalize(got) if self._normalize_in_encode else got
-            figures = check_int8(reference, got, self.model_id, where)
+            reference = self._run(self._reference_runner(), sample)
+            figures = check_int8(reference, self._run(engine, sample), self.model_id, where)
         else:
-            cosine = cosine_rows(reference, self._encode(model, sample, self.precision))
+            reference = self._encode(engine, sample, "fp32")
+            cosine = cosine_rows(reference, self._encode(engine, sample, self.precision))
             figures = {"mean": float(cosine.mean()), "min": float(cosine.min())}
-            if figures["mean"] < 0.9999 or figures["min"] < 0.999:
+            if figures["mean"] < HALF_MIN_MEAN or figures["min"] < HALF_MIN_MIN:
                 raise ModelLoadError(
-                    f"--precision auto chose {self.precision} but on {where} it differs from fp32 (cosine mean "
-                    f"{figures['mean']:.5f}, min {figures['min']:.5f}; needs >= 0.9999 / 0.999); pass --precision fp32.")
+                    f"--precision {self.precision} differs from fp32 on {where} (cosine mean {figures['mean']:.5f}, "
+                    f"min {figures['min']:.5f}; needs >= 0.9999 / 0.999); pass --precision fp32.")
         self.job_fidelity = {"texts": len(sample), **{k: round(v, 6) for k, v in figures.items()}}
 
     def describe(self) -> dict[str, Any]:
@@ -403,18 +601,27 @@ class LocalBackend:
                 runtime=self.runtime,
                 trust_remote_code=self.trust_remote_code,
                 quantize=self._quantize_recipe(),
-                onnx_fidelity=self.onnx_fidelity,
+                onnx_fidelity=self.onnx_fidelity,  # the export (fp32 or int8) against torch fp32, when made
                 job_fidelity=self.job_fidelity,  # the same bar, measured on the job's own first texts
                 bf16_emulated_factor=self.bf16_factor,
                 prompt=self.prompt,
                 prompt_name=self.prompt_name,
+                selection=self.selection,  # how --runtime/--precision auto chose, from which measurements
+                tokenizer=self._tokenizer.loader if self._tokenizer is not None else None,
             )
         info["device"] = self._device or "not loaded (every vector came from the cache)"
-        info["model_loaded"] = self._model is not None
+        info["model_loaded"] = self._engine is not None or self._model is not None
         info["tokenizer_loaded"] = self._tokenizer is not None
         info["estimated_memory_mb"] = round(self.estimated_bytes / 2**20, 1) if self.estimated_bytes else None
         info["load_seconds"] = round(self.load_seconds, 3)
         return info
+
+
+@functools.lru_cache(maxsize=4)
+def _openvino_session(path: str) -> Any:
+    from .openvino import OpenVinoSession
+
+    return OpenVinoSession(Path(path), cache_dir=Path(path).parent / "openvino-cache")
 
 
 def resolve_prompt(model_id: str, config: dict[str, Any], prompt: str | None, name: str | None) -> tuple[str | None, str | None]:
@@ -519,10 +726,18 @@ def _bundled_model_dir() -> Path | None:
 
 
 def weights_hash(root: Path) -> str:
-    """blake2b of the weight files: the revision of a model that has no hub commit."""
-    h = hashlib.blake2b(digest_size=16)
+    """blake2b of the weight files: the revision of a model that has no hub commit. Remembered
+    per process while the files keep their sizes and times (selection makes several backends)."""
     # every weight file, sub-modules (2_Dense/...) included
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
+    stamp = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return _weights_hash(root, stamp)
+
+
+@functools.lru_cache(maxsize=16)
+def _weights_hash(root: Path, stamp: tuple[tuple[str, int, int], ...]) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    files = [Path(name) for name, _, _ in stamp]
     for path in files:
         h.update(str(path.relative_to(root)).encode())
         with path.open("rb") as handle:

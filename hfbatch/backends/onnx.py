@@ -15,6 +15,7 @@ is only used when a check on a calibration sample keeps cosine to fp32 >= 0.99 m
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -103,104 +104,144 @@ def _pooling_mode(module: Any) -> str:
     return str(config.get("pooling_mode", "unknown"))
 
 
+def graph_facts(model: Any, model_id: str) -> dict[str, Any]:
+    """What the exported graph holds, read from a loaded sentence-transformers model: its pooling,
+    whether it normalises, and the tokenizer outputs it takes. InputError for what it cannot hold."""
+    kinds = [type(m).__name__ for m in model]
+    if set(kinds) - _SUPPORTED:
+        raise InputError(
+            f"--runtime onnx/openvino support Transformer + Pooling (+ Normalize) models; {model_id} has "
+            f"{', '.join(kinds)}. Use --runtime torch."
+        )
+    pooling = _pooling_mode(model[1]) if len(model) > 1 else "mean"
+    if pooling not in ("mean", "cls"):
+        raise InputError(f"--runtime onnx/openvino support mean or cls pooling; {model_id} uses {pooling}. "
+                         "Use --runtime torch.")
+    names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in model.tokenizer("probe")]
+    return {"pooling": pooling, "normalize": kinds[-1] == "Normalize", "input_names": names}
+
+
+class OnnxRunner:
+    """An ONNX Runtime session over an exported graph: feeds in, float32 vectors out. Needs only
+    onnxruntime (no torch): the start-up of a job whose export is cached."""
+
+    def __init__(self, path: Path, *, fresh: bool = False):
+        self.path = Path(path)
+        # one session per file and process (a suite or notebook runs many jobs); fresh: a new one
+        self.session = _session.__wrapped__(str(self.path)) if fresh else _session(str(self.path))
+        self.input_names = [i.name for i in self.session.get_inputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return np.asarray(self.session.run(None, {n: feeds[n] for n in self.input_names})[0], dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=4)
+def _session(path: str) -> Any:
+    """One session per file and process (a test suite or notebook runs many jobs)."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    try:
+        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelLoadError(f"ONNX Runtime cannot load {path} ({_first_line(exc)}); delete it to export again, "
+                             "or use --runtime torch.") from exc
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+
+
+def export_fp32(model: Any, target: Path, facts: dict[str, Any], model_id: str) -> None:
+    """The transformer with its pooling (and normalisation) as one ONNX graph, written whole or not at all."""
+    _export(model[0].auto_model, model.tokenizer, target, facts, model_id)
+
+
+def export_int8(model: Any, target: Path, facts: dict[str, Any], model_id: str, max_length: int) -> None:
+    """Export a smoothed copy of the transformer, then quantize every weight MatMul to int8."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    smoothed = target.with_suffix(".smoothed.partial")
+    temp = target.with_suffix(".partial")
+    try:
+        _export(smooth_linears(model[0].auto_model, model.tokenizer, max_length), model.tokenizer, smoothed, facts, model_id)
+        with _Quiet():
+            quantize_dynamic(str(smoothed), str(temp), per_channel=True, weight_type=QuantType.QInt8,
+                             op_types_to_quantize=["MatMul"])
+        temp.replace(target)
+    except ModelLoadError:
+        raise
+    except Exception as exc:
+        raise ModelLoadError(f"int8 quantization of {model_id} failed ({exc}); drop --quantize int8.") from exc
+    finally:
+        smoothed.unlink(missing_ok=True)
+        temp.unlink(missing_ok=True)
+
+
+def _export(transformer: Any, tokenizer: Any, target: Path, facts: dict[str, Any], model_id: str) -> None:
+    import torch
+
+    transformer = transformer.eval().to("cpu")
+    pooling, normalize, names = facts["pooling"], facts["normalize"], facts["input_names"]
+
+    class Graph(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.m = transformer
+
+        def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+            named = dict(zip(names, inputs))
+            hidden = self.m(**named).last_hidden_state
+            if pooling == "cls":
+                out = hidden[:, 0]
+            else:
+                mask = named["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                out = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+            if normalize:
+                out = torch.nn.functional.normalize(out, p=2, dim=1)
+            return out
+
+    probe = tokenizer(["a short text", "a somewhat longer probe text"], padding=True, return_tensors="pt")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    temp = target.with_suffix(".export.partial")
+    try:
+        with _Quiet():
+            torch.onnx.export(
+                Graph(), tuple(probe[n] for n in names), str(temp), input_names=names, output_names=["embedding"],
+                dynamic_axes={**{n: {0: "batch", 1: "tokens"} for n in names}, "embedding": {0: "batch"}},
+                opset_version=17, dynamo=False,
+            )
+        temp.replace(target)  # a cached export is always whole
+    except Exception as exc:
+        temp.unlink(missing_ok=True)
+        raise ModelLoadError(f"exporting {model_id} to ONNX failed ({exc}); use --runtime torch.") from exc
+
+
 class OnnxEncoder:
-    """Tokenize with the model's tokenizer, run the exported graph, return float32 vectors."""
+    """Export (once, cached in export_dir) and run a loaded sentence-transformers model: the
+    one-object form of graph_facts + export_fp32/export_int8 + OnnxRunner."""
 
     def __init__(self, model: Any, *, model_id: str, export_dir: Path, fingerprint: str, quantize: str | None):
-        kinds = [type(m).__name__ for m in model]
-        if set(kinds) - _SUPPORTED:
-            raise InputError(
-                f"--runtime onnx supports Transformer + Pooling (+ Normalize) models; {model_id} has "
-                f"{', '.join(kinds)}. Use --runtime torch."
-            )
-        pooling = _pooling_mode(model[1]) if len(model) > 1 else "mean"
-        if pooling not in ("mean", "cls"):
-            raise InputError(f"--runtime onnx supports mean or cls pooling; {model_id} uses {pooling}. Use --runtime torch.")
-        self.model, self.model_id, self.pooling = model, model_id, pooling
-        self.normalize = kinds[-1] == "Normalize"
+        facts = graph_facts(model, model_id)
+        self.pooling, self.normalize, self.input_names = facts["pooling"], facts["normalize"], facts["input_names"]
         self.tokenizer = model.tokenizer
         self.max_length = int(getattr(model, "max_seq_length", None) or 512)
-        self.input_names = [n for n in ("input_ids", "attention_mask", "token_type_ids")
-                            if n in self.tokenizer("probe", return_tensors="np")]
         export_dir.mkdir(parents=True, exist_ok=True)
-        base = export_dir / f"{fingerprint.replace(':', '-')}.onnx"
-        path = base
+        path = export_dir / f"{fingerprint.replace(':', '-')}.onnx"
         if quantize == "int8":
-            path = base.with_suffix(".int8.onnx")  # the fingerprint names the recipe (int8_recipe)
+            path = path.with_suffix(".int8.onnx")
             if not path.exists():
-                self._quantize(path)
-        elif not base.exists():
-            self._export(base, model[0].auto_model)
-        import onnxruntime as ort
-
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        self.path = path
-
-    def _export(self, target: Path, transformer: Any) -> None:
-        import torch
-
-        transformer = transformer.eval().to("cpu")
-        pooling, normalize = self.pooling, self.normalize
-
-        class Graph(torch.nn.Module):
-            def __init__(self) -> None:
-                super().__init__()
-                self.m = transformer
-
-            def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
-                named = dict(zip(names, inputs))
-                hidden = self.m(**named).last_hidden_state
-                if pooling == "cls":
-                    out = hidden[:, 0]
-                else:
-                    mask = named["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                    out = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-                if normalize:
-                    out = torch.nn.functional.normalize(out, p=2, dim=1)
-                return out
-
-        names = self.input_names
-        probe = self.tokenizer(["a short text", "a somewhat longer probe text"], padding=True, return_tensors="pt")
-        temp = target.with_suffix(".partial")
-        try:
-            with _Quiet():
-                torch.onnx.export(
-                    Graph(), tuple(probe[n] for n in names), str(temp), input_names=names, output_names=["embedding"],
-                    dynamic_axes={**{n: {0: "batch", 1: "tokens"} for n in names}, "embedding": {0: "batch"}},
-                    opset_version=17, dynamo=False,
-                )
-            temp.replace(target)  # a cached export is always whole
-        except Exception as exc:
-            temp.unlink(missing_ok=True)
-            raise ModelLoadError(f"exporting {self.model_id} to ONNX failed ({exc}); use --runtime torch.") from exc
-
-    def _quantize(self, target: Path) -> None:
-        """Export a smoothed copy of the transformer, then quantize every weight MatMul to int8."""
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        smoothed = target.with_suffix(".smoothed.partial")
-        temp = target.with_suffix(".partial")
-        try:
-            self._export(smoothed, smooth_linears(self.model[0].auto_model, self.tokenizer, self.max_length))
-            with _Quiet():
-                quantize_dynamic(str(smoothed), str(temp), per_channel=True, weight_type=QuantType.QInt8,
-                                 op_types_to_quantize=["MatMul"])
-            temp.replace(target)
-        except ModelLoadError:
-            raise
-        except Exception as exc:
-            raise ModelLoadError(f"int8 quantization of {self.model_id} failed ({exc}); drop --quantize int8.") from exc
-        finally:
-            smoothed.unlink(missing_ok=True)
-            temp.unlink(missing_ok=True)
+                export_int8(model, path, facts, model_id, self.max_length)
+        elif not path.exists():
+            export_fp32(model, path, facts, model_id)
+        self.runner = OnnxRunner(path)
+        self.session, self.path = self.runner.session, path
 
     def encode(self, texts: Sequence[str], max_length: int) -> np.ndarray:
         batch = self.tokenizer([t.strip() for t in texts], padding=True, truncation=True, max_length=max_length,
                                return_tensors="np")
-        feeds = {n: batch[n].astype(np.int64) for n in self.input_names}
-        return np.asarray(self.session.run(None, feeds)[0], dtype=np.float32)
+        return self.runner.run({n: batch[n].astype(np.int64) for n in self.input_names})
 
 
 def int8_recipe() -> str:

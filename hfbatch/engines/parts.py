@@ -50,6 +50,7 @@ from ..io.plan import part_outputs, plan_outputs
 from ..io.readers import detect_format
 from ..io.stores import RemotePath, is_remote, location
 from ..io.writers import write_json_atomic
+from ..jobs.core import first_texts
 from ..jobs.embed import calibrate_ranges, run_embed
 from ..monitoring import NullObserver, Observer
 from ..options import EmbedOptions, sidecar_path
@@ -229,6 +230,7 @@ class PartsJob:
     document: dict[str, Any]
     records: dict[str, PartRecord] = field(default_factory=dict)
     wall: float = field(default_factory=time.perf_counter)
+    fingerprint: str | None = None  # the vectors' identity once the runtime is settled: parts made otherwise are redone
 
     def relative(self, part: Path) -> str:
         return str(part.relative_to(self.root))
@@ -256,6 +258,8 @@ class PartsJob:
             recorded = meta["provenance"]["input"]["hash"]
             if self.options.ranges is not None and meta["provenance"]["vectors"]["ranges"] != list(map(list, self.options.ranges)):
                 return False  # quantized on another grid than this job's: embedded again
+            if self.fingerprint is not None and meta["provenance"]["fingerprint"] != self.fingerprint:
+                return False  # made by another runtime or precision (`auto` chose otherwise): embedded again
             rows = pq.ParquetFile(output.open(ranged=True) if isinstance(output, RemotePath) else output).metadata.num_rows
         except (OSError, ValueError, KeyError, TypeError, pa.ArrowException, InputError):
             return False
@@ -435,7 +439,9 @@ def run_embed_parts(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1), b
     # model) ends the job here, before any part could be marked failed and lose its output. Each
     # part still makes its own (the model itself is loaded once per process), so that each part's
     # sidecar describes what that part did.
-    (backend or make_backend(job.resolved)).fingerprint()
+    made = backend or make_backend(job.resolved)
+    settle_runtime(job, settings, made)  # --runtime/--precision auto: once, for every part
+    made.fingerprint()
     shared = _OneBar(observer) if observer is not None else None
     try:
         settle_ranges(job, settings, backend)  # int8/uint8: before any part is resumed or run
@@ -450,6 +456,26 @@ def run_embed_parts(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1), b
     if shared is not None:
         shared.close()
     return job.finish()
+
+
+def settle_runtime(job: PartsJob, settings: Settings, backend: Backend | None = None) -> None:
+    """--runtime/--precision/--quantize auto: chosen once for the whole job (for speed: a many-part
+    job is a big one; checked on its first part's first texts) and written into the options every
+    part and Ray actor is made from, so no two parts are embedded differently. A part an earlier
+    run made with another configuration is embedded again (`PartsJob.resume`)."""
+    backend = backend or make_backend(job.resolved)
+    local = getattr(backend, "primary", backend)  # --backend auto: its local side
+    if not callable(getattr(local, "settle", None)):
+        return
+    first = job.part_options(next(iter(job.outputs))).resolved(settings)
+    backend.settle(rows=None, texts=lambda: first_texts(first))  # type: ignore[attr-defined]
+    if local.config is None:  # --backend auto handed over to the remote side
+        return
+    runtime, precision, quantize = local.config
+    settled = dict(runtime=runtime, precision=precision, quantize=quantize, selection=local.selection)
+    job.options = replace(job.options, **settled)
+    job.resolved = replace(job.resolved, **settled)
+    job.fingerprint = backend.fingerprint()
 
 
 def settle_ranges(job: PartsJob, settings: Settings, backend: Backend | None = None) -> None:

@@ -414,6 +414,9 @@ def run_task(task: Task, opts: JobOptions, files: JobFiles, *, observer: Observe
     sink: ParquetSink | None = None
     observer.start(reader.total_rows)
     try:
+        settle = getattr(task.backend, "settle", None)
+        if callable(settle):  # --runtime/--precision auto: chosen for this job's size, checked on its first texts
+            settle(rows=reader.total_rows, texts=lambda: first_texts(opts, files.source))
         if opts.use_cache:  # the fingerprint may resolve the model: a model not found is a failed job
             cache = open_cache(opts.cache_dir, task.backend.fingerprint(), size_limit_bytes=opts.cache_size_bytes or 0)  # type: ignore[arg-type]
         processor = ChunkProcessor(task, cache, metrics, observer, passthrough=files.passthrough, on_invalid=opts.on_invalid,
@@ -478,6 +481,24 @@ def sampler(task: Task, opts: JobOptions, cache: Cache, *, source: Path | None =
 
     sample.metrics = metrics  # type: ignore[attr-defined]
     return sample
+
+
+def first_texts(opts: JobOptions, source: Path | None = None, k: int = 64) -> list[str]:
+    """The first k distinct non-blank texts of the job's input (`source`, else opts.input): what
+    a runtime that `auto` chose must be faithful on before the job uses it."""
+    column = opts.input_column
+    reader = open_reader(source or opts.input, fmt=opts.format, chunk_size=min(opts.chunk_size or 10_000, 10_000),
+                         columns=[column], text_column=column, max_line_bytes=opts.max_line_bytes)  # type: ignore[arg-type]
+    found: dict[str, None] = {}
+    if column not in reader.schema.names:
+        return []
+    for chunk in reader.chunks():
+        for value in chunk.batch.column(column).to_pylist():
+            if isinstance(value, str) and value.strip():
+                found.setdefault(value, None)
+                if len(found) >= k:
+                    return list(found)
+    return list(found)
 
 
 def _first_valid(v: ValidatedChunk, n: int) -> ValidatedChunk:

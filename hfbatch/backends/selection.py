@@ -1,0 +1,254 @@
+"""Which runtime and precision a local job runs with when `auto` leaves it open: measured here.
+
+Why measured: the fast path depends on the CPU. On an AMD EPYC with AVX-512 BF16, torch bf16 was
+1.35x fp32 and ONNX int8 1.26x; on an Intel Ice Lake without bf16, bf16 was 2.5x *slower* and ONNX
+Runtime fp32 0.76x torch. No fixed rule is right on both, so the candidates that fit the request
+(`candidates`: torch fp32; torch bf16 where the CPU has native bf16; ONNX Runtime fp32 and int8;
+OpenVINO fp32 and int8 when installed) are each loaded, timed on a fixed sample and checked
+against torch fp32 the first time a model is used on a machine. The figures are kept as JSON in
+the user cache dir (`choices/`, keyed by CPU model + flags + library versions + the model's
+files; `hfbatch capabilities` lists them). A job then takes the accepted candidate with the
+least expected time, start-up + rows / speed: a 100-row cron job gets the one that starts
+fastest (a cached export needs no torch import), a big job the one that runs fastest. The choice
+must also pass the fidelity bar on the job's own first texts, or the next one is taken.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Sequence
+
+import numpy as np
+
+from .._version import __version__
+from ..errors import HfbatchError, InputError
+from ..resources import cpu_facts, cpu_has_native_bf16
+from ..vectors import cosine_rows
+from .exports import exports_root, package_version
+
+if TYPE_CHECKING:
+    from .local import LocalBackend
+
+Config = tuple[str, str, str]  # (runtime, precision, quantize)
+RECORD_FORMAT = 1
+TIMED_PASSES = 2  # after one warm-up pass; the faster is kept (a busy moment makes a pass slow)
+BATCH = 32
+EXPORT_RUNTIMES = {"onnx": "onnxruntime", "openvino": "openvino"}
+_LIBRARIES = ("torch", "onnxruntime", "openvino", "nncf", "sentence-transformers", "transformers", "tokenizers")
+
+
+def label(config: Config) -> str:
+    runtime, precision, quantize = config
+    return f"{runtime} {'int8' if quantize == 'int8' else precision}"
+
+
+def candidates(runtime: str, precision: str, quantize: str, cpu_only: bool) -> list[Config]:
+    """The configurations that fit --runtime/--precision/--quantize on this machine ("auto" or
+    "none"/"int8" for quantize). One means nothing to measure. InputError when none fits."""
+    if runtime == "auto":
+        runtimes = ["torch"]
+        if cpu_only:
+            runtimes += [rt for rt, module in EXPORT_RUNTIMES.items() if importlib.util.find_spec(module) is not None]
+    else:
+        runtimes = [runtime]
+    out: list[Config] = []
+    for rt in runtimes:
+        if rt == "torch":
+            if quantize == "int8":
+                continue
+            if precision != "auto":
+                out.append(("torch", precision, "none"))
+            elif not cpu_only:
+                out.append(("torch", "auto", "none"))  # a GPU: fp16 by the device rule, checked at load
+            else:
+                out.append(("torch", "fp32", "none"))
+                if cpu_has_native_bf16():  # emulated bf16 is slower than fp32: not worth timing
+                    out.append(("torch", "bf16", "none"))
+        elif precision in ("auto", "fp32"):
+            kinds = {"auto": ["none", "int8"], "none": ["none"], "int8": ["int8"]}[quantize]
+            out += [(rt, "fp32", q) for q in kinds]
+    if not out:
+        raise InputError(f"no runtime fits --runtime {runtime} --precision {precision} --quantize {quantize} here "
+                         "(ONNX Runtime and OpenVINO run fp32 or int8 on the CPU; torch runs fp32/bf16/fp16); "
+                         "drop one of them.")
+    return out
+
+
+def machine() -> dict[str, Any]:
+    """What the measurements hold for: the CPU and the libraries that run the model."""
+    cpu = cpu_facts()
+    return {"cpu": cpu.get("model"), "cores": cpu.get("cores"), "flags": cpu.get("flags"),
+            "libraries": {name: package_version(name) for name in _LIBRARIES}, "hfbatch": __version__}
+
+
+def choices_root() -> Path:
+    return exports_root().parent / "choices"
+
+
+def record_path(backend: "LocalBackend") -> Path:
+    where = json.dumps(machine(), sort_keys=True).encode()
+    extra = f"max_length={backend.max_length};prompt={backend.prompt!r}".encode()
+    key = hashlib.blake2b(where + b"\x1f" + backend.model_key().encode() + b"\x1f" + extra, digest_size=10).hexdigest()
+    return choices_root() / f"{key}.json"
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return record if isinstance(record, dict) and record.get("format") == RECORD_FORMAT else {}
+
+
+def _write_record(path: Path, record: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=".choice.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            json.dump(record, handle, indent=1)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
+def measured(backend: "LocalBackend", configs: Sequence[Config], log: Callable[[str], None] | None = None) -> tuple[Path, dict[str, Any]]:
+    """The record of this machine and model, with every config in `configs` measured (those
+    missing are measured now and the record saved)."""
+    path = record_path(backend)
+    record = read_record(path)
+    known = {tuple(c["config"]) for c in record.get("candidates", [])}
+    missing = [c for c in configs if c not in known]
+    if missing:
+        if log:
+            log(f"measuring {', '.join(label(c) for c in missing)} for {backend.model_id} on this CPU, once "
+                f"(kept in {path.parent})")
+        started = time.perf_counter()
+        sample = _sample()
+        reference = backend.variant(("torch", "fp32", "none")).compute(sample)
+        entries = [c for c in record.get("candidates", []) if tuple(c["config"]) not in missing]
+        entries += [_measure(backend, config, sample, reference) for config in missing]
+        record = {"format": RECORD_FORMAT, "model_id": backend.model_id, "machine": machine(),
+                  "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                  "sample_texts": len(sample), "candidates": entries,
+                  "seconds": round(time.perf_counter() - started + float(record.get("seconds", 0)), 1)}
+        _write_record(path, record)
+    return path, record
+
+
+def _sample() -> list[str]:
+    from .local import CALIBRATION_TEXTS
+    from .onnx import SMOOTHING_TEXTS
+
+    return sorted(dict.fromkeys(SMOOTHING_TEXTS + CALIBRATION_TEXTS), key=len)
+
+
+def _measure(backend: "LocalBackend", config: Config, sample: list[str], reference: np.ndarray) -> dict[str, Any]:
+    """Load, time and check one configuration; a failure (not installed, export refused, below
+    the bar) is kept with its reason, so it is not tried again on this machine."""
+    entry: dict[str, Any] = {"config": list(config), "label": label(config)}
+    try:
+        variant = backend.variant(config)
+        variant.load()
+        entry["startup_s"] = round(_startup(variant), 3)
+        batches = [sample[i:i + BATCH] for i in range(0, len(sample), BATCH)]
+        vectors = np.concatenate([variant.compute(b) for b in batches])  # warm-up, and the vectors checked
+        best = float("inf")
+        for _ in range(TIMED_PASSES):
+            started = time.perf_counter()
+            for b in batches:
+                variant.compute(b)
+            best = min(best, time.perf_counter() - started)
+        entry["texts_per_s"] = round(len(sample) / max(best, 1e-9), 1)
+        cosine = cosine_rows(reference, vectors)
+        entry["fidelity"] = {"mean": round(float(cosine.mean()), 6), "min": round(float(cosine.min()), 6)}
+        bar = _bar(config)
+        entry["accepted"] = entry["fidelity"]["mean"] >= bar[0] and entry["fidelity"]["min"] >= bar[1]
+        if not entry["accepted"]:
+            entry["reason"] = f"cosine to torch fp32 below {bar[0]} mean / {bar[1]} min"
+    except (HfbatchError, ImportError, OSError, RuntimeError, ValueError) as exc:
+        entry.update(accepted=False, reason=(str(exc).splitlines() or [type(exc).__name__])[0][:300])
+    return entry
+
+
+def _bar(config: Config) -> tuple[float, float]:
+    from .local import EXPORT_MIN_COSINE, HALF_MIN_MEAN, HALF_MIN_MIN
+    from .onnx import INT8_MIN_MEAN, INT8_MIN_MIN
+
+    if config[2] == "int8":
+        return INT8_MIN_MEAN, INT8_MIN_MIN
+    if config[1] in ("bf16", "fp16"):
+        return HALF_MIN_MEAN, HALF_MIN_MIN
+    return 0.0, EXPORT_MIN_COSINE if config[0] != "torch" else 0.0
+
+
+def _startup(variant: "LocalBackend") -> float:
+    """Seconds a new process spends before this configuration's first vector: importing its
+    libraries (timed in a fresh interpreter, as a job pays it) and loading the model or session
+    again (the in-process caches bypassed)."""
+    modules = ["sentence_transformers"] if variant.runtime == "torch" else [EXPORT_RUNTIMES[variant.runtime], "tokenizers"]
+    return sum(import_seconds(m) for m in modules) + variant.reload_seconds()
+
+
+_IMPORTS: dict[str, float] = {}
+
+
+def import_seconds(module: str) -> float:
+    """Import time of `module` in a fresh interpreter (the caller may have imported it already)."""
+    if module not in _IMPORTS:
+        code = f"import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
+        try:
+            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+            _IMPORTS[module] = float(out.stdout.strip().splitlines()[-1])
+        except (subprocess.SubprocessError, OSError, ValueError, IndexError):
+            _IMPORTS[module] = 0.0
+    return _IMPORTS[module]
+
+
+def estimate(entry: dict[str, Any], rows: int | None) -> float:
+    """Expected seconds of a job of `rows` texts (None: a large job, where speed is all)."""
+    rate = max(float(entry.get("texts_per_s") or 0.0), 1e-9)
+    if rows is None:
+        return 1.0 / rate
+    return float(entry.get("startup_s") or 0.0) + rows / rate
+
+
+def choose(backend: "LocalBackend", configs: Sequence[Config], *, rows: int | None = None,
+           texts: Callable[[], Sequence[str]] | None = None) -> dict[str, Any]:
+    """Settle `backend` on the accepted configuration of least expected time that also passes the
+    bar on the job's first texts; returns what the sidecar says of the choice."""
+    import logging
+
+    logger = logging.getLogger("hfbatch.backends.selection")
+    path, record = measured(backend, configs, log=logger.warning)
+    entries = {tuple(c["config"]): c for c in record.get("candidates", [])}
+    ranked = sorted((c for c in configs if entries.get(c, {}).get("accepted")), key=lambda c: estimate(entries[c], rows))
+    passed_over: list[dict[str, Any]] = []
+    sample: Sequence[str] | None = None
+    for config in ranked:
+        variant = backend.variant(config)
+        if variant.needs_job_check() and texts is not None:
+            sample = texts() if sample is None else sample
+            try:
+                variant.check_job_texts(sample)
+            except HfbatchError as exc:
+                passed_over.append({"label": label(config), "reason": str(exc)[:300]})
+                logger.warning("%s is not faithful enough on this job's texts; taking the next fastest", label(config))
+                continue
+        backend.use(config, engine_from=variant)
+        return {"by": "measured on this machine", "chosen": label(config), "rows": rows,
+                "estimated_seconds": round(estimate(entries[config], rows), 3) if rows is not None else None,
+                "measurements": str(path), "passed_over": passed_over,
+                "candidates": [{k: v for k, v in entries[c].items() if k != "config"} for c in configs if c in entries]}
+    refused = "; ".join(f"{entries[c]['label']}: {entries[c].get('reason')}" for c in configs if c in entries) or "none measured"
+    raise InputError(f"no configuration of {backend.model_id} passed its checks here ({refused}); "
+                     "pass --runtime torch --precision fp32.")
