@@ -146,20 +146,38 @@ def test_auto_passes_over_a_choice_unfaithful_on_the_jobs_own_texts(tmp_path: Pa
     assert not (tmp_path / "forced.parquet").exists()
 
 
-def test_a_cached_export_starts_without_torch_or_transformers(tmp_path: Path, onnx_dir: Path, st_model) -> None:
-    LocalBackend(DEFAULT, runtime="onnx", quantize="int8").embed(["make the export and prove it"])
+def test_a_warm_rerun_of_an_auto_job_loads_no_model(tmp_path: Path) -> None:
+    probe = LocalBackend(DEFAULT, runtime="onnx", precision="auto", quantize="auto")
+    plant(probe, [entry(("onnx", "fp32", "int8"), 0.2, 500.0), entry(("onnx", "fp32", "none"), 0.3, 60.0)])
+    src = write_csv(tmp_path / "in.csv", rows_for(TEXTS))
+    first = embed_file(EmbedOptions(input=src, output=tmp_path / "a.parquet", runtime="onnx", cache_dir=tmp_path / "c"))
+    checked = sidecar_local(first)["job_fidelity"]
+    assert sidecar_local(first)["selection"]["chosen"] == "onnx int8" and checked["min"] >= 0.98 and "remembered" not in checked
+    again = embed_file(EmbedOptions(input=src, output=tmp_path / "b.parquet", runtime="onnx", cache_dir=tmp_path / "c"))
+    local = sidecar_local(again)
+    assert again.document["metrics"]["texts_computed"] == 0
+    assert local["model_loaded"] is False and local["job_fidelity"] == dict(checked, remembered=True)
+    assert local["fingerprint"] == sidecar_local(first)["fingerprint"]
+
+
+@pytest.mark.parametrize("runtime, quantize, bar", [("onnx", "int8", 0.98), ("openvino", "none", 0.9999)])
+def test_a_cached_export_starts_without_torch_or_transformers(tmp_path: Path, onnx_dir: Path, st_model, runtime: str,
+                                                              quantize: str, bar: float) -> None:
+    if runtime == "openvino":
+        pytest.importorskip("openvino")  # hfbatch[openvino]: in the dev extras, so CI runs it
+    LocalBackend(DEFAULT, runtime=runtime, quantize=quantize).embed(["make the export and prove it"])
     src = write_csv(tmp_path / "in.csv", rows_for(TEXTS))
     out = tmp_path / "o.parquet"
     code = ("import sys, json; from hfbatch import embed_file, EmbedOptions; "
-            f"r = embed_file(EmbedOptions(input={str(src)!r}, output={str(out)!r}, runtime='onnx', quantize='int8')); "
+            f"r = embed_file(EmbedOptions(input={str(src)!r}, output={str(out)!r}, runtime={runtime!r}, quantize={quantize!r})); "
             "local = r.document['provenance']['backends']['local']; "
             "print(json.dumps([local['tokenizer'], local['runtime'], "
             "[m for m in ('torch', 'transformers', 'sentence_transformers') if m in sys.modules]]))")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ), timeout=300)
     assert done.returncode == 0, done.stderr
-    tokenizer, runtime, heavy = json.loads(done.stdout.strip().splitlines()[-1])
-    assert (tokenizer, runtime, heavy) == ("tokenizers", "onnx", [])
-    assert (vectors(out) * st_model.encode(TEXTS)).sum(1).min() > 0.98
+    tokenizer, ran, heavy = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (tokenizer, ran, heavy) == ("tokenizers", runtime, [])
+    assert (vectors(out) * st_model.encode(TEXTS)).sum(1).min() > bar
 
 
 def test_the_fast_tokenizer_is_trusted_only_where_it_gives_the_same_ids(tmp_path: Path) -> None:

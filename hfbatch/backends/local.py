@@ -35,6 +35,7 @@ RUNTIMES = ("torch", "onnx", "openvino", "auto")
 EXPORT_RUNTIMES = ("onnx", "openvino")  # run a cached export of the model, on the CPU
 EXPORT_MIN_COSINE = 0.999  # an fp32 export must match torch fp32 this closely on every calibration text
 HALF_MIN_MEAN, HALF_MIN_MIN = 0.9999, 0.999  # bf16/fp16 against fp32
+COSTLY = ("openvino", "fp32", "int8")  # a configuration `auto` does not make itself (see settle)
 JOB_SAMPLE_TEXTS = 64  # at most this many of the job's first texts are checked against fp32 (int8, auto half)
 # Varied lengths and languages: what --precision auto checks half precision against fp32 on.
 CALIBRATION_TEXTS = [
@@ -178,6 +179,10 @@ class LocalBackend:
         else:
             runtimes = self.requested_runtime
         options = candidates(runtimes, self.requested_precision, self.requested_quantize, self.cpu_only())
+        if self.requested_runtime == "auto" and self.requested_quantize == "auto":
+            # NNCF's accuracy-controlled int8 takes minutes and gigabytes to make: auto weighs it only
+            # once it exists (made by one `--runtime openvino --quantize int8` job)
+            options = [c for c in options if c != COSTLY or self.variant(c).export_ready()]
         if len(options) == 1:
             self._config = options[0]
             return
@@ -421,6 +426,12 @@ class LocalBackend:
     def _variant(self, quantize: str | None = None) -> str:
         kind = quantize if quantize is not None else (self.quantize or "fp32")
         return f"{self.runtime}-{kind}" if kind == "fp32" else f"{self.runtime}-{self._quantize_recipe()}"
+
+    def export_ready(self) -> bool:
+        """Whether this configuration's export is made and proved (loading it needs no torch)."""
+        if self.runtime == "torch":
+            return True
+        return ExportBundle(self.model_key()).proved(self._variant(), self._runtime_version()) is not None
 
     def _runtime_version(self) -> str | None:
         return package_version("openvino" if self.runtime == "openvino" else "onnxruntime")

@@ -139,9 +139,13 @@ def measured(backend: "LocalBackend", configs: Sequence[Config], log: Callable[[
         entries += [_measure(backend, config, sample, reference) for config in missing]
         record = {"format": RECORD_FORMAT, "model_id": backend.model_id, "machine": machine(),
                   "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  "sample_texts": len(sample), "candidates": entries,
+                  "sample_texts": len(sample), "candidates": entries, "job_checks": record.get("job_checks", {}),
                   "seconds": round(time.perf_counter() - started + float(record.get("seconds", 0)), 1)}
-        _write_record(path, record)
+        try:
+            _write_record(path, record)
+        except OSError as exc:  # a read-only cache dir: this job still chooses; the next measures again
+            if log:
+                log(f"cannot keep the runtime measurements in {path.parent} ({exc}); they hold for this job only")
     return path, record
 
 
@@ -214,6 +218,27 @@ def import_seconds(module: str) -> float:
     return _IMPORTS[module]
 
 
+MAX_JOB_CHECKS = 200  # job-text checks remembered per record (the most recent)
+
+
+def _sample_key(config: Config, sample: Sequence[str]) -> str:
+    h = hashlib.blake2b(digest_size=12)
+    h.update(label(config).encode())
+    for text in sample:
+        h.update(b"\x1f" + text.encode("utf-8", "surrogatepass"))
+    return h.hexdigest()
+
+
+def _remember(path: Path, record: dict[str, Any]) -> None:
+    """Keep a passed job-text check in the record (best effort: a read-only cache only loses it)."""
+    checks = record.get("job_checks", {})
+    record["job_checks"] = dict(list(checks.items())[-MAX_JOB_CHECKS:])
+    try:
+        _write_record(path, record)
+    except OSError:
+        pass
+
+
 def estimate(entry: dict[str, Any], rows: int | None) -> float:
     """Expected seconds of a job of `rows` texts (None: a large job, where speed is all)."""
     rate = max(float(entry.get("texts_per_s") or 0.0), 1e-9)
@@ -238,8 +263,14 @@ def choose(backend: "LocalBackend", configs: Sequence[Config], *, rows: int | No
         variant = backend.variant(config)
         if variant.needs_job_check() and texts is not None:
             sample = texts() if sample is None else sample
+            seen = _sample_key(config, sample)
             try:
-                variant.check_job_texts(sample)
+                if seen in record.get("job_checks", {}):  # a rerun of the same input: passed before, no model load
+                    variant.job_fidelity = dict(record["job_checks"][seen], remembered=True)
+                else:
+                    variant.check_job_texts(sample)
+                    record.setdefault("job_checks", {})[seen] = variant.job_fidelity
+                    _remember(path, record)
             except HfbatchError as exc:
                 passed_over.append({"label": label(config), "reason": str(exc)[:300]})
                 logger.warning("%s is not faithful enough on this job's texts; taking the next fastest", label(config))
