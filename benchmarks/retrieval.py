@@ -14,16 +14,16 @@ import inspect
 import random
 import sysconfig
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 
 _SKIP_DIRS = {"test", "tests", "idlelib", "site-packages", "dist-packages", "lib2to3", "turtledemo", "__pycache__"}
 
 
-def docstring_pairs(count: int = 1000, seed: int = 0) -> tuple[list[str], list[str]]:
-    """`count` (query, document) pairs sampled from the stdlib's docstrings."""
+def stdlib_docstrings(kinds: tuple[type, ...] = (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) -> Iterator[str]:
+    """Every docstring (cleaned) of the given node kinds in the stdlib, in a fixed order."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    pairs: dict[str, str] = {}
     for path in sorted(root.rglob("*.py")):
         if _SKIP_DIRS & set(path.relative_to(root).parts):
             continue
@@ -32,15 +32,19 @@ def docstring_pairs(count: int = 1000, seed: int = 0) -> tuple[list[str], list[s
         except (SyntaxError, UnicodeDecodeError, ValueError):
             continue
         for node in ast.walk(tree):
-            if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                continue
-            doc = ast.get_docstring(node)
-            if not doc:
-                continue
-            summary, _, body = inspect.cleandoc(doc).partition("\n\n")
-            summary, body = " ".join(summary.split()), body.strip()
-            if len(summary.split()) >= 4 and len(body) >= 200 and summary not in pairs:
-                pairs[summary] = body
+            doc = ast.get_docstring(node) if isinstance(node, kinds) else None
+            if doc:
+                yield inspect.cleandoc(doc)
+
+
+def docstring_pairs(count: int = 1000, seed: int = 0) -> tuple[list[str], list[str]]:
+    """`count` (query, document) pairs sampled from the stdlib's docstrings."""
+    pairs: dict[str, str] = {}
+    for doc in stdlib_docstrings():
+        summary, _, body = doc.partition("\n\n")
+        summary, body = " ".join(summary.split()), body.strip()
+        if len(summary.split()) >= 4 and len(body) >= 200 and summary not in pairs:
+            pairs[summary] = body
     chosen = random.Random(seed).sample(sorted(pairs.items()), min(count, len(pairs)))
     return [q for q, _ in chosen], [d for _, d in chosen]
 

@@ -18,7 +18,7 @@ DEFAULT = "sentence-transformers/all-MiniLM-L6-v2"
 
 def test_onnx_runtime_equals_torch_and_caches_its_export(tmp_path: Path, st_model, onnx_dir: Path) -> None:
     src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
-    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", runtime="onnx", chunk_size=3))
+    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", runtime="onnx", quantize="none", chunk_size=3))
     got = np.array(pq.read_table(result.output).column("embedding").to_pylist(), dtype=np.float32)
     want = st_model.encode(SAMPLE_TEXTS)
     assert ((got * want).sum(1)).min() > 0.9999  # unit vectors: the dot product is the cosine
@@ -58,7 +58,8 @@ def test_int8_meets_the_default_bar_and_is_really_int8(tmp_path: Path, monkeypat
 
     (export,) = onnx_dir.rglob("model.int8*.onnx")
     ops = [n.op_type for n in onnx.load(str(export)).graph.node]
-    assert ops.count("MatMulInteger") == 6 * 6 and "Mul" in ops  # every weight MatMul int8, inputs smoothed
+    # every weight MatMul int8 but the first block's FFN output (kept fp32: the recipe's one exception), inputs smoothed
+    assert ops.count("MatMulInteger") == 6 * 6 - 1 and ops.count("MatMul") >= 1 and "Mul" in ops
 
 
 def test_smoothing_is_exact_in_fp32_and_shares_one_scale_per_input(st_model) -> None:

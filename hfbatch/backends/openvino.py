@@ -1,0 +1,351 @@
+"""OpenVINO runtime for the local backend (`--runtime openvino`, extra `hfbatch[openvino]`).
+
+It runs the graph hfbatch already exports for `--runtime onnx` (transformer + pooling +
+normalisation, inputs input_ids / attention_mask / token_type_ids, output "embedding"): OpenVINO
+reads ONNX directly, so there is no optimum and no second export. `--quantize int8` goes through
+NNCF's post-training quantization with accuracy control, and the result is accepted only when its
+vectors keep the same fidelity bar as ONNX int8 (cosine to fp32 >= 0.99 mean and >= 0.98 min on
+texts it was not calibrated on), else loading refuses with the figures.
+
+Nothing here imports openvino, nncf, torch or transformers at import time: `import hfbatch` and
+`--help` stay fast and work without the extra. Each function imports what it needs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import logging
+import os
+import threading
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+import numpy as np
+
+from ..errors import BackendError, InputError, ModelLoadError
+from ..vectors import cosine_rows
+
+log = logging.getLogger(__name__)
+
+INSTALL_HINT = "--runtime openvino needs OpenVINO: pip install 'hfbatch[openvino]'."
+NNCF_HINT = "--runtime openvino --quantize int8 needs NNCF: pip install 'hfbatch[openvino]'."
+PRECISIONS = ("f32", "bf16", "f16")
+# Accuracy control reverts the quantizer group that costs the most fidelity to fp32, one per
+# iteration, each a full validation (~25 s per 1,000 texts on 2 cores), and returns the last
+# model tried, not the best. MiniLM-L6 on 1,000 docstrings: plain int8 min cosine 0.935 (one
+# text; 2 of 1,000 below 0.98), 0.98014 after 6 reverts (accepted), 0.97992 after 8 (refused).
+# Past a few groups the model is mostly fp32 again and no faster: stop and let the gate refuse
+# rather than spend many minutes reaching fp32.
+MAX_REVERTED_GROUPS = 6
+RANKING_ROWS = 64  # texts (whole validation batches) each quantizer group is ranked on
+
+
+def available() -> bool:
+    """Whether OpenVINO is installed, without importing it (that costs ~0.3 s and 100+ MB)."""
+    return importlib.util.find_spec("openvino") is not None
+
+
+def version() -> str | None:
+    """The installed OpenVINO's version (for provenance and `doctor`), None when it is absent.
+    Read from the package metadata, so this does not import openvino either."""
+    if not available():
+        return None
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("openvino")
+    except PackageNotFoundError:  # importable but not installed as a distribution (a source build)
+        import openvino
+
+        return str(openvino.__version__)
+
+
+def _import_openvino() -> Any:
+    if not available():
+        raise ModelLoadError(INSTALL_HINT)
+    try:
+        import openvino
+    except ImportError as exc:  # present but broken (a missing shared library)
+        raise ModelLoadError(f"{INSTALL_HINT} (importing it failed: {_first_line(exc)})") from exc
+    return openvino
+
+
+def _first_line(exc: BaseException) -> str:
+    """OpenVINO's messages run to many lines (C++ file and line); the CLI prints one."""
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if line:
+            return line if len(line) <= 240 else line[:237] + "..."
+    return type(exc).__name__
+
+
+class OpenVinoSession:
+    """One compiled model and one reused InferRequest: `run(feeds)` -> float32 [batch, dim].
+
+    Compiled for the CPU with:
+    - PERFORMANCE_HINT "LATENCY": hfbatch runs one batch at a time (one synchronous request), and
+      THROUGHPUT splits the cores into streams of which a single request uses only one. Measured
+      on this 2-core AMD EPYC (avx512_bf16, avx512_vnni; no AMX), all-MiniLM-L6-v2, 1,000 stdlib
+      docstrings in batches of 32 sorted by length: LATENCY 39 texts/s, THROUGHPUT 19 texts/s on a
+      quiet machine (2 streams x 1 thread); 17 vs 15 texts/s interleaved batch by batch on a busy
+      one (benchmarks/bench_openvino.py).
+    - INFERENCE_PRECISION_HINT "f32" unless asked otherwise: on CPUs with avx512_bf16 or AMX
+      OpenVINO picks bf16 by itself (it does on this machine), which changes the vectors (cosine
+      to fp32 0.99998 mean / 0.99997 min here, 1.7-1.8x faster); on CPUs without native bf16 it is
+      emulated and slow. hfbatch promises fp32-faithful vectors unless a precision is asked for.
+    - CACHE_DIR when given: the compiled blob (~87 MB for MiniLM) is cached, keyed by a hash of
+      the model read (graph and weights) and the config, so later loads skip compilation
+      (measured here, best of 3: 0.29 s without a cache, 0.37 s filling it, 0.20 s from it). The
+      model is read first on purpose: `compile_model(path)` loads faster from the cache (0.07 s)
+      but keys it by the path alone and serves the old blob when a file is re-exported in place
+      (checked: a changed file at the same path, new mtime, gave the old model's outputs).
+    """
+
+    def __init__(self, model_path: Path, *, cache_dir: Path | None = None, threads: int | None = None,
+                 precision: str = "f32"):
+        if precision not in PRECISIONS:
+            raise InputError(f"OpenVINO precision must be one of {', '.join(PRECISIONS)}, not {precision!r}.")
+        ov = _import_openvino()
+        self.path = Path(model_path)
+        if not self.path.is_file():
+            raise ModelLoadError(f"OpenVINO cannot load {self.path}: no such file; use --runtime onnx or torch.")
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = int(threads)
+        if cache_dir is not None:
+            Path(cache_dir).mkdir(parents=True, exist_ok=True)
+            config["CACHE_DIR"] = str(cache_dir)
+        try:
+            core = ov.Core()
+            model = core.read_model(str(self.path))
+            self.compiled = core.compile_model(model, "CPU", config)
+            self.request = self.compiled.create_infer_request()
+        except Exception as exc:  # OpenVINO raises RuntimeError for parse, shape and compile failures alike
+            raise ModelLoadError(f"OpenVINO could not load {self.path} ({_first_line(exc)}); "
+                                 "re-export it or use --runtime onnx or torch.") from exc
+        self.input_names: list[str] = [port.get_any_name() for port in self.compiled.inputs]
+        self.precision = precision
+        self._output = self.compiled.output(0)
+        self._lock = threading.Lock()  # one InferRequest: calls from several threads take turns
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """The graph's first output for one batch, as float32 [batch, dim].
+
+        `feeds` holds int64 [batch, tokens] arrays by input name; names the model does not take
+        are ignored, so a caller can pass the tokenizer's output as it comes. Batch size and token
+        count may differ from call to call (the export's axes are dynamic)."""
+        missing = [n for n in self.input_names if n not in feeds]
+        if missing:
+            raise BackendError(f"{self.path} needs inputs {', '.join(missing)} that the batch lacks; "
+                               "use --runtime onnx or torch.")
+        inputs = {n: np.ascontiguousarray(feeds[n], dtype=np.int64) for n in self.input_names}
+        with self._lock:
+            try:
+                result = self.request.infer(inputs)
+            except Exception as exc:
+                shape = "x".join(str(d) for d in inputs[self.input_names[0]].shape)
+                raise BackendError(f"OpenVINO failed on a batch of {shape} tokens with {self.path} "
+                                   f"({_first_line(exc)}); use --runtime onnx or torch.") from exc
+            return np.array(result[self._output], dtype=np.float32, copy=True)
+
+
+# --- int8 through NNCF -------------------------------------------------------------------------
+
+
+def _import_nncf() -> Any:
+    if importlib.util.find_spec("nncf") is None:
+        raise ModelLoadError(NNCF_HINT)
+    # NNCF sends usage telemetry unless this is set (it switches nothing else): a batch job
+    # quantizing a model should not phone home.
+    os.environ.setdefault("NNCF_CI", "1")
+    try:
+        import nncf
+    except ImportError as exc:
+        raise ModelLoadError(f"{NNCF_HINT} (importing it failed: {_first_line(exc)})") from exc
+    with contextlib.suppress(Exception):  # imported before by someone else: stub it all the same
+        from nncf.telemetry import decorator, wrapper
+
+        decorator.telemetry = wrapper.telemetry = wrapper.NNCFTelemetryStub()
+    return nncf
+
+
+@contextlib.contextmanager
+def _quiet_nncf() -> Iterator[None]:
+    """NNCF logs INFO to stdout through its own handler and draws rich progress bars on stdout;
+    a batch job's stdout may be its output. Route its log records (WARNING and up) into Python
+    logging under hfbatch's rules, and swallow the progress bars."""
+    from nncf.common.logging import nncf_logger
+
+    saved = (list(nncf_logger.handlers), nncf_logger.level, nncf_logger.propagate)
+    nncf_logger.handlers = []
+    nncf_logger.setLevel(logging.WARNING)
+    nncf_logger.propagate = True
+    sink = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(sink):
+            yield
+    finally:
+        nncf_logger.handlers, _, nncf_logger.propagate = saved
+        nncf_logger.setLevel(saved[1])
+        log.debug("NNCF progress output: %d characters swallowed", len(sink.getvalue()))
+
+
+def _calibration_items(calibration: list[dict[str, np.ndarray]], names: list[str]) -> list[dict[str, np.ndarray]]:
+    """One item per text, cut to its own length: padding tokens would otherwise enter the
+    activation ranges NNCF measures (their hidden states flow through every linear layer even
+    though attention ignores them), and NNCF warns that batches > 1 may cost accuracy."""
+    items = []
+    for feeds in calibration:
+        mask = feeds.get("attention_mask")
+        rows = len(feeds[names[0]])
+        for r in range(rows):
+            length = int(mask[r].sum()) if mask is not None else feeds[names[0]].shape[1]
+            items.append({n: np.ascontiguousarray(feeds[n][r:r + 1, :max(length, 1)], dtype=np.int64)
+                          for n in names})
+    return items
+
+
+def _count_quantized(model: Any) -> int:
+    """FakeQuantize nodes left in the model: 0 means accuracy control reverted everything."""
+    return sum(1 for op in model.get_ops() if op.get_type_name() in ("FakeQuantize", "FakeConvert"))
+
+
+def quantize_int8(onnx_path: Path, target: Path, *, calibration: list[dict[str, np.ndarray]],
+                  validation: list[dict[str, np.ndarray]], reference: np.ndarray,
+                  min_mean: float = 0.99, min_min: float = 0.98) -> dict[str, float]:
+    """Quantize the exported ONNX graph to int8 with NNCF and save it as OpenVINO IR at `target`.
+
+    `calibration`: feed dicts (one per batch) whose activations set the int8 ranges.
+    `validation`: feed dicts whose outputs, concatenated, match `reference` row for row (fp32
+    vectors, float32 [n, dim]); texts not in the calibration set, so the check is honest.
+
+    NNCF's accuracy control quantizes everything (mixed preset, transformer model type, which
+    adds SmoothQuant), then reverts the quantizer groups that cost most fidelity to fp32 until
+    its metric's drop from the fp32 model is at most `max_drop`. The metric given to it is the
+    gate itself: 1 + min(0, mean cosine - min_mean, min cosine - min_min) over the rows it
+    validates on, with max_drop 0 (absolute). The fp32 model scores 1 (it meets the gate), so
+    "drop <= 0" is exactly "meets the gate"; a min-cosine metric alone would let the mean slip,
+    a mean alone would hide one bad row. Below the gate it falls by the shortfall, which ranks the
+    groups by how much reverting them helps. (1, not 0: NNCF divides by the fp32 metric.)
+    Reverting stops after MAX_REVERTED_GROUPS.
+
+    Time, MiniLM-L6 on this 2-core machine: 381 s with 1,000 validation texts, where plain int8
+    missed the gate (fp32 validation 47 s, int8 22 s, ranking 39 groups 132 s, 6 reverts 145 s,
+    the check below ~25 s); ~30 s with 48 texts, where it did not. Validation time dominates:
+    a few hundred texts is the sensible size. NNCF validates in memory with its own compile
+    settings, and near the bar its figure can differ from the saved model's by ~1e-4 (it
+    stopped 0.00014 short where the saved IR checked at min 0.98014): the check below decides.
+
+    The result is then saved (weights not quantized stay fp32: no fp16 compression) to temp names
+    in target's folder, loaded back as OpenVinoSession loads it, and checked on every validation
+    row. Below min_mean / min_min, or with no int8 operation left, ModelLoadError with the
+    figures and nothing at `target`; otherwise the .bin then the .xml are moved into place (a
+    reader waits for the .xml: it appears last) and {"mean", "min", "seconds"} is returned
+    (cosine figures, and the wall time of quantization and check).
+    """
+    started = time.perf_counter()
+    onnx_path, target = Path(onnx_path), Path(target)
+    rows = sum(len(next(iter(f.values()))) for f in validation)
+    reference = np.asarray(reference, dtype=np.float32)
+    if not calibration or not validation:
+        raise ValueError("quantize_int8 needs calibration and validation batches")
+    if reference.ndim != 2 or reference.shape[0] != rows:
+        raise ValueError(f"reference has shape {reference.shape}, the validation batches hold {rows} rows")
+    ov = _import_openvino()
+    nncf = _import_nncf()
+    if not onnx_path.is_file():
+        raise ModelLoadError(f"int8 with OpenVINO cannot read {onnx_path}: no such file; "
+                             "drop --quantize int8 or use --runtime onnx.")
+    try:
+        core = ov.Core()
+        model = core.read_model(str(onnx_path))
+    except Exception as exc:
+        raise ModelLoadError(f"OpenVINO could not read {onnx_path} ({_first_line(exc)}); "
+                             "drop --quantize int8 or use --runtime onnx.") from exc
+    names = [port.get_any_name() for port in model.inputs]
+
+    offsets = np.cumsum([0] + [len(f[names[0]]) for f in validation])
+    items = [(int(offsets[i]), f) for i, f in enumerate(validation)]
+
+    def slack(vectors: np.ndarray, ref: np.ndarray) -> float:
+        cos = cosine_rows(vectors, ref)
+        return float(min(cos.mean() - min_mean, cos.min() - min_min))
+
+    def validate(compiled: Any, data: Iterable[tuple[int, dict[str, np.ndarray]]]) -> tuple[float, list[float]]:
+        request = compiled.create_infer_request()
+        outs, refs, per_item = [], [], []
+        for start, feeds in data:
+            result = request.infer({n: np.ascontiguousarray(feeds[n], dtype=np.int64) for n in names})
+            vectors = np.asarray(result[compiled.output(0)], dtype=np.float32)
+            ref = reference[start:start + len(vectors)]
+            outs.append(vectors)
+            refs.append(ref)
+            per_item.append(slack(vectors, ref))
+        # 1 when the rows meet the gate, below 1 by the shortfall: see the docstring
+        return 1.0 + min(0.0, slack(np.concatenate(outs), np.concatenate(refs))), per_item
+
+    calibration_items = _calibration_items(calibration, names)
+    # Ranking compiles the model once per quantizer group (56 for MiniLM-L6) and validates it on
+    # the items whose fidelity dropped most; NNCF's default (300 items) would be every batch.
+    ranking_items = max(1, min(len(items), -(-RANKING_ROWS * len(items) // rows)))
+    partial_xml = target.parent / f".{target.stem}.{uuid.uuid4().hex[:12]}.partial.xml"
+    partial_bin = partial_xml.with_suffix(".bin")
+    try:  # the finally removes the temp pair on every way out but success (which renamed it)
+        try:
+            with _quiet_nncf():
+                quantized = nncf.quantize_with_accuracy_control(
+                    model,
+                    nncf.Dataset(calibration_items),
+                    nncf.Dataset(items, lambda item: item[1]),
+                    validate,
+                    max_drop=0.0,
+                    drop_type=nncf.DropType.ABSOLUTE,
+                    preset=nncf.QuantizationPreset.MIXED,
+                    model_type=nncf.ModelType.TRANSFORMER,
+                    subset_size=len(calibration_items),
+                    advanced_accuracy_restorer_parameters=nncf.AdvancedAccuracyRestorerParameters(
+                        max_num_iterations=MAX_REVERTED_GROUPS, ranking_subset_size=ranking_items),
+                )
+            quantized_ops = _count_quantized(quantized)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            ov.save_model(quantized, str(partial_xml), compress_to_fp16=False)
+            check = OpenVinoSession(partial_xml)  # the saved files, loaded as they will be used
+            vectors = np.concatenate([check.run(f) for f in validation])
+            del check
+        except Exception as exc:
+            raise ModelLoadError(f"int8 quantization of {onnx_path} with NNCF failed ({_first_line(exc)}); "
+                                 "drop --quantize int8 or use --runtime onnx.") from exc
+        cos = cosine_rows(vectors, reference)
+        figures = {"mean": float(cos.mean()), "min": float(cos.min())}
+        faithful = figures["mean"] >= min_mean and figures["min"] >= min_min
+        if not faithful or quantized_ops == 0:
+            why = "not faithful enough" if not faithful else "left with no int8 operation by accuracy control"
+            raise ModelLoadError(
+                f"OpenVINO int8 of {onnx_path} is {why} on {rows} validation texts: cosine to fp32 mean "
+                f"{figures['mean']:.5f} (needs >= {min_mean}), min {figures['min']:.5f} (needs >= {min_min}); "
+                "drop --quantize int8 or use --runtime onnx."
+            )
+        try:
+            target.unlink(missing_ok=True)  # an old pair: its .xml goes first, so no reader pairs old and new
+            os.replace(partial_bin, target.with_suffix(".bin"))
+            os.replace(partial_xml, target)  # the .xml last: a reader sees a whole pair or none
+        except OSError as exc:
+            raise ModelLoadError(f"could not save the int8 model to {target} ({exc}); "
+                                 "drop --quantize int8 or use --runtime onnx.") from exc
+    finally:
+        _remove(partial_xml, partial_bin)
+    figures["seconds"] = time.perf_counter() - started
+    log.info("OpenVINO int8 of %s: cosine to fp32 mean %.4f, min %.4f on %d texts, %d int8 operations, %.1f s",
+             onnx_path.name, figures["mean"], figures["min"], rows, quantized_ops, figures["seconds"])
+    return figures
+
+
+def _remove(*paths: Path) -> None:
+    for path in paths:
+        with contextlib.suppress(OSError):
+            path.unlink(missing_ok=True)
