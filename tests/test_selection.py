@@ -263,3 +263,14 @@ def test_openvino_int8_is_made_when_asked_and_weighed_by_auto_only_then(tmp_path
     cosine = (vectors(forced.output) * st_model.encode(TEXTS)).sum(1)
     assert cosine.min() > 0.97 and not np.allclose(vectors(forced.output), st_model.encode(TEXTS), atol=1e-3)
     assert "openvino int8" in weighed()  # made once: now auto weighs it
+
+
+def test_a_dry_run_measures_nothing_and_says_the_job_will(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hfbatch.tools.dry_run import plan_embed
+
+    monkeypatch.setenv("HFBATCH_ONNX_DIR", str(tmp_path / "fresh"))  # a machine that measured nothing yet
+    src = write_csv(tmp_path / "in.csv", rows_for(TEXTS))
+    report = plan_embed(EmbedOptions(input=src, output=tmp_path / "o.parquet"))
+    assert report["rows"] == len(TEXTS)
+    assert not (tmp_path / "fresh" / "choices").exists() and not (tmp_path / "fresh" / "onnx").exists()
+    assert not (tmp_path / "o.parquet").exists()

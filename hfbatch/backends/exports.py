@@ -78,6 +78,13 @@ class ExportBundle:
         entry = (self.meta().get("variants") or {}).get(variant)
         if not isinstance(entry, dict) or entry.get("runtime_version") != runtime_version:
             return None
-        if not self.path(str(entry.get("file", ""))).is_file() or not entry.get("fidelity"):
-            return None
+        path = self.path(str(entry.get("file", "")))
+        if not path.is_file() or not entry.get("fidelity") or entry.get("stamp") != stamp(path):
+            return None  # missing, or changed since it was proved (replaced, truncated, copied by hand)
         return entry
+
+
+def stamp(path: Path) -> list[int]:
+    """Size and modification time: what says a proved file is still the one that was proved."""
+    info = path.stat()
+    return [info.st_size, info.st_mtime_ns]

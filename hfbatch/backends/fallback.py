@@ -76,12 +76,12 @@ class FallbackBackend:
     def load_seconds(self) -> float:
         return self.primary.load_seconds
 
-    def settle(self, rows: int | None = None, texts: Any = None) -> None:
+    def settle(self, rows: int | None = None, texts: Any = None, *, measure: bool = True) -> None:
         """The local side's runtime choice (LocalBackend.settle); one it cannot make hands over."""
         if self._checked:
             return
         try:
-            self.primary.settle(rows=rows, texts=texts)
+            self.primary.settle(rows=rows, texts=texts, measure=measure)
         except BackendError as exc:
             self._checked = True
             self._switch(exc, verified=False)

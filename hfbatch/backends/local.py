@@ -24,8 +24,8 @@ from ..errors import BackendError, InputError, ModelLoadError
 from ..resources import check_model_memory, cpu_has_native_bf16, gpu_possible, resolve_device, resolve_precision
 from ..settings import DEFAULT_MODEL
 from ..vectors import cosine_rows, l2_normalize
-from .exports import ExportBundle, package_version
-from .tokenizer import ModelTokenizer, load_fast, load_transformers, same_ids
+from .exports import ExportBundle, package_version, stamp
+from .tokenizer import ModelTokenizer, load_fast, load_transformers, same_ids, tokenizer_libraries
 from .windows import Windows, fit_windows
 
 log = logging.getLogger(__name__)
@@ -165,11 +165,13 @@ class LocalBackend:
 
     # --- which runtime and precision (settled once, before the first vector) ------------------
 
-    def settle(self, rows: int | None = None, texts: Callable[[], Sequence[str]] | None = None) -> None:
+    def settle(self, rows: int | None = None, texts: Callable[[], Sequence[str]] | None = None, *,
+               measure: bool = True) -> None:
         """Fix runtime, precision and quantize. `auto` choices are made by selection.py from this
         machine's measurements (`rows`: the job's size, which decides whether start-up or speed
         matters more; `texts`: the job's first texts, which the chosen configuration must pass
-        the fidelity bar on, or the next one is taken). A no-op once settled."""
+        the fidelity bar on, or the next one is taken; `measure=False`: only what was measured
+        before, as --dry-run plans). A no-op once settled."""
         if self._config is not None:
             return
         from .selection import candidates, choose
@@ -179,14 +181,14 @@ class LocalBackend:
         else:
             runtimes = self.requested_runtime
         options = candidates(runtimes, self.requested_precision, self.requested_quantize, self.cpu_only())
-        if self.requested_runtime == "auto" and self.requested_quantize == "auto":
+        if self.requested_runtime == "auto":
             # NNCF's accuracy-controlled int8 takes minutes and gigabytes to make: auto weighs it only
             # once it exists (made by one `--runtime openvino --quantize int8` job)
-            options = [c for c in options if c != COSTLY or self.variant(c).export_ready()]
+            options = [c for c in options if c != COSTLY or self.variant(c).export_ready()] or options
         if len(options) == 1:
             self._config = options[0]
             return
-        self.selection = choose(self, options, rows=rows, texts=texts)  # sets self._config through use()
+        self.selection = choose(self, options, rows=rows, texts=texts, measure=measure)  # sets self._config through use()
 
     def _prompt_excluded(self) -> bool:
         _ = self.model_dir
@@ -309,7 +311,8 @@ class LocalBackend:
         """The tokenizers-library load where this model's export proved it gives transformers'
         ids (no transformers import: a second or more of start-up), else transformers'."""
         if self._tokenizer is None:
-            if ExportBundle(self.model_key()).meta().get("tokenizer_fast"):
+            meta = ExportBundle(self.model_key()).meta()
+            if meta.get("tokenizer_fast") and meta.get("tokenizer_libraries") == tokenizer_libraries():
                 self._tokenizer = load_fast(self.model_dir, lower=self._lower)
             if self._tokenizer is None:
                 self._tokenizer = load_transformers(self.model_dir, self.model_id, trust_remote_code=self.trust_remote_code,
@@ -474,7 +477,8 @@ class LocalBackend:
         slow = ModelTokenizer(hf=model.tokenizer, lower=self._lower)
         fast = load_fast(self.model_dir, lower=self._lower)
         bundle.record(input_names=facts["input_names"], pooling=facts["pooling"], normalize=facts["normalize"],
-                      model_id=self.model_id, tokenizer_fast=bool(fast is not None and same_ids(fast, slow)))
+                      model_id=self.model_id, tokenizer_fast=bool(fast is not None and same_ids(fast, slow)),
+                      tokenizer_libraries=tokenizer_libraries())
         self._tokenizer = self._tokenizer or slow
         reference = self._encode(model, CALIBRATION_TEXTS, "fp32")
         version = self._runtime_version()
@@ -486,7 +490,8 @@ class LocalBackend:
             if figures["min"] < EXPORT_MIN_COSINE:
                 raise ModelLoadError(f"the {self.runtime} run of {self.model_id}'s export differs from torch (min cosine "
                                      f"{figures['min']:.4f}); use --runtime torch.")
-            bundle.record(variants={fp32_variant: {"file": fp32_path.name, "fidelity": figures, "runtime_version": version}})
+            bundle.record(variants={fp32_variant: {"file": fp32_path.name, "fidelity": figures, "runtime_version": version,
+                                                   "stamp": stamp(fp32_path)}})
         if not self.quantize:
             return
         variant = self._variant()
@@ -499,7 +504,8 @@ class LocalBackend:
             if not bundle.path(name).is_file():
                 export_int8(model, bundle.path(name), facts, self.model_id, self.max_length)
             figures = check_int8(reference, self._run(self._runner(bundle.path(name)), CALIBRATION_TEXTS), self.model_id)
-        bundle.record(variants={variant: {"file": name, "fidelity": figures, "runtime_version": version}})
+        bundle.record(variants={variant: {"file": name, "fidelity": figures, "runtime_version": version,
+                                          "stamp": stamp(bundle.path(name))}})
 
     def _run(self, runner: Any, texts: Sequence[str]) -> np.ndarray:
         feeds = self._load_tokenizer().feeds(texts, self.max_length, runner.input_names, self.prompt or "")

@@ -167,8 +167,8 @@ def export_int8(model: Any, target: Path, facts: dict[str, Any], model_id: str, 
     the first _FP32_FFN_OUTPUTS FFN outputs."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    smoothed = target.with_suffix(".smoothed.partial")
-    temp = target.with_suffix(".partial")
+    smoothed = _temp_name(target, "smoothed")
+    temp = _temp_name(target, "int8")
     try:
         _export(smooth_linears(model[0].auto_model, model.tokenizer, max_length), model.tokenizer, smoothed, facts, model_id)
         with _Quiet():
@@ -196,6 +196,15 @@ def _ffn_outputs(path: Path) -> list[str]:
             and shapes[n.input[1]][0] > shapes[n.input[1]][1]]
 
 
+def _temp_name(target: Path, kind: str) -> Path:
+    """A name of this process's own beside `target`: two first jobs exporting the same model at
+    once each write their own file, and the last whole one is renamed into place."""
+    import os
+    import uuid
+
+    return target.with_name(f".{target.name}.{kind}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
+
+
 def _export(transformer: Any, tokenizer: Any, target: Path, facts: dict[str, Any], model_id: str) -> None:
     import torch
 
@@ -221,7 +230,7 @@ def _export(transformer: Any, tokenizer: Any, target: Path, facts: dict[str, Any
 
     probe = tokenizer(["a short text", "a somewhat longer probe text"], padding=True, return_tensors="pt")
     target.parent.mkdir(parents=True, exist_ok=True)
-    temp = target.with_suffix(".export.partial")
+    temp = _temp_name(target, "export")
     try:
         with _Quiet():
             torch.onnx.export(

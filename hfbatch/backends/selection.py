@@ -31,7 +31,7 @@ import numpy as np
 
 from .._version import __version__
 from ..errors import HfbatchError, InputError
-from ..resources import cpu_facts, cpu_has_native_bf16
+from ..resources import MemoryGuardError, cpu_facts, cpu_has_native_bf16
 from ..vectors import cosine_rows
 from .exports import exports_root, package_version
 
@@ -56,7 +56,7 @@ def candidates(runtime: str, precision: str, quantize: str, cpu_only: bool) -> l
     "none"/"int8" for quantize). One means nothing to measure. InputError when none fits."""
     if runtime == "auto":
         runtimes = ["torch"]
-        if cpu_only:
+        if cpu_only or quantize == "int8":  # int8 runs on the CPU, even where a GPU is
             runtimes += [rt for rt, module in EXPORT_RUNTIMES.items() if importlib.util.find_spec(module) is not None]
     else:
         runtimes = [runtime]
@@ -121,14 +121,15 @@ def _write_record(path: Path, record: dict[str, Any]) -> None:
         raise
 
 
-def measured(backend: "LocalBackend", configs: Sequence[Config], log: Callable[[str], None] | None = None) -> tuple[Path, dict[str, Any]]:
+def measured(backend: "LocalBackend", configs: Sequence[Config], log: Callable[[str], None] | None = None,
+             measure: bool = True) -> tuple[Path, dict[str, Any]]:
     """The record of this machine and model, with every config in `configs` measured (those
-    missing are measured now and the record saved)."""
+    missing are measured now and the record saved; not with measure=False)."""
     path = record_path(backend)
     record = read_record(path)
-    known = {tuple(c["config"]) for c in record.get("candidates", [])}
+    known = {tuple(c["config"]) for c in record.get("candidates", []) if not c.get("transient")}
     missing = [c for c in configs if c not in known]
-    if missing:
+    if missing and measure:
         if log:
             log(f"measuring {', '.join(label(c) for c in missing)} for {backend.model_id} on this CPU, once "
                 f"(kept in {path.parent})")
@@ -181,6 +182,8 @@ def _measure(backend: "LocalBackend", config: Config, sample: list[str], referen
             entry["reason"] = f"cosine to torch fp32 below {bar[0]} mean / {bar[1]} min"
     except (HfbatchError, ImportError, OSError, RuntimeError, ValueError) as exc:
         entry.update(accepted=False, reason=(str(exc).splitlines() or [type(exc).__name__])[0][:300])
+        # a full disk, a busy file, the memory guard: measured again next time, not refused for good
+        entry["transient"] = isinstance(exc, (OSError, RuntimeError, MemoryGuardError))
     return entry
 
 
@@ -248,14 +251,19 @@ def estimate(entry: dict[str, Any], rows: int | None) -> float:
 
 
 def choose(backend: "LocalBackend", configs: Sequence[Config], *, rows: int | None = None,
-           texts: Callable[[], Sequence[str]] | None = None) -> dict[str, Any]:
+           texts: Callable[[], Sequence[str]] | None = None, measure: bool = True) -> dict[str, Any]:
     """Settle `backend` on the accepted configuration of least expected time that also passes the
-    bar on the job's first texts; returns what the sidecar says of the choice."""
+    bar on the job's first texts; returns what the sidecar says of the choice. measure=False
+    (a dry run): nothing measured here yet means torch fp32, saying that the job would measure."""
     import logging
 
     logger = logging.getLogger("hfbatch.backends.selection")
-    path, record = measured(backend, configs, log=logger.warning)
+    path, record = measured(backend, configs, log=logger.warning, measure=measure)
     entries = {tuple(c["config"]): c for c in record.get("candidates", [])}
+    if not measure and not any(entries.get(c, {}).get("accepted") for c in configs):
+        backend.use(("torch", "fp32", "none"))
+        return {"by": "not measured here yet: the job will measure " + ", ".join(label(c) for c in configs) + " first",
+                "chosen": "torch fp32", "rows": rows, "measurements": str(path), "passed_over": [], "candidates": []}
     ranked = sorted((c for c in configs if entries.get(c, {}).get("accepted")), key=lambda c: estimate(entries[c], rows))
     passed_over: list[dict[str, Any]] = []
     sample: Sequence[str] | None = None

@@ -35,11 +35,11 @@ class ModelTokenizer:
         self._raw, self._hf, self.lower = raw, hf, lower
         self.fast = raw is not None or bool(getattr(hf, "is_fast", False))
         if raw is not None:
-            raw.no_truncation()
-            raw.no_padding()
-            padding = raw.padding or {}
+            padding = raw.padding or {}  # read before it is cleared: RoBERTa-like models pad with id 1
             self._pad_id = int(padding.get("pad_id", 0) or 0)
             self._pad_token = str(padding.get("pad_token", "[PAD]") or "[PAD]")
+            raw.no_truncation()
+            raw.no_padding()
         self.loader = "tokenizers" if raw is not None else "transformers"
 
     @property
@@ -84,6 +84,13 @@ class ModelTokenizer:
         columns = {"input_ids": [e.ids for e in encoded], "attention_mask": [e.attention_mask for e in encoded],
                    "token_type_ids": [e.type_ids for e in encoded]}
         return {n: np.asarray(columns[n], dtype=np.int64) for n in names}
+
+
+def tokenizer_libraries() -> dict[str, str | None]:
+    """The versions a fast-tokenizer proof holds for (a new tokenizers or transformers proves again)."""
+    from .exports import package_version
+
+    return {name: package_version(name) for name in ("tokenizers", "transformers")}
 
 
 def load_fast(model_dir: Path, *, lower: bool = False) -> ModelTokenizer | None:

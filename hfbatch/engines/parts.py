@@ -469,9 +469,9 @@ def settle_runtime(job: PartsJob, settings: Settings, backend: Backend | None = 
         return
     first = job.part_options(next(iter(job.outputs))).resolved(settings)
     backend.settle(rows=None, texts=lambda: first_texts(first))  # type: ignore[attr-defined]
-    if local.config is None:  # --backend auto handed over to the remote side
-        return
-    runtime, precision, quantize = local.config
+    # --backend auto handed over to the remote side: the local side of every part is pinned all
+    # the same (torch fp32), so no part settles on its own for its own size
+    runtime, precision, quantize = local.config or ("torch", "fp32", "none")
     settled = dict(runtime=runtime, precision=precision, quantize=quantize, selection=local.selection)
     job.options = replace(job.options, **settled)
     job.resolved = replace(job.resolved, **settled)

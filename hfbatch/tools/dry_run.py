@@ -48,7 +48,7 @@ def _plan(opts: EmbedOptions, source: Path) -> dict[str, Any]:
     backend = make_backend(opts)
     settle = getattr(backend, "settle", None)
     if callable(settle):  # the configuration the job would take (auto: for this size, on these texts)
-        settle(rows=reader.total_rows, texts=lambda: first_texts(opts, source))
+        settle(rows=reader.total_rows, texts=lambda: first_texts(opts, source), measure=False)
     cache_dir = Path(opts.cache_dir) if opts.cache_dir else None
     exists = bool(opts.use_cache and cache_dir and (cache_dir / "cache.db").exists())
     cache = open_cache(cache_dir, backend.fingerprint(), size_limit_bytes=opts.cache_size_bytes or 0) if exists \
