@@ -21,7 +21,11 @@ C. start-up: 100 rows, default settings, whole process, median of 5 (the issue's
 Texts: 2,000 real English texts not in any calibration sample: the stdlib's docstring summaries
 and bodies (benchmarks/retrieval.py, docstring_pairs(1000)), short and long mixed.
 
-    python benchmarks/bench_runtimes.py [--pairs 1000] [--skip-process]
+Part A runs each configuration on batches of 32 in the texts' given order (mixed lengths: much
+padding), while raw encode sorts all texts by length first; compare part A's rows with each
+other, and part B (jobs sort by length too) with raw encode.
+
+    python benchmarks/bench_runtimes.py [--pairs 1000] [--skip-process] [--skip-inprocess]
 """
 
 from __future__ import annotations
@@ -138,6 +142,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", type=int, default=1000, help="docstring pairs: twice as many texts")
     parser.add_argument("--skip-process", action="store_true", help="part A only")
+    parser.add_argument("--skip-inprocess", action="store_true", help="parts B and C only (the raw baseline is still timed)")
     args = parser.parse_args()
     WORK.mkdir(parents=True, exist_ok=True)
     import torch
@@ -155,15 +160,15 @@ def main() -> None:
     raw = raw_encode(texts)
     print(f"raw encode: {raw['s']:.2f} s in process ({len(texts) / raw['s']:.0f} texts/s), model load {raw['load_s']:.2f} s")
     results = {}
-    for label, config, _ in CONFIGS:
+    for label, config, _ in [] if args.skip_inprocess else CONFIGS:
         results[label] = in_process(config, texts)
         print(f"  measured {label}: {results[label]['s']:.1f} s", flush=True)
-    reference = results["torch fp32"]["vectors"]
-    print("\nA. in process")
+    reference = results["torch fp32"]["vectors"] if results else raw["vectors"]
+    print("\nA. in process" + (" (skipped)" if args.skip_inprocess else ""))
     print("| configuration | load s | seconds | texts/s | vs raw encode | cosine to torch fp32 mean / min | hfbatch's bar |")
     print("|---|---|---|---|---|---|---|")
     print(f"| raw ST encode fp32 | {raw['load_s']:.2f} | {raw['s']:.2f} | {len(texts) / raw['s']:.0f} | 1.00x | - | (baseline) |")
-    for label, _, bar in CONFIGS:
+    for label, _, bar in CONFIGS if results else []:
         r, cos = results[label], cosine(results[label]["vectors"], reference)
         print(f"| {label} | {r['load_s']:.2f} | {r['s']:.2f} | {len(texts) / r['s']:.0f} | {raw['s'] / r['s']:.2f}x | "
               f"{cos.mean():.5f} / {cos.min():.5f} | {verdict(cos, bar)} |")

@@ -528,6 +528,17 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def _device_line(p: dict) -> str:
+    """The device, and for the local model the runtime and precision that ran (and whether auto chose them)."""
+    local = (p.get("backends") or {}).get("local") or {}
+    if not local.get("runtime"):
+        return str(p["device"])
+    kind = "int8" if str(local.get("quantize", "none")) != "none" else local.get("precision")
+    chosen = local.get("selection") or {}
+    how = " (auto: measured here)" if chosen.get("by") == "measured on this machine" else ""
+    return escape(f"{p['device']}, {local['runtime']} {kind}{how}")
+
+
 def _summary(result: EmbedResult) -> None:
     m, p = result.metrics, result.document["provenance"]
     table = Table(title="hfbatch embed", show_header=False, title_justify="left")
@@ -538,7 +549,7 @@ def _summary(result: EmbedResult) -> None:
         ("output", f"{result.output} ({m['rows_written']:,} rows)"),
         ("sidecar", str(result.sidecar)),
         ("model", escape(f"{p['model_id']} [{p['model_source']}]")),
-        ("device", str(p["device"])),
+        ("device", _device_line(p)),
         ("backend", _backend_line(p, m)),
         ("rows", f"{m['rows_total']:,} read, {m['rows_embedded']:,} embedded, {m['rows_invalid']:,} invalid, "
                  f"{m['rows_skipped']:,} skipped, {m['rows_truncated']:,} truncated"),

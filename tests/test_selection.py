@@ -95,7 +95,8 @@ def test_auto_measures_once_per_machine_and_model_and_records_the_choice(tmp_pat
     from hfbatch.tools.doctor import capabilities
 
     shown = [r for r in capabilities()["runtimes"] if r["file"] == str(record)]
-    assert shown and shown[0]["in_force"] and {c["label"] for c in shown[0]["candidates"]} == set(measured)
+    # the record holds what this machine measured for the model (other tests may have added torch's)
+    assert shown and shown[0]["in_force"] and set(measured) <= {c["label"] for c in shown[0]["candidates"]}
 
 
 def test_the_choice_weighs_start_up_against_speed_by_job_size(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -183,7 +183,7 @@ def _measure(backend: "LocalBackend", config: Config, sample: list[str], referen
     except (HfbatchError, ImportError, OSError, RuntimeError, ValueError) as exc:
         entry.update(accepted=False, reason=(str(exc).splitlines() or [type(exc).__name__])[0][:300])
         # a full disk, a busy file, the memory guard: measured again next time, not refused for good
-        entry["transient"] = isinstance(exc, (OSError, RuntimeError, MemoryGuardError))
+        entry["transient"] = isinstance(exc, (OSError, RuntimeError, ImportError, MemoryGuardError))
     return entry
 
 
