@@ -116,7 +116,7 @@ def check_model_memory(model_id: str, model_dir: Path, load_dtype: str = "float3
     return need
 
 
-# the CPU features that decide which fast path is fast here (see README "Precision and runtimes")
+# the CPU features that decide which fast path is fast here (README: runtimes and precision)
 SPEED_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_bf16", "amx_int8")
 
 

