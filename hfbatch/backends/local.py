@@ -445,17 +445,22 @@ class LocalBackend:
         """The cached, proved export run by this runtime: onnxruntime/openvino and the tokenizers
         library only (no torch) once it exists; made and checked against torch fp32 otherwise."""
         self._device = self.preflight()
-        bundle = ExportBundle(self.model_key())
-        entry = bundle.proved(self._variant(), self._runtime_version())
-        if entry is None:
-            self._build(bundle)
-            entry = bundle.proved(self._variant(), self._runtime_version())
-            assert entry is not None
+        bundle, entry = self._proved(self._variant())
         meta = bundle.meta()
         self._normalize_in_encode = self.normalize and not meta.get("normalize")
         self.onnx_fidelity = dict(entry["fidelity"])
         self.engine_path = bundle.path(entry["file"])
         return self._runner(self.engine_path)
+
+    def _proved(self, variant: str) -> tuple[ExportBundle, dict[str, Any]]:
+        """The export folder and `variant`'s proved entry, made and proved first if need be."""
+        bundle = ExportBundle(self.model_key())
+        entry = bundle.proved(variant, self._runtime_version())
+        if entry is None:
+            self._build(bundle)
+            entry = bundle.proved(variant, self._runtime_version())
+            assert entry is not None
+        return bundle, entry
 
     def _runner(self, path: Path) -> Any:
         if self.runtime == "openvino":
@@ -518,12 +523,7 @@ class LocalBackend:
         """The fp32 export of the same runtime: the reference int8 is checked against on the job's
         texts (itself proved against torch fp32 at >= EXPORT_MIN_COSINE), without loading torch."""
         if self._reference is None:
-            bundle = ExportBundle(self.model_key())
-            entry = bundle.proved(self._variant("fp32"), self._runtime_version())
-            if entry is None:
-                self._build(bundle)
-                entry = bundle.proved(self._variant("fp32"), self._runtime_version())
-                assert entry is not None
+            bundle, entry = self._proved(self._variant("fp32"))
             self._reference = self._runner(bundle.path(entry["file"]))
         return self._reference
 
