@@ -57,6 +57,7 @@ import sys
 import sysconfig
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -221,12 +222,73 @@ def kind_of(linear_name: str) -> str:
     return "other"
 
 
+def smooth_linears(transformer: Any, tokenizer: Any, max_length: int, alpha: float = 0.8) -> Any:
+    """The torch form of the smoothing the recipes below were measured with (the shipped recipe now
+    smooths the fused ONNX graph instead: hfbatch.backends.onnx.smooth_graph, same figures).
+    A copy of `transformer` whose linear layers see x / s and hold W * s (exact in fp32).
+
+    Linears fed the same tensor (query, key and value) share one s, so the division is done once
+    per input; s comes from the largest |x| per input channel over ob.SMOOTHING_TEXTS.
+    """
+    import copy
+
+    import torch
+
+    from hfbatch.backends import onnx as ob
+
+    class Smoothed(torch.nn.Module):
+        def __init__(self, linear: torch.nn.Linear, scale: torch.Tensor) -> None:
+            super().__init__()
+            self.linear = linear
+            self.register_buffer("inverse", 1.0 / scale)
+            with torch.no_grad():
+                linear.weight.mul_(scale)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.linear(x * self.inverse)
+
+    model = copy.deepcopy(transformer).eval().to("cpu")
+    linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+    peaks: dict[str, torch.Tensor] = {}
+    first_inputs: dict[str, torch.Tensor] = {}  # held, so no two live inputs share an id
+
+    def record(name: str):
+        def hook(_module: Any, inputs: tuple[torch.Tensor, ...], _output: Any) -> None:
+            x = inputs[0].detach()
+            peak = x.abs().reshape(-1, x.shape[-1]).amax(0)
+            peaks[name] = torch.maximum(peaks[name], peak) if name in peaks else peak
+            first_inputs.setdefault(name, inputs[0])
+        return hook
+
+    handles = [m.register_forward_hook(record(name)) for name, m in linears.items()]
+    with torch.no_grad():
+        for i in range(0, len(ob.SMOOTHING_TEXTS), 8):
+            batch = tokenizer(ob.SMOOTHING_TEXTS[i:i + 8], padding=True, truncation=True, max_length=max_length,
+                              return_tensors="pt")
+            model(**batch)
+    for handle in handles:
+        handle.remove()
+
+    groups: dict[int, list[str]] = {}
+    for name in peaks:  # linears the forward pass never reached (a pooler) stay as they are
+        groups.setdefault(id(first_inputs[name]), []).append(name)
+    for names in groups.values():
+        x_peak = torch.stack([peaks[n] for n in names]).amax(0).clamp(min=1e-5)
+        w_peak = torch.stack([linears[n].weight.detach().abs().amax(0) for n in names]).amax(0).clamp(min=1e-5)
+        scale = (x_peak ** alpha / w_peak ** (1 - alpha)).clamp(min=1e-5)
+        for name in names:
+            parent_name, _, attr = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, attr, Smoothed(linears[name], scale))
+    return model
+
+
 def smooth_per_kind(transformer, tokenizer, alphas: dict[str, float]):
     """smooth_linears with one alpha per kind of linear ("rest" for the others): one smoothed copy
     per alpha, each linear taken from the copy of its kind's alpha (exact in fp32 either way)."""
     from hfbatch.backends import onnx as ob
 
-    by_alpha = {a: ob.smooth_linears(transformer, tokenizer, MAX_LENGTH, alpha=a) for a in set(alphas.values())}
+    by_alpha = {a: smooth_linears(transformer, tokenizer, MAX_LENGTH, alpha=a) for a in set(alphas.values())}
     model = by_alpha[alphas["rest"]]
     for name, module in list(model.named_modules()):
         if type(module).__name__ != "Smoothed":
@@ -259,7 +321,7 @@ def smooth_auto(transformer, tokenizer, grid=(0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.7
 
     from hfbatch.backends import onnx as ob
 
-    model = ob.smooth_linears(transformer, tokenizer, MAX_LENGTH, alpha=0.8)  # wrappers to reuse
+    model = smooth_linears(transformer, tokenizer, MAX_LENGTH, alpha=0.8)  # wrappers to reuse
     smoothed = {n: m for n, m in model.named_modules() if type(m).__name__ == "Smoothed"}
     original = {n: m for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
     inputs: dict[str, list] = {}
@@ -324,7 +386,7 @@ def build(model, facts, recipe: dict, path: Path) -> Path:
         elif isinstance(alpha, dict):
             transformer = smooth_per_kind(transformer, model.tokenizer, alpha)
         elif alpha is not None:
-            transformer = ob.smooth_linears(transformer, model.tokenizer, MAX_LENGTH, alpha=alpha)
+            transformer = smooth_linears(transformer, model.tokenizer, MAX_LENGTH, alpha=alpha)
         ob._export(transformer, model.tokenizer, smoothed, facts, "bench")
     if recipe.get("fp32"):
         return smoothed

@@ -58,28 +58,34 @@ def test_int8_meets_the_default_bar_and_is_really_int8(tmp_path: Path, monkeypat
 
     (export,) = onnx_dir.rglob("model.int8*.onnx")
     ops = [n.op_type for n in onnx.load(str(export)).graph.node]
-    # every weight MatMul int8 but the first block's FFN output (kept fp32: the recipe's one exception), inputs smoothed
-    assert ops.count("MatMulInteger") == 6 * 6 - 1 and ops.count("MatMul") >= 1 and "Mul" in ops
+    # attention fused and int8 (q, k, v in one QAttention); every other weight MatMul int8 but the first
+    # block's FFN output (kept fp32: the recipe's one exception); inputs smoothed
+    assert ops.count("QAttention") == 6 and "Attention" not in ops
+    assert ops.count("MatMulInteger") == 6 * 3 - 1 and ops.count("MatMul") == 1 and "Mul" in ops
 
 
-def test_smoothing_is_exact_in_fp32_and_shares_one_scale_per_input(st_model) -> None:
-    import torch
+def test_fusion_and_graph_smoothing_are_exact_in_fp32(tmp_path: Path, st_model) -> None:
+    import onnx
 
-    transformer = st_model[0].auto_model
-    smoothed = onnx_backend.smooth_linears(transformer, st_model.tokenizer, 256)
-    wrapped = {name: m for name, m in smoothed.named_modules()
-               if type(m).__name__ == "Smoothed" and name.startswith("encoder.")}
-    assert len(wrapped) == 6 * 6  # q, k, v, attention output, FFN in, FFN out in each of 6 blocks
-    block = "encoder.layer.3.attention.self."
-    inverse = [wrapped[block + n].inverse for n in ("query", "key", "value")]
-    assert torch.equal(inverse[0], inverse[1]) and torch.equal(inverse[0], inverse[2])  # one input, one scale
-    assert not torch.allclose(inverse[0], torch.ones_like(inverse[0]))  # really rescaled
-    batch = st_model.tokenizer(SAMPLE_TEXTS, padding=True, return_tensors="pt")
-    with torch.no_grad():
-        want = transformer(**batch).last_hidden_state
-        got = smoothed(**batch).last_hidden_state
-    assert (got - want).abs().max() < 1e-3
-    assert transformer.encoder.layer[0].attention.self.query.__class__ is torch.nn.Linear  # the loaded model is untouched
+    facts = onnx_backend.graph_facts(st_model, DEFAULT)
+    plain, fused, smoothed = (tmp_path / f"{n}.onnx" for n in ("plain", "fused", "smoothed"))
+    onnx_backend.export_fp32(st_model, plain, facts, DEFAULT)
+    assert st_model[0].auto_model.config._attn_implementation != "eager"  # the torch model keeps its kernel
+    assert onnx_backend.fuse(plain, fused, st_model[0].auto_model.config)  # attention fused
+    onnx_backend.smooth_graph(fused, smoothed, st_model.tokenizer, facts["input_names"], 256)
+    nodes = onnx.load(str(smoothed)).graph.node
+    muls = [n for n in nodes if n.name.endswith("/smooth")]
+    # one scale per input tensor: the attention input (q, k, v packed), attention output, FFN in, FFN out
+    assert [n.op_type for n in nodes].count("Attention") == 6 and len(muls) == 6 * 4
+    consumers = {i for n in nodes if n.op_type in ("Attention", "MatMul") for i in n.input[:1]}
+    assert all(m.output[0] in consumers for m in muls)  # only the weight inputs are rescaled, not the residual
+    batch = st_model.tokenizer(SAMPLE_TEXTS, padding=True, return_tensors="np")
+    feeds = {n: batch[n].astype(np.int64) for n in facts["input_names"]}
+    want = onnx_backend.OnnxRunner(plain).run(feeds)
+    assert np.allclose(onnx_backend.OnnxRunner(fused).run(feeds), want, atol=1e-4)
+    assert np.allclose(onnx_backend.OnnxRunner(smoothed).run(feeds), want, atol=1e-4)
+    reference = st_model.encode(SAMPLE_TEXTS)
+    assert ((want * reference).sum(1)).min() > 0.9999  # the eager export is the model
 
 
 def test_onnx_option_conflicts() -> None:

@@ -2,19 +2,28 @@
 
 `--runtime onnx` exports the model's transformer with its pooling (and normalisation) to ONNX,
 caches the file under the user cache dir keyed by the model fingerprint, and runs it with ONNX
-Runtime. `--quantize int8` first applies SmoothQuant (Xiao et al., 2022): a few hidden channels
-of BERT-like models carry activations 10-100x larger than the rest, and ONNX Runtime's dynamic
-quantization gives a whole activation tensor one scale, so those channels flatten everything else
-(cosine to fp32 0.989 mean / 0.96 min for MiniLM). Dividing each linear layer's input channels by
-s = max|x|^alpha / max|W|^(1-alpha), measured on SMOOTHING_TEXTS, and multiplying the weight's
-input rows by s is exact in fp32 and moves the outliers into the per-channel-quantized weights.
-Every weight MatMul but one is then quantized dynamically to int8 with per-channel weights; the
-first block's FFN output (fed by GELU) stays fp32, because its one activation scale per tensor cost
-the most fidelity: keeping it fp32 lifts MiniLM's min cosine on 2,160 real package descriptions
-from 0.979 to 0.991 for a few % of the speed (benchmarks/int8_recipes.py). The result is only used
-when a check on a calibration sample keeps cosine to fp32 >= 0.99 mean and >= 0.98 min, otherwise
-loading refuses with the figures.
+Runtime. The export traces the eager attention (plain MatMul/Softmax): ONNX Runtime fuses that
+pattern itself (1.10x the SDPA export's speed for MiniLM) and OpenVINO reads it as it is.
+
+`--quantize int8` is made from that graph in three steps:
+1. ONNX Runtime's transformer optimizer fuses attention, skip-LayerNorm and bias-GELU, so that the
+   query/key/value projections become one Attention node, which int8 turns into QAttention (the
+   largest single gain: 1.15x the unfused int8 graph).
+2. SmoothQuant (Xiao et al., 2022), applied to the graph: a few hidden channels of BERT-like models
+   carry activations 10-100x larger than the rest, and ONNX Runtime's dynamic quantization gives a
+   whole activation tensor one scale, so those channels flatten everything else (cosine to fp32
+   0.989 mean / 0.96 min for MiniLM). Each weight input of a MatMul/Attention is divided per channel
+   by s = max|x|^alpha / max|W|^(1-alpha), measured on SMOOTHING_TEXTS, and the weight's input rows
+   are multiplied by s: exact in fp32, and the outliers move into the per-channel-quantized weights.
+3. Every weight MatMul but one is quantized dynamically to int8 with per-channel weights; the first
+   block's FFN output (fed by GELU) stays fp32, because its one activation scale per tensor cost the
+   most fidelity: keeping it fp32 lifts MiniLM's min cosine on 2,160 real package descriptions from
+   0.979 to 0.99 for ~5% of the speed (benchmarks/int8_recipes.py).
+The result is only used when a check on a calibration sample keeps cosine to fp32 >= 0.99 mean and
+>= 0.98 min, otherwise loading refuses with the figures. A model the optimizer cannot fuse is still
+smoothed and quantized MatMul by MatMul (slower, same checks).
 """
+
 
 from __future__ import annotations
 
@@ -163,26 +172,102 @@ def export_fp32(model: Any, target: Path, facts: dict[str, Any], model_id: str) 
 
 
 def export_int8(model: Any, target: Path, facts: dict[str, Any], model_id: str, max_length: int) -> None:
-    """Export a smoothed copy of the transformer, then quantize its weight MatMuls to int8, all but
-    the first _FP32_FFN_OUTPUTS FFN outputs."""
+    """Export fp32, fuse it, smooth it, then quantize its weight MatMuls (and fused attention) to
+    int8, all but the first _FP32_FFN_OUTPUTS FFN outputs. Written whole or not at all."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    smoothed = _temp_name(target, "smoothed")
-    temp = _temp_name(target, "int8")
+    parts = {kind: _temp_name(target, kind) for kind in ("fp32", "fused", "smoothed", "int8")}
     try:
-        _export(smooth_linears(model[0].auto_model, model.tokenizer, max_length), model.tokenizer, smoothed, facts, model_id)
+        _export(model[0].auto_model, model.tokenizer, parts["fp32"], facts, model_id)
+        fuse(parts["fp32"], parts["fused"], model[0].auto_model.config)
+        smooth_graph(parts["fused"], parts["smoothed"], model.tokenizer, facts["input_names"], max_length)
+        import onnx
+
         with _Quiet():
-            quantize_dynamic(str(smoothed), str(temp), per_channel=True, weight_type=QuantType.QInt8,
-                             op_types_to_quantize=["MatMul"],
-                             nodes_to_exclude=_ffn_outputs(smoothed)[:_FP32_FFN_OUTPUTS])
-        temp.replace(target)
+            quantize_dynamic(str(parts["smoothed"]), str(parts["int8"]), per_channel=True, weight_type=QuantType.QInt8,
+                             op_types_to_quantize=["MatMul", "Attention"],
+                             nodes_to_exclude=_ffn_outputs(parts["smoothed"])[:_FP32_FFN_OUTPUTS],
+                             # fused contrib ops have no shape inference: their outputs are float
+                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        parts["int8"].replace(target)
     except ModelLoadError:
         raise
     except Exception as exc:
         raise ModelLoadError(f"int8 quantization of {model_id} failed ({exc}); drop --quantize int8.") from exc
     finally:
-        smoothed.unlink(missing_ok=True)
-        temp.unlink(missing_ok=True)
+        for path in parts.values():
+            path.unlink(missing_ok=True)
+
+
+def fuse(source: Path, target: Path, config: Any) -> bool:
+    """ONNX Runtime's transformer fusions (attention, skip-LayerNorm, bias-GELU) on an encoder
+    graph; True when attention was fused. A graph the optimizer cannot handle is copied unchanged:
+    fusion is speed, never correctness (the int8 check compares the result with torch)."""
+    import shutil
+
+    heads, hidden = int(getattr(config, "num_attention_heads", 0) or 0), int(getattr(config, "hidden_size", 0) or 0)
+    try:
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        with _Quiet():
+            fused = optimize_model(str(source), model_type="bert", num_heads=heads, hidden_size=hidden, opt_level=1)
+            fused.save_model_to_file(str(target))
+        return bool(fused.get_fused_operator_statistics().get("Attention"))
+    except Exception as exc:  # an architecture the optimizer does not know: unfused is still right
+        log.info("ONNX Runtime's optimizer left the graph unfused (%s)", _first_line(exc))
+        shutil.copyfile(source, target)
+        return False
+
+
+def smooth_graph(source: Path, target: Path, tokenizer: Any, input_names: Sequence[str], max_length: int,
+                 alpha: float = SMOOTH_ALPHA, texts: Sequence[str] = SMOOTHING_TEXTS) -> None:
+    """SmoothQuant on an ONNX graph: for each tensor that feeds weight MatMuls or Attention nodes,
+    a Mul by 1/s is inserted on those edges only (the same tensor's residual path is untouched)
+    and the consumers' weight rows are multiplied by s. Exact in fp32; s from max|x| per channel
+    over `texts` (run by ONNX Runtime with those tensors as extra outputs)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(source))
+    graph = model.graph
+    weights = {w.name: w for w in graph.initializer}
+    groups: dict[str, list[Any]] = {}  # input tensor -> the nodes that multiply it by a constant weight
+    for node in graph.node:
+        if node.op_type in ("MatMul", "Attention") and len(node.input) > 1 and node.input[1] in weights \
+                and len(weights[node.input[1]].dims) == 2:
+            groups.setdefault(node.input[0], []).append(node)
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    probe.graph.output.extend(helper.make_tensor_value_info(x, onnx.TensorProto.FLOAT, None) for x in groups)
+    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    peaks: dict[str, np.ndarray] = {}
+    for i in range(0, len(texts), 8):
+        batch = tokenizer(list(texts[i:i + 8]), padding=True, truncation=True, max_length=max_length, return_tensors="np")
+        for name, value in zip(groups, session.run(list(groups), {n: batch[n].astype(np.int64) for n in input_names})):
+            peak = np.abs(value).reshape(-1, value.shape[-1]).max(0)
+            peaks[name] = np.maximum(peaks[name], peak) if name in peaks else peak
+    producer = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    inserts: list[tuple[int, Any]] = []
+    for x, consumers in groups.items():
+        ws = [numpy_helper.to_array(weights[c.input[1]]) for c in consumers]
+        x_peak = np.maximum(peaks[x], 1e-5)
+        w_peak = np.maximum(np.max([np.abs(w).max(1) for w in ws], axis=0), 1e-5)
+        scale = np.maximum(x_peak ** alpha / w_peak ** (1 - alpha), 1e-5).astype(np.float32)
+        for c, w in zip(consumers, ws):
+            weights[c.input[1]].CopyFrom(numpy_helper.from_array((w * scale[:, None]).astype(np.float32), c.input[1]))
+        inverse = numpy_helper.from_array((1.0 / scale).astype(np.float32), f"{x}/smooth_inverse")
+        graph.initializer.append(inverse)
+        inserts.append((producer.get(x, -1), helper.make_node("Mul", [x, inverse.name], [f"{x}/smoothed"],
+                                                              name=f"{x}/smooth")))
+        for c in consumers:
+            c.input[0] = f"{x}/smoothed"
+    nodes = list(graph.node)
+    for position, mul in sorted(inserts, key=lambda t: -t[0]):  # right after its producer: still topological
+        nodes.insert(position + 1, mul)
+    del graph.node[:]
+    graph.node.extend(nodes)
+    onnx.save(model, str(target))
 
 
 def _ffn_outputs(path: Path) -> list[str]:
@@ -209,6 +294,9 @@ def _export(transformer: Any, tokenizer: Any, target: Path, facts: dict[str, Any
     import torch
 
     transformer = transformer.eval().to("cpu")
+    attention = getattr(transformer.config, "_attn_implementation", None)
+    if attention not in (None, "eager") and hasattr(transformer, "set_attn_implementation"):
+        transformer.set_attn_implementation("eager")  # plain ops: fusable by ORT, readable by OpenVINO
     pooling, normalize, names = facts["pooling"], facts["normalize"], facts["input_names"]
 
     class Graph(torch.nn.Module):
@@ -242,6 +330,9 @@ def _export(transformer: Any, tokenizer: Any, target: Path, facts: dict[str, Any
     except Exception as exc:
         temp.unlink(missing_ok=True)
         raise ModelLoadError(f"exporting {model_id} to ONNX failed ({exc}); use --runtime torch.") from exc
+    finally:
+        if attention not in (None, "eager") and hasattr(transformer, "set_attn_implementation"):
+            transformer.set_attn_implementation(attention)  # the torch runtime keeps its faster kernel
 
 
 class OnnxEncoder:
@@ -276,66 +367,10 @@ def int8_recipe() -> str:
     import hashlib
 
     h = hashlib.blake2b(digest_size=6)
-    h.update(f"smoothquant+dynamic-per-channel|{SMOOTH_ALPHA}|fp32-ffn-outputs={_FP32_FFN_OUTPUTS}|".encode())
+    h.update(f"eager-export+ort-fusion+graph-smoothquant+dynamic-per-channel-qattention|{SMOOTH_ALPHA}|"
+             f"fp32-ffn-outputs={_FP32_FFN_OUTPUTS}|".encode())
     h.update("\x1f".join(SMOOTHING_TEXTS).encode())
-    return f"int8-sq{SMOOTH_ALPHA}-ffn{_FP32_FFN_OUTPUTS}fp32-{h.hexdigest()}"
-
-
-def smooth_linears(transformer: Any, tokenizer: Any, max_length: int, alpha: float = SMOOTH_ALPHA) -> Any:
-    """A copy of `transformer` whose linear layers see x / s and hold W * s (exact in fp32).
-
-    Linears fed the same tensor (query, key and value) share one s, so the division is done once
-    per input; s comes from the largest |x| per input channel over SMOOTHING_TEXTS.
-    """
-    import copy
-
-    import torch
-
-    class Smoothed(torch.nn.Module):
-        def __init__(self, linear: torch.nn.Linear, scale: torch.Tensor) -> None:
-            super().__init__()
-            self.linear = linear
-            self.register_buffer("inverse", 1.0 / scale)
-            with torch.no_grad():
-                linear.weight.mul_(scale)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.linear(x * self.inverse)
-
-    model = copy.deepcopy(transformer).eval().to("cpu")
-    linears = {name: m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
-    peaks: dict[str, torch.Tensor] = {}
-    first_inputs: dict[str, torch.Tensor] = {}  # held, so no two live inputs share an id
-
-    def record(name: str):
-        def hook(_module: Any, inputs: tuple[torch.Tensor, ...], _output: Any) -> None:
-            x = inputs[0].detach()
-            peak = x.abs().reshape(-1, x.shape[-1]).amax(0)
-            peaks[name] = torch.maximum(peaks[name], peak) if name in peaks else peak
-            first_inputs.setdefault(name, inputs[0])
-        return hook
-
-    handles = [m.register_forward_hook(record(name)) for name, m in linears.items()]
-    with torch.no_grad():
-        for i in range(0, len(SMOOTHING_TEXTS), 8):
-            batch = tokenizer(SMOOTHING_TEXTS[i:i + 8], padding=True, truncation=True, max_length=max_length,
-                              return_tensors="pt")
-            model(**batch)
-    for handle in handles:
-        handle.remove()
-
-    groups: dict[int, list[str]] = {}
-    for name in peaks:  # linears the forward pass never reached (a pooler) stay as they are
-        groups.setdefault(id(first_inputs[name]), []).append(name)
-    for names in groups.values():
-        x_peak = torch.stack([peaks[n] for n in names]).amax(0).clamp(min=1e-5)
-        w_peak = torch.stack([linears[n].weight.detach().abs().amax(0) for n in names]).amax(0).clamp(min=1e-5)
-        scale = (x_peak ** alpha / w_peak ** (1 - alpha)).clamp(min=1e-5)
-        for name in names:
-            parent_name, _, attr = name.rpartition(".")
-            parent = model.get_submodule(parent_name) if parent_name else model
-            setattr(parent, attr, Smoothed(linears[name], scale))
-    return model
+    return f"int8-fused-sq{SMOOTH_ALPHA}-ffn{_FP32_FFN_OUTPUTS}fp32-{h.hexdigest()}"
 
 
 class _Quiet:
