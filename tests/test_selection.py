@@ -88,6 +88,8 @@ def test_auto_measures_once_per_machine_and_model_and_records_the_choice(tmp_pat
     assert cosine.min() > (0.98 if "int8" in best["label"] else 0.9999)
     record = Path(chosen["measurements"])
     assert record.parent == onnx_dir / "choices" and json.loads(record.read_text())["model_id"] == DEFAULT
+    # timed on the fixed sample and this job's own texts (how long a job's texts are changes the ranking)
+    assert json.loads(record.read_text())["sample_texts"] == len(selection._sample(TEXTS)) > len(selection._sample())
     stamp = record.stat().st_mtime_ns
     again = embed_file(EmbedOptions(input=src, output=tmp_path / "b.parquet", runtime="onnx"))
     assert record.stat().st_mtime_ns == stamp  # measured once: the record is reused, not rewritten
@@ -97,6 +99,29 @@ def test_auto_measures_once_per_machine_and_model_and_records_the_choice(tmp_pat
     shown = [r for r in capabilities()["runtimes"] if r["file"] == str(record)]
     # the record holds what this machine measured for the model (other tests may have added torch's)
     assert shown and shown[0]["in_force"] and set(measured) <= {c["label"] for c in shown[0]["candidates"]}
+
+
+def test_candidates_are_timed_round_robin_so_a_busy_moment_hits_all_alike(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[str] = []
+    real = LocalBackend.compute
+
+    def spy(self: LocalBackend, texts: Any) -> np.ndarray:
+        calls.append(selection.label((self.runtime, self.precision, self.quantize or "none")))
+        return real(self, texts)
+
+    backend = LocalBackend(DEFAULT, runtime="onnx")
+    sample = selection._sample(TEXTS[:20])
+    reference = backend.variant(("torch", "fp32", "none")).compute(sample)
+    monkeypatch.setattr(LocalBackend, "compute", spy)
+    configs = [("onnx", "fp32", "none"), ("onnx", "fp32", "int8")]
+    entries = selection._measure(backend, configs, sample, reference)
+    assert all(e["accepted"] and e["texts_per_s"] > 0 for e in entries)
+    n = -(-len(sample) // selection.BATCH)  # batches per pass
+    passes = [calls[i] for i in range(0, len(calls), n)]
+    assert len(calls) == n * len(passes) and all(calls[i:i + n] == [calls[i]] * n for i in range(0, len(calls), n))
+    a, b = "onnx fp32", "onnx int8"
+    # a warm-up (and fidelity) pass each, then rounds that take each once, in turn first
+    assert passes == [a, b] + [a, b, b, a, a, b][:2 * selection.TIMED_ROUNDS]
 
 
 def test_the_choice_weighs_start_up_against_speed_by_job_size(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,8 +4,11 @@ Why measured: the fast path depends on the CPU. On an AMD EPYC with AVX-512 BF16
 1.35x fp32 and ONNX int8 1.26x; on an Intel Ice Lake without bf16, bf16 was 2.5x *slower* and ONNX
 Runtime fp32 0.76x torch. No fixed rule is right on both, so the candidates that fit the request
 (`candidates`: torch fp32; torch bf16 where the CPU has native bf16; ONNX Runtime fp32 and int8;
-OpenVINO fp32 and int8 when installed) are each loaded, timed on a fixed sample and checked
-against torch fp32 the first time a model is used on a machine. The figures are kept as JSON in
+OpenVINO fp32 and int8 when installed) are each loaded, checked against torch fp32 and timed the
+first time a model is used on a machine: on a fixed sample plus that job's first texts (int8 gains
+more on long texts than on short ones), batched as jobs batch, round-robin over the candidates for
+a few rounds with the best round kept, so that a busy moment of a shared machine slows every
+candidate alike instead of ranking whichever it happened to hit last. The figures are kept as JSON in
 the user cache dir (`choices/`, keyed by CPU model + flags + library versions + the model's
 files; `hfbatch capabilities` lists them). A job then takes the accepted candidate with the
 least expected time, start-up + rows / speed: a 100-row cron job gets the one that starts
@@ -15,6 +18,7 @@ must also pass the fidelity bar on the job's own first texts, or the next one is
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import json
@@ -40,7 +44,7 @@ if TYPE_CHECKING:
 
 Config = tuple[str, str, str]  # (runtime, precision, quantize)
 RECORD_FORMAT = 1
-TIMED_PASSES = 2  # after one warm-up pass; the faster is kept (a busy moment makes a pass slow)
+TIMED_ROUNDS = 3  # after one warm-up pass; each round times every candidate once, the best round is kept
 BATCH = 32
 EXPORT_RUNTIMES = {"onnx": "onnxruntime", "openvino": "openvino"}
 _LIBRARIES = ("torch", "onnxruntime", "openvino", "nncf", "sentence-transformers", "transformers", "tokenizers")
@@ -122,9 +126,10 @@ def _write_record(path: Path, record: dict[str, Any]) -> None:
 
 
 def measured(backend: "LocalBackend", configs: Sequence[Config], log: Callable[[str], None] | None = None,
-             measure: bool = True) -> tuple[Path, dict[str, Any]]:
+             measure: bool = True, job_texts: Callable[[], Sequence[str]] | None = None) -> tuple[Path, dict[str, Any]]:
     """The record of this machine and model, with every config in `configs` measured (those
-    missing are measured now and the record saved; not with measure=False)."""
+    missing are measured now, on the fixed sample plus `job_texts()`, and the record saved; not
+    with measure=False)."""
     path = record_path(backend)
     record = read_record(path)
     known = {tuple(c["config"]) for c in record.get("candidates", []) if not c.get("transient")}
@@ -134,10 +139,10 @@ def measured(backend: "LocalBackend", configs: Sequence[Config], log: Callable[[
             log(f"measuring {', '.join(label(c) for c in missing)} for {backend.model_id} on this CPU, once "
                 f"(kept in {path.parent})")
         started = time.perf_counter()
-        sample = _sample()
+        sample = _sample(job_texts() if job_texts is not None else ())
         reference = backend.variant(("torch", "fp32", "none")).compute(sample)
         entries = [c for c in record.get("candidates", []) if tuple(c["config"]) not in missing]
-        entries += [_measure(backend, config, sample, reference) for config in missing]
+        entries += _measure(backend, missing, sample, reference)
         record = {"format": RECORD_FORMAT, "model_id": backend.model_id, "machine": machine(),
                   "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "sample_texts": len(sample), "candidates": entries, "job_checks": record.get("job_checks", {}),
@@ -150,41 +155,62 @@ def measured(backend: "LocalBackend", configs: Sequence[Config], log: Callable[[
     return path, record
 
 
-def _sample() -> list[str]:
+def _sample(job_texts: Sequence[str] = ()) -> list[str]:
+    """The fixed texts (short to long, many kinds) and the job's own first texts, by length as a
+    job batches them."""
     from .local import CALIBRATION_TEXTS
     from .onnx import SMOOTHING_TEXTS
 
-    return sorted(dict.fromkeys(SMOOTHING_TEXTS + CALIBRATION_TEXTS), key=len)
+    return sorted(dict.fromkeys([*SMOOTHING_TEXTS, *CALIBRATION_TEXTS, *job_texts]), key=len)
 
 
-def _measure(backend: "LocalBackend", config: Config, sample: list[str], reference: np.ndarray) -> dict[str, Any]:
-    """Load, time and check one configuration; a failure (not installed, export refused, below
-    the bar) is kept with its reason, so it is not tried again on this machine."""
-    entry: dict[str, Any] = {"config": list(config), "label": label(config)}
-    try:
-        variant = backend.variant(config)
-        variant.load()
-        entry["startup_s"] = round(_startup(variant), 3)
-        batches = [sample[i:i + BATCH] for i in range(0, len(sample), BATCH)]
-        vectors = np.concatenate([variant.compute(b) for b in batches])  # warm-up, and the vectors checked
-        best = float("inf")
-        for _ in range(TIMED_PASSES):
-            started = time.perf_counter()
-            for b in batches:
-                variant.compute(b)
-            best = min(best, time.perf_counter() - started)
-        entry["texts_per_s"] = round(len(sample) / max(best, 1e-9), 1)
-        cosine = cosine_rows(reference, vectors)
-        entry["fidelity"] = {"mean": round(float(cosine.mean()), 6), "min": round(float(cosine.min()), 6)}
-        bar = _bar(config)
-        entry["accepted"] = entry["fidelity"]["mean"] >= bar[0] and entry["fidelity"]["min"] >= bar[1]
-        if not entry["accepted"]:
-            entry["reason"] = f"cosine to torch fp32 below {bar[0]} mean / {bar[1]} min"
-    except (HfbatchError, ImportError, OSError, RuntimeError, ValueError) as exc:
-        entry.update(accepted=False, reason=(str(exc).splitlines() or [type(exc).__name__])[0][:300])
-        # a full disk, a busy file, the memory guard: measured again next time, not refused for good
-        entry["transient"] = isinstance(exc, (OSError, RuntimeError, ImportError, MemoryGuardError))
-    return entry
+def _measure(backend: "LocalBackend", configs: Sequence[Config], sample: list[str],
+             reference: np.ndarray) -> list[dict[str, Any]]:
+    """Load and check each configuration, then time those that loaded round-robin; a failure (not
+    installed, export refused, below the bar) is kept with its reason, so it is not tried again on
+    this machine (environmental ones are: `transient`)."""
+    batches = [sample[i:i + BATCH] for i in range(0, len(sample), BATCH)]
+    entries: list[dict[str, Any]] = []
+    loaded: dict[int, "LocalBackend"] = {}
+    for config in configs:
+        entry: dict[str, Any] = {"config": list(config), "label": label(config)}
+        entries.append(entry)
+        try:
+            variant = backend.variant(config)
+            variant.load()
+            entry["startup_s"] = round(_startup(variant), 3)
+            vectors = np.concatenate([variant.compute(b) for b in batches])  # warm-up, and the vectors checked
+            cosine = cosine_rows(reference, vectors)
+            entry["fidelity"] = {"mean": round(float(cosine.mean()), 6), "min": round(float(cosine.min()), 6)}
+            bar = _bar(config)
+            entry["accepted"] = entry["fidelity"]["mean"] >= bar[0] and entry["fidelity"]["min"] >= bar[1]
+            if entry["accepted"]:
+                loaded[len(entries) - 1] = variant
+            else:
+                entry["reason"] = f"cosine to torch fp32 below {bar[0]} mean / {bar[1]} min"
+        except (HfbatchError, ImportError, OSError, RuntimeError, ValueError) as exc:
+            _failed(entry, exc)
+    best = {i: float("inf") for i in loaded}
+    order = list(loaded)
+    for round_ in range(TIMED_ROUNDS):
+        for i in order[round_ % len(order):] + order[:round_ % len(order)] if order else ():
+            try:
+                started = time.perf_counter()
+                for b in batches:
+                    loaded[i].compute(b)
+                best[i] = min(best[i], time.perf_counter() - started)
+            except (HfbatchError, OSError, RuntimeError, ValueError) as exc:
+                _failed(entries[i], exc)
+                order.remove(i)
+    for i in order:
+        entries[i]["texts_per_s"] = round(len(sample) / max(best[i], 1e-9), 1)
+    return entries
+
+
+def _failed(entry: dict[str, Any], exc: BaseException) -> None:
+    entry.update(accepted=False, reason=(str(exc).splitlines() or [type(exc).__name__])[0][:300])
+    # a full disk, a busy file, the memory guard: measured again next time, not refused for good
+    entry["transient"] = isinstance(exc, (OSError, RuntimeError, ImportError, MemoryGuardError))
 
 
 def _bar(config: Config) -> tuple[float, float]:
@@ -258,7 +284,9 @@ def choose(backend: "LocalBackend", configs: Sequence[Config], *, rows: int | No
     import logging
 
     logger = logging.getLogger("hfbatch.backends.selection")
-    path, record = measured(backend, configs, log=logger.warning, measure=measure)
+    if texts is not None:  # read once: the measurement and the job-text check both use them
+        texts = functools.cache(texts)
+    path, record = measured(backend, configs, log=logger.warning, measure=measure, job_texts=texts)
     entries = {tuple(c["config"]): c for c in record.get("candidates", [])}
     if not measure and not any(entries.get(c, {}).get("accepted") for c in configs):
         backend.use(("torch", "fp32", "none"))
