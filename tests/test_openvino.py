@@ -1,4 +1,4 @@
-"""--runtime openvino: the exported ONNX graph run by OpenVINO, and NNCF int8 with accuracy control.
+"""--runtime openvino: the exported ONNX graph run by OpenVINO, and its int8 (int8 weights, dynamic activations).
 
 One export and one quantization are shared by the module (session fixtures): exporting takes
 seconds and quantizing ~20 s on two cores.
@@ -84,19 +84,12 @@ def validation(encoder: OnnxEncoder) -> tuple[list[dict[str, np.ndarray]], np.nd
 
 
 @pytest.fixture(scope="session")
-def calibration(encoder: OnnxEncoder) -> list[dict[str, np.ndarray]]:
-    return [feeds_for(encoder, b) for b in batched(SMOOTHING_TEXTS, 16)]
-
-
-@pytest.fixture(scope="session")
-def int8(encoder: OnnxEncoder, calibration: list, validation: tuple,
-         tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def int8(encoder: OnnxEncoder, validation: tuple, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """quantize_int8 at the default gate: figures (or the refusal) and where it wrote."""
     target = tmp_path_factory.mktemp("ov-int8") / "model.int8.xml"
     feeds, reference = validation
     try:
-        figures: Any = ovb.quantize_int8(encoder.path, target, calibration=calibration, validation=feeds,
-                                         reference=reference)
+        figures: Any = ovb.quantize_int8(encoder.path, target, validation=feeds, reference=reference)
     except ModelLoadError as exc:
         figures = exc
     return {"figures": figures, "target": target}
@@ -195,14 +188,12 @@ def test_corrupt_file_is_a_model_load_error(tmp_path: Path, name: str) -> None:
 # --- int8 -------------------------------------------------------------------------------------------
 
 
-def test_int8_is_faithful_and_loadable_or_refused_with_figures(int8: dict[str, Any], validation: tuple,
-                                                              session: ovb.OpenVinoSession) -> None:
+def test_int8_is_faithful_on_real_text_and_loadable(int8: dict[str, Any], validation: tuple,
+                                                   session: ovb.OpenVinoSession) -> None:
+    import openvino
+
     figures, target = int8["figures"], int8["target"]
-    if isinstance(figures, ModelLoadError):  # refused: the figures, the fix, nothing written
-        message = str(figures)
-        assert "mean" in message and "min" in message and "drop --quantize int8" in message
-        assert list(target.parent.iterdir()) == []
-        return
+    assert not isinstance(figures, ModelLoadError), figures  # int8 weights + dynamic activations hold the bar
     assert figures["mean"] >= 0.99 and figures["min"] >= 0.98
     assert figures["seconds"] > 0
     assert sorted(p.name for p in target.parent.iterdir()) == ["model.int8.bin", "model.int8.xml"]
@@ -214,25 +205,21 @@ def test_int8_is_faithful_and_loadable_or_refused_with_figures(int8: dict[str, A
     cosine = cosine_rows(vectors, reference)
     assert cosine.mean() == pytest.approx(figures["mean"], abs=1e-5)
     assert cosine.min() == pytest.approx(figures["min"], abs=1e-5)
-    # it really is int8: quantizers in the graph, and vectors that differ from fp32's
-    import openvino
-
-    ops = {op.get_type_name() for op in openvino.Core().read_model(str(target)).get_ops()}
-    assert "FakeQuantize" in ops
+    # it really is int8: every linear layer's weights and the 3 embedding tables stored as int8, vectors not fp32's
+    assert ovb._int8_weights(openvino.Core().read_model(str(target))) == 6 * 6 + 3
     fp32 = np.concatenate([session.run(f) for f in feeds])
     assert cosine_rows(vectors, fp32).min() < 0.99999
 
 
-def test_int8_refused_below_the_gate_leaves_nothing(encoder: OnnxEncoder, calibration: list,
+def test_int8_refused_below_the_gate_leaves_nothing(encoder: OnnxEncoder,
                                                     validation: tuple, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch,
                                                     capfd: pytest.CaptureFixture[str]) -> None:
-    """A gate int8 cannot meet: accuracy control reverts a group, still misses, and refuses."""
-    monkeypatch.setattr(ovb, "MAX_REVERTED_GROUPS", 1)  # ranking 56 groups once is enough here
+    """A gate int8 cannot meet: refused with the figures, nothing written."""
     feeds, reference = validation
     target = tmp_path / "out" / "model.int8.xml"
     with pytest.raises(ModelLoadError) as info:
-        ovb.quantize_int8(encoder.path, target, calibration=calibration[:1], validation=feeds[:1],
+        ovb.quantize_int8(encoder.path, target, validation=feeds[:1],
                           reference=reference[:len(feeds[0]["input_ids"])], min_mean=0.99, min_min=0.99999)
     message = str(info.value)
     assert "needs >= 0.99999" in message and "drop --quantize int8 or use --runtime onnx" in message
@@ -242,12 +229,11 @@ def test_int8_refused_below_the_gate_leaves_nothing(encoder: OnnxEncoder, calibr
     assert capfd.readouterr().out == ""  # NNCF's progress bars and logs stay off stdout
 
 
-def test_int8_bad_arguments(encoder: OnnxEncoder, calibration: list, validation: tuple, tmp_path: Path) -> None:
+def test_int8_bad_arguments(encoder: OnnxEncoder, validation: tuple, tmp_path: Path) -> None:
     feeds, reference = validation
     with pytest.raises(ValueError, match="rows"):
-        ovb.quantize_int8(encoder.path, tmp_path / "m.xml", calibration=calibration, validation=feeds,
+        ovb.quantize_int8(encoder.path, tmp_path / "m.xml", validation=feeds,
                           reference=reference[:-1])
     with pytest.raises(ModelLoadError, match="no such file"):
-        ovb.quantize_int8(tmp_path / "missing.onnx", tmp_path / "m.xml", calibration=calibration,
-                          validation=feeds, reference=reference)
+        ovb.quantize_int8(tmp_path / "missing.onnx", tmp_path / "m.xml", validation=feeds, reference=reference)
     assert list(tmp_path.iterdir()) == []

@@ -37,7 +37,6 @@ RUNTIMES = ("torch", "onnx", "openvino", "auto")
 EXPORT_RUNTIMES = ("onnx", "openvino")  # run a cached export of the model, on the CPU
 EXPORT_MIN_COSINE = 0.999  # an fp32 export must match torch fp32 this closely on every calibration text
 HALF_MIN_MEAN, HALF_MIN_MIN = 0.9999, 0.999  # bf16/fp16 against fp32
-COSTLY = ("openvino", "fp32", "int8")  # a configuration `auto` does not make itself (see settle)
 JOB_SAMPLE_TEXTS = 64  # at most this many of the job's first texts are checked against fp32 (int8, auto half)
 # Varied lengths and languages: what --precision auto checks half precision against fp32 on.
 CALIBRATION_TEXTS = [
@@ -183,10 +182,6 @@ class LocalBackend:
         else:
             runtimes = self.requested_runtime
         options = candidates(runtimes, self.requested_precision, self.requested_quantize, self.cpu_only())
-        if self.requested_runtime == "auto":
-            # NNCF's accuracy-controlled int8 takes minutes and gigabytes to make: auto weighs it only
-            # once it exists (made by one `--runtime openvino --quantize int8` job)
-            options = [c for c in options if c != COSTLY or self.variant(c).export_ready()] or options
         if len(options) == 1:
             self._config = options[0]
             return

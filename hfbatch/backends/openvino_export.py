@@ -1,8 +1,8 @@
-"""OpenVINO int8 of a model's export: NNCF with accuracy control, kept only when faithful.
+"""OpenVINO int8 of a model's export: int8 weights run with dynamic activation quantization,
+kept only when faithful.
 
-The calibration batches are the ONNX int8 recipe's varied texts (onnx.SMOOTHING_TEXTS); the
-validation texts are the load check's (local.CALIBRATION_TEXTS), against torch fp32 vectors. The
-quantizer (openvino.quantize_int8) refuses below 0.99 mean / 0.98 min cosine, the int8 bar.
+The validation texts are the load check's (local.CALIBRATION_TEXTS), against torch fp32 vectors;
+the quantizer (openvino.quantize_int8) refuses below 0.99 mean / 0.98 min cosine, the int8 bar.
 """
 
 from __future__ import annotations
@@ -18,24 +18,21 @@ from .exports import ExportBundle, package_version
 if TYPE_CHECKING:
     from .local import LocalBackend
 
-CALIBRATION_BATCH = 8
-
-
 def int8_recipe() -> str:
-    """Names how the OpenVINO int8 model is made (NNCF version, texts): part of the fingerprint."""
-    from .onnx import SMOOTHING_TEXTS
+    """Names how the OpenVINO int8 model is made and run (NNCF version, weight mode, activation
+    group): part of the fingerprint, so another recipe is another export and cache namespace."""
+    from .openvino import DQ_GROUP
 
     h = hashlib.blake2b(digest_size=6)
-    h.update(f"nncf-accuracy-control|{package_version('nncf')}|".encode())
-    h.update("\x1f".join(SMOOTHING_TEXTS).encode())
-    return f"int8-nncf-{h.hexdigest()}"
+    h.update(f"nncf-compress-weights-int8-sym|{package_version('nncf')}|dynamic-quantization-group={DQ_GROUP}".encode())
+    return f"int8-wdq{DQ_GROUP}-{h.hexdigest()}"
 
 
 def quantize_openvino(backend: "LocalBackend", bundle: ExportBundle, fp32_path: Path,
                       reference: np.ndarray) -> tuple[str, dict[str, Any]]:
     """(file name in the bundle, cosine figures) of the NNCF int8 model; ModelLoadError below the bar."""
     from .local import CALIBRATION_TEXTS
-    from .onnx import INT8_MIN_MEAN, INT8_MIN_MIN, SMOOTHING_TEXTS
+    from .onnx import INT8_MIN_MEAN, INT8_MIN_MIN
     from .openvino import quantize_int8
 
     name = f"openvino.{int8_recipe()}.xml"
@@ -47,7 +44,6 @@ def quantize_openvino(backend: "LocalBackend", bundle: ExportBundle, fp32_path: 
     def feeds(texts: list[str]) -> dict[str, np.ndarray]:
         return tokenizer.feeds(texts, backend.max_length, names, prompt)
 
-    calibration = [feeds(SMOOTHING_TEXTS[i:i + CALIBRATION_BATCH]) for i in range(0, len(SMOOTHING_TEXTS), CALIBRATION_BATCH)]
-    figures = quantize_int8(fp32_path, target, calibration=calibration, validation=[feeds(list(CALIBRATION_TEXTS))],
+    figures = quantize_int8(fp32_path, target, validation=[feeds(list(CALIBRATION_TEXTS))],
                             reference=np.asarray(reference, dtype=np.float32), min_mean=INT8_MIN_MEAN, min_min=INT8_MIN_MIN)
     return name, dict(figures)

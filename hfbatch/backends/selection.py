@@ -43,7 +43,7 @@ if TYPE_CHECKING:
     from .local import LocalBackend
 
 Config = tuple[str, str, str]  # (runtime, precision, quantize)
-RECORD_FORMAT = 1
+RECORD_FORMAT = 2  # 2: timed round-robin on the fixed sample + the job's texts
 TIMED_ROUNDS = 3  # after one warm-up pass; each round times every candidate once, the best round is kept
 BATCH = 32
 EXPORT_RUNTIMES = {"onnx": "onnxruntime", "openvino": "openvino"}
@@ -79,6 +79,8 @@ def candidates(runtime: str, precision: str, quantize: str, cpu_only: bool) -> l
                     out.append(("torch", "bf16", "none"))
         elif precision in ("auto", "fp32"):
             kinds = {"auto": ["none", "int8"], "none": ["none"], "int8": ["int8"]}[quantize]
+            if rt == "openvino" and quantize == "auto" and importlib.util.find_spec("nncf") is None:
+                kinds = ["none"]  # its int8 weights are made by NNCF (hfbatch[openvino] brings it)
             out += [(rt, "fp32", q) for q in kinds]
     if not out:
         raise InputError(f"no runtime fits --runtime {runtime} --precision {precision} --quantize {quantize} here "
@@ -99,8 +101,13 @@ def choices_root() -> Path:
 
 
 def record_path(backend: "LocalBackend") -> Path:
+    from .onnx import int8_recipe
+    from .openvino_export import int8_recipe as openvino_recipe
+
     where = json.dumps(machine(), sort_keys=True).encode()
-    extra = f"max_length={backend.max_length};prompt={backend.prompt!r}".encode()
+    # a new int8 recipe is another candidate: measured again, not ranked by the old one's speed
+    extra = (f"max_length={backend.max_length};prompt={backend.prompt!r};"
+             f"recipes={int8_recipe()},{openvino_recipe()}").encode()
     key = hashlib.blake2b(where + b"\x1f" + backend.model_key().encode() + b"\x1f" + extra, digest_size=10).hexdigest()
     return choices_root() / f"{key}.json"
 
