@@ -100,8 +100,11 @@ def test_int8_is_checked_on_the_jobs_own_texts_and_recorded(tmp_path: Path) -> N
     src = write_csv(tmp_path / "in.csv", rows_for(texts))
     result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", quantize="int8", batch_size=16))
     job = result.document["provenance"]["backends"]["local"]["job_fidelity"]
-    assert job["texts"] == 16  # the first batch: the 16 longest texts of the chunk
+    assert job["texts"] == len(set(texts)) == 40  # the job's first distinct texts (up to 64), read before the cache opens
     assert job["mean"] >= onnx_backend.INT8_MIN_MEAN and job["min"] >= onnx_backend.INT8_MIN_MIN
+    again = embed_file(EmbedOptions(input=src, output=tmp_path / "again.parquet", quantize="int8", batch_size=16))
+    remembered = again.document["provenance"]["backends"]["local"]["job_fidelity"]
+    assert remembered == {**job, "remembered": True}  # the same input again: the pass is taken from the record
 
 
 def test_int8_unfaithful_on_the_jobs_texts_is_refused_before_anything_is_written(tmp_path: Path,

@@ -275,6 +275,28 @@ def _remember(path: Path, record: dict[str, Any]) -> None:
         pass
 
 
+def _job_check(variant: "LocalBackend", config: Config, sample: Sequence[str], path: Path,
+               record: dict[str, Any]) -> None:
+    """`variant` checked on the job's first texts (HfbatchError below the bar), or the pass of an
+    earlier run on the same texts taken from the record: a rerun of the same input loads no model."""
+    seen = _sample_key(config, sample)
+    if seen in record.get("job_checks", {}):
+        variant.job_fidelity = dict(record["job_checks"][seen], remembered=True)
+        return
+    variant.check_job_texts(sample)
+    record.setdefault("job_checks", {})[seen] = variant.job_fidelity
+    _remember(path, record)
+
+
+def confirm(backend: "LocalBackend", texts: Callable[[], Sequence[str]]) -> None:
+    """A forced int8 or half-precision configuration checked on the job's first texts before the
+    cache opens, its pass remembered in this machine's record as auto's are."""
+    path = record_path(backend)
+    record = read_record(path) or {"format": RECORD_FORMAT, "model_id": backend.model_id, "machine": machine(),
+                                   "candidates": [], "job_checks": {}}
+    _job_check(backend, backend.config, texts(), path, record)
+
+
 def estimate(entry: dict[str, Any], rows: int | None) -> float:
     """Expected seconds of a job of `rows` texts (None: a large job, where speed is all)."""
     rate = max(float(entry.get("texts_per_s") or 0.0), 1e-9)
@@ -306,14 +328,8 @@ def choose(backend: "LocalBackend", configs: Sequence[Config], *, rows: int | No
         variant = backend.variant(config)
         if variant.needs_job_check() and texts is not None:
             sample = texts() if sample is None else sample
-            seen = _sample_key(config, sample)
             try:
-                if seen in record.get("job_checks", {}):  # a rerun of the same input: passed before, no model load
-                    variant.job_fidelity = dict(record["job_checks"][seen], remembered=True)
-                else:
-                    variant.check_job_texts(sample)
-                    record.setdefault("job_checks", {})[seen] = variant.job_fidelity
-                    _remember(path, record)
+                _job_check(variant, config, sample, path, record)
             except HfbatchError as exc:
                 passed_over.append({"label": label(config), "reason": str(exc)[:300]})
                 logger.warning("%s is not faithful enough on this job's texts; taking the next fastest", label(config))
