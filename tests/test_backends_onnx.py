@@ -107,6 +107,14 @@ def test_int8_is_checked_on_the_jobs_own_texts_and_recorded(tmp_path: Path) -> N
     assert remembered == {**job, "remembered": True}  # the same input again: the pass is taken from the record
 
 
+def test_int8_on_an_input_without_texts_checks_nothing_and_remembers_nothing(tmp_path: Path) -> None:
+    src = write_csv(tmp_path / "in.csv", rows_for(["", "   "]))  # rows, but no text to check
+    for name in ("a.parquet", "b.parquet"):  # the second run must not trip over what the first kept
+        result = embed_file(EmbedOptions(input=src, output=tmp_path / name, quantize="int8"))
+        assert result.document["provenance"]["backends"]["local"].get("job_fidelity") is None
+        assert pq.read_table(result.output).num_rows == 2  # every row, with its error mark
+
+
 def test_int8_unfaithful_on_the_jobs_texts_is_refused_before_anything_is_written(tmp_path: Path,
                                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
     # A fake, because no real int8 export can be made unfaithful on chosen texts on demand: the real

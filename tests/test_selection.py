@@ -110,18 +110,21 @@ def test_candidates_are_timed_round_robin_so_a_busy_moment_hits_all_alike(monkey
         return real(self, texts)
 
     backend = LocalBackend(DEFAULT, runtime="onnx")
-    sample = selection._sample(TEXTS[:20])
-    reference = backend.variant(("torch", "fp32", "none")).compute(sample)
+    fixed, sample = selection._sample(), selection._sample(TEXTS[:20])
+    reference = backend.variant(("torch", "fp32", "none")).compute(fixed)
     monkeypatch.setattr(LocalBackend, "compute", spy)
     configs = [("onnx", "fp32", "none"), ("onnx", "fp32", "int8")]
-    entries = selection._measure(backend, configs, sample, reference)
+    entries = selection._measure(backend, configs, sample, fixed, reference)
     assert all(e["accepted"] and e["texts_per_s"] > 0 for e in entries)
-    n = -(-len(sample) // selection.BATCH)  # batches per pass
-    passes = [calls[i] for i in range(0, len(calls), n)]
-    assert len(calls) == n * len(passes) and all(calls[i:i + n] == [calls[i]] * n for i in range(0, len(calls), n))
+    per_pass, checked = -(-len(sample) // selection.BATCH), -(-len(fixed) // selection.BATCH)
     a, b = "onnx fp32", "onnx int8"
-    # a warm-up (and fidelity) pass each, then rounds that take each once, in turn first
-    assert passes == [a, b] + [a, b, b, a, a, b][:2 * selection.TIMED_ROUNDS]
+    # each: checked on the fixed texts and warmed up on the timed ones, then rounds that take each once, in turn first
+    loading = 2 * (checked + per_pass)
+    assert calls[:loading] == [a] * (checked + per_pass) + [b] * (checked + per_pass)
+    timed = calls[loading:]
+    passes = [timed[i] for i in range(0, len(timed), per_pass)]
+    assert all(timed[i:i + per_pass] == [timed[i]] * per_pass for i in range(0, len(timed), per_pass))
+    assert len(timed) == per_pass * len(passes) and passes == [a, b, b, a, a, b][:2 * selection.TIMED_ROUNDS]
 
 
 def test_the_choice_weighs_start_up_against_speed_by_job_size(monkeypatch: pytest.MonkeyPatch) -> None:

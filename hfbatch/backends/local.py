@@ -184,7 +184,8 @@ class LocalBackend:
         options = candidates(runtimes, self.requested_precision, self.requested_quantize, self.cpu_only())
         if len(options) == 1:
             self._config = options[0]
-            if measure and texts is not None and (self._config[2] == "int8" or self._config[1] in ("bf16", "fp16")):
+            if (measure and texts is not None and self.cpu_only()
+                    and (self._config[2] == "int8" or self._config[1] in ("bf16", "fp16"))):
                 from .selection import confirm
 
                 confirm(self, texts)  # before the cache opens; a rerun of the same input loads no model

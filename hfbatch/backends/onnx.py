@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 INT8_MIN_MEAN = 0.99
 INT8_MIN_MIN = 0.98
 SMOOTH_ALPHA = 0.8  # 0.5 (the paper's default) kept MiniLM at 0.981 mean; 0.7-0.8 reach 0.997
+_PROTOBUF_LIMIT = 2_000_000_000  # one ONNX protobuf: the fused, smoothed and quantized graphs are written whole
 _FP32_FFN_OUTPUTS = 1  # FFN output MatMuls kept fp32, from the first block: 1 lifts min cosine 0.979 -> 0.991
 # Varied text the activation ranges are measured on: kinds, lengths, languages and symbols that
 # embed jobs meet. Fixed, so one model always gets the same int8 export.
@@ -174,11 +175,20 @@ def export_fp32(model: Any, target: Path, facts: dict[str, Any], model_id: str) 
 def export_int8(model: Any, target: Path, facts: dict[str, Any], model_id: str, max_length: int) -> None:
     """Export fp32, fuse it, smooth it, then quantize its weight MatMuls (and fused attention) to
     int8, all but the first _FP32_FFN_OUTPUTS FFN outputs. Written whole or not at all."""
+    import shutil
+    import tempfile
+
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    parts = {kind: _temp_name(target, kind) for kind in ("fp32", "fused", "smoothed", "int8")}
-    try:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+    parts = {kind: work / f"{kind}.onnx" for kind in ("fp32", "fused", "smoothed", "int8")}
+    try:  # every intermediate (and any external-data file the exporter wrote) lives in `work`
         _export(model[0].auto_model, model.tokenizer, parts["fp32"], facts, model_id)
+        size = sum(f.stat().st_size for f in work.iterdir())
+        if size >= _PROTOBUF_LIMIT:
+            raise ModelLoadError(f"int8 with ONNX Runtime handles models under 2 GB; {model_id}'s export is "
+                                 f"{size / 1e9:.1f} GB. Use --runtime openvino --quantize int8, or drop --quantize int8.")
         fuse(parts["fp32"], parts["fused"], model[0].auto_model.config)
         smooth_graph(parts["fused"], parts["smoothed"], model.tokenizer, facts["input_names"], max_length)
         import onnx
@@ -193,10 +203,9 @@ def export_int8(model: Any, target: Path, facts: dict[str, Any], model_id: str, 
     except ModelLoadError:
         raise
     except Exception as exc:
-        raise ModelLoadError(f"int8 quantization of {model_id} failed ({exc}); drop --quantize int8.") from exc
+        raise ModelLoadError(f"int8 quantization of {model_id} failed ({_first_line(exc)}); drop --quantize int8.") from exc
     finally:
-        for path in parts.values():
-            path.unlink(missing_ok=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def fuse(source: Path, target: Path, config: Any) -> bool:
@@ -248,8 +257,14 @@ def smooth_graph(source: Path, target: Path, tokenizer: Any, input_names: Sequen
             peak = np.abs(value).reshape(-1, value.shape[-1]).max(0)
             peaks[name] = np.maximum(peaks[name], peak) if name in peaks else peak
     producer = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    users: dict[str, set[str]] = {}  # weight -> the inputs it multiplies
+    for x, consumers in groups.items():
+        for c in consumers:
+            users.setdefault(c.input[1], set()).add(x)
     inserts: list[tuple[int, Any]] = []
     for x, consumers in groups.items():
+        if any(len(users[c.input[1]]) > 1 for c in consumers):
+            continue  # a weight shared by layers with other inputs (ALBERT-style) cannot take one input's scale
         ws = [numpy_helper.to_array(weights[c.input[1]]) for c in consumers]
         x_peak = np.maximum(peaks[x], 1e-5)
         w_peak = np.maximum(np.max([np.abs(w).max(1) for w in ws], axis=0), 1e-5)
@@ -295,8 +310,7 @@ def _export(transformer: Any, tokenizer: Any, target: Path, facts: dict[str, Any
 
     transformer = transformer.eval().to("cpu")
     attention = getattr(transformer.config, "_attn_implementation", None)
-    if attention not in (None, "eager") and hasattr(transformer, "set_attn_implementation"):
-        transformer.set_attn_implementation("eager")  # plain ops: fusable by ORT, readable by OpenVINO
+    switch = attention not in (None, "eager") and hasattr(transformer, "set_attn_implementation")
     pooling, normalize, names = facts["pooling"], facts["normalize"], facts["input_names"]
 
     class Graph(torch.nn.Module):
@@ -316,10 +330,12 @@ def _export(transformer: Any, tokenizer: Any, target: Path, facts: dict[str, Any
                 out = torch.nn.functional.normalize(out, p=2, dim=1)
             return out
 
-    probe = tokenizer(["a short text", "a somewhat longer probe text"], padding=True, return_tensors="pt")
-    target.parent.mkdir(parents=True, exist_ok=True)
     temp = _temp_name(target, "export")
     try:
+        if switch:
+            transformer.set_attn_implementation("eager")  # plain ops: fusable by ORT, readable by OpenVINO
+        probe = tokenizer(["a short text", "a somewhat longer probe text"], padding=True, return_tensors="pt")
+        target.parent.mkdir(parents=True, exist_ok=True)
         with _Quiet():
             torch.onnx.export(
                 Graph(), tuple(probe[n] for n in names), str(temp), input_names=names, output_names=["embedding"],
@@ -329,10 +345,13 @@ def _export(transformer: Any, tokenizer: Any, target: Path, facts: dict[str, Any
         temp.replace(target)  # a cached export is always whole
     except Exception as exc:
         temp.unlink(missing_ok=True)
-        raise ModelLoadError(f"exporting {model_id} to ONNX failed ({exc}); use --runtime torch.") from exc
+        raise ModelLoadError(f"exporting {model_id} to ONNX failed ({_first_line(exc)}); use --runtime torch.") from exc
     finally:
-        if attention not in (None, "eager") and hasattr(transformer, "set_attn_implementation"):
-            transformer.set_attn_implementation(attention)  # the torch runtime keeps its faster kernel
+        if switch:
+            try:
+                transformer.set_attn_implementation(attention)  # the torch runtime keeps its faster kernel
+            except Exception:  # never hide the export's own error; the model stays correct, only slower
+                log.warning("could not switch %s back to %s attention after the export", model_id, attention)
 
 
 class OnnxEncoder:
@@ -367,8 +386,11 @@ def int8_recipe() -> str:
     import hashlib
 
     h = hashlib.blake2b(digest_size=6)
+    from .exports import package_version
+
+    runtime = package_version("onnxruntime")  # its fusions and int8 kernels: another version, other vectors
     h.update(f"eager-export+ort-fusion+graph-smoothquant+dynamic-per-channel-qattention|{SMOOTH_ALPHA}|"
-             f"fp32-ffn-outputs={_FP32_FFN_OUTPUTS}|".encode())
+             f"fp32-ffn-outputs={_FP32_FFN_OUTPUTS}|onnxruntime={runtime}|".encode())
     h.update("\x1f".join(SMOOTHING_TEXTS).encode())
     return f"int8-fused-sq{SMOOTH_ALPHA}-ffn{_FP32_FFN_OUTPUTS}fp32-{h.hexdigest()}"
 

@@ -24,7 +24,9 @@ def int8_recipe() -> str:
     from .openvino import DQ_GROUP
 
     h = hashlib.blake2b(digest_size=6)
-    h.update(f"nncf-compress-weights-int8-sym|{package_version('nncf')}|dynamic-quantization-group={DQ_GROUP}".encode())
+    # the activations are quantized by OpenVINO as it runs: its version is part of the recipe too
+    h.update(f"nncf-compress-weights-int8-sym|{package_version('nncf')}|dynamic-quantization-group={DQ_GROUP}|"
+             f"openvino={package_version('openvino')}".encode())
     return f"int8-wdq{DQ_GROUP}-{h.hexdigest()}"
 
 

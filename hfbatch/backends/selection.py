@@ -140,16 +140,18 @@ def measured(backend: "LocalBackend", configs: Sequence[Config], log: Callable[[
     path = record_path(backend)
     record = read_record(path)
     known = {tuple(c["config"]) for c in record.get("candidates", []) if not c.get("transient")}
-    missing = [c for c in configs if c not in known]
-    if missing and measure:
+    if any(c not in known for c in configs) and measure:
+        missing = list(configs)  # all of them again, on one sample: speeds from two samples are not ranked together
         if log:
             log(f"measuring {', '.join(label(c) for c in missing)} for {backend.model_id} on this CPU, once "
                 f"(kept in {path.parent})")
         started = time.perf_counter()
+        fixed = _sample()
         sample = _sample(job_texts() if job_texts is not None else ())
-        reference = backend.variant(("torch", "fp32", "none")).compute(sample)
+        torch_fp32 = backend.variant(("torch", "fp32", "none"))
+        reference = np.concatenate([torch_fp32.compute(fixed[i:i + BATCH]) for i in range(0, len(fixed), BATCH)])
         entries = [c for c in record.get("candidates", []) if tuple(c["config"]) not in missing]
-        entries += _measure(backend, missing, sample, reference)
+        entries += _measure(backend, missing, sample, fixed, reference)
         record = {"format": RECORD_FORMAT, "model_id": backend.model_id, "machine": machine(),
                   "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
                   "sample_texts": len(sample), "candidates": entries, "job_checks": record.get("job_checks", {}),
@@ -171,12 +173,15 @@ def _sample(job_texts: Sequence[str] = ()) -> list[str]:
     return sorted(dict.fromkeys([*SMOOTHING_TEXTS, *CALIBRATION_TEXTS, *job_texts]), key=len)
 
 
-def _measure(backend: "LocalBackend", configs: Sequence[Config], sample: list[str],
+def _measure(backend: "LocalBackend", configs: Sequence[Config], sample: list[str], fixed: list[str],
              reference: np.ndarray) -> list[dict[str, Any]]:
-    """Load and check each configuration, then time those that loaded round-robin; a failure (not
-    installed, export refused, below the bar) is kept with its reason, so it is not tried again on
-    this machine (environmental ones are: `transient`)."""
+    """Load each configuration and check it on the `fixed` texts (`reference`: torch fp32's
+    vectors of them), then time those accepted round-robin on `sample`. Acceptance does not
+    depend on which job measured: each job's own texts get their own check (`_job_check`). A
+    failure (not installed, export refused, below the bar) is kept with its reason, so it is not
+    tried again on this machine (environmental ones are: `transient`)."""
     batches = [sample[i:i + BATCH] for i in range(0, len(sample), BATCH)]
+    fixed_batches = [fixed[i:i + BATCH] for i in range(0, len(fixed), BATCH)]
     entries: list[dict[str, Any]] = []
     loaded: dict[int, "LocalBackend"] = {}
     for config in configs:
@@ -186,7 +191,9 @@ def _measure(backend: "LocalBackend", configs: Sequence[Config], sample: list[st
             variant = backend.variant(config)
             variant.load()
             entry["startup_s"] = round(_startup(variant), 3)
-            vectors = np.concatenate([variant.compute(b) for b in batches])  # warm-up, and the vectors checked
+            vectors = np.concatenate([variant.compute(b) for b in fixed_batches])
+            for b in batches:  # warm-up on the texts it is timed on
+                variant.compute(b)
             cosine = cosine_rows(reference, vectors)
             entry["fidelity"] = {"mean": round(float(cosine.mean()), 6), "min": round(float(cosine.min()), 6)}
             bar = _bar(config)
@@ -280,12 +287,14 @@ def _job_check(variant: "LocalBackend", config: Config, sample: Sequence[str], p
     """`variant` checked on the job's first texts (HfbatchError below the bar), or the pass of an
     earlier run on the same texts taken from the record: a rerun of the same input loads no model."""
     seen = _sample_key(config, sample)
-    if seen in record.get("job_checks", {}):
-        variant.job_fidelity = dict(record["job_checks"][seen], remembered=True)
+    passed = record.get("job_checks", {}).get(seen)
+    if isinstance(passed, dict):
+        variant.job_fidelity = dict(passed, remembered=True)
         return
     variant.check_job_texts(sample)
-    record.setdefault("job_checks", {})[seen] = variant.job_fidelity
-    _remember(path, record)
+    if variant.job_fidelity is not None:  # an empty input checks nothing: nothing to remember
+        record.setdefault("job_checks", {})[seen] = variant.job_fidelity
+        _remember(path, record)
 
 
 def confirm(backend: "LocalBackend", texts: Callable[[], Sequence[str]]) -> None:

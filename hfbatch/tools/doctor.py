@@ -92,7 +92,7 @@ def runtime_measurements() -> list[dict[str, Any]]:
     found = []
     for path in sorted(choices_root().glob("*.json")):
         record = read_record(path)
-        if not record:
+        if not record or not record.get("candidates"):  # nothing measured (only forced jobs' checks)
             continue
         accepted = [c for c in record.get("candidates", []) if c.get("accepted")]
         best = {str(rows): min(accepted, key=lambda c: estimate(c, rows))["label"] if accepted else None
