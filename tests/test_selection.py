@@ -127,6 +127,27 @@ def test_candidates_are_timed_round_robin_so_a_busy_moment_hits_all_alike(monkey
     assert len(timed) == per_pass * len(passes) and passes == [a, b, b, a, a, b][:2 * selection.TIMED_ROUNDS]
 
 
+def test_a_new_candidate_remeasures_all_on_one_sample_and_a_passing_failure_only_itself(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    measured: list[list[str]] = []
+
+    def fake(backend: Any, configs: Any, sample: Any, fixed: Any, reference: Any) -> list[dict[str, Any]]:
+        measured.append([selection.label(c) for c in configs])
+        return [entry(c, 1.0, 50.0) for c in configs]
+
+    monkeypatch.setattr(selection, "_measure", fake)
+    monkeypatch.setattr(LocalBackend, "compute", lambda self, texts: np.ones((len(texts), 384), np.float32))
+    fp32, int8, openvino = ("onnx", "fp32", "none"), ("onnx", "fp32", "int8"), ("openvino", "fp32", "none")
+    backend = LocalBackend(DEFAULT, runtime="auto")
+    plant(backend, [entry(fp32, 1.0, 10.0), {**entry(int8, 1.0, 20.0), "accepted": False, "transient": True}])
+    selection.measured(backend, [fp32, int8])
+    assert measured == [["onnx int8"]]  # the full disk / memory guard case: that one again, not every one
+    selection.measured(backend, [fp32, int8, openvino])
+    assert measured[-1] == ["onnx fp32", "onnx int8", "openvino fp32"]  # never ranked across two samples
+    selection.measured(backend, [fp32, int8, openvino])
+    assert len(measured) == 2  # all measured: nothing again
+
+
 def test_the_choice_weighs_start_up_against_speed_by_job_size(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(selection, "EXPORT_RUNTIMES", {"onnx": "onnxruntime"})
     monkeypatch.setattr(selection, "cpu_has_native_bf16", lambda: False)

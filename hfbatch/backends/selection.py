@@ -139,9 +139,12 @@ def measured(backend: "LocalBackend", configs: Sequence[Config], log: Callable[[
     with measure=False)."""
     path = record_path(backend)
     record = read_record(path)
-    known = {tuple(c["config"]) for c in record.get("candidates", []) if not c.get("transient")}
-    if any(c not in known for c in configs) and measure:
-        missing = list(configs)  # all of them again, on one sample: speeds from two samples are not ranked together
+    recorded = {tuple(c["config"]): c for c in record.get("candidates", [])}
+    if any(c not in recorded for c in configs):
+        missing = list(configs)  # all of them, on one sample: speeds from two samples are not ranked together
+    else:  # only those that failed for a passing reason (a full disk, the memory guard) again
+        missing = [c for c in configs if recorded[c].get("transient")]
+    if missing and measure:
         if log:
             log(f"measuring {', '.join(label(c) for c in missing)} for {backend.model_id} on this CPU, once "
                 f"(kept in {path.parent})")
