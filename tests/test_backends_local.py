@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -79,6 +80,29 @@ def test_changed_weights_change_the_fingerprint(tmp_path: Path) -> None:
         handle.seek(-4, 2)
         handle.write(b"\x00\x00\x80\x3f")
     assert LocalBackend(str(model_dir)).fingerprint() != before
+
+
+def test_the_weights_hash_is_kept_on_disk_while_the_files_keep_their_size_and_time(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hfbatch.backends import local
+
+    model_dir = tmp_path / "m"
+    shutil.copytree(BUNDLED_MODEL_DIR, model_dir)
+    first = local.weights_hash(model_dir)
+    local._weights_hash.cache_clear()  # as a new process
+
+    def refuse(*_: object) -> str:
+        raise AssertionError("hashed the weights again")
+
+    real = local._hash_files
+    monkeypatch.setattr(local, "_hash_files", refuse)
+    assert local.weights_hash(model_dir) == first  # read back, not re-hashed
+    weights = model_dir / "model.safetensors"
+    os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))  # touched: hashed again
+    with pytest.raises(AssertionError, match="hashed the weights again"):
+        local.weights_hash(model_dir)
+    monkeypatch.setattr(local, "_hash_files", real)
+    assert local.weights_hash(model_dir) == first  # same bytes, same hash
 
 
 def test_max_length_beyond_the_model_is_refused() -> None:

@@ -15,6 +15,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -26,7 +27,7 @@ from ..errors import BackendError, InputError, ModelLoadError
 from ..resources import check_model_memory, cpu_has_native_bf16, gpu_possible, resolve_device, resolve_precision
 from ..settings import DEFAULT_MODEL
 from ..vectors import cosine_rows, l2_normalize
-from .exports import ExportBundle, package_version, stamp
+from .exports import ExportBundle, exports_root, package_version, stamp
 from .tokenizer import ModelTokenizer, load_fast, load_transformers, same_ids, tokenizer_libraries
 from .windows import Windows, fit_windows
 
@@ -746,7 +747,8 @@ def _bundled_model_dir() -> Path | None:
 
 def weights_hash(root: Path) -> str:
     """blake2b of the weight files: the revision of a model that has no hub commit. Remembered
-    per process while the files keep their sizes and times (selection makes several backends)."""
+    while the files keep their paths, sizes and times: per process (selection makes several
+    backends) and on disk beside the exports (hashing a 1.3 GB model takes seconds, every job)."""
     # every weight file, sub-modules (2_Dense/...) included
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
     stamp = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
@@ -755,6 +757,26 @@ def weights_hash(root: Path) -> str:
 
 @functools.lru_cache(maxsize=16)
 def _weights_hash(root: Path, stamp: tuple[tuple[str, int, int], ...]) -> str:
+    memo = exports_root().parent / "hashes" / (
+        hashlib.blake2b(json.dumps([str(root), stamp]).encode(), digest_size=16).hexdigest() + ".txt")
+    try:
+        known = memo.read_text(encoding="ascii").strip()
+        if len(known) == 32 and all(c in "0123456789abcdef" for c in known):
+            return known
+    except (OSError, UnicodeDecodeError):
+        pass
+    digest = _hash_files(root, stamp)
+    try:  # best effort: a read-only cache only costs the next process the hashing again
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        temp = memo.with_name(f".{memo.name}.{os.getpid()}.partial")
+        temp.write_text(digest, encoding="ascii")
+        temp.replace(memo)
+    except OSError:
+        pass
+    return digest
+
+
+def _hash_files(root: Path, stamp: tuple[tuple[str, int, int], ...]) -> str:
     h = hashlib.blake2b(digest_size=16)
     files = [Path(name) for name, _, _ in stamp]
     for path in files:
