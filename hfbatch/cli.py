@@ -255,8 +255,9 @@ def verify(
     else:
         out.print(escape(
             f"{report['output']}: {report['agree']}/{report['rows_checked']} sampled rows agree with {report['model_id']} "
-            f"({report['backend']}) at cosine >= {tolerance}; mean {report['cosine_mean']}, min {report['cosine_min']}"
-            + ("" if report["same_fingerprint"] else "; NOTE: the model or its settings changed since the run (fingerprint differs)")),
+            f"({report['backend']}) at cosine >= {report['tolerance']}; mean {report['cosine_mean']}, min {report['cosine_min']}"
+            + (f"; NOTE: {report['note']}" if report.get("note") else "" if report["same_fingerprint"]
+               else "; NOTE: the model or its settings changed since the run (fingerprint differs)")),
             soft_wrap=True)
     if not report["ok"]:
         raise typer.Exit(1)

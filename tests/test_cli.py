@@ -253,6 +253,24 @@ def test_verify_re_embeds_a_sample_and_catches_tampering(tmp_path: Path) -> None
     assert missing.exit_code == 2 and "cannot read the sidecar" in missing.stderr
 
 
+def test_verify_of_an_onnx_int8_output_holds_it_to_the_int8_bar_and_names_a_recipe_no_longer_made(tmp_path: Path) -> None:
+    # ONNX Runtime's int8 scales a whole batch at once: a row re-embedded in another batch differs a little
+    texts = [f"row {i}: " + " ".join(SAMPLE_TEXTS[j % len(SAMPLE_TEXTS)] for j in range(i % 7 + 1)) for i in range(60)]
+    src = write_csv(tmp_path / "in.csv", [{"id": i, "text": t} for i, t in enumerate(texts)])
+    out = tmp_path / "o.parquet"
+    assert run("embed", str(src), "-o", str(out), "--runtime", "onnx", "--quantize", "int8").exit_code == 0
+    report = json.loads(run("verify", str(out), "--sample", "60", "--json").stdout)
+    assert report["ok"] and report["tolerance"] == 0.98 and report["agree"] == 60
+    assert report["cosine_min"] < 0.999  # the 0.999 of fp32 runs would have called it damaged
+    assert report["quantize_recorded"] == report["quantize_now"] and "note" not in report
+    sidecar = Path(f"{out}.meta.json")
+    document = json.loads(sidecar.read_text())
+    document["provenance"]["backends"]["local"]["quantize"] = "int8-sq0.8-ffn1fp32-b7f7d0d45275"  # an older recipe
+    sidecar.write_text(json.dumps(document))
+    said = run("verify", str(out), "--sample", "5")
+    assert "NOTE: the run used int8 recipe int8-sq0.8-ffn1fp32-b7f7d0d45275, which this version no longer makes" in said.stdout
+
+
 def test_dry_run_counts_windows_and_the_rows_the_output_will_have(tmp_path: Path) -> None:
     long = " ".join(SAMPLE_TEXTS) * 8  # several windows of 64 tokens
     src = write_jsonl(tmp_path / "in.jsonl", [{"text": long}, {"text": "short"}, {"text": None}, {"text": long}])

@@ -252,7 +252,8 @@ class LocalBackend:
             self._precision = resolve_precision(self._config[1], self.requested_device)
         return self._precision
 
-    def _quantize_recipe(self) -> str:
+    def quantize_recipe(self) -> str:
+        """How this backend's int8 is made ("none" without int8): part of the fingerprint and the sidecar."""
         if not self.quantize:
             return "none"
         if self.runtime == "openvino":
@@ -287,7 +288,7 @@ class LocalBackend:
         if self._fingerprint is None:
             h = self._files_digest()
             h.update(f"normalize={self.normalize};max_length={self.max_length};precision={self.precision};"
-                     f"runtime={self.runtime};quantize={self._quantize_recipe()}".encode())
+                     f"runtime={self.runtime};quantize={self.quantize_recipe()}".encode())
             if self.prompt:  # a prompt makes other vectors of the same text (none: the namespace of old)
                 h.update(f";prompt={json.dumps(self.prompt)}".encode())
             self._fingerprint = f"local:{h.hexdigest()}"
@@ -431,7 +432,7 @@ class LocalBackend:
 
     def _variant(self, quantize: str | None = None) -> str:
         kind = quantize if quantize is not None else (self.quantize or "fp32")
-        return f"{self.runtime}-{kind}" if kind == "fp32" else f"{self.runtime}-{self._quantize_recipe()}"
+        return f"{self.runtime}-{kind}" if kind == "fp32" else f"{self.runtime}-{self.quantize_recipe()}"
 
     def export_ready(self) -> bool:
         """Whether this configuration's export is made and proved (loading it needs no torch)."""
@@ -508,7 +509,7 @@ class LocalBackend:
 
             name, figures = quantize_openvino(self, bundle, fp32_path, reference)
         else:
-            name = f"model.{self._quantize_recipe()}.onnx"
+            name = f"model.{self.quantize_recipe()}.onnx"
             if not bundle.path(name).is_file():
                 export_int8(model, bundle.path(name), facts, self.model_id, self.max_length)
             figures = check_int8(reference, self._run(self._runner(bundle.path(name)), CALIBRATION_TEXTS), self.model_id)
@@ -620,7 +621,7 @@ class LocalBackend:
                 precision_fidelity=self.fidelity,
                 runtime=self.runtime,
                 trust_remote_code=self.trust_remote_code,
-                quantize=self._quantize_recipe(),
+                quantize=self.quantize_recipe(),
                 onnx_fidelity=self.onnx_fidelity,  # the export (fp32 or int8) against torch fp32, when made
                 job_fidelity=self.job_fidelity,  # the same bar, measured on the job's own first texts
                 bf16_emulated_factor=self.bf16_factor,

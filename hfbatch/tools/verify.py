@@ -73,6 +73,7 @@ def verify_output(output: Path, *, sample: int = 64, seed: int = 0, tolerance: f
         "recorded_fingerprint": prov.get("fingerprint"), "fingerprint_now": fingerprint,
         "same_fingerprint": fingerprint == prov.get("fingerprint"),
     }
+    report.update(_int8_terms(backend, local, tolerance))
     if not rows:
         report.update(agree=0, cosine_mean=None, cosine_min=None, ok=True)
         return report
@@ -80,10 +81,34 @@ def verify_output(output: Path, *, sample: int = 64, seed: int = 0, tolerance: f
     stored = np.array([vectors[i] for i in rows], dtype=np.float32)
     cosine = _agreement(fresh, stored, prov.get("vectors") or {}, options.normalize)
     worst = int(np.argmin(cosine))
-    report.update(agree=int((cosine >= tolerance).sum()), cosine_mean=round(float(cosine.mean()), 6),
+    bar = report["tolerance"]
+    report.update(agree=int((cosine >= bar).sum()), cosine_mean=round(float(cosine.mean()), 6),
                   cosine_min=round(float(cosine.min()), 6), worst_row=rows[worst] + 1,
-                  ok=bool((cosine >= tolerance).all()))
+                  ok=bool((cosine >= bar).all()))
     return report
+
+
+def _int8_terms(backend: Any, local: dict[str, Any], tolerance: float) -> dict[str, Any]:
+    """What an int8 run changes about the comparison: ONNX Runtime's dynamic int8 gives a whole
+    batch one activation scale, so a text's vector depends on the texts it was batched with and
+    cannot be remade exactly (rows agree at the int8 bar, cosine >= 0.98, not 0.999); and a run
+    made with an int8 recipe this version no longer makes is compared with today's recipe."""
+    recorded = local.get("quantize") or "none"
+    if recorded == "none":
+        return {}
+    from ..backends.onnx import INT8_MIN_MIN
+
+    terms: dict[str, Any] = {"quantize_recorded": recorded}
+    side = getattr(backend, "primary", backend)
+    now = side.quantize_recipe() if callable(getattr(side, "quantize_recipe", None)) else None
+    if now is not None:
+        terms["quantize_now"] = now
+        if now != recorded:
+            terms["note"] = (f"the run used int8 recipe {recorded}, which this version no longer makes (now {now}): "
+                             "the figures compare two recipes")
+    if local.get("runtime") == "onnx" and tolerance > INT8_MIN_MIN:
+        terms["tolerance"] = INT8_MIN_MIN  # per-batch activation scales: see the docstring
+    return terms
 
 
 def _fresh(backend: Any, texts: list[str], split: dict[str, Any] | None, normalize: bool) -> np.ndarray:
