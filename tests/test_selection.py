@@ -88,8 +88,10 @@ def test_auto_measures_once_per_machine_and_model_and_records_the_choice(tmp_pat
     assert cosine.min() > (0.98 if "int8" in best["label"] else 0.9999)
     record = Path(chosen["measurements"])
     assert record.parent == onnx_dir / "choices" and json.loads(record.read_text())["model_id"] == DEFAULT
-    # timed on the fixed sample and this job's own texts (how long a job's texts are changes the ranking)
-    assert json.loads(record.read_text())["sample_texts"] == len(selection._sample(TEXTS)) > len(selection._sample())
+    # timed on fixed texts of every length (how long texts are changes the ranking), not on a job's own
+    sample = selection._sample()
+    assert json.loads(record.read_text())["sample_texts"] == len(sample) > len(selection._fixed_texts())
+    assert max(len(t) for t in sample) > 1500 and not set(TEXTS) & set(sample)
     stamp = record.stat().st_mtime_ns
     again = embed_file(EmbedOptions(input=src, output=tmp_path / "b.parquet", runtime="onnx"))
     assert record.stat().st_mtime_ns == stamp  # measured once: the record is reused, not rewritten
@@ -110,7 +112,7 @@ def test_candidates_are_timed_round_robin_so_a_busy_moment_hits_all_alike(monkey
         return real(self, texts)
 
     backend = LocalBackend(DEFAULT, runtime="onnx")
-    fixed, sample = selection._sample(), selection._sample(TEXTS[:20])
+    fixed, sample = selection._fixed_texts()[:40], selection._sample()[:70]
     reference = backend.variant(("torch", "fp32", "none")).compute(fixed)
     monkeypatch.setattr(LocalBackend, "compute", spy)
     configs = [("onnx", "fp32", "none"), ("onnx", "fp32", "int8")]
@@ -194,6 +196,10 @@ def test_auto_passes_over_a_choice_unfaithful_on_the_jobs_own_texts(tmp_path: Pa
     with pytest.raises(ModelLoadError, match="not faithful enough on this job's first"):
         embed_file(EmbedOptions(input=src, output=tmp_path / "forced.parquet", runtime="onnx", quantize="int8"))
     assert not (tmp_path / "forced.parquet").exists()
+    # every accepted candidate unfaithful on the job's texts: the refusal says why, for each
+    plant(probe, [entry(("onnx", "fp32", "int8"), 0.2, 500.0), entry(("onnx", "fp32", "none"), 0.3, 60.0, accepted=False)])
+    with pytest.raises(InputError, match="onnx int8: .*not faithful enough on this job's first"):
+        embed_file(EmbedOptions(input=src, output=tmp_path / "none.parquet", runtime="onnx"))
 
 
 def test_a_warm_rerun_of_an_auto_job_loads_no_model(tmp_path: Path) -> None:

@@ -190,15 +190,23 @@ def export_int8(model: Any, target: Path, facts: dict[str, Any], model_id: str, 
             raise ModelLoadError(f"int8 with ONNX Runtime handles models under 2 GB; {model_id}'s export is "
                                  f"{size / 1e9:.1f} GB. Use --runtime openvino --quantize int8, or drop --quantize int8.")
         fuse(parts["fp32"], parts["fused"], model[0].auto_model.config)
-        smooth_graph(parts["fused"], parts["smoothed"], model.tokenizer, facts["input_names"], max_length)
-        import onnx
 
-        with _Quiet():
-            quantize_dynamic(str(parts["smoothed"]), str(parts["int8"]), per_channel=True, weight_type=QuantType.QInt8,
-                             op_types_to_quantize=["MatMul", "Attention"],
-                             nodes_to_exclude=_ffn_outputs(parts["smoothed"])[:_FP32_FFN_OUTPUTS],
-                             # fused contrib ops have no shape inference: their outputs are float
-                             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+        def quantize(source: Path) -> None:
+            import onnx
+
+            smooth_graph(source, parts["smoothed"], model.tokenizer, facts["input_names"], max_length)
+            with _Quiet():
+                quantize_dynamic(str(parts["smoothed"]), str(parts["int8"]), per_channel=True,
+                                 weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul", "Attention"],
+                                 nodes_to_exclude=_ffn_outputs(parts["smoothed"])[:_FP32_FFN_OUTPUTS],
+                                 # fused contrib ops have no shape inference: their outputs are float
+                                 extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+
+        try:
+            quantize(parts["fused"])
+        except Exception as exc:  # a fusion the quantizer cannot take: the unfused graph, slower but the same model
+            log.info("int8 of %s's fused graph failed (%s); quantizing the unfused graph", model_id, _first_line(exc))
+            quantize(parts["fp32"])
         parts["int8"].replace(target)
     except ModelLoadError:
         raise

@@ -5,10 +5,12 @@ Why measured: the fast path depends on the CPU. On an AMD EPYC with AVX-512 BF16
 Runtime fp32 0.76x torch. No fixed rule is right on both, so the candidates that fit the request
 (`candidates`: torch fp32; torch bf16 where the CPU has native bf16; ONNX Runtime fp32 and int8;
 OpenVINO fp32 and int8 when installed) are each loaded, checked against torch fp32 and timed the
-first time a model is used on a machine: on a fixed sample plus that job's first texts (int8 gains
-more on long texts than on short ones), batched as jobs batch, round-robin over the candidates for
-a few rounds with the best round kept, so that a busy moment of a shared machine slows every
-candidate alike instead of ranking whichever it happened to hit last. The figures are kept as JSON in
+first time a model is used on a machine: on fixed texts of every length a job meets (short
+reviews to paragraphs of ~250 tokens: int8 gains more on long texts than on short ones), batched
+as jobs batch, round-robin over the candidates for a few rounds with the best round kept, so that
+a busy moment of a shared machine slows every candidate alike instead of ranking whichever it
+happened to hit last. Fixed, so every measurement on a machine is comparable and no job's texts
+are kept. The figures are kept as JSON in
 the user cache dir (`choices/`, keyed by CPU model + flags + library versions + the model's
 files; `hfbatch capabilities` lists them). A job then takes the accepted candidate with the
 least expected time, start-up + rows / speed: a 100-row cron job gets the one that starts
@@ -18,7 +20,6 @@ must also pass the fidelity bar on the job's own first texts, or the next one is
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import importlib.util
 import json
@@ -43,7 +44,7 @@ if TYPE_CHECKING:
     from .local import LocalBackend
 
 Config = tuple[str, str, str]  # (runtime, precision, quantize)
-RECORD_FORMAT = 2  # 2: timed round-robin on the fixed sample + the job's texts
+RECORD_FORMAT = 3  # 3: timed round-robin on fixed texts of every length
 TIMED_ROUNDS = 3  # after one warm-up pass; each round times every candidate once, the best round is kept
 BATCH = 32
 EXPORT_RUNTIMES = {"onnx": "onnxruntime", "openvino": "openvino"}
@@ -133,10 +134,9 @@ def _write_record(path: Path, record: dict[str, Any]) -> None:
 
 
 def measured(backend: "LocalBackend", configs: Sequence[Config], log: Callable[[str], None] | None = None,
-             measure: bool = True, job_texts: Callable[[], Sequence[str]] | None = None) -> tuple[Path, dict[str, Any]]:
+             measure: bool = True) -> tuple[Path, dict[str, Any]]:
     """The record of this machine and model, with every config in `configs` measured (those
-    missing are measured now, on the fixed sample plus `job_texts()`, and the record saved; not
-    with measure=False)."""
+    missing are measured now and the record saved; not with measure=False)."""
     path = record_path(backend)
     record = read_record(path)
     recorded = {tuple(c["config"]): c for c in record.get("candidates", [])}
@@ -149,8 +149,7 @@ def measured(backend: "LocalBackend", configs: Sequence[Config], log: Callable[[
             log(f"measuring {', '.join(label(c) for c in missing)} for {backend.model_id} on this CPU, once "
                 f"(kept in {path.parent})")
         started = time.perf_counter()
-        fixed = _sample()
-        sample = _sample(job_texts() if job_texts is not None else ())
+        fixed, sample = _fixed_texts(), _sample()
         torch_fp32 = backend.variant(("torch", "fp32", "none"))
         reference = np.concatenate([torch_fp32.compute(fixed[i:i + BATCH]) for i in range(0, len(fixed), BATCH)])
         entries = [c for c in record.get("candidates", []) if tuple(c["config"]) not in missing]
@@ -167,13 +166,20 @@ def measured(backend: "LocalBackend", configs: Sequence[Config], log: Callable[[
     return path, record
 
 
-def _sample(job_texts: Sequence[str] = ()) -> list[str]:
-    """The fixed texts (short to long, many kinds) and the job's own first texts, by length as a
-    job batches them."""
+def _fixed_texts() -> list[str]:
+    """What every candidate is checked against torch fp32 on: varied kinds, lengths, languages."""
     from .local import CALIBRATION_TEXTS
     from .onnx import SMOOTHING_TEXTS
 
-    return sorted(dict.fromkeys([*SMOOTHING_TEXTS, *CALIBRATION_TEXTS, *job_texts]), key=len)
+    return list(dict.fromkeys([*SMOOTHING_TEXTS, *CALIBRATION_TEXTS]))
+
+
+def _sample() -> list[str]:
+    """What every candidate is timed on: the fixed texts and paragraphs made of runs of 4, 8 and 16
+    of them (the length of documents), sorted by length as a job batches them."""
+    texts = _fixed_texts()
+    paragraphs = [" ".join(texts[i:i + n]) for n in (4, 8, 16) for i in range(0, len(texts) - n + 1, n)]
+    return sorted(dict.fromkeys(texts + paragraphs), key=len)
 
 
 def _measure(backend: "LocalBackend", configs: Sequence[Config], sample: list[str], fixed: list[str],
@@ -325,9 +331,7 @@ def choose(backend: "LocalBackend", configs: Sequence[Config], *, rows: int | No
     import logging
 
     logger = logging.getLogger("hfbatch.backends.selection")
-    if texts is not None:  # read once: the measurement and the job-text check both use them
-        texts = functools.cache(texts)
-    path, record = measured(backend, configs, log=logger.warning, measure=measure, job_texts=texts)
+    path, record = measured(backend, configs, log=logger.warning, measure=measure)
     entries = {tuple(c["config"]): c for c in record.get("candidates", [])}
     if not measure and not any(entries.get(c, {}).get("accepted") for c in configs):
         backend.use(("torch", "fp32", "none"))
@@ -351,6 +355,8 @@ def choose(backend: "LocalBackend", configs: Sequence[Config], *, rows: int | No
                 "estimated_seconds": round(estimate(entries[config], rows), 3) if rows is not None else None,
                 "measurements": str(path), "passed_over": passed_over,
                 "candidates": [{k: v for k, v in entries[c].items() if k != "config"} for c in configs if c in entries]}
-    refused = "; ".join(f"{entries[c]['label']}: {entries[c].get('reason')}" for c in configs if c in entries) or "none measured"
+    why = {item["label"]: item["reason"] for item in passed_over}  # accepted here, unfaithful on the job's texts
+    refused = "; ".join(f"{entries[c]['label']}: {why.get(entries[c]['label']) or entries[c].get('reason')}"
+                        for c in configs if c in entries) or "none measured"
     raise InputError(f"no configuration of {backend.model_id} passed its checks here ({refused}); "
                      "pass --runtime torch --precision fp32.")
