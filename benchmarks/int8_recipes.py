@@ -514,6 +514,7 @@ def main() -> None:
         nodes = onnx.load(str(path)).graph.node
         n_int8 = sum(n.op_type in ("MatMulInteger", "DynamicQuantizeMatMul") or (
             n.op_type == "MatMul" and "DequantizeLinear" in n.input[1]) for n in nodes)
+        n_int8 += 3 * sum(n.op_type == "QAttention" for n in nodes)  # fused query, key and value
         cells = []
         for split in wanted:
             got = encode(runner, model, splits[split], facts["input_names"], orders[split])
