@@ -67,6 +67,14 @@ def test_candidates_fit_the_request_and_the_cpu(monkeypatch: pytest.MonkeyPatch)
     assert selection.candidates("auto", "auto", "auto", cpu_only=False) == [("torch", "auto", "none")]  # a GPU: fp16 rule
     with pytest.raises(InputError, match="no runtime fits --runtime onnx --precision bf16"):
         selection.candidates("onnx", "bf16", "auto", cpu_only=True)
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(selection, "EXPORT_RUNTIMES", {"openvino": "openvino"})
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nncf" else real(name, *a))
+    # OpenVINO without NNCF: its int8 weights cannot be made, so auto does not weigh it (forced, it says how to install)
+    assert ("openvino", "fp32", "int8") not in selection.candidates("auto", "auto", "auto", cpu_only=True)
+    assert ("openvino", "fp32", "none") in selection.candidates("auto", "auto", "auto", cpu_only=True)
 
 
 def test_auto_measures_once_per_machine_and_model_and_records_the_choice(tmp_path: Path, onnx_dir: Path, st_model) -> None:
