@@ -228,6 +228,18 @@ def kind_of(linear_name: str) -> str:
     return "other"
 
 
+def run_smoothing_texts(model, tokenizer, max_length: int) -> None:
+    """One pass of `model` over SMOOTHING_TEXTS in batches of 8 (what the forward hooks record)."""
+    import torch
+
+    from hfbatch.backends import onnx as ob
+
+    with torch.no_grad():
+        for i in range(0, len(ob.SMOOTHING_TEXTS), 8):
+            model(**tokenizer(ob.SMOOTHING_TEXTS[i:i + 8], padding=True, truncation=True, max_length=max_length,
+                              return_tensors="pt"))
+
+
 def smooth_linears(transformer: Any, tokenizer: Any, max_length: int, alpha: float = 0.8) -> Any:
     """The torch form of the smoothing the recipes below were measured with (the shipped recipe now
     smooths the fused ONNX graph instead: hfbatch.backends.onnx.smooth_graph, same figures).
@@ -239,8 +251,6 @@ def smooth_linears(transformer: Any, tokenizer: Any, max_length: int, alpha: flo
     import copy
 
     import torch
-
-    from hfbatch.backends import onnx as ob
 
     class Smoothed(torch.nn.Module):
         def __init__(self, linear: torch.nn.Linear, scale: torch.Tensor) -> None:
@@ -267,11 +277,7 @@ def smooth_linears(transformer: Any, tokenizer: Any, max_length: int, alpha: flo
         return hook
 
     handles = [m.register_forward_hook(record(name)) for name, m in linears.items()]
-    with torch.no_grad():
-        for i in range(0, len(ob.SMOOTHING_TEXTS), 8):
-            batch = tokenizer(ob.SMOOTHING_TEXTS[i:i + 8], padding=True, truncation=True, max_length=max_length,
-                              return_tensors="pt")
-            model(**batch)
+    run_smoothing_texts(model, tokenizer, max_length)
     for handle in handles:
         handle.remove()
 
@@ -325,8 +331,6 @@ def smooth_auto(transformer, tokenizer, grid=(0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.7
     simulated int8 output is closest to fp32 on SMOOTHING_TEXTS (batches of 8, as ORT sees them)."""
     import torch
 
-    from hfbatch.backends import onnx as ob
-
     model = smooth_linears(transformer, tokenizer, MAX_LENGTH, alpha=0.8)  # wrappers to reuse
     smoothed = {n: m for n, m in model.named_modules() if type(m).__name__ == "Smoothed"}
     original = {n: m for n, m in transformer.named_modules() if isinstance(m, torch.nn.Linear)}
@@ -334,11 +338,7 @@ def smooth_auto(transformer, tokenizer, grid=(0.3, 0.4, 0.5, 0.6, 0.65, 0.7, 0.7
     handles = [original[n].register_forward_hook(
         lambda mod, inp, out, n=n: inputs.setdefault(n, []).append(inp[0].detach().reshape(-1, inp[0].shape[-1])))
         for n in smoothed]
-    with torch.no_grad():
-        for i in range(0, len(ob.SMOOTHING_TEXTS), 8):
-            batch = tokenizer(ob.SMOOTHING_TEXTS[i:i + 8], padding=True, truncation=True, max_length=MAX_LENGTH,
-                              return_tensors="pt")
-            transformer(**batch)
+    run_smoothing_texts(transformer, tokenizer, MAX_LENGTH)
     for h in handles:
         h.remove()
     groups: dict[tuple, list[str]] = {}  # linears fed the same tensor (q, k, v) share one s

@@ -36,6 +36,20 @@ def package_version(name: str) -> str | None:
         return None
 
 
+def write_atomic(path: Path, text: str) -> None:
+    """`text` at `path` through a temp file of this call's own and a rename: readers (other jobs
+    sharing the cache dir) see the old file or the new one, never half. OSError as it comes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(temp, path)
+    except BaseException:
+        Path(temp).unlink(missing_ok=True)
+        raise
+
+
 class ExportBundle:
     """The export folder of one model (see the module docstring)."""
 
@@ -60,15 +74,7 @@ class ExportBundle:
         variants = dict(meta.get("variants") or {})
         variants.update(entries.pop("variants", {}) or {})
         meta.update(entries, variants=variants, format=META_FORMAT)
-        self.dir.mkdir(parents=True, exist_ok=True)
-        fd, temp = tempfile.mkstemp(prefix=".meta.", suffix=".partial", dir=self.dir)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(meta, handle, indent=1, sort_keys=True)
-            os.replace(temp, self.meta_path)
-        except BaseException:
-            Path(temp).unlink(missing_ok=True)
-            raise
+        write_atomic(self.meta_path, json.dumps(meta, indent=1, sort_keys=True))
 
     def path(self, name: str) -> Path:
         return self.dir / name

@@ -15,7 +15,6 @@ import hashlib
 import importlib.util
 import json
 import logging
-import os
 import re
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from ..errors import BackendError, InputError, ModelLoadError
 from ..resources import check_model_memory, cpu_has_native_bf16, gpu_possible, resolve_device, resolve_precision
 from ..settings import DEFAULT_MODEL
 from ..vectors import cosine_rows, l2_normalize
-from .exports import ExportBundle, exports_root, package_version, stamp
+from .exports import ExportBundle, exports_root, package_version, stamp, write_atomic
 from .tokenizer import ModelTokenizer, load_fast, load_transformers, same_ids, tokenizer_libraries
 from .windows import Windows, fit_windows
 
@@ -768,10 +767,7 @@ def _weights_hash(root: Path, stamp: tuple[tuple[str, int, int], ...]) -> str:
         pass
     digest = _hash_files(root, stamp)
     try:  # best effort: a read-only cache only costs the next process the hashing again
-        memo.parent.mkdir(parents=True, exist_ok=True)
-        temp = memo.with_name(f".{memo.name}.{os.getpid()}.partial")
-        temp.write_text(digest, encoding="ascii")
-        temp.replace(memo)
+        write_atomic(memo, digest)
     except OSError:
         pass
     return digest

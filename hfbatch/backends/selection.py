@@ -23,10 +23,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
-import os
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -38,7 +36,7 @@ from .._version import __version__
 from ..errors import HfbatchError, InputError
 from ..resources import MemoryGuardError, cpu_facts, cpu_has_native_bf16
 from ..vectors import cosine_rows
-from .exports import exports_root, package_version
+from .exports import exports_root, package_version, write_atomic
 
 if TYPE_CHECKING:
     from .local import LocalBackend
@@ -122,15 +120,7 @@ def read_record(path: Path) -> dict[str, Any]:
 
 
 def _write_record(path: Path, record: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=".choice.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(record, handle, indent=1)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, json.dumps(record, indent=1))
 
 
 def measured(backend: "LocalBackend", configs: Sequence[Config], log: Callable[[str], None] | None = None,
