@@ -158,6 +158,22 @@ def test_a_new_candidate_remeasures_all_on_one_sample_and_a_passing_failure_only
     assert len(measured) == 2  # all measured: nothing again
 
 
+@pytest.mark.parametrize("planted", [
+    {"candidates": [{"label": "onnx int8"}]},  # no config
+    {"candidates": [{"config": "onnx", "label": "x"}]},
+    {"candidates": [{**entry(("onnx", "fp32", "int8"), 0.1, 50.0), "texts_per_s": "fast"}]},
+    {"candidates": "all", "job_checks": {}},
+    {"candidates": [], "job_checks": ["passed"]},
+])
+def test_a_record_not_of_the_shape_written_is_measured_again_not_trusted(planted: dict[str, Any]) -> None:
+    backend = LocalBackend(DEFAULT, runtime="auto")
+    path = plant(backend, [])
+    path.write_text(json.dumps({"format": selection.RECORD_FORMAT, "model_id": DEFAULT, **planted}))
+    assert selection.read_record(path) == {}
+    good = plant(backend, [entry(("onnx", "fp32", "int8"), 0.1, 50.0)])
+    assert selection.read_record(good)["candidates"][0]["texts_per_s"] == 50.0
+
+
 def test_the_choice_weighs_start_up_against_speed_by_job_size(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(selection, "EXPORT_RUNTIMES", {"onnx": "onnxruntime"})
     monkeypatch.setattr(selection, "cpu_has_native_bf16", lambda: False)

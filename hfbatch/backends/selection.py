@@ -112,11 +112,22 @@ def record_path(backend: "LocalBackend") -> Path:
 
 
 def read_record(path: Path) -> dict[str, Any]:
+    """The record at `path`, or {} (measured again) when it is missing, of another format, or not
+    the shape this module writes (edited by hand, written by something else)."""
     try:
         record = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
-    return record if isinstance(record, dict) and record.get("format") == RECORD_FORMAT else {}
+    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
+        return {}
+    entries = record.get("candidates", [])
+    well_formed = isinstance(entries, list) and isinstance(record.get("job_checks", {}), dict) and all(
+        isinstance(e, dict) and isinstance(e.get("config"), list) and len(e["config"]) == 3
+        and all(isinstance(part, str) for part in e["config"]) and isinstance(e.get("label", ""), str)
+        and all(isinstance(e.get(k, 0), (int, float)) and not isinstance(e.get(k, 0), bool)
+                for k in ("startup_s", "texts_per_s"))
+        for e in entries)
+    return record if well_formed else {}
 
 
 def _write_record(path: Path, record: dict[str, Any]) -> None:
