@@ -47,7 +47,7 @@ _CACHE_COUNTERS = ("cache_hits", "cache_misses", "cache_stores", "cache_rejected
 
 def stages(job: str) -> tuple[str, ...]:
     """The stages a job's seconds are booked to; the model's own work is the stage named after the job."""
-    return ("read", "validate", "cache", "model_load", job, "write")
+    return ("read", "validate", "cache", "measure", "export", "check", "model_load", job, "write")
 
 
 @dataclass
@@ -77,6 +77,7 @@ class Metrics:
     cache_stores: int = 0
     cache_rejected: int = 0
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    background_seconds: dict[str, float] = field(default_factory=dict)  # the prefetch thread's (overlapping)
     _started: float = field(default_factory=time.perf_counter)
 
     def __post_init__(self) -> None:
@@ -92,8 +93,8 @@ class Metrics:
     def stage(self, name: str) -> Iterator[None]:
         """Add the time spent inside to stage `name` (stages run on two threads, hence the lock).
 
-        With prefetch, read and validate overlap the model's work, so stage seconds can add up to
-        more than the wall time."""
+        The job's own thread books its stages one after another, so they add up to its wall time;
+        the prefetch thread's (read and validate ahead) are kept apart, in `background_seconds`."""
         began = time.perf_counter()
         try:
             yield
@@ -111,12 +112,14 @@ class Metrics:
                     return
             yield item
 
-    def book_load(self, seconds: float) -> None:
-        """`seconds` of the model's stage were its first load: book them as model_load instead."""
-        if seconds > 0:
-            with _STAGE_LOCK:
-                self.stage_seconds[self.job] -= seconds
-                self.stage_seconds["model_load"] += seconds
+    def rebook(self, source: str, moves: Mapping[str, float]) -> None:
+        """Seconds of stage `source` that were other work (the first batch also measured the
+        runtimes, exported, checked or loaded the model): booked to those stages instead."""
+        with _STAGE_LOCK:
+            for name, seconds in moves.items():
+                if seconds > 0:
+                    self.stage_seconds[source] = self.stage_seconds.get(source, 0.0) - seconds
+                    self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + seconds
 
     def add_cache(self, before: Any, after: Any) -> None:
         """Count what a cache's stats (hits, misses, stores, rejected) gained from `before` to `after`."""
@@ -126,13 +129,14 @@ class Metrics:
 
     def add_work(self, other: "Metrics") -> None:
         """Count the model work of `other` (a sample taken before the job: texts and tokens
-        computed, model calls, the model's seconds) into these, but none of its rows."""
+        computed, model calls, every stage's seconds: it ran on the job's thread) into these, but
+        none of its rows."""
         self.texts_computed += other.texts_computed
         self.tokens_computed += other.tokens_computed
         self.batches += other.batches
         with _STAGE_LOCK:
-            for name in (self.job, "model_load"):
-                self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + other.stage_seconds.get(name, 0.0)
+            for name, seconds in other.stage_seconds.items():
+                self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + seconds
 
     def add(self, other: "Metrics") -> None:
         """Merge `other` (a chunk's or a part's metrics) into these: counters and stage seconds add
@@ -142,6 +146,8 @@ class Metrics:
         with _STAGE_LOCK:
             for name, seconds in other.stage_seconds.items():
                 self.stage_seconds[name] = self.stage_seconds.get(name, 0.0) + seconds
+            for name, seconds in other.background_seconds.items():
+                self.background_seconds[name] = self.background_seconds.get(name, 0.0) + seconds
 
     def as_dict(self, *, cache: Mapping[str, Any], api: Mapping[str, int], model_load_seconds: float) -> dict[str, Any]:
         """The document's `metrics`, under this job's names (see _METRIC_NAMES)."""
@@ -151,7 +157,10 @@ class Metrics:
         counts = {names.get(k, k): getattr(self, k) for k in _COUNTERS}
         return {
             "wall_seconds": round(wall, 3),
+            # the job's own thread, stage after stage: they add up to wall_seconds (within what the
+            # progress display and bookkeeping take); read/validate done ahead in the background apart
             "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
+            "background_seconds": {k: round(v, 3) for k, v in self.background_seconds.items() if v},
             **counts,
             "cache": {**cache, "hits": self.cache_hits, "misses": self.cache_misses, "hit_rate": round(self.hit_rate, 4),
                       "stores": self.cache_stores, "rejected": self.cache_rejected},

@@ -51,6 +51,11 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def rss_bytes() -> int:
+    """The process's resident memory now."""
+    return int(psutil.Process().memory_info().rss)
+
+
 def peak_rss_mb() -> float:
     """The process's peak resident memory so far, in MiB (the kernel's high-water mark).
 

@@ -118,8 +118,11 @@ class _UpperTask:
     def __init__(self, cached: dict[str, str] | None = None):
         self.backend, self.calls, self.cached = _Backend(), [], cached or {}
 
-    def load_seconds(self) -> float:
-        return 0.0
+    def setup_seconds(self) -> dict[str, float]:
+        return {"model_load": 0.0}
+
+    def watch(self, note) -> None:  # type: ignore[no-untyped-def]
+        pass
 
     def lookup(self, cache, texts):
         return {i: self.cached[t] for i, t in enumerate(texts) if t in self.cached}
@@ -224,5 +227,6 @@ def test_metrics_of_chunks_processed_apart_add_up_to_one_run() -> None:
         merged.add(part)
     counters = ("rows_done", "rows_invalid", "texts_unique", "texts_computed", "tokens_computed", "rows_truncated", "batches")
     assert [getattr(merged, c) for c in counters] == [getattr(whole, c) for c in counters] == [6, 1, 5, 5, 13, 1, 3]
-    assert set(merged.stage_seconds) == {"read", "validate", "cache", "model_load", "embed", "write"}
+    assert set(merged.stage_seconds) == {"read", "validate", "cache", "measure", "export", "check", "model_load", "embed",
+                                         "write"}
     assert merged.stage_seconds["embed"] > 0

@@ -240,7 +240,7 @@ def test_token_budget_batches_short_texts_together(tmp_path: Path, st_model) -> 
     assert np.allclose(got, st_model.encode(texts), atol=1e-5)
 
 
-def test_bf16_precision_is_faithful_and_namespaced(tmp_path: Path, st_model) -> None:
+def test_bf16_precision_is_faithful_and_shares_the_faithful_identity(tmp_path: Path, st_model) -> None:
     src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
     result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", precision="bf16"))
     got = np.array(pq.read_table(result.output).column("embedding").to_pylist(), dtype=np.float32)
@@ -248,9 +248,11 @@ def test_bf16_precision_is_faithful_and_namespaced(tmp_path: Path, st_model) -> 
     cosine = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
     assert cosine.min() > 0.999 and not np.array_equal(got, want)  # really ran in bf16, and close
     local = result.document["provenance"]["backends"]["local"]
-    assert local["precision"] == "bf16"
+    assert local["precision"] == "bf16" and local["vectors"] == "faithful"
+    assert local["job_fidelity"]["min"] >= 0.999  # checked on the job's own texts, at the faithful bar
+    # faithful configurations are interchangeable: one cache namespace, one vector space
     fp32 = embed_file(EmbedOptions(input=src, output=tmp_path / "f.parquet"))
-    assert fp32.metrics["cache"]["hits"] == 0  # bf16 vectors are never served as fp32 ones
+    assert fp32.metrics["cache"]["hits"] == len(set(SAMPLE_TEXTS)) and fp32.metrics["texts_computed"] == 0
 
 
 def test_precision_auto_and_fp16_on_cpu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -262,20 +264,23 @@ def test_precision_auto_and_fp16_on_cpu(tmp_path: Path, monkeypatch: pytest.Monk
         m.setattr(selection, "cpu_has_native_bf16", lambda: False)
         plain = embed_file(EmbedOptions(input=src, output=tmp_path / "p.parquet", precision="auto", device="cpu"))
     local = plain.document["provenance"]["backends"]["local"]
-    assert local["precision"] == "fp32" and local["selection"] is None
-    # with native bf16 (real or said to be): fp32 and bf16 measured, the faster faithful one taken
+    assert local["precision"] == "fp32" and local["selection"]["by"] == "asked for"  # one candidate: nothing measured
+    # with native bf16 (real or said to be): fp32 and bf16 measured once, the faster faithful one taken
     monkeypatch.setattr(selection, "cpu_has_native_bf16", lambda: True)
-    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", precision="auto", device="cpu"))
+    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", precision="auto", device="cpu",
+                                     use_cache=False))
     local = result.document["provenance"]["backends"]["local"]
-    measured = {c["label"]: c for c in local["selection"]["candidates"]}
+    record = json.loads(Path(local["selection"]["measurements"]).read_text())
+    measured = {c["label"]: c for c in record["candidates"]}
     assert set(measured) == {"torch fp32", "torch bf16"} and local["selection"]["by"] == "measured on this machine"
     assert local["selection"]["chosen"] == f"torch {local['precision']}"
-    best = min((c for c in measured.values() if c["accepted"]), key=lambda c: selection.estimate(c, len(SAMPLE_TEXTS)))
+    best = max((c for c in measured.values() if c["accepted"]), key=lambda c: c["texts_per_s"])
     assert best["label"] == local["selection"]["chosen"]
     if local["precision"] == "bf16":  # measured against fp32 before it was chosen
         assert measured["torch bf16"]["fidelity"]["mean"] >= 0.9999 and measured["torch bf16"]["fidelity"]["min"] >= 0.999
         # ...and on the job's own first texts, before any of its vectors was used
         assert local["job_fidelity"]["texts"] == len(set(SAMPLE_TEXTS)) and local["job_fidelity"]["min"] >= 0.999
+    assert result.document["metrics"]["stage_seconds"]["measure"] > 0  # the measurement's seconds, shown apart
     with pytest.raises(InputError, match="--precision fp16 is for CUDA"):
         embed_file(EmbedOptions(input=src, output=tmp_path / "h.parquet", precision="fp16", device="cpu"))
 

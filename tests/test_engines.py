@@ -29,7 +29,11 @@ IGNORED_VALUES = {
     "metrics.wall_seconds", "metrics.rows_per_second", "metrics.tokens_per_second",  # timings
     "metrics.stage_seconds.read", "metrics.stage_seconds.validate", "metrics.stage_seconds.cache",
     "metrics.stage_seconds.model_load", "metrics.stage_seconds.embed", "metrics.stage_seconds.write",
+    "metrics.stage_seconds.measure", "metrics.stage_seconds.export", "metrics.stage_seconds.check",
+    "metrics.background_seconds.read", "metrics.background_seconds.validate",
     "metrics.model_load_seconds", "provenance.backends.local.load_seconds",  # timings
+    "provenance.backends.local.setup_seconds.model_load", "provenance.backends.local.setup_seconds.measure",
+    "provenance.backends.local.setup_seconds.export", "provenance.backends.local.setup_seconds.check",
     "metrics.peak_rss_mb",  # of whichever process wrote it
     # the cache file's size when the part was published: Ray's actors work on several parts at once
     "metrics.cache.volume_bytes",

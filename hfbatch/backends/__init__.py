@@ -17,7 +17,7 @@ model load and no request.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Any, Callable, Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
@@ -65,7 +65,23 @@ class Backend(Protocol):
 
     def fingerprint(self) -> str:
         """The identity of the vectors this backend makes, the cache namespace: model, revision or
-        weights, pooling/normalize/max_length, endpoint. Never loads a model or calls a server."""
+        weights, pooling/normalize/max_length, endpoint; for a local model its fidelity class
+        (every faithful runtime is one identity). Never loads, measures or calls a server."""
+        ...
+
+    def prepare(self, *, measure: bool = True) -> Any:
+        """Fix how the vectors will be computed: a local model's runtime choice (selection.py:
+        measured once per machine, unless measure=False), returned; None for HTTP backends. The
+        first `embed` does it anyway: call it only to know the choice beforehand."""
+        ...
+
+    def setup_seconds(self) -> dict[str, float]:
+        """Seconds spent so far on one-time work, by stage: measure (the runtime choice), export,
+        check (a half/int8 configuration on the job's texts), model_load. Zeros for HTTP backends."""
+        ...
+
+    def watch(self, note: Callable[[str], None]) -> None:
+        """`note(message)` is told what slow one-time work is going on (measuring, exporting)."""
         ...
 
     def known_dimension(self) -> int | None:
@@ -175,7 +191,7 @@ def _local(opts: "EmbedOptions") -> "LocalBackend":
                         runtime=opts.runtime or unset.runtime,  # type: ignore[union-attr]
                         quantize=opts.quantize or ("int8" if unset.quantize else "auto"),  # type: ignore[union-attr]
                         trust_remote_code=opts.trust_remote_code,
-                        prompt=opts.prompt, prompt_name=opts.prompt_name, selection=opts.selection)
+                        prompt=opts.prompt, prompt_name=opts.prompt_name)
 
 
 def _remote(opts: "EmbedOptions", kind: str) -> "RemoteBackend":

@@ -1,18 +1,20 @@
 """Cached exports of a model for the ONNX Runtime and OpenVINO runtimes, with what was proved of them.
 
-One folder per model (its files, revision and --normalize: what the graph holds) under
-HFBATCH_ONNX_DIR or the user cache dir: `model.onnx` (fp32, pooling and normalisation inside),
-`model.<int8 recipe>.onnx` (ONNX Runtime int8), `openvino.<recipe>.xml/.bin` (NNCF int8), and
-`meta.json`: the graph's inputs, pooling, dimension, whether the fast tokenizer load gives the
-transformers ids, and for each runtime variant its fidelity to torch fp32 and the runtime version
-it was measured with. A variant whose entry matches the installed runtime's version is used
-without loading torch, sentence-transformers or transformers: a cached job starts in about a
-second instead of seven. Files are written whole (temp name, then rename) so a killed export
-leaves nothing a later run would trust.
+One folder per model (its files and revision: one export whatever --normalize, --max-length or
+--prompt say) under HFBATCH_ONNX_DIR or the user cache dir: `model.onnx` (fp32, pooling inside,
+never normalisation: that is applied after, as asked), `model.<int8 recipe>.onnx` (ONNX Runtime
+int8), `openvino.<recipe>.xml/.bin` (NNCF int8), and `meta.json`: the graph's inputs, pooling,
+whether the fast tokenizer load gives the transformers ids, the digest of every file, and for
+each runtime variant (onnx-fp32, openvino-fp32, openvino-bf16, ...) its fidelity to torch fp32,
+the runtime version it was measured with and the digests of the files it loads. A variant whose
+proof holds is used without loading torch, sentence-transformers or transformers; one whose files
+changed in any byte is not (it is rebuilt). Files are written whole (temp name, then rename) so a
+killed export leaves nothing a later run would trust.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -22,7 +24,7 @@ from typing import Any
 
 from platformdirs import user_cache_dir
 
-META_FORMAT = 1
+META_FORMAT = 2  # 2: every file a variant loads is proved by digest
 
 
 def exports_root() -> Path:
@@ -69,28 +71,78 @@ class ExportBundle:
         return data if isinstance(data, dict) and data.get("format") == META_FORMAT else {}
 
     def record(self, **entries: Any) -> None:
-        """Merge entries into meta.json (variants merged one level down), written whole."""
+        """Merge entries into meta.json (variants and files merged one level down), written whole."""
         meta = self.meta() or {"format": META_FORMAT}
-        variants = dict(meta.get("variants") or {})
-        variants.update(entries.pop("variants", {}) or {})
-        meta.update(entries, variants=variants, format=META_FORMAT)
+        for nested in ("variants", "files"):
+            merged = dict(meta.get(nested) or {})
+            merged.update(entries.pop(nested, {}) or {})
+            meta[nested] = {k: v for k, v in merged.items() if v is not None}  # None: forgotten
+        meta.update(entries, format=META_FORMAT)
         write_atomic(self.meta_path, json.dumps(meta, indent=1, sort_keys=True))
 
     def path(self, name: str) -> Path:
         return self.dir / name
 
-    def proved(self, variant: str, runtime_version: str | None) -> dict[str, Any] | None:
-        """The variant's entry when its file is there and it was checked with this runtime version."""
-        entry = (self.meta().get("variants") or {}).get(variant)
-        if not isinstance(entry, dict) or entry.get("runtime_version") != runtime_version:
+    def digest(self, name: str) -> str | None:
+        """blake2b of the file `name` (None: missing). Taken from meta.json while the file keeps the
+        stamp it was hashed with (size, mtime, ctime, inode: ctime cannot be set back by hand, so
+        bytes rewritten at the same size and an old mtime are hashed again); else hashed now."""
+        path = self.path(name)
+        try:
+            now = stamp(path)
+        except OSError:
             return None
-        path = self.path(str(entry.get("file", "")))
-        if not path.is_file() or not entry.get("fidelity") or entry.get("stamp") != stamp(path):
-            return None  # missing, or changed since it was proved (replaced, truncated, copied by hand)
+        known = (self.meta().get("files") or {}).get(name)
+        if isinstance(known, dict) and known.get("stamp") == now and isinstance(known.get("digest"), str):
+            return str(known["digest"])
+        digest = file_digest(path)
+        try:  # best effort: a read-only cache only costs the next process the hashing again
+            self.record(files={name: {"stamp": now, "digest": digest}})
+        except OSError:
+            pass
+        return digest
+
+    def prove(self, variant: str, files: list[str], **entry: Any) -> None:
+        """Record `variant` as proved (`entry`: its fidelity, runtime version) for exactly the
+        bytes of `files` it loads, as they are now."""
+        digests = {name: self.digest(name) for name in files}
+        self.record(variants={variant: {**entry, "file": files[0], "files": files, "digests": digests}})
+
+    def forget(self, variant: str) -> None:
+        """Drop `variant`'s proof and the files only it loads (rebuilt by the next use)."""
+        meta = self.meta()
+        variants = meta.get("variants") or {}
+        entry = variants.get(variant) or {}
+        shared = {f for name, other in variants.items() if name != variant and isinstance(other, dict)
+                  for f in other.get("files") or []}
+        for name in entry.get("files") or []:
+            if name not in shared:
+                self.path(name).unlink(missing_ok=True)
+        self.record(variants={variant: None})
+
+    def proved(self, variant: str, runtime_version: str | None) -> dict[str, Any] | None:
+        """The variant's entry when it was checked with this runtime version and every file it
+        loads still has the digest it was proved with (not replaced, truncated, rewritten)."""
+        entry = (self.meta().get("variants") or {}).get(variant)
+        if not isinstance(entry, dict) or entry.get("runtime_version") != runtime_version or not entry.get("fidelity"):
+            return None
+        files, digests = entry.get("files"), entry.get("digests")
+        if not isinstance(files, list) or not files or not isinstance(digests, dict):
+            return None
+        if any(digests.get(name) is None or self.digest(name) != digests.get(name) for name in files):
+            return None
         return entry
 
 
 def stamp(path: Path) -> list[int]:
-    """Size and modification time: what says a proved file is still the one that was proved."""
+    """Size, modification and change times, inode: what says a file was not touched since."""
     info = path.stat()
-    return [info.st_size, info.st_mtime_ns]
+    return [info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino]
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.blake2b(digest_size=16)
+    with path.open("rb") as handle:
+        while block := handle.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()

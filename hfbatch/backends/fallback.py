@@ -76,15 +76,22 @@ class FallbackBackend:
     def load_seconds(self) -> float:
         return self.primary.load_seconds
 
-    def settle(self, rows: int | None = None, texts: Any = None, *, measure: bool = True) -> None:
-        """The local side's runtime choice (LocalBackend.settle); one it cannot make hands over."""
-        if self._checked:
-            return
+    def prepare(self, *, measure: bool = True) -> Any:
+        """The local side's runtime choice; one it cannot make hands over to the remote side."""
+        if self._checked and self.active is not self.primary:
+            return None
         try:
-            self.primary.settle(rows=rows, texts=texts, measure=measure)
+            return self.primary.prepare(measure=measure)
         except BackendError as exc:
             self._checked = True
             self._switch(exc, verified=False)
+            return None
+
+    def setup_seconds(self) -> dict[str, float]:
+        return self.primary.setup_seconds()
+
+    def watch(self, note: Any) -> None:
+        self.primary.watch(note)
 
     def _side(self) -> LocalBackend | RemoteBackend:
         """The side that makes the vectors, settled as far as it can be without loading a model:

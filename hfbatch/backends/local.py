@@ -1,5 +1,6 @@
 """LocalBackend: the model in this process, on torch (sentence-transformers) or as a cached export
-run by ONNX Runtime or OpenVINO; `auto` settles which by measurement (selection.py).
+run by ONNX Runtime or OpenVINO; `auto` takes this machine's one measured faithful configuration
+for the model (selection.py), chosen when the first vector is computed, never for the job's size.
 
 Model resolution, in order: a local directory given as --model; the Hugging Face hub (or its
 local cache, honouring HF_HUB_OFFLINE); for the default model only, the copy shipped inside the
@@ -18,15 +19,18 @@ import logging
 import re
 import time
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
 from ..errors import BackendError, InputError, ModelLoadError
-from ..resources import check_model_memory, cpu_has_native_bf16, gpu_possible, resolve_device, resolve_precision
+from ..resources import (MemoryGuardError, check_model_memory, cpu_has_native_bf16, gpu_possible, resolve_device,
+                         resolve_precision)
 from ..settings import DEFAULT_MODEL
-from ..vectors import cosine_rows, l2_normalize
-from .exports import ExportBundle, exports_root, package_version, stamp, write_atomic
+from ..vectors import l2_normalize
+from .exports import ExportBundle, exports_root, package_version, write_atomic
+from .fidelity import FAITHFUL, bar_for, check_fidelity
+from .selection import Note, RuntimeChoice
 from .tokenizer import ModelTokenizer, load_fast, load_transformers, same_ids, tokenizer_libraries
 from .windows import Windows, fit_windows
 
@@ -35,9 +39,7 @@ log = logging.getLogger(__name__)
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 RUNTIMES = ("torch", "onnx", "openvino", "auto")
 EXPORT_RUNTIMES = ("onnx", "openvino")  # run a cached export of the model, on the CPU
-EXPORT_MIN_COSINE = 0.999  # an fp32 export must match torch fp32 this closely on every calibration text
-HALF_MIN_MEAN, HALF_MIN_MIN = 0.9999, 0.999  # bf16/fp16 against fp32
-JOB_SAMPLE_TEXTS = 64  # at most this many of the job's first texts are checked against fp32 (int8, auto half)
+JOB_SAMPLE_TEXTS = 64  # at most this many of the job's first texts are checked against fp32 (int8, half)
 # Varied lengths and languages: what --precision auto checks half precision against fp32 on.
 CALIBRATION_TEXTS = [
     "The kettle boils fast and the handle stays cool.",
@@ -57,8 +59,9 @@ DOWNLOAD_WAIT_SECONDS = 1.0  # exponential backoff base, with jitter
 
 class LocalBackend:
     """A sentence-transformers model on this machine: torch (CPU, CUDA, MPS), or its cached export
-    run by ONNX Runtime or OpenVINO on the CPU. `auto` runtime/precision/quantize settle on the
-    configuration measured fastest-and-faithful here (selection.py) before the first vector."""
+    run by ONNX Runtime or OpenVINO on the CPU. `auto` runtime/precision take the configuration
+    measured fastest among the faithful ones here (selection.py), when the first vector is
+    computed: a job that computes nothing loads nothing and measures nothing."""
 
     name = "local"
     remote = False
@@ -66,8 +69,7 @@ class LocalBackend:
 
     def __init__(self, model: str, *, device: str = "auto", normalize: bool = True, max_length: int | None = None,
                  precision: str = "fp32", runtime: str = "torch", quantize: str | None = None,
-                 trust_remote_code: bool = False, prompt: str | None = None, prompt_name: str | None = None,
-                 selection: dict[str, Any] | None = None):
+                 trust_remote_code: bool = False, prompt: str | None = None, prompt_name: str | None = None):
         if not _DEVICE_RE.match(device):
             raise InputError(f"--device {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps.")
         if precision not in PRECISIONS:
@@ -76,21 +78,28 @@ class LocalBackend:
             raise InputError(f"--quantize {quantize!r} is not one of: none, int8, auto.")
         if runtime not in RUNTIMES:
             raise InputError(f"--runtime {runtime!r} is not one of: {', '.join(RUNTIMES)}.")
-        quantize = quantize or "none"
+        quantize = "int8" if quantize == "int8" else "none"  # auto: faithful unless int8 is asked for
         if quantize == "int8" and runtime == "torch":
-            runtime = "onnx"  # int8 is made by the ONNX Runtime / OpenVINO exports here
-        if runtime in EXPORT_RUNTIMES and (precision not in ("fp32", "auto") or device.startswith(("cuda", "mps"))):
-            raise InputError(f"--runtime {runtime} / --quantize int8 run in fp32 or int8 on the CPU here; drop --precision "
-                             "and --device, or use --runtime torch.")
+            runtime = "onnx"  # int8 is made by the ONNX Runtime / OpenVINO exports here (HFBATCH_RUNTIME=torch pins fp32 jobs)
+        if runtime in EXPORT_RUNTIMES and (device.startswith(("cuda", "mps"))
+                                           or (precision not in ("fp32", "auto") and not (runtime == "openvino" and precision == "bf16"))):
+            raise InputError(f"--runtime {runtime} runs on the CPU in fp32{' or bf16' if runtime == 'openvino' else ''} "
+                             "(or int8); drop --precision and --device, or use --runtime torch.")
+        if quantize == "int8" and precision not in ("fp32", "auto"):
+            raise InputError("--quantize int8 and --precision are two different precisions; drop one of them.")
+        if precision == "fp16":
+            resolve_precision("fp16", device)  # a CUDA precision: refused on a CPU before any work
         self.trust_remote_code = trust_remote_code  # code shipped with a model runs only when asked for
         self.requested_runtime, self.requested_precision, self.requested_quantize = runtime, precision, quantize
-        self._config: tuple[str, str, str] | None = None  # (runtime, precision, quantize) once settled
-        self.selection = selection  # how `auto` chose (selection.py), for the sidecar
+        self._choice: RuntimeChoice | None = None  # the configuration, once chosen (before the first vector)
+        self._failed: list[tuple[str, str, str]] = []  # configurations that failed in this process
+        self.passed_over: list[dict[str, str]] = []  # ... and why: the sidecar says so
+        self._note: Note | None = None
         self._precision: str | None = None
         self._engine: Any = None  # the torch model or the export's runner
         self.engine_path: Path | None = None  # the export file the runner reads
-        self._reference: Any = None  # the fp32 runner int8 is checked against on the job's texts
-        self.onnx_fidelity: dict[str, float] | None = None
+        self._reference: Any = None  # the fp32 runner int8/bf16 are checked against on the job's texts
+        self.export_fidelity: dict[str, float] | None = None
         self.model_id = model
         self.requested_device = device
         self.normalize = normalize
@@ -106,7 +115,8 @@ class LocalBackend:
         self._max_length: int | None = None
         self._dim: int | None = None
         self._normalize_in_encode = False
-        self.load_seconds = 0.0
+        # seconds of the one-time work, booked to their own stages by the job (metrics.stage_seconds)
+        self.timings: dict[str, float] = {"measure": 0.0, "export": 0.0, "check": 0.0, "model_load": 0.0}
         self.estimated_bytes: int | None = None
         self.fidelity: dict[str, float] | None = None
         self.job_fidelity: dict[str, Any] | None = None
@@ -116,6 +126,17 @@ class LocalBackend:
         self.prompt_name: str | None = None  # the name the prompt came by (--prompt-name or the model's default)
         self._include_prompt = True  # the model's pooling averages over the prompt's tokens too
         self._has_default_prompt = False
+
+    @property
+    def load_seconds(self) -> float:
+        return self.timings["model_load"]
+
+    def setup_seconds(self) -> dict[str, float]:
+        return dict(self.timings)
+
+    def watch(self, note: Note) -> None:
+        """Tell `note` what one-time work (measuring the runtimes, exporting) is going on."""
+        self._note = note
 
     # --- resolution (cheap: files only) -------------------------------------------------------
 
@@ -164,48 +185,48 @@ class LocalBackend:
         assert self._max_length is not None
         return self._max_length
 
-    # --- which runtime and precision (settled once, before the first vector) ------------------
+    # --- which runtime and precision (chosen once, when the first vector is computed) -----------
 
-    def settle(self, rows: int | None = None, texts: Callable[[], Sequence[str]] | None = None, *,
-               measure: bool = True) -> None:
-        """Fix runtime, precision and quantize. `auto` choices are made by selection.py from this
-        machine's measurements (`rows`: the job's size, which decides whether start-up or speed
-        matters more; `texts`: the job's first texts, which the chosen configuration must pass
-        the fidelity bar on, or the next one is taken; `measure=False`: only what was measured
-        before, as --dry-run plans). A no-op once settled."""
-        if self._config is not None:
-            return
-        from .selection import candidates, choose
+    def candidates(self) -> list[tuple[str, str, str]]:
+        from .selection import candidates
 
-        if self._prompt_excluded():
-            runtimes = "torch"  # the exports pool over the prompt's tokens; this model's pooling does not
-        else:
-            runtimes = self.requested_runtime
-        options = candidates(runtimes, self.requested_precision, self.requested_quantize, self.cpu_only())
-        if len(options) == 1:
-            self._config = options[0]
-            if (measure and texts is not None and self.cpu_only()
-                    and (self._config[2] == "int8" or self._config[1] in ("bf16", "fp16"))):
-                from .selection import confirm
+        runtime = "torch" if self._prompt_excluded() else self.requested_runtime  # the exports pool over the prompt
+        return candidates(runtime, self.requested_precision, self.requested_quantize, self.cpu_only())
 
-                confirm(self, texts)  # before the cache opens; a rerun of the same input loads no model
-            return
-        self.selection = choose(self, options, rows=rows, texts=texts, measure=measure)  # sets self._config through use()
+    def prepare(self, *, measure: bool = True) -> RuntimeChoice:
+        """The configuration this backend runs with: asked for, or (auto) this machine's choice for
+        the model, measured first if this machine has none (measure=False: only what was measured
+        before, as --dry-run plans). Never depends on the job's size or texts."""
+        if self._choice is None:
+            from .selection import choose
+
+            started = time.perf_counter()
+            choice = choose(self, self.candidates(), measure=measure, note=self._note, exclude=self._failed)
+            if self.passed_over:
+                choice = RuntimeChoice(choice.config, choice.by, choice.record, choice.texts_per_s, choice.fidelity,
+                                       tuple(self.passed_over))
+            self._choice = choice
+            self._precision = None
+            spent = time.perf_counter() - started
+            if spent > 0.5 and choice.by == "measured on this machine":  # it measured now
+                self.timings["measure"] += spent
+                if choice.config[0] != "torch":  # the reference model is not needed any more
+                    _load_sentence_transformer.cache_clear()
+        return self._choice
 
     def _prompt_excluded(self) -> bool:
         _ = self.model_dir
         return bool(self._prompt) and not self._include_prompt
 
-    def use(self, config: tuple[str, str, str], engine_from: "LocalBackend | None" = None) -> None:
-        """Settle on `config`; take over another instance's loaded engine and checks (the one
-        selection measured) so nothing loads twice."""
-        self._config = config
-        self._fingerprint = None
-        if engine_from is not None and engine_from._config == config:
-            for name in ("_engine", "_reference", "_tokenizer", "_model", "_device", "_normalize_in_encode",
-                         "engine_path", "onnx_fidelity", "fidelity", "job_fidelity", "bf16_factor", "load_seconds", "estimated_bytes",
-                         "_precision"):
-                setattr(self, name, getattr(engine_from, name))
+    def _pass_over(self, reason: str) -> None:
+        """Give up the chosen configuration for this process (it failed to load, or on this job's
+        texts) and let the next faithful one run: the identity is the same, so is the cache."""
+        assert self._choice is not None
+        log.warning("%s: %s; taking the next configuration", self._choice.label, reason)
+        self._failed.append(self._choice.config)
+        self.passed_over.append({"label": self._choice.label, "reason": reason[:300]})
+        self._choice, self._engine, self._reference, self._precision = None, None, None, None
+        self.job_fidelity = None
 
     def variant(self, config: tuple[str, str, str]) -> "LocalBackend":
         """The same model and settings, forced to `config` (what selection measures)."""
@@ -213,8 +234,16 @@ class LocalBackend:
                              max_length=self._requested_max_length, precision=config[1], runtime=config[0],
                              quantize=config[2], trust_remote_code=self.trust_remote_code,
                              prompt=self._requested_prompt, prompt_name=self._requested_prompt_name)
-        other._config = config
+        other._choice = RuntimeChoice(config, by="asked for")
         return other
+
+    def release(self) -> None:
+        """Let go of the loaded engine (selection measures one configuration at a time)."""
+        from .onnx import release_sessions
+
+        self._engine = self._model = self._reference = None
+        release_sessions()
+        _openvino_session.cache_clear()
 
     def cpu_only(self) -> bool:
         """Whether the model will run on the CPU, decided without importing torch where possible."""
@@ -224,44 +253,46 @@ class LocalBackend:
 
     @property
     def config(self) -> tuple[str, str, str] | None:
-        """(runtime, precision, quantize) once settled, else None."""
-        return self._config
+        """(runtime, precision, quantize) once chosen, else None."""
+        return self._choice.config if self._choice is not None else None
 
     @property
     def runtime(self) -> str:
-        if self._config is None:
-            self.settle()
-        assert self._config is not None
-        return self._config[0]
+        return self.prepare().config[0]
 
     @property
     def quantize(self) -> str | None:
-        if self._config is None:
-            self.settle()
-        assert self._config is not None
-        return "int8" if self._config[2] == "int8" else None
+        return "int8" if self.prepare().config[2] == "int8" else None
 
     @property
     def precision(self) -> str:
         """fp32, bf16 or fp16 (int8 is `quantize`); torch's `auto` on a GPU: fp16, by device."""
         if self._precision is None:
-            if self._config is None:
-                self.settle()
-            assert self._config is not None
-            self._precision = resolve_precision(self._config[1], self.requested_device)
+            self._precision = resolve_precision(self.prepare().config[1], self.requested_device)
         return self._precision
 
-    def quantize_recipe(self) -> str:
-        """How this backend's int8 is made ("none" without int8): part of the fingerprint and the sidecar."""
-        if not self.quantize:
+    def quantize_recipe(self, runtime: str | None = None) -> str:
+        """How this backend's int8 is made ("none" without int8): part of the sidecar."""
+        if self.requested_quantize != "int8":
             return "none"
-        if self.runtime == "openvino":
+        runtime = runtime or self.runtime
+        if runtime == "openvino":
             from .openvino_export import int8_recipe as openvino_recipe
 
             return openvino_recipe()
         from .onnx import int8_recipe
 
         return int8_recipe()
+
+    def identity(self) -> str:
+        """What the vectors are held to, without choosing anything: every faithful configuration is
+        one identity (they agree with torch fp32 at >= 0.9999); int8 is its own, by recipe (under
+        --runtime auto, the recipes of both runtimes: the one this machine takes)."""
+        if self.requested_quantize != "int8":
+            return "faithful"
+        if self.requested_runtime in EXPORT_RUNTIMES:
+            return f"int8:{self.quantize_recipe(self.requested_runtime)}"
+        return f"int8:auto:{self.quantize_recipe('onnx')},{self.quantize_recipe('openvino')}"
 
     def _files_digest(self) -> Any:
         """blake2b over the model's revision and every small file that shapes its vectors."""
@@ -276,18 +307,18 @@ class LocalBackend:
             self._files_hash = h
         return self._files_hash.copy()
 
-    def model_key(self) -> str:
-        """Names the export folder: the model's files and whether its graph normalises."""
+    def weights_key(self) -> str:
+        """Names the model's export folder and its runtime record: its files and revision only,
+        wherever it sits and whatever the job's options."""
         h = self._files_digest()
-        h.update(f"export;normalize={self.normalize}".encode())
+        h.update(b"export-2")
         return h.hexdigest()
 
     def fingerprint(self) -> str:
-        """Identity of the vectors this backend makes; the cache namespace."""
+        """Identity of the vectors this backend makes; the cache namespace. Chooses and loads nothing."""
         if self._fingerprint is None:
             h = self._files_digest()
-            h.update(f"normalize={self.normalize};max_length={self.max_length};precision={self.precision};"
-                     f"runtime={self.runtime};quantize={self.quantize_recipe()}".encode())
+            h.update(f"normalize={self.normalize};max_length={self.max_length};vectors={self.identity()}".encode())
             if self.prompt:  # a prompt makes other vectors of the same text (none: the namespace of old)
                 h.update(f";prompt={json.dumps(self.prompt)}".encode())
             self._fingerprint = f"local:{h.hexdigest()}"
@@ -314,7 +345,7 @@ class LocalBackend:
         """The tokenizers-library load where this model's export proved it gives transformers'
         ids (no transformers import: a second or more of start-up), else transformers'."""
         if self._tokenizer is None:
-            meta = ExportBundle(self.model_key()).meta()
+            meta = ExportBundle(self.weights_key()).meta()
             if meta.get("tokenizer_fast") and meta.get("tokenizer_libraries") == tokenizer_libraries():
                 self._tokenizer = load_fast(self.model_dir, lower=self._lower)
             if self._tokenizer is None:
@@ -358,32 +389,34 @@ class LocalBackend:
         self.estimated_bytes = check_model_memory(self.model_id, self.model_dir)
         return device
 
+    def estimated_model_bytes(self) -> int:
+        from ..resources import estimate_model_bytes
+
+        return int(estimate_model_bytes(self.model_dir, "float32"))
+
     def load(self) -> Any:
-        """Load what computes the vectors (the torch model or the export's runner); timed."""
-        if self._engine is None:
-            started = time.perf_counter()
-            self._engine = self._load_model() if self.runtime == "torch" else self._start_export()
-            self.load_seconds = time.perf_counter() - started
-            log.info("loaded %s (%s %s) in %.2fs", self.model_id, self.runtime, self.quantize or self.precision,
-                     self.load_seconds)
+        """Load what computes the vectors (the torch model or the export's runner), choosing the
+        configuration first (auto: measuring once per machine). A chosen configuration that fails
+        to load after one rebuild is refused in the record and the next one runs."""
+        while self._engine is None:
+            choice = self.prepare()
+            started, exported = time.perf_counter(), self.timings["export"]
+            try:
+                self._engine = self._load_model() if self.runtime == "torch" else self._start_export()
+            except MemoryGuardError:
+                raise
+            except ModelLoadError as exc:
+                if choice.by == "asked for":
+                    raise
+                from .selection import refuse
+
+                refuse(self, choice.config, _first_line(exc))
+                self._pass_over(f"failed to load ({_first_line(exc)})")
+                continue
+            finally:
+                self.timings["model_load"] += time.perf_counter() - started - (self.timings["export"] - exported)
+            log.info("loaded %s (%s)", self.model_id, choice.label)
         return self._engine
-
-    def reload_seconds(self) -> float:
-        """Seconds to load this configuration's model (or export session, and the fast tokenizer)
-        afresh, the in-process caches bypassed: what a new process pays besides imports."""
-        self.load()
-        started = time.perf_counter()
-        if self.runtime == "torch":
-            _load_sentence_transformer.__wrapped__(str(self.model_dir), "cpu", self.model_id, self.trust_remote_code)
-        elif self.runtime == "openvino":
-            _openvino_session.__wrapped__(str(self.engine_path))
-        else:
-            from .onnx import OnnxRunner
-
-            OnnxRunner(Path(str(self.engine_path)), fresh=True)
-        if self.runtime != "torch":
-            load_fast(self.model_dir, lower=self._lower)
-        return time.perf_counter() - started
 
     def _load_model(self) -> Any:
         if self._model is not None:
@@ -429,91 +462,105 @@ class LocalBackend:
 
     # --- the exported runtimes (ONNX Runtime, OpenVINO) ---------------------------------------
 
-    def _variant(self, quantize: str | None = None) -> str:
-        kind = quantize if quantize is not None else (self.quantize or "fp32")
-        return f"{self.runtime}-{kind}" if kind == "fp32" else f"{self.runtime}-{self.quantize_recipe()}"
-
-    def export_ready(self) -> bool:
-        """Whether this configuration's export is made and proved (loading it needs no torch)."""
-        if self.runtime == "torch":
-            return True
-        return ExportBundle(self.model_key()).proved(self._variant(), self._runtime_version()) is not None
+    def _variant(self) -> str:
+        """The export variant this configuration runs: onnx-fp32, openvino-bf16, onnx-<int8 recipe>..."""
+        if self.quantize:
+            return f"{self.runtime}-{self.quantize_recipe()}"
+        return f"{self.runtime}-{self.precision}"
 
     def _runtime_version(self) -> str | None:
         return package_version("openvino" if self.runtime == "openvino" else "onnxruntime")
 
     def _start_export(self) -> Any:
         """The cached, proved export run by this runtime: onnxruntime/openvino and the tokenizers
-        library only (no torch) once it exists; made and checked against torch fp32 otherwise."""
+        library only (no torch) once it exists; made and proved against torch fp32 otherwise. A
+        proved export that does not load is rebuilt once."""
         self._device = self.preflight()
-        bundle, entry = self._proved(self._variant())
-        meta = bundle.meta()
-        self._normalize_in_encode = self.normalize and not meta.get("normalize")
-        self.onnx_fidelity = dict(entry["fidelity"])
-        self.engine_path = bundle.path(entry["file"])
-        return self._runner(self.engine_path)
+        for attempt in (1, 2):
+            bundle, entry = self._proved()
+            self._normalize_in_encode = self.normalize  # the export never normalises (one export for both)
+            self.export_fidelity = dict(entry["fidelity"])
+            self.engine_path = bundle.path(entry["file"])
+            try:
+                return self._runner(self.engine_path)
+            except Exception as exc:  # a file that proves but does not load (a runtime's own cache, a bug)
+                if attempt == 2:
+                    raise ModelLoadError(f"the {self._variant()} export of {self.model_id} does not load after a rebuild "
+                                         f"({_first_line(exc)}); use --runtime torch.") from exc
+                log.warning("the %s export of %s does not load (%s); rebuilding it", self._variant(), self.model_id,
+                            _first_line(exc))
+                for name in entry.get("files") or []:
+                    bundle.path(name).unlink(missing_ok=True)
+                bundle.forget(self._variant())
+        raise AssertionError("unreachable")
 
-    def _proved(self, variant: str) -> tuple[ExportBundle, dict[str, Any]]:
-        """The export folder and `variant`'s proved entry, made and proved first if need be."""
-        bundle = ExportBundle(self.model_key())
-        entry = bundle.proved(variant, self._runtime_version())
+    def _proved(self) -> tuple[ExportBundle, dict[str, Any]]:
+        """The export folder and this variant's proved entry, made and proved first if need be
+        (a variant whose files changed since they were proved is made again)."""
+        bundle = ExportBundle(self.weights_key())
+        entry = bundle.proved(self._variant(), self._runtime_version())
         if entry is None:
-            self._build(bundle)
-            entry = bundle.proved(variant, self._runtime_version())
-            assert entry is not None
+            started = time.perf_counter()
+            if self._note:
+                self._note(f"exporting {self.model_id} for {self.runtime} (once per model)")
+            try:
+                self._build(bundle)
+            finally:
+                self.timings["export"] += time.perf_counter() - started
+            entry = bundle.proved(self._variant(), self._runtime_version())
+            if entry is None:
+                raise ModelLoadError(f"the {self._variant()} export of {self.model_id} changed while it was proved; "
+                                     "run the job again.")
         return bundle, entry
 
-    def _runner(self, path: Path) -> Any:
+    def _runner(self, path: Path, precision: str | None = None) -> Any:
         if self.runtime == "openvino":
-            from .openvino import OpenVinoSession
-
-            return _openvino_session(str(path))
+            return _openvino_session(str(path), {"bf16": "bf16"}.get(precision or self.precision, "f32"))
         from .onnx import OnnxRunner
 
         return OnnxRunner(path)
 
     def _build(self, bundle: ExportBundle) -> None:
-        """Export (fp32 always, int8 when asked) from the torch model, prove each variant against
-        torch fp32 on the calibration sample, and record it in meta.json."""
+        """Export the fp32 graph from the torch model (again, when its bytes are not the ones
+        exported), then make this variant (int8 when asked) and prove it against torch fp32 on
+        the calibration sample, recording the digests of the files it loads."""
         from .onnx import check_int8, export_fp32, export_int8, graph_facts
 
         model = self._load_model()
-        facts = graph_facts(model, self.model_id)
+        facts = {**graph_facts(model, self.model_id), "normalize": False}  # normalised after, as the job asks
         fp32_path = bundle.path("model.onnx")
-        if not fp32_path.is_file():
+        meta = bundle.meta()
+        if meta.get("export_digest") is None or bundle.digest("model.onnx") != meta.get("export_digest"):
             export_fp32(model, fp32_path, facts, self.model_id)
+            bundle.record(export_digest=bundle.digest("model.onnx"))
         slow = ModelTokenizer(hf=model.tokenizer, lower=self._lower)
         fast = load_fast(self.model_dir, lower=self._lower)
-        bundle.record(input_names=facts["input_names"], pooling=facts["pooling"], normalize=facts["normalize"],
+        bundle.record(input_names=facts["input_names"], pooling=facts["pooling"], normalize=False,
                       model_id=self.model_id, tokenizer_fast=bool(fast is not None and same_ids(fast, slow)),
                       tokenizer_libraries=tokenizer_libraries())
         self._tokenizer = self._tokenizer or slow
         reference = self._encode(model, CALIBRATION_TEXTS, "fp32")
-        version = self._runtime_version()
-        fp32_variant = self._variant("fp32")
-        if bundle.proved(fp32_variant, version) is None:
-            got = self._run(self._runner(fp32_path), CALIBRATION_TEXTS)
-            cosine = cosine_rows(reference, got)
-            figures = {"mean": float(cosine.mean()), "min": float(cosine.min())}
-            if figures["min"] < EXPORT_MIN_COSINE:
-                raise ModelLoadError(f"the {self.runtime} run of {self.model_id}'s export differs from torch (min cosine "
-                                     f"{figures['min']:.4f}); use --runtime torch.")
-            bundle.record(variants={fp32_variant: {"file": fp32_path.name, "fidelity": figures, "runtime_version": version,
-                                                   "stamp": stamp(fp32_path)}})
+        version, variant = self._runtime_version(), self._variant()
+        what = f"the {variant} export of {self.model_id}"
         if not self.quantize:
+            got = self._run(self._runner(fp32_path), CALIBRATION_TEXTS)
+            result = check_fidelity(reference, got, FAITHFUL, what=what, where="the calibration sample",
+                                    fix="use --runtime torch.")
+            bundle.prove(variant, ["model.onnx"], fidelity=result, runtime_version=version)
             return
-        variant = self._variant()
         if self.runtime == "openvino":
             from .openvino_export import quantize_openvino
 
-            name, figures = quantize_openvino(self, bundle, fp32_path, reference)
+            name, result = quantize_openvino(self, bundle, fp32_path, reference)
+            files = [name, str(Path(name).with_suffix(".bin")), "model.onnx"]
         else:
             name = f"model.{self.quantize_recipe()}.onnx"
-            if not bundle.path(name).is_file():
-                export_int8(model, bundle.path(name), facts, self.model_id, self.max_length)
-            figures = check_int8(reference, self._run(self._runner(bundle.path(name)), CALIBRATION_TEXTS), self.model_id)
-        bundle.record(variants={variant: {"file": name, "fidelity": figures, "runtime_version": version,
-                                          "stamp": stamp(bundle.path(name))}})
+            if bundle.path(name).is_file():
+                bundle.path(name).unlink()  # not proved as it is: made again
+            export_int8(model, bundle.path(name), facts, self.model_id, self.max_length)
+            result = check_int8(reference, self._run(self._runner(bundle.path(name)), CALIBRATION_TEXTS), self.model_id)
+            files = [name, "model.onnx"]
+        bundle.prove(variant, files, fidelity=result, runtime_version=version)
 
     def _run(self, runner: Any, texts: Sequence[str]) -> np.ndarray:
         feeds = self._load_tokenizer().feeds(texts, self.max_length, runner.input_names, self.prompt or "")
@@ -521,11 +568,11 @@ class LocalBackend:
         return l2_normalize(vectors) if self._normalize_in_encode else vectors
 
     def _reference_runner(self) -> Any:
-        """The fp32 export of the same runtime: the reference int8 is checked against on the job's
-        texts (itself proved against torch fp32 at >= EXPORT_MIN_COSINE), without loading torch."""
+        """fp32 of the same runtime on the proved model.onnx: what int8 and bf16 are checked against
+        on the job's texts (it agrees with torch fp32 at the faithful bar), without loading torch."""
         if self._reference is None:
-            bundle, entry = self._proved(self._variant("fp32"))
-            self._reference = self._runner(bundle.path(entry["file"]))
+            bundle = ExportBundle(self.weights_key())
+            self._reference = self._runner(bundle.path("model.onnx"), "fp32")
         return self._reference
 
     def _warn_emulated_bf16(self, model: Any) -> None:
@@ -544,20 +591,14 @@ class LocalBackend:
                     "choice on this machine.", self.bf16_factor)
 
     def _check_fidelity(self, model: Any) -> None:
-        """--precision auto keeps half precision only where it matches fp32 on a calibration sample."""
+        """--precision auto on a GPU keeps half precision only where it matches fp32 on a calibration sample."""
         fp32 = self._encode(model, CALIBRATION_TEXTS, "fp32")
-        half = self._encode(model, CALIBRATION_TEXTS, self.precision)
-        cosine = cosine_rows(fp32, half)
-        self.fidelity = {"mean": float(cosine.mean()), "min": float(cosine.min())}
-        if self.fidelity["mean"] < HALF_MIN_MEAN or self.fidelity["min"] < HALF_MIN_MIN:
-            raise ModelLoadError(
-                f"--precision auto chose {self.precision} but on this machine it differs from fp32 "
-                f"(cosine mean {self.fidelity['mean']:.5f}, min {self.fidelity['min']:.5f}; needs >= 0.9999 / 0.999); "
-                "pass --precision fp32."
-            )
+        self.fidelity = check_fidelity(fp32, self._encode(model, CALIBRATION_TEXTS, self.precision), FAITHFUL,
+                                       what=f"{self.precision} on this machine", where="the calibration sample",
+                                       fix="pass --precision fp32.")
 
     def compute(self, texts: Sequence[str]) -> np.ndarray:
-        """Vectors of `texts` by the settled configuration, without the job-text check (what
+        """Vectors of `texts` by the chosen configuration, without the job-text check (what
         selection times)."""
         engine = self.load()
         if self.runtime == "torch":
@@ -566,8 +607,20 @@ class LocalBackend:
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         self.load()
-        if self.job_fidelity is None and self.needs_job_check():
-            self.check_job_texts(texts)
+        checked: np.ndarray | None = None
+        while self.job_fidelity is None and self.needs_job_check() and texts:
+            started = time.perf_counter()
+            try:
+                checked = self.check_job_texts(texts)
+            except ModelLoadError as exc:
+                if self.prepare().by == "asked for":
+                    raise
+                self._pass_over(f"not faithful enough on this job's texts ({_first_line(exc)})")
+                self.load()
+            finally:
+                self.timings["check"] += time.perf_counter() - started
+        if checked is not None and len(checked) == len(texts):
+            return checked  # the check computed this very batch: its vectors are the batch's
         try:
             vectors = self.compute(texts)
         except Exception as exc:
@@ -578,55 +631,56 @@ class LocalBackend:
 
     def needs_job_check(self) -> bool:
         """int8 and half precision are checked on the job's own texts; fp32 of any runtime is not
-        (its export was proved at >= EXPORT_MIN_COSINE)."""
+        (its export was proved at the faithful bar)."""
         return bool(self.quantize) or self.precision in ("bf16", "fp16")
 
-    def check_job_texts(self, texts: Sequence[str]) -> None:
-        """The fixed calibration sample passed at load; the job's own first texts (the first batch,
-        the longest of the first chunk, or what selection read) must pass the same bar before any
-        of its vectors is used: int8 cosine to fp32 >= 0.99 mean / 0.98 min, half precision >=
-        0.9999 / 0.999. Refused (ModelLoadError) before anything is written; figures to the sidecar."""
+    def check_job_texts(self, texts: Sequence[str]) -> np.ndarray | None:
+        """The job's own first texts (its first batch) must pass the configuration's bar against
+        fp32 before any of its vectors is used: int8 >= 0.99 mean / 0.98 min, half precision the
+        faithful bar. ModelLoadError (nothing written) otherwise; figures to the sidecar. Returns
+        the vectors of `texts` when the check computed all of them (the batch needs no second pass)."""
         sample = list(dict.fromkeys(texts))[:JOB_SAMPLE_TEXTS]
         if not sample:
-            return
+            return None
         engine = self.load()
         where = f"this job's first {len(sample)} texts"
+        bar = bar_for("int8" if self.quantize else None)
         if self.runtime != "torch":
-            from .onnx import check_int8
-
-            reference = self._run(self._reference_runner(), sample)
-            figures = check_int8(reference, self._run(engine, sample), self.model_id, where)
+            reference, got = self._run(self._reference_runner(), sample), self._run(engine, sample)
         else:
-            reference = self._encode(engine, sample, "fp32")
-            cosine = cosine_rows(reference, self._encode(engine, sample, self.precision))
-            figures = {"mean": float(cosine.mean()), "min": float(cosine.min())}
-            if figures["mean"] < HALF_MIN_MEAN or figures["min"] < HALF_MIN_MIN:
-                raise ModelLoadError(
-                    f"--precision {self.precision} differs from fp32 on {where} (cosine mean {figures['mean']:.5f}, "
-                    f"min {figures['min']:.5f}; needs >= 0.9999 / 0.999); pass --precision fp32.")
-        self.job_fidelity = {"texts": len(sample), **{k: round(v, 6) for k, v in figures.items()}}
+            reference, got = self._encode(engine, sample, "fp32"), self._encode(engine, sample, self.precision)
+        fix = "drop --quantize int8." if self.quantize else "pass --precision fp32."
+        result = check_fidelity(reference, got, bar, what=self._choice.label if self._choice else "this configuration",
+                                where=where, fix=fix)
+        self.job_fidelity = {"texts": len(sample), **result}
+        return got if list(texts) == sample else None
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"backend": self.name, "model_id": self.model_id}
         if self._dir is not None:
+            chosen = self._choice is not None and (self._engine is not None or self._model is not None)
             info.update(self._source)
             info.update(
                 model_path=str(self._dir),
                 fingerprint=self.fingerprint(),
+                vectors=self.identity(),  # faithful (any runtime), or int8 by recipe
+                requested={"runtime": self.requested_runtime, "precision": self.requested_precision,
+                           "quantize": self.requested_quantize},
                 max_length=self.max_length,
                 normalize=self.normalize,
                 dim=self._dim,
-                precision=self.precision,
+                # the configuration that computed this job's vectors (None: it computed none)
+                runtime=self.runtime if chosen else None,
+                precision=self.precision if chosen else None,
+                quantize=self.quantize_recipe() if chosen else ("none" if self.requested_quantize != "int8" else None),
                 precision_fidelity=self.fidelity,
-                runtime=self.runtime,
                 trust_remote_code=self.trust_remote_code,
-                quantize=self.quantize_recipe(),
-                onnx_fidelity=self.onnx_fidelity,  # the export (fp32 or int8) against torch fp32, when made
+                export_fidelity=self.export_fidelity,  # the export against torch fp32, when made
                 job_fidelity=self.job_fidelity,  # the same bar, measured on the job's own first texts
                 bf16_emulated_factor=self.bf16_factor,
                 prompt=self.prompt,
                 prompt_name=self.prompt_name,
-                selection=self.selection,  # how --runtime/--precision auto chose, from which measurements
+                selection=self._choice.describe() if chosen and self._choice else None,
                 tokenizer=self._tokenizer.loader if self._tokenizer is not None else None,
             )
         info["device"] = self._device or "not loaded (every vector came from the cache)"
@@ -634,14 +688,17 @@ class LocalBackend:
         info["tokenizer_loaded"] = self._tokenizer is not None
         info["estimated_memory_mb"] = round(self.estimated_bytes / 2**20, 1) if self.estimated_bytes else None
         info["load_seconds"] = round(self.load_seconds, 3)
+        info["setup_seconds"] = {k: round(v, 3) for k, v in self.timings.items()}
         return info
 
 
 @functools.lru_cache(maxsize=4)
-def _openvino_session(path: str) -> Any:
+def _openvino_session(path: str, precision: str = "f32") -> Any:
+    """No compiled-blob cache (OpenVINO's CACHE_DIR): it would serve a blob nothing proved, and
+    compiling MiniLM takes ~0.3 s."""
     from .openvino import OpenVinoSession
 
-    return OpenVinoSession(Path(path), cache_dir=Path(path).parent / "openvino-cache")
+    return OpenVinoSession(Path(path), precision=precision)
 
 
 def resolve_prompt(model_id: str, config: dict[str, Any], prompt: str | None, name: str | None) -> tuple[str | None, str | None]:

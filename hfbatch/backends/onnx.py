@@ -149,6 +149,11 @@ class OnnxRunner:
         return np.asarray(self.session.run(None, {n: feeds[n] for n in self.input_names})[0], dtype=np.float32)
 
 
+def release_sessions() -> None:
+    """Let go of every cached session (selection measures one configuration at a time)."""
+    _session.cache_clear()
+
+
 @functools.lru_cache(maxsize=4)
 def _session(path: str) -> Any:
     """One session per file and process (a test suite or notebook runs many jobs)."""

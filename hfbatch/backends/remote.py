@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 from urllib.parse import urlparse
 
 import numpy as np
@@ -101,6 +101,15 @@ class RemoteBackend:
     """Embeddings over HTTP. Nothing connects until the first `embed`; `fingerprint()` never does."""
 
     remote = True
+
+    def prepare(self, *, measure: bool = True) -> None:
+        """The server decides how it computes: nothing to choose here."""
+
+    def setup_seconds(self) -> dict[str, float]:
+        return {"model_load": 0.0}  # a server's model is loaded already
+
+    def watch(self, note: Callable[[str], None]) -> None:
+        """Nothing slow happens once per job here: no note."""
 
     def __init__(
         self,

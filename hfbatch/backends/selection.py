@@ -1,31 +1,35 @@
-"""Which runtime and precision a local job runs with when `auto` leaves it open: measured here.
+"""Which runtime and precision a local model runs with when `auto` leaves it open: one choice per
+model and machine, measured here once.
 
-Why measured: the fast path depends on the CPU. On an AMD EPYC with AVX-512 BF16, torch bf16 was
-1.35x fp32 and ONNX int8 1.26x; on an Intel Ice Lake without bf16, bf16 was 2.5x *slower* and ONNX
-Runtime fp32 0.76x torch. No fixed rule is right on both, so the candidates that fit the request
-(`candidates`: torch fp32; torch bf16 where the CPU has native bf16; ONNX Runtime fp32 and int8;
-OpenVINO fp32 and int8 when installed) are each loaded, checked against torch fp32 and timed the
-first time a model is used on a machine: on fixed texts of every length a job meets (short
-reviews to paragraphs of ~250 tokens: int8 gains more on long texts than on short ones), batched
-as jobs batch, round-robin over the candidates for a few rounds with the best round kept, so that
-a busy moment of a shared machine slows every candidate alike instead of ranking whichever it
-happened to hit last. Fixed, so every measurement on a machine is comparable and no job's texts
-are kept. The figures are kept as JSON in
-the user cache dir (`choices/`, keyed by CPU model + flags + library versions + the model's
-files; `hfbatch capabilities` lists them). A job then takes the accepted candidate with the
-least expected time, start-up + rows / speed: a 100-row cron job gets the one that starts
-fastest (a cached export needs no torch import), a big job the one that runs fastest. The choice
-must also pass the fidelity bar on the job's own first texts, or the next one is taken.
+Why measured: the fast path depends on the CPU (on an AMD EPYC with AVX-512 BF16 OpenVINO bf16
+is ~3x torch fp32; on an Intel Ice Lake without bf16, bf16 is emulated and 2.5x *slower*, and
+ONNX Runtime fp32 was 0.76x torch). No fixed rule is right on both.
+
+Why one choice: users embed their queries elsewhere and their documents here, day after day. So
+the default considers only configurations that are *faithful* (fidelity.FAITHFUL: cosine to
+torch fp32 >= 0.9999 mean / 0.999 min: torch, ONNX Runtime and OpenVINO fp32, bf16 where the CPU
+has it natively), they share one identity (cache namespace), and the choice depends only on the
+model's weights, the CPU and the library versions: never on the job's size, its options
+(normalize, max length, prompt) or the folder the model sits in. int8 runs only when asked and is
+its own identity.
+
+How: the first job that computes something measures the candidates one at a time (loaded,
+checked against torch fp32 on fixed texts, timed on fixed texts of every length, released before
+the next, each within MAX_MODEL_MEMORY_GB), keeps the figures in `choices/` (a JSON record per
+model and machine, written under a lock so concurrent first runs measure once) and takes the
+fastest accepted one. `hfbatch tune MODEL` measures again on demand and can pin a choice;
+HFBATCH_RUNTIME / HFBATCH_PRECISION pin it without any record (containers).
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import importlib.util
 import json
-import subprocess
-import sys
+import logging
 import time
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Sequence
@@ -33,57 +37,80 @@ from typing import TYPE_CHECKING, Any, Callable, Sequence
 import numpy as np
 
 from .._version import __version__
-from ..errors import HfbatchError, InputError
-from ..resources import MemoryGuardError, cpu_facts, cpu_has_native_bf16
-from ..vectors import cosine_rows
+from ..errors import HfbatchError, InputError, ModelLoadError
+from ..resources import MemoryGuardError, cpu_facts, cpu_has_native_bf16, max_model_memory_bytes, rss_bytes
 from .exports import exports_root, package_version, write_atomic
+from .fidelity import bar_for, figures, label, labels
 
 if TYPE_CHECKING:
     from .local import LocalBackend
 
+log = logging.getLogger(__name__)
+
 Config = tuple[str, str, str]  # (runtime, precision, quantize)
-RECORD_FORMAT = 3  # 3: timed round-robin on fixed texts of every length
-TIMED_ROUNDS = 3  # after one warm-up pass; each round times every candidate once, the best round is kept
+RECORD_FORMAT = 4  # 4: faithful candidates only unless int8 is asked; one at a time; no start-up term
+TIMED_PASSES = 2  # after the fidelity pass (which warms up): the best pass is kept
 BATCH = 32
 EXPORT_RUNTIMES = {"onnx": "onnxruntime", "openvino": "openvino"}
 _LIBRARIES = ("torch", "onnxruntime", "openvino", "nncf", "sentence-transformers", "transformers", "tokenizers")
+# what a runtime holds besides the weights while it runs (ORT's arena, OpenVINO's compiled copy):
+# the memory guard refuses a candidate whose weights x this would not fit before loading it
+RUNTIME_FOOTPRINT = {"torch": 2.0, "onnx": 3.0, "openvino": 3.0}
+Note = Callable[[str], None]
 
 
-def label(config: Config) -> str:
-    runtime, precision, quantize = config
-    return f"{runtime} {'int8' if quantize == 'int8' else precision}"
+@dataclass(frozen=True)
+class RuntimeChoice:
+    """The configuration a local model runs with here, and why: what the sidecar records."""
+
+    config: Config
+    by: str  # "asked for" | "measured on this machine" | "pinned" | "not measured yet"
+    record: str | None = None
+    texts_per_s: float | None = None
+    fidelity: dict[str, float] | None = None
+    passed_over: tuple[dict[str, str], ...] = field(default_factory=tuple)
+
+    @property
+    def label(self) -> str:
+        return label(self.config)
+
+    def describe(self) -> dict[str, Any]:
+        return {"chosen": self.label, "by": self.by, "measurements": self.record, "texts_per_s": self.texts_per_s,
+                "fidelity_on_fixed_texts": self.fidelity, "passed_over": list(self.passed_over)}
 
 
 def candidates(runtime: str, precision: str, quantize: str, cpu_only: bool) -> list[Config]:
-    """The configurations that fit --runtime/--precision/--quantize on this machine ("auto" or
-    "none"/"int8" for quantize). One means nothing to measure. InputError when none fits."""
+    """The configurations that fit --runtime/--precision/--quantize here. Without int8 asked, only
+    faithful ones: fp32 of every installed runtime, bf16 only where the CPU has it natively (an
+    emulated bf16 is slower than fp32, not worth timing). One means nothing to measure.
+    InputError when none fits."""
+    int8 = quantize == "int8"
     if runtime == "auto":
-        runtimes = ["torch"]
-        if cpu_only or quantize == "int8":  # int8 runs on the CPU, even where a GPU is
+        runtimes = [] if int8 else ["torch"]
+        if cpu_only or int8:  # the exports run on the CPU, even where a GPU is
             runtimes += [rt for rt, module in EXPORT_RUNTIMES.items() if importlib.util.find_spec(module) is not None]
     else:
         runtimes = [runtime]
+    native_bf16 = cpu_only and cpu_has_native_bf16()
     out: list[Config] = []
     for rt in runtimes:
-        if rt == "torch":
-            if quantize == "int8":
-                continue
-            if precision != "auto":
-                out.append(("torch", precision, "none"))
-            elif not cpu_only:
-                out.append(("torch", "auto", "none"))  # a GPU: fp16 by the device rule, checked at load
-            else:
-                out.append(("torch", "fp32", "none"))
-                if cpu_has_native_bf16():  # emulated bf16 is slower than fp32: not worth timing
-                    out.append(("torch", "bf16", "none"))
-        elif precision in ("auto", "fp32"):
-            kinds = {"auto": ["none", "int8"], "none": ["none"], "int8": ["int8"]}[quantize]
-            if rt == "openvino" and quantize == "auto" and importlib.util.find_spec("nncf") is None:
-                kinds = ["none"]  # its int8 weights are made by NNCF (hfbatch[openvino] brings it)
-            out += [(rt, "fp32", q) for q in kinds]
+        if int8:
+            if rt != "torch" and precision in ("auto", "fp32"):
+                if rt == "openvino" and runtime == "auto" and importlib.util.find_spec("nncf") is None:
+                    continue  # its int8 weights are made by NNCF (hfbatch[openvino] brings it)
+                out.append((rt, "fp32", "int8"))
+            continue
+        if rt == "torch" and not cpu_only:
+            out.append(("torch", precision if precision != "auto" else "auto", "none"))  # a GPU: fp16 by the device rule
+            continue
+        wanted = [precision] if precision != "auto" else (["fp32", "bf16"] if native_bf16 else ["fp32"])
+        for p in wanted:
+            if p == "fp16" or (rt == "onnx" and p != "fp32"):
+                continue  # fp16 is a GPU precision; ONNX Runtime runs fp32 on the CPU here
+            out.append((rt, p, "none"))
     if not out:
         raise InputError(f"no runtime fits --runtime {runtime} --precision {precision} --quantize {quantize} here "
-                         "(ONNX Runtime and OpenVINO run fp32 or int8 on the CPU; torch runs fp32/bf16/fp16); "
+                         "(ONNX Runtime runs fp32 or int8 on the CPU; OpenVINO fp32, bf16 or int8; torch fp32/bf16/fp16); "
                          "drop one of them.")
     return out
 
@@ -100,14 +127,14 @@ def choices_root() -> Path:
 
 
 def record_path(backend: "LocalBackend") -> Path:
+    """One record per model (its files, wherever they sit) and machine; int8 recipes are part of
+    it so a new recipe is measured again, not ranked by the old one's speed."""
     from .onnx import int8_recipe
     from .openvino_export import int8_recipe as openvino_recipe
 
     where = json.dumps(machine(), sort_keys=True).encode()
-    # a new int8 recipe is another candidate: measured again, not ranked by the old one's speed
-    extra = (f"max_length={backend.max_length};prompt={backend.prompt!r};"
-             f"recipes={int8_recipe()},{openvino_recipe()}").encode()
-    key = hashlib.blake2b(where + b"\x1f" + backend.model_key().encode() + b"\x1f" + extra, digest_size=10).hexdigest()
+    extra = f"recipes={int8_recipe()},{openvino_recipe()}".encode()
+    key = hashlib.blake2b(where + b"\x1f" + backend.weights_key().encode() + b"\x1f" + extra, digest_size=10).hexdigest()
     return choices_root() / f"{key}.json"
 
 
@@ -121,53 +148,89 @@ def read_record(path: Path) -> dict[str, Any]:
     if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
         return {}
     entries = record.get("candidates", [])
-    well_formed = isinstance(entries, list) and isinstance(record.get("job_checks", {}), dict) and all(
-        isinstance(e, dict) and isinstance(e.get("config"), list) and len(e["config"]) == 3
-        and all(isinstance(part, str) for part in e["config"]) and isinstance(e.get("label", ""), str)
-        and all(isinstance(e.get(k, 0), (int, float)) and not isinstance(e.get(k, 0), bool)
-                for k in ("startup_s", "texts_per_s"))
+    pinned = record.get("pinned")
+    well_formed = isinstance(entries, list) and (pinned is None or _is_config(pinned)) and all(
+        isinstance(e, dict) and _is_config(e.get("config")) and isinstance(e.get("label", ""), str)
+        and isinstance(e.get("accepted", False), bool)
+        and all(isinstance(e.get(k, 0), (int, float)) and not isinstance(e.get(k, 0), bool) for k in ("texts_per_s",))
         for e in entries)
     return record if well_formed else {}
 
 
-def _write_record(path: Path, record: dict[str, Any]) -> None:
-    write_atomic(path, json.dumps(record, indent=1))
+def _is_config(value: Any) -> bool:
+    return isinstance(value, list) and len(value) == 3 and all(isinstance(part, str) for part in value)
 
 
-def measured(backend: "LocalBackend", configs: Sequence[Config], log: Callable[[str], None] | None = None,
-             measure: bool = True) -> tuple[Path, dict[str, Any]]:
-    """The record of this machine and model, with every config in `configs` measured (those
-    missing are measured now and the record saved; not with measure=False)."""
+def _lock(path: Path) -> Any:
+    """One measurement per record at a time, across processes (Ray actors, two cron jobs)."""
+    from filelock import FileLock
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return FileLock(str(path) + ".lock", timeout=900)
+
+
+def choose(backend: "LocalBackend", configs: Sequence[Config], *, measure: bool = True, note: Note | None = None,
+           exclude: Sequence[Config] = ()) -> RuntimeChoice:
+    """The configuration `backend` runs with: the pinned one, else the fastest accepted in this
+    machine's record (measuring those missing first, unless measure=False: then torch fp32,
+    saying the job would measure). `exclude`: configurations that failed in this process."""
+    configs = [c for c in configs if c not in exclude]
+    if not configs:
+        raise InputError(f"no configuration of {backend.model_id} can run here (every candidate failed: "
+                         f"{labels(exclude)}); pass --runtime torch --precision fp32.")
+    if len(configs) == 1:
+        return RuntimeChoice(configs[0], by="asked for")
     path = record_path(backend)
     record = read_record(path)
-    recorded = {tuple(c["config"]): c for c in record.get("candidates", [])}
-    if any(c not in recorded for c in configs):
-        missing = list(configs)  # all of them, on one sample: speeds from two samples are not ranked together
-    else:  # only those that failed for a passing reason (a full disk, the memory guard) again
-        missing = [c for c in configs if recorded[c].get("transient")]
-    if missing and measure:
-        if log:
-            log(f"measuring {', '.join(label(c) for c in missing)} for {backend.model_id} on this CPU, once "
-                f"(kept in {path.parent})")
-        started = time.perf_counter()
-        fixed, sample = _fixed_texts(), _sample()
-        torch_fp32 = backend.variant(("torch", "fp32", "none"))
-        reference = np.concatenate([torch_fp32.compute(fixed[i:i + BATCH]) for i in range(0, len(fixed), BATCH)])
-        entries = [c for c in record.get("candidates", []) if tuple(c["config"]) not in missing]
-        entries += _measure(backend, missing, sample, fixed, reference)
-        record = {"format": RECORD_FORMAT, "model_id": backend.model_id, "machine": machine(),
-                  "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                  "sample_texts": len(sample), "candidates": entries, "job_checks": record.get("job_checks", {}),
-                  "seconds": round(time.perf_counter() - started + float(record.get("seconds", 0)), 1)}
+    if measure and _missing(record, configs):
         try:
-            _write_record(path, record)
-        except OSError as exc:  # a read-only cache dir: this job still chooses; the next measures again
-            if log:
-                log(f"cannot keep the runtime measurements in {path.parent} ({exc}); they hold for this job only")
-    return path, record
+            with _lock(path):
+                record = read_record(path)  # another process may have measured while this one waited
+                if _missing(record, configs):
+                    record = _measure_and_keep(backend, path, record, _missing(record, configs), note)
+        except OSError:  # a read-only cache dir: measured for this job only
+            record = _measure_and_keep(backend, path, record, _missing(record, configs), note)
+    entries = {tuple(e["config"]): e for e in record.get("candidates", [])}
+    pinned = tuple(record["pinned"]) if record.get("pinned") else None
+    if pinned in configs:
+        return RuntimeChoice(pinned, by="pinned", record=str(path),  # type: ignore[arg-type]
+                             texts_per_s=entries.get(pinned, {}).get("texts_per_s"))
+    accepted = [c for c in configs if entries.get(c, {}).get("accepted")]
+    if not accepted:
+        if not measure:
+            return RuntimeChoice(("torch", "fp32", "none") if ("torch", "fp32", "none") in configs else configs[0],
+                                 by=f"not measured yet: the job will measure {labels(configs)} first", record=str(path))
+        refused = "; ".join(f"{e['label']}: {e.get('reason')}" for c, e in entries.items() if c in configs)
+        raise InputError(f"no configuration of {backend.model_id} passed its checks here ({refused or 'none measured'}); "
+                         "pass --runtime torch --precision fp32.")
+    best = max(accepted, key=lambda c: float(entries[c].get("texts_per_s") or 0.0))
+    return RuntimeChoice(best, by="measured on this machine", record=str(path),
+                         texts_per_s=entries[best].get("texts_per_s"), fidelity=entries[best].get("fidelity"))
 
 
-def _fixed_texts() -> list[str]:
+def _missing(record: dict[str, Any], configs: Sequence[Config]) -> list[Config]:
+    entries = {tuple(e["config"]): e for e in record.get("candidates", [])}
+    # never measured, or failed for a passing reason (a full disk, a busy file) last time
+    return [c for c in configs if c not in entries or entries[c].get("transient")]
+
+
+def _measure_and_keep(backend: "LocalBackend", path: Path, record: dict[str, Any], configs: Sequence[Config],
+                      note: Note | None) -> dict[str, Any]:
+    started = time.perf_counter()
+    entries = [e for e in record.get("candidates", []) if tuple(e["config"]) not in configs]
+    entries += measure_configs(backend, configs, note)
+    record = {"format": RECORD_FORMAT, "model_id": backend.model_id, "machine": machine(),
+              "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "candidates": entries, "pinned": record.get("pinned"),
+              "seconds": round(time.perf_counter() - started, 1)}
+    try:
+        write_atomic(path, json.dumps(record, indent=1))
+    except OSError as exc:
+        log.warning("cannot keep the runtime measurements in %s (%s); they hold for this job only", path.parent, exc)
+    return record
+
+
+def fixed_texts() -> list[str]:
     """What every candidate is checked against torch fp32 on: varied kinds, lengths, languages."""
     from .local import CALIBRATION_TEXTS
     from .onnx import SMOOTHING_TEXTS
@@ -175,189 +238,117 @@ def _fixed_texts() -> list[str]:
     return list(dict.fromkeys([*SMOOTHING_TEXTS, *CALIBRATION_TEXTS]))
 
 
-def _sample() -> list[str]:
-    """What every candidate is timed on: the fixed texts and paragraphs made of runs of 4, 8 and 16
-    of them (the length of documents), sorted by length as a job batches them."""
-    texts = _fixed_texts()
-    paragraphs = [" ".join(texts[i:i + n]) for n in (4, 8, 16) for i in range(0, len(texts) - n + 1, n)]
-    return sorted(dict.fromkeys(texts + paragraphs), key=len)
+def timing_texts() -> list[str]:
+    """What every candidate is timed on: every other fixed text and paragraphs made of runs of 4
+    and 12 of them (the length of documents), sorted by length as a job batches them."""
+    texts = fixed_texts()
+    paragraphs = [" ".join(texts[i:i + n]) for n, step in ((4, 6), (12, 12)) for i in range(0, len(texts) - n + 1, step)]
+    return sorted(dict.fromkeys(texts[::2] + paragraphs), key=len)
 
 
-def _measure(backend: "LocalBackend", configs: Sequence[Config], sample: list[str], fixed: list[str],
-             reference: np.ndarray) -> list[dict[str, Any]]:
-    """Load each configuration and check it on the `fixed` texts (`reference`: torch fp32's
-    vectors of them), then time those accepted round-robin on `sample`. Acceptance does not
-    depend on which job measured: each job's own texts get their own check (`_job_check`). A
-    failure (not installed, export refused, below the bar) is kept with its reason, so it is not
-    tried again on this machine (environmental ones are: `transient`)."""
-    batches = [sample[i:i + BATCH] for i in range(0, len(sample), BATCH)]
+def measure_configs(backend: "LocalBackend", configs: Sequence[Config], note: Note | None = None) -> list[dict[str, Any]]:
+    """Each configuration loaded, checked against torch fp32 on the fixed texts and timed on the
+    timing texts, one at a time and released before the next (the memory guard holds for each).
+    A failure (not installed, export refused, below the bar, over the guard) is kept with its
+    reason; environmental ones (`transient`) are measured again next time."""
+    say = note or (lambda message: None)
+    fixed, timed = fixed_texts(), timing_texts()
     fixed_batches = [fixed[i:i + BATCH] for i in range(0, len(fixed), BATCH)]
+    timed_batches = [timed[i:i + BATCH] for i in range(0, len(timed), BATCH)]
+    # torch fp32 first: the reference every other candidate is checked against, and what exports are made from
+    order = sorted(configs, key=lambda c: c != ("torch", "fp32", "none"))
+    log.warning("measuring %s for %s on this CPU, one at a time, once per machine (kept in %s)",
+                labels(order), backend.model_id, choices_root())
+    reference_backend = backend.variant(("torch", "fp32", "none"))
+    say(f"measuring runtimes (1/{len(order)}): loading torch fp32 as the reference")
+    reference = np.concatenate([reference_backend.compute(b) for b in fixed_batches])
+    guard = max_model_memory_bytes()
     entries: list[dict[str, Any]] = []
-    loaded: dict[int, "LocalBackend"] = {}
-    for config in configs:
+    spent: list[float] = []
+    for n, config in enumerate(order, 1):
+        left = f", ~{(sum(spent) / len(spent)) * (len(order) - n + 1):.0f} s left" if spent else ""
+        say(f"measuring runtimes ({n}/{len(order)}): {label(config)}{left}")
+        began = time.perf_counter()
         entry: dict[str, Any] = {"config": list(config), "label": label(config)}
         entries.append(entry)
+        variant = backend.variant(config)
+        base = rss_bytes()
         try:
-            variant = backend.variant(config)
+            if guard is not None:  # before loading, not after an OOM
+                need = variant.estimated_model_bytes() * RUNTIME_FOOTPRINT.get(config[0], 3.0)
+                if need > guard:
+                    raise MemoryGuardError(f"needs about {need / 1e9:.2f} GB to run, more than MAX_MODEL_MEMORY_GB="
+                                           f"{guard / 1e9:g}")
             variant.load()
-            entry["startup_s"] = round(_startup(variant), 3)
             vectors = np.concatenate([variant.compute(b) for b in fixed_batches])
-            for b in batches:  # warm-up on the texts it is timed on
-                variant.compute(b)
-            cosine = cosine_rows(reference, vectors)
-            entry["fidelity"] = {"mean": round(float(cosine.mean()), 6), "min": round(float(cosine.min()), 6)}
-            bar = _bar(config)
-            entry["accepted"] = entry["fidelity"]["mean"] >= bar[0] and entry["fidelity"]["min"] >= bar[1]
-            if entry["accepted"]:
-                loaded[len(entries) - 1] = variant
+            entry["fidelity"] = figures(reference, vectors)
+            bar = bar_for(config[2])
+            entry["accepted"] = bar.passes(entry["fidelity"])
+            if not entry["accepted"]:
+                entry["reason"] = f"cosine to torch fp32 {entry['fidelity']['mean']:.5f} mean / " \
+                                  f"{entry['fidelity']['min']:.5f} min, under the {bar.name} bar ({bar})"
             else:
-                entry["reason"] = f"cosine to torch fp32 below {bar[0]} mean / {bar[1]} min"
+                best = float("inf")
+                for _ in range(TIMED_PASSES):
+                    t = time.perf_counter()
+                    for b in timed_batches:
+                        variant.compute(b)
+                    best = min(best, time.perf_counter() - t)
+                entry["texts_per_s"] = round(len(timed) / max(best, 1e-9), 1)
+            grown = rss_bytes() - base
+            entry["memory_mb"] = round(max(grown, 0) / 2**20, 1)
+            if guard is not None and grown > guard and entry["accepted"]:
+                raise MemoryGuardError(f"grew the process by {grown / 1e9:.2f} GB, more than MAX_MODEL_MEMORY_GB={guard / 1e9:g}")
+        except MemoryGuardError as exc:
+            entry.update(accepted=False, reason=f"over the memory guard: {_first_line(exc)}")
+            entry.pop("texts_per_s", None)
+            log.warning("%s not measured: %s", label(config), entry["reason"])
         except (HfbatchError, ImportError, OSError, RuntimeError, ValueError) as exc:
-            _failed(entry, exc)
-    best = {i: float("inf") for i in loaded}
-    order = list(loaded)
-    for round_ in range(TIMED_ROUNDS):
-        for i in order[round_ % len(order):] + order[:round_ % len(order)] if order else ():
-            try:
-                started = time.perf_counter()
-                for b in batches:
-                    loaded[i].compute(b)
-                best[i] = min(best[i], time.perf_counter() - started)
-            except (HfbatchError, OSError, RuntimeError, ValueError) as exc:
-                _failed(entries[i], exc)
-                order.remove(i)
-    for i in order:
-        entries[i]["texts_per_s"] = round(len(sample) / max(best[i], 1e-9), 1)
+            entry.update(accepted=False, reason=_first_line(exc)[:300])
+            entry["transient"] = isinstance(exc, (OSError, ImportError)) and not isinstance(exc, ModelLoadError)
+            log.warning("%s refused: %s", label(config), entry["reason"])
+        finally:
+            if config != ("torch", "fp32", "none"):
+                variant.release()
+            gc.collect()
+        spent.append(time.perf_counter() - began)
     return entries
 
 
-def _failed(entry: dict[str, Any], exc: BaseException) -> None:
-    entry.update(accepted=False, reason=(str(exc).splitlines() or [type(exc).__name__])[0][:300])
-    # a full disk, a busy file, the memory guard: measured again next time, not refused for good
-    entry["transient"] = isinstance(exc, (OSError, RuntimeError, ImportError, MemoryGuardError))
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
-def _bar(config: Config) -> tuple[float, float]:
-    from .local import EXPORT_MIN_COSINE, HALF_MIN_MEAN, HALF_MIN_MIN
-    from .onnx import INT8_MIN_MEAN, INT8_MIN_MIN
-
-    if config[2] == "int8":
-        return INT8_MIN_MEAN, INT8_MIN_MIN
-    if config[1] in ("bf16", "fp16"):
-        return HALF_MIN_MEAN, HALF_MIN_MIN
-    return 0.0, EXPORT_MIN_COSINE if config[0] != "torch" else 0.0
+def remeasure(backend: "LocalBackend", configs: Sequence[Config], note: Note | None = None) -> dict[str, Any]:
+    """Measure `configs` again now (`hfbatch tune`), keeping a pin; returns the new record."""
+    path = record_path(backend)
+    with _lock(path):
+        record = read_record(path)
+        return _measure_and_keep(backend, path, record, list(configs), note)
 
 
-def _startup(variant: "LocalBackend") -> float:
-    """Seconds a new process spends before this configuration's first vector: importing its
-    libraries (timed in a fresh interpreter, as a job pays it) and loading the model or session
-    again (the in-process caches bypassed)."""
-    modules = ["sentence_transformers"] if variant.runtime == "torch" else [EXPORT_RUNTIMES[variant.runtime], "tokenizers"]
-    return sum(import_seconds(m) for m in modules) + variant.reload_seconds()
+def pin(backend: "LocalBackend", config: Config | None) -> dict[str, Any]:
+    """Pin `config` as this machine's choice for the model (None: unpin, the fastest again)."""
+    path = record_path(backend)
+    with _lock(path):
+        record = read_record(path) or {"format": RECORD_FORMAT, "model_id": backend.model_id, "machine": machine(),
+                                       "candidates": []}
+        record["pinned"] = list(config) if config else None
+        write_atomic(path, json.dumps(record, indent=1))
+    return record
 
 
-_IMPORTS: dict[str, float] = {}
-
-
-def import_seconds(module: str) -> float:
-    """Import time of `module` in a fresh interpreter (the caller may have imported it already)."""
-    if module not in _IMPORTS:
-        code = f"import time; t = time.perf_counter(); import {module}; print(time.perf_counter() - t)"
-        try:
-            out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
-            _IMPORTS[module] = float(out.stdout.strip().splitlines()[-1])
-        except (subprocess.SubprocessError, OSError, ValueError, IndexError):
-            _IMPORTS[module] = 0.0
-    return _IMPORTS[module]
-
-
-MAX_JOB_CHECKS = 200  # job-text checks remembered per record (the most recent)
-
-
-def _sample_key(config: Config, sample: Sequence[str]) -> str:
-    h = hashlib.blake2b(digest_size=12)
-    h.update(label(config).encode())
-    for text in sample:
-        h.update(b"\x1f" + text.encode("utf-8", "surrogatepass"))
-    return h.hexdigest()
-
-
-def _remember(path: Path, record: dict[str, Any]) -> None:
-    """Keep a passed job-text check in the record (best effort: a read-only cache only loses it)."""
-    checks = record.get("job_checks", {})
-    record["job_checks"] = dict(list(checks.items())[-MAX_JOB_CHECKS:])
+def refuse(backend: "LocalBackend", config: Config, reason: str) -> None:
+    """A chosen configuration failed to load or to prove itself after one rebuild: kept as refused
+    in the record (with its reason) so the next job goes on with the next faithful one."""
+    path = record_path(backend)
     try:
-        _write_record(path, record)
+        with _lock(path):
+            record = read_record(path)
+            for entry in record.get("candidates", []):
+                if tuple(entry["config"]) == config:
+                    entry.update(accepted=False, reason=reason[:300])
+            if record:
+                write_atomic(path, json.dumps(record, indent=1))
     except OSError:
         pass
-
-
-def _job_check(variant: "LocalBackend", config: Config, sample: Sequence[str], path: Path,
-               record: dict[str, Any]) -> None:
-    """`variant` checked on the job's first texts (HfbatchError below the bar), or the pass of an
-    earlier run on the same texts taken from the record: a rerun of the same input loads no model."""
-    seen = _sample_key(config, sample)
-    passed = record.get("job_checks", {}).get(seen)
-    if isinstance(passed, dict):
-        variant.job_fidelity = dict(passed, remembered=True)
-        return
-    variant.check_job_texts(sample)
-    if variant.job_fidelity is not None:  # an empty input checks nothing: nothing to remember
-        record.setdefault("job_checks", {})[seen] = variant.job_fidelity
-        _remember(path, record)
-
-
-def confirm(backend: "LocalBackend", texts: Callable[[], Sequence[str]]) -> None:
-    """A forced int8 or half-precision configuration checked on the job's first texts before the
-    cache opens, its pass remembered in this machine's record as auto's are."""
-    path = record_path(backend)
-    record = read_record(path) or {"format": RECORD_FORMAT, "model_id": backend.model_id, "machine": machine(),
-                                   "candidates": [], "job_checks": {}}
-    _job_check(backend, backend.config, texts(), path, record)
-
-
-def estimate(entry: dict[str, Any], rows: int | None) -> float:
-    """Expected seconds of a job of `rows` texts (None: a large job, where speed is all)."""
-    rate = max(float(entry.get("texts_per_s") or 0.0), 1e-9)
-    if rows is None:
-        return 1.0 / rate
-    return float(entry.get("startup_s") or 0.0) + rows / rate
-
-
-def choose(backend: "LocalBackend", configs: Sequence[Config], *, rows: int | None = None,
-           texts: Callable[[], Sequence[str]] | None = None, measure: bool = True) -> dict[str, Any]:
-    """Settle `backend` on the accepted configuration of least expected time that also passes the
-    bar on the job's first texts; returns what the sidecar says of the choice. measure=False
-    (a dry run): nothing measured here yet means torch fp32, saying that the job would measure."""
-    import logging
-
-    logger = logging.getLogger("hfbatch.backends.selection")
-    path, record = measured(backend, configs, log=logger.warning, measure=measure)
-    entries = {tuple(c["config"]): c for c in record.get("candidates", [])}
-    if not measure and not any(entries.get(c, {}).get("accepted") for c in configs):
-        backend.use(("torch", "fp32", "none"))
-        return {"by": "not measured here yet: the job will measure " + ", ".join(label(c) for c in configs) + " first",
-                "chosen": "torch fp32", "rows": rows, "measurements": str(path), "passed_over": [], "candidates": []}
-    ranked = sorted((c for c in configs if entries.get(c, {}).get("accepted")), key=lambda c: estimate(entries[c], rows))
-    passed_over: list[dict[str, Any]] = []
-    sample: Sequence[str] | None = None
-    for config in ranked:
-        variant = backend.variant(config)
-        if variant.needs_job_check() and texts is not None:
-            sample = texts() if sample is None else sample
-            try:
-                _job_check(variant, config, sample, path, record)
-            except HfbatchError as exc:
-                passed_over.append({"label": label(config), "reason": str(exc)[:300]})
-                logger.warning("%s is not faithful enough on this job's texts; taking the next fastest", label(config))
-                continue
-        backend.use(config, engine_from=variant)
-        return {"by": "measured on this machine", "chosen": label(config), "rows": rows,
-                "estimated_seconds": round(estimate(entries[config], rows), 3) if rows is not None else None,
-                "measurements": str(path), "passed_over": passed_over,
-                "candidates": [{k: v for k, v in entries[c].items() if k != "config"} for c in configs if c in entries]}
-    why = {item["label"]: item["reason"] for item in passed_over}  # accepted here, unfaithful on the job's texts
-    refused = "; ".join(f"{entries[c]['label']}: {why.get(entries[c]['label']) or entries[c].get('reason')}"
-                        for c in configs if c in entries) or "none measured"
-    raise InputError(f"no configuration of {backend.model_id} passed its checks here ({refused}); "
-                     "pass --runtime torch --precision fp32.")

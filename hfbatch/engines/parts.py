@@ -50,7 +50,6 @@ from ..io.plan import part_outputs, plan_outputs
 from ..io.readers import detect_format
 from ..io.stores import RemotePath, is_remote, location
 from ..io.writers import write_json_atomic
-from ..jobs.core import first_texts
 from ..jobs.embed import calibrate_ranges, run_embed
 from ..monitoring import NullObserver, Observer
 from ..options import EmbedOptions, sidecar_path
@@ -440,8 +439,7 @@ def run_embed_parts(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1), b
     # part still makes its own (the model itself is loaded once per process), so that each part's
     # sidecar describes what that part did.
     made = backend or make_backend(job.resolved)
-    settle_runtime(job, settings, made)  # --runtime/--precision auto: once, for every part
-    made.fingerprint()
+    settle_identity(job, made)
     shared = _OneBar(observer) if observer is not None else None
     try:
         settle_ranges(job, settings, backend)  # int8/uint8: before any part is resumed or run
@@ -458,24 +456,12 @@ def run_embed_parts(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1), b
     return job.finish()
 
 
-def settle_runtime(job: PartsJob, settings: Settings, backend: Backend | None = None) -> None:
-    """--runtime/--precision/--quantize auto: chosen once for the whole job (for speed: a many-part
-    job is a big one; checked on its first part's first texts) and written into the options every
-    part and Ray actor is made from, so no two parts are embedded differently. A part an earlier
-    run made with another configuration is embedded again (`PartsJob.resume`)."""
-    backend = backend or make_backend(job.resolved)
-    local = getattr(backend, "primary", backend)  # --backend auto: its local side
-    if not callable(getattr(local, "settle", None)):
-        return
-    first = job.part_options(next(iter(job.outputs))).resolved(settings)
-    backend.settle(rows=None, texts=lambda: first_texts(first))  # type: ignore[attr-defined]
-    # --backend auto handed over to the remote side: the local side of every part is pinned all
-    # the same (torch fp32), so no part settles on its own for its own size
-    runtime, precision, quantize = local.config or ("torch", "fp32", "none")
-    settled = dict(runtime=runtime, precision=precision, quantize=quantize, selection=local.selection)
-    job.options = replace(job.options, **settled)
-    job.resolved = replace(job.resolved, **settled)
-    job.fingerprint = backend.fingerprint()
+def settle_identity(job: PartsJob, backend: Backend | None = None) -> None:
+    """The vectors' identity, fixed once for every part and Ray actor: parts an earlier run made
+    under another one are embedded again (`PartsJob.resume`). It chooses no runtime and loads
+    nothing: every faithful configuration is one identity, and each process that computes takes
+    this machine's one choice for the model (selection.py), so a fully cached job loads no model."""
+    job.fingerprint = (backend or make_backend(job.resolved)).fingerprint()
 
 
 def settle_ranges(job: PartsJob, settings: Settings, backend: Backend | None = None) -> None:

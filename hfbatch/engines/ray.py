@@ -53,7 +53,7 @@ from ..options import EmbedOptions
 from ..provenance import InputFacts, Metrics, OutputFacts, build_document, utc_now
 from ..settings import Settings
 from ..validate import EMBED_COLUMNS, validate_chunk
-from .parts import PartsJob, PartsResult, plan_parts, settle_ranges, settle_runtime
+from .parts import PartsJob, PartsResult, plan_parts, settle_identity, settle_ranges
 
 _META = ("__part", "__row", "__chunk", "__invalid")
 ACTOR_RETRIES = 2  # max_restarts / max_task_retries of the embedding actors
@@ -379,7 +379,7 @@ def run_embed_ray(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1), add
     job = plan_parts(options, shard=shard, settings=settings, engine="ray")
     # int8/uint8: the job's ranges, settled once in the driver before any part is resumed; they
     # travel to every actor with the options
-    settle_runtime(job, settings)  # --runtime/--precision auto: chosen once in the driver, for every actor
+    settle_identity(job)  # one identity for every actor; each chooses this machine's runtime when it computes
     settle_ranges(job, settings)
 
     # every check that needs no model, before the cluster starts: columns, outputs, earlier runs

@@ -62,8 +62,13 @@ class Task(Protocol):
         """Token budget per model call (texts x longest), or None."""
         ...
 
-    def load_seconds(self) -> float:
-        """Seconds the backend has spent loading its model so far."""
+    def setup_seconds(self) -> dict[str, float]:
+        """Seconds the backend has spent so far on one-time work, by stage (measure, export,
+        check, model_load): booked to those stages instead of the model's."""
+        ...
+
+    def watch(self, note: Callable[[str], None]) -> None:
+        """Hand the backend a way to say what slow one-time work it is doing (the progress bar)."""
         ...
 
     def lookup(self, cache: Cache, texts: Sequence[str]) -> dict[int, Any]:
@@ -281,10 +286,11 @@ class ChunkProcessor:
         out: dict[int, Any] = {}
         for batch in plan_batches([lengths[j] for j in order], task.batch_texts, task.max_batch_tokens):
             picked = [order[i] for i in batch]
-            load_before = task.load_seconds()
+            setup_before = task.setup_seconds()
             with m.stage(m.job):
                 values, tokens = task.compute([items[j] for j in picked])
-            m.book_load(task.load_seconds() - load_before)  # the first batch also loaded the model
+            # the first batch also measured, exported, checked or loaded: booked to those stages
+            m.rebook(m.job, {k: v - setup_before.get(k, 0.0) for k, v in task.setup_seconds().items()})
             with m.stage("cache"):
                 task.store(self.cache, [texts[indices[j]] for j in picked], values)
             m.batches += 1
@@ -414,18 +420,19 @@ def run_task(task: Task, opts: JobOptions, files: JobFiles, *, observer: Observe
     sink: ParquetSink | None = None
     observer.start(reader.total_rows)
     try:
-        settle = getattr(task.backend, "settle", None)
-        if callable(settle):  # --runtime/--precision auto: chosen for this job's size, checked on its first texts
-            settle(rows=reader.total_rows, texts=lambda: first_texts(opts, files.source))
-        if opts.use_cache:  # the fingerprint may resolve the model: a model not found is a failed job
-            cache = open_cache(opts.cache_dir, task.backend.fingerprint(), size_limit_bytes=opts.cache_size_bytes or 0)  # type: ignore[arg-type]
+        task.watch(observer.note)  # measuring the runtimes or exporting a model shows on the bar
+        with metrics.stage("cache"):
+            if opts.use_cache:  # the fingerprint may resolve the model: a model not found is a failed job
+                cache = open_cache(opts.cache_dir, task.backend.fingerprint(), size_limit_bytes=opts.cache_size_bytes or 0)  # type: ignore[arg-type]
         processor = ChunkProcessor(task, cache, metrics, observer, passthrough=files.passthrough, on_invalid=opts.on_invalid,
                                    text_column=opts.input_column)
         sample = sampler(task, opts, cache, source=files.source)
         task.calibrate(sample)
         metrics.add_work(sample.metrics)  # what the sample computed is this job's work (its rows are not)
-        # chunks are read and validated one ahead, in a background thread, while the model works
-        for validated in prefetch(_validated(reader, opts, metrics), depth=1):
+        # chunks are read and validated one ahead, in a background thread, while the model works:
+        # that thread's seconds are kept apart (they overlap the others); the wait for it is `read`
+        ahead = Metrics(job=task.job)
+        for validated in metrics.timed("read", prefetch(_validated(reader, opts, ahead), depth=1)):
             chunk = validated.chunk
             metrics.chunks += 1
             metrics.rows_total += chunk.batch.num_rows
@@ -437,8 +444,10 @@ def run_task(task: Task, opts: JobOptions, files: JobFiles, *, observer: Observe
                 sink.write(out)
                 metrics.rows_written += out.num_rows
             observer.chunk(chunk.first_row, chunk.batch.num_rows, metrics)
-        if sink is None:  # an input with no rows still gets a (valid, empty) output
-            sink = ParquetSink(opts.output, processor.schema())
+        with metrics.stage("write"):
+            if sink is None:  # an input with no rows still gets a (valid, empty) output
+                sink = ParquetSink(opts.output, processor.schema())
+        metrics.background_seconds = ahead.stage_seconds
         check_rows(opts, reader, metrics, sink)
         # one document, the same in the Parquet metadata, the sidecar and --json
         document = build_document(job=task.job, backend=task.backend, options=opts, metrics=metrics, started=started,
@@ -481,24 +490,6 @@ def sampler(task: Task, opts: JobOptions, cache: Cache, *, source: Path | None =
 
     sample.metrics = metrics  # type: ignore[attr-defined]
     return sample
-
-
-def first_texts(opts: JobOptions, source: Path | None = None, k: int = 64) -> list[str]:
-    """The first k distinct non-blank texts of the job's input (`source`, else opts.input): what
-    a runtime that `auto` chose must be faithful on before the job uses it."""
-    column = opts.input_column
-    reader = open_reader(source or opts.input, fmt=opts.format, chunk_size=min(opts.chunk_size or 10_000, 10_000),
-                         columns=[column], text_column=column, max_line_bytes=opts.max_line_bytes)  # type: ignore[arg-type]
-    found: dict[str, None] = {}
-    if column not in reader.schema.names:
-        return []
-    for chunk in reader.chunks():
-        for value in chunk.batch.column(column).to_pylist():
-            if isinstance(value, str) and value.strip():
-                found.setdefault(value, None)
-                if len(found) >= k:
-                    return list(found)
-    return list(found)
 
 
 def _first_valid(v: ValidatedChunk, n: int) -> ValidatedChunk:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -145,8 +145,11 @@ class EmbedTask:
     def max_batch_tokens(self) -> int | None:
         return self.opts.max_batch_tokens
 
-    def load_seconds(self) -> float:
-        return self.backend.load_seconds
+    def setup_seconds(self) -> dict[str, float]:
+        return self.backend.setup_seconds()
+
+    def watch(self, note: Callable[[str], None]) -> None:
+        self.backend.watch(note)
 
     def dim(self) -> int:
         """The output's dimension. A fully cached job takes it from hits (checked against the

@@ -12,7 +12,7 @@ finish_reason) answers. A cached answer is UTF-8 JSON; one that does not decode 
 from __future__ import annotations
 
 import json
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -67,8 +67,11 @@ class GenerateTask:
     def batch_texts(self) -> int:
         return self.opts.batch_size or 8
 
-    def load_seconds(self) -> float:
-        return self.backend.load_seconds
+    def setup_seconds(self) -> dict[str, float]:
+        return {"model_load": self.backend.load_seconds}
+
+    def watch(self, note: Callable[[str], None]) -> None:
+        """A generator's one-time work is its load, booked as model_load: nothing to show."""
 
     def lookup(self, cache: Cache, texts: Sequence[str]) -> dict[int, Any]:
         found = {}

@@ -83,23 +83,25 @@ def capabilities(settings: Settings | None = None) -> dict[str, Any]:
 
 def runtime_measurements() -> list[dict[str, Any]]:
     """What `--runtime/--precision auto` measured on this machine, model by model (the records
-    under choices/; only those made with this CPU and these library versions are in force)."""
+    under choices/; only those made with this CPU and these library versions are in force), and
+    what auto runs: the pinned configuration, else the fastest accepted faithful one."""
     import json
 
-    from ..backends.selection import choices_root, estimate, machine, read_record
+    from ..backends.selection import choices_root, machine, read_record
 
     here = machine()
     found = []
     for path in sorted(choices_root().glob("*.json")):
         record = read_record(path)
-        if not record or not record.get("candidates"):  # nothing measured (only forced jobs' checks)
+        if not record or not record.get("candidates"):
             continue
-        accepted = [c for c in record.get("candidates", []) if c.get("accepted")]
-        best = {str(rows): min(accepted, key=lambda c: estimate(c, rows))["label"] if accepted else None
-                for rows in (100, 10_000, None)}
+        faithful = [c for c in record["candidates"] if c.get("accepted") and c["config"][2] != "int8"]
+        fastest = max(faithful, key=lambda c: c.get("texts_per_s") or 0.0)["label"] if faithful else None
+        pinned = " ".join(record["pinned"][:2]) if record.get("pinned") else None
         found.append({"model_id": record.get("model_id"), "measured_at": record.get("measured_at"), "file": str(path),
                       "in_force": json.dumps(record.get("machine"), sort_keys=True) == json.dumps(here, sort_keys=True),
-                      "fastest_for_rows": best, "candidates": record.get("candidates", [])})
+                      "seconds": record.get("seconds"), "pinned": pinned, "chosen": pinned or fastest,
+                      "candidates": record.get("candidates", [])})
     return found
 
 

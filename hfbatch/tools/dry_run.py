@@ -19,7 +19,6 @@ from ..cache import NullCache, open_cache
 from ..engines.parts import is_multi_input
 from ..errors import InputError
 from ..io.readers import open_reader, spooled_input
-from ..jobs.core import first_texts
 from ..jobs.embed import embed_columns
 from ..options import EmbedOptions
 from ..settings import Settings
@@ -46,9 +45,7 @@ def _plan(opts: EmbedOptions, source: Path) -> dict[str, Any]:
                          text_column=opts.text_column, max_line_bytes=opts.max_line_bytes)  # type: ignore[arg-type]
     check_columns(opts.input, reader.schema, opts.text_column, opts.keep, reader.all_columns, added_columns=embed_columns(opts))
     backend = make_backend(opts)
-    settle = getattr(backend, "settle", None)
-    if callable(settle):  # the configuration the job would take (auto: for this size, on these texts)
-        settle(rows=reader.total_rows, texts=lambda: first_texts(opts, source), measure=False)
+    backend.prepare(measure=False)  # the configuration the job would take (auto: this machine's, if measured)
     cache_dir = Path(opts.cache_dir) if opts.cache_dir else None
     exists = bool(opts.use_cache and cache_dir and (cache_dir / "cache.db").exists())
     cache = open_cache(cache_dir, backend.fingerprint(), size_limit_bytes=opts.cache_size_bytes or 0) if exists \

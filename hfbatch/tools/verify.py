@@ -1,12 +1,15 @@
-"""`hfbatch verify OUT`: re-embed a sample of an output's rows with what its sidecar recorded,
-and report how well the stored vectors agree.
+"""`hfbatch verify OUT`: re-embed a sample of an output's rows with the model itself and report
+how well the stored vectors agree.
 
-For a result handed on, or read months later: the sidecar names the model, backend, precision,
-runtime, normalisation and maximum length; verify builds that backend again (never reading the
-cache, which would only repeat the stored vectors), embeds a random sample of rows that have a
-vector, and compares by cosine. The texts come from the output when it kept the text column,
-else from the recorded input file. A fingerprint that differs from the recorded one (another
-model revision, another int8 recipe) is reported beside the figures.
+For a result handed on, or read months later: the sidecar names the model, normalisation,
+maximum length, prompt and the configuration that made the vectors. A local output is compared
+with the model's reference, sentence-transformers on torch in fp32 (never the runtime or int8
+recipe that made it: that would only check a configuration against itself), and held to the bar
+of that configuration: the faithful bar (--tolerance, 0.999 by default) or, for an int8 output,
+int8's (0.98). A remote output is re-embedded by the same server. Never through the cache, which
+would only repeat the stored vectors. The texts come from the output when it kept the text
+column, else from the recorded input file. A fingerprint that differs from the recorded one
+(another model revision, another int8 recipe) is reported beside the figures.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from ..backends import make_backend
+from ..backends.local import LocalBackend
 from ..engines.parts import part_sidecar_path
 from ..errors import HfbatchError, InputError
 from ..io.readers import open_reader
@@ -55,25 +59,33 @@ def verify_output(output: Path, *, sample: int = 64, seed: int = 0, tolerance: f
     rows = sorted(random.Random(seed).sample(candidates, min(sample, len(candidates))))
     local = (prov.get("backends") or {}).get("local") or {}
     remote = (prov.get("backends") or {}).get(prov.get("backend")) or {}
-    options = EmbedOptions(
-        input=output, output=output, model=prov.get("model_id"), backend=prov.get("backend") or "local",
+    backend_name = prov.get("backend") or "local"
+    recorded = dict(
+        input=output, output=output, model=prov.get("model_id"), backend=backend_name,
         normalize=bool(prov.get("normalize", True)),
-        max_length=prov.get("max_length") if (prov.get("backend") or "local") == "local" else None,
-        precision=local.get("precision") or "fp32", runtime=local.get("runtime") or "torch",
-        # the configuration the run settled on (never `auto` again: another choice would make other vectors)
-        quantize="none" if (local.get("quantize") or "none") == "none" else "int8",
-        endpoint=remote.get("endpoint") if prov.get("backend") in ("tei", "openai") else None,
+        max_length=prov.get("max_length") if backend_name == "local" else None,
+        endpoint=remote.get("endpoint") if backend_name in ("tei", "openai") else None,
         prompt=prov.get("prompt") or "",  # the prompt the run used, as text ("": none, not a model default)
     )
-    backend = make_backend(options)
-    fingerprint = backend.fingerprint()
+    int8 = str(local.get("vectors") or "").startswith("int8") or (local.get("quantize") or "none") != "none"
+    # the identity the run recorded, rebuilt (nothing loads): has the model or a setting changed?
+    asked = local.get("requested") if isinstance(local.get("requested"), dict) else {}
+    made = make_backend(EmbedOptions(**recorded, runtime=asked.get("runtime") or "auto",
+                                     precision=asked.get("precision") or "auto", quantize="int8" if int8 else "none"))
+    fingerprint = made.fingerprint()
+    # what the stored vectors are compared with: the model itself (torch fp32) for a local output
+    options = EmbedOptions(**recorded, runtime="torch", precision="fp32", quantize="none")
+    backend = make_backend(options) if backend_name == "local" else made
     report: dict[str, Any] = {
         "output": str(output), "model_id": prov.get("model_id"), "backend": backend.name,
+        "reference": "sentence-transformers, torch fp32" if backend_name == "local" else f"the {backend_name} server",
+        "made_by": local.get("selection", {}).get("chosen") if isinstance(local.get("selection"), dict) else None,
+        "bar": "int8" if int8 else "faithful",
         "rows_in_output": table.num_rows, "rows_checked": len(rows), "tolerance": tolerance,
         "recorded_fingerprint": prov.get("fingerprint"), "fingerprint_now": fingerprint,
         "same_fingerprint": fingerprint == prov.get("fingerprint"),
     }
-    report.update(_int8_terms(backend, local, tolerance))
+    report.update(_int8_terms(made, local, tolerance) if int8 else {})
     if not rows:
         report.update(agree=0, cosine_mean=None, cosine_min=None, ok=True)
         return report
@@ -88,26 +100,18 @@ def verify_output(output: Path, *, sample: int = 64, seed: int = 0, tolerance: f
     return report
 
 
-def _int8_terms(backend: Any, local: dict[str, Any], tolerance: float) -> dict[str, Any]:
-    """What an int8 run changes about the comparison: ONNX Runtime's dynamic int8 gives a whole
-    batch one activation scale, so a text's vector depends on the texts it was batched with and
-    cannot be remade exactly (rows agree at the int8 bar, cosine >= 0.98, not 0.999); and a run
-    made with an int8 recipe this version no longer makes is compared with today's recipe."""
-    recorded = local.get("quantize") or "none"
-    if recorded == "none":
-        return {}
-    from ..backends.onnx import INT8_MIN_MIN
+def _int8_terms(made: Any, local: dict[str, Any], tolerance: float) -> dict[str, Any]:
+    """What an int8 run changes about the comparison: it is held to the int8 bar (cosine >= 0.98
+    to the model's own vectors, not 0.999), and a run made with an int8 recipe this version no
+    longer makes says so."""
+    from ..backends.fidelity import INT8
 
-    terms: dict[str, Any] = {"quantize_recorded": recorded}
-    side = getattr(backend, "primary", backend)
-    now = side.quantize_recipe() if callable(getattr(side, "quantize_recipe", None)) else None
-    if now is not None:
-        terms["quantize_now"] = now
-        if now != recorded:
-            terms["note"] = (f"the run used int8 recipe {recorded}, which this version no longer makes (now {now}): "
-                             "the figures compare two recipes")
-    if local.get("runtime") == "onnx" and tolerance > INT8_MIN_MIN:
-        terms["tolerance"] = INT8_MIN_MIN  # per-batch activation scales: see the docstring
+    recorded = local.get("quantize") or "none"
+    terms: dict[str, Any] = {"quantize_recorded": recorded, "tolerance": min(tolerance, INT8.min)}
+    identity = made.identity() if isinstance(made, LocalBackend) else None
+    if identity is not None and recorded != "none" and recorded not in identity:
+        terms["note"] = (f"the run used int8 recipe {recorded}, which this version no longer makes: "
+                         "the fingerprint differs")
     return terms
 
 

@@ -1,0 +1,46 @@
+"""`hfbatch tune MODEL`: measure a model's runtime configurations on this machine now, show the
+table, and pin the choice (or let the fastest faithful one run again).
+
+The same measurement a first job makes (backends/selection.py), on demand: after an upgrade, on
+a machine that was busy the first time, or in a container image build so that the jobs it runs
+measure nothing. `--pin` fixes what `auto` runs for this model here; HFBATCH_RUNTIME /
+HFBATCH_PRECISION fix it without any record.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from ..backends.fidelity import label
+from ..backends.local import LocalBackend
+from ..backends.selection import pin as pin_choice
+from ..backends.selection import read_record, record_path, remeasure
+from ..errors import InputError
+
+
+def tune(model: str, *, int8: bool = False, pin: str | None = None, unpin: bool = False, measure: bool = True,
+         trust_remote_code: bool = False, note: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure `model`'s candidates here (the faithful ones; with int8=True the int8 ones too),
+    keep the record, apply `pin` ("openvino bf16", "torch fp32", ...) or `unpin`, and return
+    {"model_id", "record", "candidates", "chosen", "pinned"}. InputError for a pin that is not a
+    measured, accepted candidate."""
+    backend = LocalBackend(model, runtime="auto", precision="auto", quantize="none", trust_remote_code=trust_remote_code)
+    configs = backend.candidates()
+    if int8:
+        configs += LocalBackend(model, runtime="auto", precision="auto", quantize="int8").candidates()
+    record = remeasure(backend, configs, note) if measure else read_record(record_path(backend))
+    entries = record.get("candidates", [])
+    if pin is not None:
+        wanted = " ".join(pin.replace("-", " ").split()).lower()
+        match = [e for e in entries if e["label"] == wanted]
+        if not match or not match[0].get("accepted"):
+            known = ", ".join(e["label"] for e in entries if e.get("accepted")) or "none"
+            raise InputError(f"--pin {pin!r} is not an accepted configuration of {model} here; accepted: {known}.")
+        record = pin_choice(backend, tuple(match[0]["config"]))  # type: ignore[arg-type]
+    elif unpin:
+        record = pin_choice(backend, None)
+    faithful = [e for e in entries if e.get("accepted") and e["config"][2] != "int8"]
+    fastest = max(faithful, key=lambda e: e.get("texts_per_s") or 0.0)["label"] if faithful else None
+    pinned = label(tuple(record["pinned"])) if record.get("pinned") else None  # type: ignore[arg-type]
+    return {"model_id": model, "record": str(record_path(backend)), "candidates": entries,
+            "chosen": pinned or fastest, "pinned": pinned, "seconds": record.get("seconds")}
