@@ -9,6 +9,11 @@ a batch job. The library API is what the CLI calls, one function per command:
     hfbatch.plan(options)      # the dry run: rows, cache hits, tokens, ETA; nothing written
     hfbatch.verify("reviews.parquet")
 
+In memory, no files (the same cache, backends and options as `embed`, given as keywords):
+
+    hfbatch.encode(["a query", "a document"])             # np.ndarray (2, 384) float32
+    hfbatch.encode(df, text_column="body", prompt="query: ")   # the DataFrame plus `embedding`...
+
 Errors are one tree (see hfbatch.errors); each has the CLI's exit code as `exit_code`.
 """
 
@@ -27,6 +32,7 @@ from .errors import (
     TransientBackendError,
 )
 from .jobs.embed import EmbedResult, run_embed
+from .jobs.encode import encode
 from .jobs.generate import GenerateResult, run_generate
 from .options import EmbedOptions, GenerateOptions
 from .tools.dry_run import plan_embed as plan
@@ -38,6 +44,7 @@ embed_file = embed  # the earlier name: the same call as `hfbatch embed`, a file
 __all__ = [
     "__version__",
     "embed",
+    "encode",
     "generate",
     "plan",
     "verify",

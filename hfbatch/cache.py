@@ -8,7 +8,11 @@ is switched off, and a row that names a file (planted, or written by an older ve
 rejected entry, never read and never deleted outside the directory. `store` records the dimension
 of each namespace's vectors, so a lookup can refuse a wrong-size value before any vector has been
 computed. diskcache stores each batch in one SQLite transaction, so a killed run leaves
-whole entries or none, and a rerun finds everything stored before the kill.
+whole entries or none, and a rerun finds everything stored before the kill. Every entry is tagged
+with its namespace (the backend fingerprint), so `cache_info` can count entries per namespace.
+
+`cache_info`, `clear_cache` and `prune_cache` look after a cache directory as a whole (the
+`hfbatch cache` commands); they open only a directory that holds a cache, never create one.
 """
 
 from __future__ import annotations
@@ -17,17 +21,19 @@ import functools
 import hashlib
 import logging
 import os
+import re
 import sqlite3
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Iterator, Sequence
 
 import diskcache
 import numpy as np
 from diskcache.core import MODE_RAW
 
-from .errors import OutputError
+from .errors import InputError, OutputError
 
 log = logging.getLogger(__name__)
 _LE_FLOAT32 = np.dtype("<f4")
@@ -176,11 +182,11 @@ class EmbeddingCache:
         namespace = fingerprint or self.fingerprint
         with self._cache.transact():
             if len(data):  # what lookups without a known dimension check values against
-                self._cache.set(cache_key(_DIM_PREFIX + namespace, ""), int(data.shape[1]))
+                self._cache.set(cache_key(_DIM_PREFIX + namespace, ""), int(data.shape[1]), tag=namespace)
             for text, row in zip(texts, data):
-                self._cache.set(cache_key(namespace, text), row.tobytes())
+                self._cache.set(cache_key(namespace, text), row.tobytes(), tag=namespace)
             for text, count in zip(texts, token_counts or ()):
-                self._cache.set(cache_key(_TOKENS_PREFIX + namespace, text), int(count))
+                self._cache.set(cache_key(_TOKENS_PREFIX + namespace, text), int(count), tag=namespace)
         self._cache.cull(retry=True)  # least recently used first, until under the size limit
         self.stats.stores += len(texts)
 
@@ -197,7 +203,7 @@ class EmbeddingCache:
     def store_bytes(self, texts: Sequence[str], values: Sequence[bytes], namespace: str) -> None:
         with self._cache.transact():
             for text, value in zip(texts, values):
-                self._cache.set(cache_key(namespace, text), bytes(value))
+                self._cache.set(cache_key(namespace, text), bytes(value), tag=namespace)
         self._cache.cull(retry=True)
         self.stats.stores += len(texts)
 
@@ -290,3 +296,141 @@ class NullCache:
 
     def close(self) -> None:
         pass
+
+
+# --- the cache directory as a whole: hfbatch cache info | clear | prune ---------------------------
+
+_DB_FILES = ("cache.db", "cache.db-wal", "cache.db-shm")
+_AGE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*$", re.IGNORECASE)
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_age(value: str, name: str = "--older-than") -> float:
+    """'30d', '12h', '90m', '2w', '45s' -> seconds. InputError for anything else."""
+    match = _AGE_RE.match(str(value))
+    if not match or float(match.group(1)) <= 0:
+        raise InputError(f"{name} {value!r} is not an age; use a number and a unit: 30d, 12h, 90m, 2w or 45s.")
+    return float(match.group(1)) * _AGE_UNITS[match.group(2).lower()]
+
+
+def _size_on_disk(directory: Path) -> int:
+    return sum((directory / name).stat().st_size for name in _DB_FILES if (directory / name).is_file())
+
+
+@contextmanager
+def _existing(directory: str | Path) -> Iterator[diskcache.Cache | None]:
+    """The cache in `directory` with the settings it was made with, or None where there is none
+    (nothing is created). OutputError, naming the directory, when it cannot be opened."""
+    directory = Path(directory).expanduser()
+    if not (directory / "cache.db").is_file():
+        yield None
+        return
+    try:
+        cache = diskcache.Cache(str(directory), disk=_RawOnlyDisk)
+    except Exception as exc:
+        raise OutputError(f"cannot open the embedding cache at {directory} ({exc}); is it an hfbatch cache?") from exc
+    try:
+        yield cache
+    except _CACHE_FAULTS as exc:
+        raise OutputError(f"the embedding cache at {directory} failed ({type(exc).__name__}: {exc}).") from exc
+    finally:
+        cache.close()
+
+
+def _facts(directory: Path, cache: diskcache.Cache | None) -> dict[str, Any]:
+    return {"directory": str(directory), "exists": cache is not None,
+            "entries": len(cache) if cache is not None else 0, "size_bytes": _size_on_disk(directory)}
+
+
+def cache_info(directory: str | Path) -> dict[str, Any]:
+    """What a cache directory holds: `entries` (vectors, token counts and per-namespace records),
+    `size_bytes` on disk, `volume_bytes` (what the size limit is held against), the time of the
+    least and the most recent use, and per namespace (a backend fingerprint; None for entries
+    stored before namespaces were recorded) its entries, value bytes and last use, most used first."""
+    directory = Path(directory).expanduser()
+    with _existing(directory) as cache:
+        info = _facts(directory, cache)
+        info.update(volume_bytes=0, oldest_use=None, newest_use=None, namespaces=[])
+        if cache is None:
+            return info
+        sql = cache._sql  # one scan of diskcache's table (see _get_many)
+        oldest, newest = sql("SELECT MIN(access_time), MAX(access_time) FROM Cache").fetchone()
+        rows = sql("SELECT tag, COUNT(*), COALESCE(SUM(length(value)), 0), MAX(access_time) FROM Cache "
+                   "GROUP BY tag ORDER BY COUNT(*) DESC").fetchall()
+        info.update(volume_bytes=int(cache.volume()), oldest_use=oldest, newest_use=newest,
+                    namespaces=[{"namespace": tag if isinstance(tag, str) else None, "entries": n, "value_bytes": b,
+                                 "last_use": last} for tag, n, b, last in rows])
+        return info
+
+
+def _delete(cache: diskcache.Cache, where: str, params: Sequence[Any]) -> int:
+    """Delete the rows `where` selects, in one transaction; a row naming a file (written by an
+    older version, or planted) has it removed only inside the cache directory (_RawOnlyDisk)."""
+    with cache.transact():
+        rows = cache._sql(f"SELECT rowid, filename FROM Cache WHERE {where}", list(params)).fetchall()
+        for start in range(0, len(rows), _BULK):
+            part = [rowid for rowid, _ in rows[start : start + _BULK]]
+            cache._sql(f"DELETE FROM Cache WHERE rowid IN ({','.join('?' * len(part))})", part)
+    for _, filename in rows:
+        if filename:
+            cache.disk.remove(filename)
+    return len(rows)
+
+
+def _compact(cache: diskcache.Cache) -> None:
+    """Give the freed pages back to the filesystem (diskcache's database runs auto_vacuum in WAL
+    mode: the file shrinks once the log is checkpointed)."""
+    try:
+        cache._sql("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+    except sqlite3.Error:
+        pass  # another process is reading: the log is folded in at its next checkpoint
+
+
+def clear_cache(directory: str | Path) -> dict[str, Any]:
+    """Remove every entry of the cache in `directory` (every namespace). Returns `removed` and
+    `size_bytes` on disk before and after (`before_bytes`)."""
+    directory = Path(directory).expanduser()
+    with _existing(directory) as cache:
+        before = _size_on_disk(directory)
+        removed = _delete(cache, "1", ()) if cache is not None else 0
+        if cache is not None:
+            _compact(cache)
+        return {**_facts(directory, cache), "removed": removed, "before_bytes": before}
+
+
+def prune_cache(directory: str | Path, *, max_bytes: int | None = None,
+                older_than_seconds: float | None = None) -> dict[str, Any]:
+    """Drop the entries of the cache in `directory` not used (stored or looked up) for
+    `older_than_seconds`, then the least recently used ones until its volume is at most
+    `max_bytes` (the eviction order and measure of a job's own size limit). Returns `removed`,
+    and `size_bytes` / `volume_bytes` after, `before_bytes` on disk before."""
+    if max_bytes is None and older_than_seconds is None:
+        raise InputError("cache prune needs --max-size (e.g. 500MB) or --older-than (e.g. 30d), or both.")
+    if max_bytes is not None and max_bytes < 0:
+        raise InputError(f"--max-size must be 0 or more bytes (got {max_bytes}).")
+    directory = Path(directory).expanduser()
+    with _existing(directory) as cache:
+        before = _size_on_disk(directory)
+        removed = 0
+        if cache is not None and older_than_seconds is not None:
+            removed += _delete(cache, "access_time < ?", [time.time() - older_than_seconds])
+        if cache is not None and max_bytes is not None:
+            while (volume := cache.volume()) > max_bytes:
+                # the least recently used rows that hold the excess, their keys and values scaled
+                # by the database's overhead on them (pages freed only in part give back less: the
+                # loop measures again and goes on)
+                row_bytes = "length(key) + COALESCE(length(value), 8)"
+                held = cache._sql(f"SELECT SUM({row_bytes}) FROM Cache").fetchone()[0] or 0
+                excess, last = (volume - max_bytes) * held / volume, 0
+                for count, (rowid, size) in enumerate(cache._sql(
+                        f"SELECT rowid, {row_bytes} FROM Cache ORDER BY access_time LIMIT 50000"), start=1):
+                    excess, last = excess - size, rowid
+                    if excess <= 0:
+                        break
+                if not last:
+                    break  # nothing left to remove: what remains is the database's own pages
+                removed += _delete(cache, "rowid IN (SELECT rowid FROM Cache ORDER BY access_time LIMIT ?)", [count])
+        if cache is not None:
+            _compact(cache)
+        return {**_facts(directory, cache), "removed": removed, "before_bytes": before,
+                "volume_bytes": int(cache.volume()) if cache is not None else 0}

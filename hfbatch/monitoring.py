@@ -1,7 +1,8 @@
 """One observer of a job, injected: what the jobs report while they run, and to whom.
 
 A job calls only its Observer: `start(total_rows)`, `advance(rows, hit_rate=)` as rows get their
-results, `chunk(first_row, rows, metrics)` after each chunk is written, then `done(document)` or
+results, `chunk(first_row, rows, metrics)` after each chunk is written, `note(message)` for a short
+status while no rows move (measuring, exporting, loading), then `done(document)` or
 `failed(error)`. `NullObserver` (the default) reports nothing; `RichProgress` draws the bar for
 people; `MonitoringFiles` keeps the files of cron jobs: a Prometheus textfile (node_exporter's
 textfile collector) and a structured log with one JSON line per chunk (`--metrics-file`,
@@ -18,8 +19,13 @@ import time
 from pathlib import Path
 from typing import Any, Mapping, Protocol
 
+from datetime import timedelta
+
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.markup import escape
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TaskProgressColumn, TextColumn,
+                           TimeElapsedColumn)
+from rich.text import Text
 
 from .errors import InputError
 from .io.writers import temp_path_for
@@ -33,6 +39,7 @@ class Observer(Protocol):
     def start(self, total_rows: int | None) -> None: ...
     def advance(self, rows: int, *, hit_rate: float) -> None: ...
     def chunk(self, first_row: int, rows: int, metrics: Metrics) -> None: ...
+    def note(self, message: str) -> None: ...
     def done(self, document: Mapping[str, Any]) -> None: ...
     def failed(self, error: BaseException) -> None: ...
 
@@ -49,6 +56,9 @@ class NullObserver:
     def chunk(self, first_row: int, rows: int, metrics: Metrics) -> None:
         pass
 
+    def note(self, message: str) -> None:
+        pass
+
     def done(self, document: Mapping[str, Any]) -> None:
         pass
 
@@ -56,34 +66,78 @@ class NullObserver:
         pass
 
 
+def job_rate(rows: float, seconds: float | None) -> float | None:
+    """Rows per second of a job: rows done over the wall seconds since it started (model load,
+    measuring and checks included). The bar and the summary both use this sum, so they agree."""
+    return rows / seconds if rows and seconds else None
+
+
+def rate_text(rate: float | None) -> str:
+    """A rate as the bar and the summary both print it: '1,234', '12.3', '0.08'; '-' for none."""
+    if rate is None:
+        return "-"
+    return f"{rate:,.0f}" if rate >= 100 else f"{rate:.1f}" if rate >= 10 else f"{rate:.2f}"
+
+
+class _RateColumn(ProgressColumn):
+    """`123 rows/s · ETA 0:00:12`: the job's rate (`job_rate`, since start()) and the time the
+    rows left take at that rate; recomputed at every refresh, not only when rows move."""
+
+    def render(self, task: Task) -> Text:
+        # at the end, the rate of the job's document, the very number its summary prints
+        rate = task.fields.get("final_rate") or job_rate(task.completed, task.elapsed)
+        if rate is None:
+            return Text("- rows/s · ETA -")
+        eta = ("-" if task.total is None
+               else str(timedelta(seconds=round(max(task.total - task.completed, 0) / rate))))
+        return Text(f"{rate_text(rate)} rows/s · ETA {eta}")
+
+
 class RichProgress(NullObserver):
-    """Rows done / total, rows per second and cache hit rate, on stderr."""
+    """Rows done / total, rows per second and the ETA (`job_rate`), cache hit rate, on stderr.
+    `note(message)` shows a status beside the label until the next note (`""` clears it) or until
+    rows move."""
 
     def __init__(self, console: Console | None = None, *, label: str = "embedding"):
+        self._label = label
+        self._note = ""
         self._bar = Progress(
-            TextColumn(f"[bold]{label}"),
+            TextColumn("{task.description}"),
             BarColumn(),
             MofNCompleteColumn(),
             TaskProgressColumn(),
-            TextColumn("{task.fields[rate]} rows/s · cache hits {task.fields[hits]}"),
+            _RateColumn(),
+            TextColumn("· cache hits {task.fields[hits]}"),
             TimeElapsedColumn(),
             console=console or Console(stderr=True),
             transient=False,
         )
         self._task = None
 
+    def _description(self) -> str:
+        return f"[bold]{escape(self._label)}[/]" + (f" {escape(self._note)}" if self._note else "")
+
     def start(self, total_rows: int | None) -> None:
         self._bar.start()
-        self._task = self._bar.add_task("job", total=total_rows, rate="-", hits="-")
+        self._task = self._bar.add_task(self._description(), total=total_rows, hits="-")
+
+    def note(self, message: str) -> None:
+        self._note = " ".join(str(message).split())  # one line, whatever it was given
+        if self._task is not None:
+            self._bar.update(self._task, description=self._description())
 
     def advance(self, rows: int, *, hit_rate: float) -> None:
         if self._task is None:
             return
-        self._bar.advance(self._task, rows)
-        speed = self._bar.tasks[0].speed
-        self._bar.update(self._task, rate=f"{speed:,.0f}" if speed else "-", hits=f"{hit_rate:.0%}")
+        if rows and self._note:  # rows are moving again: what held them up is over
+            self._note = ""
+            self._bar.update(self._task, description=self._description())
+        self._bar.update(self._task, advance=rows, hits=f"{hit_rate:.0%}")
 
     def done(self, document: Mapping[str, Any]) -> None:
+        m = document.get("metrics") or {}
+        if self._task is not None and m.get("wall_seconds"):
+            self._bar.update(self._task, final_rate=job_rate(m.get("rows_total", 0), m["wall_seconds"]))
         self._bar.stop()
 
     def failed(self, error: BaseException) -> None:
@@ -150,6 +204,10 @@ class Observers(NullObserver):
     def chunk(self, first_row: int, rows: int, metrics: Metrics) -> None:
         for o in self.observers:
             o.chunk(first_row, rows, metrics)
+
+    def note(self, message: str) -> None:
+        for o in self.observers:
+            o.note(message)
 
     def done(self, document: Mapping[str, Any]) -> None:
         for o in self.observers:

@@ -13,7 +13,7 @@ from typing import Any, Sequence, TypeVar
 from .backends.generation import GenerationParams
 from .errors import InputError
 from .io.plan import check_output_path
-from .io.readers import detect_format
+from .io.readers import detect_format, format_with_delimiter, parse_delimiter
 from .io.stores import is_remote, location
 from .settings import Settings, parse_byte_size
 from .validate import ON_INVALID
@@ -31,6 +31,7 @@ class JobOptions:
     output: Path
     keep: Sequence[str] | None = None
     format: str | None = None
+    delimiter: str | None = None  # CSV: one character, or tab; None: comma (tab for .tsv). Folded into `format` once resolved
     model: str | None = None
     backend: str = "local"
     device: str | None = None
@@ -78,6 +79,9 @@ class JobOptions:
         return dict(
             input=location(self.input),  # a store's URL stays one (Path would fold its //)
             output=location(self.output),
+            # the readers take the format and the CSV delimiter as one value ("tsv", "csv:;")
+            format=format_with_delimiter(self.format, self.delimiter, self.input),
+            delimiter=None if self.delimiter is None else parse_delimiter(self.delimiter),
             device=self.device or settings.device,
             chunk_size=settings.chunk_size if self.chunk_size is None else self.chunk_size,
             use_cache=settings.cache_enabled if self.use_cache is None else self.use_cache,
@@ -229,7 +233,8 @@ class GenerateOptions(JobOptions):
 
     def _check(self) -> None:
         if not self.model:
-            raise InputError("generate needs --model (a hub id or a local directory of a causal LM).")
+            raise InputError("generate needs --model (a hub id or a local directory of a causal LM, "
+                             "e.g. --model HuggingFaceTB/SmolLM2-135M-Instruct).")
         if self.backend not in GENERATE_BACKENDS:
             raise InputError(f"--backend {self.backend!r} is not one of: local, api (hf-api) for generate.")
         super()._check()

@@ -5,7 +5,11 @@ Routes, as the real servers have them:
             -> [[...], ...]
             GET  /info   -> {"model_id", "max_client_batch_size", ...}
 - HF API:   POST /hf-inference/models/<model>/pipeline/feature-extraction (same body as TEI)
-- OpenAI:   POST /v1/embeddings {"input": [...], "model"} -> {"object": "list", "data": [{"embedding", "index"}]}
+- OpenAI:   POST /v1/embeddings {"input": [...], "model"} -> {"object": "list", "data": [{"embedding", "index"}],
+            "model", "usage": {"prompt_tokens", "total_tokens"}}: usage per request, the tokens of all its
+            inputs as the model read them (truncated at its max_seq_length, as TEI's /v1 route counts;
+            vLLM sums each prompt's token ids), never per input. `openai_usage` plays servers that
+            leave it out (None) or send something else (a value sent as it is).
 
 Faults are scripted per request (`script`), so tests can play 429 + Retry-After, 503 loading,
 500, 401, 413, malformed JSON or a wrong dimension exactly as a server would send them; or drawn at
@@ -121,6 +125,7 @@ class EmbeddingServer(LocalServer):
         self.prompts: dict[str, str] = {}
         self.prompt_error_status = 413  # TEI answers an unknown prompt_name so (a Validation error)
         self.encoded: list[str] = []  # every text the model was given, prompt included, in arrival order
+        self.openai_usage: Any = "count"  # "count": the real counts; None: no usage; anything else: sent as is
         self._lock = threading.Lock()
         self._serve(self._handler())
 
@@ -138,6 +143,11 @@ class EmbeddingServer(LocalServer):
             out = self.model.encode(texts, output_value="token_embeddings", convert_to_numpy=False)
             return [np.asarray(t.cpu()).tolist() for t in out]
         return self.model.encode(texts, normalize_embeddings=normalize, convert_to_numpy=True).tolist()
+
+    def tokens_read(self, text: str) -> int:
+        """The tokens the model reads of `text`: special tokens included, cut at its max_seq_length."""
+        ids = self.model.tokenizer(text, truncation=True, max_length=self.model.max_seq_length)["input_ids"]
+        return len(ids)
 
     def _handler(server) -> type[BaseHTTPRequestHandler]:  # noqa: N805 - closes over the server
         class Handler(JsonHandler):
@@ -218,8 +228,14 @@ class EmbeddingServer(LocalServer):
                     data = [{"object": "embedding", "embedding": v, "index": i} for i, v in enumerate(vectors)]
                     if server.shuffle_openai:
                         random.Random(len(texts)).shuffle(data)  # results carry their index; order is not promised
-                    return self._send(Reply(200, {"object": "list", "data": data, "model": body.get("model"),
-                                                  "usage": {"prompt_tokens": 0, "total_tokens": 0}}))
+                    answer = {"object": "list", "data": data, "model": body.get("model")}
+                    if server.openai_usage == "count":  # one total for the request, as the real servers count
+                        tokens = sum(server.tokens_read(t) for t in texts)
+                        answer["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}
+                    elif server.openai_usage is not None:
+                        answer["usage"] = server.openai_usage
+                    self._record["usage"] = answer.get("usage")
+                    return self._send(Reply(200, answer))
                 return self._send(Reply(200, vectors))
 
         return Handler

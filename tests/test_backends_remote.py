@@ -215,8 +215,11 @@ def test_413_halves_the_batch_and_keeps_the_size(server: EmbeddingServer, st_mod
 
 def test_413_on_a_single_text_is_terminal(server: EmbeddingServer) -> None:
     server.max_batch = 0
-    with pytest.raises(TerminalBackendError, match="single text as too large"):
+    with pytest.raises(TerminalBackendError, match="single text as too large") as info:
         _backend("tei", server).embed(["a"])
+    # the server's own words, and a fix a remote backend takes (--max-length is the local model's only)
+    assert "maximum allowed batch size 0" in str(info.value) and "--split tokens:N" in str(info.value)
+    assert "--max-length" not in str(info.value)
 
 
 def test_concurrent_requests_keep_input_order(server: EmbeddingServer, st_model) -> None:

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from hfbatch.cache import CacheStats, EmbeddingCache, NullCache, cache_key
-from hfbatch.errors import OutputError
+from hfbatch.errors import InputError, OutputError
 
 DIM = 384
 MiB = 1 << 20
@@ -396,3 +396,79 @@ def test_nfc_and_nfd_forms_of_a_text_are_two_entries(tmp_path: Path) -> None:
     with sqlite3.connect(tmp_path / "c" / "cache.db") as db:
         keys = {k for (k,) in db.execute("SELECT key FROM Cache")}
     assert {cache_key("fp-a", nfc), cache_key("fp-a", nfd)} <= keys
+
+
+# --- the directory as a whole: cache_info, clear_cache, prune_cache --------------------------------
+
+def _filled(directory: Path) -> None:
+    """Two namespaces: 300 texts under fp-a (vectors and token counts), 100 under fp-b."""
+    cache = _open(directory, "fp-a")
+    cache.store([f"a{i}" for i in range(300)], _vectors(300), token_counts=[7] * 300)
+    cache.store([f"b{i}" for i in range(100)], _vectors(100, seed=1), fingerprint="fp-b")
+    cache.close()
+
+
+def test_info_counts_entries_per_namespace_and_opens_nothing_new(tmp_path: Path) -> None:
+    from hfbatch.cache import cache_info
+
+    _filled(tmp_path / "c")
+    info = cache_info(tmp_path / "c")
+    assert info["exists"] and info["entries"] == 300 * 2 + 1 + 100 + 1  # vectors, token counts, a dimension each
+    assert [(n["namespace"], n["entries"]) for n in info["namespaces"]] == [("fp-a", 601), ("fp-b", 101)]
+    assert info["namespaces"][0]["value_bytes"] >= 300 * DIM * 4
+    assert info["size_bytes"] >= info["volume_bytes"] > 400 * DIM * 4
+    empty = cache_info(tmp_path / "nothing")
+    assert not empty["exists"] and empty["entries"] == 0 and not (tmp_path / "nothing").exists()
+
+
+def test_prune_to_a_size_drops_the_least_recently_used_first(tmp_path: Path) -> None:
+    from hfbatch.cache import cache_info, prune_cache
+
+    _filled(tmp_path / "c")
+    cache = _open(tmp_path / "c", "fp-a")
+    assert len(cache.lookup([f"a{i}" for i in range(20)], DIM)) == 20  # used just now: kept
+    cache.close()
+    before = cache_info(tmp_path / "c")["volume_bytes"]
+    report = prune_cache(tmp_path / "c", max_bytes=before // 3)
+    assert report["volume_bytes"] <= before // 3 and report["removed"] > 0
+    assert report["volume_bytes"] > before // 5  # about the excess, not everything
+    cache = _open(tmp_path / "c", "fp-a")
+    assert len(cache.lookup([f"a{i}" for i in range(20)], DIM)) == 20
+    assert len(cache.lookup([f"a{i}" for i in range(200, 300)], DIM)) < 100  # stored early, never read again
+    cache.close()
+
+
+def test_prune_by_age_drops_only_entries_unused_for_that_long(tmp_path: Path) -> None:
+    import time
+
+    from hfbatch.cache import cache_info, parse_age, prune_cache
+
+    _filled(tmp_path / "c")
+    with sqlite3.connect(tmp_path / "c" / "cache.db") as db:  # fp-b last used 40 days ago
+        db.execute("UPDATE Cache SET access_time = ? WHERE tag = 'fp-b'", (time.time() - 40 * 86400,))
+    report = prune_cache(tmp_path / "c", older_than_seconds=parse_age("30d"))
+    assert report["removed"] == 101
+    assert [n["namespace"] for n in cache_info(tmp_path / "c")["namespaces"]] == ["fp-a"]
+    assert parse_age("12h") == 12 * 3600 and parse_age("2w") == 14 * 86400
+    for bad in ("30 days", "-1d", "0d", "d"):
+        with pytest.raises(InputError, match="--older-than .* is not an age"):
+            parse_age(bad)
+    with pytest.raises(InputError, match="needs --max-size"):
+        prune_cache(tmp_path / "c")
+
+
+def test_clear_removes_every_entry_but_no_file_outside_the_cache(tmp_path: Path) -> None:
+    from hfbatch.cache import cache_info, clear_cache
+
+    _filled(tmp_path / "c")
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep me")
+    with sqlite3.connect(tmp_path / "c" / "cache.db") as db:  # a planted row naming a file outside
+        db.execute("INSERT INTO Cache (key, raw, store_time, expire_time, access_time, access_count, tag, size, mode,"
+                   " filename, value) VALUES ('planted', 1, 0, NULL, 0, 0, NULL, 7, 2, ?, NULL)", (str(outside),))
+    report = clear_cache(tmp_path / "c")
+    assert report["removed"] == 300 * 2 + 1 + 100 + 1 + 1 and report["size_bytes"] < report["before_bytes"]
+    assert cache_info(tmp_path / "c")["entries"] == 0 and outside.read_text() == "keep me"
+    cache = _open(tmp_path / "c", "fp-a")
+    assert cache.lookup(["a1"], DIM) == {}
+    cache.close()

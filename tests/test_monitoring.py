@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -95,6 +96,9 @@ class _Recorder:
     def chunk(self, first_row, rows, metrics):
         self.events.append(("chunk", first_row, rows, metrics.rows_total))
 
+    def note(self, message):
+        self.events.append(("note", message))
+
     def done(self, document):
         self.events.append(("done", document))
 
@@ -130,3 +134,65 @@ def test_a_failure_to_write_the_metrics_file_after_publishing_is_a_warning(tmp_p
     (tmp_path / "gone").write_text("a file where the directory should be")
     monitor.done(document)  # no exception: the output was published already
     assert "the output is complete, but a monitoring file could not be written" in caplog.text
+
+
+def _bar(width: int = 200):  # type: ignore[no-untyped-def]
+    """A RichProgress drawing into a string; not a terminal, so it renders its final state once, at stop."""
+    import io
+
+    from rich.console import Console
+
+    from hfbatch.monitoring import RichProgress
+
+    sink = io.StringIO()
+    return RichProgress(Console(file=sink, width=width, force_terminal=False), label="embedding"), sink
+
+
+def test_the_bar_ends_on_the_rate_of_the_job_document_and_shows_an_eta() -> None:
+    from hfbatch.monitoring import job_rate, rate_text
+
+    bar, sink = _bar()
+    bar.start(10)
+    bar.advance(10, hit_rate=0.5)
+    bar.done({"metrics": {"rows_total": 10, "wall_seconds": 4.0}})
+    drawn = " ".join(sink.getvalue().split())
+    # the summary's sum: rows over the wall seconds of the whole job (model load and measuring included)
+    assert job_rate(10, 4.0) == 2.5 and f"{rate_text(2.5)} rows/s" == "2.50 rows/s"
+    assert "10/10" in drawn and "2.50 rows/s · ETA 0:00:00" in drawn and "cache hits 50%" in drawn
+
+    bar, sink = _bar()
+    bar.start(1000)
+    bar.advance(1, hit_rate=0.0)
+    bar.failed(RuntimeError("stopped"))  # mid-job: the rate since start() and the time the other 999 rows take at it
+    assert re.search(r"[\d,.]+ rows/s · ETA \d+:\d\d:\d\d", sink.getvalue()), sink.getvalue()
+
+
+def test_note_shows_beside_the_label_until_rows_move_and_is_ignored_elsewhere(tmp_path: Path) -> None:
+    from hfbatch.monitoring import MonitoringFiles, NullObserver, Observers
+
+    bar, sink = _bar()
+    bar.note("measuring onnx fp32 (2/4), ~6 s left")  # before start: shown once the bar starts
+    bar.start(4)
+    bar.failed(RuntimeError("stopped"))
+    assert "embedding measuring onnx fp32 (2/4), ~6 s left" in sink.getvalue()
+
+    bar, sink = _bar()
+    bar.start(4)
+    bar.note("loading [the] model\nnow")  # one line; brackets are text, not rich markup
+    bar.note("")  # cleared
+    bar.note("checking int8 on the first texts")
+    bar.advance(2, hit_rate=0.0)  # rows move: the note is over
+    bar.failed(RuntimeError("stopped"))
+    assert "checking" not in sink.getvalue() and "2/4" in sink.getvalue()
+
+    bar, sink = _bar()
+    bar.start(4)
+    bar.note("loading [the] model\nnow")
+    bar.failed(RuntimeError("stopped"))
+    assert "embedding loading [the] model now" in sink.getvalue()
+
+    assert NullObserver().note("anything") is None
+    log = tmp_path / "run.jsonl"
+    told = _Recorder()
+    Observers(told, MonitoringFiles(log, None, {})).note("measuring")  # the monitoring files ignore it
+    assert told.events == [("note", "measuring")] and log.read_text() == ""

@@ -6,6 +6,7 @@ import csv
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -772,3 +773,70 @@ def test_cli_embeds_every_row_piped_into_stdin(tmp_path: Path, name: str, fmt: s
     assert proc.returncode == 0, proc.stderr.decode()
     assert pq.read_table(out).column("text").to_pylist() == texts
     assert [p for p in os.listdir(tmp_path) if "spool" in p] == []
+
+
+# --- CSV delimiters: --delimiter, -f tsv, and a header that names another delimiter --------------
+
+def _rows(reader: readers.Reader) -> list[dict[str, Any]]:
+    return [row for chunk in reader.chunks() for row in chunk.batch.to_pylist()]
+
+
+@pytest.mark.parametrize("delimiter, given", [(";", ";"), ("|", "pipe"), ("\t", "tab"), ("\t", "\\t"), ("\t", "\t")])
+def test_a_delimiter_given_splits_the_columns_and_keeps_commas_in_text(tmp_path: Path, delimiter: str, given: str) -> None:
+    path = tmp_path / "export.csv"
+    path.write_text(f"id{delimiter}text\n1{delimiter}hello, world\n2{delimiter}\"a{delimiter}b\"\n", encoding="utf-8")
+    fmt = readers.format_with_delimiter(None, given, path)
+    reader = open_reader(path, fmt=fmt)
+    assert reader.format == "csv" and reader.schema.names == ["id", "text"]
+    assert _rows(reader) == [{"id": "1", "text": "hello, world"}, {"id": "2", "text": f"a{delimiter}b"}]
+    assert readers.format_with_delimiter(fmt, given, path) == fmt  # resolving twice changes nothing
+
+
+def test_format_tsv_reads_tabs_whatever_the_extension(tmp_path: Path) -> None:
+    path = tmp_path / "rows.txt"
+    path.write_text("id\ttext\n1\ta, b\n", encoding="utf-8")
+    assert _rows(open_reader(path, fmt="tsv")) == [{"id": "1", "text": "a, b"}]
+    assert _rows(open_reader(path, fmt="TSV")) == [{"id": "1", "text": "a, b"}]
+
+
+@pytest.mark.parametrize("header, fix", [("id;text", "use --delimiter ';'"), ("id\ttext", "use --delimiter tab (or -f tsv)")])
+def test_a_header_with_another_delimiter_and_no_comma_is_refused_with_the_fix(tmp_path: Path, header: str, fix: str) -> None:
+    sep = header[2]
+    path = tmp_path / "export.csv"
+    path.write_text(f"{header}\n1{sep}hello, world\n2{sep}fine\n", encoding="utf-8")
+    with pytest.raises(InputError) as caught:
+        open_reader(path)  # never one column named "id;text"
+    message = str(caught.value)
+    assert message.startswith(f"{path}: the header ") and fix in message and "\n" not in message
+    # said out loud, a comma reads it as the one column it then is
+    single = tmp_path / "single.csv"
+    single.write_text(f"{header}\n1{sep}fine\n", encoding="utf-8")
+    assert _rows(open_reader(single, fmt="csv:,")) == [{header: f"1{sep}fine"}]
+    # a comma in the header: an ordinary CSV whose names hold a semicolon
+    ok = tmp_path / "ok.csv"
+    ok.write_text("id,text;notes\n1,x\n", encoding="utf-8")
+    assert open_reader(ok).schema.names == ["id", "text;notes"]
+    # a .tsv file is read with tabs; a one-column CSV without ; or tab is fine
+    (tmp_path / "t.tsv").write_text("id\ttext\n1\tx\n", encoding="utf-8")
+    assert open_reader(tmp_path / "t.tsv").schema.names == ["id", "text"]
+    (tmp_path / "one.csv").write_text("text\nhello\n", encoding="utf-8")
+    assert open_reader(tmp_path / "one.csv").schema.names == ["text"]
+
+
+@pytest.mark.parametrize("fmt, delimiter, input, message", [
+    (None, "ab", "x.csv", "--delimiter 'ab' is not one ASCII character"),
+    (None, "", "x.csv", "is not one ASCII character"),
+    (None, '"', "x.csv", "other than a quote"),
+    (None, "§", "x.csv", "is not one ASCII character"),
+    ("jsonl", ";", "x.jsonl", "--delimiter is for CSV input; jsonl is jsonl"),
+    (None, ";", "x.parquet", "--delimiter is for CSV input; x.parquet is parquet"),
+    ("tsv", ";", "x.csv", "--format tsv and --delimiter ';' name two delimiters"),
+])
+def test_a_delimiter_that_cannot_be_used_is_refused(fmt: str | None, delimiter: str, input: str, message: str) -> None:
+    with pytest.raises(InputError, match=re.escape(message)):
+        readers.format_with_delimiter(fmt, delimiter, input)
+
+
+def test_the_delimiter_travels_in_the_format_through_a_spooled_pipe(tmp_path: Path) -> None:
+    with _fifo(tmp_path / "rows", b"id;text\n1;a, b\n") as fifo, spooled_input(fifo, "csv:;") as copy:
+        assert _rows(open_reader(copy, fmt="csv:;")) == [{"id": "1", "text": "a, b"}]

@@ -173,7 +173,7 @@ class LocalGenerator:
                 hint = " It ships its own code: pass --trust-remote-code if you trust it." \
                     if "trust_remote_code" in str(exc) and not self.trust_remote_code else ""
                 first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-                raise ModelLoadError(f"cannot load {self.model_id} as a causal LM ({first}).{hint}") from exc
+                raise ModelLoadError(f"cannot load {self.model_id} as a causal LM ({first}).{hint or ' --model takes a text-generation model, e.g. HuggingFaceTB/SmolLM2-135M-Instruct or gpt2.'}") from exc
             self._model, self._device = model, device
             self.load_seconds = time.perf_counter() - started
         return self._model

@@ -7,13 +7,30 @@ and error rules are HttpClient's, shared with remote generation):
   in input order;
 - 413 (too many inputs / body too large) halves the batch, and the size that worked is kept;
 - every answer is checked (count, shape, dimension, finite) before it can reach an output.
+
+Token counts come from the model's own tokenizer (its hub id or directory, or --tokenizer), as for
+the local backend. An OpenAI-compatible server is often given a served model name that is neither
+(`vllm serve /models/bge-m3`, `text-embedding-3-small`): with no tokenizer to be had for it and no
+--tokenizer, the backend counts by the server's `usage` instead. OpenAI, vLLM and TEI's /v1 route
+report it per request (`prompt_tokens` = `total_tokens` = the tokens of all its inputs, as the
+model read them), never per input, so:
+- the counts are totals: `describe()["usage"]` sums them over the job's requests; no row is given
+  a share of them (a request's mean is not any text's count). `token_counts` answers 0 per text
+  (not known before the server answers) and `max_length` a ceiling no count reaches, so rows
+  computed here read n_tokens 0 and truncated false, and the sidecar says why;
+- truncation is the server's (TEI --auto-truncate cuts, vLLM and OpenAI refuse a text that is too
+  long): nothing is cut here, and which texts the server cut is not known;
+- what needs a count before sending refuses in one line naming --tokenizer: --split, and
+  --prompt-name (its text is in the model's files).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable, Sequence
 from urllib.parse import urlparse
 
@@ -27,6 +44,11 @@ from .windows import Windows
 
 REMOTE_KINDS = ("hf-api", "tei", "openai")
 _FIXES = {422: "the server could not process the inputs; check --model supports feature-extraction"}
+# max_length without a tokenizer: the server's limit is not known here. The n_tokens column's
+# (int32) ceiling, so no count reaches it and no row is flagged as truncated on a guess.
+UNKNOWN_MAX_LENGTH = 2**31 - 1
+SERVER_USAGE = "server usage"
+log = logging.getLogger(__name__)
 
 
 class _Protocol:
@@ -49,6 +71,11 @@ class _Protocol:
 
     def vectors(self, payload: Any, n: int) -> Any:
         return payload
+
+    def usage(self, payload: Any) -> tuple[int, int] | None:
+        """(prompt_tokens, total_tokens) the server reports for one request, or None (TEI's /embed
+        and the HF API report none)."""
+        return None
 
 
 class HfApiProtocol(_Protocol):
@@ -92,6 +119,18 @@ class OpenAIProtocol(_Protocol):
             return [item["embedding"] for item in ordered]
         except (KeyError, TypeError, ValueError) as exc:
             raise RemoteError(f"the OpenAI-compatible server's 'data' items are malformed ({exc}); nothing was written.") from None
+
+    def usage(self, payload: Any) -> tuple[int, int] | None:
+        """`usage` of one answer: {"prompt_tokens": n, "total_tokens": m}, for all its inputs together
+        (OpenAI's CreateEmbeddingResponse; vLLM sums each prompt's token ids, TEI each input's tokens
+        after its truncation). A server that leaves it out, or sends something else, reports nothing."""
+        usage = payload.get("usage") if isinstance(payload, dict) else None
+        if not isinstance(usage, dict):
+            return None
+        prompt, total = usage.get("prompt_tokens"), usage.get("total_tokens", usage.get("prompt_tokens"))
+        if type(prompt) is not int or type(total) is not int or prompt < 0 or total < 0:  # not bool, not "12"
+            return None
+        return prompt, total
 
 
 _PROTOCOLS = {"hf-api": HfApiProtocol, "tei": TeiProtocol, "openai": OpenAIProtocol}
@@ -151,10 +190,16 @@ class RemoteBackend:
         self._batch_lock = threading.Lock()
         self._dim: int | None = None
         self._tokenizer_source = tokenizer or model
+        self._tokenizer_given = tokenizer is not None  # a --tokenizer that cannot be found is an error, never skipped
         self._prompt_args = (prompt, prompt_name)
         # TEI is sent the prompt's name when it came by one, until the server says it does not know it
         self.prompt_sent_as: str | None = None  # "name" | "text", once a prompt was sent
         self._tokens: Any = None  # a LocalBackend used for its tokenizer only
+        self._no_tokenizer: str | None = None  # why there is none (openai: the server's usage counts instead)
+        self._tokens_lock = threading.Lock()
+        # the server's own counts, summed over the requests whose vectors were taken (openai)
+        self._usage = {"prompt_tokens": 0, "total_tokens": 0, "requests": 0, "requests_without_usage": 0}
+        self._usage_lock = threading.Lock()
         self.load_seconds = 0.0
         self._revision: str | None = None
         self.served_model: str | None = None
@@ -192,7 +237,16 @@ class RemoteBackend:
         prompt, name = self._prompt_args
         if prompt is not None:
             return prompt or None
-        return self._token_backend().prompt if name is not None else None
+        if name is None:
+            return None
+        tokens = self._tokenizer()
+        if tokens is None:
+            raise InputError(
+                f"--prompt-name {name} reads the prompt from {self._tokenizer_source}'s files, which cannot be found "
+                "here (a served model name); pass the prompt itself as --prompt TEXT, or --tokenizer with a hub id "
+                "or directory of the model."
+            )
+        return tokens.prompt
 
     def known_dimension(self) -> int | None:
         """The dimension of the vectors already received (None before the first `embed`)."""
@@ -206,32 +260,85 @@ class RemoteBackend:
 
     @property
     def max_length(self) -> int:
-        return self._token_backend().max_length
+        """The tokenizer's max_length; without one (openai, a served name) UNKNOWN_MAX_LENGTH: the
+        server truncates (or refuses) at a limit not known here."""
+        tokens = self._tokenizer()
+        return tokens.max_length if tokens is not None else UNKNOWN_MAX_LENGTH
+
+    @property
+    def token_source(self) -> str:
+        """Who counts tokens: "tokenizer" (the model's own, or --tokenizer's: per text, before a
+        request) or "server usage" (an OpenAI-compatible server whose model name has no tokenizer to
+        be had: its answers' usage, per request). Reads the tokenizer's files as `token_counts`
+        would; never connects to the server."""
+        return "tokenizer" if self._tokenizer() is not None else SERVER_USAGE
+
+    @property
+    def usage(self) -> dict[str, int]:
+        """The server's counts summed over the requests whose vectors were taken: prompt_tokens,
+        total_tokens, requests, and requests_without_usage (answers that carried none)."""
+        with self._usage_lock:
+            return dict(self._usage)
 
     def token_counts(self, texts: Sequence[str]) -> list[int]:
-        """Counted by the model's own tokenizer (hub, cache or --tokenizer), as for the local backend."""
-        return self._token_backend().token_counts(texts)
+        """Counted by the model's own tokenizer (hub, cache or --tokenizer), as for the local backend.
+        Without one (openai, a served name), 0 per text: the server counts only once it has embedded
+        the texts, and then per request (see `usage`), never per text."""
+        tokens = self._tokenizer()
+        return tokens.token_counts(texts) if tokens is not None else [0] * len(texts)
 
     def split(self, texts: Sequence[str], size: int, overlap: int) -> list[Windows]:
         """Windows cut by the model's own tokenizer, as for the local backend."""
-        return self._token_backend().split(texts, size, overlap)
+        tokens = self._tokenizer()
+        if tokens is None:
+            raise InputError(
+                f"--split cuts texts with the model's tokenizer, and there is none for {self._tokenizer_source} "
+                "(a served model name; the server counts tokens only once it has embedded them): pass --tokenizer "
+                "with a hub id or local directory of the served model's tokenizer."
+            )
+        return tokens.split(texts, size, overlap)
 
     def _token_backend(self) -> Any:
-        if self._tokens is None:
-            from .local import LocalBackend
+        """The tokenizer's backend, which must be found (TEI's prompt names are in its files)."""
+        tokens = self._tokenizer()
+        assert tokens is not None, "only an openai backend goes without a tokenizer"
+        return tokens
 
-            prompt, name = self._prompt_args
-            # counts include the prompt this backend sends, and no default prompt it does not
-            self._tokens = LocalBackend(self._tokenizer_source, prompt="" if prompt is None and name is None else prompt,
-                                        prompt_name=name)
-            try:
-                _ = self._tokens.model_dir
-            except ModelLoadError as exc:
+    def _tokenizer(self) -> Any | None:
+        """A LocalBackend used for its tokenizer only, found once. None for an OpenAI-compatible
+        server given a model name that is no hub id or directory here and no --tokenizer: its answers'
+        usage counts instead. Any other kind, or a --tokenizer not found, is a one-line error."""
+        with self._tokens_lock:
+            if self._tokens is None and self._no_tokenizer is None:
+                self._tokens = self._find_tokenizer()
+            return self._tokens
+
+    def _find_tokenizer(self) -> Any | None:
+        from .local import LocalBackend
+
+        prompt, name = self._prompt_args
+        source = self._tokenizer_source
+        # counts include the prompt this backend sends, and no default prompt it does not
+        tokens = LocalBackend(source, prompt="" if prompt is None and name is None else prompt, prompt_name=name)
+        try:
+            _ = tokens.model_dir
+            return tokens
+        except (ModelLoadError, InputError) as exc:
+            if isinstance(exc, InputError) and Path(source).expanduser().is_dir():
+                raise  # the files were found: a usage error of their own (an unknown --prompt-name)
+            if self.name != "openai" or self._tokenizer_given:
+                # TEI serves the same model on its OpenAI route, whose answers count tokens
+                other = (f"; or use --backend openai --endpoint {public_url(self.endpoint.rstrip('/'))}/v1, whose "
+                         "answers count tokens") if self.name == "tei" and self.endpoint and not self._tokenizer_given else ""
                 raise ModelLoadError(
-                    f"token counts need the tokenizer of {self._tokenizer_source}, which cannot be found ({exc}); "
-                    "pass --tokenizer with a hub id or local directory that has it."
+                    f"token counts need the tokenizer of {source}, which cannot be found ({exc}); "
+                    f"pass --tokenizer with a hub id or local directory that has it{other}."
                 ) from None
-        return self._tokens
+            self._no_tokenizer = str(exc)
+        log.warning("openai: no tokenizer for %s, so token counts come from the server's usage (per request, "
+                    "in the sidecar); rows computed here read n_tokens 0 and truncated false (truncation is the "
+                    "server's). Pass --tokenizer for per-row counts.", source)
+        return None
 
     def _identify(self) -> None:
         """Once, on the first `embed` (the first time anything connects): what the server serves
@@ -273,6 +380,7 @@ class RemoteBackend:
             "prompt": self.prompt,
             "prompt_name": self._tokens.prompt_name if self._tokens is not None else self._prompt_args[1],
             "prompt_sent_as": self.prompt_sent_as,
+            **self._counting(),
             "api_batch_size": self._batch_size,
             "api_concurrency": self.concurrency,
             **self._http.summary(),
@@ -280,6 +388,28 @@ class RemoteBackend:
             "model_loaded": self._http.connected,
             "load_seconds": 0.0,
         }
+
+    def _counting(self) -> dict[str, Any]:
+        """Who counted the tokens and who truncated, for the provenance (from what is known already:
+        finds no tokenizer, asks no server)."""
+        counted_by = "tokenizer" if self._tokens is not None else SERVER_USAGE if self._no_tokenizer else None
+        usage = self.usage if self.name == "openai" else None
+        if usage is not None and usage["requests"] == usage["requests_without_usage"]:
+            usage.update(prompt_tokens=None, total_tokens=None)  # none was reported: not zero tokens
+        block: dict[str, Any] = {
+            "token_counts": counted_by,  # None: nothing needed counting in this run
+            "tokenizer": self._tokenizer_source if self._tokens is not None else None,
+            "truncation": "server",  # texts go whole; the server cuts (or refuses) at its own limit
+            "usage": usage,
+        }
+        if counted_by == SERVER_USAGE:
+            block["max_length"] = None
+            block["token_counts_note"] = (
+                f"no tokenizer for {self._tokenizer_source}: the server reports tokens per request (usage), not per "
+                "text, and truncates at its own limit, so the rows this run computed read n_tokens 0 and truncated "
+                "false (neither is known); usage.prompt_tokens is the total. Pass --tokenizer for per-row counts.")
+            block["tokenizer_missing"] = self._no_tokenizer
+        return block
 
     # --- embedding -----------------------------------------------------------------------------
 
@@ -331,11 +461,13 @@ class RemoteBackend:
         try:
             url = self._protocol.url()
             payload = self._request(url, texts)
-        except PayloadTooLarge:
+        except PayloadTooLarge as exc:
             if len(texts) == 1:
+                said = f": {exc.server_message}" if exc.server_message else ""
                 raise TerminalBackendError(
-                    f"{self.name} refused a single text as too large (413); "
-                    "lower --max-length or raise the server's payload limit."
+                    f"{self.name} refused a single text as too large (413{said}); it is longer than the server takes "
+                    "or over its payload limit: cut long texts with --split tokens:N, or raise the server's limits "
+                    "(TEI: --auto-truncate, --payload-limit)."
                 ) from None
             half = len(texts) // 2
             with self._batch_lock:  # keep the size that works for the rest of the job
@@ -343,7 +475,18 @@ class RemoteBackend:
                     self._batch_size = half
                     self._http.count("halvings")
             return np.concatenate([self._embed_part(texts[:half]), self._embed_part(texts[half:])], axis=0)
-        return self._check(self._protocol.vectors(payload, len(texts)), len(texts), public_url(url))
+        vectors = self._check(self._protocol.vectors(payload, len(texts)), len(texts), public_url(url))
+        self._count_usage(self._protocol.usage(payload))  # only answers whose vectors are taken
+        return vectors
+
+    def _count_usage(self, reported: tuple[int, int] | None) -> None:
+        with self._usage_lock:
+            self._usage["requests"] += 1
+            if reported is None:
+                self._usage["requests_without_usage"] += 1
+            else:
+                self._usage["prompt_tokens"] += reported[0]
+                self._usage["total_tokens"] += reported[1]
 
     def _check(self, raw: Any, n: int, url: str) -> np.ndarray:
         """1-D (one input), 2-D (pooled) or 3-D (token level, mean-pooled only when asked)."""

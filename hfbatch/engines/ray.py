@@ -427,8 +427,19 @@ def _run_on_ray(items: list[dict[str, str]], resolved: EmbedOptions, writer: Par
 
     started_here = not ray.is_initialized()
     if started_here:  # address="local": a bare init() may join a stale cluster found on this machine
-        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
-                 configure_logging=False, ignore_reinit_error=True)
+        try:
+            ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
+                     configure_logging=False, ignore_reinit_error=True)
+        except Exception as exc:  # no cluster there, or none could start: the fix is hfbatch's flag
+            # the first sentence only: Ray's next one names its own CLI's --address and RAY_ADDRESS
+            reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0].rstrip(".")
+            raise HfbatchError(
+                f"cannot reach the Ray cluster at --ray-address {address} ({reason}); give the address of a running "
+                "cluster (auto, or ray://host:10001), or leave --ray-address out to start a local one."
+                if address else
+                f"cannot start a local Ray cluster ({reason}); give --ray-address of a running cluster "
+                "(auto, or ray://host:10001)."
+            ) from None
     try:
         context = DataContext.get_current()
         context.execution_options.preserve_order = True  # parts arrive one after another: each written as it ends

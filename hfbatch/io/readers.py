@@ -5,6 +5,12 @@ Nothing reads the whole file into memory: Parquet by row batches, CSV by blocks,
 A JSONL line or CSV row longer than `max_line_bytes` (--max-line-bytes, default 64 MiB) is refused
 once that many bytes are read, so a small gzip that inflates to one endless line cannot fill memory.
 
+CSV delimiters: a comma, a tab for `.tsv` files and `-f tsv`, or one ASCII character named by
+--delimiter, which options fold into the format value every reader call already carries
+(`format_with_delimiter`: "tsv", "csv:;"), so the format is still decided here, once. A CSV read
+with the default comma whose header is one column holding `;` or a tab is refused with the fix
+(use --delimiter), never embedded as one column named "id;text".
+
 Type rules (documented in the README):
 - CSV columns are read as strings, exactly as written, so ids keep leading zeros and a late row
   cannot change a column's type halfway through a stream.
@@ -119,15 +125,64 @@ class Reader:
         raise NotImplementedError
 
 
+_DELIMITER_NAMES = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";", "pipe": "|", "space": " "}
+
+
+def parse_delimiter(value: str) -> str:
+    """--delimiter: one ASCII character, or tab (also `\\t`), comma, semicolon, pipe, space.
+    InputError for anything pyarrow cannot split on (a quote, a line break, two characters)."""
+    text = str(value)
+    delimiter = _DELIMITER_NAMES.get(text.lower(), text)
+    if len(delimiter) != 1 or not delimiter.isascii() or delimiter in '"\r\n':
+        raise InputError(f"--delimiter {text!r} is not one ASCII character other than a quote or a line break; "
+                         "give e.g. --delimiter ';', --delimiter '|' or --delimiter tab.")
+    return delimiter
+
+
+def _split_format(fmt: str | None) -> tuple[str | None, str | None]:
+    """A format value -> (format name, CSV delimiter it names or None): 'tsv' -> ('csv', tab),
+    'csv:;' -> ('csv', ';'), 'JSONL' -> ('jsonl', None)."""
+    if not fmt:
+        return None, None
+    text = str(fmt)
+    if text.lower() == "tsv":
+        return "csv", "\t"
+    if text[:4].lower() == "csv:" and len(text) == 5:
+        return "csv", text[4]
+    return text.lower(), None
+
+
+def format_with_delimiter(fmt: str | None, delimiter: str | None, input: str | Path | None = None) -> str | None:
+    """--format and --delimiter as the one format value every reader call takes: the format
+    itself without a delimiter, else 'tsv' (tab) or 'csv:<character>'. A delimiter means CSV:
+    InputError when --format, or `input`'s extension, names another format, or -f tsv another
+    delimiter. Idempotent: a value made here comes back unchanged."""
+    if delimiter is None:
+        return fmt
+    delimiter = parse_delimiter(delimiter)
+    name, named = _split_format(fmt)
+    if name is None and input is not None and not is_stream(input):
+        try:
+            name = detect_format(Path(str(input)))
+        except InputError:
+            name = None  # a directory, a glob, a name without an extension: CSV is what --delimiter says
+    if name not in (None, "csv"):
+        raise InputError(f"--delimiter is for CSV input; {fmt if fmt else input} is {name}: drop --delimiter.")
+    if named is not None and named != delimiter:
+        raise InputError(f"--format {fmt} and --delimiter {delimiter!r} name two delimiters; give one.")
+    return "tsv" if delimiter == "\t" else f"csv:{delimiter}"
+
+
 def detect_format(path: Path, fmt: str | None = None) -> str:
-    """The format named by --format, else by the extension (a trailing .gz is looked through)."""
+    """The format named by --format (or a value of format_with_delimiter), else by the extension
+    (a trailing .gz is looked through)."""
     if fmt:
-        fmt = fmt.lower()
+        fmt, _ = _split_format(fmt)
         if fmt == "ndjson":
             fmt = "jsonl"
         if fmt not in FORMATS:
-            raise InputError(f"--format {fmt!r} is not supported; use one of: {', '.join(FORMATS)}.")
-        return fmt
+            raise InputError(f"--format {fmt!r} is not supported; use one of: csv, tsv, jsonl, parquet.")
+        return fmt  # type: ignore[return-value]
     suffixes = [s.lower() for s in path.suffixes]
     if suffixes and suffixes[-1] == ".gz":
         suffixes = suffixes[:-1]
@@ -149,8 +204,9 @@ def open_reader(
     text_column: str | None = None,
     max_line_bytes: int | None = None,
 ) -> Reader:
-    """Open `path` for streaming. `columns` limits what is read (None: all); `max_line_bytes`
-    caps one JSONL line or CSV row (None: DEFAULT_MAX_LINE_BYTES; Parquet has no lines).
+    """Open `path` for streaming. `fmt`: a format name or a value of format_with_delimiter (None:
+    from the extension). `columns` limits what is read (None: all); `max_line_bytes` caps one JSONL
+    line or CSV row (None: DEFAULT_MAX_LINE_BYTES; Parquet has no lines).
 
     Raises InputError (exit 2) when the file is missing, unreadable or of an unknown format, and
     for a stream (`-`, a pipe, a terminal), which must go through `spooled_input` first.
@@ -169,11 +225,14 @@ def open_reader(
     limit = DEFAULT_MAX_LINE_BYTES if max_line_bytes is None else max_line_bytes
     if limit < 1:
         raise InputError(f"--max-line-bytes must be at least 1 (got {limit}).")
+    _, delimiter = _split_format(fmt)
     fmt = detect_format(path, fmt)
     if fmt == "parquet":
         return ParquetReader(path, chunk_size=chunk_size, columns=columns)
-    cls = CsvReader if fmt == "csv" else JsonlReader
-    return cls(path, chunk_size=chunk_size, columns=columns, text_column=text_column, max_line_bytes=limit)
+    if fmt == "csv":
+        return CsvReader(path, chunk_size=chunk_size, columns=columns, text_column=text_column, max_line_bytes=limit,
+                         delimiter=delimiter)
+    return JsonlReader(path, chunk_size=chunk_size, columns=columns, text_column=text_column, max_line_bytes=limit)
 
 
 def is_stream(path: str | Path) -> bool:
@@ -322,12 +381,14 @@ class CsvReader(Reader):
     format = "csv"
 
     def __init__(self, path: Path, *, chunk_size: int, columns: Sequence[str] | None, text_column: str | None,
-                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES):
+                 max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, delimiter: str | None = None):
         self.path, self.chunk_size, self._limit = path, chunk_size, max_line_bytes
         # pyarrow refuses a row longer than its block; the block grows only for a file that needs it
         self._block = min(_CSV_BLOCK_BYTES, max_line_bytes)
         self._header_ends = self._head_full = False  # the header ends in / fills the first block (_header_hint)
-        self._delimiter = "\t" if ".tsv" in [s.lower() for s in path.suffixes] else ","
+        # --delimiter (or -f tsv), else by the extension; only a comma nobody asked for is second-guessed
+        self._delimiter = delimiter or ("\t" if ".tsv" in [s.lower() for s in path.suffixes] else ",")
+        self._sniff = delimiter is None and self._delimiter == ","
         _check_encoding(path)
         names = self._header()
         self.all_columns = names
@@ -380,7 +441,22 @@ class CsvReader(Reader):
         except (pa.ArrowException, OSError, csv.Error):  # csv.Error: a field past csv's own limit
             return {}
         self._header_ends = head[: text.tell()].endswith(("\n", "\r"))
+        if self._sniff and len(names) == 1:
+            self._refuse_other_delimiter(names[0])
         return {name: pa.string() for name in names}
+
+    def _refuse_other_delimiter(self, header: str) -> None:
+        """A header read with the default comma as one column that holds semicolons or tabs is a
+        file with another delimiter: refused with the flag that reads it (--delimiter , keeps it
+        as one column)."""
+        counts = {d: header.count(d) for d in (";", "\t")}
+        found = max(counts, key=lambda d: counts[d])
+        if not counts[found]:
+            return
+        shown = header if len(header) <= 60 else header[:57] + "..."
+        fix = "use --delimiter tab (or -f tsv)" if found == "\t" else "use --delimiter ';'"
+        raise InputError(f"{self.path}: the header {shown!r} has no comma but {'tabs' if found == chr(9) else 'semicolons'}; "
+                         f"{fix} to read its columns (or --delimiter , if it really is one column).")
 
     def _header(self) -> list[str]:
         hint = self._header_hint()
@@ -673,5 +749,5 @@ def _short(exc: BaseException) -> str:
     return _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", line)
 
 
-__all__ = ["Chunk", "Reader", "open_reader", "detect_format", "rechunk", "shown_names", "FORMATS",
+__all__ = ["Chunk", "Reader", "open_reader", "detect_format", "format_with_delimiter", "parse_delimiter", "rechunk", "shown_names", "FORMATS",
            "DEFAULT_MAX_LINE_BYTES", "DATA_SUFFIXES", "STDIN", "is_stream", "spooled_input"]
