@@ -30,6 +30,8 @@ class Recorder:
 
     def advance(self, rows: int, *, hit_rate: float) -> None: ...
 
+    def note(self, message: str) -> None: ...
+
     def chunk(self, first_row: int, rows: int, metrics: Any) -> None:
         self.metrics = metrics
 
