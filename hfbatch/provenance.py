@@ -83,6 +83,8 @@ class Metrics:
     def __post_init__(self) -> None:
         for name in stages(self.job):
             self.stage_seconds.setdefault(name, 0.0)
+        for name in ("read", "validate"):
+            self.background_seconds.setdefault(name, 0.0)
 
     @property
     def hit_rate(self) -> float:
@@ -160,7 +162,7 @@ class Metrics:
             # the job's own thread, stage after stage: they add up to wall_seconds (within what the
             # progress display and bookkeeping take); read/validate done ahead in the background apart
             "stage_seconds": {k: round(v, 3) for k, v in self.stage_seconds.items()},
-            "background_seconds": {k: round(v, 3) for k, v in self.background_seconds.items() if v},
+            "background_seconds": {k: round(v, 3) for k, v in self.background_seconds.items()},
             **counts,
             "cache": {**cache, "hits": self.cache_hits, "misses": self.cache_misses, "hit_rate": round(self.hit_rate, 4),
                       "stores": self.cache_stores, "rejected": self.cache_rejected},

@@ -51,6 +51,18 @@ def resolve_device(requested: str) -> str:
     return requested
 
 
+def return_freed_memory() -> None:
+    """Hand memory freed by released models back to the system (glibc keeps it otherwise, and
+    the process's resident size, which the memory guard watches, would not come down)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        pass
+
+
 def rss_bytes() -> int:
     """The process's resident memory now."""
     return int(psutil.Process().memory_info().rss)

@@ -12,6 +12,7 @@ a proved export (exports.py) loads without importing torch or transformers.
 from __future__ import annotations
 
 import functools
+import gc
 import hashlib
 import importlib.util
 import json
@@ -120,6 +121,7 @@ class LocalBackend:
         self.estimated_bytes: int | None = None
         self.fidelity: dict[str, float] | None = None
         self.job_fidelity: dict[str, Any] | None = None
+        self.job_reference: tuple[list[str], np.ndarray] | None = None  # torch fp32 of the first texts, if measured now
         self.bf16_factor: float | None = None  # bf16 time / fp32 time, measured where bf16 is emulated
         self._requested_prompt, self._requested_prompt_name = prompt, prompt_name
         self._prompt: str | None = None
@@ -193,23 +195,23 @@ class LocalBackend:
         runtime = "torch" if self._prompt_excluded() else self.requested_runtime  # the exports pool over the prompt
         return candidates(runtime, self.requested_precision, self.requested_quantize, self.cpu_only())
 
-    def prepare(self, *, measure: bool = True) -> RuntimeChoice:
+    def prepare(self, *, measure: bool = True, job_texts: Sequence[str] = ()) -> RuntimeChoice:
         """The configuration this backend runs with: asked for, or (auto) this machine's choice for
         the model, measured first if this machine has none (measure=False: only what was measured
-        before, as --dry-run plans). Never depends on the job's size or texts."""
+        before, as --dry-run plans). Never depends on the job's size or texts (`job_texts`, its
+        first batch, only spare the check a second reference model when a measurement runs now)."""
         if self._choice is None:
             from .selection import choose
 
-            started = time.perf_counter()
-            choice = choose(self, self.candidates(), measure=measure, note=self._note, exclude=self._failed)
+            choice = choose(self, self.candidates(), measure=measure, note=self._note, exclude=self._failed,
+                            job_texts=job_texts if self.cpu_only() else ())
             if self.passed_over:
                 choice = RuntimeChoice(choice.config, choice.by, choice.record, choice.texts_per_s, choice.fidelity,
                                        tuple(self.passed_over))
             self._choice = choice
             self._precision = None
-            spent = time.perf_counter() - started
-            if spent > 0.5 and choice.by == "measured on this machine":  # it measured now
-                self.timings["measure"] += spent
+            if choice.measured_seconds:
+                self.timings["measure"] += choice.measured_seconds
                 if choice.config[0] != "torch":  # the reference model is not needed any more
                     _load_sentence_transformer.cache_clear()
         return self._choice
@@ -237,13 +239,19 @@ class LocalBackend:
         other._choice = RuntimeChoice(config, by="asked for")
         return other
 
-    def release(self) -> None:
-        """Let go of the loaded engine (selection measures one configuration at a time)."""
+    def release(self, *, torch_model: bool = False) -> None:
+        """Let go of the loaded engine (selection measures one configuration at a time), and with
+        torch_model=True of the process's torch models too; the memory goes back to the system."""
+        from ..resources import return_freed_memory
         from .onnx import release_sessions
 
         self._engine = self._model = self._reference = None
         release_sessions()
         _openvino_session.cache_clear()
+        if torch_model:
+            _load_sentence_transformer.cache_clear()
+        gc.collect()
+        return_freed_memory()
 
     def cpu_only(self) -> bool:
         """Whether the model will run on the CPU, decided without importing torch where possible."""
@@ -476,23 +484,35 @@ class LocalBackend:
         library only (no torch) once it exists; made and proved against torch fp32 otherwise. A
         proved export that does not load is rebuilt once."""
         self._device = self.preflight()
+        bundle = ExportBundle(self.weights_key())
         for attempt in (1, 2):
-            bundle, entry = self._proved()
-            self._normalize_in_encode = self.normalize  # the export never normalises (one export for both)
-            self.export_fidelity = dict(entry["fidelity"])
-            self.engine_path = bundle.path(entry["file"])
             try:
-                return self._runner(self.engine_path)
-            except Exception as exc:  # a file that proves but does not load (a runtime's own cache, a bug)
+                bundle, entry = self._proved()
+                self.engine_path = bundle.path(entry["file"])
+                runner = self._runner(self.engine_path)
+            except (InputError, MemoryGuardError):
+                raise  # not the files' fault: a rebuild would not help
+            except Exception as exc:  # damaged files, a proof that fails, a runtime that cannot read them
                 if attempt == 2:
                     raise ModelLoadError(f"the {self._variant()} export of {self.model_id} does not load after a rebuild "
                                          f"({_first_line(exc)}); use --runtime torch.") from exc
                 log.warning("the %s export of %s does not load (%s); rebuilding it", self._variant(), self.model_id,
                             _first_line(exc))
-                for name in entry.get("files") or []:
+                entry = (bundle.meta().get("variants") or {}).get(self._variant()) or {}
+                for name in {*(entry.get("files") or []), "model.onnx"}:
                     bundle.path(name).unlink(missing_ok=True)
                 bundle.forget(self._variant())
+                continue
+            self._normalize_in_encode = self.normalize  # the export never normalises (one export for both)
+            self.export_fidelity = dict(entry["fidelity"])
+            return runner
         raise AssertionError("unreachable")
+
+    def ensure_export(self) -> None:
+        """Make and prove this configuration's export now if it is not (selection lets the torch
+        model go before the export's runtime loads). Nothing for torch."""
+        if self.runtime != "torch":
+            self._proved()
 
     def _proved(self) -> tuple[ExportBundle, dict[str, Any]]:
         """The export folder and this variant's proved entry, made and proved first if need be
@@ -507,6 +527,7 @@ class LocalBackend:
                 self._build(bundle)
             finally:
                 self.timings["export"] += time.perf_counter() - started
+                self._model = None  # the torch model made the export; the export runs without it
             entry = bundle.proved(self._variant(), self._runtime_version())
             if entry is None:
                 raise ModelLoadError(f"the {self._variant()} export of {self.model_id} changed while it was proved; "
@@ -521,25 +542,36 @@ class LocalBackend:
         return OnnxRunner(path)
 
     def _build(self, bundle: ExportBundle) -> None:
-        """Export the fp32 graph from the torch model (again, when its bytes are not the ones
-        exported), then make this variant (int8 when asked) and prove it against torch fp32 on
-        the calibration sample, recording the digests of the files it loads."""
+        """Make this variant and prove it against torch fp32 on the calibration sample, recording
+        the digests of the files it loads. The torch model is loaded only when something needs it:
+        the fp32 graph exported (again, when its bytes are not the ones exported), an int8 model
+        made, or no torch reference kept for these settings yet; an fp32/bf16 variant of an intact
+        export is proved without it."""
         from .onnx import check_int8, export_fp32, export_int8, graph_facts
 
-        model = self._load_model()
-        facts = {**graph_facts(model, self.model_id), "normalize": False}  # normalised after, as the job asks
-        fp32_path = bundle.path("model.onnx")
         meta = bundle.meta()
-        if meta.get("export_digest") is None or bundle.digest("model.onnx") != meta.get("export_digest"):
-            export_fp32(model, fp32_path, facts, self.model_id)
-            bundle.record(export_digest=bundle.digest("model.onnx"))
-        slow = ModelTokenizer(hf=model.tokenizer, lower=self._lower)
-        fast = load_fast(self.model_dir, lower=self._lower)
-        bundle.record(input_names=facts["input_names"], pooling=facts["pooling"], normalize=False,
-                      model_id=self.model_id, tokenizer_fast=bool(fast is not None and same_ids(fast, slow)),
-                      tokenizer_libraries=tokenizer_libraries())
-        self._tokenizer = self._tokenizer or slow
-        reference = self._encode(model, CALIBRATION_TEXTS, "fp32")
+        fp32_path = bundle.path("model.onnx")
+        intact = meta.get("export_digest") is not None and bundle.digest("model.onnx") == meta.get("export_digest")
+        key = hashlib.blake2b(f"{self.max_length}|{self.prompt or ''}".encode(), digest_size=8).hexdigest()
+        kept = (meta.get("references") or {}).get(key)
+        reference = np.asarray(kept, dtype=np.float32) if isinstance(kept, list) else None
+        if reference is not None and reference.shape[0] != len(CALIBRATION_TEXTS):
+            reference = None
+        model = None
+        if not intact or reference is None or self.quantize or not meta.get("input_names"):
+            model = self._load_model()
+            facts = {**graph_facts(model, self.model_id), "normalize": False}  # normalised after, as the job asks
+            if not intact:
+                export_fp32(model, fp32_path, facts, self.model_id)
+                bundle.record(export_digest=bundle.digest("model.onnx"))
+            slow = ModelTokenizer(hf=model.tokenizer, lower=self._lower)
+            fast = load_fast(self.model_dir, lower=self._lower)
+            reference = self._encode(model, CALIBRATION_TEXTS, "fp32")
+            bundle.record(input_names=facts["input_names"], pooling=facts["pooling"], normalize=False,
+                          model_id=self.model_id, tokenizer_fast=bool(fast is not None and same_ids(fast, slow)),
+                          tokenizer_libraries=tokenizer_libraries(),
+                          references={**(meta.get("references") or {}), key: reference.tolist()})
+            self._tokenizer = self._tokenizer or slow
         version, variant = self._runtime_version(), self._variant()
         what = f"the {variant} export of {self.model_id}"
         if not self.quantize:
@@ -548,6 +580,7 @@ class LocalBackend:
                                     fix="use --runtime torch.")
             bundle.prove(variant, ["model.onnx"], fidelity=result, runtime_version=version)
             return
+        assert model is not None
         if self.runtime == "openvino":
             from .openvino_export import quantize_openvino
 
@@ -557,7 +590,8 @@ class LocalBackend:
             name = f"model.{self.quantize_recipe()}.onnx"
             if bundle.path(name).is_file():
                 bundle.path(name).unlink()  # not proved as it is: made again
-            export_int8(model, bundle.path(name), facts, self.model_id, self.max_length)
+            export_int8(model, bundle.path(name), {**graph_facts(model, self.model_id), "normalize": False},
+                        self.model_id, self.max_length)
             result = check_int8(reference, self._run(self._runner(bundle.path(name)), CALIBRATION_TEXTS), self.model_id)
             files = [name, "model.onnx"]
         bundle.prove(variant, files, fidelity=result, runtime_version=version)
@@ -568,11 +602,17 @@ class LocalBackend:
         return l2_normalize(vectors) if self._normalize_in_encode else vectors
 
     def _reference_runner(self) -> Any:
-        """fp32 of the same runtime on the proved model.onnx: what int8 and bf16 are checked against
-        on the job's texts (it agrees with torch fp32 at the faithful bar), without loading torch."""
+        """fp32 on the proved model.onnx (ONNX Runtime where installed, else the same runtime): what
+        int8 and bf16 are checked against on the job's texts (it agrees with torch fp32 at the
+        faithful bar), without loading torch."""
         if self._reference is None:
-            bundle = ExportBundle(self.weights_key())
-            self._reference = self._runner(bundle.path("model.onnx"), "fp32")
+            path = ExportBundle(self.weights_key()).path("model.onnx")
+            if importlib.util.find_spec("onnxruntime") is not None:  # no per-shape compile: the cheapest first call
+                from .onnx import OnnxRunner
+
+                self._reference = OnnxRunner(path)
+            else:
+                self._reference = self._runner(path, "fp32")
         return self._reference
 
     def _warn_emulated_bf16(self, model: Any) -> None:
@@ -606,21 +646,24 @@ class LocalBackend:
         return self._run(engine, texts)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        self.load()
         checked: np.ndarray | None = None
+        sample = list(dict.fromkeys(texts))[:JOB_SAMPLE_TEXTS]
+        self.prepare(job_texts=sample)
         while self.job_fidelity is None and self.needs_job_check() and texts:
-            started = time.perf_counter()
+            started, before = time.perf_counter(), self.timings["model_load"] + self.timings["export"]
             try:
                 checked = self.check_job_texts(texts)
             except ModelLoadError as exc:
                 if self.prepare().by == "asked for":
                     raise
                 self._pass_over(f"not faithful enough on this job's texts ({_first_line(exc)})")
-                self.load()
-            finally:
-                self.timings["check"] += time.perf_counter() - started
+                self.prepare(job_texts=sample)
+            finally:  # loading and exporting inside the check are booked as such
+                self.timings["check"] += time.perf_counter() - started - (
+                    self.timings["model_load"] + self.timings["export"] - before)
         if checked is not None and len(checked) == len(texts):
             return checked  # the check computed this very batch: its vectors are the batch's
+        self.load()
         try:
             vectors = self.compute(texts)
         except Exception as exc:
@@ -642,12 +685,32 @@ class LocalBackend:
         sample = list(dict.fromkeys(texts))[:JOB_SAMPLE_TEXTS]
         if not sample:
             return None
-        engine = self.load()
+        choice = self.prepare()
         where = f"this job's first {len(sample)} texts"
         bar = bar_for("int8" if self.quantize else None)
-        if self.runtime != "torch":
-            reference, got = self._run(self._reference_runner(), sample), self._run(engine, sample)
+        kept = self.job_reference
+        if kept is not None and kept[0] == sample:  # torch fp32's, made while measuring for this job
+            reference = kept[1]
+            engine = self.load()
+            if self._choice is not choice:
+                return None
+            got = self._run(engine, sample) if self.runtime != "torch" else self._encode(engine, sample, self.precision)
+        elif self.runtime != "torch":
+            # the fp32 reference first, let go before the engine loads: never both models at once
+            self.ensure_export()
+            reference = self._run(self._reference_runner(), sample)
+            engine_loaded = self._engine is not None
+            self._reference = None
+            if not engine_loaded:  # nothing else holds a session yet: every cached one can go
+                self.release()
+            engine = self.load()
+            if self._choice is not choice:  # it failed to load: the next configuration checks afresh
+                return None
+            got = self._run(engine, sample)
         else:
+            engine = self.load()
+            if self._choice is not choice:
+                return None
             reference, got = self._encode(engine, sample, "fp32"), self._encode(engine, sample, self.precision)
         fix = "drop --quantize int8." if self.quantize else "pass --precision fp32."
         result = check_fidelity(reference, got, bar, what=self._choice.label if self._choice else "this configuration",

@@ -23,7 +23,6 @@ HFBATCH_RUNTIME / HFBATCH_PRECISION pin it without any record (containers).
 
 from __future__ import annotations
 
-import gc
 import hashlib
 import importlib.util
 import json
@@ -49,8 +48,8 @@ log = logging.getLogger(__name__)
 
 Config = tuple[str, str, str]  # (runtime, precision, quantize)
 RECORD_FORMAT = 4  # 4: faithful candidates only unless int8 is asked; one at a time; no start-up term
-TIMED_PASSES = 2  # after the fidelity pass (which warms up): the best pass is kept
-BATCH = 32
+TIMED_PASSES = 2  # the best pass is kept (the first one warms up), the first one's vectors checked
+BATCH = 16  # texts per timed call: the timing texts make two batches, one short, one long
 EXPORT_RUNTIMES = {"onnx": "onnxruntime", "openvino": "openvino"}
 _LIBRARIES = ("torch", "onnxruntime", "openvino", "nncf", "sentence-transformers", "transformers", "tokenizers")
 # what a runtime holds besides the weights while it runs (ORT's arena, OpenVINO's compiled copy):
@@ -69,6 +68,7 @@ class RuntimeChoice:
     texts_per_s: float | None = None
     fidelity: dict[str, float] | None = None
     passed_over: tuple[dict[str, str], ...] = field(default_factory=tuple)
+    measured_seconds: float = 0.0  # spent measuring for this choice in this process (0: taken from the record)
 
     @property
     def label(self) -> str:
@@ -170,10 +170,12 @@ def _lock(path: Path) -> Any:
 
 
 def choose(backend: "LocalBackend", configs: Sequence[Config], *, measure: bool = True, note: Note | None = None,
-           exclude: Sequence[Config] = ()) -> RuntimeChoice:
+           exclude: Sequence[Config] = (), job_texts: Sequence[str] = ()) -> RuntimeChoice:
     """The configuration `backend` runs with: the pinned one, else the fastest accepted in this
     machine's record (measuring those missing first, unless measure=False: then torch fp32,
-    saying the job would measure). `exclude`: configurations that failed in this process."""
+    saying the job would measure). `exclude`: configurations that failed in this process.
+    `job_texts`: the job's first texts; a measurement made now also keeps torch fp32's vectors
+    of them (`backend.job_reference`), so their check needs no second reference model."""
     configs = [c for c in configs if c not in exclude]
     if not configs:
         raise InputError(f"no configuration of {backend.model_id} can run here (every candidate failed: "
@@ -182,19 +184,21 @@ def choose(backend: "LocalBackend", configs: Sequence[Config], *, measure: bool 
         return RuntimeChoice(configs[0], by="asked for")
     path = record_path(backend)
     record = read_record(path)
+    started = time.perf_counter()
     if measure and _missing(record, configs):
         try:
             with _lock(path):
                 record = read_record(path)  # another process may have measured while this one waited
                 if _missing(record, configs):
-                    record = _measure_and_keep(backend, path, record, _missing(record, configs), note)
+                    record = _measure_and_keep(backend, path, record, _missing(record, configs), note, job_texts)
         except OSError:  # a read-only cache dir: measured for this job only
-            record = _measure_and_keep(backend, path, record, _missing(record, configs), note)
+            record = _measure_and_keep(backend, path, record, _missing(record, configs), note, job_texts)
+    spent = time.perf_counter() - started
     entries = {tuple(e["config"]): e for e in record.get("candidates", [])}
     pinned = tuple(record["pinned"]) if record.get("pinned") else None
     if pinned in configs:
         return RuntimeChoice(pinned, by="pinned", record=str(path),  # type: ignore[arg-type]
-                             texts_per_s=entries.get(pinned, {}).get("texts_per_s"))
+                             texts_per_s=entries.get(pinned, {}).get("texts_per_s"), measured_seconds=spent)
     accepted = [c for c in configs if entries.get(c, {}).get("accepted")]
     if not accepted:
         if not measure:
@@ -205,7 +209,8 @@ def choose(backend: "LocalBackend", configs: Sequence[Config], *, measure: bool 
                          "pass --runtime torch --precision fp32.")
     best = max(accepted, key=lambda c: float(entries[c].get("texts_per_s") or 0.0))
     return RuntimeChoice(best, by="measured on this machine", record=str(path),
-                         texts_per_s=entries[best].get("texts_per_s"), fidelity=entries[best].get("fidelity"))
+                         texts_per_s=entries[best].get("texts_per_s"), fidelity=entries[best].get("fidelity"),
+                         measured_seconds=spent)
 
 
 def _missing(record: dict[str, Any], configs: Sequence[Config]) -> list[Config]:
@@ -215,10 +220,10 @@ def _missing(record: dict[str, Any], configs: Sequence[Config]) -> list[Config]:
 
 
 def _measure_and_keep(backend: "LocalBackend", path: Path, record: dict[str, Any], configs: Sequence[Config],
-                      note: Note | None) -> dict[str, Any]:
+                      note: Note | None, job_texts: Sequence[str] = ()) -> dict[str, Any]:
     started = time.perf_counter()
     entries = [e for e in record.get("candidates", []) if tuple(e["config"]) not in configs]
-    entries += measure_configs(backend, configs, note)
+    entries += measure_configs(backend, configs, note, job_texts)
     record = {"format": RECORD_FORMAT, "model_id": backend.model_id, "machine": machine(),
               "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "candidates": entries, "pinned": record.get("pinned"),
@@ -231,7 +236,7 @@ def _measure_and_keep(backend: "LocalBackend", path: Path, record: dict[str, Any
 
 
 def fixed_texts() -> list[str]:
-    """What every candidate is checked against torch fp32 on: varied kinds, lengths, languages."""
+    """The short texts of every kind the candidates meet: reviews, codes, other languages."""
     from .local import CALIBRATION_TEXTS
     from .onnx import SMOOTHING_TEXTS
 
@@ -239,39 +244,47 @@ def fixed_texts() -> list[str]:
 
 
 def timing_texts() -> list[str]:
-    """What every candidate is timed on: every other fixed text and paragraphs made of runs of 4
-    and 12 of them (the length of documents), sorted by length as a job batches them."""
+    """What every candidate is checked against torch fp32 and timed on: every third fixed text
+    and paragraphs made of runs of 4 and 12 of them (documents: ~60 and ~200 tokens), sorted by
+    length as a job batches them (in batches of BATCH: short ones together, long ones together)."""
     texts = fixed_texts()
-    paragraphs = [" ".join(texts[i:i + n]) for n, step in ((4, 6), (12, 12)) for i in range(0, len(texts) - n + 1, step)]
-    return sorted(dict.fromkeys(texts[::2] + paragraphs), key=len)
+    paragraphs = [" ".join(texts[i:i + n]) for n, step in ((4, 8), (12, 20)) for i in range(0, len(texts) - n + 1, step)]
+    return sorted(dict.fromkeys(texts[::3] + paragraphs), key=len)
 
 
-def measure_configs(backend: "LocalBackend", configs: Sequence[Config], note: Note | None = None) -> list[dict[str, Any]]:
-    """Each configuration loaded, checked against torch fp32 on the fixed texts and timed on the
-    timing texts, one at a time and released before the next (the memory guard holds for each).
-    A failure (not installed, export refused, below the bar, over the guard) is kept with its
-    reason; environmental ones (`transient`) are measured again next time."""
+def measure_configs(backend: "LocalBackend", configs: Sequence[Config], note: Note | None = None,
+                    job_texts: Sequence[str] = ()) -> list[dict[str, Any]]:
+    """Each configuration loaded, warmed up, then timed on the timing texts twice (the best pass
+    kept; the first pass's vectors checked against torch fp32's), one at a time and released
+    before the next, each within the memory guard. The torch model is let go once the export is
+    made from it. A failure (not installed, export refused, below the bar, over the guard) is
+    kept with its reason; environmental ones (`transient`) are measured again next time."""
     say = note or (lambda message: None)
-    fixed, timed = fixed_texts(), timing_texts()
-    fixed_batches = [fixed[i:i + BATCH] for i in range(0, len(fixed), BATCH)]
-    timed_batches = [timed[i:i + BATCH] for i in range(0, len(timed), BATCH)]
-    # torch fp32 first: the reference every other candidate is checked against, and what exports are made from
-    order = sorted(configs, key=lambda c: c != ("torch", "fp32", "none"))
+    timed = timing_texts()
+    batches = [timed[i:i + BATCH] for i in range(0, len(timed), BATCH)]
+    # torch first (fp32: the reference every candidate is checked against), then the exports made from it
+    order = sorted(configs, key=lambda c: (c[0] != "torch", c != ("torch", "fp32", "none")))
     log.warning("measuring %s for %s on this CPU, one at a time, once per machine (kept in %s)",
                 labels(order), backend.model_id, choices_root())
+    say(f"measuring runtimes (1/{len(order)}): loading torch fp32, the reference")
     reference_backend = backend.variant(("torch", "fp32", "none"))
-    say(f"measuring runtimes (1/{len(order)}): loading torch fp32 as the reference")
-    reference = np.concatenate([reference_backend.compute(b) for b in fixed_batches])
+    reference_backend.compute(batches[0])  # loads
+    t = time.perf_counter()
+    reference = np.concatenate([reference_backend.compute(b) for b in batches])
+    reference_pass = time.perf_counter() - t  # torch fp32's first timed pass
+    if job_texts:  # what the job's own check will compare with, while torch is here
+        backend.job_reference = (list(job_texts), reference_backend.compute(list(job_texts)))
     guard = max_model_memory_bytes()
     entries: list[dict[str, Any]] = []
     spent: list[float] = []
+    torch_held = True
     for n, config in enumerate(order, 1):
         left = f", ~{(sum(spent) / len(spent)) * (len(order) - n + 1):.0f} s left" if spent else ""
         say(f"measuring runtimes ({n}/{len(order)}): {label(config)}{left}")
         began = time.perf_counter()
         entry: dict[str, Any] = {"config": list(config), "label": label(config)}
         entries.append(entry)
-        variant = backend.variant(config)
+        variant = reference_backend if config == ("torch", "fp32", "none") else backend.variant(config)
         base = rss_bytes()
         try:
             if guard is not None:  # before loading, not after an OOM
@@ -279,22 +292,29 @@ def measure_configs(backend: "LocalBackend", configs: Sequence[Config], note: No
                 if need > guard:
                     raise MemoryGuardError(f"needs about {need / 1e9:.2f} GB to run, more than MAX_MODEL_MEMORY_GB="
                                            f"{guard / 1e9:g}")
-            variant.load()
-            vectors = np.concatenate([variant.compute(b) for b in fixed_batches])
-            entry["fidelity"] = figures(reference, vectors)
-            bar = bar_for(config[2])
-            entry["accepted"] = bar.passes(entry["fidelity"])
-            if not entry["accepted"]:
-                entry["reason"] = f"cosine to torch fp32 {entry['fidelity']['mean']:.5f} mean / " \
-                                  f"{entry['fidelity']['min']:.5f} min, under the {bar.name} bar ({bar})"
-            else:
-                best = float("inf")
-                for _ in range(TIMED_PASSES):
-                    t = time.perf_counter()
-                    for b in timed_batches:
-                        variant.compute(b)
-                    best = min(best, time.perf_counter() - t)
-                entry["texts_per_s"] = round(len(timed) / max(best, 1e-9), 1)
+            if config[0] != "torch":
+                variant.ensure_export()  # made from the torch model, which can go now
+                if torch_held:
+                    reference_backend.release(torch_model=True)
+                    torch_held = False
+            is_reference = variant is reference_backend
+            # the first pass loads and warms up (a runtime's first call of each shape is slower):
+            # the best of the passes is kept, the first one's vectors checked
+            passes = [reference_pass] if is_reference else []
+            for _ in range(TIMED_PASSES - len(passes)):
+                t = time.perf_counter()
+                vectors = np.concatenate([variant.compute(b) for b in batches])
+                passes.append(time.perf_counter() - t)
+                if len(passes) == 1 or is_reference:
+                    entry["fidelity"] = figures(reference, vectors)
+                    bar = bar_for(config[2])
+                    entry["accepted"] = bar.passes(entry["fidelity"])
+                    if not entry["accepted"]:
+                        entry["reason"] = f"cosine to torch fp32 {entry['fidelity']['mean']:.5f} mean / " \
+                                          f"{entry['fidelity']['min']:.5f} min, under the {bar.name} bar ({bar})"
+                        break
+            if entry["accepted"]:
+                entry["texts_per_s"] = round(len(timed) / max(min(passes), 1e-9), 1)
             grown = rss_bytes() - base
             entry["memory_mb"] = round(max(grown, 0) / 2**20, 1)
             if guard is not None and grown > guard and entry["accepted"]:
@@ -308,10 +328,11 @@ def measure_configs(backend: "LocalBackend", configs: Sequence[Config], note: No
             entry["transient"] = isinstance(exc, (OSError, ImportError)) and not isinstance(exc, ModelLoadError)
             log.warning("%s refused: %s", label(config), entry["reason"])
         finally:
-            if config != ("torch", "fp32", "none"):
+            if variant is not reference_backend:
                 variant.release()
-            gc.collect()
         spent.append(time.perf_counter() - began)
+    if torch_held:
+        reference_backend.release(torch_model=False)
     return entries
 
 
