@@ -447,7 +447,7 @@ def run_task(task: Task, opts: JobOptions, files: JobFiles, *, observer: Observe
         with metrics.stage("write"):
             if sink is None:  # an input with no rows still gets a (valid, empty) output
                 sink = ParquetSink(opts.output, processor.schema())
-        metrics.background_seconds = ahead.stage_seconds
+        metrics.background_seconds = {k: ahead.stage_seconds.get(k, 0.0) for k in ("read", "validate")}
         check_rows(opts, reader, metrics, sink)
         # one document, the same in the Parquet metadata, the sidecar and --json
         document = build_document(job=task.job, backend=task.backend, options=opts, metrics=metrics, started=started,
