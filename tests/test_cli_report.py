@@ -50,7 +50,7 @@ def test_summary_lists_every_stage_with_time_in_the_documents_order(tmp_path: Pa
     shown = _summary_row(result.stdout, "stages")
     names = [part.rsplit(" ", 1)[0] for part in shown.split(" · ")]
     assert names == [name.replace("_", " ") for name, s in stages.items() if s > 0]
-    assert "embed" in names and "model load" in names
+    assert "embed" in names  # (model load too, unless an earlier test in this process loaded the model)
 
 
 def test_a_stage_the_jobs_add_shows_up_without_a_change_to_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
