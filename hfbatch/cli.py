@@ -16,47 +16,71 @@ from rich.markup import escape
 from rich.table import Table
 
 from . import __version__
+from .engines import ENGINES
 from .errors import HfbatchError, InputError, Terminated
 from .engines import embed as embed_job
 from .engines.parts import PartsResult, expand_inputs, merge_job_sidecars
 from .jobs.embed import EmbedResult
-from .monitoring import NullObserver, RichProgress
+from .monitoring import NullObserver, RichProgress, job_rate, rate_text
 from .options import EmbedOptions, GenerateOptions
 from .provenance import redact_text
 from .settings import DEFAULT_MODEL, Settings
 from .tools.dry_run import plan_embed as plan
+from .validate import ON_INVALID
+from .vectors import OUTPUT_PRECISIONS
 
 app = typer.Typer(
     name="hfbatch",
     help="Turn files of text (CSV, JSONL, Parquet) into embeddings with Hugging Face models, as a batch job.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion
     pretty_exceptions_enable=False,
-    rich_markup_mode=None,  # help texts show "[env: ...]" literally
+    # rich: option panels and their titles render (typer draws no panels without a markup mode);
+    # help texts escape their brackets (`_env`, `\[`) so "[env: ...]" shows literally
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
 )
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # one line per message, even when not a terminal
 out = Console(highlight=False)
 
+# The panels of --help, in the order a new user reads them.
+INPUT, TEXT, MODEL, OUTPUT, CACHE, REMOTE, SCALE, REPORTING = (
+    "Input", "Text", "Model and runtime", "Output", "Cache", "Remote", "Scale", "Reporting")
+PANELS = (INPUT, TEXT, MODEL, OUTPUT, CACHE, REMOTE, SCALE, REPORTING)
+
+
+def _env(name: str, default: object = None) -> str:
+    """ "[env: NAME; default: X]", escaped so rich markup shows it as written."""
+    return rf"\[env: {name}" + (f"; default: {default}" if default is not None else "") + "]"
+
+
+def _choices(*values: str) -> str:
+    """The metavar of an option that takes one of a fixed set: shown as `a|b|c` in --help."""
+    return "|".join(values)
+
+
 # Options declared once, shared by every command that takes them.
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help=f"Hub id or local directory. [env: HFBATCH_MODEL; default: {DEFAULT_MODEL}]")]
-TextColumnOpt = Annotated[Optional[str], typer.Option("--text-column", "-t", help="Column holding the text. [env: HFBATCH_TEXT_COLUMN; default: text]")]
-CacheDirOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help="Embedding cache directory. [env: HFBATCH_CACHE_DIR; default: user cache dir]")]
-DeviceOpt = Annotated[Optional[str], typer.Option("--device", help="auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps. [env: HFBATCH_DEVICE]")]
-EndpointOpt = Annotated[Optional[str], typer.Option("--endpoint", help="Server URL: TEI base (http://host:8080), OpenAI-compatible base (.../v1) or an Inference Endpoint URL. [env: HFBATCH_ENDPOINT]")]
-MaxLineBytesOpt = Annotated[Optional[str], typer.Option("--max-line-bytes", help="Longest JSONL line or CSV row read, e.g. 64MiB or 1GB; a longer one stops the job (exit 2) before it fills memory. [env: HFBATCH_MAX_LINE_BYTES; default: 64MiB]")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks. [env: HFBATCH_DEBUG]")]
-ApiConcurrencyOpt = Annotated[int, typer.Option("--api-concurrency", help="HTTP requests in flight at once.")]
-ApiTimeoutOpt = Annotated[Optional[float], typer.Option("--api-timeout", help="Seconds per HTTP request. [env: HUGGINGFACE_API_TIMEOUT; default: 60]")]
-ApiRetriesOpt = Annotated[int, typer.Option("--api-retries", help="Attempts per HTTP request on transient errors (429, 5xx, timeouts).")]
-ApiRetryCeilingOpt = Annotated[float, typer.Option("--api-retry-ceiling", help="Give up on a request after this many seconds, retries included.")]
-TrustRemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run Python code that ships with the model (custom architectures). Off unless given: only for models you trust.")]
-TokenizerOpt = Annotated[Optional[str], typer.Option("--tokenizer", help="Hub id or directory of the tokenizer used to count tokens for remote backends (default: --model).")]
-KeepOpt = Annotated[Optional[str], typer.Option("--keep", help="Comma-separated input columns to pass through (default: all).")]
-FormatOpt = Annotated[Optional[str], typer.Option("--format", "-f", help="csv, jsonl or parquet; default: from the extension.")]
-MaxErrorsOpt = Annotated[Optional[int], typer.Option("--max-errors", help="Stop (exit 1, nothing written) once more than N rows are invalid.")]
-MetricsFileOpt = Annotated[Optional[Path], typer.Option("--metrics-file", help="Write Prometheus text metrics here (node_exporter textfile collector), on success and on failure.")]
-LogFileOpt = Annotated[Optional[Path], typer.Option("--log-file", help="Append one JSON line per chunk (and one at the end) to this file.")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary.")]
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", help=f"Hub id or local directory. {_env('HFBATCH_MODEL', DEFAULT_MODEL)}", rich_help_panel=MODEL)]
+TextColumnOpt = Annotated[Optional[str], typer.Option("--text-column", "-t", help=f"Column holding the text. {_env('HFBATCH_TEXT_COLUMN', 'text')}", rich_help_panel=INPUT)]
+CacheDirOpt = Annotated[Optional[Path], typer.Option("--cache-dir", help=f"Embedding cache directory. {_env('HFBATCH_CACHE_DIR', 'user cache dir')}", rich_help_panel=CACHE)]
+DeviceOpt = Annotated[Optional[str], typer.Option("--device", metavar="auto|cpu|cuda[:N]|mps", help=f"auto (cuda > mps > cpu), cpu, cuda, cuda:N or mps. {_env('HFBATCH_DEVICE')}", rich_help_panel=MODEL)]
+EndpointOpt = Annotated[Optional[str], typer.Option("--endpoint", help=f"Server URL: TEI base (http://host:8080), OpenAI-compatible base (.../v1) or an Inference Endpoint URL. {_env('HFBATCH_ENDPOINT')}", rich_help_panel=REMOTE)]
+MaxLineBytesOpt = Annotated[Optional[str], typer.Option("--max-line-bytes", help=f"Longest JSONL line or CSV row read, e.g. 64MiB or 1GB; a longer one stops the job (exit 2) before it fills memory. {_env('HFBATCH_MAX_LINE_BYTES', '64MiB')}", rich_help_panel=INPUT)]
+DebugOpt = Annotated[bool, typer.Option("--debug", help=f"Show tracebacks. {_env('HFBATCH_DEBUG')}", rich_help_panel=REPORTING)]
+ApiConcurrencyOpt = Annotated[int, typer.Option("--api-concurrency", help="HTTP requests in flight at once.", rich_help_panel=REMOTE)]
+ApiTimeoutOpt = Annotated[Optional[float], typer.Option("--api-timeout", help=f"Seconds per HTTP request. {_env('HUGGINGFACE_API_TIMEOUT', 60)}", rich_help_panel=REMOTE)]
+ApiRetriesOpt = Annotated[int, typer.Option("--api-retries", help="Attempts per HTTP request on transient errors (429, 5xx, timeouts).", rich_help_panel=REMOTE)]
+ApiRetryCeilingOpt = Annotated[float, typer.Option("--api-retry-ceiling", help="Give up on a request after this many seconds, retries included.", rich_help_panel=REMOTE)]
+TrustRemoteCodeOpt = Annotated[bool, typer.Option("--trust-remote-code", help="Run Python code that ships with the model (custom architectures). Off unless given: only for models you trust.", rich_help_panel=MODEL)]
+TokenizerOpt = Annotated[Optional[str], typer.Option("--tokenizer", help="Hub id or directory of the tokenizer used to count tokens for remote backends (default: --model).", rich_help_panel=REMOTE)]
+KeepOpt = Annotated[Optional[str], typer.Option("--keep", help="Comma-separated input columns to pass through (default: all).", rich_help_panel=OUTPUT)]
+FormatOpt = Annotated[Optional[str], typer.Option("--format", "-f", metavar=_choices("csv", "tsv", "jsonl", "parquet"), help="csv, tsv (csv with tabs), jsonl or parquet; default: from the extension.", rich_help_panel=INPUT)]
+DelimiterOpt = Annotated[Optional[str], typer.Option("--delimiter", metavar="CHAR", help="CSV delimiter: one character, or tab; default: a comma (a tab for .tsv). A header with ';' or tabs and no comma is refused until this says which.", rich_help_panel=INPUT)]
+MaxErrorsOpt = Annotated[Optional[int], typer.Option("--max-errors", help="Stop (exit 1, nothing written) once more than N rows are invalid.", rich_help_panel=INPUT)]
+MetricsFileOpt = Annotated[Optional[Path], typer.Option("--metrics-file", help="Write Prometheus text metrics here (node_exporter textfile collector), on success and on failure.", rich_help_panel=REPORTING)]
+LogFileOpt = Annotated[Optional[Path], typer.Option("--log-file", help="Append one JSON line per chunk (and one at the end) to this file.", rich_help_panel=REPORTING)]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar and no summary (the exit-3 line still goes to stderr).", rich_help_panel=REPORTING)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.", rich_help_panel=REPORTING)]
 
 
 def _version(value: bool) -> None:
@@ -67,64 +91,66 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
+    version: Annotated[bool, typer.Option("--version", "-V", callback=_version, is_eager=True, help="Print the version and exit.")] = False,
 ) -> None:
     """hfbatch: batch embeddings with Hugging Face models."""
 
 
 @app.command()
 def embed(
-    input: Annotated[str, typer.Argument(help="Input file: .csv, .tsv, .jsonl, .ndjson (optionally .gz) or .parquet; or a directory or quoted glob of such parts; local, or in a store (s3://bucket/key, gs://, az://).", show_default=False)],
-    output: Annotated[str, typer.Option("--output", "-o", help="Output Parquet file (a <output>.meta.json sidecar is written beside it); a directory when the input is many parts; local or s3://bucket/key.", show_default=False)],
+    input: Annotated[str, typer.Argument(metavar="INPUT", help="Input file: .csv, .tsv, .jsonl, .ndjson (optionally .gz) or .parquet; or a directory or quoted glob of such parts; local, or in a store (s3://bucket/key, gs://, az://).", show_default=False)],
+    *,
     text_column: TextColumnOpt = None,
-    keep: KeepOpt = None,
     fmt: FormatOpt = None,
+    delimiter: DelimiterOpt = None,
+    on_invalid: Annotated[str, typer.Option("--on-invalid", metavar=_choices(*ON_INVALID), help="Rows with null/empty/non-string text: mark (keep, with embedding_error; exit 3), skip (drop) or fail.", rich_help_panel=INPUT)] = "mark",
+    max_errors: MaxErrorsOpt = None,
+    max_line_bytes: MaxLineBytesOpt = None,
+    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Tokens per text; longer texts are truncated. Default: the model's max_seq_length.", rich_help_panel=TEXT)] = None,
+    split: Annotated[Optional[str], typer.Option("--split", metavar="tokens:N", help="tokens:N: cut long texts into windows of N tokens (the model's own tokenizer, specials and prompt included) and write one row per window, instead of truncating.", rich_help_panel=TEXT)] = None,
+    overlap: Annotated[Optional[int], typer.Option("--overlap", help="With --split: tokens consecutive windows share. Default: N/8.", rich_help_panel=TEXT)] = None,
+    aggregate: Annotated[Optional[str], typer.Option("--aggregate", metavar=_choices("mean"), help="With --split: mean: one row per input row, the mean of its windows' vectors (renormalised).", rich_help_panel=TEXT)] = None,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help='Text put before every text, as sentence-transformers does (e.g. "query: "); "" for none, overriding the model\'s default prompt.', rich_help_panel=TEXT)] = None,
+    prompt_name: Annotated[Optional[str], typer.Option("--prompt-name", help="A prompt named in the model's config_sentence_transformers.json (e.g. query, document).", rich_help_panel=TEXT)] = None,
     model: ModelOpt = None,
     device: DeviceOpt = None,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help="Texts per model call. [env: EMBEDDING_BATCH_SIZE; default: 32]")] = None,
-    chunk_size: Annotated[Optional[int], typer.Option("--chunk-size", help="Rows read, embedded and written at a time. [env: HFBATCH_CHUNK_SIZE; default: 10000]")] = None,
-    max_length: Annotated[Optional[int], typer.Option("--max-length", help="Tokens per text; longer texts are truncated. Default: the model's max_seq_length.")] = None,
-    normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="Unit-length vectors.")] = True,
-    precision: Annotated[Optional[str], typer.Option("--precision", help="auto (the fastest measured faithful to fp32 here); fp32; bf16 (CPU autocast, fast only where the CPU has native bf16); fp16 (CUDA). [env: HFBATCH_PRECISION; default: auto]")] = None,
-    runtime: Annotated[Optional[str], typer.Option("--runtime", help="auto (measured once per machine and model, see `hfbatch capabilities`); torch; onnx (ONNX Runtime); openvino (hfbatch[openvino]). The exports are made once and cached. [env: HFBATCH_RUNTIME; default: auto]")] = None,
-    quantize: Annotated[Optional[str], typer.Option("--quantize", help="int8 (ONNX Runtime or OpenVINO int8, used only while cosine to fp32 stays >= 0.99 mean / 0.98 min, on a calibration sample and on the job's first texts); none; auto (int8 is one of auto's candidates). [env: ENABLE_MODEL_QUANTIZATION]")] = None,
-    max_batch_tokens: Annotated[Optional[int], typer.Option("--max-batch-tokens", help="Token budget per model call (texts x longest text, padding included); batches of short texts grow up to it.")] = None,
-    split: Annotated[Optional[str], typer.Option("--split", help="tokens:N: cut long texts into windows of N tokens (the model's own tokenizer, specials and prompt included) and write one row per window, instead of truncating.")] = None,
-    overlap: Annotated[Optional[int], typer.Option("--overlap", help="With --split: tokens consecutive windows share. Default: N/8.")] = None,
-    aggregate: Annotated[Optional[str], typer.Option("--aggregate", help="With --split: mean: one row per input row, the mean of its windows' vectors (renormalised).")] = None,
-    prompt: Annotated[Optional[str], typer.Option("--prompt", help='Text put before every text, as sentence-transformers does (e.g. "query: "); "" for none, overriding the model\'s default prompt.')] = None,
-    prompt_name: Annotated[Optional[str], typer.Option("--prompt-name", help="A prompt named in the model's config_sentence_transformers.json (e.g. query, document).")] = None,
-    truncate_dim: Annotated[Optional[int], typer.Option("--truncate-dim", help="Matryoshka: keep the first D dimensions (renormalised with --normalize); the cache keeps full vectors.")] = None,
-    output_precision: Annotated[str, typer.Option("--output-precision", help="float32, float16, int8, uint8 (ranges from a calibration sample), binary or ubinary (8 dimensions a byte); as sentence-transformers' quantize_embeddings.")] = "float32",
-    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="int8/uint8 ranges from an earlier run's .meta.json, or from the first --calibration-size texts of this CSV/JSONL/Parquet file. Default: the job's own first vectors.")] = None,
-    calibration_size: Annotated[int, typer.Option("--calibration-size", help="Vectors the int8/uint8 ranges are taken from.")] = 1000,
+    backend: Annotated[str, typer.Option("--backend", metavar=_choices("local", "hf-api", "tei", "openai", "auto"), help="local, hf-api (alias api), tei, openai, or auto (local, falling back to --fallback).", rich_help_panel=MODEL)] = "local",
+    runtime: Annotated[Optional[str], typer.Option("--runtime", metavar=_choices("auto", "torch", "onnx", "openvino"), help=rf"auto (measured once per machine and model, see `hfbatch capabilities`); torch; onnx (ONNX Runtime); openvino (hfbatch\[openvino]). The exports are made once and cached. {_env('HFBATCH_RUNTIME', 'auto')}", rich_help_panel=MODEL)] = None,
+    precision: Annotated[Optional[str], typer.Option("--precision", metavar=_choices("auto", "fp32", "bf16", "fp16"), help=f"auto (the fastest measured faithful to fp32 here); fp32; bf16 (CPU autocast, fast only where the CPU has native bf16); fp16 (CUDA). {_env('HFBATCH_PRECISION', 'auto')}", rich_help_panel=MODEL)] = None,
+    quantize: Annotated[Optional[str], typer.Option("--quantize", metavar=_choices("auto", "int8", "none"), help=f"int8 (ONNX Runtime or OpenVINO int8, used only while cosine to fp32 stays >= 0.99 mean / 0.98 min, on a calibration sample and on the job's first texts); none; auto (int8 is one of auto's candidates). {_env('ENABLE_MODEL_QUANTIZATION')}", rich_help_panel=MODEL)] = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help=f"Texts per model call. {_env('EMBEDDING_BATCH_SIZE', 32)}", rich_help_panel=MODEL)] = None,
+    max_batch_tokens: Annotated[Optional[int], typer.Option("--max-batch-tokens", help="Token budget per model call (texts x longest text, padding included); batches of short texts grow up to it.", rich_help_panel=MODEL)] = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    output: Annotated[str, typer.Option("--output", "-o", help="Output Parquet file (a <output>.meta.json sidecar is written beside it); a directory when the input is many parts; local or s3://bucket/key.", show_default=False, rich_help_panel=OUTPUT)],
+    keep: KeepOpt = None,
+    normalize: Annotated[bool, typer.Option("--normalize/--no-normalize", help="Unit-length vectors.", rich_help_panel=OUTPUT)] = True,
+    truncate_dim: Annotated[Optional[int], typer.Option("--truncate-dim", help="Matryoshka: keep the first D dimensions (renormalised with --normalize); the cache keeps full vectors.", rich_help_panel=OUTPUT)] = None,
+    output_precision: Annotated[str, typer.Option("--output-precision", metavar=_choices(*OUTPUT_PRECISIONS), help="float32, float16, int8, uint8 (ranges from a calibration sample), binary or ubinary (8 dimensions a byte); as sentence-transformers' quantize_embeddings.", rich_help_panel=OUTPUT)] = "float32",
+    calibration: Annotated[Optional[Path], typer.Option("--calibration", help="int8/uint8 ranges from an earlier run's .meta.json, or from the first --calibration-size texts of this CSV/JSONL/Parquet file. Default: the job's own first vectors.", rich_help_panel=OUTPUT)] = None,
+    calibration_size: Annotated[int, typer.Option("--calibration-size", help="Vectors the int8/uint8 ranges are taken from.", rich_help_panel=OUTPUT)] = 1000,
+    relative_paths: Annotated[bool, typer.Option("--relative-paths", help="Write paths in the sidecars relative to the output's folder, to share results without this machine's layout.", rich_help_panel=OUTPUT)] = False,
     cache_dir: CacheDirOpt = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the cache. [env: ENABLE_EMBEDDING_CACHE=false]")] = False,
-    backend: Annotated[str, typer.Option("--backend", help="local, hf-api (alias api), tei, openai, or auto (local, falling back to --fallback).")] = "local",
+    no_cache: Annotated[bool, typer.Option("--no-cache", help=f"Neither read nor write the cache. {_env('ENABLE_EMBEDDING_CACHE=false')}", rich_help_panel=CACHE)] = False,
     endpoint: EndpointOpt = None,
-    fallback: Annotated[str, typer.Option("--fallback", help="The remote that --backend auto falls back to: hf-api, tei or openai.")] = "hf-api",
-    api_batch_size: Annotated[int, typer.Option("--api-batch-size", help="Texts per HTTP request (halved automatically on 413).")] = 32,
+    fallback: Annotated[str, typer.Option("--fallback", metavar=_choices("hf-api", "tei", "openai"), help="The remote that --backend auto falls back to: hf-api, tei or openai.", rich_help_panel=REMOTE)] = "hf-api",
+    api_batch_size: Annotated[int, typer.Option("--api-batch-size", help="Texts per HTTP request (halved automatically on 413).", rich_help_panel=REMOTE)] = 32,
     api_concurrency: ApiConcurrencyOpt = 4,
     api_timeout: ApiTimeoutOpt = None,
     api_retries: ApiRetriesOpt = 5,
     api_retry_ceiling: ApiRetryCeilingOpt = 300.0,
-    remote_pooling: Annotated[Optional[str], typer.Option("--remote-pooling", help="mean: average token-level (3-D) answers into one vector per text.")] = None,
+    remote_pooling: Annotated[Optional[str], typer.Option("--remote-pooling", metavar=_choices("mean"), help="mean: average token-level (3-D) answers into one vector per text.", rich_help_panel=REMOTE)] = None,
     tokenizer: TokenizerOpt = None,
-    on_invalid: Annotated[str, typer.Option("--on-invalid", help="Rows with null/empty/non-string text: mark (keep, with embedding_error; exit 3), skip (drop) or fail.")] = "mark",
-    trust_remote_code: TrustRemoteCodeOpt = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="Read and check the input, count rows, tokens, cache hits and requests, time a sample for an ETA; write nothing.")] = False,
-    relative_paths: Annotated[bool, typer.Option("--relative-paths", help="Write paths in the sidecars relative to the output's folder, to share results without this machine's layout.")] = False,
-    max_errors: MaxErrorsOpt = None,
-    max_line_bytes: MaxLineBytesOpt = None,
+    chunk_size: Annotated[Optional[int], typer.Option("--chunk-size", help=f"Rows read, embedded and written at a time. {_env('HFBATCH_CHUNK_SIZE', 10000)}", rich_help_panel=SCALE)] = None,
+    engine: Annotated[str, typer.Option("--engine", metavar=_choices(*ENGINES), help=r"local (this process), or ray (Ray Data over a cluster; needs hfbatch\[ray]).", rich_help_panel=SCALE)] = "local",
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="With --engine ray: a cluster address (auto, ray://host:10001); default: a local cluster.", rich_help_panel=SCALE)] = None,
+    num_workers: Annotated[int, typer.Option("--num-workers", help="With --engine ray: embedding actors (each loads the model once).", rich_help_panel=SCALE)] = 2,
+    gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", help="With --engine ray: GPUs per actor (0 = CPU).", rich_help_panel=SCALE)] = 0.0,
+    shard: Annotated[Optional[str], typer.Option("--shard", metavar="I/N", help="I/N: with many input parts, take only shard I of N (1..N), chosen by a hash of each part's path; run N hosts, then hfbatch merge-meta.", rich_help_panel=SCALE)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Read and check the input, count rows, tokens, cache hits and requests, time a sample for an ETA; write nothing.", rich_help_panel=REPORTING)] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the sidecar document (provenance + metrics) to stdout.", rich_help_panel=REPORTING)] = False,
+    quiet: QuietOpt = False,
     metrics_file: MetricsFileOpt = None,
     log_file: LogFileOpt = None,
-    engine: Annotated[str, typer.Option("--engine", help="local (this process), or ray (Ray Data over a cluster; needs hfbatch[ray]).")] = "local",
-    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="With --engine ray: a cluster address (auto, ray://host:10001); default: a local cluster.")] = None,
-    num_workers: Annotated[int, typer.Option("--num-workers", help="With --engine ray: embedding actors (each loads the model once).")] = 2,
-    gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", help="With --engine ray: GPUs per actor (0 = CPU).")] = 0.0,
-    shard: Annotated[Optional[str], typer.Option("--shard", help="I/N: with many input parts, take only shard I of N (1..N), chosen by a hash of each part's path; run N hosts, then hfbatch merge-meta.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the sidecar document (provenance + metrics) to stdout.")] = False,
-    quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Embed the text column of INPUT into a Parquet file, with a cache and a provenance sidecar."""
@@ -135,6 +161,7 @@ def embed(
         text_column=text_column,
         keep=_columns(keep),
         format=fmt,
+        delimiter=delimiter,
         model=model,
         device=device,
         batch_size=batch_size,
@@ -240,10 +267,10 @@ def _parts_summary(result: PartsResult) -> None:
 
 @app.command()
 def verify(
-    output: Annotated[str, typer.Argument(help="An output Parquet file of hfbatch embed (its .meta.json beside it); local or in a store.", show_default=False)],
+    output: Annotated[str, typer.Argument(metavar="OUTPUT", help="An output Parquet file of hfbatch embed (its .meta.json beside it); local or in a store.", show_default=False)],
     sample: Annotated[int, typer.Option("--sample", help="Rows to re-embed, chosen at random (fixed seed).")] = 64,
     tolerance: Annotated[float, typer.Option("--tolerance", help="Cosine a re-embedded row must reach to agree.")] = 0.999,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.", rich_help_panel=REPORTING)] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Re-embed a sample of OUTPUT's rows with the recorded model and options; exit 1 if any disagrees."""
@@ -265,9 +292,9 @@ def verify(
 
 @app.command("merge-meta")
 def merge_meta(
-    output_dir: Annotated[str, typer.Argument(help="The -o directory of a many-part job (its shards' job sidecars); local or in a store.", show_default=False)],
+    output_dir: Annotated[str, typer.Argument(metavar="OUTPUT_DIR", help="The -o directory of a many-part job (its shards' job sidecars); local or in a store.", show_default=False)],
     input: Annotated[Optional[str], typer.Option("--input", help="The job's input (directory or glob): also check that no part is missing.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the merged document to stdout.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the merged document to stdout.", rich_help_panel=REPORTING)] = False,
     debug: DebugOpt = False,
 ) -> None:
     """Check that the shards of a job account for every part exactly once, and sum their metrics."""
@@ -293,39 +320,41 @@ def merge_meta(
 
 @app.command()
 def generate(
-    input: Annotated[str, typer.Argument(help="Input file with a prompt column: CSV, JSONL or Parquet; local or in a store.", show_default=False)],
-    output: Annotated[str, typer.Option("--output", "-o", help="Output Parquet file; a <output>.meta.json sidecar is written beside it; local or in a store.", show_default=False)],
-    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Causal LM: hub id or local directory.")] = None,
-    prompt_column: Annotated[str, typer.Option("--prompt-column", help="Column holding the prompt.")] = "prompt",
-    keep: KeepOpt = None,
+    input: Annotated[str, typer.Argument(metavar="INPUT", help="Input file with a prompt column: CSV, JSONL or Parquet; local or in a store.", show_default=False)],
+    *,
+    prompt_column: Annotated[str, typer.Option("--prompt-column", help="Column holding the prompt.", rich_help_panel=INPUT)] = "prompt",
     fmt: FormatOpt = None,
-    backend: Annotated[str, typer.Option("--backend", help="local, or api (alias hf-api): the HF Inference API (text generation; chat completion with --chat), or --endpoint (a TGI server or Inference Endpoint).")] = "local",
-    local: Annotated[bool, typer.Option("--local", help="Run the model here (the original service's flag; the default).")] = False,
+    delimiter: DelimiterOpt = None,
+    on_invalid: Annotated[str, typer.Option("--on-invalid", metavar=_choices(*ON_INVALID), help="mark, skip or fail rows with null/empty/non-string prompts.", rich_help_panel=INPUT)] = "mark",
+    max_errors: MaxErrorsOpt = None,
+    max_line_bytes: MaxLineBytesOpt = None,
+    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate at most per prompt.", rich_help_panel=TEXT)] = 64,
+    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy (deterministic, cached).", rich_help_panel=TEXT)] = 0.0,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling when --temperature > 0.", rich_help_panel=TEXT)] = 1.0,
+    seed: Annotated[Optional[int], typer.Option("--seed", help="Fixed seed: sampling becomes repeatable and is cached.", rich_help_panel=TEXT)] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap each prompt in the model's chat template (with --backend api: the chat-completion route).", rich_help_panel=TEXT)] = False,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="Causal LM: hub id or local directory.", rich_help_panel=MODEL)] = None,
+    backend: Annotated[str, typer.Option("--backend", metavar=_choices("local", "api", "hf-api"), help="local, or api (alias hf-api): the HF Inference API (text generation; chat completion with --chat), or --endpoint (a TGI server or Inference Endpoint).", rich_help_panel=MODEL)] = "local",
+    local: Annotated[bool, typer.Option("--local", help="Run the model here (the original service's flag; the default).", rich_help_panel=MODEL)] = False,
     device: DeviceOpt = None,
-    precision: Annotated[str, typer.Option("--precision", help="Weights' dtype for --backend local: fp32; bf16 (fast on CPUs with native bf16); fp16 (CUDA); auto.")] = "fp32",
+    precision: Annotated[str, typer.Option("--precision", metavar=_choices("fp32", "bf16", "fp16", "auto"), help="Weights' dtype for --backend local: fp32; bf16 (fast on CPUs with native bf16); fp16 (CUDA); auto.", rich_help_panel=MODEL)] = "fp32",
+    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts per generate call (left-padded).", rich_help_panel=MODEL)] = 8,
     trust_remote_code: TrustRemoteCodeOpt = False,
-    batch_size: Annotated[int, typer.Option("--batch-size", "-b", help="Prompts per generate call (left-padded).")] = 8,
-    chunk_size: Annotated[Optional[int], typer.Option("--chunk-size", help="Rows read and written at a time.")] = None,
-    max_new_tokens: Annotated[int, typer.Option("--max-new-tokens", help="Tokens to generate at most per prompt.")] = 64,
-    temperature: Annotated[float, typer.Option("--temperature", help="0 = greedy (deterministic, cached).")] = 0.0,
-    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling when --temperature > 0.")] = 1.0,
-    seed: Annotated[Optional[int], typer.Option("--seed", help="Fixed seed: sampling becomes repeatable and is cached.")] = None,
-    chat: Annotated[bool, typer.Option("--chat", help="Wrap each prompt in the model's chat template (with --backend api: the chat-completion route).")] = False,
+    output: Annotated[str, typer.Option("--output", "-o", help="Output Parquet file; a <output>.meta.json sidecar is written beside it; local or in a store.", show_default=False, rich_help_panel=OUTPUT)],
+    keep: KeepOpt = None,
+    cache_dir: CacheDirOpt = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the cache.", rich_help_panel=CACHE)] = False,
     endpoint: EndpointOpt = None,
     api_concurrency: ApiConcurrencyOpt = 4,
     api_timeout: ApiTimeoutOpt = None,
     api_retries: ApiRetriesOpt = 5,
     api_retry_ceiling: ApiRetryCeilingOpt = 300.0,
     tokenizer: TokenizerOpt = None,
-    cache_dir: CacheDirOpt = None,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the cache.")] = False,
-    on_invalid: Annotated[str, typer.Option("--on-invalid", help="mark, skip or fail rows with null/empty/non-string prompts.")] = "mark",
-    max_errors: MaxErrorsOpt = None,
-    max_line_bytes: MaxLineBytesOpt = None,
+    chunk_size: Annotated[Optional[int], typer.Option("--chunk-size", help="Rows read and written at a time.", rich_help_panel=SCALE)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the sidecar document to stdout.", rich_help_panel=REPORTING)] = False,
+    quiet: QuietOpt = False,
     metrics_file: MetricsFileOpt = None,
     log_file: LogFileOpt = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print the sidecar document to stdout.")] = False,
-    quiet: QuietOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Generate text for the prompt column of INPUT with a causal LM (local transformers, or the HF Inference API)."""
@@ -337,7 +366,7 @@ def generate(
         _refuse(InputError(f"--local and --backend {backend} contradict each other; give one."), debug)
     options = GenerateOptions(
         input=input, output=output, model=model, prompt_column=prompt_column, keep=_columns(keep), format=fmt,
-        device=device, precision=precision, trust_remote_code=trust_remote_code, batch_size=batch_size, chunk_size=chunk_size,
+        delimiter=delimiter, device=device, precision=precision, trust_remote_code=trust_remote_code, batch_size=batch_size, chunk_size=chunk_size,
         params=GenerationParams(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed, chat=chat),
         use_cache=False if no_cache else None, cache_dir=cache_dir, on_invalid=on_invalid, max_errors=max_errors,
         max_line_bytes=max_line_bytes, backend=backend, endpoint=endpoint, api_concurrency=api_concurrency,
@@ -355,6 +384,7 @@ def _generate_summary(result) -> None:  # type: ignore[no-untyped-def]
                      f"{m['rows_invalid']:,} invalid, {m['rows_truncated']:,} prompts truncated); "
                      f"{m['tokens_generated']:,} tokens at {m['tokens_per_second'] or 0:,.1f}/s; "
                      f"cache {m['cache']['hits']:,} hits / {m['cache']['misses']:,} misses"))
+    out.print(f"{_time_line(m)}; {_stages_line(m)}")
 
 
 def _columns(keep: str | None) -> list[str] | None:
@@ -375,7 +405,7 @@ def _run_job(job, summary, *, as_json: bool, quiet: bool, debug: bool, label: st
 
 @app.command()
 def capabilities(
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """What this machine can do: backends and why not, devices, libraries, the runtimes measured for `auto`, memory, cache."""
@@ -435,8 +465,8 @@ def capabilities(
 def test_connection(
     model: ModelOpt = None,
     endpoint: EndpointOpt = None,
-    backend: Annotated[str, typer.Option("--backend", help="local, hf-api, tei, openai, or all.")] = "all",
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    backend: Annotated[str, typer.Option("--backend", metavar=_choices("local", "hf-api", "tei", "openai", "all"), help="local, hf-api, tei, openai, or all.")] = "all",
+    as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """Embed one text with the local model and each configured remote; report latency, dimension, status."""
@@ -462,10 +492,10 @@ def test_connection(
 def models(
     search: Annotated[Optional[str], typer.Option("--search", help="Words in the model id.")] = None,
     task: Annotated[str, typer.Option("--task", help="Pipeline tag, e.g. feature-extraction, text-generation.")] = "feature-extraction",
-    sort: Annotated[str, typer.Option("--sort", help="downloads, likes, trending_score, created_at, last_modified.")] = "downloads",
+    sort: Annotated[str, typer.Option("--sort", metavar=_choices("downloads", "likes", "trending_score", "created_at", "last_modified"), help="downloads, likes, trending_score, created_at, last_modified.")] = "downloads",
     limit: Annotated[int, typer.Option("--limit", help="At most this many models.")] = 20,
     served: Annotated[bool, typer.Option("--served", help="Only models the hf-inference provider serves.")] = False,
-    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    as_json: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
     """List hub models (through huggingface_hub) by search, task and sort."""
@@ -481,6 +511,105 @@ def models(
     for r in rows:
         table.add_row(r["id"], f"{r['downloads'] or 0:,}", f"{r['likes'] or 0:,}", r["library"] or "")
     out.print(table)
+
+
+cache_app = typer.Typer(help="Look after the embedding cache: what it holds, clear it, prune it.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+def _cache_dir(cache_dir: Path | None, debug: bool) -> Path:
+    """--cache-dir, else HFBATCH_CACHE_DIR, else the user cache dir: the directory embed uses."""
+    return Path(cache_dir).expanduser() if cache_dir else _settings_or_exit(debug).cache_dir
+
+
+def _mb(n: int) -> str:
+    """Bytes as people read them: 812 B, 64.0 kB, 12.3 MB, 1.50 GB."""
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:,.2f} {unit}" if unit == "GB" else f"{n / size:,.1f} {unit}"
+    return f"{n:,} B"
+
+
+def _when(ts: float | None) -> str:
+    from datetime import datetime, timezone
+
+    return datetime.fromtimestamp(ts, timezone.utc).strftime("%Y-%m-%d %H:%M UTC") if ts else "-"
+
+
+@cache_app.command("info")
+def cache_info(
+    cache_dir: CacheDirOpt = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """The cache directory, its size on disk, its entries, and its namespaces (one per model fingerprint) with theirs."""
+    from .cache import cache_info as info_of
+
+    settings = _settings_or_exit(debug)
+    directory = Path(cache_dir).expanduser() if cache_dir else settings.cache_dir
+    info = _run(lambda: info_of(directory), debug)
+    info["size_limit_bytes"] = settings.cache_size_bytes
+    if as_json:
+        _print_json(info)
+        return
+    if not info["exists"]:
+        out.print(escape(f"{info['directory']}: no cache there yet (embed makes one)."))
+        return
+    out.print(escape(f"{info['directory']}: {info['entries']:,} entries (vectors, token counts and dimension records), "
+                     f"{_mb(info['size_bytes'])} on disk of a {_mb(info['size_limit_bytes'])} limit (EMBEDDING_CACHE_SIZE); "
+                     f"used {_when(info['oldest_use'])} to {_when(info['newest_use'])}"))
+    table = Table(title="namespaces (a job's fingerprint, in its sidecar's provenance)", title_justify="left")
+    table.add_column("namespace", overflow="fold")
+    for col in ("entries", "values", "last used"):
+        table.add_column(col)
+    for ns in info["namespaces"]:
+        table.add_row(escape(ns["namespace"] or "(stored before namespaces were recorded)"), f"{ns['entries']:,}",
+                      _mb(ns["value_bytes"]), _when(ns["last_use"]))
+    out.print(table)
+
+
+@cache_app.command("clear")
+def cache_clear(
+    cache_dir: CacheDirOpt = None,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Remove every entry of the cache (every model's); asks first unless --yes."""
+    from .cache import clear_cache
+
+    directory = _cache_dir(cache_dir, debug)
+    if not yes and not typer.confirm(f"Remove every entry of the embedding cache at {directory}?"):
+        err.print("nothing removed.")
+        raise typer.Exit(1)
+    report = _run(lambda: clear_cache(directory), debug)
+    if as_json:
+        _print_json(report)
+    else:
+        out.print(escape(f"{report['directory']}: removed {report['removed']:,} entries; "
+                         f"{_mb(report['before_bytes'])} -> {_mb(report['size_bytes'])} on disk"))
+
+
+@cache_app.command("prune")
+def cache_prune(
+    cache_dir: CacheDirOpt = None,
+    max_size: Annotated[Optional[str], typer.Option("--max-size", help="Shrink the cache to this size (e.g. 500MB, 2GiB), least recently used entries first.")] = None,
+    older_than: Annotated[Optional[str], typer.Option("--older-than", help="Drop the entries not used for this long: 30d, 12h, 90m, 2w.")] = None,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Shrink the cache: drop entries unused for --older-than, then the least recently used down to --max-size."""
+    from .cache import parse_age, prune_cache
+    from .settings import parse_byte_size
+
+    directory = _cache_dir(cache_dir, debug)
+    report = _run(lambda: prune_cache(directory, max_bytes=None if max_size is None else parse_byte_size(max_size, "--max-size"),
+                                      older_than_seconds=None if older_than is None else parse_age(older_than)), debug)
+    if as_json:
+        _print_json(report)
+    else:
+        out.print(escape(f"{report['directory']}: removed {report['removed']:,} entries, {report['entries']:,} left; "
+                         f"{_mb(report['before_bytes'])} -> {_mb(report['size_bytes'])} on disk"))
 
 
 def _print_json(document: object) -> None:
@@ -557,12 +686,30 @@ def _summary(result: EmbedResult) -> None:
         ("cache", f"{cache['hits']:,} hits, {cache['misses']:,} misses ({cache['hit_rate']:.0%} hit rate)"
                   if cache["enabled"] else "off"),
         ("computed", f"{m['texts_computed']:,} texts in {m['batches']:,} batches, {m['tokens_computed']:,} tokens"),
-        ("time", f"{m['wall_seconds']:.2f}s wall ({m['rows_per_second'] or 0:,.0f} rows/s), model load {m['model_load_seconds']:.2f}s"),
+        ("time", _time_line(m)),
+        ("stages", _stages_line(m)),
         ("peak memory", f"{m['peak_rss_mb']:,.0f} MiB"),
     ]
     for key, value in rows:
         table.add_row(key, value)
     out.print(table)
+
+
+def _time_line(m: dict) -> str:
+    """Wall seconds and rows per second, the progress bar's sum (`job_rate`: model load and
+    measuring included)."""
+    return f"{m['wall_seconds']:.2f}s wall ({rate_text(job_rate(m['rows_total'], m['wall_seconds']))} rows/s)"
+
+
+def _stages_line(m: dict) -> str:
+    """Every stage the job booked time to, in its order ("read 0.10s · measure 4.2s · embed 1.7s"):
+    a stage added to the jobs shows up here without a change to this file."""
+    stages = [f"{name.replace('_', ' ')} {_seconds(s)}" for name, s in m.get("stage_seconds", {}).items() if s > 0]
+    return escape(" · ".join(stages)) or "-"
+
+
+def _seconds(s: float) -> str:
+    return f"{s:.2f}s" if s < 10 else f"{s:,.1f}s" if s < 100 else f"{s:,.0f}s"
 
 
 def _backend_line(p: dict, m: dict) -> str:

@@ -777,10 +777,6 @@ def test_cli_embeds_every_row_piped_into_stdin(tmp_path: Path, name: str, fmt: s
 
 # --- CSV delimiters: --delimiter, -f tsv, and a header that names another delimiter --------------
 
-def _rows(reader: readers.Reader) -> list[dict[str, Any]]:
-    return [row for chunk in reader.chunks() for row in chunk.batch.to_pylist()]
-
-
 @pytest.mark.parametrize("delimiter, given", [(";", ";"), ("|", "pipe"), ("\t", "tab"), ("\t", "\\t"), ("\t", "\t")])
 def test_a_delimiter_given_splits_the_columns_and_keeps_commas_in_text(tmp_path: Path, delimiter: str, given: str) -> None:
     path = tmp_path / "export.csv"
@@ -788,15 +784,15 @@ def test_a_delimiter_given_splits_the_columns_and_keeps_commas_in_text(tmp_path:
     fmt = readers.format_with_delimiter(None, given, path)
     reader = open_reader(path, fmt=fmt)
     assert reader.format == "csv" and reader.schema.names == ["id", "text"]
-    assert _rows(reader) == [{"id": "1", "text": "hello, world"}, {"id": "2", "text": f"a{delimiter}b"}]
+    assert _read_rows(reader) == [{"id": "1", "text": "hello, world"}, {"id": "2", "text": f"a{delimiter}b"}]
     assert readers.format_with_delimiter(fmt, given, path) == fmt  # resolving twice changes nothing
 
 
 def test_format_tsv_reads_tabs_whatever_the_extension(tmp_path: Path) -> None:
     path = tmp_path / "rows.txt"
     path.write_text("id\ttext\n1\ta, b\n", encoding="utf-8")
-    assert _rows(open_reader(path, fmt="tsv")) == [{"id": "1", "text": "a, b"}]
-    assert _rows(open_reader(path, fmt="TSV")) == [{"id": "1", "text": "a, b"}]
+    assert _read_rows(open_reader(path, fmt="tsv")) == [{"id": "1", "text": "a, b"}]
+    assert _read_rows(open_reader(path, fmt="TSV")) == [{"id": "1", "text": "a, b"}]
 
 
 @pytest.mark.parametrize("header, fix", [("id;text", "use --delimiter ';'"), ("id\ttext", "use --delimiter tab (or -f tsv)")])
@@ -811,7 +807,7 @@ def test_a_header_with_another_delimiter_and_no_comma_is_refused_with_the_fix(tm
     # said out loud, a comma reads it as the one column it then is
     single = tmp_path / "single.csv"
     single.write_text(f"{header}\n1{sep}fine\n", encoding="utf-8")
-    assert _rows(open_reader(single, fmt="csv:,")) == [{header: f"1{sep}fine"}]
+    assert _read_rows(open_reader(single, fmt="csv:,")) == [{header: f"1{sep}fine"}]
     # a comma in the header: an ordinary CSV whose names hold a semicolon
     ok = tmp_path / "ok.csv"
     ok.write_text("id,text;notes\n1,x\n", encoding="utf-8")
@@ -839,4 +835,4 @@ def test_a_delimiter_that_cannot_be_used_is_refused(fmt: str | None, delimiter: 
 
 def test_the_delimiter_travels_in_the_format_through_a_spooled_pipe(tmp_path: Path) -> None:
     with _fifo(tmp_path / "rows", b"id;text\n1;a, b\n") as fifo, spooled_input(fifo, "csv:;") as copy:
-        assert _rows(open_reader(copy, fmt="csv:;")) == [{"id": "1", "text": "a, b"}]
+        assert _read_rows(open_reader(copy, fmt="csv:;")) == [{"id": "1", "text": "a, b"}]
