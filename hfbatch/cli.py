@@ -280,9 +280,11 @@ def verify(
     if as_json:
         _print_json(report)
     else:
+        made = f", made by {report['made_by']}" if report.get("made_by") else ""
         out.print(escape(
             f"{report['output']}: {report['agree']}/{report['rows_checked']} sampled rows agree with {report['model_id']} "
-            f"({report['backend']}) at cosine >= {report['tolerance']}; mean {report['cosine_mean']}, min {report['cosine_min']}"
+            f"re-embedded by {report['reference']} at cosine >= {report['tolerance']} (the {report['bar']} bar{made}); "
+            f"mean {report['cosine_mean']}, min {report['cosine_min']}"
             + (f"; NOTE: {report['note']}" if report.get("note") else "" if report["same_fingerprint"]
                else "; NOTE: the model or its settings changed since the run (fingerprint differs)")),
             soft_wrap=True)
@@ -439,26 +441,64 @@ def capabilities(
         libs.add_row(name, lib["version"] or "missing", lib["for"], escape(lib.get("install", "")))
     out.print(libs)
     for record in info["runtimes"]:
-        best = record["fastest_for_rows"]
-        title = (f"runtimes measured for {record['model_id']} ({record['measured_at']}"
-                 f"{'' if record['in_force'] else '; another CPU or library versions: not in force'}); "
-                 f"auto takes {best['100']} for 100 rows, {best['10000']} for 10,000, {best['None']} for large jobs")
-        runtimes = Table(title=escape(title), title_justify="left")
-        for col in ("runtime", "start-up s", "texts/s", "cosine to torch fp32 (mean / min)", "accepted"):
-            runtimes.add_column(col)
-        for c in record["candidates"]:
-            fid = c.get("fidelity") or {}
-            runtimes.add_row(c["label"], f"{c['startup_s']:.2f}" if c.get("startup_s") is not None else "-",
-                             f"{c['texts_per_s']:.1f}" if c.get("texts_per_s") is not None else "-",
-                             f"{fid['mean']:.5f} / {fid['min']:.5f}" if fid else "-",
-                             "yes" if c.get("accepted") else escape(f"no: {c.get('reason')}"))
-        out.print(runtimes)
+        _runtime_table(record)
     mem, cache = info["memory"], info["cache"]
     out.print(f"memory: {mem['available_gb']} GB free of {mem['total_gb']} GB, {mem['cpu_cores']} cores; "
               f"MAX_MODEL_MEMORY_GB {mem['max_model_memory_gb'] or 'not set'}")
     out.print(escape(f"cache: {cache['directory']} ({'on' if cache['enabled'] else 'off'}), "
               + (f"{cache['entries']:,} entries (vectors and token counts), {cache['volume_bytes'] / 1e6:,.1f} MB" if cache["exists"] else "empty")
               + f", limit {cache['size_limit_bytes'] / 1e9:g} GB; token {info['token']}"))
+
+
+def _runtime_table(record: dict) -> None:
+    """One model's measured configurations on this machine, and what auto runs."""
+    runs = f"auto runs {record['chosen']}" + (" (pinned)" if record.get("pinned") else " (the fastest faithful)") \
+        if record.get("chosen") else "nothing passed"
+    title = (f"runtimes measured for {record['model_id']} ({record['measured_at']}"
+             f"{'' if record['in_force'] else '; another CPU or library versions: not in force'}); {runs}")
+    runtimes = Table(title=escape(title), title_justify="left")
+    for col in ("configuration", "texts/s", "cosine to torch fp32 (mean / min)", "memory MB", "accepted"):
+        runtimes.add_column(col)
+    for c in record["candidates"]:
+        fid = c.get("fidelity") or {}
+        runtimes.add_row(c["label"], f"{c['texts_per_s']:.1f}" if c.get("texts_per_s") is not None else "-",
+                         f"{fid['mean']:.5f} / {fid['min']:.5f}" if fid else "-",
+                         f"{c['memory_mb']:.0f}" if c.get("memory_mb") is not None else "-",
+                         "yes" if c.get("accepted") else escape(f"no: {c.get('reason')}"))
+    out.print(runtimes)
+
+
+@app.command()
+def tune(
+    model: Annotated[Optional[str], typer.Argument(metavar="MODEL", help=f"Hub id or local directory. [default: {DEFAULT_MODEL}]", show_default=False)] = None,
+    pin: Annotated[Optional[str], typer.Option("--pin", help='Make auto run this measured configuration for MODEL here, e.g. "openvino bf16" or "torch fp32".')] = None,
+    unpin: Annotated[bool, typer.Option("--unpin", help="Let auto run the fastest faithful configuration again.")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="Measure the int8 configurations too (what --quantize int8 chooses among).")] = False,
+    no_measure: Annotated[bool, typer.Option("--no-measure", help="Only show (or pin from) what was measured before.")] = False,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    as_json: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Measure MODEL's runtime configurations on this machine now, show them, and pin the choice.
+
+    What the first job of a model measures by itself, on demand: after an upgrade, on a machine that was busy, or while building a container image (then its jobs measure nothing). Pinning without a record: HFBATCH_RUNTIME / HFBATCH_PRECISION."""
+    from .tools.doctor import runtime_measurements
+    from .tools.tune import tune as run_tune
+
+    def note(message: str) -> None:
+        if not (as_json or debug):
+            err.print(escape(message))
+
+    report = _run(lambda: run_tune(model or DEFAULT_MODEL, int8=int8, pin=pin, unpin=unpin, measure=not no_measure,
+                                   trust_remote_code=trust_remote_code, note=note), debug)
+    if as_json:
+        _print_json(report)
+        return
+    record = next((r for r in runtime_measurements() if r["file"] == report["record"]), None)
+    if record is None:
+        err.print(escape(f"nothing measured for {report['model_id']} on this machine yet; run without --no-measure."))
+        raise typer.Exit(1)
+    _runtime_table(record)
 
 
 @app.command("test-connection")
@@ -665,8 +705,11 @@ def _device_line(p: dict) -> str:
         return str(p["device"])
     kind = "int8" if str(local.get("quantize", "none")) != "none" else local.get("precision")
     chosen = local.get("selection") or {}
-    how = " (auto: measured here)" if chosen.get("by") == "measured on this machine" else ""
-    return escape(f"{p['device']}, {local['runtime']} {kind}{how}")
+    how = {"measured on this machine": " (auto: this machine's choice for the model)",
+           "pinned": " (auto: pinned by hfbatch tune)"}.get(chosen.get("by"), "")
+    over = "; passed over " + ", ".join(p["label"] for p in chosen.get("passed_over") or []) \
+        if chosen.get("passed_over") else ""
+    return escape(f"{p['device']}, {local['runtime']} {kind}{how}{over}")
 
 
 def _summary(result: EmbedResult) -> None:

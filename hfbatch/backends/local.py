@@ -67,6 +67,7 @@ class LocalBackend:
     name = "local"
     remote = False
     batch_texts: int | None = None  # the job's --batch-size / --max-batch-tokens decide
+    token_source = "tokenizer"  # n_tokens and truncation by the model's own tokenizer
 
     def __init__(self, model: str, *, device: str = "auto", normalize: bool = True, max_length: int | None = None,
                  precision: str = "fp32", runtime: str = "torch", quantize: str | None = None,
