@@ -226,7 +226,7 @@ def bench_runtimes(texts: list[str]) -> dict:
         got = _embed_sorted(backend, texts)
         seconds = time.perf_counter() - started
         cosine = (got * raw).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(raw, axis=1))
-        calib = backend.onnx_fidelity or {}
+        calib = backend.export_fidelity or {}
         recall = recall_at_10(_embed_sorted(backend, queries), _embed_sorted(backend, documents))
         out[label] = {"s": seconds, "mean": float(cosine.mean()), "min": float(cosine.min()), "recall": recall,
                       "accepted": "onnx" not in label or (calib.get("mean", 0) >= bar[0] and calib.get("min", 0) >= bar[1]),

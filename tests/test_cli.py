@@ -238,7 +238,7 @@ def test_verify_re_embeds_a_sample_and_catches_tampering(tmp_path: Path) -> None
     assert ok.exit_code == 0, ok.output
     report = json.loads(ok.stdout)
     assert report["rows_checked"] == 10 and report["agree"] == 10 and report["cosine_min"] > 0.9999
-    assert report["same_fingerprint"] is True
+    assert report["same_fingerprint"] is True and report["bar"] == "faithful" and report["tolerance"] == 0.999
     # tamper: swap two stored vectors, as a buggy script writing results back might
     import pyarrow as pa
 
@@ -254,15 +254,18 @@ def test_verify_re_embeds_a_sample_and_catches_tampering(tmp_path: Path) -> None
 
 
 def test_verify_of_an_onnx_int8_output_holds_it_to_the_int8_bar_and_names_a_recipe_no_longer_made(tmp_path: Path) -> None:
-    # ONNX Runtime's int8 scales a whole batch at once: a row re-embedded in another batch differs a little
     texts = [f"row {i}: " + " ".join(SAMPLE_TEXTS[j % len(SAMPLE_TEXTS)] for j in range(i % 7 + 1)) for i in range(60)]
     src = write_csv(tmp_path / "in.csv", [{"id": i, "text": t} for i, t in enumerate(texts)])
     out = tmp_path / "o.parquet"
     assert run("embed", str(src), "-o", str(out), "--runtime", "onnx", "--quantize", "int8").exit_code == 0
     report = json.loads(run("verify", str(out), "--sample", "60", "--json").stdout)
+    # compared with the model itself (torch fp32 sentence-transformers), never with int8 again, at the int8 bar
+    assert report["reference"] == "sentence-transformers, torch fp32" and report["bar"] == "int8"
     assert report["ok"] and report["tolerance"] == 0.98 and report["agree"] == 60
-    assert report["cosine_min"] < 0.999  # the 0.999 of fp32 runs would have called it damaged
-    assert report["quantize_recorded"] == report["quantize_now"] and "note" not in report
+    assert report["cosine_min"] < 0.999  # the faithful bar would have called it damaged
+    assert report["same_fingerprint"] and "note" not in report
+    line = run("verify", str(out), "--sample", "5").stdout
+    assert "re-embedded by sentence-transformers, torch fp32 at cosine >= 0.98 (the int8 bar, made by onnx int8)" in line
     sidecar = Path(f"{out}.meta.json")
     document = json.loads(sidecar.read_text())
     document["provenance"]["backends"]["local"]["quantize"] = "int8-sq0.8-ffn1fp32-b7f7d0d45275"  # an older recipe

@@ -527,3 +527,16 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_once_with_the_measured_factor(t
                                          cache_dir=tmp_path / "c2"))
     assert not [r for r in caplog.records if "--precision bf16" in r.getMessage()]
     assert native.document["provenance"]["backends"]["local"]["bf16_emulated_factor"] is None
+
+
+def test_stage_seconds_add_up_to_the_wall_time(tmp_path: Path) -> None:
+    texts = [f"{t} (line {i})" for i, t in enumerate(SAMPLE_TEXTS * 25)]
+    src = write_csv(tmp_path / "in.csv", rows_for(texts))
+    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", chunk_size=40, use_cache=False))
+    metrics = result.document["metrics"]
+    stages = metrics["stage_seconds"]
+    assert set(stages) >= {"read", "validate", "cache", "measure", "export", "check", "model_load", "embed", "write"}
+    assert all(seconds >= 0 for seconds in stages.values()) and stages["embed"] > 0
+    # the job's own thread, stage after stage: they add up to its wall time; the prefetch thread's apart
+    assert sum(stages.values()) == pytest.approx(metrics["wall_seconds"], rel=0.05)
+    assert set(metrics["background_seconds"]) == {"read", "validate"}
