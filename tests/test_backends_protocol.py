@@ -23,7 +23,7 @@ from hfbatch.options import GenerateOptions
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 BACKEND_MEMBERS = {"name", "model_id", "remote", "batch_texts", "load_seconds", "max_length", "fingerprint",
                    "known_dimension", "dimension", "token_counts", "embed", "describe", "prompt", "split",
-                   "prepare", "setup_seconds", "watch"}
+                   "prepare", "setup_seconds", "watch", "token_source"}
 GENERATOR_MEMBERS = {"name", "model_id", "remote", "load_seconds", "fingerprint", "prepare", "generate", "describe"}
 
 
@@ -83,7 +83,9 @@ def test_every_backend_satisfies_the_protocol(dead_endpoint: str) -> None:
 def test_what_the_core_asks_before_a_vector_loads_nothing_and_connects_nowhere(dead_endpoint: str) -> None:
     for backend in _backends(dead_endpoint):
         seen = (backend.name, backend.model_id, backend.fingerprint(), backend.known_dimension(), backend.max_length,
-                backend.remote, backend.batch_texts, backend.load_seconds, backend.token_counts(["a text"]))
+                backend.remote, backend.batch_texts, backend.load_seconds, backend.token_counts(["a text"]),
+                backend.token_source)
+        assert backend.token_source == "tokenizer", seen  # a hub id: its tokenizer counts, per text
         described = backend.describe()
         assert described["model_loaded"] is False and described.get("requests", 0) == 0, seen
         for side in described.get("backends", {}).values():  # --backend auto: both sides

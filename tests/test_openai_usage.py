@@ -16,7 +16,9 @@ from typer.testing import CliRunner
 from conftest import BUNDLED_MODEL_DIR, SAMPLE_TEXTS, rows_for, write_csv
 from embedding_server import EmbeddingServer
 from hfbatch import EmbedOptions, embed, plan
+from hfbatch.backends import make_backend
 from hfbatch.backends.remote import RemoteBackend, RetryPolicy
+from hfbatch.cache import open_cache
 from hfbatch.cli import app
 from hfbatch.errors import InputError, ModelLoadError
 from hfbatch.vectors import cosine_rows
@@ -56,9 +58,11 @@ def test_a_served_name_runs_on_the_servers_usage(tmp_path: Path, server: Embeddi
     # the served name went to the server, and every text went whole: truncation is the server's
     assert {r["body"]["model"] for r in server.requests} == {SERVED}
     assert sorted(_sent(server)) == sorted(set(TEXTS) - {""}) and LONG in _sent(server)
-    # no row is given a count the server did not give it; none is flagged on a guess
-    assert [table.column("n_tokens")[i].as_py() for i in valid] == [0] * len(valid)
-    assert [table.column("truncated")[i].as_py() for i in valid] == [False] * len(valid)
+    # no row is given a count the server did not give it; none is flagged on a guess: both are null,
+    # in columns of the usual types
+    assert table.column("n_tokens").to_pylist() == [None] * len(TEXTS)
+    assert table.column("truncated").to_pylist() == [None] * len(TEXTS)
+    assert table.schema.field("n_tokens").type == "int32" and table.schema.field("truncated").type == "bool"
 
     doc = json.loads(result.sidecar.read_text())
     block = doc["provenance"]["backends"]["openai"]
@@ -72,6 +76,9 @@ def test_a_served_name_runs_on_the_servers_usage(tmp_path: Path, server: Embeddi
                               "requests_without_usage": 0}
     assert len(server.requests) == 3  # 8 distinct texts, 3 a request
     assert doc["metrics"]["api"]["requests"] == 3
+    # the job's own numbers are the server's: the tokens it computed, no limit known, none known cut
+    assert doc["metrics"]["tokens_computed"] == reported and doc["metrics"]["rows_truncated"] == 0
+    assert doc["provenance"]["max_length"] is None
 
 
 def test_with_a_tokenizer_nothing_changes_and_the_counts_agree_with_the_server(tmp_path: Path,
@@ -141,14 +148,25 @@ def test_prompt_name_without_a_tokenizer_is_refused_and_a_prompt_text_is_counted
     assert usage["prompt_tokens"] > sum(server.tokens_read(t) for t in set(SAMPLE_TEXTS))
 
 
-def test_max_batch_tokens_without_a_tokenizer_keeps_requests_to_the_api_batch_size(tmp_path: Path,
-                                                                                  server: EmbeddingServer) -> None:
+def test_max_batch_tokens_without_a_tokenizer_is_refused_before_any_request(tmp_path: Path,
+                                                                          server: EmbeddingServer) -> None:
+    """A budget of tokens per batch needs each text's count before it is sent: only a tokenizer has it."""
     texts = [f"review {i}: the lid held after {i} weeks" for i in range(20)]
     src = write_csv(tmp_path / "in.csv", rows_for(texts))
-    result = _job(src, tmp_path / "out.parquet", server, max_batch_tokens=64, api_batch_size=4)
-    assert pq.read_table(result.output).num_rows == 20
-    assert sorted(_sent(server)) == sorted(texts)
-    assert max(len(r["body"]["input"]) for r in server.requests) <= 4  # the server's batches stay bounded
+    with pytest.raises(InputError, match="--max-batch-tokens 64 .*no tokenizer for minilm-served.*--tokenizer") as info:
+        _job(src, tmp_path / "out.parquet", server, max_batch_tokens=64, api_batch_size=4)
+    assert "\n" not in str(info.value) and server.requests == [] and not (tmp_path / "out.parquet").exists()
+
+    run = CliRunner().invoke(app, ["embed", str(src), "-o", str(tmp_path / "cli.parquet"), "--backend", "openai",
+                                   "--endpoint", server.url + "/v1", "--model", SERVED, "--max-batch-tokens", "64"])
+    assert run.exit_code == 2 and "--tokenizer" in run.output, run.output
+    assert server.requests == [] and not (tmp_path / "cli.parquet").exists()
+
+    # with a tokenizer the budget holds as for any backend
+    result = _job(src, tmp_path / "tok.parquet", server, max_batch_tokens=64, api_batch_size=4,
+                  tokenizer=str(BUNDLED_MODEL_DIR))
+    assert pq.read_table(result.output).num_rows == 20 and sorted(_sent(server)) == sorted(texts)
+    assert max(len(r["body"]["input"]) for r in server.requests) <= 4
 
 
 def test_dry_run_without_a_tokenizer_plans_and_sends_only_its_sample(tmp_path: Path, server: EmbeddingServer) -> None:
@@ -157,8 +175,31 @@ def test_dry_run_without_a_tokenizer_plans_and_sends_only_its_sample(tmp_path: P
                                endpoint=server.url + "/v1", model=SERVED))
     assert report["rows"] == len(TEXTS) and report["rows_invalid"] == 1
     assert report["cache"]["texts_to_compute"] == len(set(TEXTS) - {""}) and report["requests"] == 1
-    assert report["texts_truncated"] == 0  # not guessed: truncation is the server's
+    # not guessed: the server counts once it has embedded, and truncation is its own
+    assert report["tokens_to_compute"] is None and report["texts_truncated"] is None
+    assert report["token_counts"] == "server usage" and "--tokenizer" in report["token_counts_note"]
+    assert "server counts tokens per request" in report["token_counts_note"]
+    assert "ms per text" in report["eta_basis"] and report["eta_seconds"] >= 0
     assert len(server.requests) <= 2 and not (tmp_path / "out.parquet").exists()  # the timed sample only
+
+
+def test_dry_run_with_a_tokenizer_counts_tokens_and_truncation(tmp_path: Path, server: EmbeddingServer) -> None:
+    src = write_csv(tmp_path / "in.csv", rows_for(TEXTS))
+    report = plan(EmbedOptions(input=src, output=tmp_path / "out.parquet", backend="openai",
+                               endpoint=server.url + "/v1", model=SERVED, tokenizer=str(BUNDLED_MODEL_DIR)))
+    assert report["token_counts"] == "tokenizer" and "token_counts_note" not in report
+    assert report["texts_truncated"] == 1 and report["tokens_to_compute"] > 256  # LONG, counted to 256
+    assert "ms per token" in report["eta_basis"]
+
+
+def test_the_cli_dry_run_json_reports_the_unknown_counts_as_null(tmp_path: Path, server: EmbeddingServer) -> None:
+    src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
+    run = CliRunner().invoke(app, ["embed", str(src), "-o", str(tmp_path / "out.parquet"), "--backend", "openai",
+                                   "--endpoint", server.url + "/v1", "--model", SERVED, "--dry-run", "--json"])
+    assert run.exit_code == 0, run.output
+    report = json.loads(run.stdout[run.stdout.index("{"):])
+    assert report["tokens_to_compute"] is None and report["texts_truncated"] is None
+    assert report["token_counts"] == "server usage"
 
 
 def test_a_server_without_usage_still_runs_and_says_it_reported_none(tmp_path: Path, server: EmbeddingServer) -> None:
@@ -184,7 +225,7 @@ def test_a_cached_rerun_on_a_served_name_asks_the_server_nothing(tmp_path: Path,
     first = _job(src, tmp_path / "a.parquet", server)
     server.requests.clear()
     again = _job(src, tmp_path / "b.parquet", server)
-    assert server.requests == [] and again.metrics["texts_computed"] == 0
+    assert server.requests == [] and again.metrics["texts_computed"] == 0 and again.metrics["tokens_computed"] == 0
     assert again.document["provenance"]["fingerprint"] == first.document["provenance"]["fingerprint"]
     a, b = (pq.read_table(r.output).column("embedding").to_pylist() for r in (first, again))
     assert a == b
@@ -203,3 +244,63 @@ def test_the_cli_runs_on_a_served_name_and_warns_once(tmp_path: Path, server: Em
     prov = json.loads(Path(str(out) + ".meta.json").read_text())["provenance"]
     assert prov["model_id"] == SERVED and prov["backends"]["openai"]["token_counts"] == "server usage"
     assert prov["backends"]["openai"]["usage"]["prompt_tokens"] == sum(server.tokens_read(t) for t in set(SAMPLE_TEXTS))
+
+
+def test_the_cache_keeps_no_count_for_texts_the_server_counted(tmp_path: Path, server: EmbeddingServer) -> None:
+    """A served-name run stores its vectors with the count the cache ignores (not 0), so a later
+    run with --tokenizer (the same fingerprint: the tokenizer is no part of it) reads the vectors
+    and counts the texts itself."""
+    src = write_csv(tmp_path / "in.csv", rows_for(TEXTS))
+    first = _job(src, tmp_path / "a.parquet", server)
+    fingerprint = first.document["provenance"]["fingerprint"]
+    cache = open_cache(tmp_path / "cache", fingerprint, size_limit_bytes=0)  # the autouse fixture's cache dir
+    try:
+        distinct = sorted(set(TEXTS) - {""})
+        assert len(cache.lookup(distinct, 384)) == len(distinct)  # the vectors are there
+        assert cache.lookup_tokens(distinct) == {}  # no count is
+    finally:
+        cache.close()
+
+    server.requests.clear()
+    counted = _job(src, tmp_path / "b.parquet", server, tokenizer=str(BUNDLED_MODEL_DIR))
+    local = embed(EmbedOptions(input=src, output=tmp_path / "local.parquet"))
+    assert server.requests == [] and counted.document["provenance"]["fingerprint"] == fingerprint
+    a, b = pq.read_table(counted.output), pq.read_table(local.output)
+    assert a.column("n_tokens").to_pylist() == b.column("n_tokens").to_pylist()  # never 0 from the cache
+    assert a.column("truncated").to_pylist()[TEXTS.index(LONG)] is True
+    assert counted.document["provenance"]["max_length"] == 256
+
+
+def test_a_served_name_run_on_counts_a_tokenizer_cached_still_writes_null(tmp_path: Path,
+                                                                          server: EmbeddingServer) -> None:
+    """The output does not depend on what the cache holds: a tokenizer's count from an earlier run
+    says nothing of where the server cuts, so the served-name run's rows are null all the same."""
+    src = write_csv(tmp_path / "in.csv", rows_for(TEXTS))
+    _job(src, tmp_path / "tok.parquet", server, tokenizer=str(BUNDLED_MODEL_DIR))
+    server.requests.clear()
+    again = _job(src, tmp_path / "served.parquet", server)
+    table = pq.read_table(again.output)
+    assert server.requests == [] and again.metrics["texts_computed"] == 0
+    assert table.column("n_tokens").null_count == table.column("truncated").null_count == len(TEXTS)
+    assert again.document["provenance"]["max_length"] is None
+
+
+def test_auto_falling_back_to_a_served_name_counts_by_the_server(tmp_path: Path, server: EmbeddingServer) -> None:
+    """--backend auto whose local model cannot be found hands over to the remote: its token source
+    is the side's that makes the vectors."""
+    opts = EmbedOptions(input=tmp_path / "in.csv", output=tmp_path / "out.parquet", backend="auto", fallback="openai",
+                        endpoint=server.url + "/v1", model=SERVED)
+    backend = make_backend(opts)
+    assert backend.token_source == "server usage" and backend.usage["prompt_tokens"] == 0
+    backend.embed(["a", "b c"])
+    assert backend.usage["prompt_tokens"] == server.tokens_read("a") + server.tokens_read("b c")
+    assert make_backend(EmbedOptions(input=tmp_path / "in.csv", output=tmp_path / "o.parquet", backend="auto",
+                                     fallback="openai", endpoint=server.url + "/v1",
+                                     model=str(BUNDLED_MODEL_DIR))).token_source == "tokenizer"
+
+    write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
+    server.requests.clear()
+    result = embed(opts)
+    table = pq.read_table(result.output)
+    assert table.column("n_tokens").null_count == len(SAMPLE_TEXTS) and result.document["provenance"]["max_length"] is None
+    assert result.metrics["tokens_computed"] == sum(r["usage"]["prompt_tokens"] for r in server.requests) > 0

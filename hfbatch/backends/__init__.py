@@ -60,7 +60,18 @@ class Backend(Protocol):
 
     @property
     def max_length(self) -> int:
-        """Tokens per text the model sees; longer texts are truncated. From files: no model load."""
+        """Tokens per text the model sees; longer texts are truncated. From files: no model load.
+        Under token_source "server usage" a ceiling no count reaches (the server's limit is not known)."""
+        ...
+
+    @property
+    def token_source(self) -> str:
+        """Who counts tokens: "tokenizer" (the model's own, or --tokenizer's: per text, before the
+        text is sent; `token_counts` and `max_length` are real) or "server usage" (an
+        OpenAI-compatible server on a served model name with no tokenizer here: the server's
+        answers count per request, summed in the backend's `usage`; `token_counts` answers 0 per
+        text and truncation is the server's, so no text has a count or a truncated flag of its
+        own). From files: no model load, no request."""
         ...
 
     def fingerprint(self) -> str:
@@ -100,7 +111,8 @@ class Backend(Protocol):
         ...
 
     def token_counts(self, texts: Sequence[str]) -> list[int]:
-        """Tokens per text by the model's own tokenizer, special tokens and prompt included, untruncated."""
+        """Tokens per text by the model's own tokenizer, special tokens and prompt included, untruncated
+        (0 per text under token_source "server usage": no count is known before the server answers)."""
         ...
 
     def split(self, texts: Sequence[str], size: int, overlap: int) -> list["Windows"]:

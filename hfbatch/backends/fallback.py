@@ -186,6 +186,17 @@ class FallbackBackend:
     def prompt(self) -> str | None:
         return self._side().prompt
 
+    @property
+    def token_source(self) -> str:
+        """The side's that makes the vectors now: "tokenizer", or "server usage" for a remote on a
+        served model name with no tokenizer here."""
+        return self._side().token_source
+
+    @property
+    def usage(self) -> dict[str, int]:
+        """The remote side's summed `usage` (all zeros while the local side makes the vectors)."""
+        return self.secondary.usage
+
     def token_counts(self, texts: Sequence[str]) -> list[int]:
         return self._side().token_counts(texts)
 

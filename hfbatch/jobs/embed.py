@@ -9,6 +9,13 @@ before the first lookup when the backend can tell it without loading (a local mo
 files), else the dimension the cache recorded; a hit that the first vectors the model makes
 contradict is computed again (`recheck`), and a job whose output was already started with the
 wrong size fails once (its stores having put the record right for the rerun).
+
+Without a tokenizer (token_source "server usage": an OpenAI-compatible server on a served model
+name) no text has a count of its own: the server reports tokens per request, and truncates at a
+limit not known here. Then the tokens a batch computed are the change in the backend's summed
+usage, n_tokens and truncated are written null, the cache is given the count it ignores
+(UNKNOWN_TOKENS: a later run with a tokenizer counts those texts itself), the provenance's
+max_length is null, and --max-batch-tokens (a budget of counts) is refused.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from ..backends import Backend, make_backend
+from ..backends.remote import SERVER_USAGE, UNKNOWN_MAX_LENGTH
 from ..backends.windows import Windows
 from ..errors import BackendError, InputError
 from ..io.writers import VECTOR_TYPES, output_schema
@@ -33,9 +41,14 @@ from ..cache import NullCache, open_cache
 from .core import Cache, JobResult, Sampler, run_job, sampler, window_fields
 
 
+# a count not known here (token_source "server usage"): what the cache is given, and ignores on lookup
+UNKNOWN_TOKENS = -1
+
+
 class Embedded(NamedTuple):
     """One text's result: its vector (full size, float32, as cached) and its untruncated token
-    count; `whole`: the mean of a text's windows (--aggregate), which no model call truncated."""
+    count (UNKNOWN_TOKENS: none known); `whole`: the mean of a text's windows (--aggregate),
+    which no model call truncated."""
 
     vector: np.ndarray
     count: int
@@ -124,6 +137,12 @@ class EmbedTask:
         self.calibration: dict[str, Any] | None = dict(opts.calibration_record or {}) or None
         if opts.prompt_name is not None:
             _ = backend.prompt  # an unknown --prompt-name is a usage error now, before the job starts
+        if opts.max_batch_tokens is not None and self.server_counted:  # files only: no request
+            raise InputError(
+                f"--max-batch-tokens {opts.max_batch_tokens} budgets batches by each text's tokens, and there is no "
+                f"tokenizer for {backend.model_id} (a served model name; the server counts tokens per request, only "
+                "once it has embedded them): pass --tokenizer with a hub id or local directory of the served model's "
+                "tokenizer, or drop --max-batch-tokens (--api-batch-size bounds each request).")
         if opts.split_tokens is not None and opts.split_tokens > backend.max_length:  # config files: no model load
             raise InputError(f"--split tokens:{opts.split_tokens} is more than {backend.model_id} reads "
                              f"({backend.max_length} tokens); use --split tokens:{backend.max_length} or less.")
@@ -144,6 +163,13 @@ class EmbedTask:
     @property
     def max_batch_tokens(self) -> int | None:
         return self.opts.max_batch_tokens
+
+    @property
+    def server_counted(self) -> bool:
+        """Tokens are counted by the server, per request (token_source "server usage"): no text has
+        a count or a truncated flag of its own. Asked each time: under --backend auto the side that
+        makes the vectors can change."""
+        return self.backend.token_source == SERVER_USAGE
 
     def setup_seconds(self) -> dict[str, float]:
         return self.backend.setup_seconds()
@@ -177,10 +203,15 @@ class EmbedTask:
         hits = list(found)
         tokens = cache.lookup_tokens([texts[u] for u in hits], fingerprint)
         uncounted = [u for j, u in enumerate(hits) if j not in tokens]  # entries stored without a count
-        counted = dict(zip(uncounted, self.backend.token_counts([texts[u] for u in uncounted]))) if uncounted else {}
+        if uncounted and self.server_counted:  # the tokenizer's 0 is no count
+            counted = dict.fromkeys(uncounted, UNKNOWN_TOKENS)
+        else:
+            counted = dict(zip(uncounted, self.backend.token_counts([texts[u] for u in uncounted]))) if uncounted else {}
         return {u: Embedded(found[u], tokens[j] if j in tokens else counted[u]) for j, u in enumerate(hits)}
 
     def prepare(self, texts: Sequence[str]) -> tuple[list[Any], list[int]]:
+        if self.server_counted:  # counted by the server once embedded (no --split, no --max-batch-tokens here)
+            return [(t, UNKNOWN_TOKENS) for t in texts], [0] * len(texts)
         # a window's count is known from cutting it (split): only other texts go to the tokenizer
         fresh = [t for t in texts if t not in self._window_counts]
         counted = dict(zip(fresh, self.backend.token_counts(fresh))) if fresh else {}
@@ -190,6 +221,9 @@ class EmbedTask:
 
     def compute(self, items: Sequence[Any]) -> tuple[list[Any], int]:
         texts, counts = zip(*items) if items else ((), ())
+        # the server's counts are per request: the tokens of this batch are what its requests added
+        server = self.server_counted
+        before = self.backend.usage["prompt_tokens"] if server else 0  # type: ignore[attr-defined]
         result = self.backend.embed(list(texts))
         expected = (len(texts), self._dim or (result.shape[1] if result.ndim == 2 else -1))
         if result.ndim != 2 or result.shape != expected:
@@ -200,6 +234,9 @@ class EmbedTask:
         if not np.isfinite(result).all():
             raise BackendError(f"backend {self.backend.name} returned NaN or infinite values; nothing was written.")
         self._dim = result.shape[1]
+        if server:  # (a request whose answer carried no usage adds none)
+            computed = self.backend.usage["prompt_tokens"] - before  # type: ignore[attr-defined]
+            return [Embedded(v, UNKNOWN_TOKENS) for v in result], max(0, computed)
         max_length = self.backend.max_length
         return [Embedded(v, c) for v, c in zip(result, counts)], sum(min(c, max_length) for c in counts)
 
@@ -217,6 +254,8 @@ class EmbedTask:
         return wrong
 
     def truncated(self, values: Sequence[Any]) -> list[bool]:
+        if values and self.server_counted:  # the server truncates at its own limit: none is known to be cut
+            return [False] * len(values)
         max_length = self.backend.max_length if values else 0
         return [value.count > max_length and not value.whole for value in values]
 
@@ -299,11 +338,14 @@ class EmbedTask:
         read_all = np.zeros(len(rows), dtype=bool)
         read_all[valid] = whole[rows[valid]]
         max_length = self.backend.max_length if valid.any() else 0
+        # no count known (UNKNOWN_TOKENS), or none that says what the model read: the server's counts
+        # are per request and its limit is not known here (even a tokenizer's count from the cache)
+        unknown = ~valid | (full < 0) | (bool(valid.any()) and self.server_counted)
         return [
             pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1), type=VECTOR_TYPES[precision]), width,
                                               mask=pa.array(~valid)),
-            pa.array(np.where(read_all, full, np.minimum(full, max_length)), type=pa.int32(), mask=~valid),
-            pa.array((full > max_length) & ~read_all, type=pa.bool_(), mask=~valid),
+            pa.array(np.where(read_all, full, np.minimum(full, max_length)), type=pa.int32(), mask=unknown),
+            pa.array((full > max_length) & ~read_all, type=pa.bool_(), mask=unknown),
             pa.array(errors, type=pa.string()),
         ]
 
@@ -367,12 +409,15 @@ def embed_provenance(backend: Backend, opts: EmbedOptions, dim: int, *, ranges: 
     """What an embed sidecar records beside the shared provenance (build_document's `details`)."""
     described = backend.describe() if backend.name == "auto" else {}
     out_dim = output_dim(dim, opts.truncate_dim)
+    # UNKNOWN_MAX_LENGTH is what a backend counting by the server's usage answers (its limit is not
+    # known here); asked of max_length, which the Ray engine's reported backend also has
+    max_length = backend.max_length
     return {
         "fallback": {k: described.get(k) for k in ("fell_back", "fallback_reason", "canary_min_cosine")}
         if backend.name == "auto" else None,
         "dim": dim,
         "normalize": opts.normalize,
-        "max_length": backend.max_length,
+        "max_length": None if max_length == UNKNOWN_MAX_LENGTH else max_length,
         "text_column": opts.text_column,
         "prompt": backend.prompt,
         "prompt_name": opts.prompt_name or (backend.describe().get("prompt_name") if backend.prompt else None),

@@ -5,6 +5,11 @@ distinct text up in the cache (read only: a cache that does not exist yet is not
 the tokens of the texts the cache does not have with the model's tokenizer, and times the real
 backend on a sample of those texts (at most 32, one request for a remote backend) for an ETA.
 No output, no sidecar, no cache entry is written.
+
+Without a tokenizer (token_source "server usage": an OpenAI-compatible server on a served model
+name) the server counts tokens per request, once it has embedded the texts, and truncates at its
+own limit: tokens_to_compute and texts_truncated are null (not known before the job), the ETA is
+per text, and the report says so (`token_counts`, `token_counts_note`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from ..backends import make_backend
+from ..backends.remote import SERVER_USAGE
 from ..cache import NullCache, open_cache
 from ..engines.parts import is_multi_input
 from ..errors import InputError
@@ -72,9 +78,10 @@ def _plan(opts: EmbedOptions, source: Path) -> dict[str, Any]:
             misses += [t for j, t in enumerate(new) if j not in found]  # type: ignore[misc]
     finally:
         cache.close()
-    counts = backend.token_counts(misses) if misses else []
+    by_server = backend.token_source == SERVER_USAGE  # no count per text before the server has embedded it
+    counts = backend.token_counts(misses) if misses and not by_server else []
     max_length = backend.max_length
-    seen = [min(c, max_length) for c in counts]
+    seen = [min(c, max_length) for c in counts] if not by_server else [1] * len(misses)  # (by_server: per text)
     remote = backend.remote
     size = opts.api_batch_size if remote else (opts.batch_size or 32)
     report: dict[str, Any] = {
@@ -85,19 +92,28 @@ def _plan(opts: EmbedOptions, source: Path) -> dict[str, Any]:
         "output_rows": rows - invalid * (opts.on_invalid == "skip")
         + (windows - (rows - invalid) if opts.split_tokens and not opts.aggregate else 0),
         "cache": {"used": exists, "expected_hits": hits, "texts_to_compute": len(misses)},
-        "tokens_to_compute": sum(seen), "texts_truncated": sum(1 for c in counts if c > max_length),
+        "tokens_to_compute": None if by_server else sum(seen),
+        "texts_truncated": None if by_server else sum(1 for c in counts if c > max_length),
+        "token_counts": backend.token_source,
         ("requests" if remote else "model_calls"): math.ceil(len(misses) / size) if misses else 0,
         "eta_seconds": 0.0, "eta_basis": "nothing to compute",
     }
     if misses:
-        sample = sorted(range(len(misses)), key=lambda i: -seen[i])[:: max(1, len(misses) // SAMPLE)][:SAMPLE]
+        # spread over the lengths (tokens; characters when the server counts)
+        length = (lambda i: len(misses[i])) if by_server else (lambda i: seen[i])
+        sample = sorted(range(len(misses)), key=lambda i: -length(i))[:: max(1, len(misses) // SAMPLE)][:SAMPLE]
         texts = [misses[i] for i in sample]
         backend.embed(texts[:2])  # warm-up: the model load is not the job's per-text cost
         started = time.perf_counter()
         backend.embed(texts)
-        per_token = (time.perf_counter() - started) / max(1, sum(seen[i] for i in sample))
+        per_unit = (time.perf_counter() - started) / max(1, sum(seen[i] for i in sample))
         load = backend.load_seconds
-        report["eta_seconds"] = round(load + per_token * sum(seen), 1)
+        report["eta_seconds"] = round(load + per_unit * sum(seen), 1)
         report["eta_basis"] = (f"{len(texts)} of the texts to compute timed on {backend.name} "
-                               f"({per_token * 1000:.3f} ms per token), plus model load {load:.1f} s")
+                               f"({per_unit * 1000:.3f} ms per {'text' if by_server else 'token'}), plus model load {load:.1f} s")
+    if by_server:
+        report["token_counts_note"] = (
+            f"no tokenizer for {opts.model}: the server counts tokens per request, once it has embedded the texts, "
+            "and truncates at its own limit, so tokens_to_compute and texts_truncated are not known before the job "
+            "(its sidecar has the server's total) and the ETA is per text. Pass --tokenizer for counts.")
     return report
