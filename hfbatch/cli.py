@@ -247,8 +247,11 @@ def _plan_summary(report: dict) -> None:
           if report.get("windows") is not None else []),
         ("cache", f"{report['cache']['expected_hits']:,} expected hits, {report['cache']['texts_to_compute']:,} to compute"
                   + ("" if report["cache"]["used"] else " (no cache yet)")),
-        ("work", f"{report['tokens_to_compute']:,} tokens, {calls:,} {'HTTP requests' if 'requests' in report else 'model calls'}, "
-                 f"{report['texts_truncated']:,} texts truncated"),
+        ("work", (f"{report['tokens_to_compute']:,} tokens" if report.get("tokens_to_compute") is not None
+                  else "tokens not known (the server counts them)")
+                 + f", {calls:,} {'HTTP requests' if 'requests' in report else 'model calls'}, "
+                 + (f"{report['texts_truncated']:,} texts truncated" if report.get("texts_truncated") is not None
+                    else "truncation is the server's")),
         ("ETA", f"{report['eta_seconds']:,.1f} s ({report['eta_basis']})"),
     ):
         table.add_row(key, escape(str(value)))

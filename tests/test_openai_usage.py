@@ -200,6 +200,10 @@ def test_the_cli_dry_run_json_reports_the_unknown_counts_as_null(tmp_path: Path,
     report = json.loads(run.stdout[run.stdout.index("{"):])
     assert report["tokens_to_compute"] is None and report["texts_truncated"] is None
     assert report["token_counts"] == "server usage"
+    shown = CliRunner().invoke(app, ["embed", str(src), "-o", str(tmp_path / "out.parquet"), "--backend", "openai",
+                                     "--endpoint", server.url + "/v1", "--model", SERVED, "--dry-run"])
+    assert shown.exit_code == 0, shown.output  # the table says what is not known instead of failing on it
+    assert "tokens not known (the server counts them)" in shown.stdout and "truncation is the server's" in shown.stdout
 
 
 def test_a_server_without_usage_still_runs_and_says_it_reported_none(tmp_path: Path, server: EmbeddingServer) -> None:

@@ -16,8 +16,8 @@ report it per request (`prompt_tokens` = `total_tokens` = the tokens of all its 
 model read them), never per input, so:
 - the counts are totals: `describe()["usage"]` sums them over the job's requests; no row is given
   a share of them (a request's mean is not any text's count). `token_counts` answers 0 per text
-  (not known before the server answers) and `max_length` a ceiling no count reaches, so rows
-  computed here read n_tokens 0 and truncated false, and the sidecar says why;
+  (not known before the server answers) and `max_length` a ceiling no count reaches; the job
+  writes the rows computed here with n_tokens and truncated null, and the sidecar says why;
 - truncation is the server's (TEI --auto-truncate cuts, vLLM and OpenAI refuse a text that is too
   long): nothing is cut here, and which texts the server cut is not known;
 - what needs a count before sending refuses in one line naming --tokenizer: --split, and
@@ -336,7 +336,7 @@ class RemoteBackend:
                 ) from None
             self._no_tokenizer = str(exc)
         log.warning("openai: no tokenizer for %s, so token counts come from the server's usage (per request, "
-                    "in the sidecar); rows computed here read n_tokens 0 and truncated false (truncation is the "
+                    "in the sidecar); rows computed here have n_tokens and truncated null (truncation is the "
                     "server's). Pass --tokenizer for per-row counts.", source)
         return None
 
@@ -406,8 +406,8 @@ class RemoteBackend:
             block["max_length"] = None
             block["token_counts_note"] = (
                 f"no tokenizer for {self._tokenizer_source}: the server reports tokens per request (usage), not per "
-                "text, and truncates at its own limit, so the rows this run computed read n_tokens 0 and truncated "
-                "false (neither is known); usage.prompt_tokens is the total. Pass --tokenizer for per-row counts.")
+                "text, and truncates at its own limit, so the rows this run computed have n_tokens and truncated "
+                "null (neither is known); usage.prompt_tokens is the total. Pass --tokenizer for per-row counts.")
             block["tokenizer_missing"] = self._no_tokenizer
         return block
 
