@@ -344,3 +344,15 @@ def test_a_dry_run_measures_nothing_and_says_the_job_will(tmp_path: Path, monkey
     assert report["rows"] == len(TEXTS)
     assert not (tmp_path / "fresh" / "choices").exists() and not (tmp_path / "fresh" / "onnx").exists()
     assert not (tmp_path / "o.parquet").exists()
+
+
+def test_a_usage_error_is_found_before_any_measuring(two_candidates: Path, tmp_path: Path) -> None:
+    """int8 ranges from one text: refused (exit 2) before this fresh machine measures or exports anything."""
+    from hfbatch import InputError as UsageError
+
+    src = write_csv(tmp_path / "in.csv", rows_for(TEXTS))
+    one = write_csv(tmp_path / "one.csv", rows_for(["only one calibration text"]))
+    with pytest.raises(UsageError, match="has 1 valid text to take --output-precision int8 ranges"):
+        embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", output_precision="int8", calibration=one))
+    assert not (two_candidates / "choices").exists() and not (two_candidates / "onnx").exists()
+    assert not (tmp_path / "o.parquet").exists()

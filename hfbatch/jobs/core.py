@@ -124,7 +124,16 @@ class Task(Protocol):
         ...
 
 
-Sampler = Callable[..., list[Any]]  # (k, path: Path | None = None) -> the first k result values
+class Sampler(Protocol):
+    """`sample(k, path=None)`: the first k result values of the job's input (or of the file of
+    texts `path`); `sample.valid_rows(n, path=None)`: how many valid rows the first n of them are,
+    read and checked without computing anything (a usage error is found before any model work)."""
+
+    metrics: Metrics
+
+    def __call__(self, k: int, path: Path | None = None) -> list[Any]: ...
+
+    def valid_rows(self, n: int, path: Path | None = None) -> int: ...
 
 
 def window_fields(mode: str | None) -> list[pa.Field]:
@@ -472,13 +481,25 @@ def sampler(task: Task, opts: JobOptions, cache: Cache, *, source: Path | None =
     then finds them there). Counted apart from the job's metrics, in `sample.metrics`."""
     metrics = Metrics(job=task.job)
 
-    def sample(k: int, path: Path | None = None) -> list[Any]:
+    def read(path: Path | None) -> Reader:
         reader = open_reader(path or source or opts.input, fmt=None if path else opts.format, chunk_size=opts.chunk_size or 10_000,
                              columns=[opts.input_column], text_column=opts.input_column,
                              max_line_bytes=opts.max_line_bytes)  # type: ignore[arg-type]
         if opts.input_column not in reader.schema.names:
             raise InputError(f"{path or opts.input} has no column {opts.input_column!r} to take a sample of texts from; "
                              f"columns are: {', '.join(reader.all_columns[:20])}.")
+        return reader
+
+    def valid_rows(n: int, path: Path | None = None) -> int:
+        found = 0
+        for validated in _validated(read(path), replace(opts, input=location(path or opts.input)), metrics):
+            found += len(validated.valid_rows)
+            if found >= n:
+                break
+        return min(found, n)
+
+    def sample(k: int, path: Path | None = None) -> list[Any]:
+        reader = read(path)
         processor = ChunkProcessor(task, cache, metrics, passthrough=pa.schema([]), on_invalid="mark")
         values: list[Any] = []
         for validated in _validated(reader, replace(opts, input=location(path or opts.input)), metrics):
@@ -489,7 +510,8 @@ def sampler(task: Task, opts: JobOptions, cache: Cache, *, source: Path | None =
         return values[:k]
 
     sample.metrics = metrics  # type: ignore[attr-defined]
-    return sample
+    sample.valid_rows = valid_rows  # type: ignore[attr-defined]
+    return sample  # type: ignore[return-value]
 
 
 def _first_valid(v: ValidatedChunk, n: int) -> ValidatedChunk:

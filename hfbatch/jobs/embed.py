@@ -111,7 +111,21 @@ def calibrate_ranges(options: EmbedOptions, inputs: Sequence[Any], *, backend: B
                 break
         return values
 
+    def rows_across_parts(n: int, path: Any = None) -> int:
+        if path is not None:
+            return one.valid_rows(n, path)
+        found = 0
+        for part in inputs:
+            try:
+                found += one.valid_rows(n - found, part)
+            except InputError:
+                continue
+            if found >= n:
+                break
+        return found
+
     across_parts.metrics = one.metrics  # type: ignore[attr-defined]
+    across_parts.valid_rows = rows_across_parts  # type: ignore[attr-defined]
     try:
         task.calibrate(across_parts)
     finally:
@@ -282,13 +296,20 @@ class EmbedTask:
         if opts.output_precision not in CALIBRATED or self.ranges is not None:
             return
         path = Path(opts.calibration) if opts.calibration is not None else None  # (a sidecar was read in __init__)
-        values = sample(opts.calibration_size, path)
-        if len(values) < min(MIN_CALIBRATION_VECTORS, opts.calibration_size) or len(values) < 2:
-            raise InputError(
-                f"{path or opts.input} has {len(values)} valid text{'s' if len(values) != 1 else ''} to take "
+        needed = max(min(MIN_CALIBRATION_VECTORS, opts.calibration_size), 2)
+        # too few texts is a usage error: found before any model work (a window is a value, a row at least one)
+        def too_few(found: int) -> InputError:
+            return InputError(
+                f"{path or opts.input} has {found} valid text{'s' if found != 1 else ''} to take "
                 f"--output-precision {opts.output_precision} ranges from; ranges need at least {MIN_CALIBRATION_VECTORS} "
                 "vectors (from fewer, most values fall in one bucket): give --calibration FILE with more texts (or an "
                 "earlier run's .meta.json), or --calibration-size 10 or more.")
+
+        if self.split_mode is None and (rows := sample.valid_rows(needed, path)) < needed:
+            raise too_few(rows)
+        values = sample(opts.calibration_size, path)
+        if len(values) < needed:
+            raise too_few(len(values))
         ranges = quantization_ranges(self.finish(np.stack([value.vector for value in values])))
         flat = int((ranges[1] <= ranges[0]).sum())
         if flat:

@@ -294,7 +294,13 @@ def _sampler(task: EmbedTask, opts: EmbedOptions, cache: Cache, texts: list[str]
         processor = ChunkProcessor(task, cache, metrics, passthrough=pa.schema([]), on_invalid="mark")
         return processor.values(validated)[:k]
 
+    def valid_rows(n: int, path: Path | None = None) -> int:
+        if path is not None:
+            return from_file.valid_rows(n, path)
+        return min(n, sum(1 for t in texts if isinstance(t, str) and t.strip()))
+
     sample.metrics = metrics  # type: ignore[attr-defined]
+    sample.valid_rows = valid_rows  # type: ignore[attr-defined]
     return sample
 
 
