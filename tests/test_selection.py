@@ -163,8 +163,11 @@ def test_a_pin_and_tune(two_candidates: Path, tmp_path: Path) -> None:
     report = tune(DEFAULT)
     assert {c["label"] for c in report["candidates"]} == {"torch fp32", "onnx fp32"} and report["pinned"] is None
     slower = min(report["candidates"], key=lambda c: c["texts_per_s"])["label"]
-    pinned = tune(DEFAULT, pin=slower, measure=False)
+    record = Path(report["record"])
+    measured = json.loads(record.read_text())["measured_at"]
+    pinned = tune(DEFAULT, pin=slower)  # pinned from what was measured: nothing measured again
     assert pinned["chosen"] == pinned["pinned"] == slower
+    assert json.loads(record.read_text())["measured_at"] == measured
     src = write_csv(tmp_path / "in.csv", rows_for(TEXTS[:3]))
     job = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", use_cache=False))
     assert sidecar_local(job)["selection"]["chosen"] == slower and sidecar_local(job)["selection"]["by"] == "pinned"

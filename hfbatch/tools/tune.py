@@ -20,15 +20,20 @@ from ..errors import InputError
 
 def tune(model: str, *, int8: bool = False, pin: str | None = None, unpin: bool = False, measure: bool = True,
          trust_remote_code: bool = False, note: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Measure `model`'s candidates here (the faithful ones; with int8=True the int8 ones too),
-    keep the record, apply `pin` ("openvino bf16", "torch fp32", ...) or `unpin`, and return
+    """Measure `model`'s candidates here (the faithful ones; with int8=True the int8 ones too; with
+    `pin`/`unpin` only those never measured), keep the record, apply `pin` ("openvino bf16",
+    "torch fp32", ...) or `unpin`, and return
     {"model_id", "record", "candidates", "chosen", "pinned"}. InputError for a pin that is not a
     measured, accepted candidate."""
     backend = LocalBackend(model, runtime="auto", precision="auto", quantize="none", trust_remote_code=trust_remote_code)
     configs = backend.candidates()
     if int8:
         configs += LocalBackend(model, runtime="auto", precision="auto", quantize="int8").candidates()
-    record = remeasure(backend, configs, note) if measure else read_record(record_path(backend))
+    record = read_record(record_path(backend))
+    known = {tuple(e["config"]) for e in record.get("candidates", [])}
+    # a pin is made from what was measured; only what never was is measured first
+    if measure and (not (pin or unpin) or any(c not in known for c in configs)):
+        record = remeasure(backend, configs, note)
     entries = record.get("candidates", [])
     if pin is not None:
         wanted = " ".join(pin.replace("-", " ").split()).lower()
