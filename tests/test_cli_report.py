@@ -54,12 +54,12 @@ def test_summary_lists_every_stage_with_time_in_the_documents_order(tmp_path: Pa
 
 
 def test_a_stage_the_jobs_add_shows_up_without_a_change_to_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The lead's new stages (measure, export, check) are printed as any other: the CLI names none."""
+    """Every stage the document books time to is printed, in its order, the zero ones left out: the CLI names none."""
     as_dict = Metrics.as_dict
 
     def with_new_stages(self, **kwargs):  # type: ignore[no-untyped-def]
         document = as_dict(self, **kwargs)
-        document["stage_seconds"] = {"measure": 4.2, "export": 0.0, **document["stage_seconds"], "check": 12.345}
+        document["stage_seconds"].update(measure=4.2, export=0.0, check=12.345, later_stage=1.0)
         return document
 
     monkeypatch.setattr(Metrics, "as_dict", with_new_stages)
@@ -67,7 +67,8 @@ def test_a_stage_the_jobs_add_shows_up_without_a_change_to_the_cli(tmp_path: Pat
     result = runner.invoke(app, ["embed", str(src), "-o", str(tmp_path / "o.parquet")], env=WIDE)
     assert result.exit_code == 0, result.output
     shown = _summary_row(result.stdout, "stages")
-    assert shown.startswith("measure 4.20s · ") and shown.endswith(" · check 12.3s") and "export" not in shown
+    assert " · measure 4.20s · " in shown and " · check 12.3s · " in shown and "export" not in shown
+    assert shown.index("measure") < shown.index("check") < shown.index("embed") and shown.endswith("later stage 1.00s")
 
 
 @pytest.mark.parametrize("flags", [["-q"], ["--quiet", "--json"]])
