@@ -455,8 +455,10 @@ def capabilities(
 
 def _runtime_table(record: dict) -> None:
     """One model's measured configurations on this machine, and what auto runs."""
-    runs = f"auto runs {record['chosen']}" + (" (pinned)" if record.get("pinned") else " (the fastest faithful)") \
-        if record.get("chosen") else "nothing passed"
+    runs = f"auto runs {record['chosen']}" + (" (pinned)" if record.get("pinned") == record["chosen"] else
+                                              " (the fastest faithful)") if record.get("chosen") else "nothing passed"
+    if record.get("pinned") and record["pinned"] != record.get("chosen"):
+        runs += f"; --quantize int8 runs {record['pinned']} (pinned)"
     title = (f"runtimes measured for {record['model_id']} ({record['measured_at']}"
              f"{'' if record['in_force'] else '; another CPU or library versions: not in force'}); {runs}")
     runtimes = Table(title=escape(title), title_justify="left")

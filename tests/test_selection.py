@@ -84,7 +84,7 @@ def test_the_default_considers_only_faithful_configurations(monkeypatch: pytest.
     assert ("onnx", "fp32", "int8") in asked and all(q == "int8" for _, _, q in asked)
     # the library default (--quantize auto) and ENABLE_MODEL_QUANTIZATION unset: faithful, one identity
     assert LocalBackend(DEFAULT, runtime="auto", precision="auto", quantize="auto").identity() == "faithful"
-    assert LocalBackend(DEFAULT, runtime="auto", precision="auto", quantize="int8").identity().startswith("int8:")
+    assert LocalBackend(DEFAULT, runtime="onnx", precision="auto", quantize="int8").identity().startswith("int8:int8-")
     with pytest.raises(InputError, match="no runtime fits"):
         selection.candidates("onnx", "bf16", "none", cpu_only=True)
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -72,7 +73,9 @@ class ExportBundle:
 
     def record(self, **entries: Any) -> None:
         """Merge entries into meta.json (variants and files merged one level down), written whole."""
-        meta = self.meta() or {"format": META_FORMAT}
+        meta = self.meta()
+        if meta.get("key") != self.key:  # none yet, or another model's: this folder starts afresh
+            meta = {"format": META_FORMAT, "key": self.key}
         for nested in ("variants", "files"):
             merged = dict(meta.get(nested) or {})
             merged.update(entries.pop(nested, {}) or {})
@@ -81,7 +84,22 @@ class ExportBundle:
         write_atomic(self.meta_path, json.dumps(meta, indent=1, sort_keys=True))
 
     def path(self, name: str) -> Path:
+        """A file of this folder. Names come from meta.json, which anyone with the cache dir can
+        edit: only a plain file name is one (never a path out of the folder: no deleting or
+        loading anything else through a planted entry)."""
+        if not isinstance(name, str) or not name or Path(name).name != name or name in (".", ".."):
+            raise ValueError(f"{name!r} is not a file name of an export folder")
         return self.dir / name
+
+    def _remove(self, name: str) -> None:
+        """Delete the file `name` of this folder (whatever took its place: a directory, a pipe)."""
+        import shutil
+
+        path = self.path(name)
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
     def digest(self, name: str) -> str | None:
         """blake2b of the file `name` (None: missing). Taken from meta.json while the file keeps the
@@ -92,6 +110,8 @@ class ExportBundle:
             now = stamp(path)
         except OSError:
             return None
+        if not stat.S_ISREG(now_mode(path)):
+            return None  # a directory, a pipe (reading it would hang), a device: not a proved file
         known = (self.meta().get("files") or {}).get(name)
         if isinstance(known, dict) and known.get("stamp") == now and isinstance(known.get("digest"), str):
             return str(known["digest"])
@@ -117,21 +137,42 @@ class ExportBundle:
                   for f in other.get("files") or []}
         for name in entry.get("files") or []:
             if name not in shared:
-                self.path(name).unlink(missing_ok=True)
+                try:
+                    self._remove(name)
+                except ValueError:  # a planted name: never a path out of the folder
+                    pass
         self.record(variants={variant: None})
+
+    def remove(self, names: list[str]) -> None:
+        """Delete these files of the folder (a rebuild starts from nothing); planted names are skipped."""
+        for name in names:
+            try:
+                self._remove(name)
+            except (ValueError, OSError):
+                pass
 
     def proved(self, variant: str, runtime_version: str | None) -> dict[str, Any] | None:
         """The variant's entry when it was checked with this runtime version and every file it
         loads still has the digest it was proved with (not replaced, truncated, rewritten)."""
-        entry = (self.meta().get("variants") or {}).get(variant)
+        meta = self.meta()
+        if meta.get("key") != self.key:
+            return None  # another model's folder copied or renamed here: its proofs are not this model's
+        entry = (meta.get("variants") or {}).get(variant)
         if not isinstance(entry, dict) or entry.get("runtime_version") != runtime_version or not entry.get("fidelity"):
             return None
         files, digests = entry.get("files"), entry.get("digests")
-        if not isinstance(files, list) or not files or not isinstance(digests, dict):
+        if not isinstance(files, list) or not files or not isinstance(digests, dict) or entry.get("file") not in files:
             return None
-        if any(digests.get(name) is None or self.digest(name) != digests.get(name) for name in files):
+        try:
+            if any(digests.get(name) is None or self.digest(name) != digests.get(name) for name in files):
+                return None
+        except ValueError:  # a planted name
             return None
         return entry
+
+
+def now_mode(path: Path) -> int:
+    return path.stat().st_mode
 
 
 def stamp(path: Path) -> list[int]:

@@ -58,6 +58,10 @@ DOWNLOAD_ATTEMPTS = 5
 DOWNLOAD_WAIT_SECONDS = 1.0  # exponential backoff base, with jitter
 
 
+class _ExportFailed(ModelLoadError):
+    """An export's files would not prove or load, even after a rebuild: the configuration, not the job, failed."""
+
+
 class LocalBackend:
     """A sentence-transformers model on this machine: torch (CPU, CUDA, MPS), or its cached export
     run by ONNX Runtime or OpenVINO on the CPU. `auto` runtime/precision take the configuration
@@ -115,6 +119,7 @@ class LocalBackend:
         self._files_hash: Any = None
         self._fingerprint: str | None = None
         self._max_length: int | None = None
+        self._native_max_length = 512
         self._dim: int | None = None
         self._normalize_in_encode = False
         # seconds of the one-time work, booked to their own stages by the job (metrics.stage_seconds)
@@ -165,6 +170,7 @@ class LocalBackend:
                 f"use --max-length {limit} or less."
             )
         self._max_length = int(wanted)
+        self._native_max_length = int(min(native, limit) if limit else native)  # what an int8 export is calibrated at
         self._dim = _dimension_from_files(root, config)
         st_config = read_json(root / "config_sentence_transformers.json")
         self._has_default_prompt = bool(st_config.get("default_prompt_name"))
@@ -294,14 +300,16 @@ class LocalBackend:
         return int8_recipe()
 
     def identity(self) -> str:
-        """What the vectors are held to, without choosing anything: every faithful configuration is
-        one identity (they agree with torch fp32 at >= 0.9999); int8 is its own, by recipe (under
-        --runtime auto, the recipes of both runtimes: the one this machine takes)."""
+        """What the vectors are held to: every faithful configuration is one identity (they agree
+        with torch fp32 at >= 0.9999), known without choosing anything; int8 is its own, by recipe
+        (under --runtime auto, that of the runtime this machine takes)."""
         if self.requested_quantize != "int8":
             return "faithful"
-        if self.requested_runtime in EXPORT_RUNTIMES:
-            return f"int8:{self.quantize_recipe(self.requested_runtime)}"
-        return f"int8:auto:{self.quantize_recipe('onnx')},{self.quantize_recipe('openvino')}"
+        # int8 runtimes differ (0.996 between ONNX Runtime's and OpenVINO's): the one that runs is the
+        # identity. Under --runtime auto that is this machine's choice (read from its record, measured
+        # first if there is none: int8 is asked for, and lossy)
+        runtime = self.requested_runtime if self.requested_runtime in EXPORT_RUNTIMES else self.prepare().config[0]
+        return f"int8:{self.quantize_recipe(runtime)}"
 
     def _files_digest(self) -> Any:
         """blake2b over the model's revision and every small file that shapes its vectors."""
@@ -415,8 +423,8 @@ class LocalBackend:
             except MemoryGuardError:
                 raise
             except ModelLoadError as exc:
-                if choice.by == "asked for":
-                    raise
+                if choice.by == "asked for" or self.requested_quantize == "int8":
+                    raise  # forced; or int8, whose identity is the runtime that runs it: never two in one namespace
                 from .selection import refuse
 
                 refuse(self, choice.config, _first_line(exc))
@@ -482,38 +490,45 @@ class LocalBackend:
 
     def _start_export(self) -> Any:
         """The cached, proved export run by this runtime: onnxruntime/openvino and the tokenizers
-        library only (no torch) once it exists; made and proved against torch fp32 otherwise. A
-        proved export that does not load is rebuilt once."""
+        library only (no torch) once it exists; made and proved against torch fp32 otherwise."""
         self._device = self.preflight()
+        return self._export_ready(runner=True)
+
+    def _export_ready(self, *, runner: bool) -> Any:
+        """This configuration's proved export, made first if need be, and with runner=True its
+        runner. Files that do not prove, do not load or are not files are rebuilt once; after
+        that, _ExportFailed (a ModelLoadError)."""
         bundle = ExportBundle(self.weights_key())
         for attempt in (1, 2):
             try:
                 bundle, entry = self._proved()
                 self.engine_path = bundle.path(entry["file"])
-                runner = self._runner(self.engine_path)
+                made = self._runner(self.engine_path) if runner else None
             except (InputError, MemoryGuardError):
                 raise  # not the files' fault: a rebuild would not help
             except Exception as exc:  # damaged files, a proof that fails, a runtime that cannot read them
                 if attempt == 2:
-                    raise ModelLoadError(f"the {self._variant()} export of {self.model_id} does not load after a rebuild "
-                                         f"({_first_line(exc)}); use --runtime torch.") from exc
+                    raise _ExportFailed(f"the {self._variant()} export of {self.model_id} does not load after a rebuild "
+                                        f"({_first_line(exc)}); use --runtime torch.") from exc
                 log.warning("the %s export of %s does not load (%s); rebuilding it", self._variant(), self.model_id,
                             _first_line(exc))
                 entry = (bundle.meta().get("variants") or {}).get(self._variant()) or {}
-                for name in {*(entry.get("files") or []), "model.onnx"}:
-                    bundle.path(name).unlink(missing_ok=True)
-                bundle.forget(self._variant())
+                bundle.remove([*(entry.get("files") or []), "model.onnx"])
+                try:
+                    bundle.forget(self._variant())
+                except OSError:
+                    pass
                 continue
             self._normalize_in_encode = self.normalize  # the export never normalises (one export for both)
             self.export_fidelity = dict(entry["fidelity"])
-            return runner
+            return made
         raise AssertionError("unreachable")
 
     def ensure_export(self) -> None:
         """Make and prove this configuration's export now if it is not (selection lets the torch
         model go before the export's runtime loads). Nothing for torch."""
         if self.runtime != "torch":
-            self._proved()
+            self._export_ready(runner=False)
 
     def _proved(self) -> tuple[ExportBundle, dict[str, Any]]:
         """The export folder and this variant's proved entry, made and proved first if need be
@@ -591,8 +606,9 @@ class LocalBackend:
             name = f"model.{self.quantize_recipe()}.onnx"
             if bundle.path(name).is_file():
                 bundle.path(name).unlink()  # not proved as it is: made again
+            # calibrated at the model's own length, whatever --max-length the job that makes it has
             export_int8(model, bundle.path(name), {**graph_facts(model, self.model_id), "normalize": False},
-                        self.model_id, self.max_length)
+                        self.model_id, self._native_max_length)
             result = check_int8(reference, self._run(self._runner(bundle.path(name)), CALIBRATION_TEXTS), self.model_id)
             files = [name, "model.onnx"]
         bundle.prove(variant, files, fidelity=result, runtime_version=version)
@@ -655,9 +671,15 @@ class LocalBackend:
             try:
                 checked = self.check_job_texts(texts)
             except ModelLoadError as exc:
-                if self.prepare().by == "asked for":
-                    raise
-                self._pass_over(f"not faithful enough on this job's texts ({_first_line(exc)})")
+                if self.prepare().by == "asked for" or self.requested_quantize == "int8":
+                    raise  # forced; or int8, whose identity is the runtime that runs it
+                if isinstance(exc, _ExportFailed):  # its files, not this job's texts: the next job skips it too
+                    from .selection import refuse
+
+                    refuse(self, self.prepare().config, _first_line(exc))
+                    self._pass_over(f"failed to load ({_first_line(exc)})")
+                else:
+                    self._pass_over(f"not faithful enough on this job's texts ({_first_line(exc)})")
                 self.prepare(job_texts=sample)
             finally:  # loading and exporting inside the check are booked as such
                 self.timings["check"] += time.perf_counter() - started - (
@@ -872,12 +894,14 @@ def weights_hash(root: Path) -> str:
     backends) and on disk beside the exports (hashing a 1.3 GB model takes seconds, every job)."""
     # every weight file, sub-modules (2_Dense/...) included
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
-    stamp = tuple((str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    # size, mtime, ctime and inode: bytes rewritten in place at the same size and an old mtime
+    # (rsync -a, cp -p, reproducible tarballs) still change ctime, so they are hashed again
+    stamp = tuple((str(p), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) for p in files for st in [p.stat()])
     return _weights_hash(root, stamp)
 
 
 @functools.lru_cache(maxsize=16)
-def _weights_hash(root: Path, stamp: tuple[tuple[str, int, int], ...]) -> str:
+def _weights_hash(root: Path, stamp: tuple[tuple[str, int, int, int, int], ...]) -> str:
     memo = exports_root().parent / "hashes" / (
         hashlib.blake2b(json.dumps([str(root), stamp]).encode(), digest_size=16).hexdigest() + ".txt")
     try:
@@ -894,9 +918,9 @@ def _weights_hash(root: Path, stamp: tuple[tuple[str, int, int], ...]) -> str:
     return digest
 
 
-def _hash_files(root: Path, stamp: tuple[tuple[str, int, int], ...]) -> str:
+def _hash_files(root: Path, stamp: tuple[tuple[str, int, int, int, int], ...]) -> str:
     h = hashlib.blake2b(digest_size=16)
-    files = [Path(name) for name, _, _ in stamp]
+    files = [Path(entry[0]) for entry in stamp]
     for path in files:
         h.update(str(path.relative_to(root)).encode())
         with path.open("rb") as handle:

@@ -27,6 +27,8 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
+import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -39,7 +41,8 @@ from .._version import __version__
 from ..errors import HfbatchError, InputError, ModelLoadError
 from ..resources import MemoryGuardError, cpu_facts, cpu_has_native_bf16, max_model_memory_bytes, rss_bytes
 from .exports import exports_root, package_version, write_atomic
-from .fidelity import bar_for, figures, label, labels
+from ..vectors import cosine_rows
+from .fidelity import BATCH_INVARIANT, bar_for, figures, label, labels
 
 if TYPE_CHECKING:
     from .local import LocalBackend
@@ -54,7 +57,7 @@ EXPORT_RUNTIMES = {"onnx": "onnxruntime", "openvino": "openvino"}
 _LIBRARIES = ("torch", "onnxruntime", "openvino", "nncf", "sentence-transformers", "transformers", "tokenizers")
 # what a runtime holds besides the weights while it runs (ORT's arena, OpenVINO's compiled copy):
 # the memory guard refuses a candidate whose weights x this would not fit before loading it
-RUNTIME_FOOTPRINT = {"torch": 2.0, "onnx": 3.0, "openvino": 3.0}
+RUNTIME_FOOTPRINT = {"torch": 1.0, "onnx": 3.0, "openvino": 3.0}  # torch: as check_model_memory estimates it
 Note = Callable[[str], None]
 
 
@@ -150,15 +153,30 @@ def read_record(path: Path) -> dict[str, Any]:
     entries = record.get("candidates", [])
     pinned = record.get("pinned")
     well_formed = isinstance(entries, list) and (pinned is None or _is_config(pinned)) and all(
-        isinstance(e, dict) and _is_config(e.get("config")) and isinstance(e.get("label", ""), str)
-        and isinstance(e.get("accepted", False), bool)
-        and all(isinstance(e.get(k, 0), (int, float)) and not isinstance(e.get(k, 0), bool) for k in ("texts_per_s",))
-        for e in entries)
+        isinstance(e, dict) and _is_config(e.get("config")) and e.get("label") == label(tuple(e["config"]))
+        and isinstance(e.get("accepted", False), bool) and _is_number(e.get("texts_per_s", 0))
+        and (e.get("fidelity") is None or (isinstance(e["fidelity"], dict)
+                                           and all(_is_number(e["fidelity"].get(k)) for k in ("mean", "min"))))
+        for e in entries) and len({tuple(e["config"]) for e in entries}) == len(entries)
     return record if well_formed else {}
 
 
 def _is_config(value: Any) -> bool:
-    return isinstance(value, list) and len(value) == 3 and all(isinstance(part, str) for part in value)
+    """One of the configurations hfbatch makes (a planted ["evil", "x", "y"] or "onnx " is not)."""
+    return (isinstance(value, list) and len(value) == 3 and value[0] in ("torch", *EXPORT_RUNTIMES)
+            and value[1] in ("fp32", "bf16", "fp16", "auto") and value[2] in ("none", "int8"))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+
+
+def _writable(folder: Path) -> bool:
+    """Whether the record's folder can be made and written (its nearest existing parent, if not there)."""
+    probe = folder
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    return os.access(probe, os.W_OK | os.X_OK)
 
 
 def _lock(path: Path) -> Any:
@@ -178,21 +196,26 @@ def choose(backend: "LocalBackend", configs: Sequence[Config], *, measure: bool 
     of them (`backend.job_reference`), so their check needs no second reference model."""
     configs = [c for c in configs if c not in exclude]
     if not configs:
-        raise InputError(f"no configuration of {backend.model_id} can run here (every candidate failed: "
+        raise ModelLoadError(f"no configuration of {backend.model_id} can run here (every candidate failed: "
                          f"{labels(exclude)}); pass --runtime torch --precision fp32.")
     if len(configs) == 1:
         return RuntimeChoice(configs[0], by="asked for")
     path = record_path(backend)
     record = read_record(path)
     started = time.perf_counter()
+    if measure and _missing(record, configs) and not _writable(path.parent):
+        # a read-only cache dir: a measurement could not be kept, and every job would pay it again
+        fallback = ("torch", "fp32", "none") if ("torch", "fp32", "none") in configs else configs[0]
+        log.warning("%s is not writable: %s runs without measuring (pin a choice with HFBATCH_RUNTIME / "
+                    "HFBATCH_PRECISION, or run `hfbatch tune` where the cache dir is writable)", path.parent, label(fallback))
+        return RuntimeChoice(fallback, by=f"not measured: {path.parent} is not writable", record=None)
     if measure and _missing(record, configs):
-        try:
-            with _lock(path):
-                record = read_record(path)  # another process may have measured while this one waited
-                if _missing(record, configs):
-                    record = _measure_and_keep(backend, path, record, _missing(record, configs), note, job_texts)
-        except OSError:  # a read-only cache dir: measured for this job only
-            record = _measure_and_keep(backend, path, record, _missing(record, configs), note, job_texts)
+        with _lock(path):
+            if note:
+                note("measuring runtimes: waiting for another process measuring this model")
+            record = read_record(path)  # another process may have measured while this one waited
+            if _missing(record, configs):
+                record = _measure_and_keep(backend, path, record, _missing(record, configs), note, job_texts)
     spent = time.perf_counter() - started
     entries = {tuple(e["config"]): e for e in record.get("candidates", [])}
     pinned = tuple(record["pinned"]) if record.get("pinned") else None
@@ -205,8 +228,8 @@ def choose(backend: "LocalBackend", configs: Sequence[Config], *, measure: bool 
             return RuntimeChoice(("torch", "fp32", "none") if ("torch", "fp32", "none") in configs else configs[0],
                                  by=f"not measured yet: the job will measure {labels(configs)} first", record=str(path))
         refused = "; ".join(f"{e['label']}: {e.get('reason')}" for c, e in entries.items() if c in configs)
-        raise InputError(f"no configuration of {backend.model_id} passed its checks here ({refused or 'none measured'}); "
-                         "pass --runtime torch --precision fp32.")
+        raise ModelLoadError(f"no configuration of {backend.model_id} passed its checks here ({refused or 'none measured'}); "
+                             "pass --runtime torch --precision fp32.")
     best = max(accepted, key=lambda c: float(entries[c].get("texts_per_s") or 0.0))
     return RuntimeChoice(best, by="measured on this machine", record=str(path),
                          texts_per_s=entries[best].get("texts_per_s"), fidelity=entries[best].get("fidelity"),
@@ -313,6 +336,16 @@ def measure_configs(backend: "LocalBackend", configs: Sequence[Config], note: No
                         entry["reason"] = f"cosine to torch fp32 {entry['fidelity']['mean']:.5f} mean / " \
                                           f"{entry['fidelity']['min']:.5f} min, under the {bar.name} bar ({bar})"
                         break
+                    # half precision's rounding follows the batch's shape; fp32's (~1e-7) cannot reach the bar,
+                    # and int8 (activation scales per batch) is lossy and its own identity
+                    if config[2] != "int8" and config[1] in ("bf16", "fp16"):
+                        entry["alone_vs_batched"] = _batch_invariance(variant, batches, vectors)
+                        if entry["alone_vs_batched"] < BATCH_INVARIANT:
+                            entry["accepted"] = False
+                            entry["reason"] = (f"a text's vector depends on the batch it is in (cosine "
+                                               f"{entry['alone_vs_batched']:.6f} alone against batched; needs >= "
+                                               f"{BATCH_INVARIANT})")
+                            break
             if entry["accepted"]:
                 entry["texts_per_s"] = round(len(timed) / max(min(passes), 1e-9), 1)
             grown = rss_bytes() - base
@@ -320,7 +353,8 @@ def measure_configs(backend: "LocalBackend", configs: Sequence[Config], note: No
             if guard is not None and grown > guard and entry["accepted"]:
                 raise MemoryGuardError(f"grew the process by {grown / 1e9:.2f} GB, more than MAX_MODEL_MEMORY_GB={guard / 1e9:g}")
         except MemoryGuardError as exc:
-            entry.update(accepted=False, reason=f"over the memory guard: {_first_line(exc)}")
+            # transient: a guard set for one job must not refuse the configuration for every job after it
+            entry.update(accepted=False, transient=True, reason=f"over the memory guard: {_first_line(exc)}")
             entry.pop("texts_per_s", None)
             log.warning("%s not measured: %s", label(config), entry["reason"])
         except (HfbatchError, ImportError, OSError, RuntimeError, ValueError) as exc:
@@ -334,6 +368,15 @@ def measure_configs(backend: "LocalBackend", configs: Sequence[Config], note: No
     if torch_held:
         reference_backend.release(torch_model=False)
     return entries
+
+
+def _batch_invariance(variant: "LocalBackend", batches: list[list[str]], batched: np.ndarray) -> float:
+    """Min cosine between every timing text embedded alone and the same text in its padded batch
+    (half precision's rounding follows the batch's shape: ~1e-5, where fp32's is ~1e-7)."""
+    texts = [t for b in batches for t in b]
+    picks = list(range(len(texts)))
+    alone = np.concatenate([variant.compute([texts[i]]) for i in picks])
+    return float(np.floor(cosine_rows(batched[picks], alone).min() * 1e7) / 1e7)  # rounded down: never up to the bar
 
 
 def _first_line(exc: BaseException) -> str:

@@ -205,7 +205,8 @@ class ChunkProcessor:
         before = replace(self.cache.stats)
         try:
             units, row_to_unique, ordered = self._values(v)
-            return self._assemble(v, units, row_to_unique, ordered)
+            with self.metrics.stage("write"):  # building the output rows is the writer's work
+                return self._assemble(v, units, row_to_unique, ordered)
         finally:
             self.metrics.add_cache(before, self.cache.stats)
 
@@ -459,8 +460,10 @@ def run_task(task: Task, opts: JobOptions, files: JobFiles, *, observer: Observe
         metrics.background_seconds = {k: ahead.stage_seconds.get(k, 0.0) for k in ("read", "validate")}
         check_rows(opts, reader, metrics, sink)
         # one document, the same in the Parquet metadata, the sidecar and --json
+        with metrics.stage("read"):  # the input's identity (a digest of the file it read)
+            facts = InputFacts.of(files.source, reader.format, metrics.rows_total, shown=opts.input)
         document = build_document(job=task.job, backend=task.backend, options=opts, metrics=metrics, started=started,
-                                  input=InputFacts.of(files.source, reader.format, metrics.rows_total, shown=opts.input),
+                                  input=facts,
                                   output=OutputFacts(opts.output, metrics.rows_written), cache=cache,
                                   details=task.provenance())
         sink.commit(document, sidecar=opts.sidecar)

@@ -47,5 +47,6 @@ def tune(model: str, *, int8: bool = False, pin: str | None = None, unpin: bool 
     faithful = [e for e in entries if e.get("accepted") and e["config"][2] != "int8"]
     fastest = max(faithful, key=lambda e: e.get("texts_per_s") or 0.0)["label"] if faithful else None
     pinned = label(tuple(record["pinned"])) if record.get("pinned") else None  # type: ignore[arg-type]
+    faithful_pin = pinned if pinned and record["pinned"][2] != "int8" else None  # an int8 pin is for int8 jobs
     return {"model_id": model, "record": str(record_path(backend)), "candidates": entries,
-            "chosen": pinned or fastest, "pinned": pinned, "seconds": record.get("seconds")}
+            "chosen": faithful_pin or fastest, "pinned": pinned, "seconds": record.get("seconds")}

@@ -70,8 +70,10 @@ def verify_output(output: Path, *, sample: int = 64, seed: int = 0, tolerance: f
     int8 = str(local.get("vectors") or "").startswith("int8") or (local.get("quantize") or "none") != "none"
     # the identity the run recorded, rebuilt (nothing loads): has the model or a setting changed?
     asked = local.get("requested") if isinstance(local.get("requested"), dict) else {}
-    made = make_backend(EmbedOptions(**recorded, runtime=asked.get("runtime") or "auto",
-                                     precision=asked.get("precision") or "auto", quantize="int8" if int8 else "none"))
+    # int8's identity is the runtime that ran it (recorded); a faithful one's is any faithful runtime
+    runtime = (local.get("runtime") if int8 else None) or asked.get("runtime") or "auto"
+    made = make_backend(EmbedOptions(**recorded, runtime=runtime, precision=asked.get("precision") or "auto",
+                                     quantize="int8" if int8 else "none"))
     fingerprint = made.fingerprint()
     # what the stored vectors are compared with: the model itself (torch fp32) for a local output
     options = EmbedOptions(**recorded, runtime="torch", precision="fp32", quantize="none")
