@@ -359,3 +359,50 @@ def test_a_usage_error_is_found_before_any_measuring(two_candidates: Path, tmp_p
         embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", output_precision="int8", calibration=one))
     assert not (two_candidates / "choices").exists() and not (two_candidates / "onnx").exists()
     assert not (tmp_path / "o.parquet").exists()
+
+
+def test_a_planted_export_entry_can_neither_load_nor_delete_a_file_outside_its_folder(two_candidates: Path,
+                                                                                     tmp_path: Path, st_model) -> None:
+    from hfbatch.backends.exports import file_digest
+
+    src = write_csv(tmp_path / "in.csv", rows_for(TEXTS))
+    embed_file(EmbedOptions(input=src, output=tmp_path / "a.parquet", runtime="onnx", use_cache=False))
+    (meta_path,) = (two_candidates / "onnx").rglob("meta.json")
+    victim = tmp_path / "precious.txt"
+    victim.write_text("not an export")
+    meta = json.loads(meta_path.read_text())
+    entry = meta["variants"]["onnx-fp32"]
+    entry.update(file=str(victim), files=[str(victim), "../../precious.txt"], digests={str(victim): file_digest(victim)})
+    meta_path.write_text(json.dumps(meta))
+    again = embed_file(EmbedOptions(input=src, output=tmp_path / "b.parquet", runtime="onnx", use_cache=False))
+    assert victim.read_text() == "not an export"  # neither loaded nor deleted
+    assert (vectors(again.output) * st_model.encode(TEXTS)).sum(1).min() > 0.9999
+
+
+def test_another_models_export_folder_copied_in_is_made_again(two_candidates: Path, tmp_path: Path, st_model) -> None:
+    src = write_csv(tmp_path / "in.csv", rows_for(TEXTS))
+    embed_file(EmbedOptions(input=src, output=tmp_path / "a.parquet", runtime="onnx", use_cache=False))
+    (meta_path,) = (two_candidates / "onnx").rglob("meta.json")
+    meta = json.loads(meta_path.read_text())
+    meta["key"] = "0" * 32  # the folder (its proofs, its torch reference) of another model, copied over this one's
+    meta_path.write_text(json.dumps(meta))
+    again = embed_file(EmbedOptions(input=src, output=tmp_path / "b.parquet", runtime="onnx", use_cache=False))
+    assert again.document["metrics"]["stage_seconds"]["export"] > 0  # its proofs were not taken as this model's
+    assert json.loads(meta_path.read_text())["key"] == LocalBackend(DEFAULT).weights_key()
+    assert (vectors(again.output) * st_model.encode(TEXTS)).sum(1).min() > 0.9999
+
+
+def test_half_precision_that_changes_with_the_batch_is_not_a_default_candidate(two_candidates: Path,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16's rounding follows the batch's shape: a text alone and in a padded batch differ by ~1e-5,
+    so a 1-row query job would not match its documents at 0.99999. Measured, and refused for that."""
+    monkeypatch.setattr(selection, "cpu_has_native_bf16", lambda: True)
+    backend = LocalBackend(DEFAULT, runtime="torch", precision="auto", quantize="none")
+    entries = {e["label"]: e for e in selection.measure_configs(backend, backend.candidates())}
+    assert entries["torch fp32"]["accepted"] and "alone_vs_batched" not in entries["torch fp32"]
+    bf16 = entries["torch bf16"]
+    assert bf16["fidelity"]["mean"] >= 0.9999  # faithful to the model...
+    if not bf16["accepted"]:  # ...but not the same vector alone and batched
+        assert bf16["alone_vs_batched"] < 0.99999 and "depends on the batch" in bf16["reason"]
+    else:
+        assert bf16["alone_vs_batched"] >= 0.99999

@@ -312,11 +312,15 @@ class LocalBackend:
         return f"int8:{self.quantize_recipe(runtime)}"
 
     def _files_digest(self) -> Any:
-        """blake2b over the model's revision and every small file that shapes its vectors."""
+        """blake2b over the model's weights and every small file that shapes its vectors: its
+        content, so the same bytes from the hub, its cache, the bundled package or a copy are one
+        model (one identity, one export, one runtime record), and a hub commit that changes no
+        weight or config (a README) changes nothing."""
         if self._files_hash is None:
             root = self.model_dir
             h = hashlib.blake2b(digest_size=16)
-            h.update(self._source["revision"].encode())
+            revision = str(self._source["revision"])
+            h.update((revision if revision.startswith("weights:") else f"weights:{weights_hash(root)}").encode())
             # pooling, normalize and tokenizer settings, vocabularies: every small file that shapes the vectors
             for cfg in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in _CONFIG_SUFFIXES):
                 h.update(str(cfg.relative_to(root)).encode())
