@@ -252,6 +252,7 @@ def _plan_summary(report: dict) -> None:
                  + f", {calls:,} {'HTTP requests' if 'requests' in report else 'model calls'}, "
                  + (f"{report['texts_truncated']:,} texts truncated" if report.get("texts_truncated") is not None
                     else "truncation is the server's")),
+        *([("runtime", f"{report['runtime']['chosen']} ({report['runtime']['by']})")] if report.get("runtime") else []),
         ("ETA", f"{report['eta_seconds']:,.1f} s ({report['eta_basis']})"),
     ):
         table.add_row(key, escape(str(value)))

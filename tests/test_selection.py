@@ -345,6 +345,7 @@ def test_a_dry_run_measures_nothing_and_says_the_job_will(tmp_path: Path, monkey
     src = write_csv(tmp_path / "in.csv", rows_for(TEXTS))
     report = plan_embed(EmbedOptions(input=src, output=tmp_path / "o.parquet"))
     assert report["rows"] == len(TEXTS)
+    assert report["runtime"]["chosen"] == "torch fp32" and "the job will measure" in report["runtime"]["by"]
     assert not (tmp_path / "fresh" / "choices").exists() and not (tmp_path / "fresh" / "onnx").exists()
     assert not (tmp_path / "o.parquet").exists()
 

@@ -51,7 +51,7 @@ def _plan(opts: EmbedOptions, source: Path) -> dict[str, Any]:
                          text_column=opts.text_column, max_line_bytes=opts.max_line_bytes)  # type: ignore[arg-type]
     check_columns(opts.input, reader.schema, opts.text_column, opts.keep, reader.all_columns, added_columns=embed_columns(opts))
     backend = make_backend(opts)
-    backend.prepare(measure=False)  # the configuration the job would take (auto: this machine's, if measured)
+    choice = backend.prepare(measure=False)  # the configuration the job would take (auto: this machine's, if measured)
     cache_dir = Path(opts.cache_dir) if opts.cache_dir else None
     exists = bool(opts.use_cache and cache_dir and (cache_dir / "cache.db").exists())
     cache = open_cache(cache_dir, backend.fingerprint(), size_limit_bytes=opts.cache_size_bytes or 0) if exists \
@@ -95,6 +95,8 @@ def _plan(opts: EmbedOptions, source: Path) -> dict[str, Any]:
         "tokens_to_compute": None if by_server else sum(seen),
         "texts_truncated": None if by_server else sum(1 for c in counts if c > max_length),
         "token_counts": backend.token_source,
+        # a local model's configuration, and how it was chosen ("not measured yet: the job will measure ... first")
+        "runtime": {"chosen": choice.label, "by": choice.by} if choice is not None else None,
         ("requests" if remote else "model_calls"): math.ceil(len(misses) / size) if misses else 0,
         "eta_seconds": 0.0, "eta_basis": "nothing to compute",
     }
