@@ -137,8 +137,6 @@ class EmbedOptions(JobOptions):
     # every part carries them (set by the engines, not by users)
     ranges: Sequence[Sequence[float]] | None = None
     calibration_record: dict[str, Any] | None = None
-    # how `auto` runtime/precision chose, once the engines have settled it for every part (not set by users)
-    selection: dict[str, Any] | None = None
 
     @property
     def input_column(self) -> str:

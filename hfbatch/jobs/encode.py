@@ -42,7 +42,7 @@ from .embed import EmbedTask, embed_columns
 
 # EmbedOptions' fields that name files, or that the engines set: not options of an in-memory call
 _FILE_FIELDS = frozenset({"input", "output", "keep", "format", "max_errors", "max_line_bytes", "relative_paths",
-                          "metrics_file", "log_file", "command", "sidecar_file", "calibration_record", "selection"})
+                          "metrics_file", "log_file", "command", "sidecar_file", "calibration_record"})
 OPTIONS = tuple(f.name for f in fields(EmbedOptions) if f.name not in _FILE_FIELDS)
 # what make_backend reads: calls with the same values share one backend (and its loaded model)
 _BACKEND_FIELDS = ("backend", "model", "device", "normalize", "max_length", "precision", "runtime", "quantize",
