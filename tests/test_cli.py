@@ -379,3 +379,30 @@ def test_verify_names_the_fix_for_a_split_output_without_its_text_column(tmp_pat
     assert run("embed", str(src), "-o", str(out), "--split", "tokens:64", "--keep", "id").exit_code == 0
     result = run("verify", str(out))
     assert result.exit_code == 2 and "keep it (--keep) to verify" in result.stderr and "changed" not in result.stderr
+
+
+def test_the_quick_exit_keeps_what_a_normal_exit_does(tmp_path: Path) -> None:
+    """main() leaves without the interpreter's module teardown once torch is imported; threads
+    still finish, atexit handlers still run, the exit code and a SystemExit message still arrive."""
+    script = f"""
+import atexit, threading, time, torch
+from pathlib import Path
+from hfbatch.cli import _exit_quickly
+atexit.register(lambda: Path({str(tmp_path / 'atexit')!r}).write_text('ran'))
+def late():
+    time.sleep(0.3)
+    Path({str(tmp_path / 'thread')!r}).write_text('done')
+threading.Thread(target=late).start()
+print('buffered output', end='')
+_exit_quickly({{code}})
+raise SystemExit('not reached')
+"""
+    for code, rc in (("3", 3), ("'usage: bad'", 1), ("None", 0)):
+        proc = subprocess.run([sys.executable, "-c", script.replace("{code}", code)], capture_output=True, text=True,
+                              timeout=120)
+        assert proc.returncode == rc, proc.stderr
+        assert proc.stdout == "buffered output" and "not reached" not in proc.stderr
+        assert ("usage: bad" in proc.stderr) == (rc == 1)
+        assert (tmp_path / "atexit").read_text() == "ran" and (tmp_path / "thread").read_text() == "done"
+        for f in ("atexit", "thread"):
+            (tmp_path / f).unlink()
