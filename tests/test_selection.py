@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -416,3 +417,35 @@ def test_half_precision_that_changes_with_the_batch_is_not_a_default_candidate(t
         assert bf16["alone_vs_batched"] < 0.99999 and "depends on the batch" in bf16["reason"]
     else:
         assert bf16["alone_vs_batched"] >= 0.99999
+
+
+def test_a_process_waiting_for_a_measurement_says_so_before_it_waits(tmp_path: Path) -> None:
+    """Two first runs of one model: the second waits for the first one's measurement, and says
+    so when it starts waiting (not after: a silent minute looks like a hang); a free lock is quiet."""
+    import threading
+
+    from filelock import FileLock
+
+    record = tmp_path / "choices" / "model.json"
+    said: list[str] = []
+    with selection._lock(record, said.append):
+        pass
+    assert said == []  # nobody else measuring: nothing to say
+    held = FileLock(str(record) + ".lock")
+    held.acquire()
+    inside = threading.Event()
+
+    def second() -> None:
+        with selection._lock(record, said.append):
+            inside.set()
+
+    waiter = threading.Thread(target=second)
+    waiter.start()
+    deadline = time.monotonic() + 10
+    while not said and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert said and "waiting for another process" in said[0]
+    assert not inside.is_set()  # said while still waiting
+    held.release()
+    waiter.join(10)
+    assert inside.is_set()

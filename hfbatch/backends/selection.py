@@ -23,6 +23,7 @@ HFBATCH_RUNTIME / HFBATCH_PRECISION pin it without any record (containers).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import json
@@ -33,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -179,12 +180,25 @@ def _writable(folder: Path) -> bool:
     return os.access(probe, os.W_OK | os.X_OK)
 
 
-def _lock(path: Path) -> Any:
-    """One measurement per record at a time, across processes (Ray actors, two cron jobs)."""
-    from filelock import FileLock
+@contextlib.contextmanager
+def _lock(path: Path, note: Note | None = None) -> Iterator[None]:
+    """One measurement per record at a time, across processes (Ray actors, two cron jobs); a
+    process that has to wait says so first (a silent wait of a minute looks like a hang)."""
+    from filelock import FileLock, Timeout
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    return FileLock(str(path) + ".lock", timeout=900)
+    lock = FileLock(str(path) + ".lock", timeout=900)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        if note:
+            note("measuring runtimes: waiting for another process measuring this model")
+        log.warning("waiting for another process measuring %s (lock %s.lock)", path.stem, path)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def choose(backend: "LocalBackend", configs: Sequence[Config], *, measure: bool = True, note: Note | None = None,
@@ -210,9 +224,7 @@ def choose(backend: "LocalBackend", configs: Sequence[Config], *, measure: bool 
                     "HFBATCH_PRECISION, or run `hfbatch tune` where the cache dir is writable)", path.parent, label(fallback))
         return RuntimeChoice(fallback, by=f"not measured: {path.parent} is not writable", record=None)
     if measure and _missing(record, configs):
-        with _lock(path):
-            if note:
-                note("measuring runtimes: waiting for another process measuring this model")
+        with _lock(path, note):
             record = read_record(path)  # another process may have measured while this one waited
             if _missing(record, configs):
                 record = _measure_and_keep(backend, path, record, _missing(record, configs), note, job_texts)
