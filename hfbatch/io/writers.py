@@ -9,8 +9,17 @@ one beside the file: publishing (sidecar, then rename) holds a lock on the outpu
 An output path that is a symlink is replaced by a regular file; the link's target is untouched.
 
 An output in a store (`-o s3://bucket/out.parquet`, see stores.py) is written the same way into a
-local temp file (in TMPDIR), and `commit()` publishes it by upload: the sidecar object first (one
-PUT), then the Parquet object (S3: multipart, completed only when whole, aborted on failure).
+local temp file (in TMPDIR), and `commit()` publishes it by upload. A store has no lock to hold, so
+the pair is made checkable instead: the Parquet object first (one PUT, or S3 multipart completed
+only when whole), then the sidecar, which names the data object it was written for by the ETag
+(and VersionId) the store answered to that upload (`provenance.output.object`). The sidecar is
+written only while the data object is still this job's, with a conditional PUT on the sidecar
+seen (If-Match / If-None-Match) so two jobs publishing one key cannot leave one job's data with
+the other's sidecar unnoticed: the job whose data was replaced writes no sidecar and fails (exit 1),
+and `hfbatch verify` refuses a pair whose data object is not the one its sidecar names (a job
+killed between the two). Nothing is ever deleted on the way out: a failed or interrupted publish
+leaves the earlier output's objects, sidecar included, as they were, or (killed after its data
+was in) new data that its stale sidecar does not name.
 """
 
 from __future__ import annotations
@@ -26,7 +35,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from ..errors import OutputError
+from ..errors import HfbatchError, OutputError
 from .stores import RemotePath, publish_error
 
 METADATA_KEY = "hfbatch"
@@ -113,47 +122,62 @@ class ParquetSink:
         self.rows += batch.num_rows
 
     def commit(self, metadata: Mapping[str, Any], sidecar: Path | RemotePath | None = None) -> None:
-        """Add the provenance as key/value metadata, close, write the sidecar, rename into place.
+        """Add the provenance as key/value metadata, close, publish the file and its sidecar.
 
-        The sidecar is written (atomically) before the Parquet file is published, and removed
-        again if publishing fails: a failed commit leaves neither, and both hold one document.
+        Local: the sidecar is written to a temp file first (where a full disk fails), then the
+        Parquet file and the sidecar are renamed into place, under the directory's lock; a failed
+        commit leaves the earlier output and its sidecar as they were. In a store: see `_upload`.
         """
         try:
             self._writer.add_key_value_metadata({METADATA_KEY: json.dumps(metadata, default=str)})
             self._writer.close()
-            if isinstance(self.path, RemotePath):
+        except (OSError, pa.ArrowException) as exc:
+            self.abort()
+            raise OutputError(f"finishing {self.path} failed ({exc}); nothing was written there.") from exc
+        if isinstance(self.path, RemotePath):
+            try:
                 self._upload(metadata, sidecar)
-                return
+            finally:
+                self.abort()  # (the temp file; the upload's own errors say what is where)
+            return
+        staged = None
+        try:
             with publishing(self.path.parent):
-                if sidecar is not None:
-                    write_json_atomic(sidecar, metadata)
-                try:
-                    os.replace(self.temp, self.path)
-                except OSError:
-                    if sidecar is not None:
-                        sidecar.unlink(missing_ok=True)
-                    raise
+                if isinstance(sidecar, Path):
+                    staged = temp_path_for(sidecar)
+                    staged.write_text(json.dumps(metadata, indent=2, default=str) + "\n", encoding="utf-8")
+                elif sidecar is not None:
+                    write_json_atomic(sidecar, metadata)  # (a store's sidecar of a local output: one PUT)
+                os.replace(self.temp, self.path)
+                if staged is not None:
+                    os.replace(staged, sidecar)  # type: ignore[arg-type]
         except (OSError, pa.ArrowException, OutputError) as exc:
             self.abort()
+            if staged is not None:
+                staged.unlink(missing_ok=True)
             raise OutputError(f"finishing {self.path} failed ({exc}); nothing was written there.") from exc
 
     def _upload(self, metadata: Mapping[str, Any], sidecar: Path | RemotePath | None) -> None:
+        """Data object first, then the sidecar naming it (see the module docstring). `metadata`, a
+        dict, gains `provenance.output.object`, so --json prints the document the sidecar holds."""
         assert isinstance(self.path, RemotePath)
-        if sidecar is not None:
-            write_json_atomic(sidecar, metadata)
         try:
-            self.path.upload(self.temp)
-        except BaseException as exc:
-            if sidecar is not None:
-                try:
-                    sidecar.unlink(missing_ok=True)
-                except Exception:  # noqa: BLE001 - the upload's error is the one to report
-                    pass
+            stamp = self.path.upload(self.temp)
+        except BaseException as exc:  # an error, SIGTERM or ^C: nothing of this job is there; nothing is removed
             if isinstance(exc, Exception) and not isinstance(exc, OutputError):
+                if type(exc) is HfbatchError:  # the store could not be reached: one line naming it, already
+                    raise OutputError(f"{exc} Nothing was written there.") from exc
                 raise publish_error(self.path, exc) from exc
             raise
         finally:
             self.temp.unlink(missing_ok=True)
+        if sidecar is None:
+            return
+        document = _stamped(metadata, stamp)
+        if isinstance(sidecar, RemotePath):
+            publish_sidecar(sidecar, document, data=self.path, stamp=stamp)
+        else:
+            write_json_atomic(sidecar, document)
 
     def abort(self) -> None:
         try:
@@ -202,6 +226,44 @@ def write_json_atomic(path: Path | RemotePath, document: Mapping[str, Any]) -> N
     except OSError as exc:
         temp.unlink(missing_ok=True)
         raise OutputError(f"cannot write {path} ({exc}).") from exc
+
+
+def _stamped(metadata: Mapping[str, Any], stamp: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The sidecar document: `metadata` with the published data object's stamp in provenance.output."""
+    try:
+        output = metadata["provenance"]["output"]
+        output["object"] = dict(stamp)  # (the caller's dict: --json and the part record see it too)
+        return metadata
+    except (KeyError, TypeError):
+        return {**metadata, "object": dict(stamp)}
+
+
+SIDECAR_TRIES = 8
+
+
+def publish_sidecar(sidecar: RemotePath, document: Mapping[str, Any], *, data: RemotePath,
+                    stamp: Mapping[str, Any]) -> None:
+    """Write `document`, the sidecar of the data object `data` published as `stamp`, to the store:
+    only while `data` is still that object, and (conditional PUT) only over the sidecar that was
+    there when that was checked. OutputError (exit 1) when another job published `data` in the
+    meantime: its pair is its own, and this job writes nothing more."""
+    text = json.dumps(document, indent=2, default=str) + "\n"
+    try:
+        for _ in range(SIDECAR_TRIES):
+            seen = sidecar.stamp()  # the sidecar there now (its ETag is the condition of the PUT)
+            now = data.stamp()
+            if now is None or now.get("etag") != stamp.get("etag"):
+                raise OutputError(f"{data}: another job published this output while this one was finishing; the "
+                                  "object there is that job's, so this job wrote no sidecar for it. Run one job per output.")
+            if sidecar.write_text_if(text, seen.get("etag") if seen else None):
+                return
+        raise OutputError(f"{sidecar}: other jobs kept replacing it while this one wrote it ({SIDECAR_TRIES} tries); "
+                          "run one job per output.")
+    except OutputError:
+        raise
+    except HfbatchError as exc:  # the store refused or could not be reached: data in, sidecar not
+        raise OutputError(f"{data} was published but its sidecar {sidecar} could not be written ({exc}); "
+                          "`hfbatch verify` refuses the pair until a rerun writes both.") from exc
 
 
 def _local_temp_dir() -> Path:
