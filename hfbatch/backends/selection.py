@@ -248,6 +248,16 @@ def choose(backend: "LocalBackend", configs: Sequence[Config], *, measure: bool 
                          measured_seconds=spent)
 
 
+def faithful_choice(record: dict[str, Any]) -> str | None:
+    """The label of what a default (faithful) job runs by `record`: its pin, unless that pin is
+    int8 (an int8 pin is for --quantize int8 jobs), else the fastest accepted faithful candidate."""
+    pinned = record.get("pinned")
+    if pinned and pinned[2] != "int8":
+        return label(tuple(pinned))  # type: ignore[arg-type]
+    faithful = [e for e in record.get("candidates", []) if e.get("accepted") and e["config"][2] != "int8"]
+    return max(faithful, key=lambda e: e.get("texts_per_s") or 0.0)["label"] if faithful else None
+
+
 def _missing(record: dict[str, Any], configs: Sequence[Config]) -> list[Config]:
     entries = {tuple(e["config"]): e for e in record.get("candidates", [])}
     # never measured, or failed for a passing reason (a full disk, a busy file) last time

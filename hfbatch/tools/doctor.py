@@ -88,7 +88,7 @@ def runtime_measurements() -> list[dict[str, Any]]:
     import json
 
     from ..backends.fidelity import label
-    from ..backends.selection import choices_root, machine, read_record
+    from ..backends.selection import choices_root, faithful_choice, machine, read_record
 
     here = machine()
     found = []
@@ -96,14 +96,11 @@ def runtime_measurements() -> list[dict[str, Any]]:
         record = read_record(path)
         if not record or not record.get("candidates"):
             continue
-        faithful = [c for c in record["candidates"] if c.get("accepted") and c["config"][2] != "int8"]
-        fastest = max(faithful, key=lambda c: c.get("texts_per_s") or 0.0)["label"] if faithful else None
         pinned = label(tuple(record["pinned"])) if record.get("pinned") else None
         found.append({"model_id": record.get("model_id"), "measured_at": record.get("measured_at"), "file": str(path),
                       "in_force": json.dumps(record.get("machine"), sort_keys=True) == json.dumps(here, sort_keys=True),
                       "seconds": record.get("seconds"), "pinned": pinned,
-                      # what a default (faithful) job runs: an int8 pin is for --quantize int8 jobs only
-                      "chosen": pinned if pinned and record["pinned"][2] != "int8" else fastest,
+                      "chosen": faithful_choice(record),
                       "candidates": record.get("candidates", [])})
     return found
 

@@ -14,7 +14,7 @@ from typing import Any, Callable
 from ..backends.fidelity import label
 from ..backends.local import LocalBackend
 from ..backends.selection import pin as pin_choice
-from ..backends.selection import read_record, record_path, remeasure
+from ..backends.selection import faithful_choice, read_record, record_path, remeasure
 from ..errors import InputError
 
 
@@ -44,9 +44,7 @@ def tune(model: str, *, int8: bool = False, pin: str | None = None, unpin: bool 
         record = pin_choice(backend, tuple(match[0]["config"]))  # type: ignore[arg-type]
     elif unpin:
         record = pin_choice(backend, None)
-    faithful = [e for e in entries if e.get("accepted") and e["config"][2] != "int8"]
-    fastest = max(faithful, key=lambda e: e.get("texts_per_s") or 0.0)["label"] if faithful else None
     pinned = label(tuple(record["pinned"])) if record.get("pinned") else None  # type: ignore[arg-type]
-    faithful_pin = pinned if pinned and record["pinned"][2] != "int8" else None  # an int8 pin is for int8 jobs
     return {"model_id": model, "record": str(record_path(backend)), "candidates": entries,
-            "chosen": faithful_pin or fastest, "pinned": pinned, "seconds": record.get("seconds")}
+            "chosen": faithful_choice({**record, "candidates": entries}), "pinned": pinned,
+            "seconds": record.get("seconds")}
