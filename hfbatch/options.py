@@ -6,6 +6,8 @@ can be judged without a file or a model.
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence, TypeVar
@@ -199,15 +201,32 @@ class EmbedOptions(JobOptions):
                              f"--output-precision {self.output_precision} has none.")
         if self.calibration_size < 1:
             raise InputError(f"--calibration-size must be at least 1 (got {self.calibration_size}).")
-        if self.calibration is not None and not Path(self.calibration).is_file():
-            raise InputError(f"--calibration {self.calibration}: no such file (give an earlier run's .meta.json, "
-                             "or a CSV/JSONL/Parquet file of texts).")
+        if self.calibration is not None:
+            self._check_calibration_file(Path(self.calibration))
         if self.calibration is not None and not str(self.calibration).endswith(".json"):
             try:
                 detect_format(Path(self.calibration))
             except InputError:
                 raise InputError(f"--calibration {self.calibration}: give an earlier run's .meta.json, or a file of "
                                  "texts named .csv, .tsv, .jsonl, .ndjson or .parquet (optionally .gz).") from None
+
+
+    @staticmethod
+    def _check_calibration_file(path: Path) -> None:
+        """--calibration names a regular file this process can read (a device such as /dev/zero, a
+        pipe or a directory is none: it would be read without end, or not at all)."""
+        give = "give an earlier run's .meta.json, or a CSV/JSONL/Parquet file of texts"
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            raise InputError(f"--calibration {path}: no such file ({give}).") from None
+        except OSError as exc:
+            raise InputError(f"--calibration {path}: cannot be read ({exc.strerror or type(exc).__name__}); {give}.") from None
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "a device, pipe or socket"
+            raise InputError(f"--calibration {path}: not a regular file ({kind}); {give}.")
+        if not os.access(path, os.R_OK):
+            raise InputError(f"--calibration {path}: cannot be read (permission denied); {give}.")
 
 
 @dataclass(frozen=True)

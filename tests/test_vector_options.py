@@ -357,14 +357,13 @@ def test_truncate_dim_without_normalize_keeps_the_raw_prefix(runs: Runs) -> None
     assert np.abs(np.linalg.norm(cut_v, axis=1) - 1).min() > 1e-3  # not rescaled
 
 
-def test_truncate_dim_above_the_models_dimension_keeps_all(runs: Runs) -> None:
-    runs.base()
-    wide = runs.get("t1000", truncate_dim=1000)
-    assert pq.read_table(wide.output).schema.field("embedding").type == pa.list_(pa.float32(), DIM)
-    assert np.allclose(embeddings(wide.output)[VALID], embeddings(runs.base().output)[VALID], atol=1e-6)
-    v = vectors_of(wide)
-    assert (v["dim"], v["truncate_dim"], v["values_per_vector"]) == (DIM, 1000, DIM)
-    assert wide.document["metrics"]["texts_computed"] == 0
+def test_truncate_dim_above_the_models_dimension_exits_2(tmp_path: Path, runs: Runs) -> None:
+    # issue 22: it used to keep all dimensions and record truncate_dim 1000 beside dim 384
+    out = tmp_path / "o.parquet"
+    result = cli("embed", runs.src, "-o", out, "--model", MODEL, "--truncate-dim", "1000")
+    assert result.exit_code == 2, result.output
+    assert f"--truncate-dim 1000 is more than the {DIM} dimensions" in result.stderr
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("value", ["0", "-3"])

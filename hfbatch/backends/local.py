@@ -158,8 +158,8 @@ class LocalBackend:
     def _read_configs(self) -> None:
         root = self._dir
         assert root is not None
-        sbert = read_json(root / "sentence_bert_config.json")
-        config = read_json(root / "config.json")
+        sbert = _config_object(root / "sentence_bert_config.json")
+        config = _config_object(root / "config.json")
         self._lower = bool(sbert.get("do_lower_case", False))
         native = sbert.get("max_seq_length") or config.get("max_position_embeddings") or 512
         limit = config.get("max_position_embeddings")
@@ -172,12 +172,12 @@ class LocalBackend:
         self._max_length = int(wanted)
         self._native_max_length = int(min(native, limit) if limit else native)  # what an int8 export is calibrated at
         self._dim = _dimension_from_files(root, config)
-        st_config = read_json(root / "config_sentence_transformers.json")
+        st_config = prompt_config(root / "config_sentence_transformers.json")
         self._has_default_prompt = bool(st_config.get("default_prompt_name"))
         self._prompt, self.prompt_name = resolve_prompt(self.model_id, st_config, self._requested_prompt,
                                                         self._requested_prompt_name)
         pooling = next(iter(sorted(root.glob("*Pooling*/config.json"))), None)
-        self._include_prompt = bool(read_json(pooling).get("include_prompt", True)) if pooling else True
+        self._include_prompt = bool(_config_object(pooling).get("include_prompt", True)) if pooling else True
         if self._prompt and not self._include_prompt and self.requested_runtime in EXPORT_RUNTIMES:
             raise InputError(f"{self.model_id} pools without its prompt's tokens, which --runtime "
                              f"{self.requested_runtime} cannot do; use --runtime torch with a prompt.")
@@ -391,7 +391,8 @@ class LocalBackend:
         seen = [t.lower() if self._lower and len(t.lower()) == len(t) else t for t in texts]
         offsets = tokenizer.offsets(seen)
         overhead = self.token_counts([""])[0]  # specials and the prompt: what any text costs beside its own tokens
-        return fit_windows(list(texts), offsets, size=size, overlap=overlap, overhead=overhead, count=self.token_counts)
+        return fit_windows(list(texts), offsets, size=size, overlap=overlap, overhead=overhead, count=self.token_counts,
+                           limit=self.max_length)
 
     # --- model (expensive, lazy) --------------------------------------------------------------
 
@@ -791,6 +792,62 @@ def _openvino_session(path: str, precision: str = "f32") -> Any:
     return OpenVinoSession(Path(path), precision=precision)
 
 
+def prompt_config(path: Path) -> dict[str, Any]:
+    """A model's config_sentence_transformers.json (empty when there is none), held to what
+    sentence-transformers loads: an object whose `prompts` maps names to texts (null: "") and
+    whose `default_prompt_name` is one of them. Anything else is a ModelLoadError naming the
+    file and the field: sentence-transformers itself refuses such a model, or worse, prepends the
+    repr of an object to every text."""
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except OSError:
+        return {}
+    except (ValueError, RecursionError) as exc:
+        raise ModelLoadError(f"{path}: not JSON ({type(exc).__name__}); restore the model's file, or delete it "
+                             "(a model needs it only for its prompts).") from None
+
+    def bad(what: str) -> ModelLoadError:
+        return ModelLoadError(f"{path}: {what}; fix or remove it (sentence-transformers would not load this model).")
+
+    if not isinstance(config, dict):
+        raise bad(f"is {type(config).__name__} {_short(config)}, not a JSON object")
+    prompts = config.get("prompts")
+    if prompts is not None and not isinstance(prompts, dict):
+        raise bad(f'"prompts" is {_short(prompts)}, not an object of prompt names and texts')
+    for name, text in (prompts or {}).items():
+        if text is not None and not isinstance(text, str):
+            raise bad(f'"prompts" gives {name!r} the {type(text).__name__} {_short(text)}, not a text')
+    prompts = {name: text or "" for name, text in (prompts or {}).items()}
+    default = config.get("default_prompt_name")
+    if default is not None and not isinstance(default, str):
+        raise bad(f'"default_prompt_name" is {_short(default)}, not the name of a prompt (a string)')
+    if default and default not in prompts:
+        raise bad(f'"default_prompt_name" {default!r} is not one of its "prompts" '
+                  f"({', '.join(map(repr, prompts)) or 'it has none'})")
+    return {**config, "prompts": prompts}
+
+
+def _config_object(path: Path) -> dict[str, Any]:
+    """A model's JSON config file as read_json reads it ({} when missing or not JSON), which must
+    be an object: anything else is a ModelLoadError naming the file."""
+    config = read_json(path)
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"{path}: is {type(config).__name__} {_short(config)}, not a JSON object; "
+                             "restore the model's file.")
+    return config
+
+
+def _short(value: Any) -> str:
+    """A value of a config file, shown in a message: as JSON, at most 60 characters, one line."""
+    try:
+        shown = json.dumps(value, ensure_ascii=True)
+    except (ValueError, RecursionError):
+        shown = type(value).__name__
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
 def resolve_prompt(model_id: str, config: dict[str, Any], prompt: str | None, name: str | None) -> tuple[str | None, str | None]:
     """(prompt text, the name it came by), as sentence-transformers chooses: --prompt as given
     ("" for none), else --prompt-name from the model's `prompts`, else its `default_prompt_name`."""
@@ -804,10 +861,10 @@ def resolve_prompt(model_id: str, config: dict[str, Any], prompt: str | None, na
             known = ", ".join(sorted(prompts)) or "none (config_sentence_transformers.json has no prompts)"
             raise InputError(f"--prompt-name {name!r} is not a prompt of {model_id}; its prompts are: {known}. "
                              "Use one of them, or --prompt TEXT.")
-        return str(prompts[name]) or None, name
+        return str(prompts[name] or "") or None, name
     default = config.get("default_prompt_name")
     if default and default in prompts:
-        return str(prompts[default]) or None, default
+        return str(prompts[default] or "") or None, default
     return None, None
 
 
@@ -954,5 +1011,5 @@ def _dimension_from_files(root: Path, config: dict[str, Any]) -> int | None:
 def read_json(path: Path) -> Any:
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):  # RecursionError: nested too deep to be a config
         return {}

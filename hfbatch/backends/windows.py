@@ -55,17 +55,18 @@ def token_spans(n: int, content: int, overlap: int, start: int = 0) -> list[tupl
 
 
 def fit_windows(texts: Sequence[str], offsets: Sequence[Sequence[tuple[int, int]]], *, size: int, overlap: int,
-                overhead: int, count: Counter) -> list[Windows]:
+                overhead: int, count: Counter, limit: int | None = None) -> list[Windows]:
     """The windows of each text. `offsets`: per text, each token's (start, end) characters, without
     special tokens; `overhead`: the tokens the model adds to any text (specials, the prompt);
-    `count`: the model's own count of a list of texts. Raises InputError when a window of `size`
-    tokens leaves no room for more than the overlap."""
+    `count`: the model's own count of a list of texts; `limit`: the most tokens the model reads
+    (what a larger N may be). Raises InputError when a window of `size` tokens leaves no room for
+    more than the overlap, advising only values that work."""
     content = size - overhead
     if content <= overlap:
         raise InputError(
             f"--split tokens:{size} leaves {max(content, 0)} tokens of text per window once the model's "
             f"{overhead} special/prompt tokens are counted, not more than --overlap {overlap}; "
-            f"use a larger N (at least {overhead + overlap + 1}) or a smaller --overlap."
+            f"{room_advice(size, overhead, overlap, limit)}"
         )
     planned = [token_spans(len(o), content, overlap) for o in offsets]
 
@@ -87,6 +88,22 @@ def fit_windows(texts: Sequence[str], offsets: Sequence[Sequence[tuple[int, int]
         whole = len(offsets[i]) + overhead
         out.append(Windows([Window(*chars(i, span), n) for span, n in zip(spans, counts)], whole))
     return out
+
+
+def room_advice(size: int, overhead: int, overlap: int, limit: int | None) -> str:
+    """What to change when `size`-token windows leave no room beyond `overlap`: only values that
+    work (a larger N never above the model's `limit`, an --overlap below the window's room)."""
+    content, need = size - overhead, overhead + overlap + 1
+    fixes = []
+    if limit is None or need <= limit:
+        fixes.append(f"a larger N (at least {need}{f', at most {limit}' if limit else ''})")
+    elif content < 1 and overhead < limit:  # N at the model's limit, with an overlap that fits it
+        fixes.append(f"--split tokens:{limit} with --overlap {limit - overhead - 1} or less")
+    if content >= 1:
+        fixes.append(f"--overlap {content - 1} or less")
+    if not fixes:  # the specials and the prompt alone fill what the model reads
+        return f"the model reads {limit} tokens: use a shorter prompt."
+    return "use " + " or ".join(fixes) + "."
 
 
 def _refit(text: str, offsets: Sequence[tuple[int, int]], content: int, overlap: int, size: int,

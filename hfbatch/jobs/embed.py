@@ -21,6 +21,7 @@ max_length is null, and --max-batch-tokens (a budget of counts) is refused.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
@@ -40,6 +41,11 @@ from ..vectors import CALIBRATED, l2_normalize, output_width, quantization_range
 from ..cache import NullCache, open_cache
 from .core import Cache, JobResult, Sampler, run_job, sampler, window_fields
 
+
+log = logging.getLogger(__name__)
+
+# a prompt leaving fewer tokens than this for the text is warned about (none left: refused)
+MIN_TEXT_TOKENS = 16
 
 # a count not known here (token_source "server usage"): what the cache is given, and ignores on lookup
 UNKNOWN_TOKENS = -1
@@ -151,6 +157,9 @@ class EmbedTask:
         self.calibration: dict[str, Any] | None = dict(opts.calibration_record or {}) or None
         if opts.prompt_name is not None:
             _ = backend.prompt  # an unknown --prompt-name is a usage error now, before the job starts
+        self._prompt_checked = False
+        if opts.prompt or opts.prompt_name is not None:  # asked for: judged now (the model's own default: in prepare)
+            self.check_prompt()
         if opts.max_batch_tokens is not None and self.server_counted:  # files only: no request
             raise InputError(
                 f"--max-batch-tokens {opts.max_batch_tokens} budgets batches by each text's tokens, and there is no "
@@ -164,10 +173,46 @@ class EmbedTask:
         self._hit_dim: int | None = None  # size of hits the cache checked against its own record
         self._out_dim: int | None = None  # the size this job's output was started with
         self._cache_dir: Any = None  # where the hits came from, for the message when they were wrong
+        if opts.truncate_dim is not None:  # config files: no model load (else checked once a vector is made)
+            self.check_truncate_dim(backend.known_dimension())
         if self.ranges is None and opts.calibration is not None and is_sidecar(Path(opts.calibration)):
             expect = {"model_id": backend.model_id, "normalize": opts.normalize, "prompt": backend.prompt,
                       "truncate_dim": opts.truncate_dim}
             self.ranges, self.calibration = read_ranges(Path(opts.calibration), self.out_dim_hint(), expect)  # before it starts
+
+    def check_prompt(self) -> None:
+        """A prompt that leaves the model no token of the text is refused (every vector would be
+        the prompt's alone); one that leaves fewer than MIN_TEXT_TOKENS is warned about. Judged
+        once, by the model's own tokenizer, before any text is embedded."""
+        if self._prompt_checked:
+            return
+        self._prompt_checked = True
+        backend, opts = self.backend, self.opts
+        if not backend.prompt or self.server_counted:  # no prompt, or no tokenizer to count it with
+            return
+        taken, limit = backend.token_counts([""])[0], backend.max_length  # the prompt with the specials
+        room = limit - taken
+        named, fix = "--prompt", "use a shorter prompt"
+        if not opts.prompt and opts.prompt_name is not None:
+            named = f"--prompt-name {opts.prompt_name}"
+        elif not opts.prompt:
+            named = f"{backend.model_id}'s default prompt (config_sentence_transformers.json)"
+            fix = "give a shorter one with --prompt TEXT, or turn it off with --prompt ''"
+        if room < 1:
+            raise InputError(f"{named} is {taken} tokens with the model's special tokens, and {backend.model_id} reads "
+                             f"{limit} tokens in all: no token of any text would be read; {fix}.")
+        if room < MIN_TEXT_TOKENS:
+            log.warning("%s is %d tokens with the model's special tokens, leaving %d of the %d that %s reads for each "
+                        "text: longer texts are truncated; use a shorter prompt.", named, taken, room, limit,
+                        backend.model_id)
+
+    def check_truncate_dim(self, dim: int | None) -> None:
+        """--truncate-dim above the model's dimension is a usage error, found where the dimension
+        is first known (config files, else the first vectors), before anything is written."""
+        wanted = self.opts.truncate_dim
+        if dim is not None and wanted is not None and wanted > dim:
+            raise InputError(f"--truncate-dim {wanted} is more than the {dim} dimensions {self.backend.model_id} makes; "
+                             f"use --truncate-dim {dim} or less (or drop it to keep them all).")
 
     @property
     def batch_texts(self) -> int:
@@ -197,6 +242,7 @@ class EmbedTask:
         record), the job fails once, its stores having put the record right for the rerun."""
         if self._out_dim is None:
             self._out_dim = self._dim or self.backend.known_dimension() or self._hit_dim or self.backend.dimension()
+            self.check_truncate_dim(self._out_dim)
         if self._dim is not None and self._dim != self._out_dim:
             raise BackendError(
                 f"the cache at {self._cache_dir} held {self._out_dim}-dimensional vectors for this model, which makes "
@@ -226,6 +272,7 @@ class EmbedTask:
     def prepare(self, texts: Sequence[str]) -> tuple[list[Any], list[int]]:
         if self.server_counted:  # counted by the server once embedded (no --split, no --max-batch-tokens here)
             return [(t, UNKNOWN_TOKENS) for t in texts], [0] * len(texts)
+        self.check_prompt()  # the model's default prompt: judged before its first text is embedded
         # a window's count is known from cutting it (split): only other texts go to the tokenizer
         fresh = [t for t in texts if t not in self._window_counts]
         counted = dict(zip(fresh, self.backend.token_counts(fresh))) if fresh else {}
@@ -331,6 +378,7 @@ class EmbedTask:
         """Full cached vectors -> what the output holds before quantizing: --truncate-dim (renormalised)."""
         if self.opts.truncate_dim is None:
             return vectors
+        self.check_truncate_dim(vectors.shape[-1])
         return truncate_dims(vectors, self.opts.truncate_dim, normalize=self.opts.normalize)
 
     def float_dim(self) -> int:
@@ -393,14 +441,30 @@ def read_ranges(path: Path, dim: int | None, expect: dict[str, Any] | None = Non
     """int8/uint8 ranges from an earlier run's sidecar (its provenance.vectors.ranges), refused
     unless they are real ranges (finite, each minimum below its maximum) of vectors like this
     job's (`expect`: model_id, normalize, prompt, truncate_dim)."""
+    def not_sidecar(why: str) -> InputError:
+        return InputError(f"--calibration {path}: not an hfbatch sidecar ({why}); give the .meta.json of a run with "
+                          "--output-precision int8 or uint8, or a file of texts.")
+
+    def member(parent: Any, key: str, where: str) -> dict[str, Any]:
+        value = parent.get(key) if isinstance(parent, dict) else None
+        if not isinstance(value, dict):
+            raise not_sidecar(f"{where}{key} is {'missing' if value is None else type(value).__name__}, not an object")
+        return value
+
     try:
         document = json.loads(path.read_text(encoding="utf-8"))
-        provenance = document["provenance"]
-        output = provenance["vectors"]
+    except (OSError, ValueError) as exc:
+        raise not_sidecar(f"{type(exc).__name__}: {exc}") from None
+    except RecursionError:
+        raise not_sidecar("JSON nested too deep to read") from None
+    if not isinstance(document, dict):
+        raise not_sidecar(f"a JSON {type(document).__name__}, not an object")
+    provenance = member(document, "provenance", "")
+    output = member(provenance, "vectors", "provenance.")
+    try:
         ranges = np.asarray(output["ranges"], dtype=np.float32) if output.get("ranges") is not None else None
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise InputError(f"--calibration {path}: not an hfbatch sidecar ({type(exc).__name__}: {exc}); give the "
-                         ".meta.json of a run with --output-precision int8 or uint8, or a file of texts.") from None
+    except (ValueError, TypeError) as exc:
+        raise not_sidecar(f"provenance.vectors.ranges is not numbers ({type(exc).__name__})") from None
     if ranges is None:
         raise InputError(f"--calibration {path}: that run wrote {output.get('precision') or 'float32'} vectors and has no "
                          "ranges; give the .meta.json of a run with --output-precision int8 or uint8, or a file of texts.")
@@ -417,7 +481,8 @@ def read_ranges(path: Path, dim: int | None, expect: dict[str, Any] | None = Non
     if differ:
         raise InputError(f"--calibration {path}: that run's vectors differ from this job's ({', '.join(differ)} "
                          "not the same), so its ranges are not theirs; calibrate with a run of the same options.")
-    return ranges, {"source": str(path), "vectors": (output.get("calibration") or {}).get("vectors")}
+    record = output.get("calibration")
+    return ranges, {"source": str(path), "vectors": record.get("vectors") if isinstance(record, dict) else None}
 
 
 def output_dim(dim: int, truncate_dim: int | None) -> int:
