@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 # a prompt leaving fewer tokens than this for the text is warned about (none left: refused)
 MIN_TEXT_TOKENS = 16
+_WARNED_PROMPTS: set[tuple[str | None, str, int]] = set()
 
 # a count not known here (token_source "server usage"): what the cache is given, and ignores on lookup
 UNKNOWN_TOKENS = -1
@@ -201,7 +202,8 @@ class EmbedTask:
         if room < 1:
             raise InputError(f"{named} is {taken} tokens with the model's special tokens, and {backend.model_id} reads "
                              f"{limit} tokens in all: no token of any text would be read; {fix}.")
-        if room < MIN_TEXT_TOKENS:
+        if room < MIN_TEXT_TOKENS and (backend.prompt, backend.model_id, limit) not in _WARNED_PROMPTS:
+            _WARNED_PROMPTS.add((backend.prompt, backend.model_id, limit))  # once a process, not once a part or actor
             log.warning("%s is %d tokens with the model's special tokens, leaving %d of the %d that %s reads for each "
                         "text: longer texts are truncated; use a shorter prompt.", named, taken, room, limit,
                         backend.model_id)
