@@ -17,9 +17,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from conftest import BUNDLED_MODEL_DIR, rows_for, write_csv
 from typer.testing import CliRunner
 
-from conftest import BUNDLED_MODEL_DIR, rows_for, write_csv
 from hfbatch import EmbedOptions, InputError, encode
 from hfbatch.backends.local import DEFAULT_MODEL, LocalBackend, resolve_model_dir
 from hfbatch.backends.windows import fit_windows
@@ -292,10 +292,10 @@ def test_every_value_the_split_advice_names_works() -> None:
     text = " ".join(f"w{i}" for i in range(40))
     offsets = [(m.start(), m.end()) for m in re.finditer(r"\S+", text)]
     for limit in range(2, 14):
-        for overhead in range(0, limit + 2):
-            count = lambda texts, o=overhead: [len(t.split()) + o for t in texts]  # noqa: E731
+        for overhead in range(limit + 2):
+            count = lambda texts, o=overhead: [len(t.split()) + o for t in texts]
             for size in range(2, limit + 1):
-                for overlap in range(0, size):
+                for overlap in range(size):
                     if size - overhead > overlap:
                         continue  # fits: no advice
                     with pytest.raises(InputError) as caught:

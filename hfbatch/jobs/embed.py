@@ -488,7 +488,8 @@ def read_ranges(path: Path, dim: int | None, expect: dict[str, Any] | None = Non
 
 
 def output_dim(dim: int, truncate_dim: int | None) -> int:
-    """Dimensions the output keeps of the model's `dim` (--truncate-dim above it keeps all)."""
+    """Dimensions the output keeps of the model's `dim` (a --truncate-dim above it is refused by
+    EmbedTask.check_truncate_dim; here it would keep all)."""
     return min(dim, truncate_dim) if truncate_dim else dim
 
 
