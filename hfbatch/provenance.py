@@ -4,6 +4,12 @@
 the document every job and engine writes: to `<output>.meta.json`, the Parquet key/value
 metadata under `hfbatch`, and stdout with --json. Secrets never enter it: the recorded command
 is redacted.
+
+The input a document describes is the input as it was before the job's first read:
+`InputIdentity.take()` is called before the input is opened and `InputFacts.of(..., identity=)`
+checks it after the last read. An input replaced or rewritten in between (`mv`, an in-place
+write, S3 `copy_object`) fails the job with `InputChangedError` (exit 1, nothing published), so no
+sidecar ever records the new file's identity beside the old file's rows, and a rerun reads it again.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from ._version import __version__
+from .errors import InputError, OutputError
 from .io.stores import RemotePath
 from .resources import peak_rss_mb
 
@@ -175,6 +182,92 @@ class Metrics:
         }
 
 
+class InputChangedError(OutputError):
+    """The input was replaced or rewritten while the job read it: nothing was published for it, and
+    no record says it is done, so a rerun reads it again. (In a many-part job only that part fails.)
+    Exit 1: the job ran, so it is no usage error. (It belongs in errors.py's tree: see its docstring.)"""
+
+
+# A local file modified this recently may be modified again within the filesystem's timestamp
+# granule (a few ms on Linux without fine-grained timestamps), leaving its stat as it was: for such
+# a file the identity also holds a digest taken before the first read (git's "racily clean" index)
+_RACY_NS = 2_000_000_000
+
+
+@dataclass(frozen=True)
+class InputIdentity:
+    """What the input is before the job's first read, to be checked after its last.
+
+    A local file: (device, inode, size, mtime, ctime), which any rename onto the path or write into
+    the file changes, and which reads no byte of it (plus its digest when it was modified within the
+    last 2 s). A store's object: what the store says of its content (ETag or version, and size),
+    one HEAD. `mark` is None when the file could not be looked at (the reader then says why)."""
+
+    path: Path
+    mark: Any
+    digest: str | None = None
+
+    @classmethod
+    def take(cls, path: Path) -> "InputIdentity":
+        """The identity of the input at `path` now (call it before anything reads it)."""
+        mark = _mark(path)
+        digest = None
+        if isinstance(mark, tuple) and abs(time.time_ns() - mark[3]) < _RACY_NS:
+            try:
+                digest = file_digest(Path(path))
+            except OSError:
+                digest = None
+            if _mark(path) != mark:  # changing as we look: it will fail the check
+                mark = None
+        return cls(path, mark, digest)
+
+    def check(self, *, digest: str | None = None, shown: Any = None) -> None:
+        """InputChangedError (exit 1, naming the input as `shown`) unless the input is still what it
+        was when taken (and, given its `digest` now, has the digest it had then, where one was taken)."""
+        if (self.mark is None or _mark(self.path) != self.mark
+                or (self.digest is not None and digest is not None and digest != self.digest)):
+            raise InputChangedError(f"{shown if shown is not None else self.path}: changed during the job (replaced "
+                                    "or rewritten while it was read); nothing was written for it. Rerun to embed it "
+                                    "as it is now.")
+
+    def facts(self, format: str, rows: int, *, shown: Any = None) -> "InputFacts":
+        """The input's facts as the sidecar records them: its identity from before the first read,
+        checked unchanged now (InputChangedError if not). A local file's digest is read here and
+        vouched for by the check after it (no rename or write since the first read)."""
+        if isinstance(self.path, RemotePath):  # the store's word for its content: no read of the bytes
+            size = _remote_size(self.path)
+            self.check(shown=shown)
+            return InputFacts(shown or self.path, format, size or 0, self.mark, rows)
+        try:
+            digest = file_digest(Path(self.path))
+        except OSError:
+            digest = None  # gone or unreadable now: the check says so
+        self.check(digest=digest, shown=shown)
+        return InputFacts(Path(shown or self.path), format, self.mark[2], digest or "", rows)
+
+
+def _remote_size(path: RemotePath) -> int | None:
+    try:
+        return path.size()
+    except InputError:  # gone: the check after says so
+        return None
+
+
+def _mark(path: Path) -> Any:
+    """A local file's (st_dev, st_ino, st_size, st_mtime_ns, st_ctime_ns), a store object's
+    identity string; None when it cannot be looked at."""
+    if isinstance(path, RemotePath):
+        try:
+            return path.identity()
+        except InputError:
+            return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
 @dataclass(frozen=True)
 class InputFacts:
     """What a sidecar says of the input it describes."""
@@ -186,9 +279,13 @@ class InputFacts:
     rows: int
 
     @classmethod
-    def of(cls, path: Path, format: str, rows: int, *, shown: Path | None = None) -> "InputFacts":
-        """The facts of the file at `path` (its size and content hash read now), named `shown` when
-        that is what the user gave (`-` for a spooled stdin)."""
+    def of(cls, path: Path, format: str, rows: int, *, shown: Path | None = None,
+           identity: InputIdentity | None = None) -> "InputFacts":
+        """The facts of the file at `path`, named `shown` when that is what the user gave (`-` for a
+        spooled stdin). With `identity` (taken before the first read): that identity, checked
+        unchanged now (InputChangedError, exit 1, if not). Without: its size and content hash read now."""
+        if identity is not None:
+            return identity.facts(format, rows, shown=shown)
         if isinstance(path, RemotePath):  # the store's word for its content: no second read of the bytes
             return cls(shown or path, format, path.size(), path.identity(), rows)  # type: ignore[arg-type]
         return cls(Path(shown or path), format, Path(path).stat().st_size, file_digest(Path(path)), rows)

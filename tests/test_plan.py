@@ -15,6 +15,7 @@ from hfbatch.errors import InputError
 from hfbatch.io import plan
 from hfbatch.io.plan import case_insensitive, open_job_files, part_outputs, plan_outputs
 from hfbatch.validate import EMBED_COLUMNS
+from s3_server import s3  # noqa: F401  # the fixture: a real S3-protocol server on 127.0.0.1
 
 
 @pytest.fixture
@@ -282,3 +283,107 @@ def test_open_job_files_still_opens_a_good_job(src: Path, tmp_path: Path) -> Non
                            keep=["id"], added_columns=EMBED_COLUMNS, extra_outputs=[("--log-file", tmp_path / "log.jsonl")])
     assert files.reader.total_rows == 2 and files.passthrough.names == ["id"]
     assert (tmp_path / "new").is_dir()
+
+
+# --- '.' and '..' in a path: one key, normalised once here (issue 22, item 3) ---------------------
+
+S3 = "s3://lake"
+
+
+@pytest.mark.parametrize(("given", "normal"), [
+    (f"{S3}/p/./a.parquet", f"{S3}/p/a.parquet"),
+    (f"{S3}/p/x/../a.parquet", f"{S3}/p/a.parquet"),
+    (f"{S3}/./p/a.parquet", f"{S3}/p/a.parquet"),
+    (f"{S3}/p/a.parquet", f"{S3}/p/a.parquet"),
+    ("out/./a.parquet", "out/a.parquet"),  # pathlib's own; a local '..' is the OS's (after symlinks)
+])
+def test_normal_location_drops_dot_segments_of_store_keys(given: str, normal: str) -> None:
+    assert str(plan.normal_location(given)) == normal
+
+
+@pytest.mark.parametrize("given", [f"{S3}/..", f"{S3}/p/../../other/a.parquet", "s3://./lake/a.parquet"])
+def test_a_store_key_climbing_out_of_its_bucket_is_refused(given: str) -> None:
+    message = _refused([], [("-o", given)])
+    assert message.startswith(f"-o {given}: ") and "out of the bucket" in message
+
+
+@pytest.mark.parametrize("output", [f"{S3}/p/./a.parquet", f"{S3}/p/x/../a.parquet", f"{S3}/p//./a.parquet"])
+def test_a_store_output_whose_key_normalises_onto_the_input_is_refused(output: str) -> None:
+    """The issue's repro: `-o s3://lake/p/./a.parquet` over the input `p/a.parquet` wrote the data to
+    the key `p/./a.parquet` and its sidecar to `p/a.parquet.meta.json`, over the input's own."""
+    from hfbatch.io.stores import RemotePath
+    from hfbatch.options import sidecar_path
+
+    message = _refused([RemotePath(f"{S3}/p/a.parquet")],
+                       [("-o", RemotePath(output)), ("sidecar", sidecar_path(RemotePath(output)))])
+    assert f"is the input {S3}/p/a.parquet (both are {S3}/p/a.parquet); the job would overwrite its input" in message
+
+
+def test_an_input_given_with_a_dot_segment_is_the_normal_key() -> None:
+    assert "is the input" in _refused([f"{S3}/p/./in.csv"], [("-o", f"{S3}/p/in.csv")])
+
+
+def test_a_store_output_with_a_dot_segment_is_refused_with_the_normal_key_as_the_fix() -> None:
+    """A store keeps `q/./b.parquet` as a key of its own, while the sidecar's name is derived without
+    the '.': the pair would live in two folders. The fix names the key it would mean."""
+    message = _refused([f"{S3}/p/in.csv"], [("-o", f"{S3}/q/./b.parquet")])
+    assert message == (f"-o {S3}/q/./b.parquet: has a '.' or '..' segment, which a store keeps as part of the key "
+                       f"(its sidecar would be named without it); give -o {S3}/q/b.parquet.")
+
+
+def test_store_writes_normalising_onto_each_other_or_into_an_input_prefix_are_refused() -> None:
+    assert "is the same file as -o" in _refused(
+        [f"{S3}/p/in.csv"], [("-o", f"{S3}/o/a.parquet"), ("part output", f"{S3}/o/./a.parquet")])
+    assert "inside the input directory" in _refused(
+        [f"{S3}/in/x.csv"], [("-o", f"{S3}/in/./o.parquet")], input_dirs=[f"{S3}/in/."])
+    assert "inside the input directory" in _refused(
+        [f"{S3}/in/x.csv"], [("-o", f"{S3}/elsewhere/../in/o.parquet")], input_dirs=[f"{S3}/in"])
+
+
+def test_a_local_dot_segment_output_is_the_input_and_refused_before_any_read(tmp_path: Path) -> None:
+    from conftest import write_parquet
+    from typer.testing import CliRunner
+
+    from hfbatch.cli import app
+
+    out = tmp_path / "out"
+    out.mkdir()
+    earlier = write_parquet(out / "a.parquet", [{"id": 1, "text": "an earlier output"}])
+    (out / "a.parquet.meta.json").write_text('{"provenance": {}}')
+    result = CliRunner().invoke(app, ["embed", str(earlier), "-o", f"{out}/./a.parquet", "--quiet"])
+    assert result.exit_code == 2, result.output
+    assert "is the input" in result.output and "Traceback" not in result.output
+    assert (out / "a.parquet.meta.json").read_text() == '{"provenance": {}}'
+
+
+def test_on_s3_a_dot_segment_output_neither_lands_beside_the_input_nor_splits_a_pair(s3, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The issue's repro on the local S3 server: `-o s3://lake/p/./a.parquet` over the input
+    `p/a.parquet` (an earlier output) put a sidecar over the input's own, and `verify` on the input
+    then failed. Now: exit 2 before any work, the input's pair untouched and still verified. A
+    many-part job's `-o s3://lake/out/./` writes every key under `out/` itself."""
+    from typer.testing import CliRunner
+
+    from hfbatch.cli import app
+    from s3_server import BUCKET
+
+    runner = CliRunner()
+    src = write_csv(tmp_path / "in.csv", rows_for([f"text number {i}" for i in range(6)]))
+    assert runner.invoke(app, ["embed", str(src), "-o", f"s3://{BUCKET}/p/a.parquet", "--quiet"]).exit_code == 0
+    sidecar = s3.get(BUCKET, "p/a.parquet.meta.json")
+
+    refused = runner.invoke(app, ["embed", f"s3://{BUCKET}/p/a.parquet", "-o", f"s3://{BUCKET}/p/./a.parquet", "--quiet"])
+    assert refused.exit_code == 2, refused.output
+    assert "is the input" in refused.output and "Traceback" not in refused.output
+    assert s3.get(BUCKET, "p/a.parquet.meta.json") == sidecar
+    assert sorted(s3.keys(BUCKET, "p/")) == ["p/a.parquet", "p/a.parquet.meta.json"]
+    assert runner.invoke(app, ["verify", f"s3://{BUCKET}/p/a.parquet"]).exit_code == 0
+
+    other = runner.invoke(app, ["embed", str(src), "-o", f"s3://{BUCKET}/q/./b.parquet", "--quiet"])
+    assert other.exit_code == 2 and f"give -o s3://{BUCKET}/q/b.parquet." in other.output
+    assert s3.keys(BUCKET, "q") == []
+
+    (tmp_path / "parts").mkdir()
+    write_csv(tmp_path / "parts" / "a.csv", rows_for([f"part text {i}" for i in range(4)]))
+    done = runner.invoke(app, ["embed", str(tmp_path / "parts"), "-o", f"s3://{BUCKET}/out/./", "--quiet"])
+    assert done.exit_code == 0, done.output
+    assert sorted(s3.keys(BUCKET, "out")) == ["out/_hfbatch/a.parquet.meta.json", "out/_hfbatch_job.json", "out/a.parquet"]

@@ -46,14 +46,14 @@ import pyarrow.parquet as pq
 from ..backends import Backend, make_backend
 from ..backends.http import public_url
 from ..errors import HfbatchError, InputError
-from ..io.plan import part_outputs, plan_outputs
+from ..io.plan import normal_location, part_outputs, plan_outputs
 from ..io.readers import detect_format
 from ..io.stores import RemotePath, is_remote, location
 from ..io.writers import write_json_atomic
 from ..jobs.embed import calibrate_ranges, run_embed
 from ..monitoring import NullObserver, Observer
 from ..options import EmbedOptions, sidecar_path
-from ..provenance import file_digest, library_versions, redact, relative_paths, utc_now
+from ..provenance import InputChangedError, file_digest, library_versions, redact, relative_paths, utc_now
 from ..settings import Settings
 from ..vectors import CALIBRATED
 
@@ -321,7 +321,7 @@ def plan_parts(options: EmbedOptions, *, shard: tuple[int, int], settings: Setti
     or for the Ray engine one file), name their outputs, plan and check every path the job writes,
     find what an earlier run finished, and remove what it wrote that this run no longer names.
     Raises InputError (exit 2)."""
-    out_dir = location(options.output)
+    out_dir = normal_location(options.output)  # a store's `out/./`: every part's key derives from `out`
     if out_dir.suffix.lower() in (".parquet", ".pq") or out_dir.is_file():
         why = "with --engine ray" if engine == "ray" else "with many input files"
         raise InputError(f"-o {out_dir}: {why} the output is a directory; give one, e.g. -o out/.")
@@ -508,8 +508,8 @@ def _embed_part(job: PartsJob, part: Path, backend: Backend | None, observer: Ob
     started = time.perf_counter()
     try:
         result = run_embed(job.part_options(part), backend=backend, observer=observer, settings=settings)
-    except InputError as exc:  # this file's data or columns: the other parts go on
-        job.failed(part, str(exc), started)
+    except (InputError, InputChangedError) as exc:  # this file's data or columns, or it changed as it was read:
+        job.failed(part, str(exc), started)          # never recorded as done; the other parts go on
         return
     job.done(part, result.document, started)
 

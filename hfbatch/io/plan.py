@@ -11,7 +11,10 @@ Contracts (all refusals are InputError, exit 2, one line naming both paths and t
   paths are the same file when an existing one has the same (st_dev, st_ino) (hard links, case
   variants, bind mounts) or a new one has the same existing parent directory and the same
   remaining name, compared without case when that directory's filesystem ignores case (found by
-  probing it). Refused: a write equal to an input, equal to another write, a device, FIFO, socket
+  probing it). A store's key is compared normalised (`normal_location`: `p/./a`, `p/x/../a` and
+  `p/a` are one key), since the sidecar's key is derived as pathlib derives names, without its
+  `.` segments; a write whose key is not already normal is refused with the normal one as the
+  fix (a store would keep `p/./a.parquet` as a key of its own, its sidecar beside `p/a.parquet`). Refused: a write equal to an input, equal to another write, a device, FIFO, socket
   or process file descriptor (`-o /dev/null`, `--metrics-file /dev/stdout`), a directory, a path
   below a regular file, and (with `input_dirs`) a path inside an input directory, which the next
   run would read back as an input part. Roles in `appends` (the `--log-file`, written by appending
@@ -55,6 +58,7 @@ from typing import Any, Collection, NamedTuple, Sequence
 import pyarrow as pa
 
 from ..errors import InputError
+from ..provenance import InputIdentity
 from ..validate import check_columns
 from .readers import DATA_SUFFIXES, Reader, open_reader
 from .stores import RemotePath, location
@@ -123,11 +127,11 @@ def plan_outputs(
 ) -> OutputPlan:
     """Check every planned write (None paths are skipped) against `inputs`, `input_dirs` and each
     other; see the module docstring for what is refused. Returns the plan; raises InputError."""
-    where = _Resolver(input_dirs)
+    where = _Resolver([_normal_or_given(d) for d in input_dirs])
     owners: dict[_Key, _Owner] = {}  # identity -> the first path seen there
     folders: dict[_Key, _Owner] = {}  # identity of a directory the job will make -> the write that needs it
     for source in map(location, inputs):
-        found = where.identity(source, f"the input {source}")
+        found = where.identity(_normal_or_given(source), f"the input {source}")
         if found is not None:
             owners.setdefault(found[0], _Owner(f"the input {source}", None, source, found[1]))
     planned: list[PlannedWrite] = []
@@ -136,7 +140,8 @@ def plan_outputs(
             continue
         path = location(given)
         who = _label(role, path)
-        found = where.identity(path, who)
+        normal = normal_location(path, flag=_flag(role))
+        found = where.identity(normal, who)
         if found is None:
             raise InputError(f"{who}: cannot write there (a part of the path is a file, not a directory); "
                              f"give {_flag(role)} another path.")
@@ -155,11 +160,53 @@ def plan_outputs(
             if other is not None:
                 raise InputError(f"{who} and {other.who} need one path to be both a file and a directory; "
                                  f"give {write.flag if write.flag != '-o' else other.flag or '-o'} another path.")
+        if normal != path:  # a store's key with '.' or '..' segments, clashing with nothing
+            raise InputError(f"{who}: has a '.' or '..' segment, which a store keeps as part of the key (its sidecar "
+                             f"would be named without it); give {write.flag} "
+                             f"{normal if write.flag == role else 'a key without such segments'}.")
         owner = _Owner(who, write.flag, path, resolved)
         owners[identity] = owner
         folders.update(dict.fromkeys(made, owner))
         planned.append(write)
     return OutputPlan(tuple(map(location, inputs)), tuple(planned))
+
+
+def normal_location(spec: Any, *, flag: str = "-o") -> "Path | RemotePath":
+    """`spec` as a local Path or a store's RemotePath whose key has no `.` or `..` segments
+    (`s3://lake/p/./a.parquet` and `s3://lake/p/x/../a.parquet` are `s3://lake/p/a.parquet`),
+    as pathlib already drops a local path's `.` segments. A local `..` is left to the operating
+    system, which resolves it after symlinks (the plan compares resolved paths). InputError when
+    a `..` climbs above the bucket."""
+    path = location(spec)
+    if not isinstance(path, RemotePath):
+        return path
+    normal = _normal_key(path)
+    if normal is None:
+        raise InputError(f"{flag} {path}: its '.' and '..' segments lead out of the bucket; give the object's own key.")
+    return normal
+
+
+def _normal_key(path: RemotePath) -> RemotePath | None:
+    given = path.key.split("/")
+    if given[0] in (".", ".."):  # the bucket itself
+        return None
+    pieces: list[str] = []
+    for piece in given:
+        if piece == ".":
+            continue
+        if piece == "..":
+            if len(pieces) < 2:
+                return None
+            pieces.pop()
+            continue
+        pieces.append(piece)
+    return path if pieces == given else RemotePath(f"{path.scheme}://{'/'.join(pieces)}")
+
+
+def _normal_or_given(path: Any) -> Any:
+    """An input's location, normalised where it can be (a key that cannot is compared as given)."""
+    path = location(path)
+    return (_normal_key(path) or path) if isinstance(path, RemotePath) else path
 
 
 class _Resolver:
@@ -363,6 +410,7 @@ class JobFiles:
     reader: Reader
     passthrough: pa.Schema  # the input columns copied to the output
     source: Path  # the file read: the input itself, or the spooled copy of a pipe / stdin
+    identity: InputIdentity  # the source as it was before its first read: checked again after the last
 
 
 def check_output_path(input: Path, output: Path) -> None:
@@ -385,8 +433,10 @@ def open_job_files(
     max_line_bytes: int | None = None,
 ) -> JobFiles:
     """Plan `-o` and `extra_outputs` (role, path) against the input (`plan_outputs`, paths first so
-    a bad path costs no read), open the input, check its columns, and prove every output writable."""
+    a bad path costs no read), take the input's identity, open the input, check its columns, and
+    prove every output writable."""
     plan = plan_outputs([input], [("-o", output), *extra_outputs], appends=("--log-file",))
+    identity = InputIdentity.take(location(input))  # before the first read (the reader reads at open)
     columns = None if keep is None else list(dict.fromkeys([*keep, text_column]))
     reader = open_reader(input, fmt=fmt, chunk_size=chunk_size, columns=columns, text_column=text_column,
                          max_line_bytes=max_line_bytes)
@@ -394,8 +444,8 @@ def open_job_files(
     passthrough = pa.schema([reader.schema.field(n) for n in (keep if keep is not None else reader.schema.names)])
     remove_stale_temps(output)
     plan.check_writable()
-    return JobFiles(reader, passthrough, location(input))
+    return JobFiles(reader, passthrough, location(input), identity)
 
 
-__all__ = ["OutputPlan", "PlannedWrite", "plan_outputs", "part_outputs", "case_insensitive", "JobFiles",
+__all__ = ["OutputPlan", "PlannedWrite", "plan_outputs", "normal_location", "part_outputs", "case_insensitive", "JobFiles",
            "check_output_path", "open_job_files"]

@@ -458,10 +458,13 @@ def run_task(task: Task, opts: JobOptions, files: JobFiles, *, observer: Observe
             if sink is None:  # an input with no rows still gets a (valid, empty) output
                 sink = ParquetSink(opts.output, processor.schema())
         metrics.background_seconds = {k: ahead.stage_seconds.get(k, 0.0) for k in ("read", "validate")}
+        # the input's identity as taken before the first read, unchanged since (else InputChangedError:
+        # nothing published, nothing recorded as done); first, as a replaced input also miscounts rows
+        with metrics.stage("read"):
+            facts = InputFacts.of(files.source, reader.format, metrics.rows_total, shown=opts.input,
+                                  identity=files.identity)
         check_rows(opts, reader, metrics, sink)
         # one document, the same in the Parquet metadata, the sidecar and --json
-        with metrics.stage("read"):  # the input's identity (a digest of the file it read)
-            facts = InputFacts.of(files.source, reader.format, metrics.rows_total, shown=opts.input)
         document = build_document(job=task.job, backend=task.backend, options=opts, metrics=metrics, started=started,
                                   input=facts,
                                   output=OutputFacts(opts.output, metrics.rows_written), cache=cache,
