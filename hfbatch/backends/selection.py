@@ -51,7 +51,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 Config = tuple[str, str, str]  # (runtime, precision, quantize)
-RECORD_FORMAT = 5  # 5: faithful candidates only unless int8 is asked; one at a time; half precision batch-invariant
+RECORD_FORMAT = 6  # 5: faithful candidates only unless int8 is asked, one at a time, half precision batch-invariant; 6: OpenVINO over its streams
 TIMED_PASSES = 2  # the best pass is kept (the first one warms up), the first one's vectors checked
 BATCH = 16  # texts per timed call: the timing texts make two batches, one short, one long
 EXPORT_RUNTIMES = {"onnx": "onnxruntime", "openvino": "openvino"}
