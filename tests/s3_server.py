@@ -144,9 +144,15 @@ class _Recorder:
         with self.lock:
             self.requests.append(record)
             holds = [h for h in self.holds if h.matches(record)]
+            for hold in holds:
+                hold.held += 1
         for hold in holds:  # a slow store, for stopping a client mid-request at a known point
             hold.seen.set()
             hold.release.wait(hold.seconds)
+        if any(h.then == "fail" for h in holds):  # the request never completes: the store keeps nothing of it
+            record.status = 503
+            start_response("503 Service Unavailable", [("Content-Type", "application/xml"), ("Content-Length", "0")])
+            return [b""]
         if "wsgi.input" in environ:
             environ["wsgi.input"] = _CountingInput(environ["wsgi.input"], record)
 
@@ -165,19 +171,25 @@ class _Recorder:
 @dataclass
 class Hold:
     """Requests that the server holds (answers late): `method` and a key suffix, optionally only
-    those with a query parameter (`partNumber` for multipart parts). `seen` is set when the first
-    one arrives; a held request goes on after `seconds` or once `release` is set."""
+    those with a query parameter (`partNumber` for multipart parts), only the first `count` of them
+    (None: all). `seen` is set when the first one arrives; a held request goes on after `seconds`
+    or once `release` is set, and then (`then`) is served ("pass"), or answered 503 without the
+    store reading or keeping any of it ("fail": a request whose client died before it completed)."""
 
     method: str
     key_suffix: str
     query: str | None = None
     seconds: float = 30.0
+    then: str = "pass"
+    count: int | None = None
+    held: int = 0
     seen: threading.Event = field(default_factory=threading.Event)
     release: threading.Event = field(default_factory=threading.Event)
 
     def matches(self, request: "Request") -> bool:
-        return (request.method == self.method and request.key.endswith(self.key_suffix)
-                and (self.query is None or self.query in request.query))
+        return (request.method == self.method and (request.key == self.key_suffix or request.key.endswith(self.key_suffix))
+                and (self.query is None or self.query in request.query)
+                and (self.count is None or self.held < self.count))
 
 
 def _reset_moto() -> None:
@@ -283,9 +295,11 @@ class S3Server:
         paginator = self.client().get_paginator("list_objects_v2")
         return sorted(o["Key"] for page in paginator.paginate(Bucket=bucket, Prefix=prefix) for o in page.get("Contents", []))
 
-    def hold(self, method: str, key_suffix: str, *, query: str | None = None, seconds: float = 30.0) -> Hold:
+    def hold(self, method: str, key_suffix: str, *, query: str | None = None, seconds: float = 30.0,
+             then: str = "pass", count: int | None = None) -> Hold:
         """Hold matching requests (see Hold); remove with `release_all()`."""
-        hold = Hold(method, key_suffix, query, seconds)
+        assert then in ("pass", "fail")
+        hold = Hold(method, key_suffix, query, seconds, then, count)
         assert self._recorder is not None
         with self._recorder.lock:
             self._recorder.holds.append(hold)

@@ -10,6 +10,12 @@ int8's (0.98). A remote output is re-embedded by the same server. Never through 
 would only repeat the stored vectors. The texts come from the output when it kept the text
 column, else from the recorded input file. A fingerprint that differs from the recorded one
 (another model revision, another int8 recipe) is reported beside the figures.
+
+First, before any model work, that the sidecar is this output's: for an output in a store, the
+object there now is the one the sidecar was written for (its ETag, `provenance.output.object`);
+for every output, the provenance the Parquet file carries in its own metadata is the sidecar's
+(the same run: started, finished, input, rows). A pair that is not one (a job killed between its
+data and its sidecar, or two jobs publishing one key) is refused in one line (InputError).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from ..engines.parts import part_sidecar_path
 from ..errors import HfbatchError, InputError
 from ..io.readers import open_reader
 from ..io.stores import RemotePath, location
+from ..io.writers import METADATA_KEY
 from ..options import EmbedOptions, sidecar_path
 from ..vectors import cosine_rows, l2_normalize, output_width, quantize, truncate_dims
 
@@ -49,10 +56,16 @@ def verify_output(output: Path, *, sample: int = 64, seed: int = 0, tolerance: f
                          "_hfbatch/ in its output directory).") from None
     if prov.get("job") == "generate":
         raise InputError(f"{output}: verify checks embedding outputs; this is a generate output.")
+    if isinstance(output, RemotePath):
+        check_published_object(output, meta_path, prov)
     try:
-        table = pq.read_table(output.open(ranged=True) if isinstance(output, RemotePath) else output)
+        parquet = pq.ParquetFile(output.open(ranged=True) if isinstance(output, RemotePath) else output)
+        table = parquet.read()
+    except InputError:
+        raise
     except Exception as exc:  # pyarrow raises several types for a missing or broken file
         raise InputError(f"{output}: cannot read it as Parquet ({exc}).") from None
+    check_same_run(output, meta_path, prov, parquet.metadata.metadata or {})
     text_column = prov.get("text_column") or "text"
     texts = _texts(table, text_column, prov, output)
     vectors = table.column("embedding").to_pylist()
@@ -105,6 +118,48 @@ def verify_output(output: Path, *, sample: int = 64, seed: int = 0, tolerance: f
                   cosine_min=round(float(cosine.min()), 6), worst_row=rows[worst] + 1, mean_bar=mean_bar,
                   ok=bool((cosine >= bar).all()) and float(cosine.mean()) >= mean_bar)
     return report
+
+
+def check_published_object(output: RemotePath, meta_path: Any, prov: dict[str, Any]) -> None:
+    """The object at `output` is the one its sidecar was written for (the ETag the store answered
+    to that upload); a sidecar from before the record was kept is checked by check_same_run only."""
+    recorded = (prov.get("output") or {}).get("object") if isinstance(prov.get("output"), dict) else None
+    if not isinstance(recorded, dict) or not recorded.get("etag"):
+        return
+    now = output.stamp()
+    if now is None:
+        raise InputError(f"{output}: no such object, but its sidecar {meta_path} is there; the output was removed "
+                         "or never published. Run the job again.")
+    if now.get("etag") != recorded.get("etag"):
+        raise InputError(f"{output}: the object there (ETag {now.get('etag')}) is not the one its sidecar {meta_path} "
+                         f"was written for (ETag {recorded.get('etag')}); the pair is not one run's (a job stopped "
+                         "between them, or two jobs wrote this output). Run the job again.")
+
+
+_SAME_RUN = (("started",), ("finished",), ("input", "hash"), ("output", "rows"))
+
+
+def check_same_run(output: Any, meta_path: Any, prov: dict[str, Any], schema_metadata: dict[bytes, bytes]) -> None:
+    """The provenance the Parquet file carries (written with it, by the same commit) is the
+    sidecar's: the same run's start and finish, input and row count."""
+    raw = schema_metadata.get(METADATA_KEY.encode())
+    if not raw:
+        return  # not written by hfbatch's sink (nothing to compare)
+    try:
+        embedded = json.loads(raw).get("provenance") or {}
+    except (ValueError, AttributeError):
+        return
+    for path in _SAME_RUN:
+        mine, theirs = _dig(embedded, path), _dig(prov, path)
+        if mine is not None and theirs is not None and mine != theirs:
+            raise InputError(f"{output}: its sidecar {meta_path} is not this output's ({'.'.join(path)}: the file "
+                             f"says {mine}, the sidecar {theirs}); the pair is not one run's. Run the job again.")
+
+
+def _dig(document: Any, path: tuple[str, ...]) -> Any:
+    for key in path:
+        document = document.get(key) if isinstance(document, dict) else None
+    return document
 
 
 def _int8_terms(made: Any, local: dict[str, Any], tolerance: float) -> dict[str, Any]:
