@@ -14,7 +14,8 @@ Contracts (all refusals are InputError, exit 2, one line naming both paths and t
   probing it). A store's key is compared normalised (`normal_location`: `p/./a`, `p/x/../a` and
   `p/a` are one key), since the sidecar's key is derived as pathlib derives names, without its
   `.` segments; a write whose key is not already normal is refused with the normal one as the
-  fix (a store would keep `p/./a.parquet` as a key of its own, its sidecar beside `p/a.parquet`). Refused: a write equal to an input, equal to another write, a device, FIFO, socket
+  fix (a store would keep `p/./a.parquet` as a key of its own, its sidecar beside `p/a.parquet`).
+  Refused: a write equal to an input, equal to another write, a device, FIFO, socket
   or process file descriptor (`-o /dev/null`, `--metrics-file /dev/stdout`), a directory, a path
   below a regular file, and (with `input_dirs`) a path inside an input directory, which the next
   run would read back as an input part. Roles in `appends` (the `--log-file`, written by appending
