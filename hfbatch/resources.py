@@ -101,8 +101,11 @@ def estimate_model_bytes(model_dir: Path, load_dtype: str = "float32") -> int:
 
 
 def max_model_memory_bytes(environ: dict[str, str] | None = None) -> int | None:
-    """MAX_MODEL_MEMORY_GB as bytes, or None when unset."""
-    raw = (environ if environ is not None else os.environ).get("MAX_MODEL_MEMORY_GB")
+    """MAX_MODEL_MEMORY_GB as bytes, or None when unset: from `environ`, else the environment
+    over the working directory's .env (as the CLI reads it, so library callers get it too)."""
+    from .settings import environment
+
+    raw = (environ if environ is not None else environment()).get("MAX_MODEL_MEMORY_GB")
     if not raw:
         return None
     try:
@@ -150,8 +153,6 @@ def cpu_facts() -> dict[str, object]:
                     flags = set(line.split(":", 1)[1].split())
     except OSError:
         pass
-    import os
-
     return {"model": model or None, "cores": os.cpu_count(), "flags": [f for f in SPEED_FLAGS if f in flags],
             "native_bf16": bool(flags & {"avx512_bf16", "amx_bf16"})}
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -32,3 +33,21 @@ def test_devices_and_precisions_on_this_cpu() -> None:
     assert resolve_precision("auto", "cpu") in ("bf16", "fp32")
     with pytest.raises(InputError, match="fp16 is for CUDA"):
         resolve_precision("fp16", "cpu")
+
+
+def test_the_memory_guard_in_a_dotenv_holds_for_library_callers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MAX_MODEL_MEMORY_GB in the working directory's .env guards `hfbatch.embed` as it guards the
+    CLI (the library used to read os.environ only); the real environment still wins over .env."""
+    from hfbatch.resources import MemoryGuardError, check_model_memory, max_model_memory_bytes
+
+    model_dir = tmp_path / "model"
+    model_dir.mkdir()
+    (model_dir / "model.safetensors").write_bytes(b"\0" * 4_000_000)
+    monkeypatch.delenv("MAX_MODEL_MEMORY_GB", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".env").write_text("MAX_MODEL_MEMORY_GB=0.001\n")
+    assert max_model_memory_bytes() == 1_000_000
+    with pytest.raises(MemoryGuardError, match="MAX_MODEL_MEMORY_GB=0.001"):
+        check_model_memory("tiny", model_dir)
+    monkeypatch.setenv("MAX_MODEL_MEMORY_GB", "8")
+    assert max_model_memory_bytes() == 8_000_000_000 and check_model_memory("tiny", model_dir) > 0

@@ -17,7 +17,7 @@ import psutil
 from ..backends.http import public_url
 from ..errors import HfbatchError, InputError, RemoteError
 from ..provenance import redact_text
-from ..resources import cpu_facts
+from ..resources import cpu_facts, max_model_memory_bytes
 from ..settings import Settings
 
 # package -> what installing it brings
@@ -30,7 +30,6 @@ _OPTIONAL = {
     "openvino": ("--runtime openvino", "pip install 'hfbatch[openvino]'"),
     "nncf": ("--runtime openvino --quantize int8", "pip install 'hfbatch[openvino]'"),
     "onnx": ("--runtime onnx export", "pip install 'hfbatch[onnx]'"),
-    "bitsandbytes": ("8-bit loading on CUDA (planned)", "pip install bitsandbytes"),
     "ray": ("--engine ray", "pip install 'hfbatch[ray]'"),
     "s3fs": ("s3:// inputs and outputs", "pip install 'hfbatch[s3]'"),
     "gcsfs": ("gs:// inputs and outputs", "pip install 'hfbatch[stores]'"),
@@ -64,7 +63,7 @@ def capabilities(settings: Settings | None = None) -> dict[str, Any]:
         "openai": {"usable": bool(settings.endpoint), "why": f"endpoint {public_url(settings.endpoint)}" if settings.endpoint else "needs --endpoint (or HFBATCH_ENDPOINT)"},
     }
     vm = psutil.virtual_memory()
-    limit = os.environ.get("MAX_MODEL_MEMORY_GB")
+    limit = max_model_memory_bytes()
     return {
         "backends": backends,
         "devices": _devices(),
@@ -72,7 +71,7 @@ def capabilities(settings: Settings | None = None) -> dict[str, Any]:
         "memory": {
             "total_gb": round(vm.total / 1e9, 2),
             "available_gb": round(vm.available / 1e9, 2),
-            "max_model_memory_gb": float(limit) if limit else None,
+            "max_model_memory_gb": limit / 1e9 if limit else None,
             "cpu_cores": os.cpu_count(),
         },
         "cache": _cache_info(settings),
