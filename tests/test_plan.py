@@ -356,7 +356,7 @@ def test_a_local_dot_segment_output_is_the_input_and_refused_before_any_read(tmp
     assert (out / "a.parquet.meta.json").read_text() == '{"provenance": {}}'
 
 
-def test_on_s3_a_dot_segment_output_neither_lands_beside_the_input_nor_splits_a_pair(s3, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+def test_on_s3_a_dot_segment_output_neither_lands_beside_the_input_nor_splits_a_pair(s3, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]  # noqa: F811
     """The issue's repro on the local S3 server: `-o s3://lake/p/./a.parquet` over the input
     `p/a.parquet` (a table of texts) wrote the data to the key `p/./a.parquet` and a sidecar
     `p/a.parquet.meta.json` beside the input, which then looked like an hfbatch output (`verify`
