@@ -31,11 +31,14 @@ ROWS = st.lists(VALUES, min_size=0, max_size=12)
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 
 
-def _check(result_or_error, path: Path, rows: int) -> None:
-    if isinstance(result_or_error, HfbatchError):
+def _check(result_or_error, path: Path, rows: int, error: str | None = None) -> None:
+    """`error`: the one error this input must give (a part of its message); None: it must embed.
+    A reader that refused every file, or accepted a file with no columns, fails here."""
+    if error is not None or isinstance(result_or_error, HfbatchError):
+        assert isinstance(result_or_error, HfbatchError), f"expected an error with {error!r}"
         message = str(result_or_error)
         assert "\n" not in message.strip()  # one line
-        assert str(path.name) in message, message
+        assert str(path.name) in message and error is not None and error in message, message
         return
     table = pq.read_table(result_or_error.output)
     assert table.num_rows == rows  # every row once
@@ -60,7 +63,8 @@ def test_generated_jsonl(tmp_path_factory: pytest.TempPathFactory, values: list)
     root = tmp_path_factory.mktemp("jsonl")
     path = root / "in.jsonl"
     path.write_text("".join(json.dumps({"id": i, "text": v}) + "\n" for i, v in enumerate(values)), encoding="utf-8")
-    _check(_embed(path, root / "o.parquet"), path, len(values))
+    # every line is an object with a text (of any type: a non-text is an error mark); no line, no columns
+    _check(_embed(path, root / "o.parquet"), path, len(values), None if values else "has no column 'text'")
 
 
 @FAST
