@@ -130,3 +130,27 @@ def test_make_generator_refuses_what_it_cannot_build(tiny_lm: Path) -> None:
         make_generator(GenerateOptions(**base, backend="tei"))
     with pytest.raises(InputError, match="--api-retries must be at least 1"):
         make_generator(GenerateOptions(**base, backend="api", api_retries=0))
+
+
+def test_no_module_probes_a_backend_for_what_the_protocol_does_not_declare() -> None:
+    """The runtime choice and everything else the core asks of a backend go through the declared
+    protocol (prepare, fingerprint, ...): no getattr/hasattr on a backend in jobs/, engines/ or
+    tools/ (that is how a second way of working grew beside the designed one before)."""
+    import ast
+
+    import hfbatch
+
+    root = Path(hfbatch.__file__).parent
+    probes = []
+    for folder in ("jobs", "engines", "tools"):
+        for path in sorted((root / folder).glob("*.py")):
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+            for node in ast.walk(tree):
+                if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) \
+                        and node.func.id in ("getattr", "hasattr") and node.args:
+                    target = ast.unparse(node.args[0]).lower()
+                    if target.startswith("torch."):
+                        continue  # a library's own module (torch.backends.mps), not one of ours
+                    if any(word in target for word in ("backend", "local", "primary", "generator", "runner")):
+                        probes.append(f"{path.relative_to(root)}:{node.lineno}: {ast.unparse(node)}")
+    assert not probes, probes
