@@ -4,6 +4,8 @@
     ├── InputError                exit 2   bad flag, file, column or row: found before any work
     ├── TooManyErrors             exit 1   more invalid rows than --max-errors
     ├── OutputError               exit 1   the output could not be written
+    │   └── InputChangedError              the input was replaced while it was read: nothing
+    │                                      published for it, never recorded as done
     └── BackendError              exit 1   no vectors (or completions) for a batch
         ├── ModelLoadError                 the model cannot be found, downloaded or loaded
         │                                  (hfbatch.resources.MemoryGuardError: it would not fit)
@@ -45,6 +47,12 @@ class TooManyErrors(HfbatchError):
 
 class OutputError(HfbatchError):
     """The output could not be written; nothing was left at the output path."""
+
+
+class InputChangedError(OutputError):
+    """The input was replaced or rewritten while the job read it (`provenance.InputIdentity`):
+    nothing was published for it, and no record says it is done, so a rerun reads it again. (In a
+    many-part job, either engine, only that part fails.) Exit 1: the job ran, so it is no usage error."""
 
 
 class BackendError(HfbatchError):

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from ._version import __version__
-from .errors import InputError, OutputError
+from .errors import InputChangedError, InputError
 from .io.stores import RemotePath
 from .resources import peak_rss_mb
 
@@ -180,12 +180,6 @@ class Metrics:
             "model_load_seconds": model_load_seconds,
             "api": dict(api),
         }
-
-
-class InputChangedError(OutputError):
-    """The input was replaced or rewritten while the job read it: nothing was published for it, and
-    no record says it is done, so a rerun reads it again. (In a many-part job only that part fails.)
-    Exit 1: the job ran, so it is no usage error. (It belongs in errors.py's tree: see its docstring.)"""
 
 
 # A local file modified this recently may be modified again within the filesystem's timestamp

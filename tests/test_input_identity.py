@@ -25,8 +25,9 @@ from typer.testing import CliRunner
 from conftest import SAMPLE_TEXTS, write_csv
 from hfbatch import EmbedOptions, embed
 from hfbatch.cli import app
+from hfbatch.errors import HfbatchError, InputChangedError, OutputError
 from hfbatch.jobs import core
-from hfbatch.provenance import InputChangedError, InputIdentity, file_digest
+from hfbatch.provenance import InputIdentity, file_digest
 from s3_server import BUCKET, SECRET_KEY, S3Server, s3  # noqa: F401  # s3: the fixture
 
 ROWS = 100
@@ -90,6 +91,18 @@ def _texts_of(path: Path) -> list[str]:
 
 
 # --- the identity itself -----------------------------------------------------------------------
+
+def test_input_changed_error_is_in_the_error_tree_with_exit_1() -> None:
+    """One tree (hfbatch.errors): catchable as an OutputError, exit 1 (the job ran: no usage error);
+    provenance, which raises it, re-exports the same class."""
+    from hfbatch import errors, provenance
+
+    assert issubclass(InputChangedError, OutputError) and issubclass(InputChangedError, HfbatchError)
+    assert InputChangedError.__module__ == "hfbatch.errors" and InputChangedError.exit_code == 1
+    assert not InputChangedError.transient
+    assert provenance.InputChangedError is errors.InputChangedError
+    assert "InputChangedError" in (errors.__doc__ or "")
+
 
 def test_the_identity_sees_a_rename_onto_the_path_and_an_in_place_rewrite_that_restores_the_mtime(tmp_path: Path) -> None:
     path = write_csv(tmp_path / "a.csv", _rows(OLD))

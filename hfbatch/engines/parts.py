@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 
 from ..backends import Backend, make_backend
 from ..backends.http import public_url
-from ..errors import HfbatchError, InputError
+from ..errors import HfbatchError, InputChangedError, InputError
 from ..io.plan import normal_location, part_outputs, plan_outputs
 from ..io.readers import detect_format
 from ..io.stores import RemotePath, is_remote, location
@@ -53,7 +53,7 @@ from ..io.writers import write_json_atomic
 from ..jobs.embed import calibrate_ranges, run_embed
 from ..monitoring import NullObserver, Observer
 from ..options import EmbedOptions, sidecar_path
-from ..provenance import InputChangedError, file_digest, library_versions, redact, relative_paths, utc_now
+from ..provenance import file_digest, library_versions, redact, relative_paths, utc_now
 from ..settings import Settings
 from ..vectors import CALIBRATED
 
