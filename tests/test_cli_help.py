@@ -90,8 +90,11 @@ def test_version_short_and_long(flag: str) -> None:
     assert result.exit_code == 0 and result.stdout.strip() == f"hfbatch {__version__}"
 
 
-def test_shell_completion_is_offered() -> None:
+def test_shell_completion_is_offered(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "--install-completion" in _help() and "--show-completion" in _help()
+    # the shell named, not detected from the parent processes (a test run under nohup or a CI
+    # runner has no shell above it: typer would then say "Shell  not supported")
+    monkeypatch.setenv("_TYPER_COMPLETE_TEST_DISABLE_SHELL_DETECTION", "1")
     script = runner.invoke(app, ["--show-completion", "bash"], prog_name="hfbatch")
     assert script.exit_code == 0, script.output
     assert "_HFBATCH_COMPLETE" in script.stdout and "complete" in script.stdout
