@@ -84,25 +84,25 @@ def test_changed_weights_change_the_fingerprint(tmp_path: Path) -> None:
 
 def test_the_weights_hash_is_kept_on_disk_while_the_files_keep_their_size_and_time(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from hfbatch.backends import local
+    from hfbatch.backends import hub
 
     model_dir = tmp_path / "m"
     shutil.copytree(BUNDLED_MODEL_DIR, model_dir)
-    first = local.weights_hash(model_dir)
-    local._weights_hash.cache_clear()  # as a new process
+    first = hub.weights_hash(model_dir)
+    hub._weights_hash.cache_clear()  # as a new process
 
     def refuse(*_: object) -> str:
         raise AssertionError("hashed the weights again")
 
-    real = local._hash_files
-    monkeypatch.setattr(local, "_hash_files", refuse)
-    assert local.weights_hash(model_dir) == first  # read back, not re-hashed
+    real = hub._hash_files
+    monkeypatch.setattr(hub, "_hash_files", refuse)
+    assert hub.weights_hash(model_dir) == first  # read back, not re-hashed
     weights = model_dir / "model.safetensors"
     os.utime(weights, ns=(weights.stat().st_atime_ns, weights.stat().st_mtime_ns + 1))  # touched: hashed again
     with pytest.raises(AssertionError, match="hashed the weights again"):
-        local.weights_hash(model_dir)
-    monkeypatch.setattr(local, "_hash_files", real)
-    assert local.weights_hash(model_dir) == first  # same bytes, same hash
+        hub.weights_hash(model_dir)
+    monkeypatch.setattr(hub, "_hash_files", real)
+    assert hub.weights_hash(model_dir) == first  # same bytes, same hash
 
 
 def test_max_length_beyond_the_model_is_refused() -> None:
@@ -142,17 +142,17 @@ def test_hub_download_retries_5xx_then_uses_the_bundled_copy(monkeypatch: pytest
     import huggingface_hub.constants as hub
 
     from embedding_server import EmbeddingServer
-    import hfbatch.backends.local as local
+    import hfbatch.backends.hub as model_hub
 
     with EmbeddingServer(st_model) as server:
         server.hub_status = 503
         monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
         monkeypatch.setattr(hub, "ENDPOINT", server.url)  # the hub, played by a server on 127.0.0.1
-        monkeypatch.setattr(local, "DOWNLOAD_WAIT_SECONDS", 0.01)
+        monkeypatch.setattr(model_hub, "DOWNLOAD_WAIT_SECONDS", 0.01)
         backend = LocalBackend(DEFAULT)
         info = backend.describe() if backend.model_dir else {}
         model_calls = [p for p in server.gets if p.startswith(f"/api/models/{DEFAULT}")]
-    assert len(model_calls) >= local.DOWNLOAD_ATTEMPTS  # each 503 was retried
+    assert len(model_calls) >= model_hub.DOWNLOAD_ATTEMPTS  # each 503 was retried
     assert "bundled package" in info["model_source"] and "503" in info["hub_error"]
 
 

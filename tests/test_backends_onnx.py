@@ -127,7 +127,7 @@ def test_int8_unfaithful_on_the_jobs_texts_is_refused_before_anything_is_written
     # encoder, with noise added to every text that is not one of the fixed calibration texts, so the
     # load-time check passes and only the job's own texts can catch it (the real case:
     # package descriptions at min cosine 0.9798 where the fixed sample said 0.9903).
-    from hfbatch.backends.local import CALIBRATION_TEXTS
+    from hfbatch.backends.fidelity import CALIBRATION_TEXTS
 
     real = LocalBackend._run
 

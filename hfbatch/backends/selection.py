@@ -41,7 +41,7 @@ import numpy as np
 from .._version import __version__
 from ..errors import HfbatchError, InputError, ModelLoadError
 from ..resources import MemoryGuardError, cpu_facts, cpu_has_native_bf16, max_model_memory_bytes, rss_bytes
-from .exports import exports_root, package_version, write_atomic
+from .exports import exports_root, first_line, package_version, write_atomic
 from ..vectors import cosine_rows
 from .fidelity import BATCH_INVARIANT, bar_for, figures, label, labels
 
@@ -282,7 +282,7 @@ def _measure_and_keep(backend: "LocalBackend", path: Path, record: dict[str, Any
 
 def fixed_texts() -> list[str]:
     """The short texts of every kind the candidates meet: reviews, codes, other languages."""
-    from .local import CALIBRATION_TEXTS
+    from .fidelity import CALIBRATION_TEXTS
     from .onnx import SMOOTHING_TEXTS
 
     return list(dict.fromkeys([*SMOOTHING_TEXTS, *CALIBRATION_TEXTS]))
@@ -388,11 +388,11 @@ def measure_configs(backend: "LocalBackend", configs: Sequence[Config], note: No
             entry.pop("texts_per_s", None)
         except MemoryGuardError as exc:
             # transient: a guard set for one job must not refuse the configuration for every job after it
-            entry.update(accepted=False, transient=True, reason=f"over the memory guard: {_first_line(exc)}")
+            entry.update(accepted=False, transient=True, reason=f"over the memory guard: {first_line(exc)}")
             entry.pop("texts_per_s", None)
             log.warning("%s not measured: %s", label(config), entry["reason"])
         except (HfbatchError, ImportError, OSError, RuntimeError, ValueError) as exc:
-            entry.update(accepted=False, reason=_first_line(exc)[:300])
+            entry.update(accepted=False, reason=first_line(exc)[:300])
             entry["transient"] = isinstance(exc, (OSError, ImportError)) and not isinstance(exc, ModelLoadError)
             log.warning("%s refused: %s", label(config), entry["reason"])
         finally:
@@ -423,8 +423,6 @@ def _batch_invariance(variant: "LocalBackend", batches: list[list[str]], batched
     return float(np.floor(cosine_rows(batched[:len(texts)], alone).min() * 1e7) / 1e7)  # rounded down: never up to the bar
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def remeasure(backend: "LocalBackend", configs: Sequence[Config], note: Note | None = None) -> dict[str, Any]:
