@@ -4,6 +4,7 @@ the local engine; the same output layout, sidecars and resume."""
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from hfbatch.engines.parts import run_embed_parts
 from hfbatch.engines import ray as ray_module
 from hfbatch.engines.ray import PartsWriter, gained, run_embed_ray, summed
 from hfbatch.errors import OutputError
+from hfbatch.provenance import file_digest
 
 
 def _parts(root: Path) -> None:
@@ -175,3 +177,98 @@ def test_ray_engine_splits_prompts_truncates_and_quantizes_like_the_local_engine
             ranges.append(meta["provenance"]["vectors"]["ranges"])
             assert meta["provenance"]["vectors"]["calibration"]["source"].endswith("a.jsonl")
     assert all(np.allclose(r, ranges[0], atol=1e-6) for r in ranges)  # every part, both engines: one set of ranges
+
+
+# --- an input replaced while the job reads it (issue 22, item 1) ---------------------------------
+
+_OLD = [f"row {i}: {SAMPLE_TEXTS[i % len(SAMPLE_TEXTS)]}" for i in range(40)]
+_NEW = [t[::-1] for t in _OLD]  # as many rows and bytes, other texts
+
+
+def _write_texts(path: Path, texts: list[str]) -> Path:
+    staged = write_csv(path.with_name(f"staged-{path.name}"), [{"id": i, "text": t} for i, t in enumerate(texts)])
+    os.replace(staged, path)  # (mv: another inode under the name)
+    return path
+
+
+def test_a_ray_part_replaced_mid_read_fails_alone_loses_its_earlier_output_and_the_rerun_embeds_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The identity of each part is taken in the driver before its first read and checked after its
+    last. Here a.csv is replaced (mv) once the driver holds the actors' first rows of it: the read
+    task has read at least its first chunk of the old file. Before the fix: exit 0, the old rows
+    recorded with the new file's hash, and every rerun skipped the part. Now: that part fails (exit
+    1, one line naming it), the output an earlier run made of it goes, b.csv is written, and the
+    rerun embeds the new content."""
+    data = tmp_path / "data"
+    data.mkdir()
+    a = _write_texts(data / "a.csv", [f"yesterday {t}" for t in _OLD])
+    write_csv(data / "b.csv", [{"id": i, "text": f"b {t}"} for i, t in enumerate(_OLD[:12])])
+    out, cache = tmp_path / "out", tmp_path / "cache"
+    args = ["embed", str(data), "-o", str(out), "--engine", "ray", "--num-workers", "1", "--chunk-size", "10",
+            "--cache-dir", str(cache), "--quiet"]
+    first = CliRunner().invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert (out / "a.parquet").is_file() and (out / "_hfbatch" / "a.parquet.meta.json").is_file()
+    _write_texts(a, _OLD)  # today's input: the earlier output no longer describes it
+
+    replaced: list[int] = []
+    real_add = PartsWriter.add
+
+    def add(self: PartsWriter, table) -> None:  # type: ignore[no-untyped-def]
+        if not replaced and "a.csv" in table.column("__part").to_pylist():
+            _write_texts(a, _NEW)
+            replaced.append(1)
+        real_add(self, table)
+
+    monkeypatch.setattr(PartsWriter, "add", add)
+    result = CliRunner().invoke(app, [a for a in args if a != "--quiet"])  # (--quiet prints no summary)
+    assert replaced and result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    [line] = [x for x in result.output.splitlines() if "changed during the job" in x]
+    assert "a.csv" in line and "Rerun" in line
+    job = json.loads((out / "_hfbatch_job.json").read_text())
+    status = {p["input"]: p for p in job["parts"]}
+    assert status["a.csv"]["status"] == "failed" and "changed during the job" in status["a.csv"]["error"]
+    assert status["a.csv"]["input_hash"] is None and status["b.csv"]["status"] == "skipped"
+    # never recorded as done, and yesterday's output of it is gone: out/ holds what the job sidecar counts
+    assert not (out / "a.parquet").exists() and not (out / "_hfbatch" / "a.parquet.meta.json").exists()
+    assert ds.dataset(out).to_table().num_rows == job["totals"]["rows_out"] == 12
+    assert [p.name for p in out.rglob("*tmp*")] == []
+
+    monkeypatch.setattr(PartsWriter, "add", real_add)
+    again = CliRunner().invoke(app, args)
+    assert again.exit_code == 0, again.output
+    status = {p["input"]: p for p in json.loads((out / "_hfbatch_job.json").read_text())["parts"]}
+    assert status["a.csv"]["status"] == "done" and status["a.csv"]["input_hash"] == file_digest(a)
+    assert pq.read_table(out / "a.parquet").column("text").to_pylist() == _NEW
+
+
+@pytest.mark.parametrize("rows", [80, 25], ids=["more rows", "fewer rows"])
+def test_a_ray_part_replaced_before_its_read_task_fails_whatever_its_row_count(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, rows: int) -> None:
+    """Replaced after the driver took its identity and counted its 40 rows, before the read task:
+    the actors return the new file's rows. More rows than counted: the part fails at its commit, and
+    rows of it still to come are dropped (before: recorded done, with a hash of a file the driver
+    never checked). Fewer: the part never completes, and fails at the end as changed (before:
+    "returned 25 rows of the 40", and the whole job failed). The other part is written either way."""
+    data = tmp_path / "data"
+    data.mkdir()
+    a = _write_texts(data / "a.csv", _OLD)
+    write_csv(data / "b.csv", [{"id": i, "text": f"b {t}"} for i, t in enumerate(_OLD[:12])])
+    real = ray_module.open_files
+
+    def replaced_after_the_check(opts, added):  # type: ignore[no-untyped-def]
+        files = real(opts, added)  # the identity taken, the columns checked, the rows counted
+        if opts.input.name == "a.csv":
+            _write_texts(a, [_NEW[i % len(_NEW)] + f" {i}" for i in range(rows)])
+        return files
+
+    monkeypatch.setattr(ray_module, "open_files", replaced_after_the_check)
+    out = tmp_path / "out"
+    result = run_embed_ray(EmbedOptions(input=data, output=out, chunk_size=10, cache_dir=tmp_path / "cache"),
+                           num_workers=1)
+    status = {p["input"]: p for p in result.document["parts"]}
+    assert status["a.csv"]["status"] == "failed" and "a.csv: changed during the job" in status["a.csv"]["error"]
+    assert status["b.csv"]["status"] == "done" and result.document["finished"] is not None
+    assert not (out / "a.parquet").exists() and not (out / "_hfbatch" / "a.parquet.meta.json").exists()
+    assert ds.dataset(out).to_table().num_rows == result.document["totals"]["rows_out"] == 12

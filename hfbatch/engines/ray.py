@@ -25,6 +25,12 @@ Shape of the job (each step named for the trap it avoids; measured with Ray 2.60
   `Metrics.add`; the backend built here, which loads nothing, for what it is; the actors' reports
   for what it did). So the driver holds one part's rows in flight, however many parts there are.
   Rows in == rows out (`jobs.core.check_rows`), or the part is not published.
+- Input identity: each part's (`provenance.InputIdentity`: a local file's stat, a store object's
+  ETag and size) is taken in the driver before its first read (the column check, before any read
+  task) and checked again at its commit, after its last read (the row count). A part replaced or
+  rewritten in between is marked failed (`InputChangedError`: never recorded as done, its earlier
+  output removed as the local engine does, rows still coming for it dropped); the other parts go on
+  and the job exits 1.
 A shared cache directory (NFS, or one machine) is shared by all actors: diskcache is process-safe.
 """
 
@@ -44,13 +50,13 @@ import pyarrow.compute as pc
 
 from ..backends import Backend, make_backend
 from ..cache import NullCache, open_cache
-from ..errors import HfbatchError, InputError, OutputError
+from ..errors import HfbatchError, InputChangedError, InputError, OutputError
 from ..io.readers import Chunk, open_reader
 from ..io.writers import ParquetSink
 from ..jobs.core import ChunkProcessor, check_rows, open_files, window_fields
 from ..jobs.embed import EmbedTask, embed_columns, embed_provenance, split_mode
 from ..options import EmbedOptions
-from ..provenance import InputFacts, Metrics, OutputFacts, build_document, utc_now
+from ..provenance import InputFacts, InputIdentity, Metrics, OutputFacts, build_document, utc_now
 from ..settings import Settings
 from ..validate import EMBED_COLUMNS, validate_chunk
 from .parts import PartsJob, PartsResult, plan_parts, settle_identity, settle_ranges
@@ -223,6 +229,7 @@ class PlannedPart:
     passthrough: pa.Schema
     format: str
     rows: int  # rows the input had when it was checked
+    identity: InputIdentity  # the input before its first read: checked again after its last
 
 
 class PartStream:
@@ -298,11 +305,16 @@ class PartStream:
             reader = open_reader(planned.path, fmt=opts.format, chunk_size=opts.chunk_size or 10_000,
                                  columns=[opts.input_column], text_column=opts.input_column,
                                  max_line_bytes=opts.max_line_bytes)  # type: ignore[arg-type]  # the rows it has now
-            check_rows(opts, reader, self.metrics, self.sink)
+            try:
+                check_rows(opts, reader, self.metrics, self.sink)
+            except OutputError:  # a replaced input miscounts too: say that it changed, not that rows were lost
+                planned.identity.check(shown=planned.path)
+                raise
+            # after its last read, the input is still what it was before its first (else InputChangedError)
+            facts = InputFacts.of(planned.path, planned.format, self.metrics.rows_total, identity=planned.identity)
             reported = ReportedBackend(backend, self.described, self.fingerprint)
             document = build_document(job="embed", backend=reported, options=opts, metrics=self.metrics,
-                                      started=self.started, cache=cache, engine="ray",
-                                      input=InputFacts.of(planned.path, planned.format, self.metrics.rows_total),
+                                      started=self.started, cache=cache, engine="ray", input=facts,
                                       output=OutputFacts(opts.output, self.metrics.rows_written),
                                       details=embed_provenance(reported, opts, self.dim or 0,  # type: ignore[arg-type]
                                                                ranges=np.asarray(opts.ranges) if opts.ranges else None,
@@ -329,6 +341,7 @@ class PartsWriter:
         self.job, self.planned, self.backend = job, planned, backend
         self.open: dict[str, PartStream] = {}
         self.actors: set[str] = set()
+        self.changed: set[str] = set()  # parts failed as their input changed: rows still coming are dropped
 
     def add(self, table: pa.Table) -> None:
         if not table.num_rows:
@@ -337,6 +350,8 @@ class PartsWriter:
         starts = [i for i in range(len(parts)) if i == 0 or parts[i] != parts[i - 1]]
         for a, b in zip(starts, [*starts[1:], len(parts)]):
             relative = parts[a]
+            if relative in self.changed:
+                continue  # (a replaced input may have more rows than were counted)
             stream = self.open.get(relative)
             if stream is None:
                 if relative not in self.planned or relative in self.job.records:
@@ -348,12 +363,31 @@ class PartsWriter:
 
     def commit(self, relative: str) -> None:
         stream = self.open.pop(relative, None) or PartStream(self.planned[relative])
-        document = stream.commit(self.backend)
+        try:
+            document = stream.commit(self.backend)  # (nothing published when it raises)
+        except InputChangedError as exc:
+            self.changed_part(relative, stream, exc)
+            return
         self.actors |= stream.actors
         self.job.done(stream.planned.path, document, stream.clock)
 
+    def changed_part(self, relative: str, stream: PartStream, exc: InputChangedError) -> None:
+        """The part's input changed while it was read: failed, never done, its earlier output gone
+        (PartsJob.failed), and any of its rows still to come dropped; the other parts go on."""
+        stream.abort()
+        self.actors |= stream.actors
+        self.changed.add(relative)
+        self.job.failed(stream.planned.path, str(exc), stream.clock)
+
     def finish(self) -> None:
-        """Every part was published, or the job fails with the rows it lost."""
+        """Every part was published, or failed as its input changed (a replaced input can have fewer
+        rows than were counted), or the job fails with the rows it lost."""
+        for relative, stream in list(self.open.items()):
+            try:
+                stream.planned.identity.check(shown=stream.planned.path)
+            except InputChangedError as exc:
+                del self.open[relative]
+                self.changed_part(relative, stream, exc)
         if self.open:
             stream = next(iter(self.open.values()))
             self.abort()
@@ -397,7 +431,7 @@ def run_embed_ray(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1), add
             raise InputError(f"{part}: its rows cannot be counted before the job, which --engine ray needs; "
                              "use the local engine.")
         planned[job.relative(part)] = PlannedPart(part, opts, files.passthrough, files.reader.format,
-                                                  files.reader.total_rows)
+                                                  files.reader.total_rows, files.identity)
     ray_info: dict[str, Any] = {"address": address or "local", "num_workers": num_workers,
                                 "gpus_per_worker": gpus_per_worker, "actor_max_restarts": ACTOR_RETRIES,
                                 "actor_max_task_retries": ACTOR_RETRIES}
