@@ -351,3 +351,27 @@ def test_int8_ranges_come_from_the_job_across_parts_and_a_part_on_another_grid_i
     assert metas["a"]["provenance"]["vectors"]["ranges"] == metas["b"]["provenance"]["vectors"]["ranges"] != ranges[0]
     third = run_embed_parts(options)
     assert third.document["totals"]["parts_skipped"] == 2  # same grid: resumed
+
+
+def test_a_local_part_whose_file_and_sidecar_are_not_one_runs_is_embedded_again(tmp_path: Path) -> None:
+    """A run killed between the two renames of a part's publish (data, then sidecar) leaves the new
+    file beside the earlier sidecar, with the same rows and input hash: resume went by those and
+    skipped the part for good. Now the provenance the Parquet file carries (read with its row count
+    from the footer) must be the sidecar's, so the part is embedded again."""
+    data = tmp_path / "in"
+    data.mkdir()
+    write_csv(data / "a.csv", [{"id": i, "text": t} for i, t in enumerate(_texts(5, 1))])
+    write_csv(data / "b.csv", [{"id": i, "text": t} for i, t in enumerate(_texts(3, 2))])
+    options = EmbedOptions(input=data, output=tmp_path / "out", cache_dir=tmp_path / "cache")
+    run_embed_parts(options)
+    a = tmp_path / "out" / "a.parquet"
+    table = pq.read_table(a)
+    provenance = json.loads(pq.ParquetFile(a).metadata.metadata[b"hfbatch"])
+    provenance["provenance"]["started"] = provenance["provenance"]["finished"] = "a later run"
+    with pq.ParquetWriter(a, table.schema) as writer:  # the same rows, another run's provenance
+        writer.write_table(table)
+        writer.add_key_value_metadata({"hfbatch": json.dumps(provenance)})
+    again = run_embed_parts(options)
+    assert {p["input"]: p["status"] for p in again.document["parts"]} == {"a.csv": "done", "b.csv": "skipped"}
+    meta = json.loads((tmp_path / "out" / "_hfbatch" / "a.parquet.meta.json").read_text())
+    assert json.loads(pq.ParquetFile(a).metadata.metadata[b"hfbatch"])["provenance"]["started"] == meta["provenance"]["started"]

@@ -109,7 +109,7 @@ def _held(proc: subprocess.Popen, hold: Any) -> None:
         raise AssertionError(proc.communicate())
 
 
-def test_sigkill_while_the_data_put_is_in_flight_leaves_the_earlier_pair_whole(s3: S3Server) -> None:
+def test_sigkill_while_the_data_put_is_in_flight_leaves_the_earlier_pair_whole(s3: S3Server) -> None:  # noqa: F811
     _publish(10, "yesterday")
     hold = s3.hold("PUT", KEY, then="fail")  # the data PUT never completes: its client dies first
     proc = _job(186, "today")
@@ -121,7 +121,7 @@ def test_sigkill_while_the_data_put_is_in_flight_leaves_the_earlier_pair_whole(s
     assert s3.multipart_uploads(BUCKET) == []
 
 
-def test_sigterm_while_the_data_put_is_in_flight_keeps_the_earlier_output_and_its_sidecar(s3: S3Server) -> None:
+def test_sigterm_while_the_data_put_is_in_flight_keeps_the_earlier_output_and_its_sidecar(s3: S3Server) -> None:  # noqa: F811
     _publish(10, "yesterday")
     hold = s3.hold("PUT", KEY, then="fail")
     proc = _job(186, "today")
@@ -136,7 +136,7 @@ def test_sigterm_while_the_data_put_is_in_flight_keeps_the_earlier_output_and_it
     assert deletes == []  # the cleanup deleted nothing it did not write (here: nothing at all)
 
 
-def test_killed_between_the_data_and_its_sidecar_verify_refuses_the_pair_in_one_line(s3: S3Server) -> None:
+def test_killed_between_the_data_and_its_sidecar_verify_refuses_the_pair_in_one_line(s3: S3Server) -> None:  # noqa: F811
     _publish(10, "yesterday")
     hold = s3.hold("PUT", SIDECAR_KEY, then="fail")  # the data is in; the sidecar PUT never completes
     proc = _job(186, "today")
@@ -157,7 +157,7 @@ def test_killed_between_the_data_and_its_sidecar_verify_refuses_the_pair_in_one_
         check_same_run(URL, SIDECAR_KEY, sidecar["provenance"], data.metadata.metadata)
 
 
-def test_two_jobs_to_one_key_abort_nothing_of_each_other_and_leave_one_runs_pair(s3: S3Server) -> None:
+def test_two_jobs_to_one_key_abort_nothing_of_each_other_and_leave_one_runs_pair(s3: S3Server) -> None:  # noqa: F811
     # job A: a ~10 MB output, a multipart upload whose first part the server holds
     hold = s3.hold("PUT", KEY, query="partNumber", count=1)
     first = _job(600, "first", blob=16000)
@@ -174,7 +174,7 @@ def test_two_jobs_to_one_key_abort_nothing_of_each_other_and_leave_one_runs_pair
     assert s3.multipart_uploads(BUCKET) == []
 
 
-def test_a_job_whose_data_is_replaced_before_its_sidecar_writes_none_and_fails(s3: S3Server) -> None:
+def test_a_job_whose_data_is_replaced_before_its_sidecar_writes_none_and_fails(s3: S3Server) -> None:  # noqa: F811
     _publish(10, "yesterday")
     hold = s3.hold("PUT", SIDECAR_KEY, count=1)  # job A's sidecar PUT waits; its data is in
     first = _job(50, "first")
@@ -189,7 +189,7 @@ def test_a_job_whose_data_is_replaced_before_its_sidecar_writes_none_and_fails(s
     _assert_one_run(s3, "second", 186)  # B's pair, not B's data with A's sidecar
 
 
-def test_only_uploads_of_dead_processes_on_this_machine_are_aborted(s3: S3Server) -> None:
+def test_only_uploads_of_dead_processes_on_this_machine_are_aborted(s3: S3Server) -> None:  # noqa: F811
     client = s3.client()
     foreign = client.create_multipart_upload(Bucket=BUCKET, Key=KEY)["UploadId"]  # another host's live upload
     target = RemotePath(URL)
@@ -210,7 +210,7 @@ def _closed_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_an_endpoint_that_refuses_connections_is_exit_1_naming_it(s3: S3Server, tmp_path: Path) -> None:
+def test_an_endpoint_that_refuses_connections_is_exit_1_naming_it(s3: S3Server, tmp_path: Path) -> None:  # noqa: F811
     port = _closed_port()
     src = tmp_path / "in.csv"
     src.write_text("id,text\n1,hello\n", encoding="utf-8")
@@ -230,7 +230,7 @@ def test_an_endpoint_that_refuses_connections_is_exit_1_naming_it(s3: S3Server, 
         missing.check_writable()
 
 
-def test_an_endpoint_that_does_not_answer_is_a_runtime_failure(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_endpoint_that_does_not_answer_is_a_runtime_failure(s3: S3Server, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     import fsspec.config
 
     listener = socket.socket()
@@ -271,3 +271,70 @@ def test_an_endpoint_that_does_not_answer_is_a_runtime_failure(s3: S3Server, mon
             sock.close()
         listener.close()
         s3fs.S3FileSystem.clear_instance_cache()
+
+
+# --- a many-part job on S3: resume and a failed part's cleanup trust only a pair that is one ----
+
+def _parts_job(tmp_path: Path, texts: dict[str, list[str]] | None = None, column: str = "text") -> Any:
+    """A many-part job from local parts to s3://BUCKET/parts/ (in this process: the bundled model)."""
+    from conftest import write_csv
+    from hfbatch import EmbedOptions, embed
+
+    data = tmp_path / "in"
+    data.mkdir(exist_ok=True)
+    for name, rows in (texts or {}).items():
+        write_csv(data / name, [{"id": i, column: t} for i, t in enumerate(rows)])
+    return embed(EmbedOptions(input=data, output=f"s3://{BUCKET}/parts/", cache_dir=tmp_path / "cache"))
+
+
+def _rewritten(server: S3Server, key: str) -> bytes:
+    """The Parquet object at `key` with other vectors but the very same key/value metadata (the
+    provenance its sidecar was written with): only the data object's ETag tells it apart."""
+    table = pq.read_table(io.BytesIO(server.get(BUCKET, key)))
+    zeros = pa.array([[0.0] * 384] * table.num_rows, table.schema.field("embedding").type)
+    buffer = io.BytesIO()
+    pq.write_table(table.set_column(table.schema.get_field_index("embedding"), "embedding", zeros), buffer)
+    return buffer.getvalue()
+
+
+def test_a_part_whose_data_object_is_not_the_one_its_sidecar_names_is_embedded_again_not_skipped(
+        s3: S3Server, tmp_path: Path) -> None:  # noqa: F811
+    """The state a run killed between a part's data PUT and its sidecar PUT leaves: a data object
+    under the key (same rows, same Parquet metadata) that its sidecar does not name. Resume went by
+    the row count and the input hash and skipped it ("already complete") for good; now the sidecar's
+    recorded ETag is compared with the object's (one HEAD), so the part is embedded again and the
+    pair left is one run's."""
+    texts = {"a.csv": [f"a {i} kettle lid" for i in range(6)], "b.csv": [f"b {i} zipper" for i in range(4)]}
+    first = _parts_job(tmp_path, texts)
+    assert [p["status"] for p in first.document["parts"]] == ["done", "done"]
+    s3.put(BUCKET, "parts/a.parquet", _rewritten(s3, "parts/a.parquet"))
+
+    again = _parts_job(tmp_path)
+    status = {p["input"]: p["status"] for p in again.document["parts"]}
+    assert status == {"a.csv": "done", "b.csv": "skipped"}
+    etag = s3.client().head_object(Bucket=BUCKET, Key="parts/a.parquet")["ETag"].strip('"')
+    meta = json.loads(s3.get(BUCKET, "parts/_hfbatch/a.parquet.meta.json"))
+    assert meta["provenance"]["output"]["object"]["etag"] == etag
+    vectors = pq.read_table(io.BytesIO(s3.get(BUCKET, "parts/a.parquet"))).column("embedding").to_pylist()
+    assert all(any(v) for v in vectors)  # the model's vectors again, not the zeros
+
+
+def test_a_failed_part_removes_its_own_pair_and_never_a_sidecar_of_data_it_does_not_name(
+        s3: S3Server, tmp_path: Path) -> None:  # noqa: F811
+    """A part that fails loses the output an earlier run made of it, so out/ holds what the job
+    sidecar counts. But only a pair that is one run's: b's data object was replaced by another
+    writer (its sidecar names another ETag), so b's data and that sidecar are not this job's to
+    delete, and both stay. (Before: whatever sat at both keys was deleted.)"""
+    texts = {"a.csv": [f"a {i} kettle lid" for i in range(6)], "b.csv": [f"b {i} zipper" for i in range(4)]}
+    _parts_job(tmp_path, texts)
+    foreign = _rewritten(s3, "parts/b.parquet")
+    s3.put(BUCKET, "parts/b.parquet", foreign)  # another writer's data, its sidecar not (yet) there
+    sidecar_b = s3.get(BUCKET, "parts/_hfbatch/b.parquet.meta.json")
+
+    broken = {name: [f"{t} now" for t in rows] for name, rows in texts.items()}
+    again = _parts_job(tmp_path, broken, column="body")  # no text column: each part fails (InputError)
+    assert [p["status"] for p in again.document["parts"]] == ["failed", "failed"]
+    keys = s3.keys(BUCKET, "parts/")
+    assert "parts/a.parquet" not in keys and "parts/_hfbatch/a.parquet.meta.json" not in keys  # its own pair: gone
+    assert s3.get(BUCKET, "parts/b.parquet") == foreign  # not the sidecar's data: left, and so is the sidecar
+    assert s3.get(BUCKET, "parts/_hfbatch/b.parquet.meta.json") == sidecar_b

@@ -17,8 +17,11 @@ finds the same ones): data suffixes become `.parquet`, and parts that would coll
 through `run_embed`) and engines/ray.py: the plan, resume, and the job sidecar, which lists every
 part of this run with its rows and status and is rewritten atomically after each part, so an
 interrupted 1,000-file job shows how far it got. On rerun a part is skipped when its output and
-sidecar exist, its input bytes are unchanged (the sidecar's input hash) and the options that
-shape vectors are the same (`options_key`). What an earlier run of the same job wrote that this
+sidecar exist and are one run's pair (in a store: the data object is the one the sidecar names by
+its ETag, one HEAD; everywhere: the provenance the Parquet file carries is the sidecar's, from the
+footer read for its row count), its input bytes are unchanged (the sidecar's input hash) and the
+options that shape vectors are the same (`options_key`); a part killed between its data and its
+sidecar is so embedded again, never skipped. What an earlier run of the same job wrote that this
 one no longer names (an output renamed by a collision, a part gone from the input, sidecars of the
 layout before `_hfbatch/`) is removed first, and a part that fails loses its earlier output, so
 that the job sidecar's totals are the rows a reader of `out/` gets.
@@ -49,7 +52,7 @@ from ..errors import HfbatchError, InputChangedError, InputError
 from ..io.plan import normal_location, part_outputs, plan_outputs
 from ..io.readers import detect_format
 from ..io.stores import RemotePath, is_remote, location
-from ..io.writers import write_json_atomic
+from ..io.writers import METADATA_KEY, publishing, write_json_atomic
 from ..jobs.embed import calibrate_ranges, run_embed
 from ..monitoring import NullObserver, Observer
 from ..options import EmbedOptions, sidecar_path
@@ -259,8 +262,13 @@ class PartsJob:
                 return False  # quantized on another grid than this job's: embedded again
             if self.fingerprint is not None and meta["provenance"]["fingerprint"] != self.fingerprint:
                 return False  # made by another runtime or precision (`auto` chose otherwise): embedded again
-            rows = pq.ParquetFile(output.open(ranged=True) if isinstance(output, RemotePath) else output).metadata.num_rows
-        except (OSError, ValueError, KeyError, TypeError, pa.ArrowException, InputError):
+            if not _names_object(output, meta):
+                return False  # the data object is not the sidecar's (a run killed between them): embedded again
+            footer = pq.ParquetFile(output.open(ranged=True) if isinstance(output, RemotePath) else output).metadata
+            rows = footer.num_rows
+            if not _same_run(meta, footer.metadata):
+                return False  # the file and its sidecar are not one run's: embedded again
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, pa.ArrowException, HfbatchError):
             return False
         # a store's object by what the store says of it (ETag/version, size): no byte of it is read
         now = part.identity() if isinstance(part, RemotePath) else file_digest(part)
@@ -281,14 +289,45 @@ class PartsJob:
 
     def failed(self, part: Path, error: str, started: float) -> None:
         """Record `part` as failed (its data or columns: the other parts go on). An output an
-        earlier run made of it (its sidecar under _hfbatch/ says hfbatch wrote it) no longer
-        describes the input and goes, so the totals stay the rows on disk."""
-        sidecar = self.part_sidecar(part)
-        if sidecar.is_file():
-            self.outputs[part].unlink(missing_ok=True)
-            sidecar.unlink()
+        earlier run made of it no longer describes the input and goes, so the totals stay the rows
+        on disk: this part's own output path and sidecar path, and only while they are one run's
+        pair (`_remove_pair`). A sidecar that is not readable, or whose data is not the one it names
+        (a run killed between the two, or another job publishing there now), is left as it is."""
+        self._remove_pair(self.outputs[part], self.part_sidecar(part))
         self.add(PartRecord(self.relative(part), self.output_name(part), "failed", error=error,
                             seconds=round(time.perf_counter() - started, 3)))
+
+    def _remove_pair(self, output: Path, sidecar: Path) -> None:
+        """Remove `output` and its `sidecar` when they are one run's pair (see `failed`). Locally
+        under the publishing lock of the output's directory, so no publish interleaves. In a store,
+        which has no lock: the data object only while it is still the one the sidecar names (its
+        ETag, asked just before), then the sidecar only while it is still the one read (its ETag):
+        a sidecar another job wrote meanwhile for its own data stays."""
+        try:
+            if isinstance(output, RemotePath):
+                seen = sidecar.stamp()  # type: ignore[attr-defined]
+                if seen is None:
+                    return
+                meta = json.loads(sidecar.read_text(encoding="utf-8"))
+                named = meta["provenance"]["output"]["object"]["etag"]
+                footer = pq.ParquetFile(output.open(ranged=True)).metadata
+                now = output.stamp()
+                if not named or now is None or now.get("etag") != named or not _same_run(meta, footer.metadata):
+                    return
+                output.unlink(missing_ok=True)
+                if (sidecar.stamp() or {}).get("etag") == seen.get("etag"):  # type: ignore[attr-defined]
+                    sidecar.unlink(missing_ok=True)
+                return
+            if not Path(sidecar).is_file():
+                return
+            with publishing(Path(output).parent):
+                meta = json.loads(Path(sidecar).read_text(encoding="utf-8"))
+                if Path(output).is_file() and not _same_run(meta, pq.ParquetFile(output).metadata.metadata):
+                    return
+                Path(output).unlink(missing_ok=True)
+                Path(sidecar).unlink(missing_ok=True)
+        except (OSError, ValueError, KeyError, TypeError, AttributeError, pa.ArrowException, HfbatchError):
+            return  # not a pair this job can vouch for: nothing is removed
 
     def add(self, record: PartRecord) -> None:
         self.records[record.input] = record
@@ -359,6 +398,36 @@ def plan_parts(options: EmbedOptions, *, shard: tuple[int, int], settings: Setti
         "shard": f"{shard[0]}/{shard[1]}", "parts_in_input": len(parts), "options_key": key, "started": utc_now(), "parts": [],
     }
     return PartsJob(options, resolved, out_dir, root, mine, outputs, sidecar, earlier_records(earlier, key), document)
+
+
+def _names_object(output: Path, meta: dict[str, Any]) -> bool:
+    """Whether the data object at `output` is the one its sidecar `meta` was written for (the
+    ETag the store answered to that upload, `provenance.output.object`; one HEAD). True for a local
+    output and for a sidecar from before the record was kept (the footer check still applies)."""
+    recorded = (meta["provenance"].get("output") or {}).get("object")
+    if not isinstance(output, RemotePath) or not isinstance(recorded, dict) or not recorded.get("etag"):
+        return True
+    now = output.stamp()
+    return now is not None and now.get("etag") == recorded["etag"]
+
+
+_SAME_RUN = (("started",), ("finished",), ("input", "hash"), ("output", "rows"))
+
+
+def _same_run(meta: dict[str, Any], footer: dict[bytes, bytes] | None) -> bool:
+    """Whether the provenance a Parquet file carries (its `hfbatch` key/value metadata, written by
+    the same commit as the sidecar) is the sidecar `meta`'s: the same start, finish, input and rows."""
+    raw = (footer or {}).get(METADATA_KEY.encode())
+    if not raw:
+        return False  # not written by hfbatch's sink: not this job's output
+    embedded = json.loads(raw)["provenance"]
+    for path in _SAME_RUN:
+        mine, theirs = embedded, meta["provenance"]
+        for key in path:
+            mine, theirs = mine.get(key), theirs.get(key)
+        if mine != theirs:
+            return False
+    return True
 
 
 def read_job_sidecar(sidecar: Path) -> dict[str, Any]:
