@@ -61,6 +61,7 @@ import shutil
 import stat
 import sys
 import tempfile
+import weakref
 from collections import Counter
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
@@ -389,7 +390,8 @@ class CsvReader(Reader):
         # --delimiter (or -f tsv), else by the extension; only a comma nobody asked for is second-guessed
         self._delimiter = delimiter or ("\t" if ".tsv" in [s.lower() for s in path.suffixes] else ",")
         self._sniff = delimiter is None and self._delimiter == ","
-        _check_encoding(path)
+        self._bytes = _spooled(self, path)  # a store's object: downloaded once, read from here by every pass
+        _check_encoding(self._bytes, shown=path)
         names = self._header()
         self.all_columns = names
         self._columns = _select(names, columns)
@@ -398,7 +400,7 @@ class CsvReader(Reader):
         self.total_rows = self._count_rows()
 
     def _open(self, columns: Sequence[str] | None, types: dict[str, pa.DataType] | None) -> pacsv.CSVStreamingReader:
-        stream = input_stream(self.path)
+        stream = input_stream(self._bytes)
         return pacsv.open_csv(
             stream,
             # one thread: as fast for narrow files, and 3x faster to open a file of 100k columns
@@ -432,7 +434,7 @@ class CsvReader(Reader):
         the header decides the names. Also notes whether the header ends within that MiB."""
         size = min(self._block, _CSV_BLOCK_BYTES)  # 100k names fit; a bomb's line is not copied thrice
         try:
-            with input_stream(self.path) as stream:
+            with input_stream(self._bytes) as stream:
                 raw = stream.read(size)
             self._head_full = len(raw) == size
             head = raw.decode("utf-8-sig", errors="replace")
@@ -527,7 +529,8 @@ class JsonlReader(Reader):
     def __init__(self, path: Path, *, chunk_size: int, columns: Sequence[str] | None, text_column: str | None,
                  max_line_bytes: int = DEFAULT_MAX_LINE_BYTES):
         self.path, self.chunk_size, self._limit = path, chunk_size, max_line_bytes
-        _check_encoding(path)
+        self._bytes = _spooled(self, path)  # a store's object: downloaded once, read from here by both passes
+        _check_encoding(self._bytes, shown=path)
         self._wanted = set(columns) if columns is not None else None
         self._text_column = text_column
         self._kinds: dict[str, set[str]] = {}
@@ -546,7 +549,7 @@ class JsonlReader(Reader):
         try:
             # Bytes, split on b"\n" only (never on U+2028 or a lone \r inside a JSON string),
             # decoded line by line so a bad byte is reported on its own line.
-            with _open_lines(self.path) as handle:
+            with _open_lines(self._bytes) as handle:
                 for line_no, raw in _capped_lines(handle, self._limit, self.path):
                     try:
                         line = raw.decode("utf-8-sig" if line_no == 1 else "utf-8")
@@ -667,23 +670,57 @@ def _line_too_long(path: Path, line_no: int, limit: int) -> InputError:
     )
 
 
-def _check_encoding(path: Path) -> None:
+def _check_encoding(path: Path, shown: Path | RemotePath | None = None) -> None:
     """Refuse UTF-16/UTF-32 text (Excel's "Unicode text") up front with the fix, instead of a
-    parse error full of NUL bytes later."""
+    parse error full of NUL bytes later. `shown`: the name the user gave (a store's object read
+    from its local copy)."""
+    named = shown if shown is not None else path
     try:
         with input_stream(path) as stream:
             head = stream.read(4)
     except (pa.ArrowException, OSError):
         return  # the reader itself reports an unreadable or damaged file
-    for bom, encoding, shown in _FOREIGN_BOMS:
+    for bom, encoding, mark in _FOREIGN_BOMS:
         if head.startswith(bom):
-            raise InputError(f"{path}: is {encoding} encoded (byte order mark {shown}); hfbatch reads UTF-8: "
-                             f"re-save it as UTF-8 (e.g. iconv -f {encoding} -t UTF-8 {path.name} > utf8-{path.name}).")
+            raise InputError(f"{named}: is {encoding} encoded (byte order mark {mark}); hfbatch reads UTF-8: "
+                             f"re-save it as UTF-8 (e.g. iconv -f {encoding} -t UTF-8 {named.name} > utf8-{named.name}).")
     if len(head) >= 2 and (head[0] == 0) != (head[1] == 0):  # "i\0d\0" or "\0i\0d": ASCII as UTF-16
         encoding = "UTF-16LE" if head[1] == 0 else "UTF-16BE"
-        raise InputError(f"{path}: looks {encoding} encoded (a NUL byte between the first characters, no byte order "
+        raise InputError(f"{named}: looks {encoding} encoded (a NUL byte between the first characters, no byte order "
                          f"mark); hfbatch reads UTF-8: re-save it as UTF-8 (e.g. iconv -f {encoding} -t UTF-8 "
-                         f"{path.name} > utf8-{path.name}).")
+                         f"{named.name} > utf8-{named.name}).")
+
+
+def local_copy(path: Path | RemotePath) -> Path:
+    """`path` itself for a local file; for a store's object, one download of it to a temp file
+    (TMPDIR, named for its format, `.gz` kept) that every pass then reads: a CSV or JSONL is read
+    twice (a counting scan, then the rows) and its head more often, and each would be a download.
+    The reader that asked removes it when it is let go of (`_spooled`), or the process at exit;
+    a killed process leaves it as .hfbatch-spool-* in TMPDIR."""
+    if not isinstance(path, RemotePath):
+        return path
+
+    fd, name = tempfile.mkstemp(prefix=".hfbatch-spool-", suffix="".join(path.suffixes[-2:]) or ".data")
+    copy = Path(name)
+    try:
+        with os.fdopen(fd, "wb") as sink, path.open() as source:
+            shutil.copyfileobj(source, sink, _READ_BLOCK_BYTES)
+    except BaseException as exc:  # also Ctrl-C or SIGTERM while downloading: no copy is left behind
+        copy.unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InputError(f"{path}: copying it to a temp file in {tempfile.gettempdir()} failed ({exc.strerror}); "
+                             "make room there, or point TMPDIR at a disk that has it.") from None
+        raise
+    return copy
+
+
+def _spooled(reader: Reader, path: Path | RemotePath) -> Path:
+    """local_copy(path), removed when `reader` is garbage collected or at exit, whichever comes
+    first (a many-part job over a bucket holds one part's copy at a time)."""
+    copy = local_copy(path)
+    if copy is not path:
+        weakref.finalize(reader, copy.unlink, missing_ok=True)
+    return copy
 
 
 def input_stream(path: Path | RemotePath) -> pa.NativeFile:
