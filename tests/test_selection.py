@@ -20,7 +20,6 @@ import pytest
 from conftest import BUNDLED_MODEL_DIR, SAMPLE_TEXTS, rows_for, write_csv
 from hfbatch import EmbedOptions, InputError, embed_file
 from hfbatch.backends import selection
-from hfbatch.backends.exports import ExportBundle
 from hfbatch.backends.fidelity import label
 from hfbatch.backends.local import LocalBackend
 from hfbatch.backends.tokenizer import load_fast, load_transformers, same_ids
@@ -191,7 +190,7 @@ def test_a_record_not_of_the_shape_written_is_measured_again_not_trusted(tmp_pat
 def test_a_chosen_configuration_that_will_not_load_is_refused_and_the_next_runs(two_candidates: Path, tmp_path: Path,
                                                                                monkeypatch: pytest.MonkeyPatch,
                                                                                st_model) -> None:
-    from hfbatch.backends import onnx as onnx_backend
+    from hfbatch.backends import onnx_runner as onnx_backend
 
     probe = LocalBackend(DEFAULT, runtime="auto", precision="auto", quantize="auto")
     record = plant(probe, [entry(TORCH, 50.0), entry(ONNX, 80.0)])
@@ -428,7 +427,7 @@ def test_a_process_waiting_for_a_measurement_says_so_before_it_waits(tmp_path: P
 
     record = tmp_path / "choices" / "model.json"
     said: list[str] = []
-    with selection._lock(record, said.append):
+    with selection.lock(record, said.append):
         pass
     assert said == []  # nobody else measuring: nothing to say
     held = FileLock(str(record) + ".lock")
@@ -436,7 +435,7 @@ def test_a_process_waiting_for_a_measurement_says_so_before_it_waits(tmp_path: P
     inside = threading.Event()
 
     def second() -> None:
-        with selection._lock(record, said.append):
+        with selection.lock(record, said.append):
             inside.set()
 
     waiter = threading.Thread(target=second)

@@ -114,7 +114,7 @@ class ExportMethods:
     def _runner(self, path: Path, precision: str | None = None) -> Any:
         if self.runtime == "openvino":
             return openvino_session(str(path), {"bf16": "bf16"}.get(precision or self.precision, "f32"))
-        from .onnx import OnnxRunner
+        from .onnx_runner import OnnxRunner
 
         return OnnxRunner(path)
 
@@ -136,19 +136,20 @@ class ExportMethods:
             reference = None
         model = None
         if not intact or reference is None or self.quantize or not meta.get("input_names"):
-            model = self._load_model()
+            torch = self._load_model()
+            model = torch.model
             facts = {**graph_facts(model, self.model_id), "normalize": False}  # normalised after, as the job asks
             if not intact:
                 export_fp32(model, fp32_path, facts, self.model_id)
                 bundle.record(export_digest=bundle.digest("model.onnx"))
-            slow = ModelTokenizer(hf=model.tokenizer, lower=self._lower)
-            fast = load_fast(self.model_dir, lower=self._lower)
-            reference = self._encode(model, CALIBRATION_TEXTS, "fp32")
+            slow = ModelTokenizer(hf=model.tokenizer, lower=self.tokens.spec.lower)
+            fast = load_fast(self.model_dir, lower=self.tokens.spec.lower)
+            reference = torch.encode(CALIBRATION_TEXTS, "fp32")
             bundle.record(input_names=facts["input_names"], pooling=facts["pooling"], normalize=False,
                           model_id=self.model_id, tokenizer_fast=bool(fast is not None and same_ids(fast, slow)),
                           tokenizer_libraries=tokenizer_libraries(),
                           references={**(meta.get("references") or {}), key: reference.tolist()})
-            self._tokenizer = self._tokenizer or slow
+            self.tokens.adopt(slow)
         version, variant = self._runtime_version(), self._variant()
         what = f"the {variant} export of {self.model_id}"
         if not self.quantize:
@@ -161,7 +162,7 @@ class ExportMethods:
         if self.runtime == "openvino":
             from .openvino_export import quantize_openvino
 
-            name, result = quantize_openvino(self._load_tokenizer(), bundle, fp32_path, reference, max_length=self.max_length,
+            name, result = quantize_openvino(self.tokens.load(), bundle, fp32_path, reference, max_length=self.max_length,
                                              prompt=self.prompt or "")
             files = [name, str(Path(name).with_suffix(".bin")), "model.onnx"]
         else:
@@ -170,13 +171,13 @@ class ExportMethods:
                 bundle.path(name).unlink()  # not proved as it is: made again
             # calibrated at the model's own length, whatever --max-length the job that makes it has
             export_int8(model, bundle.path(name), {**graph_facts(model, self.model_id), "normalize": False},
-                        self.model_id, self._native_max_length)
+                        self.model_id, self.tokens.spec.native_max_length)
             result = check_int8(reference, self._run(self._runner(bundle.path(name)), CALIBRATION_TEXTS), self.model_id)
             files = [name, "model.onnx"]
         bundle.prove(variant, files, fidelity=result, runtime_version=version)
 
     def _run(self, runner: Any, texts: Sequence[str]) -> np.ndarray:
-        feeds = self._load_tokenizer().feeds(texts, self.max_length, runner.input_names, self.prompt or "")
+        feeds = self.tokens.load().feeds(texts, self.max_length, runner.input_names, self.prompt or "")
         vectors = runner.run(feeds)
         return l2_normalize(vectors) if self._normalize_in_encode else vectors
 
@@ -187,7 +188,7 @@ class ExportMethods:
         if self._reference is None:
             path = ExportBundle(self.weights_key()).path("model.onnx")
             if importlib.util.find_spec("onnxruntime") is not None:  # no per-shape compile: the cheapest first call
-                from .onnx import OnnxRunner
+                from .onnx_runner import OnnxRunner
 
                 self._reference = OnnxRunner(path)
             else:

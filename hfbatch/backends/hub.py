@@ -158,3 +158,15 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):  # RecursionError: nested too deep to be a config
         return {}
+
+
+def hub_sha(model: str, token: str | None) -> str | None:
+    """The model's current commit on the hub, or None when offline or unknown (never raises)."""
+    try:
+        from huggingface_hub import HfApi, constants
+
+        if constants.HF_HUB_OFFLINE:
+            return None
+        return HfApi().model_info(model, timeout=10, token=token or False).sha
+    except Exception:  # offline, private, unknown: the provenance just says "unresolved"
+        return None

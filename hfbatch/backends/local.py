@@ -3,9 +3,11 @@ run by ONNX Runtime or OpenVINO; `auto` takes this machine's one measured faithf
 for the model (selection.py), chosen when the first vector is computed, never for the job's size.
 
 It composes what it owns by module: hub.py (where the model's files are, their content hash),
-spec.py (what the files say: prompts, max length, dimension), tokenizer.py, torch_runner.py (the
-model on torch), builds.py (the exports, made and proved) and fidelity.py (the bars and the
-calibration sample); what it keeps is the choice of configuration and the job-text check.
+spec.py (what the files say: prompts, max length, dimension), tokenizer.py (Tokens: counts and
+windows), torch_runner.py (the model on torch), builds.py (the exports, made and proved),
+job_check.py (the check on the job's own texts), configs.py (the request, the configuration) and
+selection.py (the measured choice); what it keeps is the configuration it runs and passing over
+one that fails.
 Everything is lazy: the tokenizer loads on the first token count, the model on the first embed;
 a proved export (exports.py) loads without importing torch or transformers.
 """
@@ -16,7 +18,6 @@ import gc
 import importlib.util
 import json
 import logging
-import re
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -26,24 +27,20 @@ import numpy as np
 from ..errors import BackendError, InputError, ModelLoadError
 from ..resources import (MemoryGuardError, check_model_memory, cpu_has_native_bf16, gpu_possible, resolve_device,
                          resolve_precision)
-from .builds import ExportFailed, ExportMethods, openvino_session
-from .exports import ExportBundle, first_line
+from . import torch_runner
+from .configs import EXPORT_RUNTIMES, Note, RuntimeChoice, RuntimeConfig, check_request, int8_recipe
+from .builds import ExportMethods, openvino_session
+from .exports import first_line
 from .hub import bundled_model_dir as _bundled_model_dir  # noqa: F401  (re-exported for benchmarks/)
 from .hub import files_digest, resolve_model_dir, weights_key
-from .fidelity import CALIBRATION_TEXTS, FAITHFUL, bar_for, check_fidelity
-from .selection import Note, RuntimeChoice
+from .job_check import check_job_texts, check_until_faithful, job_sample, needs_check
 from .spec import read_spec
-from .torch_runner import encode, load_sentence_transformer, load_torch_model, warn_emulated_bf16
-from .tokenizer import ModelTokenizer, load_fast, load_transformers, tokenizer_libraries
-from .windows import Windows, fit_windows
+from .tokenizer import Tokens
+from .torch_runner import TorchModel, load_sentence_transformer
+from .windows import Windows
 
 log = logging.getLogger(__name__)
 
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
-RUNTIMES = ("torch", "onnx", "openvino", "auto")
-EXPORT_RUNTIMES = ("onnx", "openvino")  # run a cached export of the model, on the CPU
-JOB_SAMPLE_TEXTS = 64  # at most this many of the job's first texts are checked against fp32 (int8, half)
-_DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 
 
 class LocalBackend(ExportMethods):
@@ -60,29 +57,11 @@ class LocalBackend(ExportMethods):
     def __init__(self, model: str, *, device: str = "auto", normalize: bool = True, max_length: int | None = None,
                  precision: str = "fp32", runtime: str = "torch", quantize: str | None = None,
                  trust_remote_code: bool = False, prompt: str | None = None, prompt_name: str | None = None):
-        if not _DEVICE_RE.match(device):
-            raise InputError(f"--device {device!r} is not a device; use auto, cpu, cuda, cuda:N or mps.")
-        if precision not in PRECISIONS:
-            raise InputError(f"--precision {precision!r} is not one of: {', '.join(PRECISIONS)}.")
-        if quantize not in (None, "none", "int8", "auto"):
-            raise InputError(f"--quantize {quantize!r} is not one of: none, int8, auto.")
-        if runtime not in RUNTIMES:
-            raise InputError(f"--runtime {runtime!r} is not one of: {', '.join(RUNTIMES)}.")
-        quantize = "int8" if quantize == "int8" else "none"  # auto: faithful unless int8 is asked for
-        if quantize == "int8" and runtime == "torch":
-            runtime = "onnx"  # int8 is made by the ONNX Runtime / OpenVINO exports here (HFBATCH_RUNTIME=torch pins fp32 jobs)
-        if runtime in EXPORT_RUNTIMES and (device.startswith(("cuda", "mps"))
-                                           or (precision not in ("fp32", "auto") and not (runtime == "openvino" and precision == "bf16"))):
-            raise InputError(f"--runtime {runtime} runs on the CPU in fp32{' or bf16' if runtime == 'openvino' else ''} "
-                             "(or int8); drop --precision and --device, or use --runtime torch.")
-        if quantize == "int8" and precision not in ("fp32", "auto"):
-            raise InputError("--quantize int8 and --precision are two different precisions; drop one of them.")
-        if precision == "fp16":
-            resolve_precision("fp16", device)  # a CUDA precision: refused on a CPU before any work
+        runtime, precision, quantize = check_request(device, precision, runtime, quantize)
         self.trust_remote_code = trust_remote_code  # code shipped with a model runs only when asked for
         self.requested_runtime, self.requested_precision, self.requested_quantize = runtime, precision, quantize
         self._choice: RuntimeChoice | None = None  # the configuration, once chosen (before the first vector)
-        self._failed: list[tuple[str, str, str]] = []  # configurations that failed in this process
+        self._failed: list[RuntimeConfig] = []  # configurations that failed in this process
         self.passed_over: list[dict[str, str]] = []  # ... and why: the sidecar says so
         self._note: Note | None = None
         self._precision: str | None = None
@@ -96,14 +75,11 @@ class LocalBackend(ExportMethods):
         self._requested_max_length = max_length
         self._dir: Path | None = None
         self._source: dict[str, Any] = {}
-        self._tokenizer: ModelTokenizer | None = None
-        self._lower = False
-        self._model: Any = None
+        self._tokens: Tokens | None = None  # the tokenizer, with the model's prompt and max length
+        self._model: TorchModel | None = None
         self._device: str | None = None
         self._files_hash: Any = None
         self._fingerprint: str | None = None
-        self._max_length: int | None = None
-        self._native_max_length = 512
         self._dim: int | None = None
         self._normalize_in_encode = False
         # seconds of the one-time work, booked to their own stages by the job (metrics.stage_seconds)
@@ -114,10 +90,6 @@ class LocalBackend(ExportMethods):
         self.job_reference: tuple[list[str], np.ndarray] | None = None  # torch fp32 of the first texts, if measured now
         self.bf16_factor: float | None = None  # bf16 time / fp32 time, measured where bf16 is emulated
         self._requested_prompt, self._requested_prompt_name = prompt, prompt_name
-        self._prompt: str | None = None
-        self.prompt_name: str | None = None  # the name the prompt came by (--prompt-name or the model's default)
-        self._include_prompt = True  # the model's pooling averages over the prompt's tokens too
-        self._has_default_prompt = False
 
     @property
     def load_seconds(self) -> float:
@@ -143,28 +115,30 @@ class LocalBackend(ExportMethods):
         assert self._dir is not None
         spec = read_spec(self._dir, self.model_id, max_length=self._requested_max_length, prompt=self._requested_prompt,
                          prompt_name=self._requested_prompt_name)
-        self._lower, self._max_length, self._native_max_length = spec.lower, spec.max_length, spec.native_max_length
-        self._dim, self._has_default_prompt, self._include_prompt = spec.dim, spec.has_default_prompt, spec.include_prompt
-        self._prompt, self.prompt_name = spec.prompt, spec.prompt_name
-        if self._prompt and not self._include_prompt and self.requested_runtime in EXPORT_RUNTIMES:
+        self._dim = spec.dim
+        self._tokens = Tokens(self._dir, self.model_id, spec, weights_key=self.weights_key,
+                              trust_remote_code=self.trust_remote_code)
+        if spec.prompt and not spec.include_prompt and self.requested_runtime in EXPORT_RUNTIMES:
             raise InputError(f"{self.model_id} pools without its prompt's tokens, which --runtime "
                              f"{self.requested_runtime} cannot do; use --runtime torch with a prompt.")
 
     @property
     def prompt(self) -> str | None:
         """The text put before every text: --prompt, --prompt-name's, or the model's default (None: none)."""
-        _ = self.model_dir
-        return self._prompt
+        return self.tokens.prompt
+
+    @property
+    def prompt_name(self) -> str | None:
+        """The name the prompt came by (--prompt-name or the model's default; None before resolution)."""
+        return self._tokens.prompt_name if self._tokens is not None else None
 
     @property
     def max_length(self) -> int:
-        _ = self.model_dir
-        assert self._max_length is not None
-        return self._max_length
+        return self.tokens.max_length
 
     # --- which runtime and precision (chosen once, when the first vector is computed) -----------
 
-    def candidates(self) -> list[tuple[str, str, str]]:
+    def candidates(self) -> list[RuntimeConfig]:
         from .selection import candidates
 
         runtime = "torch" if self._prompt_excluded() else self.requested_runtime  # the exports pool over the prompt
@@ -187,15 +161,14 @@ class LocalBackend(ExportMethods):
             self._precision = None
             if choice.measured_seconds:
                 self.timings["measure"] += choice.measured_seconds
-                if choice.config[0] != "torch":  # the reference model is not needed any more
+                if choice.config.runtime != "torch":  # the reference model is not needed any more
                     load_sentence_transformer.cache_clear()
         return self._choice
 
     def _prompt_excluded(self) -> bool:
-        _ = self.model_dir
-        return bool(self._prompt) and not self._include_prompt
+        return bool(self.tokens.prompt) and not self.tokens.spec.include_prompt
 
-    def _pass_over(self, reason: str) -> None:
+    def pass_over(self, reason: str) -> None:
         """Give up the chosen configuration for this process (it failed to load, or on this job's
         texts) and let the next faithful one run: the identity is the same, so is the cache."""
         assert self._choice is not None
@@ -205,11 +178,12 @@ class LocalBackend(ExportMethods):
         self._choice, self._engine, self._reference, self._precision = None, None, None, None
         self.job_fidelity = None
 
-    def variant(self, config: tuple[str, str, str]) -> "LocalBackend":
+    def variant(self, config: RuntimeConfig) -> "LocalBackend":
         """The same model and settings, forced to `config` (what selection measures)."""
+        config = RuntimeConfig(*config)
         other = LocalBackend(self.model_id, device=self.requested_device, normalize=self.normalize,
-                             max_length=self._requested_max_length, precision=config[1], runtime=config[0],
-                             quantize=config[2], trust_remote_code=self.trust_remote_code,
+                             max_length=self._requested_max_length, precision=config.precision,
+                             runtime=config.runtime, quantize=config.quantize, trust_remote_code=self.trust_remote_code,
                              prompt=self._requested_prompt, prompt_name=self._requested_prompt_name)
         other._choice = RuntimeChoice(config, by="asked for")
         return other
@@ -218,7 +192,7 @@ class LocalBackend(ExportMethods):
         """Let go of the loaded engine (selection measures one configuration at a time), and with
         torch_model=True of the process's torch models too; the memory goes back to the system."""
         from ..resources import return_freed_memory
-        from .onnx import release_sessions
+        from .onnx_runner import release_sessions
 
         self._engine = self._model = self._reference = None
         release_sessions()
@@ -235,37 +209,30 @@ class LocalBackend(ExportMethods):
         return not gpu_possible() or resolve_device("auto") == "cpu"
 
     @property
-    def config(self) -> tuple[str, str, str] | None:
+    def config(self) -> RuntimeConfig | None:
         """(runtime, precision, quantize) once chosen, else None."""
         return self._choice.config if self._choice is not None else None
 
     @property
     def runtime(self) -> str:
-        return self.prepare().config[0]
+        return self.prepare().config.runtime
 
     @property
     def quantize(self) -> str | None:
-        return "int8" if self.prepare().config[2] == "int8" else None
+        return "int8" if self.prepare().config.quantize == "int8" else None
 
     @property
     def precision(self) -> str:
         """fp32, bf16 or fp16 (int8 is `quantize`); torch's `auto` on a GPU: fp16, by device."""
         if self._precision is None:
-            self._precision = resolve_precision(self.prepare().config[1], self.requested_device)
+            self._precision = resolve_precision(self.prepare().config.precision, self.requested_device)
         return self._precision
 
     def quantize_recipe(self, runtime: str | None = None) -> str:
         """How this backend's int8 is made ("none" without int8): part of the sidecar."""
         if self.requested_quantize != "int8":
             return "none"
-        runtime = runtime or self.runtime
-        if runtime == "openvino":
-            from .openvino_export import int8_recipe as openvino_recipe
-
-            return openvino_recipe()
-        from .onnx import int8_recipe
-
-        return int8_recipe()
+        return int8_recipe(runtime or self.runtime)
 
     def identity(self) -> str:
         """What the vectors are held to: every faithful configuration is one identity (they agree
@@ -276,7 +243,7 @@ class LocalBackend(ExportMethods):
         # int8 runtimes differ (0.996 between ONNX Runtime's and OpenVINO's): the one that runs is the
         # identity. Under --runtime auto that is this machine's choice (read from its record, measured
         # first if there is none: int8 is asked for, and lossy)
-        runtime = self.requested_runtime if self.requested_runtime in EXPORT_RUNTIMES else self.prepare().config[0]
+        runtime = self.requested_runtime if self.requested_runtime in EXPORT_RUNTIMES else self.prepare().config.runtime
         return f"int8:{self.quantize_recipe(runtime)}"
 
     def _files_digest(self) -> Any:
@@ -310,44 +277,25 @@ class LocalBackend(ExportMethods):
         _ = self.model_dir
         if self._dim is None:
             if self.runtime == "torch":
-                self._dim = int(self._load_model().get_sentence_embedding_dimension())
+                self._dim = int(self._load_model().model.get_sentence_embedding_dimension())
             else:
                 self._dim = int(self.embed(["dimension probe"]).shape[1])
         return self._dim
 
-    # --- tokenizer (cheap) --------------------------------------------------------------------
+    # --- tokenizer (cheap; tokenizer.py) --------------------------------------------------------
 
-    def _load_tokenizer(self) -> ModelTokenizer:
-        """The tokenizers-library load where this model's export proved it gives transformers'
-        ids (no transformers import: a second or more of start-up), else transformers'."""
-        if self._tokenizer is None:
-            meta = ExportBundle(self.weights_key()).meta()
-            if meta.get("tokenizer_fast") and meta.get("tokenizer_libraries") == tokenizer_libraries():
-                self._tokenizer = load_fast(self.model_dir, lower=self._lower)
-            if self._tokenizer is None:
-                self._tokenizer = load_transformers(self.model_dir, self.model_id, trust_remote_code=self.trust_remote_code,
-                                                    lower=self._lower)
-        return self._tokenizer
+    @property
+    def tokens(self) -> Tokens:
+        _ = self.model_dir
+        assert self._tokens is not None
+        return self._tokens
 
     def token_counts(self, texts: Sequence[str]) -> list[int]:
-        # the preparation sentence-transformers applies: prompt + text, stripped, lowercased where the model says
-        return self._load_tokenizer().count(texts, self.prompt or "")
+        return self.tokens.counts(texts)
 
     def split(self, texts: Sequence[str], size: int, overlap: int) -> list[Windows]:
-        """Windows of at most `size` tokens as the model reads them (specials and prompt included),
-        `overlap` tokens shared, cut by this model's tokenizer (see windows.py)."""
-        if size > self.max_length:
-            raise InputError(f"--split tokens:{size} is more than {self.model_id} reads ({self.max_length} tokens); "
-                             f"use --split tokens:{self.max_length} or less.")
-        tokenizer = self._load_tokenizer()
-        if not tokenizer.fast:
-            raise InputError(f"--split needs a fast tokenizer (with offsets); {self.model_id}'s is not one.")
-        # offsets index the text as given; lowercasing is kept only where it keeps every length
-        seen = [t.lower() if self._lower and len(t.lower()) == len(t) else t for t in texts]
-        offsets = tokenizer.offsets(seen)
-        overhead = self.token_counts([""])[0]  # specials and the prompt: what any text costs beside its own tokens
-        return fit_windows(list(texts), offsets, size=size, overlap=overlap, overhead=overhead, count=self.token_counts,
-                           limit=self.max_length)
+        """Windows of at most `size` tokens as the model reads them (see Tokens.split)."""
+        return self.tokens.split(texts, size, overlap)
 
     # --- model (expensive, lazy) --------------------------------------------------------------
 
@@ -385,75 +333,48 @@ class LocalBackend(ExportMethods):
             except ModelLoadError as exc:
                 if choice.by == "asked for" or self.requested_quantize == "int8":
                     raise  # forced; or int8, whose identity is the runtime that runs it: never two in one namespace
-                from .selection import refuse
+                from .records import refuse
 
                 refuse(self, choice.config, first_line(exc))
-                self._pass_over(f"failed to load ({first_line(exc)})")
+                self.pass_over(f"failed to load ({first_line(exc)})")
                 continue
             finally:
                 self.timings["model_load"] += time.perf_counter() - started - (self.timings["export"] - exported)
             log.info("loaded %s (%s)", self.model_id, choice.label)
         return self._engine
 
-    def _load_model(self) -> Any:
+    def _load_model(self) -> TorchModel:
+        """The torch model (torch_runner.py) with this backend's settings; --precision auto on a GPU
+        keeps half precision only where it matches fp32, and emulated bf16 says what it costs."""
         if self._model is not None:
             return self._model
         device = resolve_device(self.requested_device) if self.runtime == "torch" else "cpu"
         self.estimated_bytes = check_model_memory(self.model_id, self.model_dir)
-        model, self._normalize_in_encode = load_torch_model(str(self.model_dir), device, self.model_id,
-                                                            trust_remote_code=self.trust_remote_code,
-                                                            normalize=self.normalize)
-        self._model, self._device = model, device
+        # prompt "" where the model names a default prompt this job turned off (--prompt ""); None
+        # otherwise (an empty prompt would still be measured for prompt-excluding pooling)
+        model = torch_runner.load(str(self.model_dir), device, self.model_id, trust_remote_code=self.trust_remote_code,
+                                  normalize=self.normalize, max_length=self.max_length,
+                                  prompt=self.prompt or ("" if self.tokens.spec.has_default_prompt else None))
+        self._model, self._device, self._normalize_in_encode = model, device, model.normalize
         if self.runtime == "torch":
             if self.requested_precision == "auto" and self.precision != "fp32":
-                self._check_fidelity(model)
+                self.fidelity = model.check_half(self.precision)
             if self.precision == "bf16" and device == "cpu" and not cpu_has_native_bf16():
-                self.bf16_factor = warn_emulated_bf16(lambda texts, precision: self._encode(model, texts, precision))
+                self.bf16_factor = model.emulated_bf16_factor()
         return model
-
-    def _encode(self, model: Any, texts: Sequence[str], precision: str) -> np.ndarray:
-        # "" where the model names a default prompt this job turned off (--prompt ""); None
-        # otherwise (an empty prompt would still be measured for prompt-excluding pooling)
-        return encode(model, texts, precision, device=self._device, max_length=self.max_length,
-                      normalize=self._normalize_in_encode, prompt=self.prompt or ("" if self._has_default_prompt else None))
-
-    def _check_fidelity(self, model: Any) -> None:
-        """--precision auto on a GPU keeps half precision only where it matches fp32 on a calibration sample."""
-        fp32 = self._encode(model, CALIBRATION_TEXTS, "fp32")
-        self.fidelity = check_fidelity(fp32, self._encode(model, CALIBRATION_TEXTS, self.precision), FAITHFUL,
-                                       what=f"{self.precision} on this machine", where="the calibration sample",
-                                       fix="pass --precision fp32.")
 
     def compute(self, texts: Sequence[str]) -> np.ndarray:
         """Vectors of `texts` by the chosen configuration, without the job-text check (what
         selection times)."""
         engine = self.load()
         if self.runtime == "torch":
-            return self._encode(engine, texts, self.precision)
+            return engine.encode(texts, self.precision)
         return self._run(engine, texts)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        checked: np.ndarray | None = None
-        sample = list(dict.fromkeys(texts))[:JOB_SAMPLE_TEXTS]
+        sample = job_sample(texts)
         self.prepare(job_texts=sample)
-        while self.job_fidelity is None and self.needs_job_check() and texts:
-            started, before = time.perf_counter(), self.timings["model_load"] + self.timings["export"]
-            try:
-                checked = self.check_job_texts(texts)
-            except ModelLoadError as exc:
-                if self.prepare().by == "asked for" or self.requested_quantize == "int8":
-                    raise  # forced; or int8, whose identity is the runtime that runs it
-                if isinstance(exc, ExportFailed):  # its files, not this job's texts: the next job skips it too
-                    from .selection import refuse
-
-                    refuse(self, self.prepare().config, first_line(exc))
-                    self._pass_over(f"failed to load ({first_line(exc)})")
-                else:
-                    self._pass_over(f"not faithful enough on this job's texts ({first_line(exc)})")
-                self.prepare(job_texts=sample)
-            finally:  # loading and exporting inside the check are booked as such
-                self.timings["check"] += time.perf_counter() - started - (
-                    self.timings["model_load"] + self.timings["export"] - before)
+        checked = check_until_faithful(self, texts, sample)  # int8 and half precision only
         if checked is not None and len(checked) == len(texts):
             return checked  # the check computed this very batch: its vectors are the batch's
         self.load()
@@ -466,50 +387,22 @@ class LocalBackend(ExportMethods):
         return vectors
 
     def needs_job_check(self) -> bool:
-        """int8 and half precision are checked on the job's own texts; fp32 of any runtime is not
-        (its export was proved at the faithful bar)."""
-        return bool(self.quantize) or self.precision in ("bf16", "fp16")
+        """Whether this configuration is checked on the job's own texts (job_check.py)."""
+        return needs_check(self.quantize, self.precision)
 
     def check_job_texts(self, texts: Sequence[str]) -> np.ndarray | None:
-        """The job's own first texts (its first batch) must pass the configuration's bar against
-        fp32 before any of its vectors is used: int8 >= 0.99 mean / 0.98 min, half precision the
-        faithful bar. ModelLoadError (nothing written) otherwise; figures to the sidecar. Returns
-        the vectors of `texts` when the check computed all of them (the batch needs no second pass)."""
-        sample = list(dict.fromkeys(texts))[:JOB_SAMPLE_TEXTS]
-        if not sample:
-            return None
-        choice = self.prepare()
-        where = f"this job's first {len(sample)} texts"
-        bar = bar_for("int8" if self.quantize else None)
-        kept = self.job_reference
-        if kept is not None and kept[0] == sample:  # torch fp32's, made while measuring for this job
-            reference = kept[1]
-            engine = self.load()
-            if self._choice is not choice:
-                return None
-            got = self._run(engine, sample) if self.runtime != "torch" else self._encode(engine, sample, self.precision)
-        elif self.runtime != "torch":
-            # the fp32 reference first, let go before the engine loads: never both models at once
-            self.ensure_export()
-            reference = self._run(self._reference_runner(), sample)
-            engine_loaded = self._engine is not None
-            self._reference = None
-            if not engine_loaded:  # nothing else holds a session yet: every cached one can go
-                self.release()
-            engine = self.load()
-            if self._choice is not choice:  # it failed to load: the next configuration checks afresh
-                return None
-            got = self._run(engine, sample)
-        else:
-            engine = self.load()
-            if self._choice is not choice:
-                return None
-            reference, got = self._encode(engine, sample, "fp32"), self._encode(engine, sample, self.precision)
-        fix = "drop --quantize int8." if self.quantize else "pass --precision fp32."
-        result = check_fidelity(reference, got, bar, what=self._choice.label if self._choice else "this configuration",
-                                where=where, fix=fix)
-        self.job_fidelity = {"texts": len(sample), **result}
-        return got if list(texts) == sample else None
+        return check_job_texts(self, texts)
+
+    def export_reference(self, texts: Sequence[str]) -> np.ndarray:
+        """fp32 vectors of `texts` on the proved export (made first if need be), that runner let go
+        before the configuration's own engine loads: never both models at once."""
+        self.ensure_export()
+        reference = self._run(self._reference_runner(), texts)
+        engine_loaded = self._engine is not None
+        self._reference = None
+        if not engine_loaded:  # nothing else holds a session yet: every cached one can go
+            self.release()
+        return reference
 
     def describe(self) -> dict[str, Any]:
         info: dict[str, Any] = {"backend": self.name, "model_id": self.model_id}
@@ -537,11 +430,11 @@ class LocalBackend(ExportMethods):
                 prompt=self.prompt,
                 prompt_name=self.prompt_name,
                 selection=self._choice.describe() if chosen and self._choice else None,
-                tokenizer=self._tokenizer.loader if self._tokenizer is not None else None,
+                tokenizer=self._tokens.loader if self._tokens is not None else None,
             )
         info["device"] = self._device or "not loaded (every vector came from the cache)"
         info["model_loaded"] = self._engine is not None or self._model is not None
-        info["tokenizer_loaded"] = self._tokenizer is not None
+        info["tokenizer_loaded"] = self._tokens is not None and self._tokens.loader is not None
         info["estimated_memory_mb"] = round(self.estimated_bytes / 2**20, 1) if self.estimated_bytes else None
         info["load_seconds"] = round(self.load_seconds, 3)
         info["setup_seconds"] = {k: round(v, 3) for k, v in self.timings.items()}

@@ -27,7 +27,6 @@ smoothed and quantized MatMul by MatMul (slower, same checks).
 
 from __future__ import annotations
 
-import functools
 import logging
 from pathlib import Path
 from typing import Any, Sequence
@@ -36,6 +35,8 @@ import numpy as np
 
 from ..errors import InputError, ModelLoadError
 from ..vectors import cosine_rows
+from .fidelity import SMOOTHING_TEXTS  # noqa: F401  (read here by tests and benchmarks/)
+from .onnx_runner import OnnxRunner, release_sessions  # noqa: F401  (the runner, as this module's users knew it)
 
 log = logging.getLogger(__name__)
 
@@ -44,66 +45,6 @@ INT8_MIN_MIN = 0.98
 SMOOTH_ALPHA = 0.8  # 0.5 (the paper's default) kept MiniLM at 0.981 mean; 0.7-0.8 reach 0.997
 _PROTOBUF_LIMIT = 2_000_000_000  # one ONNX protobuf: the fused, smoothed and quantized graphs are written whole
 _FP32_FFN_OUTPUTS = 1  # FFN output MatMuls kept fp32, from the first block: 1 lifts min cosine 0.979 -> 0.991
-# Varied text the activation ranges are measured on: kinds, lengths, languages and symbols that
-# embed jobs meet. Fixed, so one model always gets the same int8 export.
-SMOOTHING_TEXTS = [
-    "The kettle boils fast and the handle stays cool.",
-    "Arrived broken; the glass lid was cracked in two places and support never answered.",
-    "10/10 would recommend!!!",
-    "ok", "A", "N/A", "SKU-4471-B / lot 2026-11 / 3 units @ $19.99", "https://example.com/a?b=c&d=1",
-    "How do I reset my password if I no longer have access to the email on my account?",
-    "What is the capital of Australia, and why is it not Sydney?",
-    "Return a new array of given shape and type, filled with zeros.",
-    "Raises ValueError if the input contains NaN or infinite values; use np.nan_to_num first.",
-    "def mean(xs: list[float]) -> float:\n    return sum(xs) / len(xs)",
-    "SELECT customer_id, SUM(total) FROM orders WHERE created_at > '2026-01-01' GROUP BY 1;",
-    "The mitochondria generate most of the chemical energy needed to power a cell's reactions.",
-    "In 1969 the Apollo 11 mission landed the first humans on the Moon, six hours after touchdown.",
-    "Quarterly revenue rose 12% year over year to $4.2 billion, driven by subscription growth.",
-    "The patient presented with a persistent dry cough, mild fever and fatigue for ten days.",
-    "Preheat the oven to 200C. Mix flour, butter and a pinch of salt until the dough is crumbly.",
-    "Très bien, je recommande. Sehr gut verarbeitet, aber etwas teuer. Muy cómodo y ligero.",
-    "这个产品质量很好，物流也很快。", "製品はとても良いです。", "Отличный товар, всем советую.",
-    "مرحبا بكم في متجرنا", "🔥🔥🔥 love it 😍 #bestbuy", "ERROR 503: upstream timed out (retry 3/5)",
-    "Terms and conditions: the warranty does not cover damage caused by misuse, accidents, "
-    "unauthorised repairs or normal wear and tear, and is void if the serial number is removed.",
-    " ".join(["This review goes on at length about every detail of the product."] * 12),
-    " ".join(["Section 4.2 describes how the scheduler assigns shards to workers, how a failed worker's "
-              "shards are retried, and why the retry budget is bounded."] * 6),
-    "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor",
-    "Q: Is it dishwasher safe? A: Yes, top rack only, according to the manual.",
-    "1, 2, 3, 5, 8, 13, 21, 34, 55, 89, 144",
-    # everyday English of mixed length: most embed jobs are reviews, tickets, comments, articles
-    "Really happy with this one.", "Total waste of cash.", "Works as described, nothing more.",
-    "Good overall, but the strap broke after a month and the replacement took weeks to arrive.",
-    "Pretty design, yet the paint chips if you look at it wrong. I'd only rebuy on sale.",
-    "Looks great, but the cord is short, so bring an extension lead if your socket is far away.",
-    "My daughter uses it every day for school and it still charges overnight without problems.",
-    "Customer service answered my question within an hour and sent a new part the next day.",
-    "The instructions were clear and setup took about ten minutes, including the app pairing.",
-    "Much smaller than expected - measure your shelf before ordering, the photos make it look huge.",
-    "Costs more than the rest, though the quality is noticeably better than cheaper brands.",
-    "It's \"good enough\" as a backup, not as a main device. Battery drains quickly with GPS on.",
-    "Cheap and cheerful, and frankly nicer than the famous-brand version my sister owns.",
-    "The app keeps disconnecting, which makes it almost useless for tracking my runs.",
-    "Middling: handy, slightly expensive, average build. Delivery was fast and well packed.",
-    "Thanks for the quick reply! Unfortunately the issue is still there after the update.",
-    "Please cancel my order #88213, I was charged twice for the same item.",
-    "Hi team, the export button does nothing in Firefox 121 on Windows; Chrome works fine.",
-    "I moved here three years ago and the neighbourhood has changed a lot since the new station opened.",
-    "The council approved the budget on Tuesday after a long debate about road repairs and libraries.",
-    "Researchers found that people who slept less than six hours were more likely to catch a cold.",
-    "The team scored twice in the last ten minutes to win the final, their first title in twenty years.",
-    "Stir the sauce gently, taste it, and add lemon juice or salt until the balance feels right.",
-    "We hiked for five hours along the ridge; the view at the top made every step worth it.",
-    "Honestly the best coffee grinder I've owned: consistent grind, quiet motor, easy to clean. "
-    "The only downside is the small hopper, which needs refilling every couple of days.",
-    "I was skeptical at first because of the mixed reviews, but after two weeks of daily use I can say "
-    "it does exactly what it promises. Setup was simple, the materials feel solid, and the company "
-    "answered my one question politely. Minus one star for the packaging, which was mostly plastic.",
-    "The novel follows three generations of a family through war, emigration and return, and although "
-    "the middle section drags, the final chapters tie the stories together beautifully.",
-]
 _SUPPORTED = {"Transformer", "Pooling", "Normalize"}
 
 
@@ -133,44 +74,6 @@ def graph_facts(model: Any, model_id: str) -> dict[str, Any]:
                          "Use --runtime torch.")
     names = [n for n in ("input_ids", "attention_mask", "token_type_ids") if n in model.tokenizer("probe")]
     return {"pooling": pooling, "normalize": kinds[-1] == "Normalize", "input_names": names}
-
-
-class OnnxRunner:
-    """An ONNX Runtime session over an exported graph: feeds in, float32 vectors out. Needs only
-    onnxruntime (no torch): the start-up of a job whose export is cached."""
-
-    def __init__(self, path: Path, *, fresh: bool = False):
-        self.path = Path(path)
-        # one session per file and process (a suite or notebook runs many jobs); fresh: a new one
-        self.session = _session.__wrapped__(str(self.path)) if fresh else _session(str(self.path))
-        self.input_names = [i.name for i in self.session.get_inputs()]
-
-    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        return np.asarray(self.session.run(None, {n: feeds[n] for n in self.input_names})[0], dtype=np.float32)
-
-
-def release_sessions() -> None:
-    """Let go of every cached session (selection measures one configuration at a time)."""
-    _session.cache_clear()
-
-
-@functools.lru_cache(maxsize=4)
-def _session(path: str) -> Any:
-    """One session per file and process (a test suite or notebook runs many jobs)."""
-    import onnxruntime as ort
-
-    from ..resources import max_model_memory_bytes
-
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    # under MAX_MODEL_MEMORY_GB, no memory arena: it keeps the largest batch's activations (~300 MB
-    # more for MiniLM at 32 x 256 tokens) for ~5-15% speed
-    options.enable_cpu_mem_arena = max_model_memory_bytes() is None
-    try:
-        return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
-    except Exception as exc:
-        raise ModelLoadError(f"ONNX Runtime cannot load {path} ({_first_line(exc)}); delete it to export again, "
-                             "or use --runtime torch.") from exc
 
 
 def _first_line(exc: BaseException) -> str:

@@ -38,8 +38,10 @@ import numpy as np
 import requests
 
 from ..errors import InputError, ModelLoadError, RemoteError, TerminalBackendError
-from ..vectors import l2_normalize
-from .http import HttpClient, PayloadTooLarge, RejectedRequest, RetryPolicy, hf_router, public_url, resolve_token, short_json
+from .http import HttpClient, PayloadTooLarge, RejectedRequest, RetryPolicy, hf_router, public_url, resolve_token
+from .hub import hub_sha
+from .remote_protocol import PROTOCOLS, UsageTotals, check_vectors
+from .tokenizer import Tokens
 from .windows import Windows
 
 REMOTE_KINDS = ("hf-api", "tei", "openai")
@@ -49,91 +51,6 @@ _FIXES = {422: "the server could not process the inputs; check --model supports 
 UNKNOWN_MAX_LENGTH = 2**31 - 1
 SERVER_USAGE = "server usage"
 log = logging.getLogger(__name__)
-
-
-class _Protocol:
-    """How one kind of server wants texts in and vectors out."""
-
-    name = ""
-
-    def __init__(self, model: str, endpoint: str | None, normalize: bool):
-        self.model, self.endpoint, self.normalize = model, endpoint, normalize
-
-    def url(self) -> str:
-        raise NotImplementedError
-
-    def body(self, texts: Sequence[str], prompt_name: str | None = None) -> dict[str, Any]:
-        # TEI and the HF Inference API take parameters at the top level, beside "inputs".
-        body = {"inputs": list(texts), "normalize": self.normalize, "truncate": True, "truncation_direction": "Right"}
-        if prompt_name is not None:  # the server puts its prompt of that name before each text
-            body["prompt_name"] = prompt_name
-        return body
-
-    def vectors(self, payload: Any, n: int) -> Any:
-        return payload
-
-    def usage(self, payload: Any) -> tuple[int, int] | None:
-        """(prompt_tokens, total_tokens) the server reports for one request, or None (TEI's /embed
-        and the HF API report none)."""
-        return None
-
-
-class HfApiProtocol(_Protocol):
-    name = "hf-api"
-
-    def url(self) -> str:
-        if self.endpoint:  # a dedicated Inference Endpoint or a proxy of the same route
-            return self.endpoint
-        return f"{hf_router()}/hf-inference/models/{self.model}/pipeline/feature-extraction"
-
-
-class TeiProtocol(_Protocol):
-    name = "tei"
-
-    def url(self) -> str:
-        if not self.endpoint:
-            raise InputError("--backend tei needs --endpoint URL (the TEI server, e.g. http://gpu-box:8080).")
-        return self.endpoint.rstrip("/") + "/embed"
-
-
-class OpenAIProtocol(_Protocol):
-    name = "openai"
-
-    def url(self) -> str:
-        if not self.endpoint:
-            raise InputError("--backend openai needs --endpoint URL (the API base, e.g. http://127.0.0.1:7997/v1).")
-        base = self.endpoint.rstrip("/")
-        return base if base.endswith("/embeddings") else base + "/embeddings"
-
-    def body(self, texts: Sequence[str], prompt_name: str | None = None) -> dict[str, Any]:
-        return {"input": list(texts), "model": self.model, "encoding_format": "float"}
-
-    def vectors(self, payload: Any, n: int) -> Any:
-        if not isinstance(payload, dict) or not isinstance(payload.get("data"), list):
-            raise RemoteError("the OpenAI-compatible server answered without a 'data' list; nothing was written.")
-        items = payload["data"]
-        try:
-            ordered = sorted(items, key=lambda item: int(item["index"]))  # results carry their input index
-            if [int(item["index"]) for item in ordered] != list(range(len(items))):
-                raise ValueError("indexes are not 0..n-1")
-            return [item["embedding"] for item in ordered]
-        except (KeyError, TypeError, ValueError) as exc:
-            raise RemoteError(f"the OpenAI-compatible server's 'data' items are malformed ({exc}); nothing was written.") from None
-
-    def usage(self, payload: Any) -> tuple[int, int] | None:
-        """`usage` of one answer: {"prompt_tokens": n, "total_tokens": m}, for all its inputs together
-        (OpenAI's CreateEmbeddingResponse; vLLM sums each prompt's token ids, TEI each input's tokens
-        after its truncation). A server that leaves it out, or sends something else, reports nothing."""
-        usage = payload.get("usage") if isinstance(payload, dict) else None
-        if not isinstance(usage, dict):
-            return None
-        prompt, total = usage.get("prompt_tokens"), usage.get("total_tokens", usage.get("prompt_tokens"))
-        if type(prompt) is not int or type(total) is not int or prompt < 0 or total < 0:  # not bool, not "12"
-            return None
-        return prompt, total
-
-
-_PROTOCOLS = {"hf-api": HfApiProtocol, "tei": TeiProtocol, "openai": OpenAIProtocol}
 
 
 class RemoteBackend:
@@ -167,7 +84,7 @@ class RemoteBackend:
         prompt: str | None = None,
         prompt_name: str | None = None,
     ):
-        if kind not in _PROTOCOLS:
+        if kind not in PROTOCOLS:
             raise InputError(f"--backend {kind!r} is not a remote backend; use one of: {', '.join(REMOTE_KINDS)}.")
         if api_batch_size < 1 or concurrency < 1:
             raise InputError("--api-batch-size and --api-concurrency must be at least 1.")
@@ -183,7 +100,7 @@ class RemoteBackend:
         self.timeout = timeout
         self.retry = retry
         self.pooling = pooling
-        self._protocol = _PROTOCOLS[kind](model, endpoint, normalize)
+        self._protocol = PROTOCOLS[kind](model, endpoint, normalize)
         self._protocol.url()  # builds a string, connects nowhere: a missing --endpoint is a usage error now
         self._http = HttpClient(kind, concurrency=concurrency, timeout=timeout, retry=retry, token=token, fixes=_FIXES)
         self._batch_size = api_batch_size
@@ -194,12 +111,11 @@ class RemoteBackend:
         self._prompt_args = (prompt, prompt_name)
         # TEI is sent the prompt's name when it came by one, until the server says it does not know it
         self.prompt_sent_as: str | None = None  # "name" | "text", once a prompt was sent
-        self._tokens: Any = None  # a LocalBackend used for its tokenizer only
+        self._tokens: Tokens | None = None  # the model's tokenizer, with its prompt and max length
         self._no_tokenizer: str | None = None  # why there is none (openai: the server's usage counts instead)
         self._tokens_lock = threading.Lock()
         # the server's own counts, summed over the requests whose vectors were taken (openai)
-        self._usage = {"prompt_tokens": 0, "total_tokens": 0, "requests": 0, "requests_without_usage": 0}
-        self._usage_lock = threading.Lock()
+        self._usage = UsageTotals()
         self.load_seconds = 0.0
         self._revision: str | None = None
         self.served_model: str | None = None
@@ -277,15 +193,14 @@ class RemoteBackend:
     def usage(self) -> dict[str, int]:
         """The server's counts summed over the requests whose vectors were taken: prompt_tokens,
         total_tokens, requests, and requests_without_usage (answers that carried none)."""
-        with self._usage_lock:
-            return dict(self._usage)
+        return self._usage.totals()
 
     def token_counts(self, texts: Sequence[str]) -> list[int]:
         """Counted by the model's own tokenizer (hub, cache or --tokenizer), as for the local backend.
         Without one (openai, a served name), 0 per text: the server counts only once it has embedded
         the texts, and then per request (see `usage`), never per text."""
         tokens = self._tokenizer()
-        return tokens.token_counts(texts) if tokens is not None else [0] * len(texts)
+        return tokens.counts(texts) if tokens is not None else [0] * len(texts)
 
     def split(self, texts: Sequence[str], size: int, overlap: int) -> list[Windows]:
         """Windows cut by the model's own tokenizer, as for the local backend."""
@@ -298,14 +213,14 @@ class RemoteBackend:
             )
         return tokens.split(texts, size, overlap)
 
-    def _token_backend(self) -> Any:
+    def _token_backend(self) -> Tokens:
         """The tokenizer's backend, which must be found (TEI's prompt names are in its files)."""
         tokens = self._tokenizer()
         assert tokens is not None, "only an openai backend goes without a tokenizer"
         return tokens
 
-    def _tokenizer(self) -> Any | None:
-        """A LocalBackend used for its tokenizer only, found once. None for an OpenAI-compatible
+    def _tokenizer(self) -> Tokens | None:
+        """The model's tokenizer (tokenizer.Tokens, found as a local backend finds it), found once. None for an OpenAI-compatible
         server given a model name that is no hub id or directory here and no --tokenizer: its answers'
         usage counts instead. Any other kind, or a --tokenizer not found, is a one-line error."""
         with self._tokens_lock:
@@ -313,16 +228,11 @@ class RemoteBackend:
                 self._tokens = self._find_tokenizer()
             return self._tokens
 
-    def _find_tokenizer(self) -> Any | None:
-        from .local import LocalBackend
-
+    def _find_tokenizer(self) -> Tokens | None:
         prompt, name = self._prompt_args
         source = self._tokenizer_source
-        # counts include the prompt this backend sends, and no default prompt it does not
-        tokens = LocalBackend(source, prompt="" if prompt is None and name is None else prompt, prompt_name=name)
-        try:
-            _ = tokens.model_dir
-            return tokens
+        try:  # counts include the prompt this backend sends, and no default prompt it does not
+            return Tokens.find(source, prompt="" if prompt is None and name is None else prompt, prompt_name=name)
         except (ModelLoadError, InputError) as exc:
             if isinstance(exc, InputError) and Path(source).expanduser().is_dir():
                 raise  # the files were found: a usage error of their own (an unknown --prompt-name)
@@ -475,92 +385,10 @@ class RemoteBackend:
                     self._batch_size = half
                     self._http.count("halvings")
             return np.concatenate([self._embed_part(texts[:half]), self._embed_part(texts[half:])], axis=0)
-        vectors = self._check(self._protocol.vectors(payload, len(texts)), len(texts), public_url(url))
-        self._count_usage(self._protocol.usage(payload))  # only answers whose vectors are taken
+        vectors = check_vectors(self._protocol.vectors(payload, len(texts)), len(texts), public_url(url), kind=self.name,
+                                pooling=self.pooling, normalize=self.normalize, dim=self._dim)
+        self._dim = vectors.shape[1]
+        self._usage.add(self._protocol.usage(payload))  # only answers whose vectors are taken
         return vectors
-
-    def _count_usage(self, reported: tuple[int, int] | None) -> None:
-        with self._usage_lock:
-            self._usage["requests"] += 1
-            if reported is None:
-                self._usage["requests_without_usage"] += 1
-            else:
-                self._usage["prompt_tokens"] += reported[0]
-                self._usage["total_tokens"] += reported[1]
-
-    def _check(self, raw: Any, n: int, url: str) -> np.ndarray:
-        """1-D (one input), 2-D (pooled) or 3-D (token level, mean-pooled only when asked)."""
-        if not isinstance(raw, list):
-            raise RemoteError(
-                f"{self.name}: {url} answered a JSON {type(raw).__name__} instead of a list of vectors "
-                f"({short_json(raw)}); nothing was written."
-            )
-        token_level = bool(raw) and isinstance(raw[0], list) and bool(raw[0]) and isinstance(raw[0][0], list)
-        one_vector = n == 1 and bool(raw) and not isinstance(raw[0], list)
-        bad = _first_non_number(raw, 3 if token_level else 1 if one_vector else 2)
-        if bad is not None:  # numpy would quietly turn "0.1", true or a nested list into numbers
-            raise RemoteError(f"{self.name}: {url} answered {bad} where numbers belong; nothing was written.")
-        if token_level:
-            if self.pooling != "mean":
-                raise RemoteError(
-                    f"{self.name}: {url} returned token-level vectors (3-D), not one vector per text; "
-                    "use a sentence-embedding model, or pass --remote-pooling mean to average the tokens."
-                )
-            raw = [np.asarray(tokens, dtype=np.float32).mean(axis=0) for tokens in raw]
-            if self.normalize:
-                raw = [l2_normalize(v) for v in raw]
-        try:
-            array = np.asarray(raw, dtype=np.float32)
-        except (TypeError, ValueError):
-            raise RemoteError(f"{self.name}: {url} returned vectors of uneven length; nothing was written.") from None
-        if array.ndim == 1 and n == 1:
-            array = array.reshape(1, -1)
-        if array.ndim != 2 or array.shape[0] != n or array.shape[1] == 0:
-            raise RemoteError(f"{self.name}: {url} returned shape {array.shape} for {n} texts; nothing was written.")
-        if self._dim is not None and array.shape[1] != self._dim:
-            raise RemoteError(
-                f"{self.name}: {url} returned {array.shape[1]}-dimensional vectors after {self._dim}-dimensional ones; "
-                "nothing was written."
-            )
-        if not np.isfinite(array).all():
-            raise RemoteError(f"{self.name}: {url} returned NaN or infinite values; nothing was written.")
-        if self.name == "openai" and self.normalize:  # the OpenAI protocol has no normalize flag
-            array = l2_normalize(array)
-        self._dim = array.shape[1]
-        return array
-
-
-def _first_non_number(value: Any, depth: int) -> str | None:
-    """The first value of a `depth`-deep list of lists that is not a JSON number, described, or
-    None. (A number where a list belongs is a shape error, left to the shape checks.)"""
-    if depth == 0 or not isinstance(value, list):
-        if type(value) in (int, float):  # not bool: json gives True as a bool, numpy would make it 1.0
-            return None
-        if isinstance(value, list):
-            return f"a list nested deeper than vectors ({short_json(value)[:40]})"
-        if value is None:
-            return "null"
-        kind = {str: "a string", bool: "a boolean", dict: "an object"}.get(type(value), "a value")
-        return f"{kind} ({short_json(value)[:40]})"
-    for item in value:
-        if depth == 1 and type(item) in (int, float):  # the common case, kept cheap (~1,000 per vector)
-            continue
-        bad = _first_non_number(item, depth - 1)
-        if bad is not None:
-            return bad
-    return None
-
-
-def hub_sha(model: str, token: str | None) -> str | None:
-    """The model's current commit on the hub, or None when offline or unknown (never raises)."""
-    try:
-        from huggingface_hub import HfApi, constants
-
-        if constants.HF_HUB_OFFLINE:
-            return None
-        return HfApi().model_info(model, timeout=10, token=token or False).sha
-    except Exception:  # offline, private, unknown: the provenance just says "unresolved"
-        return None
-
 
 __all__ = ["RemoteBackend", "RetryPolicy", "resolve_token", "hub_sha", "REMOTE_KINDS"]

@@ -26,7 +26,7 @@ from urllib.parse import urlparse
 from ..errors import InputError, ModelLoadError, RemoteError
 from .generation import GenerationParams, LocalGenerator, Prepared
 from .http import HttpClient, RetryPolicy, hf_router, public_url, resolve_token, short_json
-from .remote import hub_sha
+from .hub import hub_sha
 
 _FIXES = {422: "the server could not process the prompt; check that --model is a text-generation model",
           400: "the server rejected the request; check --model (is it served for text generation?) and the parameters"}

@@ -23,64 +23,38 @@ HFBATCH_RUNTIME / HFBATCH_PRECISION pin it without any record (containers).
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import importlib.util
-import json
 import logging
-import math
-import os
 import time
-from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from .._version import __version__
 from ..errors import HfbatchError, InputError, ModelLoadError
-from ..resources import MemoryGuardError, cpu_facts, cpu_has_native_bf16, max_model_memory_bytes, rss_bytes
-from .exports import exports_root, first_line, package_version, write_atomic
+from ..resources import MemoryGuardError, cpu_has_native_bf16, max_model_memory_bytes, rss_bytes
 from ..vectors import cosine_rows
-from .fidelity import BATCH_INVARIANT, bar_for, figures, label, labels
+from .configs import Note, RuntimeChoice, RuntimeConfig
+from .exports import first_line
+from .fidelity import BATCH_INVARIANT, CALIBRATION_TEXTS, SMOOTHING_TEXTS, bar_for, figures, label, labels
+from .records import RECORD_FORMAT, choices_root, keep, lock, machine, read_record, record_path, writable
+# what tools/ and tests read from here: the record's names beside the measuring
+from .records import faithful_choice, pin, refuse  # noqa: F401
 
 if TYPE_CHECKING:
     from .local import LocalBackend
 
 log = logging.getLogger(__name__)
 
-Config = tuple[str, str, str]  # (runtime, precision, quantize)
-RECORD_FORMAT = 6  # 5: faithful candidates only unless int8 is asked, one at a time, half precision batch-invariant; 6: OpenVINO over its streams
+Config = RuntimeConfig
+TORCH_FP32 = RuntimeConfig("torch", "fp32", "none")  # the reference every candidate is held to
 TIMED_PASSES = 2  # the best pass is kept (the first one warms up), the first one's vectors checked
 BATCH = 16  # texts per timed call: the timing texts make two batches, one short, one long
 EXPORT_RUNTIMES = {"onnx": "onnxruntime", "openvino": "openvino"}
-_LIBRARIES = ("torch", "onnxruntime", "openvino", "nncf", "sentence-transformers", "transformers", "tokenizers")
 # what a runtime holds besides the weights while it runs (ORT's arena, OpenVINO's compiled copy):
 # the memory guard refuses a candidate whose weights x this would not fit before loading it
 RUNTIME_FOOTPRINT = {"torch": 1.0, "onnx": 3.0, "openvino": 3.0}  # torch: as check_model_memory estimates it
-Note = Callable[[str], None]
-
-
-@dataclass(frozen=True)
-class RuntimeChoice:
-    """The configuration a local model runs with here, and why: what the sidecar records."""
-
-    config: Config
-    by: str  # "asked for" | "measured on this machine" | "pinned" | "not measured yet"
-    record: str | None = None
-    texts_per_s: float | None = None
-    fidelity: dict[str, float] | None = None
-    passed_over: tuple[dict[str, str], ...] = field(default_factory=tuple)
-    measured_seconds: float = 0.0  # spent measuring for this choice in this process (0: taken from the record)
-
-    @property
-    def label(self) -> str:
-        return label(self.config)
-
-    def describe(self) -> dict[str, Any]:
-        return {"chosen": self.label, "by": self.by, "measurements": self.record, "texts_per_s": self.texts_per_s,
-                "fidelity_on_fixed_texts": self.fidelity, "passed_over": list(self.passed_over)}
 
 
 def candidates(runtime: str, precision: str, quantize: str, cpu_only: bool) -> list[Config]:
@@ -102,103 +76,21 @@ def candidates(runtime: str, precision: str, quantize: str, cpu_only: bool) -> l
             if rt != "torch" and precision in ("auto", "fp32"):
                 if rt == "openvino" and runtime == "auto" and importlib.util.find_spec("nncf") is None:
                     continue  # its int8 weights are made by NNCF (hfbatch[openvino] brings it)
-                out.append((rt, "fp32", "int8"))
+                out.append(RuntimeConfig(rt, "fp32", "int8"))
             continue
         if rt == "torch" and not cpu_only:
-            out.append(("torch", precision if precision != "auto" else "auto", "none"))  # a GPU: fp16 by the device rule
+            out.append(RuntimeConfig("torch", precision, "none"))  # a GPU: fp16 by the device rule
             continue
         wanted = [precision] if precision != "auto" else (["fp32", "bf16"] if native_bf16 else ["fp32"])
         for p in wanted:
             if p == "fp16" or (rt == "onnx" and p != "fp32"):
                 continue  # fp16 is a GPU precision; ONNX Runtime runs fp32 on the CPU here
-            out.append((rt, p, "none"))
+            out.append(RuntimeConfig(rt, p, "none"))
     if not out:
         raise InputError(f"no runtime fits --runtime {runtime} --precision {precision} --quantize {quantize} here "
                          "(ONNX Runtime runs fp32 or int8 on the CPU; OpenVINO fp32, bf16 or int8; torch fp32/bf16/fp16); "
                          "drop one of them.")
     return out
-
-
-def machine() -> dict[str, Any]:
-    """What the measurements hold for: the CPU and the libraries that run the model."""
-    cpu = cpu_facts()
-    return {"cpu": cpu.get("model"), "cores": cpu.get("cores"), "flags": cpu.get("flags"),
-            "libraries": {name: package_version(name) for name in _LIBRARIES}, "hfbatch": __version__}
-
-
-def choices_root() -> Path:
-    return exports_root().parent / "choices"
-
-
-def record_path(backend: "LocalBackend") -> Path:
-    """One record per model (its files, wherever they sit) and machine; int8 recipes are part of
-    it so a new recipe is measured again, not ranked by the old one's speed."""
-    from .onnx import int8_recipe
-    from .openvino_export import int8_recipe as openvino_recipe
-
-    where = json.dumps(machine(), sort_keys=True).encode()
-    extra = f"recipes={int8_recipe()},{openvino_recipe()}".encode()
-    key = hashlib.blake2b(where + b"\x1f" + backend.weights_key().encode() + b"\x1f" + extra, digest_size=10).hexdigest()
-    return choices_root() / f"{key}.json"
-
-
-def read_record(path: Path) -> dict[str, Any]:
-    """The record at `path`, or {} (measured again) when it is missing, of another format, or not
-    the shape this module writes (edited by hand, written by something else)."""
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(record, dict) or record.get("format") != RECORD_FORMAT:
-        return {}
-    entries = record.get("candidates", [])
-    pinned = record.get("pinned")
-    well_formed = isinstance(entries, list) and (pinned is None or _is_config(pinned)) and all(
-        isinstance(e, dict) and _is_config(e.get("config")) and e.get("label") == label(tuple(e["config"]))
-        and isinstance(e.get("accepted", False), bool) and _is_number(e.get("texts_per_s", 0))
-        and (e.get("fidelity") is None or (isinstance(e["fidelity"], dict)
-                                           and all(_is_number(e["fidelity"].get(k)) for k in ("mean", "min"))))
-        for e in entries) and len({tuple(e["config"]) for e in entries}) == len(entries)
-    return record if well_formed else {}
-
-
-def _is_config(value: Any) -> bool:
-    """One of the configurations hfbatch makes (a planted ["evil", "x", "y"] or "onnx " is not)."""
-    return (isinstance(value, list) and len(value) == 3 and value[0] in ("torch", *EXPORT_RUNTIMES)
-            and value[1] in ("fp32", "bf16", "fp16", "auto") and value[2] in ("none", "int8"))
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value >= 0
-
-
-def _writable(folder: Path) -> bool:
-    """Whether the record's folder can be made and written (its nearest existing parent, if not there)."""
-    probe = folder
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return os.access(probe, os.W_OK | os.X_OK)
-
-
-@contextlib.contextmanager
-def _lock(path: Path, note: Note | None = None) -> Iterator[None]:
-    """One measurement per record at a time, across processes (Ray actors, two cron jobs); a
-    process that has to wait says so first (a silent wait of a minute looks like a hang)."""
-    from filelock import FileLock, Timeout
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(str(path) + ".lock", timeout=900)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        if note:
-            note("measuring runtimes: waiting for another process measuring this model")
-        log.warning("waiting for another process measuring %s (lock %s.lock)", path.stem, path)
-        lock.acquire()
-    try:
-        yield
-    finally:
-        lock.release()
 
 
 def choose(backend: "LocalBackend", configs: Sequence[Config], *, measure: bool = True, note: Note | None = None,
@@ -217,27 +109,27 @@ def choose(backend: "LocalBackend", configs: Sequence[Config], *, measure: bool 
     path = record_path(backend)
     record = read_record(path)
     started = time.perf_counter()
-    if measure and _missing(record, configs) and not _writable(path.parent):
+    if measure and _missing(record, configs) and not writable(path.parent):
         # a read-only cache dir: a measurement could not be kept, and every job would pay it again
-        fallback = ("torch", "fp32", "none") if ("torch", "fp32", "none") in configs else configs[0]
+        fallback = TORCH_FP32 if TORCH_FP32 in configs else configs[0]
         log.warning("%s is not writable: %s runs without measuring (pin a choice with HFBATCH_RUNTIME / "
                     "HFBATCH_PRECISION, or run `hfbatch tune` where the cache dir is writable)", path.parent, label(fallback))
         return RuntimeChoice(fallback, by=f"not measured: {path.parent} is not writable", record=None)
     if measure and _missing(record, configs):
-        with _lock(path, note):
+        with lock(path, note):
             record = read_record(path)  # another process may have measured while this one waited
             if _missing(record, configs):
                 record = _measure_and_keep(backend, path, record, _missing(record, configs), note, job_texts)
     spent = time.perf_counter() - started
-    entries = {tuple(e["config"]): e for e in record.get("candidates", [])}
-    pinned = tuple(record["pinned"]) if record.get("pinned") else None
+    entries = _entries(record)
+    pinned = RuntimeConfig(*record["pinned"]) if record.get("pinned") else None
     if pinned in configs:
-        return RuntimeChoice(pinned, by="pinned", record=str(path),  # type: ignore[arg-type]
+        return RuntimeChoice(pinned, by="pinned", record=str(path),
                              texts_per_s=entries.get(pinned, {}).get("texts_per_s"), measured_seconds=spent)
     accepted = [c for c in configs if entries.get(c, {}).get("accepted")]
     if not accepted:
         if not measure:
-            return RuntimeChoice(("torch", "fp32", "none") if ("torch", "fp32", "none") in configs else configs[0],
+            return RuntimeChoice(TORCH_FP32 if TORCH_FP32 in configs else configs[0],
                                  by=f"not measured yet: the job will measure {labels(configs)} first", record=str(path))
         refused = "; ".join(f"{e['label']}: {e.get('reason')}" for c, e in entries.items() if c in configs)
         raise ModelLoadError(f"no configuration of {backend.model_id} passed its checks here ({refused or 'none measured'}); "
@@ -248,18 +140,13 @@ def choose(backend: "LocalBackend", configs: Sequence[Config], *, measure: bool 
                          measured_seconds=spent)
 
 
-def faithful_choice(record: dict[str, Any]) -> str | None:
-    """The label of what a default (faithful) job runs by `record`: its pin, unless that pin is
-    int8 (an int8 pin is for --quantize int8 jobs), else the fastest accepted faithful candidate."""
-    pinned = record.get("pinned")
-    if pinned and pinned[2] != "int8":
-        return label(tuple(pinned))  # type: ignore[arg-type]
-    faithful = [e for e in record.get("candidates", []) if e.get("accepted") and e["config"][2] != "int8"]
-    return max(faithful, key=lambda e: e.get("texts_per_s") or 0.0)["label"] if faithful else None
+def _entries(record: dict[str, Any]) -> dict[RuntimeConfig, dict[str, Any]]:
+    """A record's candidates by configuration (one read by read_record, or just measured)."""
+    return {RuntimeConfig(*e["config"]): e for e in record.get("candidates", [])}
 
 
 def _missing(record: dict[str, Any], configs: Sequence[Config]) -> list[Config]:
-    entries = {tuple(e["config"]): e for e in record.get("candidates", [])}
+    entries = _entries(record)
     # never measured, or failed for a passing reason (a full disk, a busy file) last time
     return [c for c in configs if c not in entries or entries[c].get("transient")]
 
@@ -274,7 +161,7 @@ def _measure_and_keep(backend: "LocalBackend", path: Path, record: dict[str, Any
               "candidates": entries, "pinned": record.get("pinned"),
               "seconds": round(time.perf_counter() - started, 1)}
     try:
-        write_atomic(path, json.dumps(record, indent=1))
+        keep(path, record)
     except OSError as exc:
         log.warning("cannot keep the runtime measurements in %s (%s); they hold for this job only", path.parent, exc)
     return record
@@ -282,9 +169,6 @@ def _measure_and_keep(backend: "LocalBackend", path: Path, record: dict[str, Any
 
 def fixed_texts() -> list[str]:
     """The short texts of every kind the candidates meet: reviews, codes, other languages."""
-    from .fidelity import CALIBRATION_TEXTS
-    from .onnx import SMOOTHING_TEXTS
-
     return list(dict.fromkeys([*SMOOTHING_TEXTS, *CALIBRATION_TEXTS]))
 
 
@@ -308,11 +192,11 @@ def measure_configs(backend: "LocalBackend", configs: Sequence[Config], note: No
     timed = timing_texts()
     batches = [timed[i:i + BATCH] for i in range(0, len(timed), BATCH)]
     # torch first (fp32: the reference every candidate is checked against), then the exports made from it
-    order = sorted(configs, key=lambda c: (c[0] != "torch", c != ("torch", "fp32", "none")))
+    order = sorted((RuntimeConfig(*c) for c in configs), key=lambda c: (c.runtime != "torch", c != TORCH_FP32))
     log.warning("measuring %s for %s on this CPU, one at a time, once per machine (kept in %s)",
                 labels(order), backend.model_id, choices_root())
     say(f"measuring runtimes (1/{len(order)}): loading torch fp32, the reference")
-    reference_backend = backend.variant(("torch", "fp32", "none"))
+    reference_backend = backend.variant(TORCH_FP32)
     reference_backend.compute(batches[0])  # loads
     t = time.perf_counter()
     reference = np.concatenate([reference_backend.compute(b) for b in batches])
@@ -329,21 +213,21 @@ def measure_configs(backend: "LocalBackend", configs: Sequence[Config], note: No
         began = time.perf_counter()
         entry: dict[str, Any] = {"config": list(config), "label": label(config)}
         entries.append(entry)
-        variant = reference_backend if config == ("torch", "fp32", "none") else backend.variant(config)
+        variant = reference_backend if config == TORCH_FP32 else backend.variant(config)
         base = rss_bytes()
         try:
             if guard is not None:  # before loading, not after an OOM
-                need = variant.estimated_model_bytes() * RUNTIME_FOOTPRINT.get(config[0], 3.0)
+                need = variant.estimated_model_bytes() * RUNTIME_FOOTPRINT.get(config.runtime, 3.0)
                 if need > guard:
                     raise MemoryGuardError(f"needs about {need / 1e9:.2f} GB to run, more than MAX_MODEL_MEMORY_GB="
                                            f"{guard / 1e9:g}")
-            if config[0] != "torch":
+            if config.runtime != "torch":
                 variant.ensure_export()  # made from the torch model, which can go now
                 if torch_held:
                     reference_backend.release(torch_model=True)
                     torch_held = False
             is_reference = variant is reference_backend
-            half = config[2] != "int8" and config[1] in ("bf16", "fp16")
+            half = config.quantize != "int8" and config.precision in ("bf16", "fp16")
             if half:  # the cheap refusal first: the longest batch alone vs batched, before any timed pass
                 longest = variant.compute(batches[-1])
                 entry["fidelity"] = figures(reference[-len(batches[-1]):], longest)  # the full pass replaces it
@@ -362,7 +246,7 @@ def measure_configs(backend: "LocalBackend", configs: Sequence[Config], note: No
                 passes.append(time.perf_counter() - t)
                 if len(passes) == 1:
                     entry["fidelity"] = figures(reference, vectors)
-                    bar = bar_for(config[2])
+                    bar = bar_for(config.quantize)
                     entry["accepted"] = bar.passes(entry["fidelity"])
                     if not entry["accepted"]:
                         entry["reason"] = f"cosine to torch fp32 {entry['fidelity']['mean']:.5f} mean / " \
@@ -428,33 +312,8 @@ def _batch_invariance(variant: "LocalBackend", batches: list[list[str]], batched
 def remeasure(backend: "LocalBackend", configs: Sequence[Config], note: Note | None = None) -> dict[str, Any]:
     """Measure `configs` again now (`hfbatch tune`), keeping a pin; returns the new record."""
     path = record_path(backend)
-    with _lock(path):
+    with lock(path):
         record = read_record(path)
         return _measure_and_keep(backend, path, record, list(configs), note)
 
 
-def pin(backend: "LocalBackend", config: Config | None) -> dict[str, Any]:
-    """Pin `config` as this machine's choice for the model (None: unpin, the fastest again)."""
-    path = record_path(backend)
-    with _lock(path):
-        record = read_record(path) or {"format": RECORD_FORMAT, "model_id": backend.model_id, "machine": machine(),
-                                       "candidates": []}
-        record["pinned"] = list(config) if config else None
-        write_atomic(path, json.dumps(record, indent=1))
-    return record
-
-
-def refuse(backend: "LocalBackend", config: Config, reason: str) -> None:
-    """A chosen configuration failed to load or to prove itself after one rebuild: kept as refused
-    in the record (with its reason) so the next job goes on with the next faithful one."""
-    path = record_path(backend)
-    try:
-        with _lock(path):
-            record = read_record(path)
-            for entry in record.get("candidates", []):
-                if tuple(entry["config"]) == config:
-                    entry.update(accepted=False, reason=reason[:300])
-            if record:
-                write_atomic(path, json.dumps(record, indent=1))
-    except OSError:
-        pass

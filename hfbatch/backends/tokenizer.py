@@ -1,4 +1,5 @@
-"""The model's tokenizer, loaded once and shared by counting, windows and the ONNX/OpenVINO runtimes.
+"""The model's tokenizer, loaded once and shared by counting, windows and the ONNX/OpenVINO runtimes;
+`Tokens` is what a backend (local, or remote for its counts) holds of it.
 
 Two ways to load the same tokenizer: the `tokenizers` library on the model's tokenizer.json
 (milliseconds, no transformers import: the start-up of a small job) or transformers'
@@ -11,11 +12,15 @@ transformers can change a tokenizer after reading its file (tokenizer_config.jso
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..errors import ModelLoadError
+from ..errors import InputError, ModelLoadError
+from .exports import ExportBundle, package_version
+from .hub import files_digest, resolve_model_dir, weights_key
+from .spec import ModelSpec, read_spec
+from .windows import Windows, fit_windows
 
 # What a tokenizer is checked on before the fast loader is trusted: cases, accents, scripts,
 # symbols, whitespace runs, very long text (truncation), and the empty string.
@@ -88,8 +93,6 @@ class ModelTokenizer:
 
 def tokenizer_libraries() -> dict[str, str | None]:
     """The versions a fast-tokenizer proof holds for (a new tokenizers or transformers proves again)."""
-    from .exports import package_version
-
     return {name: package_version(name) for name in ("tokenizers", "transformers")}
 
 
@@ -127,3 +130,76 @@ def same_ids(fast: ModelTokenizer, slow: ModelTokenizer, texts: Sequence[str] = 
         return all(a[n].shape == b[n].shape and bool((a[n] == b[n]).all()) for n in names)
     except Exception:  # noqa: BLE001 - any disagreement, even a crash, means: use transformers
         return False
+
+
+class Tokens:
+    """A model's tokenizer as a job uses it: counts and windows of the texts as the model reads
+    them (its prompt before each, lowercased where it says, cut at its max length). The tokenizer
+    loads on the first count, the fast way where this model's export proved it (`weights_key`
+    names that export), else transformers'."""
+
+    def __init__(self, model_dir: Path, model_id: str, spec: ModelSpec, *, weights_key: Callable[[], str],
+                 trust_remote_code: bool = False):
+        self.model_dir, self.model_id, self.spec = model_dir, model_id, spec
+        self._weights_key, self._trust_remote_code = weights_key, trust_remote_code
+        self._loaded: ModelTokenizer | None = None
+
+    @classmethod
+    def find(cls, model: str, *, prompt: str | None = None, prompt_name: str | None = None) -> "Tokens":
+        """The tokens of `model` (hub id or directory) found as a local backend finds them:
+        ModelLoadError when its files cannot be had, InputError for an unknown `prompt_name`."""
+        root, source = resolve_model_dir(model)
+        spec = read_spec(root, model, max_length=None, prompt=prompt, prompt_name=prompt_name)
+        return cls(root, model, spec, weights_key=lambda: weights_key(files_digest(root, str(source["revision"]))))
+
+    @property
+    def prompt(self) -> str | None:
+        return self.spec.prompt
+
+    @property
+    def prompt_name(self) -> str | None:
+        return self.spec.prompt_name
+
+    @property
+    def max_length(self) -> int:
+        return self.spec.max_length
+
+    @property
+    def loader(self) -> str | None:
+        """How the tokenizer was loaded ("tokenizers" or "transformers"; None: not loaded)."""
+        return self._loaded.loader if self._loaded is not None else None
+
+    def adopt(self, tokenizer: ModelTokenizer) -> None:
+        """Take `tokenizer` (the loaded torch model's own) unless one is loaded already."""
+        self._loaded = self._loaded or tokenizer
+
+    def load(self) -> ModelTokenizer:
+        if self._loaded is None:
+            meta = ExportBundle(self._weights_key()).meta()
+            if meta.get("tokenizer_fast") and meta.get("tokenizer_libraries") == tokenizer_libraries():
+                self._loaded = load_fast(self.model_dir, lower=self.spec.lower)
+            if self._loaded is None:
+                self._loaded = load_transformers(self.model_dir, self.model_id, trust_remote_code=self._trust_remote_code,
+                                                 lower=self.spec.lower)
+        return self._loaded
+
+    def counts(self, texts: Sequence[str]) -> list[int]:
+        # the preparation sentence-transformers applies: prompt + text, stripped, lowercased where the model says
+        return self.load().count(texts, self.prompt or "")
+
+    def split(self, texts: Sequence[str], size: int, overlap: int) -> list[Windows]:
+        """Windows of at most `size` tokens as the model reads them (specials and prompt included),
+        `overlap` tokens shared, cut by this model's tokenizer (see windows.py)."""
+        if size > self.max_length:
+            raise InputError(f"--split tokens:{size} is more than {self.model_id} reads ({self.max_length} tokens); "
+                             f"use --split tokens:{self.max_length} or less.")
+        tokenizer = self.load()
+        if not tokenizer.fast:
+            raise InputError(f"--split needs a fast tokenizer (with offsets); {self.model_id}'s is not one.")
+        # offsets index the text as given; lowercasing is kept only where it keeps every length
+        lower = self.spec.lower
+        seen = [t.lower() if lower and len(t.lower()) == len(t) else t for t in texts]
+        offsets = tokenizer.offsets(seen)
+        overhead = self.counts([""])[0]  # specials and the prompt: what any text costs beside its own tokens
+        return fit_windows(list(texts), offsets, size=size, overlap=overlap, overhead=overhead, count=self.counts,
+                           limit=self.max_length)

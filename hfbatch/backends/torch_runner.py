@@ -17,7 +17,7 @@ import numpy as np
 
 from ..errors import ModelLoadError
 from .exports import first_line
-from .fidelity import CALIBRATION_TEXTS
+from .fidelity import CALIBRATION_TEXTS, FAITHFUL, check_fidelity
 
 log = logging.getLogger(__name__)
 
@@ -89,3 +89,35 @@ def warn_emulated_bf16(run: Callable[[Sequence[str], str], Any]) -> float:
                 "emulates it: %.1fx the time of fp32 on a sample here; --precision fp32 (or auto) is the fast "
                 "choice on this machine.", factor)
     return factor
+
+
+class TorchModel:
+    """A loaded sentence-transformers model under one backend's settings (device, max length,
+    normalisation, prompt): what `encode(texts, precision)` runs, and what exports are made from."""
+
+    def __init__(self, model: Any, device: str, *, max_length: int, normalize: bool, prompt: str | None):
+        self.model, self.device, self.max_length = model, device, max_length
+        self.normalize = normalize  # whether encode normalises (the model has no Normalize module of its own)
+        self.prompt = prompt  # None: none; "": the model's default prompt turned off
+
+    def encode(self, texts: Sequence[str], precision: str) -> np.ndarray:
+        return encode(self.model, texts, precision, device=self.device, max_length=self.max_length,
+                      normalize=self.normalize, prompt=self.prompt)
+
+    def check_half(self, precision: str) -> dict[str, float]:
+        """--precision auto on a GPU keeps half precision only where it matches fp32 on the
+        calibration sample: its figures, or ModelLoadError."""
+        return check_fidelity(self.encode(CALIBRATION_TEXTS, "fp32"), self.encode(CALIBRATION_TEXTS, precision), FAITHFUL,
+                              what=f"{precision} on this machine", where="the calibration sample",
+                              fix="pass --precision fp32.")
+
+    def emulated_bf16_factor(self) -> float:
+        return warn_emulated_bf16(self.encode)
+
+
+def load(path: str, device: str, model_id: str, *, trust_remote_code: bool, normalize: bool, max_length: int,
+         prompt: str | None) -> TorchModel:
+    """The memoised model (load_torch_model) with these settings."""
+    model, normalize_in_encode = load_torch_model(path, device, model_id, trust_remote_code=trust_remote_code,
+                                                  normalize=normalize)
+    return TorchModel(model, device, max_length=max_length, normalize=normalize_in_encode, prompt=prompt)
