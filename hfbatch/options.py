@@ -6,6 +6,7 @@ can be judged without a file or a model.
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from dataclasses import dataclass, field, replace
@@ -23,6 +24,35 @@ from .vectors import CALIBRATED, OUTPUT_PRECISIONS
 
 _Opts = TypeVar("_Opts", bound="JobOptions")
 GENERATE_BACKENDS = ("local", "api", "hf-api")
+
+# The one list of what makes an embed output what it is: the options a rerun must share with an
+# earlier run to take its outputs as done (engines/parts.py's options key). Every other field of
+# EmbedOptions (paths, batching, retries, logging, resources) is in NOT_OUTPUT_IDENTITY; a test
+# holds every field to one of the two, so a new option is classified when it is added.
+OUTPUT_IDENTITY = ("model", "text_column", "keep", "format", "normalize", "max_length", "precision", "runtime",
+                   "quantize", "on_invalid", "backend", "endpoint", "fallback", "remote_pooling", "split", "overlap",
+                   "aggregate", "prompt", "prompt_name", "truncate_dim", "output_precision", "calibration",
+                   "calibration_size", "tokenizer")
+NOT_OUTPUT_IDENTITY = (
+    "input", "output", "delimiter",  # where (the delimiter is folded into `format` once resolved)
+    "device", "trust_remote_code",  # how the same model is run
+    "batch_size", "chunk_size", "max_batch_tokens", "api_concurrency", "api_timeout", "api_retries",
+    "api_retry_ceiling", "api_batch_size",  # how fast
+    "use_cache", "cache_dir", "cache_size_bytes", "max_errors", "max_line_bytes",  # cache and limits
+    "relative_paths", "metrics_file", "log_file", "command", "sidecar_file",  # records
+    "ranges", "calibration_record",  # settled from `calibration` by the engines, the same for every part
+)
+
+
+def output_identity(opts: "EmbedOptions") -> dict[str, Any]:
+    """The OUTPUT_IDENTITY values of `opts` as JSON holds them (paths and other values as text,
+    the endpoint without user:password@: credentials are not identity, and this is written down)."""
+    from .backends.http import public_url
+
+    values: dict[str, Any] = {name: getattr(opts, name) for name in OUTPUT_IDENTITY}
+    values["keep"] = list(values["keep"]) if values["keep"] is not None else None
+    values["endpoint"] = public_url(values["endpoint"]) if values["endpoint"] else None
+    return json.loads(json.dumps(values, default=str))
 
 
 @dataclass(frozen=True)

@@ -47,7 +47,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from ..backends import Backend, make_backend
-from ..backends.http import public_url
 from ..errors import HfbatchError, InputChangedError, InputError
 from ..io.plan import normal_location, part_outputs, plan_outputs
 from ..io.readers import detect_format
@@ -55,7 +54,7 @@ from ..io.stores import RemotePath, is_remote, location
 from ..io.writers import METADATA_KEY, publishing, write_json_atomic
 from ..jobs.embed import calibrate_ranges, run_embed
 from ..monitoring import NullObserver, Observer
-from ..options import EmbedOptions, sidecar_path
+from ..options import EmbedOptions, output_identity, sidecar_path
 from ..provenance import file_digest, library_versions, redact, relative_paths, utc_now
 from ..settings import Settings
 from ..vectors import CALIBRATED
@@ -63,10 +62,6 @@ from ..vectors import CALIBRATED
 JOB_SIDECAR = "_hfbatch_job"
 PART_SIDECARS = "_hfbatch"  # out/_hfbatch/<output relative path>.meta.json
 _GLOB_CHARS = set("*?[")
-# fields of EmbedOptions that decide what the vectors are; the rest (paths, batching, retries) do not
-_KEY_FIELDS = ("model", "text_column", "keep", "format", "normalize", "max_length", "precision", "runtime",
-               "quantize", "on_invalid", "backend", "endpoint", "fallback", "remote_pooling", "split", "overlap",
-               "aggregate", "prompt", "prompt_name", "truncate_dim", "output_precision", "calibration", "calibration_size")
 
 
 def is_multi_input(spec: str | Path) -> bool:
@@ -161,11 +156,8 @@ def shard_of(relative: str, count: int) -> int:
 
 
 def options_key(opts: EmbedOptions) -> str:
-    values = {name: getattr(opts, name) for name in _KEY_FIELDS}
-    values["keep"] = list(values["keep"]) if values["keep"] is not None else None
-    # the endpoint without user:password@: credentials are not identity, and the key is written down
-    values["endpoint"] = public_url(values["endpoint"]) if values["endpoint"] else None
-    return hashlib.blake2b(json.dumps(values, sort_keys=True, default=str).encode(), digest_size=12).hexdigest()
+    """What an earlier run must share with this one for its parts to be taken as done."""
+    return hashlib.blake2b(json.dumps(output_identity(opts), sort_keys=True).encode(), digest_size=12).hexdigest()
 
 
 def job_sidecar_path(out_dir: Path, shard: tuple[int, int]) -> Path:
