@@ -1,7 +1,7 @@
 """End-to-end hfbatch vs raw SentenceTransformer.encode, measured in one run on this machine.
 
 Prints ratios (hfbatch / raw, higher is better for speed) so results compare across machines:
-1. cold: `embed_file` with an empty cache vs `model.encode(texts, batch_size=32)` on the same
+1. cold: `hfbatch.embed` with an empty cache vs `model.encode(texts, batch_size=32)` on the same
    texts, both with the model already loaded (what is measured is the pipeline's cost);
 2. warm: the same job again, every vector from the cache; rows/s and speed-up over cold;
 3. CLI: `hfbatch embed` as a subprocess (start-up and model load included) vs a plain script that
@@ -79,7 +79,8 @@ def raw_encode(texts: list[str]) -> tuple[np.ndarray, float]:
 
 
 def bench_in_process(texts: list[str]) -> dict:
-    from hfbatch import EmbedOptions, embed_file
+    from hfbatch import EmbedOptions
+    import hfbatch
 
     src = WORK / "bench.parquet"
     pq.write_table(pa.table({"id": list(range(len(texts))), "text": texts}), src)
@@ -88,9 +89,9 @@ def bench_in_process(texts: list[str]) -> dict:
     cache = WORK / "cache"
     shutil.rmtree(cache, ignore_errors=True)
     opts = EmbedOptions(input=src, output=WORK / "out.parquet", cache_dir=cache, batch_size=32)
-    embed_file(EmbedOptions(input=src, output=WORK / "warmup.parquet", use_cache=False, chunk_size=64))  # loads model + tokenizer once
-    cold = embed_file(opts)
-    warm = embed_file(opts)
+    hfbatch.embed(EmbedOptions(input=src, output=WORK / "warmup.parquet", use_cache=False, chunk_size=64))  # loads model + tokenizer once
+    cold = hfbatch.embed(opts)
+    warm = hfbatch.embed(opts)
     got = np.array(pq.read_table(WORK / "out.parquet").column("embedding").to_pylist(), dtype=np.float32)
     return {
         "rows": len(texts),
@@ -153,12 +154,13 @@ def bench_memory(rows: int) -> dict:
 
 def bench_precision(texts: list[str]) -> dict:
     """hfbatch with --precision bf16 (cold) against raw fp32 encode, same texts, same process."""
-    from hfbatch import EmbedOptions, embed_file
+    from hfbatch import EmbedOptions
+    import hfbatch
 
     raw, raw_s = raw_encode(texts)
     src = WORK / "bench.parquet"
-    embed_file(EmbedOptions(input=src, output=WORK / "warmup.parquet", use_cache=False, chunk_size=64, precision="bf16"))
-    run = embed_file(EmbedOptions(input=src, output=WORK / "bf16.parquet", use_cache=False, precision="bf16"))
+    hfbatch.embed(EmbedOptions(input=src, output=WORK / "warmup.parquet", use_cache=False, chunk_size=64, precision="bf16"))
+    run = hfbatch.embed(EmbedOptions(input=src, output=WORK / "bf16.parquet", use_cache=False, precision="bf16"))
     got = np.array(pq.read_table(WORK / "bf16.parquet").column("embedding").to_pylist(), dtype=np.float32)
     cosine = (got * raw).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(raw, axis=1))
     return {"raw_s": raw_s, "bf16_s": run.metrics["wall_seconds"], "cos_mean": float(cosine.mean()), "cos_min": float(cosine.min())}
@@ -166,7 +168,8 @@ def bench_precision(texts: list[str]) -> dict:
 
 def bench_warm_large(rows: int) -> dict:
     """Fill the cache once (bf16, short texts), then time the warm rerun end to end."""
-    from hfbatch import EmbedOptions, embed_file
+    from hfbatch import EmbedOptions
+    import hfbatch
 
     rng = random.Random(11)
     words = ("great poor battery screen kettle lid handle strap zipper blade charger cable sole fits "
@@ -177,8 +180,8 @@ def bench_warm_large(rows: int) -> dict:
     cache = WORK / "cache-warm"
     shutil.rmtree(cache, ignore_errors=True)
     opts = EmbedOptions(input=src, output=WORK / "warm50k.out.parquet", cache_dir=cache, precision="bf16", batch_size=64)
-    cold = embed_file(opts)
-    warm = embed_file(opts)
+    cold = hfbatch.embed(opts)
+    warm = hfbatch.embed(opts)
     cli = _cli([str(src), "-o", str(WORK / "warm50k.cli.parquet"), "--cache-dir", str(cache), "--precision", "bf16"])
     return {"rows": rows, "cold_s": cold.metrics["wall_seconds"], "warm_s": warm.metrics["wall_seconds"],
             "warm_rows_per_s": rows / warm.metrics["wall_seconds"], "warm_computed": warm.metrics["texts_computed"],

@@ -38,8 +38,8 @@ from hfbatch import EmbedOptions
 kind, src, out, cache, workers = sys.argv[1:6]
 opts = EmbedOptions(input=Path(src), output=Path(out), cache_dir=Path(cache))
 if kind == "single":
-    from hfbatch import embed_file
-    result = embed_file(opts)
+    import hfbatch
+    result = hfbatch.embed(opts)
     rows = result.metrics["rows_written"]
 elif kind == "parts":
     from hfbatch.engines.parts import run_embed_parts

@@ -23,6 +23,7 @@ from .engines.parts import PartsResult
 from .errors import (
     BackendError,
     HfbatchError,
+    InputChangedError,
     InputError,
     ModelLoadError,
     OutputError,
@@ -39,7 +40,6 @@ from .tools.dry_run import plan_embed as plan
 from .tools.verify import verify_output as verify
 
 generate = run_generate
-embed_file = embed  # the earlier name: the same call as `hfbatch embed`, a file or many parts
 
 __all__ = [
     "__version__",
@@ -48,9 +48,7 @@ __all__ = [
     "generate",
     "plan",
     "verify",
-    "embed_file",
     "run_embed",
-    "run_generate",
     "EmbedOptions",
     "GenerateOptions",
     "EmbedResult",
@@ -65,4 +63,5 @@ __all__ = [
     "TransientBackendError",
     "TerminalBackendError",
     "TooManyErrors",
+    "InputChangedError",
 ]

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import SAMPLE_TEXTS, rows_for, write_csv
-from hfbatch import EmbedOptions, InputError, ModelLoadError, embed_file
+from hfbatch import EmbedOptions, InputError, ModelLoadError
+import hfbatch
 from hfbatch.backends import onnx as onnx_backend
 from hfbatch.backends.local import LocalBackend
 
@@ -18,7 +19,7 @@ DEFAULT = "sentence-transformers/all-MiniLM-L6-v2"
 
 def test_onnx_runtime_equals_torch_and_caches_its_export(tmp_path: Path, st_model, onnx_dir: Path) -> None:
     src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
-    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", runtime="onnx", quantize="none", chunk_size=3))
+    result = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet", runtime="onnx", quantize="none", chunk_size=3))
     got = np.array(pq.read_table(result.output).column("embedding").to_pylist(), dtype=np.float32)
     want = st_model.encode(SAMPLE_TEXTS)
     assert ((got * want).sum(1)).min() > 0.9999  # unit vectors: the dot product is the cosine
@@ -39,7 +40,7 @@ def test_int8_is_refused_with_figures_when_not_faithful(tmp_path: Path, monkeypa
     monkeypatch.setattr(onnx_backend, "INT8_MIN_MEAN", 0.99999)  # a bar no int8 model meets
     src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
     with pytest.raises(ModelLoadError, match=r"not faithful enough .*cosine to fp32 mean 0\.\d+ \(needs >= 0\.99999\), min"):
-        embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", quantize="int8"))
+        hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet", quantize="int8"))
     assert not (tmp_path / "o.parquet").exists()
 
 
@@ -47,7 +48,7 @@ def test_int8_meets_the_default_bar_and_is_really_int8(tmp_path: Path, monkeypat
                                                         onnx_dir: Path) -> None:
     monkeypatch.setenv("ENABLE_MODEL_QUANTIZATION", "true")  # the original service's switch
     src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
-    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet"))
+    result = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet"))
     local = result.document["provenance"]["backends"]["local"]
     assert local["quantize"].startswith("int8-") and local["runtime"] == "onnx"
     assert local["export_fidelity"]["mean"] >= onnx_backend.INT8_MIN_MEAN == 0.99
@@ -100,13 +101,13 @@ def test_onnx_option_conflicts() -> None:
 def test_int8_is_checked_on_the_jobs_own_texts_only_when_it_computes(tmp_path: Path) -> None:
     texts = [f"order {i}: {SAMPLE_TEXTS[i % len(SAMPLE_TEXTS)]} " * (1 + i % 4) for i in range(40)]
     src = write_csv(tmp_path / "in.csv", rows_for(texts))
-    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", quantize="int8", batch_size=16))
+    result = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet", quantize="int8", batch_size=16))
     local = result.document["provenance"]["backends"]["local"]
     job = local["job_fidelity"]
     assert job["texts"] == 16  # the job's first batch (its longest texts), before any of its vectors is used
     assert job["mean"] >= onnx_backend.INT8_MIN_MEAN and job["min"] >= onnx_backend.INT8_MIN_MIN
     assert result.document["metrics"]["stage_seconds"]["check"] > 0  # its seconds are the job's, shown apart
-    again = embed_file(EmbedOptions(input=src, output=tmp_path / "again.parquet", quantize="int8", batch_size=16))
+    again = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "again.parquet", quantize="int8", batch_size=16))
     local = again.document["provenance"]["backends"]["local"]
     # every vector cached: no check, no model, no export loaded
     assert local["job_fidelity"] is None and local["model_loaded"] is False
@@ -116,7 +117,7 @@ def test_int8_is_checked_on_the_jobs_own_texts_only_when_it_computes(tmp_path: P
 def test_int8_on_an_input_without_texts_checks_nothing(tmp_path: Path) -> None:
     src = write_csv(tmp_path / "in.csv", rows_for(["", "   "]))  # rows, but no text to check
     for name in ("a.parquet", "b.parquet"):  # the second run must not trip over what the first kept
-        result = embed_file(EmbedOptions(input=src, output=tmp_path / name, quantize="int8"))
+        result = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / name, quantize="int8"))
         assert result.document["provenance"]["backends"]["local"].get("job_fidelity") is None
         assert pq.read_table(result.output).num_rows == 2  # every row, with its error mark
 
@@ -141,5 +142,5 @@ def test_int8_unfaithful_on_the_jobs_texts_is_refused_before_anything_is_written
     monkeypatch.setattr(LocalBackend, "_run", drifting)
     src = write_csv(tmp_path / "in.csv", rows_for([f"{t} (row {i})" for i, t in enumerate(SAMPLE_TEXTS * 3)]))
     with pytest.raises(ModelLoadError, match=r"not faithful enough on this job's first \d+ texts"):
-        embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", quantize="int8", cache_dir=tmp_path / "c"))
+        hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet", quantize="int8", cache_dir=tmp_path / "c"))
     assert not (tmp_path / "o.parquet").exists() and not (tmp_path / "o.parquet.meta.json").exists()

@@ -12,7 +12,8 @@ import pytest
 
 from conftest import BUNDLED_MODEL_DIR, SAMPLE_TEXTS, rows_for, write_csv
 from embedding_server import CaptureServer, EmbeddingServer, Reply, route_through
-from hfbatch import EmbedOptions, embed, embed_file
+from hfbatch import EmbedOptions, embed
+import hfbatch
 from hfbatch.backends.http import hf_token_allowed
 from hfbatch.backends.remote import RemoteBackend, RetryPolicy
 from hfbatch.errors import BackendError, InputError, RemoteError, TerminalBackendError, TransientBackendError
@@ -298,8 +299,8 @@ def test_missing_endpoint_and_bad_options() -> None:
 
 def test_embed_file_through_tei_matches_local(tmp_path: Path, server: EmbeddingServer) -> None:
     src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS + ["", "truncate me " * 300]))
-    local = embed_file(EmbedOptions(input=src, output=tmp_path / "local.parquet"))
-    remote = embed_file(EmbedOptions(input=src, output=tmp_path / "tei.parquet", backend="tei", endpoint=server.url, api_batch_size=4))
+    local = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "local.parquet"))
+    remote = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "tei.parquet", backend="tei", endpoint=server.url, api_batch_size=4))
     a, b = pq.read_table(local.output), pq.read_table(remote.output)
     for name in ("text", "n_tokens", "truncated", "embedding_error"):
         assert a.column(name).to_pylist() == b.column(name).to_pylist()
@@ -315,20 +316,20 @@ def test_embed_file_through_tei_matches_local(tmp_path: Path, server: EmbeddingS
     assert prov["backends"]["tei"]["revision"] == f"hub:{MODEL}@{server.model_sha}"
     assert m["api"]["requests"] == len(server.requests) > 0
     assert m["cache"]["hits"] == 0  # another backend, another cache namespace
-    again = embed_file(EmbedOptions(input=src, output=tmp_path / "tei2.parquet", backend="tei", endpoint=server.url))
+    again = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "tei2.parquet", backend="tei", endpoint=server.url))
     assert again.metrics["texts_computed"] == 0 and again.metrics["api"]["requests"] == 0
 
 
 def test_max_length_is_refused_for_remote(tmp_path: Path, server: EmbeddingServer) -> None:
     src = write_csv(tmp_path / "in.csv", rows_for(["a"]))
     with pytest.raises(InputError, match="--max-length applies to the local model only"):
-        embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", backend="tei", endpoint=server.url, max_length=64))
+        hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet", backend="tei", endpoint=server.url, max_length=64))
 
 
 def test_auto_falls_back_when_the_local_model_cannot_load(tmp_path: Path, server: EmbeddingServer) -> None:
     src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
     # no CUDA here: the local model fails to load, the TEI server takes over for the whole job
-    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", backend="auto", device="cuda",
+    result = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet", backend="auto", device="cuda",
                                      fallback="tei", endpoint=server.url))
     table = pq.read_table(result.output)
     assert table.num_rows == len(SAMPLE_TEXTS) and table.column("embedding").null_count == 0
@@ -366,7 +367,7 @@ def test_auto_stops_instead_of_mixing_vector_spaces(tmp_path: Path, server: Embe
     src = write_csv(tmp_path / "in.csv", rows_for([f"text {i}" for i in range(20)]))
     out = tmp_path / "o.parquet"
     with pytest.raises(BackendError, match="canary texts differ .*Stopped instead of mixing"):
-        embed_file(EmbedOptions(input=src, output=out, backend="auto", fallback="tei", endpoint=server.url, batch_size=4))
+        hfbatch.embed(EmbedOptions(input=src, output=out, backend="auto", fallback="tei", endpoint=server.url, batch_size=4))
     assert not out.exists()
 
 
@@ -374,7 +375,7 @@ def test_auto_switches_mid_job_when_the_remote_agrees(tmp_path: Path, server: Em
     _local_model_breaks_after_two_calls(monkeypatch, "out of memory (simulated)")
     texts = [f"text {i} of the review set" for i in range(20)]
     src = write_csv(tmp_path / "in.csv", rows_for(texts))
-    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", backend="auto", fallback="tei",
+    result = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet", backend="auto", fallback="tei",
                                      endpoint=server.url, batch_size=4))
     prov = result.document["provenance"]
     assert prov["backends"]["local"]["texts_computed"] == 4 and prov["backends"]["tei"]["texts_computed"] == 16
@@ -390,7 +391,7 @@ def test_auto_refuses_a_remote_of_another_dimension_when_the_local_model_cannot_
     out = tmp_path / "o.parquet"
     with pytest.raises(RemoteError, match="tei answered 768-dimensional vectors but the local model .* makes "
                                           "384-dimensional ones"):
-        embed_file(EmbedOptions(input=src, output=out, backend="auto", device="cuda", fallback="tei", endpoint=server.url))
+        hfbatch.embed(EmbedOptions(input=src, output=out, backend="auto", device="cuda", fallback="tei", endpoint=server.url))
     assert not out.exists()
 
 
@@ -400,14 +401,14 @@ def test_auto_refuses_a_remote_of_another_dimension_mid_job(tmp_path: Path, serv
     src = write_csv(tmp_path / "in.csv", rows_for([f"text {i}" for i in range(20)]))
     out = tmp_path / "o.parquet"
     with pytest.raises(RemoteError, match="768-dimensional vectors but the local model .* makes 384-dimensional"):
-        embed_file(EmbedOptions(input=src, output=out, backend="auto", fallback="tei", endpoint=server.url, batch_size=4))
+        hfbatch.embed(EmbedOptions(input=src, output=out, backend="auto", fallback="tei", endpoint=server.url, batch_size=4))
     assert not out.exists()
 
 
 def test_auto_hands_over_when_the_memory_guard_refuses(tmp_path: Path, server: EmbeddingServer, monkeypatch) -> None:
     monkeypatch.setenv("MAX_MODEL_MEMORY_GB", "0.01")
     src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
-    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", backend="auto", fallback="tei", endpoint=server.url))
+    result = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet", backend="auto", fallback="tei", endpoint=server.url))
     described = result.document["provenance"]["backends"]
     assert described["tei"]["texts_computed"] == len(set(SAMPLE_TEXTS)) and described["local"]["texts_computed"] == 0
     fallback = result.document["provenance"]["fallback"]
@@ -467,9 +468,9 @@ def test_a_tei_server_serving_another_model_is_refused_before_its_vectors_are_us
 
 def test_a_cached_tei_rerun_makes_no_request(tmp_path: Path, server: EmbeddingServer) -> None:
     src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
-    first = embed_file(EmbedOptions(input=src, output=tmp_path / "a.parquet", backend="tei", endpoint=server.url))
+    first = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "a.parquet", backend="tei", endpoint=server.url))
     asked = (list(server.gets), len(server.requests))
-    again = embed_file(EmbedOptions(input=src, output=tmp_path / "b.parquet", backend="tei", endpoint=server.url))
+    again = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "b.parquet", backend="tei", endpoint=server.url))
     assert (server.gets, len(server.requests)) == asked  # no /info, no embed request
     assert again.metrics["texts_computed"] == 0
     assert again.document["provenance"]["fingerprint"] == first.document["provenance"]["fingerprint"]
@@ -482,9 +483,9 @@ def test_a_cached_auto_rerun_loads_no_model_and_makes_no_request(tmp_path: Path,
 
     src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
     opts = dict(backend="auto", fallback="tei", endpoint=server.url)
-    first = embed_file(EmbedOptions(input=src, output=tmp_path / "a.parquet", **opts))
+    first = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "a.parquet", **opts))
     assert first.document["provenance"]["backends"]["local"]["model_loaded"] is True  # the local side made them
-    again = embed_file(EmbedOptions(input=src, output=tmp_path / "b.parquet", **opts))
+    again = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "b.parquet", **opts))
     assert server.gets == [] and server.requests == []  # the remote side was never asked anything
     local = again.document["provenance"]["backends"]["local"]
     assert local["model_loaded"] is False and local["load_seconds"] == 0.0 and again.metrics["texts_computed"] == 0
@@ -499,10 +500,10 @@ def test_a_cached_auto_rerun_that_fell_back_asks_the_server_nothing(tmp_path: Pa
     src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
     # no CUDA here: the local side fails its preflight, so the remote's namespace is used from the start
     opts = dict(backend="auto", device="cuda", fallback="tei", endpoint=server.url)
-    first = embed_file(EmbedOptions(input=src, output=tmp_path / "a.parquet", **opts))
+    first = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "a.parquet", **opts))
     assert first.document["provenance"]["fingerprint"].startswith("tei:")
     asked = (list(server.gets), len(server.requests))
-    again = embed_file(EmbedOptions(input=src, output=tmp_path / "b.parquet", **opts))
+    again = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "b.parquet", **opts))
     assert (server.gets, len(server.requests)) == asked and again.metrics["texts_computed"] == 0
     assert again.document["provenance"]["fallback"]["fell_back"] is True
 
@@ -519,7 +520,7 @@ def test_auto_stops_when_the_local_model_fails_to_load_after_its_checks(tmp_path
     out = tmp_path / "o.parquet"
     with pytest.raises(BackendError, match="passed its checks but failed to load .* stops instead of mixing two "
                                            "vector spaces. Rerun with --backend tei"):
-        embed_file(EmbedOptions(input=src, output=out, model=str(model_dir), backend="auto", fallback="tei",
+        hfbatch.embed(EmbedOptions(input=src, output=out, model=str(model_dir), backend="auto", fallback="tei",
                                 endpoint=server.url))
     assert not out.exists() and server.requests == []
 

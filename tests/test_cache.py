@@ -248,13 +248,14 @@ def test_unwritable_cache_dir_raises_output_error(tmp_path: Path) -> None:
 
 def test_a_cache_that_cannot_open_warns_and_the_job_runs_without_it(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     from conftest import rows_for, write_csv
-    from hfbatch import EmbedOptions, embed_file
+    from hfbatch import EmbedOptions
+    import hfbatch
 
     blocker = tmp_path / "a_file"
     blocker.write_text("not a directory", encoding="utf-8")
     src = write_csv(tmp_path / "in.csv", rows_for(["one", "two", "three"]))
     with caplog.at_level("WARNING"):
-        result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", cache_dir=blocker / "cache"))
+        result = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet", cache_dir=blocker / "cache"))
     assert result.metrics["rows_embedded"] == 3 and result.output.exists()
     cache = result.metrics["cache"]
     assert cache["enabled"] is False and "cannot open the embedding cache" in cache["disabled"]
@@ -281,12 +282,13 @@ def test_a_cache_that_breaks_mid_job_is_dropped_once_and_nothing_is_lost(tmp_pat
 
 def test_a_corrupt_cache_database_does_not_stop_a_job(tmp_path: Path) -> None:
     from conftest import rows_for, write_csv
-    from hfbatch import EmbedOptions, embed_file
+    from hfbatch import EmbedOptions
+    import hfbatch
 
     (tmp_path / "cache").mkdir()
     (tmp_path / "cache" / "cache.db").write_bytes(b"garbage, not SQLite" * 200)
     src = write_csv(tmp_path / "in.csv", rows_for(["one", "two"]))
-    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", cache_dir=tmp_path / "cache"))
+    result = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet", cache_dir=tmp_path / "cache"))
     assert result.metrics["rows_embedded"] == 2 and result.metrics["cache"]["enabled"] is False
 
 

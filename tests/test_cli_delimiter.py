@@ -11,7 +11,8 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import SAMPLE_TEXTS
-from hfbatch import EmbedOptions, InputError, embed_file
+from hfbatch import EmbedOptions, InputError
+import hfbatch
 from hfbatch.cli import app
 
 runner = CliRunner()
@@ -64,11 +65,11 @@ def test_delimiter_and_tsv_read_the_columns_and_embed_what_a_comma_csv_embeds(tm
 
 def test_the_library_takes_the_delimiter_as_an_option(tmp_path: Path) -> None:
     src = _write(tmp_path / "piped.csv", "|")
-    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", delimiter="pipe"))
+    result = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet", delimiter="pipe"))
     assert result.metrics["rows_total"] == len(TEXTS)
     assert _embedded(tmp_path / "o.parquet")[0] == TEXTS
     with pytest.raises(InputError, match="--delimiter 'ab' is not one ASCII character"):
-        embed_file(EmbedOptions(input=src, output=tmp_path / "p.parquet", delimiter="ab"))
+        hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "p.parquet", delimiter="ab"))
 
 
 @pytest.mark.parametrize("args, message", [

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import SAMPLE_TEXTS, WRITERS, rows_for, write_csv, write_jsonl
-from hfbatch import EmbedOptions, InputError, embed_file, run_embed
+from hfbatch import EmbedOptions, InputError, run_embed
+import hfbatch
 from hfbatch.backends.local import LocalBackend
 from hfbatch.errors import BackendError
 from hfbatch.io.writers import read_metadata
@@ -24,7 +25,7 @@ def _embeddings(path: Path) -> list:
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
 def test_output_equals_sentence_transformers_encode(tmp_path: Path, fmt: str, st_model) -> None:
     src = WRITERS[fmt](tmp_path / f"in.{fmt}", rows_for(SAMPLE_TEXTS))
-    result = embed_file(EmbedOptions(input=src, output=tmp_path / "out.parquet", chunk_size=3, batch_size=2))
+    result = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "out.parquet", chunk_size=3, batch_size=2))
     table = pq.read_table(result.output)
     assert table.num_rows == len(SAMPLE_TEXTS)
     assert table.column("text").to_pylist() == SAMPLE_TEXTS  # every row once, in input order
@@ -39,7 +40,7 @@ def test_output_equals_sentence_transformers_encode(tmp_path: Path, fmt: str, st
 
 def test_sidecar_and_parquet_metadata(tmp_path: Path) -> None:
     src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
-    result = embed_file(EmbedOptions(input=src, output=tmp_path / "out.parquet"))
+    result = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "out.parquet"))
     doc = json.loads(result.sidecar.read_text())
     assert result.sidecar.name == "out.parquet.meta.json"
     prov, m = doc["provenance"], doc["metrics"]
@@ -64,8 +65,8 @@ def test_sidecar_and_parquet_metadata(tmp_path: Path) -> None:
 
 def test_warm_rerun_computes_nothing_and_matches(tmp_path: Path) -> None:
     src = write_jsonl(tmp_path / "in.jsonl", rows_for(SAMPLE_TEXTS))
-    first = embed_file(EmbedOptions(input=src, output=tmp_path / "a.parquet"))
-    second = embed_file(EmbedOptions(input=src, output=tmp_path / "b.parquet"))
+    first = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "a.parquet"))
+    second = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "b.parquet"))
     assert second.metrics["texts_computed"] == 0
     assert second.metrics["cache"]["hit_rate"] == 1.0
     assert second.metrics["cache"]["misses"] == 0
@@ -80,9 +81,9 @@ def test_warm_rerun_computes_nothing_and_matches(tmp_path: Path) -> None:
 
 def test_cache_namespace_changes_with_max_length_and_normalize(tmp_path: Path) -> None:
     src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
-    embed_file(EmbedOptions(input=src, output=tmp_path / "a.parquet"))
-    short = embed_file(EmbedOptions(input=src, output=tmp_path / "b.parquet", max_length=8))
-    raw = embed_file(EmbedOptions(input=src, output=tmp_path / "c.parquet", normalize=False))
+    hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "a.parquet"))
+    short = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "b.parquet", max_length=8))
+    raw = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "c.parquet", normalize=False))
     assert short.metrics["cache"]["hits"] == 0 and raw.metrics["cache"]["hits"] == 0
     norms = np.linalg.norm(np.array(_embeddings(raw.output)), axis=1)
     assert (np.abs(norms - 1) > 0.01).all()  # --no-normalize really returns raw pooled vectors
@@ -92,8 +93,8 @@ def test_cache_namespace_changes_with_max_length_and_normalize(tmp_path: Path) -
 
 def test_no_cache_reads_and_writes_nothing(tmp_path: Path) -> None:
     src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
-    embed_file(EmbedOptions(input=src, output=tmp_path / "a.parquet", use_cache=False))
-    again = embed_file(EmbedOptions(input=src, output=tmp_path / "b.parquet", use_cache=False))
+    hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "a.parquet", use_cache=False))
+    again = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "b.parquet", use_cache=False))
     assert again.metrics["cache"]["enabled"] is False
     assert again.metrics["texts_computed"] == len(set(SAMPLE_TEXTS))
     assert not (tmp_path / "cache").exists()
@@ -103,7 +104,7 @@ def test_invalid_rows_are_marked_in_place(tmp_path: Path) -> None:
     rows = [{"id": 0, "text": "fine"}, {"id": 1, "text": None}, {"id": 2, "text": ""},
             {"id": 3, "text": "  \t\n"}, {"id": 4, "text": 42}, {"id": 5, "text": "also fine"}]
     src = write_jsonl(tmp_path / "in.jsonl", rows)
-    result = embed_file(EmbedOptions(input=src, output=tmp_path / "out.parquet"))
+    result = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "out.parquet"))
     table = pq.read_table(result.output)
     assert table.column("id").to_pylist() == [0, 1, 2, 3, 4, 5]
     errors = table.column("embedding_error").to_pylist()
@@ -117,7 +118,7 @@ def test_invalid_rows_are_marked_in_place(tmp_path: Path) -> None:
 
 def test_on_invalid_skip_drops_rows(tmp_path: Path) -> None:
     src = write_csv(tmp_path / "in.csv", [{"id": "a", "text": "x y"}, {"id": "b", "text": ""}, {"id": "c", "text": "z"}])
-    result = embed_file(EmbedOptions(input=src, output=tmp_path / "out.parquet", on_invalid="skip"))
+    result = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "out.parquet", on_invalid="skip"))
     table = pq.read_table(result.output)
     assert table.column("id").to_pylist() == ["a", "c"]
     assert result.metrics["rows_skipped"] == 1 and result.metrics["rows_written"] == 2
@@ -129,31 +130,31 @@ def test_on_invalid_fail_names_row_and_writes_nothing(tmp_path: Path) -> None:
     src = write_csv(tmp_path / "in.csv", rows)
     out = tmp_path / "out.parquet"
     with pytest.raises(InputError, match=r"in\.csv: row 8, column 'text': whitespace-only text"):
-        embed_file(EmbedOptions(input=src, output=out, on_invalid="fail", chunk_size=3))
+        hfbatch.embed(EmbedOptions(input=src, output=out, on_invalid="fail", chunk_size=3))
     assert not out.exists() and not list(tmp_path.glob(".out.parquet*"))
 
 
 def test_missing_text_column_lists_columns_before_any_work(tmp_path: Path) -> None:
     src = write_csv(tmp_path / "in.csv", [{"id": 1, "body": "hello"}])
     with pytest.raises(InputError, match=r"has no column 'text'; columns are: id, body\. Use --text-column"):
-        embed_file(EmbedOptions(input=src, output=tmp_path / "out.parquet"))
+        hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "out.parquet"))
     assert not (tmp_path / "cache").exists()  # nothing was opened, let alone a model
 
 
 def test_text_column_and_keep(tmp_path: Path) -> None:
     rows = [{"id": i, "title": f"t{i}", "body": f"review number {i}", "extra": i * 2} for i in range(5)]
     src = write_jsonl(tmp_path / "in.jsonl", rows)
-    result = embed_file(EmbedOptions(input=src, output=tmp_path / "out.parquet", text_column="body", keep=["id", "title"]))
+    result = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "out.parquet", text_column="body", keep=["id", "title"]))
     table = pq.read_table(result.output)
     assert table.column_names == ["id", "title", "embedding", "n_tokens", "truncated", "embedding_error"]
     with pytest.raises(InputError, match="--keep names column\\(s\\) nope that do not exist; columns are: id, title, body, extra"):
-        embed_file(EmbedOptions(input=src, output=tmp_path / "o2.parquet", text_column="body", keep=["nope"]))
+        hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o2.parquet", text_column="body", keep=["nope"]))
 
 
 def test_truncation_uses_the_tokenizer(tmp_path: Path, st_model) -> None:
     long_text = " ".join(["tokenization"] * 400)
     src = write_csv(tmp_path / "in.csv", [{"id": 1, "text": long_text}, {"id": 2, "text": "short one"}])
-    result = embed_file(EmbedOptions(input=src, output=tmp_path / "out.parquet"))
+    result = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "out.parquet"))
     table = pq.read_table(result.output)
     assert table.column("truncated").to_pylist() == [True, False]
     assert table.column("n_tokens").to_pylist() == [256, len(st_model.tokenizer("short one")["input_ids"])]
@@ -166,7 +167,7 @@ def test_truncation_uses_the_tokenizer(tmp_path: Path, st_model) -> None:
 def test_empty_input_gives_empty_output(tmp_path: Path) -> None:
     src = tmp_path / "in.csv"
     src.write_text("id,text\n", encoding="utf-8")
-    result = embed_file(EmbedOptions(input=src, output=tmp_path / "out.parquet"))
+    result = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "out.parquet"))
     table = pq.read_table(result.output)
     assert table.num_rows == 0 and table.schema.field("embedding").type == pa.list_(pa.float32(), 384)
 
@@ -220,10 +221,10 @@ def test_failed_run_writes_nothing_and_rerun_resumes(tmp_path: Path) -> None:
     src = write_csv(tmp_path / "in.csv", rows_for(texts))
     out = tmp_path / "out.parquet"
     with pytest.raises(BackendError):
-        embed_file(EmbedOptions(input=src, output=out, chunk_size=10, batch_size=5), backend=_FailingAfter(3))
+        hfbatch.embed(EmbedOptions(input=src, output=out, chunk_size=10, batch_size=5), backend=_FailingAfter(3))
     assert not out.exists() and not out.with_name("out.parquet.meta.json").exists()
     assert not list(tmp_path.glob(".out.parquet*"))  # no temp file left either
-    result = embed_file(EmbedOptions(input=src, output=out, chunk_size=10, batch_size=5))
+    result = hfbatch.embed(EmbedOptions(input=src, output=out, chunk_size=10, batch_size=5))
     # every batch is stored as it is made: chunk 1 (2 batches) and the first batch of chunk 2
     # survived the crash in chunk 2's second batch; only the other 25 texts are computed
     assert result.metrics["cache"]["hits"] == 15
@@ -234,7 +235,7 @@ def test_failed_run_writes_nothing_and_rerun_resumes(tmp_path: Path) -> None:
 def test_token_budget_batches_short_texts_together(tmp_path: Path, st_model) -> None:
     texts = [f"tiny {i}" for i in range(40)] + [" ".join(["long"] * 200)]
     src = write_csv(tmp_path / "in.csv", rows_for(texts))
-    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", batch_size=4, max_batch_tokens=400))
+    result = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet", batch_size=4, max_batch_tokens=400))
     assert result.metrics["batches"] == 2  # the long text alone, then all 40 short ones (5 tokens x 40 <= 400)
     got = np.array(pq.read_table(result.output).column("embedding").to_pylist(), dtype=np.float32)
     assert np.allclose(got, st_model.encode(texts), atol=1e-5)
@@ -242,7 +243,7 @@ def test_token_budget_batches_short_texts_together(tmp_path: Path, st_model) -> 
 
 def test_bf16_precision_is_faithful_and_shares_the_faithful_identity(tmp_path: Path, st_model) -> None:
     src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
-    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", precision="bf16"))
+    result = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet", precision="bf16"))
     got = np.array(pq.read_table(result.output).column("embedding").to_pylist(), dtype=np.float32)
     want = st_model.encode(SAMPLE_TEXTS)
     cosine = (got * want).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1))
@@ -251,7 +252,7 @@ def test_bf16_precision_is_faithful_and_shares_the_faithful_identity(tmp_path: P
     assert local["precision"] == "bf16" and local["vectors"] == "faithful"
     assert local["job_fidelity"]["min"] >= 0.999  # checked on the job's own texts, at the faithful bar
     # faithful configurations are interchangeable: one cache namespace, one vector space
-    fp32 = embed_file(EmbedOptions(input=src, output=tmp_path / "f.parquet"))
+    fp32 = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "f.parquet"))
     assert fp32.metrics["cache"]["hits"] == len(set(SAMPLE_TEXTS)) and fp32.metrics["texts_computed"] == 0
 
 
@@ -262,12 +263,12 @@ def test_precision_auto_and_fp16_on_cpu(tmp_path: Path, monkeypatch: pytest.Monk
     # torch with precision auto on a CPU without native bf16: fp32, the only candidate (nothing measured)
     with monkeypatch.context() as m:
         m.setattr(selection, "cpu_has_native_bf16", lambda: False)
-        plain = embed_file(EmbedOptions(input=src, output=tmp_path / "p.parquet", precision="auto", device="cpu"))
+        plain = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "p.parquet", precision="auto", device="cpu"))
     local = plain.document["provenance"]["backends"]["local"]
     assert local["precision"] == "fp32" and local["selection"]["by"] == "asked for"  # one candidate: nothing measured
     # with native bf16 (real or said to be): fp32 and bf16 measured once, the faster faithful one taken
     monkeypatch.setattr(selection, "cpu_has_native_bf16", lambda: True)
-    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", precision="auto", device="cpu",
+    result = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet", precision="auto", device="cpu",
                                      use_cache=False))
     local = result.document["provenance"]["backends"]["local"]
     record = json.loads(Path(local["selection"]["measurements"]).read_text())
@@ -282,7 +283,7 @@ def test_precision_auto_and_fp16_on_cpu(tmp_path: Path, monkeypatch: pytest.Monk
         assert local["job_fidelity"]["texts"] == len(set(SAMPLE_TEXTS)) and local["job_fidelity"]["min"] >= 0.999
     assert result.document["metrics"]["stage_seconds"]["measure"] > 0  # the measurement's seconds, shown apart
     with pytest.raises(InputError, match="--precision fp16 is for CUDA"):
-        embed_file(EmbedOptions(input=src, output=tmp_path / "h.parquet", precision="fp16", device="cpu"))
+        hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "h.parquet", precision="fp16", device="cpu"))
 
 
 def test_sidecar_failure_publishes_nothing(tmp_path: Path) -> None:
@@ -300,17 +301,17 @@ def test_sidecar_failure_publishes_nothing(tmp_path: Path) -> None:
             sidecar.mkdir()
 
     with pytest.raises(OutputError):
-        embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet"), observer=BlockTheSidecar())
+        hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet"), observer=BlockTheSidecar())
     assert not (tmp_path / "o.parquet").exists() and not list(tmp_path.glob(".o.parquet*"))
     sidecar.rmdir()
     sidecar.mkdir()  # there before the job: refused up front, before any work
     with pytest.raises(InputError, match="sidecar"):
-        embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet"), observer=BlockTheSidecar())
+        hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet"), observer=BlockTheSidecar())
 
 
 def test_sidecar_equals_parquet_metadata(tmp_path: Path) -> None:
     src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
-    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet"))
+    result = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet"))
     assert read_metadata(result.output) == json.loads(result.sidecar.read_text()) == json.loads(json.dumps(result.document))
 
 
@@ -318,7 +319,7 @@ def test_dictionary_encoded_text_is_embedded(tmp_path: Path, st_model) -> None:
     src = tmp_path / "cat.parquet"
     texts = ["red shoes", "blue shoes", "red shoes"]
     pq.write_table(pa.table({"text": pa.array(texts).dictionary_encode()}), src)
-    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet"))
+    result = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet"))
     got = np.array(pq.read_table(result.output).column("embedding").to_pylist(), dtype=np.float32)
     assert np.allclose(got, st_model.encode(texts), atol=1e-5)
 
@@ -327,15 +328,15 @@ def test_output_that_is_a_directory_and_repeated_keep(tmp_path: Path) -> None:
     src = write_csv(tmp_path / "in.csv", rows_for(["a"]))
     (tmp_path / "dir.parquet").mkdir()
     with pytest.raises(InputError, match="is a directory"):
-        embed_file(EmbedOptions(input=src, output=tmp_path / "dir.parquet"))
-    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", keep=["id", "id"]))
+        hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "dir.parquet"))
+    result = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet", keep=["id", "id"]))
     assert pq.read_table(result.output).column_names[0:2] == ["id", "embedding"]
 
 
 def test_lone_surrogates_in_jsonl(tmp_path: Path) -> None:
     src = tmp_path / "in.jsonl"
     src.write_text('{"id": "a\\ud800b", "text": "x\\udc00y"}\n{"id": "ok", "text": "fine"}\n', encoding="utf-8")
-    table = pq.read_table(embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet")).output)
+    table = pq.read_table(hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet")).output)
     assert table.column("id").to_pylist() == ["a\ufffdb", "ok"]
     assert "not valid Unicode" in table.column("embedding_error")[0].as_py()
     assert table.column("embedding_error")[1].as_py() is None
@@ -345,13 +346,13 @@ def test_duplicate_parquet_columns_are_an_input_error(tmp_path: Path) -> None:
     src = tmp_path / "dup.parquet"
     pq.write_table(pa.Table.from_arrays([pa.array(["a"]), pa.array(["b"])], names=["text", "text"]), src)
     with pytest.raises(InputError, match="column name\\(s\\) text appear more than once"):
-        embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet"))
+        hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet"))
 
 
 def test_token_budget_counts_what_the_model_reads(tmp_path: Path) -> None:
     texts = [" ".join([f"word{i}"] * 600) for i in range(8)]  # each far beyond max_length 256
     src = write_csv(tmp_path / "in.csv", rows_for(texts))
-    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", max_batch_tokens=8 * 256))
+    result = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet", max_batch_tokens=8 * 256))
     assert result.metrics["batches"] == 1  # 8 x 256 truncated tokens fit the budget
     assert result.metrics["tokens_computed"] == 8 * 256 and result.metrics["rows_truncated"] == 8
 
@@ -360,7 +361,7 @@ def test_token_budget_counts_what_the_model_reads(tmp_path: Path) -> None:
 def test_errors_list_every_column_of_the_file(tmp_path: Path, fmt: str) -> None:
     src = WRITERS[fmt](tmp_path / f"in.{fmt}", rows_for(["a", "b"]))
     with pytest.raises(InputError, match="columns are: id, text, rating"):
-        embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", keep=["id", "missing"]))
+        hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet", keep=["id", "missing"]))
 
 
 # --- hostile cache entries: a planted value never reaches an output ----------------------------
@@ -379,15 +380,15 @@ def _plant(cache_dir: Path, fingerprint: str, texts: list[str], value: bytes) ->
 def test_a_wrong_size_value_in_the_first_chunk_is_dropped_and_recomputed(tmp_path: Path) -> None:
     """It used to be looked up before the dimension was known: `could not broadcast`, exit 1, on every rerun."""
     src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
-    first = embed_file(EmbedOptions(input=src, output=tmp_path / "a.parquet", chunk_size=3))
+    first = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "a.parquet", chunk_size=3))
     fingerprint = first.document["provenance"]["fingerprint"]
     _plant(tmp_path / "cache", fingerprint, [SAMPLE_TEXTS[0]], np.ones(10, dtype="<f4").tobytes())
-    again = embed_file(EmbedOptions(input=src, output=tmp_path / "b.parquet", chunk_size=3))
+    again = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "b.parquet", chunk_size=3))
     assert again.metrics["cache"]["rejected"] == 1 and again.metrics["texts_computed"] == 1
     assert pq.read_table(again.output).schema.field("embedding").type == pa.list_(pa.float32(), 384)
     assert _embeddings(again.output) == _embeddings(first.output)  # every row once, in order, the model's vectors
     assert again.document["provenance"]["backends"]["local"]["model_loaded"] is True  # it really recomputed
-    healed = embed_file(EmbedOptions(input=src, output=tmp_path / "c.parquet", chunk_size=3))
+    healed = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "c.parquet", chunk_size=3))
     assert healed.metrics["cache"]["rejected"] == 0 and healed.metrics["texts_computed"] == 0  # overwritten
 
 
@@ -396,7 +397,7 @@ def test_all_values_of_a_wrong_size_still_give_the_models_dimension(tmp_path: Pa
     src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
     fingerprint = LocalBackend("sentence-transformers/all-MiniLM-L6-v2").fingerprint()
     _plant(tmp_path / "cache", fingerprint, SAMPLE_TEXTS, np.ones(10, dtype="<f4").tobytes())
-    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet"))
+    result = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet"))
     assert result.document["provenance"]["fingerprint"] == fingerprint  # the plant really hit the job's keys
     unique = len(set(SAMPLE_TEXTS))
     assert result.metrics["cache"]["rejected"] == unique and result.metrics["texts_computed"] == unique
@@ -417,16 +418,16 @@ class _DimensionFromTheModelOnly(LocalBackend):
 
 
 def test_without_a_cheap_dimension_a_planted_value_or_record_cannot_change_the_output(tmp_path: Path) -> None:
-    def embed_file(options: EmbedOptions):  # every run with a fresh backend, as every CLI run has
+    def embed_fresh(options: EmbedOptions):  # every run with a fresh backend, as every CLI run has
         return run_embed(options, backend=_DimensionFromTheModelOnly())
 
     src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
-    first = embed_file(EmbedOptions(input=src, output=tmp_path / "a.parquet", chunk_size=3))
+    first = embed_fresh(EmbedOptions(input=src, output=tmp_path / "a.parquet", chunk_size=3))
     fingerprint = first.document["provenance"]["fingerprint"]
     ten = np.ones(10, dtype="<f4").tobytes()
 
     _plant(tmp_path / "cache", fingerprint, [SAMPLE_TEXTS[0]], ten)  # a wrong value, the record still says 384
-    again = embed_file(EmbedOptions(input=src, output=tmp_path / "b.parquet", chunk_size=3))
+    again = embed_fresh(EmbedOptions(input=src, output=tmp_path / "b.parquet", chunk_size=3))
     assert again.metrics["cache"]["rejected"] == 1 and again.metrics["texts_computed"] == 1
     assert again.document["provenance"]["backends"]["local"]["model_loaded"] is True
     assert _embeddings(again.output) == _embeddings(first.output)
@@ -440,11 +441,11 @@ def test_without_a_cheap_dimension_a_planted_value_or_record_cannot_change_the_o
         planted.set(cache_key(_DIM_PREFIX + fingerprint, ""), 10)
     _plant(tmp_path / "cache", fingerprint, [SAMPLE_TEXTS[0]], ten)
     (tmp_path / "more.csv").write_text("id,text\n0," + SAMPLE_TEXTS[0] + "\n1,a text never seen before\n", encoding="utf-8")
-    mixed = embed_file(EmbedOptions(input=tmp_path / "more.csv", output=tmp_path / "c.parquet"))
+    mixed = embed_fresh(EmbedOptions(input=tmp_path / "more.csv", output=tmp_path / "c.parquet"))
     assert pq.read_table(mixed.output).schema.field("embedding").type == pa.list_(pa.float32(), 384)
     assert _embeddings(mixed.output)[0] == _embeddings(first.output)[0]
     assert mixed.metrics["cache"]["rejected"] == 1
-    fully_cached = embed_file(EmbedOptions(input=src, output=tmp_path / "d.parquet", chunk_size=3))
+    fully_cached = embed_fresh(EmbedOptions(input=src, output=tmp_path / "d.parquet", chunk_size=3))
     assert fully_cached.metrics["texts_computed"] == 0  # the record was put right by the real vectors
     assert fully_cached.document["provenance"]["backends"]["local"]["model_loaded"] is False
     assert _embeddings(fully_cached.output) == _embeddings(first.output)
@@ -456,13 +457,13 @@ def test_a_row_naming_a_file_outside_the_cache_is_rejected_and_recomputed(tmp_pa
     from hfbatch.cache import cache_key
 
     src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
-    first = embed_file(EmbedOptions(input=src, output=tmp_path / "a.parquet"))
+    first = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "a.parquet"))
     outside = tmp_path / "outside.bin"
     outside.write_bytes(np.full(384, 0.5, dtype="<f4").tobytes())  # a valid-length float32 vector
     key = cache_key(first.document["provenance"]["fingerprint"], SAMPLE_TEXTS[1])
     with sqlite3.connect(tmp_path / "cache" / "cache.db") as db:  # diskcache's file mode (MODE_BINARY = 2)
         assert db.execute("UPDATE Cache SET mode = 2, filename = ?, value = NULL WHERE key = ?", (str(outside), key)).rowcount == 1
-    again = embed_file(EmbedOptions(input=src, output=tmp_path / "b.parquet"))
+    again = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "b.parquet"))
     assert again.metrics["cache"]["rejected"] == 1 and again.metrics["texts_computed"] == 1
     assert _embeddings(again.output) == _embeddings(first.output)  # not 384 x 0.5
     assert outside.exists()  # replacing the planted row did not delete the file it named
@@ -474,10 +475,10 @@ def test_nfc_and_nfd_forms_of_a_text_are_embedded_and_cached_separately(tmp_path
 
     texts = [unicodedata.normalize("NFC", "café au lait"), unicodedata.normalize("NFD", "café au lait")]
     src = write_jsonl(tmp_path / "in.jsonl", rows_for(texts))
-    first = embed_file(EmbedOptions(input=src, output=tmp_path / "a.parquet"))
+    first = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "a.parquet"))
     assert first.metrics["cache"]["misses"] == 2 and first.metrics["texts_computed"] == 2
     assert pq.read_table(first.output).column("text").to_pylist() == texts  # each kept as written
-    again = embed_file(EmbedOptions(input=src, output=tmp_path / "b.parquet"))
+    again = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "b.parquet"))
     assert again.metrics["cache"]["hits"] == 2 and again.metrics["texts_computed"] == 0
 
 
@@ -489,7 +490,7 @@ def test_a_planted_dimension_record_found_out_in_a_later_chunk_fails_once_then_h
 
     from hfbatch.cache import _DIM_PREFIX, _RawOnlyDisk, cache_key
 
-    def embed_file(options: EmbedOptions):
+    def embed_fresh(options: EmbedOptions):
         return run_embed(options, backend=_DimensionFromTheModelOnly())
 
     fingerprint = _DimensionFromTheModelOnly().fingerprint()
@@ -499,9 +500,9 @@ def test_a_planted_dimension_record_found_out_in_a_later_chunk_fails_once_then_h
     src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
     out = tmp_path / "o.parquet"
     with pytest.raises(BackendError, match="held 10-dimensional vectors for this model, which makes 384-dimensional"):
-        embed_file(EmbedOptions(input=src, output=out, chunk_size=3))
+        embed_fresh(EmbedOptions(input=src, output=out, chunk_size=3))
     assert not out.exists() and not list(tmp_path.glob(".o.parquet*"))
-    result = embed_file(EmbedOptions(input=src, output=out, chunk_size=3))
+    result = embed_fresh(EmbedOptions(input=src, output=out, chunk_size=3))
     assert result.document["provenance"]["dim"] == 384 and result.metrics["cache"]["rejected"] == 3
     assert np.array(_embeddings(out)).shape == (len(SAMPLE_TEXTS), 384)
 
@@ -515,7 +516,7 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_once_with_the_measured_factor(t
     monkeypatch.setattr(local_module, "cpu_has_native_bf16", lambda: False)
     src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
     with caplog.at_level("WARNING"):
-        result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", precision="bf16", device="cpu"))
+        result = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet", precision="bf16", device="cpu"))
     lines = [r.getMessage() for r in caplog.records if "--precision bf16" in r.getMessage()]
     assert len(lines) == 1 and "no native bf16" in lines[0] and "\n" not in lines[0]
     factor = result.document["provenance"]["backends"]["local"]["bf16_emulated_factor"]
@@ -523,7 +524,7 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_once_with_the_measured_factor(t
     monkeypatch.setattr(local_module, "cpu_has_native_bf16", lambda: True)
     caplog.clear()
     with caplog.at_level("WARNING"):
-        native = embed_file(EmbedOptions(input=src, output=tmp_path / "n.parquet", precision="bf16", device="cpu",
+        native = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "n.parquet", precision="bf16", device="cpu",
                                          cache_dir=tmp_path / "c2"))
     assert not [r for r in caplog.records if "--precision bf16" in r.getMessage()]
     assert native.document["provenance"]["backends"]["local"]["bf16_emulated_factor"] is None
@@ -532,7 +533,7 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_once_with_the_measured_factor(t
 def test_stage_seconds_add_up_to_the_wall_time(tmp_path: Path) -> None:
     texts = [f"{t} (line {i})" for i, t in enumerate(SAMPLE_TEXTS * 25)]
     src = write_csv(tmp_path / "in.csv", rows_for(texts))
-    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", chunk_size=40, use_cache=False))
+    result = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet", chunk_size=40, use_cache=False))
     metrics = result.document["metrics"]
     stages = metrics["stage_seconds"]
     assert set(stages) >= {"read", "validate", "cache", "measure", "export", "check", "model_load", "embed", "write"}

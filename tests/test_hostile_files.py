@@ -18,7 +18,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from hfbatch import EmbedOptions, HfbatchError, embed_file
+from hfbatch import EmbedOptions, HfbatchError
+import hfbatch
 from hfbatch.cli import app
 
 # text that files meet: quotes, separators, newlines, BOMs, controls, emoji, right-to-left, CJK
@@ -51,7 +52,7 @@ def _check(result_or_error, path: Path, rows: int, error: str | None = None) -> 
 
 def _embed(path: Path, out: Path):  # type: ignore[no-untyped-def]
     try:
-        return embed_file(EmbedOptions(input=path, output=out, use_cache=False, chunk_size=5))
+        return hfbatch.embed(EmbedOptions(input=path, output=out, use_cache=False, chunk_size=5))
     except HfbatchError as exc:
         assert not out.exists()  # an error leaves no output
         return exc

@@ -10,7 +10,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from conftest import SAMPLE_TEXTS, rows_for, write_csv
-from hfbatch import EmbedOptions, InputError, embed_file
+from hfbatch import EmbedOptions, InputError
+import hfbatch
 
 
 def _samples(path: Path) -> dict[tuple[str, str], float]:
@@ -25,7 +26,7 @@ def test_metrics_and_chunk_log_on_success(tmp_path: Path) -> None:
     texts = SAMPLE_TEXTS + ["", "another review"]
     src = write_csv(tmp_path / "in.csv", rows_for(texts))
     prom, log = tmp_path / "node" / "hfbatch.prom", tmp_path / "logs" / "run.jsonl"
-    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", chunk_size=4, metrics_file=prom, log_file=log))
+    result = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet", chunk_size=4, metrics_file=prom, log_file=log))
     values = _samples(prom)
     assert values[("hfbatch_job_success", "")] == 1
     assert values[("hfbatch_rows_total", "")] == len(texts)
@@ -48,7 +49,7 @@ def test_metrics_on_failure_say_so(tmp_path: Path) -> None:
     src = write_csv(tmp_path / "in.csv", rows_for(["good", ""]))
     prom, log = tmp_path / "m.prom", tmp_path / "run.jsonl"
     with pytest.raises(InputError):
-        embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", on_invalid="fail", metrics_file=prom, log_file=log))
+        hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet", on_invalid="fail", metrics_file=prom, log_file=log))
     families = {f.name: f for f in text_string_to_metric_families(prom.read_text())}
     (sample,) = families["hfbatch_job_success"].samples
     assert sample.value == 0 and sample.labels["error"] == "InputError"
@@ -68,7 +69,7 @@ def test_unwritable_monitoring_paths_fail_before_any_work(tmp_path: Path) -> Non
     (tmp_path / "file").write_text("x")
     for kwargs in ({"metrics_file": tmp_path / "file" / "m.prom"}, {"log_file": tmp_path / "file" / "log.jsonl"}):
         with pytest.raises(InputError, match="cannot write there"):
-            embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", **kwargs))
+            hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet", **kwargs))
         assert not (tmp_path / "o.parquet").exists()
 
 
@@ -77,7 +78,7 @@ def test_a_directory_as_metrics_or_log_file_is_refused_before_work(tmp_path: Pat
     (tmp_path / "d").mkdir()
     for kwargs in ({"metrics_file": tmp_path / "d"}, {"log_file": tmp_path / "d"}):
         with pytest.raises(InputError, match="is a directory; give --(metrics|log)-file a file's path"):
-            embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", **kwargs))
+            hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet", **kwargs))
     assert not (tmp_path / "o.parquet").exists() and not (tmp_path / "cache").exists()
 
 
@@ -110,7 +111,7 @@ def test_the_job_reports_only_to_its_observer_and_the_monitoring_files_ride_alon
     texts = SAMPLE_TEXTS + [""]
     src = write_csv(tmp_path / "in.csv", rows_for(texts))
     seen, log = _Recorder(), tmp_path / "run.jsonl"
-    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", chunk_size=4, log_file=log), observer=seen)
+    result = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet", chunk_size=4, log_file=log), observer=seen)
     kinds = [e[0] for e in seen.events]
     assert kinds[0] == "start" and seen.events[0][1] == len(texts) and kinds[-1] == "done"
     assert sum(e[1] for e in seen.events if e[0] == "advance") == len(texts)  # every row once, the invalid one too
@@ -120,7 +121,7 @@ def test_the_job_reports_only_to_its_observer_and_the_monitoring_files_ride_alon
 
     failing, log2 = _Recorder(), tmp_path / "fail.jsonl"
     with pytest.raises(InputError):
-        embed_file(EmbedOptions(input=src, output=tmp_path / "f.parquet", on_invalid="fail", log_file=log2), observer=failing)
+        hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "f.parquet", on_invalid="fail", log_file=log2), observer=failing)
     assert failing.events[-1] == ("failed", "InputError") and not any(e[0] == "done" for e in failing.events)
     assert json.loads(log2.read_text().splitlines()[-1])["event"] == "failed"
 
@@ -128,7 +129,7 @@ def test_the_job_reports_only_to_its_observer_and_the_monitoring_files_ride_alon
 def test_a_failure_to_write_the_metrics_file_after_publishing_is_a_warning(tmp_path: Path, caplog) -> None:
     from hfbatch.monitoring import MonitoringFiles
 
-    document = embed_file(EmbedOptions(input=write_csv(tmp_path / "in.csv", rows_for(["a"])),
+    document = hfbatch.embed(EmbedOptions(input=write_csv(tmp_path / "in.csv", rows_for(["a"])),
                                        output=tmp_path / "o.parquet")).document
     monitor = MonitoringFiles(None, tmp_path / "gone" / "m.prom", {"input": "in.csv"})
     (tmp_path / "gone").write_text("a file where the directory should be")

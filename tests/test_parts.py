@@ -69,9 +69,9 @@ def test_a_directory_of_parts_equals_the_single_file_row_for_row(tmp_path: Path)
         ids += got_ids
         vectors.append(got)
     everything = [{"id": f"{name}:{i}", "text": t} for name, texts in made for i, t in enumerate(texts)]
-    from hfbatch import embed_file
+    import hfbatch
 
-    one = embed_file(EmbedOptions(input=write_parquet(tmp_path / "all.parquet", everything), output=tmp_path / "all.out.parquet",
+    one = hfbatch.embed(EmbedOptions(input=write_parquet(tmp_path / "all.parquet", everything), output=tmp_path / "all.out.parquet",
                                   cache_dir=tmp_path / "cache-single"))
     want_ids, want = _vectors(one.output)
     assert ids == want_ids  # every row once, in order within its part

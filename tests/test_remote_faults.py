@@ -14,7 +14,8 @@ from typer.testing import CliRunner
 
 from conftest import write_parquet
 from embedding_server import EmbeddingServer
-from hfbatch import EmbedOptions, TransientBackendError, embed_file
+from hfbatch import EmbedOptions, TransientBackendError
+import hfbatch
 from hfbatch.cli import app
 
 pytestmark = pytest.mark.slow
@@ -38,9 +39,9 @@ def test_random_faults_on_10000_rows_lose_nothing(tmp_path: Path, server: Embedd
     words = "kettle lid battery cable strap zipper screen hinge charger pocket seam button".split()
     src = write_parquet(tmp_path / "in.parquet", [{"id": i, "text": f"{i} " + " ".join(rng.choices(words, k=6))}
                                                   for i in range(ROWS)])
-    clean = embed_file(_options(src, tmp_path / "clean.parquet", server))
+    clean = hfbatch.embed(_options(src, tmp_path / "clean.parquet", server))
     server.chaos_rate, server.chaos, server.hang_seconds = 0.2, random.Random(7), 0.8
-    chaotic = embed_file(_options(src, tmp_path / "chaos.parquet", server, api_retries=8))
+    chaotic = hfbatch.embed(_options(src, tmp_path / "chaos.parquet", server, api_retries=8))
     want, got = pq.read_table(clean.output), pq.read_table(chaotic.output)
     assert got.num_rows == ROWS and got.column("id").to_pylist() == list(range(ROWS))
     assert got.column("embedding").to_pylist() == want.column("embedding").to_pylist()  # identical, row for row
@@ -57,7 +58,7 @@ def test_a_server_that_never_recovers_ends_the_job_with_exit_1(tmp_path: Path, s
     src = write_parquet(tmp_path / "in.parquet", [{"id": i, "text": f"text {i}"} for i in range(300)])
     server.chaos_rate, server.chaos_kinds = 1.0, ("503", "502", "reset")
     with pytest.raises(TransientBackendError, match="gave up after 3 attempts"):
-        embed_file(_options(src, tmp_path / "o.parquet", server, api_retries=3))
+        hfbatch.embed(_options(src, tmp_path / "o.parquet", server, api_retries=3))
     assert not (tmp_path / "o.parquet").exists()
     result = CliRunner().invoke(app, ["embed", str(src), "-o", str(tmp_path / "o.parquet"), "--backend", "tei",
                                       "--endpoint", server.url, "--api-retries", "2", "--no-cache"])

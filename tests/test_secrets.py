@@ -55,21 +55,22 @@ def test_no_artifact_contains_the_token(tmp_path: Path, server: EmbeddingServer,
 
 def test_a_token_in_dotenv_works_from_the_library_and_cannot_be_redirected(tmp_path: Path, server: EmbeddingServer,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    """hfbatch.embed_file in a notebook whose working directory has a .env with HF_TOKEN: the token
+    """hfbatch.embed in a notebook whose working directory has a .env with HF_TOKEN: the token
     is used as by the CLI, and only where the real environment says the router is."""
-    from hfbatch import EmbedOptions, TransientBackendError, embed_file
+    from hfbatch import EmbedOptions, TransientBackendError
+    import hfbatch
 
     src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
     with CaptureServer() as planted:
         # cwd is tmp_path (conftest): this is the .env the library finds
         (tmp_path / ".env").write_text(f"HF_TOKEN={SECRET}\nHFBATCH_HF_ROUTER={planted.url}\n", encoding="utf-8")
         monkeypatch.setenv("HFBATCH_HF_ROUTER", server.url)  # the router, as the real environment sets it
-        result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", backend="hf-api"))
+        result = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet", backend="hf-api"))
         assert server.requests and {r["headers"].get("Authorization") for r in server.requests} == {f"Bearer {SECRET}"}
 
         monkeypatch.delenv("HFBATCH_HF_ROUTER")  # now only the .env names a router: refused, so the default one
         with pytest.raises(TransientBackendError, match="router.huggingface.co"):  # unreachable from a test
-            embed_file(EmbedOptions(input=src, output=tmp_path / "p.parquet", backend="hf-api", api_retries=1,
+            hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "p.parquet", backend="hf-api", api_retries=1,
                                     use_cache=False))
     assert planted.requests == []  # the token never went where the .env pointed
     assert "HF_TOKEN" not in os.environ  # read in place, not copied into the process environment
@@ -78,35 +79,37 @@ def test_a_token_in_dotenv_works_from_the_library_and_cannot_be_redirected(tmp_p
 
 def test_a_dotenv_token_echoed_by_a_server_is_not_shown(tmp_path: Path, server: EmbeddingServer,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    from hfbatch import EmbedOptions, TerminalBackendError, embed_file
+    from hfbatch import EmbedOptions, TerminalBackendError
+    import hfbatch
 
     key = "k3y-only-in-the-dotenv-file"  # no hf_ shape to recognise it by
     (tmp_path / ".env").write_text(f"HFBATCH_API_KEY={key}\n", encoding="utf-8")
     server.script.append(Reply(401, {"error": f"invalid credentials: Bearer {key}"}))
     src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
     with pytest.raises(TerminalBackendError) as refused:
-        embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", backend="tei", endpoint=server.url))
+        hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet", backend="tei", endpoint=server.url))
     assert server.requests[0]["headers"]["Authorization"] == f"Bearer {key}"  # used...
     assert "invalid credentials: Bearer ***" in str(refused.value) and key not in str(refused.value)  # ...not shown
 
 
 def test_relative_paths_leave_no_absolute_path_in_the_sidecar(tmp_path: Path) -> None:
     from conftest import rows_for, write_csv
-    from hfbatch import EmbedOptions, embed_file
+    from hfbatch import EmbedOptions
+    import hfbatch
     from hfbatch.io.writers import read_metadata
 
     (tmp_path / "data").mkdir()
     src = write_csv(tmp_path / "data" / "in.csv", rows_for(["one", "two"]))
     out = tmp_path / "results" / "o.parquet"
     out.parent.mkdir()
-    result = embed_file(EmbedOptions(input=src, output=out, cache_dir=tmp_path / "cache", relative_paths=True,
+    result = hfbatch.embed(EmbedOptions(input=src, output=out, cache_dir=tmp_path / "cache", relative_paths=True,
                                      command=["hfbatch", "embed", str(src), "-o", str(out)]))
     text = result.sidecar.read_text()
     assert str(tmp_path) not in text and str(tmp_path) not in json.dumps(read_metadata(out))
     prov = result.document["provenance"]
     assert prov["input"]["path"] == "../data/in.csv" and prov["output"]["path"] == "o.parquet"
     assert prov["command"][2] == "../data/in.csv"
-    plain = embed_file(EmbedOptions(input=src, output=tmp_path / "results" / "p.parquet", cache_dir=tmp_path / "cache"))
+    plain = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "results" / "p.parquet", cache_dir=tmp_path / "cache"))
     assert plain.document["provenance"]["input"]["path"] == str(src)  # absolute unless asked
 
 

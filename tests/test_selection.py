@@ -18,7 +18,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from conftest import BUNDLED_MODEL_DIR, SAMPLE_TEXTS, rows_for, write_csv
-from hfbatch import EmbedOptions, InputError, embed_file
+from hfbatch import EmbedOptions, InputError
+import hfbatch
 from hfbatch.backends import selection
 from hfbatch.backends.fidelity import label
 from hfbatch.backends.local import LocalBackend
@@ -91,7 +92,7 @@ def test_the_default_considers_only_faithful_configurations(monkeypatch: pytest.
 
 def test_one_measurement_per_model_and_machine_whatever_the_job(two_candidates: Path, tmp_path: Path, st_model) -> None:
     src = write_csv(tmp_path / "in.csv", rows_for(TEXTS))
-    first = embed_file(EmbedOptions(input=src, output=tmp_path / "a.parquet", use_cache=False))
+    first = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "a.parquet", use_cache=False))
     local = sidecar_local(first)
     record_file = Path(local["selection"]["measurements"])
     record = json.loads(record_file.read_text())
@@ -110,7 +111,7 @@ def test_one_measurement_per_model_and_machine_whatever_the_job(two_candidates: 
     shutil.copytree(BUNDLED_MODEL_DIR, copy)
     for i, extra in enumerate([dict(normalize=False), dict(max_length=128), dict(prompt="query: "),
                                dict(model=str(copy)), dict()]):
-        again = embed_file(EmbedOptions(input=src, output=tmp_path / f"b{i}.parquet", use_cache=False, **extra))
+        again = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / f"b{i}.parquet", use_cache=False, **extra))
         assert sidecar_local(again)["selection"]["chosen"] == fastest, extra
         assert again.document["metrics"]["stage_seconds"]["measure"] == 0, extra
     assert record_file.stat().st_mtime_ns == stamp  # measured nothing again
@@ -121,10 +122,10 @@ def test_the_choice_and_the_vectors_do_not_depend_on_the_jobs_size(two_candidate
     probe = LocalBackend(DEFAULT, runtime="auto", precision="auto", quantize="auto")
     plant(probe, [entry(TORCH, 50.0), entry(ONNX, 80.0)])
     query = "how long does the battery last?"
-    one = embed_file(EmbedOptions(input=write_csv(tmp_path / "q.csv", rows_for([query])), output=tmp_path / "q.parquet",
+    one = hfbatch.embed(EmbedOptions(input=write_csv(tmp_path / "q.csv", rows_for([query])), output=tmp_path / "q.parquet",
                                   use_cache=False))
     many = [query] + [f"document {i}: {t}" for i, t in enumerate(SAMPLE_TEXTS * 40)]
-    big = embed_file(EmbedOptions(input=write_csv(tmp_path / "d.csv", rows_for(many)), output=tmp_path / "d.parquet",
+    big = hfbatch.embed(EmbedOptions(input=write_csv(tmp_path / "d.csv", rows_for(many)), output=tmp_path / "d.parquet",
                                   use_cache=False))
     assert sidecar_local(one)["selection"]["chosen"] == sidecar_local(big)["selection"]["chosen"] == "onnx fp32"
     a, b = vectors(one.output)[0], vectors(big.output)[0]
@@ -133,16 +134,16 @@ def test_the_choice_and_the_vectors_do_not_depend_on_the_jobs_size(two_candidate
 
 def test_faithful_runtimes_share_one_cache_and_a_cached_job_chooses_nothing(two_candidates: Path, tmp_path: Path) -> None:
     src = write_csv(tmp_path / "in.csv", rows_for(TEXTS))
-    torch_run = embed_file(EmbedOptions(input=src, output=tmp_path / "t.parquet", runtime="torch", precision="fp32"))
+    torch_run = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "t.parquet", runtime="torch", precision="fp32"))
     assert torch_run.document["metrics"]["texts_computed"] == len(set(TEXTS))
     # this machine never measured: a job whose every vector is cached measures, exports and loads nothing
-    auto = embed_file(EmbedOptions(input=src, output=tmp_path / "a.parquet"))
+    auto = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "a.parquet"))
     local = sidecar_local(auto)
     assert auto.document["metrics"]["texts_computed"] == 0 and local["model_loaded"] is False
     assert local["runtime"] is None and local["selection"] is None and local["vectors"] == "faithful"
     assert not (two_candidates / "choices").exists() and not list((two_candidates / "onnx").rglob("*.onnx"))
     # ...and an ONNX job is served what torch computed: one identity
-    onnx = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", runtime="onnx"))
+    onnx = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet", runtime="onnx"))
     assert onnx.document["metrics"]["texts_computed"] == 0
     assert np.array_equal(vectors(onnx.output), vectors(torch_run.output))
 
@@ -151,7 +152,7 @@ def test_int8_never_runs_unasked_even_when_measured_fastest(two_candidates: Path
     probe = LocalBackend(DEFAULT, runtime="auto", precision="auto", quantize="auto")
     plant(probe, [entry(TORCH, 50.0), entry(ONNX, 60.0), entry(("onnx", "fp32", "int8"), 500.0)])
     src = write_csv(tmp_path / "in.csv", rows_for(TEXTS))
-    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", use_cache=False))
+    result = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet", use_cache=False))
     local = sidecar_local(result)
     assert local["selection"]["chosen"] == "onnx fp32" and local["quantize"] == "none"
     assert (vectors(result.output) * st_model.encode(TEXTS)).sum(1).min() > 0.9999
@@ -169,7 +170,7 @@ def test_a_pin_and_tune(two_candidates: Path, tmp_path: Path) -> None:
     assert pinned["chosen"] == pinned["pinned"] == slower
     assert json.loads(record.read_text())["measured_at"] == measured
     src = write_csv(tmp_path / "in.csv", rows_for(TEXTS[:3]))
-    job = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", use_cache=False))
+    job = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet", use_cache=False))
     assert sidecar_local(job)["selection"]["chosen"] == slower and sidecar_local(job)["selection"]["by"] == "pinned"
     with pytest.raises(InputError, match="not an accepted configuration"):
         tune(DEFAULT, pin="openvino int4", measure=False)
@@ -201,7 +202,7 @@ def test_a_chosen_configuration_that_will_not_load_is_refused_and_the_next_runs(
 
     monkeypatch.setattr(onnx_backend, "OnnxRunner", Broken)
     src = write_csv(tmp_path / "in.csv", rows_for(TEXTS))
-    result = embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", use_cache=False))
+    result = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet", use_cache=False))
     local = sidecar_local(result)
     assert local["selection"]["chosen"] == "torch fp32"
     assert local["selection"]["passed_over"][0]["label"] == "onnx fp32"
@@ -213,10 +214,10 @@ def test_a_chosen_configuration_that_will_not_load_is_refused_and_the_next_runs(
 
 def test_a_damaged_export_is_rebuilt_not_blamed_on_the_model(two_candidates: Path, tmp_path: Path, st_model) -> None:
     src = write_csv(tmp_path / "in.csv", rows_for(TEXTS))
-    embed_file(EmbedOptions(input=src, output=tmp_path / "a.parquet", runtime="onnx", use_cache=False))
+    hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "a.parquet", runtime="onnx", use_cache=False))
     (export,) = (two_candidates / "onnx").rglob("model.onnx")
     export.write_bytes(export.read_bytes()[: export.stat().st_size // 2])  # truncated
-    again = embed_file(EmbedOptions(input=src, output=tmp_path / "b.parquet", runtime="onnx", use_cache=False))
+    again = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "b.parquet", runtime="onnx", use_cache=False))
     assert again.document["metrics"]["stage_seconds"]["export"] > 0  # made again, and proved
     assert (vectors(again.output) * st_model.encode(TEXTS)).sum(1).min() > 0.9999
 
@@ -241,14 +242,14 @@ def test_tampered_exports_are_made_again_never_run(tmp_path: Path, monkeypatch: 
     monkeypatch.setenv("HFBATCH_ONNX_DIR", str(tmp_path / "exports"))
     src = write_csv(tmp_path / "in.csv", rows_for(TEXTS))
     opts = dict(runtime=runtime, quantize=quantize, use_cache=False)
-    good = vectors(embed_file(EmbedOptions(input=src, output=tmp_path / "a.parquet", **opts)).output)
+    good = vectors(hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "a.parquet", **opts)).output)
     (target,) = (tmp_path / "exports").rglob(tampered)
     _tamper(target)
     # a compiled blob of another graph where OpenVINO's model cache would look: never read
     blobs = target.parent / "openvino-cache"
     blobs.mkdir(exist_ok=True)
     (blobs / "0123456789abcdef.blob").write_bytes(os.urandom(4096))
-    again = embed_file(EmbedOptions(input=src, output=tmp_path / "b.parquet", **opts))
+    again = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "b.parquet", **opts))
     assert again.document["metrics"]["stage_seconds"]["export"] > 0  # the changed file was not trusted: made again
     bar = 0.98 if quantize == "int8" else 0.9999
     assert (vectors(again.output) * st_model.encode(TEXTS)).sum(1).min() >= bar
@@ -266,8 +267,8 @@ def test_measuring_stays_within_the_memory_guard(tmp_path: Path) -> None:
         "if importlib.util.find_spec('onnxruntime'): import onnxruntime\n"
         "if importlib.util.find_spec('openvino'):\n"
         "    import openvino; openvino.Core().get_property('CPU', 'FULL_DEVICE_NAME')\n"
-        "from hfbatch import embed_file, EmbedOptions\n"
-        f"r = embed_file(EmbedOptions(input={str(src)!r}, output=sys.argv[1], use_cache=False))\n"
+        "from hfbatch import embed, EmbedOptions\n"
+        f"r = embed(EmbedOptions(input={str(src)!r}, output=sys.argv[1], use_cache=False))\n"
         "hwm = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
         "print(json.dumps({'hwm': hwm, 'selection': r.document['provenance']['backends']['local']['selection']}))\n"
     )
@@ -297,8 +298,8 @@ def test_a_cached_export_starts_without_torch_or_transformers(tmp_path: Path, st
     LocalBackend(DEFAULT, runtime="onnx").embed(["make the export and prove it"])
     src = write_csv(tmp_path / "in.csv", rows_for(TEXTS))
     out = tmp_path / "o.parquet"
-    code = ("import sys, json; from hfbatch import embed_file, EmbedOptions; "
-            f"r = embed_file(EmbedOptions(input={str(src)!r}, output={str(out)!r}, runtime='onnx')); "
+    code = ("import sys, json; from hfbatch import embed, EmbedOptions; "
+            f"r = embed(EmbedOptions(input={str(src)!r}, output={str(out)!r}, runtime='onnx')); "
             "local = r.document['provenance']['backends']['local']; "
             "print(json.dumps([local['tokenizer'], local['runtime'], "
             "[m for m in ('torch', 'transformers', 'sentence_transformers') if m in sys.modules]]))")
@@ -366,7 +367,7 @@ def test_a_usage_error_is_found_before_any_measuring(two_candidates: Path, tmp_p
     src = write_csv(tmp_path / "in.csv", rows_for(TEXTS))
     one = write_csv(tmp_path / "one.csv", rows_for(["only one calibration text"]))
     with pytest.raises(UsageError, match="has 1 valid text to take --output-precision int8 ranges"):
-        embed_file(EmbedOptions(input=src, output=tmp_path / "o.parquet", output_precision="int8", calibration=one))
+        hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet", output_precision="int8", calibration=one))
     assert not (two_candidates / "choices").exists() and not (two_candidates / "onnx").exists()
     assert not (tmp_path / "o.parquet").exists()
 
@@ -376,7 +377,7 @@ def test_a_planted_export_entry_can_neither_load_nor_delete_a_file_outside_its_f
     from hfbatch.backends.exports import file_digest
 
     src = write_csv(tmp_path / "in.csv", rows_for(TEXTS))
-    embed_file(EmbedOptions(input=src, output=tmp_path / "a.parquet", runtime="onnx", use_cache=False))
+    hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "a.parquet", runtime="onnx", use_cache=False))
     (meta_path,) = (two_candidates / "onnx").rglob("meta.json")
     victim = tmp_path / "precious.txt"
     victim.write_text("not an export")
@@ -384,19 +385,19 @@ def test_a_planted_export_entry_can_neither_load_nor_delete_a_file_outside_its_f
     entry = meta["variants"]["onnx-fp32"]
     entry.update(file=str(victim), files=[str(victim), "../../precious.txt"], digests={str(victim): file_digest(victim)})
     meta_path.write_text(json.dumps(meta))
-    again = embed_file(EmbedOptions(input=src, output=tmp_path / "b.parquet", runtime="onnx", use_cache=False))
+    again = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "b.parquet", runtime="onnx", use_cache=False))
     assert victim.read_text() == "not an export"  # neither loaded nor deleted
     assert (vectors(again.output) * st_model.encode(TEXTS)).sum(1).min() > 0.9999
 
 
 def test_another_models_export_folder_copied_in_is_made_again(two_candidates: Path, tmp_path: Path, st_model) -> None:
     src = write_csv(tmp_path / "in.csv", rows_for(TEXTS))
-    embed_file(EmbedOptions(input=src, output=tmp_path / "a.parquet", runtime="onnx", use_cache=False))
+    hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "a.parquet", runtime="onnx", use_cache=False))
     (meta_path,) = (two_candidates / "onnx").rglob("meta.json")
     meta = json.loads(meta_path.read_text())
     meta["key"] = "0" * 32  # the folder (its proofs, its torch reference) of another model, copied over this one's
     meta_path.write_text(json.dumps(meta))
-    again = embed_file(EmbedOptions(input=src, output=tmp_path / "b.parquet", runtime="onnx", use_cache=False))
+    again = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "b.parquet", runtime="onnx", use_cache=False))
     assert again.document["metrics"]["stage_seconds"]["export"] > 0  # its proofs were not taken as this model's
     assert json.loads(meta_path.read_text())["key"] == LocalBackend(DEFAULT).weights_key()
     assert (vectors(again.output) * st_model.encode(TEXTS)).sum(1).min() > 0.9999
