@@ -20,6 +20,9 @@ from hfbatch.cli import app
 
 pytestmark = pytest.mark.slow
 ROWS = 10_000
+# the client's timeout: far above what a real answer takes on a busy 2-core machine (a slow answer
+# would be a timeout nobody injected, and the exact retry counts below would be off by it)
+TIMEOUT = 2.0
 
 
 @pytest.fixture
@@ -31,7 +34,7 @@ def server(st_model):
 
 def _options(src: Path, out: Path, server: EmbeddingServer, **kw) -> EmbedOptions:
     return EmbedOptions(input=src, output=out, backend="tei", endpoint=server.url, api_batch_size=64,
-                        api_concurrency=4, api_timeout=0.5, use_cache=False, **kw)
+                        api_concurrency=4, api_timeout=TIMEOUT, use_cache=False, **kw)
 
 
 def test_random_faults_on_10000_rows_lose_nothing(tmp_path: Path, server: EmbeddingServer) -> None:
@@ -40,7 +43,7 @@ def test_random_faults_on_10000_rows_lose_nothing(tmp_path: Path, server: Embedd
     src = write_parquet(tmp_path / "in.parquet", [{"id": i, "text": f"{i} " + " ".join(rng.choices(words, k=6))}
                                                   for i in range(ROWS)])
     clean = hfbatch.embed(_options(src, tmp_path / "clean.parquet", server))
-    server.chaos_rate, server.chaos, server.hang_seconds = 0.2, random.Random(7), 0.8
+    server.chaos_rate, server.chaos, server.hang_seconds = 0.2, random.Random(7), TIMEOUT + 0.5
     chaotic = hfbatch.embed(_options(src, tmp_path / "chaos.parquet", server, api_retries=8))
     want, got = pq.read_table(clean.output), pq.read_table(chaotic.output)
     assert got.num_rows == ROWS and got.column("id").to_pylist() == list(range(ROWS))
