@@ -444,6 +444,9 @@ def open_job_files(
     check_columns(input, reader.schema, text_column, keep, reader.all_columns, added_columns=added_columns)
     passthrough = pa.schema([reader.schema.field(n) for n in (keep if keep is not None else reader.schema.names)])
     remove_stale_temps(output)
+    for role, path in extra_outputs:  # a killed run's staged sidecar goes too
+        if role == "sidecar" and path is not None:
+            remove_stale_temps(path)
     plan.check_writable()
     return JobFiles(reader, passthrough, location(input), identity)
 

@@ -144,6 +144,8 @@ class ParquetSink:
         try:
             with publishing(self.path.parent):
                 if isinstance(sidecar, Path):
+                    if sidecar.is_dir():  # taken since the job was planned: the pair could not be completed
+                        raise OutputError(f"the sidecar's path {sidecar} is a directory")
                     staged = temp_path_for(sidecar)
                     staged.write_text(json.dumps(metadata, indent=2, default=str) + "\n", encoding="utf-8")
                 elif sidecar is not None:
