@@ -14,6 +14,10 @@ os.environ["HF_HUB_DISABLE_TELEMETRY"] = "1"
 # here for module-scoped fixtures, which run before it)
 os.environ["HFBATCH_RUNTIME"] = "torch"
 os.environ["HFBATCH_PRECISION"] = "fp32"
+# rich fixes a console's width from COLUMNS when the console is made (hfbatch.cli's, at import);
+# pytest-xdist's workers start with COLUMNS=80: tests that ask for a width pass it per call
+os.environ.pop("COLUMNS", None)
+os.environ.pop("LINES", None)
 from pathlib import Path
 from typing import Any, Iterable
 

@@ -24,6 +24,24 @@ from hfbatch.errors import OutputError
 from hfbatch.provenance import file_digest
 
 
+@pytest.fixture(scope="module", autouse=True)
+def cluster(onnx_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    """One local cluster for the module (starting one takes seconds): the engine joins a running
+    cluster and leaves it running (its own start-and-stop is what it does when none runs: the
+    S3 test in test_stores.py goes that way). Workers get the suite's environment: offline, the
+    shared export folder, torch fp32, nothing under ~."""
+    import ray
+
+    home = tmp_path_factory.mktemp("ray-home")
+    env = {"HF_HUB_OFFLINE": "1", "HFBATCH_ONNX_DIR": str(onnx_dir), "HFBATCH_RUNTIME": "torch",
+           "HFBATCH_PRECISION": "fp32", "TOKENIZERS_PARALLELISM": "false", "HF_HOME": str(home / "hf"),
+           "HFBATCH_CACHE_DIR": str(home / "cache")}
+    ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False,
+             runtime_env={"env_vars": env})
+    yield
+    ray.shutdown()
+
+
 def _parts(root: Path) -> None:
     root.mkdir()
     write_jsonl(root / "a.jsonl", [{"id": i, "text": f"{SAMPLE_TEXTS[i % len(SAMPLE_TEXTS)]} a{i}"} for i in range(45)]
