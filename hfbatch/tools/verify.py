@@ -32,16 +32,12 @@ from ..backends import make_backend
 from ..backends.fidelity import FAITHFUL, INT8
 from ..backends.local import LocalBackend
 from ..engines.parts import part_sidecar_path
-from ..errors import HfbatchError, InputError
+from ..errors import InputError
 from ..io.readers import open_reader
 from ..io.stores import RemotePath, location
 from ..io.writers import METADATA_KEY
 from ..options import EmbedOptions, sidecar_path
 from ..vectors import cosine_rows, l2_normalize, output_width, quantize, truncate_dims
-
-
-class VerifyMismatch(HfbatchError):
-    """The re-embedded sample does not agree with the stored vectors (exit 1)."""
 
 
 def verify_output(output: Path, *, sample: int = 64, seed: int = 0, tolerance: float = 0.999) -> dict[str, Any]:
