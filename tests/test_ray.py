@@ -33,13 +33,22 @@ def cluster(onnx_dir: Path, tmp_path_factory: pytest.TempPathFactory):  # type: 
     import ray
 
     home = tmp_path_factory.mktemp("ray-home")
-    env = {"HF_HUB_OFFLINE": "1", "HFBATCH_ONNX_DIR": str(onnx_dir), "HFBATCH_RUNTIME": "torch",
+    env = {"HF_HUB_OFFLINE": "1", "HFBATCH_ONNX_DIR": str(onnx_dir), "HFBATCH_RUNTIME": "onnx",
            "HFBATCH_PRECISION": "fp32", "TOKENIZERS_PARALLELISM": "false", "HF_HOME": str(home / "hf"),
            "HFBATCH_CACHE_DIR": str(home / "cache")}
     ray.init(address="local", include_dashboard=False, log_to_driver=False, configure_logging=False,
              runtime_env={"env_vars": env})
     yield
     ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def onnx_runtime(clean_environ: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both engines in these tests run ONNX Runtime fp32 (faithful to torch fp32, one identity):
+    an actor then starts without importing torch or sentence-transformers (6 s each, per actor
+    per job); the export is made once, in the suite's shared folder. The Ray-vs-local
+    comparisons below hold either way."""
+    monkeypatch.setenv("HFBATCH_RUNTIME", "onnx")
 
 
 def _parts(root: Path) -> None:
