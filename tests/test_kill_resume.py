@@ -33,9 +33,12 @@ def _input(tmp_path: Path) -> Path:
     return write_csv(tmp_path / "in.csv", _rows())
 
 
-def _start(src: Path, out: Path, cache: Path, log: Path) -> subprocess.Popen:
+def _start(src: Path, out: Path, cache: Path, log: Path, runtime: str = "onnx") -> subprocess.Popen:
+    """The CLI in a process of its own. ONNX Runtime fp32 (faithful, the identity torch's vectors
+    have): its process starts without importing torch or sentence-transformers, the seconds most
+    of these tests would spend; the export is the suite's (HFBATCH_ONNX_DIR)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("HFBATCH_") or k in PINNED}
-    env.update(HF_HUB_OFFLINE="1", HFBATCH_CACHE_DIR=str(cache))
+    env.update(HF_HUB_OFFLINE="1", HFBATCH_CACHE_DIR=str(cache), HFBATCH_RUNTIME=runtime)
     return subprocess.Popen([sys.executable, "-m", "hfbatch", "embed", str(src), "-o", str(out), "--chunk-size", "40",
                              "--batch-size", "8", "--log-file", str(log), "--quiet"],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -80,7 +83,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
                                  "sigkill-during-load"])
 def test_stopped_run_leaves_nothing_and_the_rerun_resumes(tmp_path: Path, reference: np.ndarray, how: str) -> None:
     src, out, cache, log = _input(tmp_path), tmp_path / "out.parquet", tmp_path / "cache", tmp_path / "log.jsonl"
-    proc = _start(src, out, cache, log)
+    proc = _start(src, out, cache, log, runtime="torch" if how == "sigkill-during-load" else "onnx")
     if how == "sigkill-during-load":
         time.sleep(1.0)  # imports and model load take seconds: no chunk is done yet
     else:
@@ -173,7 +176,7 @@ def test_sigkill_at_the_final_rename(tmp_path: Path, reference: np.ndarray) -> N
         "os.replace = replace\n")
     src, out, cache = _input(tmp_path), tmp_path / "out.parquet", tmp_path / "cache"
     env = {k: v for k, v in os.environ.items() if not k.startswith("HFBATCH_") or k in PINNED}
-    env.update(HF_HUB_OFFLINE="1", HFBATCH_CACHE_DIR=str(cache), PYTHONPATH=str(hooks))
+    env.update(HF_HUB_OFFLINE="1", HFBATCH_CACHE_DIR=str(cache), PYTHONPATH=str(hooks), HFBATCH_RUNTIME="onnx")
     killed = subprocess.run([sys.executable, "-m", "hfbatch", "embed", str(src), "-o", str(out), "--quiet"],
                             env=env, capture_output=True, text=True, timeout=300)
     assert killed.returncode == -signal.SIGKILL
