@@ -209,8 +209,10 @@ def test_store_paths_that_cannot_work_are_refused_before_any_work(s3: S3Server, 
     assert s3.keys(BUCKET) == ["in/in.parquet"]
 
 
-def test_the_ray_engine_reads_and_writes_the_store_like_the_local_engine(s3: S3Server, tmp_path: Path) -> None:
+def test_the_ray_engine_reads_and_writes_the_store_like_the_local_engine(s3: S3Server, tmp_path: Path,  # noqa: F811
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("ray")
+    monkeypatch.setenv("HFBATCH_RUNTIME", "onnx")  # both engines; an actor then starts without torch
     root = _local_parts(tmp_path / "data")
     _upload_dir(s3, root, "in")
     local = embed(EmbedOptions(input=root, output=tmp_path / "local", cache_dir=tmp_path / "c1"))
