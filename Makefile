@@ -23,8 +23,9 @@ demo: install
 	$(VENV)/bin/hfbatch embed sample_data/reviews.csv -o out/reviews.embedded.parquet
 	@echo "wrote out/reviews.embedded.parquet and out/reviews.embedded.parquet.meta.json"
 
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25
 
 bench: install
 	$(PY) benchmarks/bench_embed.py

@@ -18,6 +18,10 @@ os.environ["HFBATCH_PRECISION"] = "fp32"
 # pytest-xdist's workers start with COLUMNS=80: tests that ask for a width pass it per call
 os.environ.pop("COLUMNS", None)
 os.environ.pop("LINES", None)
+# several pytest-xdist workers on few cores: one OpenMP thread each (torch's default is one per
+# core, and threads that outnumber the cores spin-wait on each other); the jobs' subprocesses too
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 from pathlib import Path
 from typing import Any, Iterable
 
