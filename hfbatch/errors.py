@@ -101,3 +101,14 @@ def is_transient(exc: BaseException) -> bool:
     """Whether `exc` may go away if the same request is tried again: the `transient` property of
     hfbatch's errors; anything else (a bug, an OSError) is not retried."""
     return isinstance(exc, HfbatchError) and exc.transient
+
+
+def first_line(exc: BaseException, limit: int = 300) -> str:
+    """An exception's first non-blank line (its type's name when it has none), cut to `limit`
+    characters: what a one-line error quotes of a library's message (OpenVINO's run to C++ file
+    and line, transformers' to five lines)."""
+    for line in str(exc).splitlines():
+        line = line.strip()
+        if line:
+            return line if len(line) <= limit else line[:limit - 3] + "..."
+    return type(exc).__name__

@@ -92,3 +92,14 @@ def test_retries_decide_by_the_property_not_the_class() -> None:
     with pytest.raises(RemoteError, match="malformed"):
         client.post_json("http://127.0.0.1:9/x", {})
     assert client.stats["retries"] == 0
+
+
+def test_first_line_is_what_a_one_line_error_quotes() -> None:
+    """The one helper every module quotes a library's message with (there were seven copies)."""
+    from hfbatch.errors import first_line
+
+    assert first_line(RuntimeError("\n  \n  Exception from src/core.cpp:123:\n  details")) == "Exception from src/core.cpp:123:"
+    assert first_line(ValueError("")) == "ValueError"
+    assert first_line(OSError("x" * 500)) == "x" * 297 + "..."
+    assert first_line(OSError("x" * 500), 240) == "x" * 237 + "..."
+    assert first_line(KeyError("k")) == "'k'"

@@ -22,10 +22,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import InputError, ModelLoadError
+from ..errors import InputError, ModelLoadError, first_line
 from ..resources import MemoryGuardError
 from ..vectors import l2_normalize
-from .exports import ExportBundle, first_line, package_version
+from .exports import ExportBundle, package_version
 from .fidelity import CALIBRATION_TEXTS, FAITHFUL, check_fidelity
 from .tokenizer import ModelTokenizer, load_fast, same_ids, tokenizer_libraries
 

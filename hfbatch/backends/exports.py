@@ -187,8 +187,3 @@ def file_digest(path: Path) -> str:
         while block := handle.read(1 << 22):
             h.update(block)
     return h.hexdigest()
-
-
-def first_line(exc: BaseException) -> str:
-    """An exception's first line (its type's name when it has no message): what a one-line error quotes."""
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -13,9 +13,8 @@ from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, first_line
 from .builds import ExportFailed
-from .exports import first_line
 from .fidelity import bar_for, check_fidelity
 from .records import refuse
 

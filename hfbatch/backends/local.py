@@ -24,13 +24,12 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import BackendError, InputError, ModelLoadError
+from ..errors import BackendError, InputError, ModelLoadError, first_line
 from ..resources import (MemoryGuardError, check_model_memory, cpu_has_native_bf16, gpu_possible, resolve_device,
                          resolve_precision)
 from . import torch_runner
 from .configs import EXPORT_RUNTIMES, Note, RuntimeChoice, RuntimeConfig, check_request, int8_recipe
 from .builds import ExportMethods, openvino_session
-from .exports import first_line
 from .hub import bundled_model_dir as _bundled_model_dir  # noqa: F401  (re-exported for benchmarks/)
 from .hub import files_digest, resolve_model_dir, weights_key
 from .job_check import check_job_texts, check_until_faithful, job_sample, needs_check

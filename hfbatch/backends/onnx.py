@@ -33,7 +33,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..errors import InputError, ModelLoadError
+from ..errors import InputError, ModelLoadError, first_line
 from ..vectors import cosine_rows
 from .fidelity import SMOOTHING_TEXTS  # noqa: F401  (read here by tests and benchmarks/)
 from .onnx_runner import OnnxRunner, release_sessions  # noqa: F401  (the runner, as this module's users knew it)
@@ -76,10 +76,6 @@ def graph_facts(model: Any, model_id: str) -> dict[str, Any]:
     return {"pooling": pooling, "normalize": kinds[-1] == "Normalize", "input_names": names}
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-
-
 def export_fp32(model: Any, target: Path, facts: dict[str, Any], model_id: str) -> None:
     """The transformer with its pooling (and normalisation) as one ONNX graph, written whole or not at all."""
     _export(model[0].auto_model, model.tokenizer, target, facts, model_id)
@@ -118,13 +114,13 @@ def export_int8(model: Any, target: Path, facts: dict[str, Any], model_id: str, 
         try:
             quantize(parts["fused"])
         except Exception as exc:  # a fusion the quantizer cannot take: the unfused graph, slower but the same model
-            log.info("int8 of %s's fused graph failed (%s); quantizing the unfused graph", model_id, _first_line(exc))
+            log.info("int8 of %s's fused graph failed (%s); quantizing the unfused graph", model_id, first_line(exc))
             quantize(parts["fp32"])
         parts["int8"].replace(target)
     except ModelLoadError:
         raise
     except Exception as exc:
-        raise ModelLoadError(f"int8 quantization of {model_id} failed ({_first_line(exc)}); drop --quantize int8.") from exc
+        raise ModelLoadError(f"int8 quantization of {model_id} failed ({first_line(exc)}); drop --quantize int8.") from exc
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -144,7 +140,7 @@ def fuse(source: Path, target: Path, config: Any) -> bool:
             fused.save_model_to_file(str(target))
         return bool(fused.get_fused_operator_statistics().get("Attention"))
     except Exception as exc:  # an architecture the optimizer does not know: unfused is still right
-        log.info("ONNX Runtime's optimizer left the graph unfused (%s)", _first_line(exc))
+        log.info("ONNX Runtime's optimizer left the graph unfused (%s)", first_line(exc))
         shutil.copyfile(source, target)
         return False
 
@@ -266,7 +262,7 @@ def _export(transformer: Any, tokenizer: Any, target: Path, facts: dict[str, Any
         temp.replace(target)  # a cached export is always whole
     except Exception as exc:
         temp.unlink(missing_ok=True)
-        raise ModelLoadError(f"exporting {model_id} to ONNX failed ({_first_line(exc)}); use --runtime torch.") from exc
+        raise ModelLoadError(f"exporting {model_id} to ONNX failed ({first_line(exc)}); use --runtime torch.") from exc
     finally:
         if switch:
             try:

@@ -14,9 +14,8 @@ from typing import Any
 
 import numpy as np
 
-from ..errors import ModelLoadError
+from ..errors import ModelLoadError, first_line
 from ..resources import max_model_memory_bytes
-from .exports import first_line
 
 
 class OnnxRunner:

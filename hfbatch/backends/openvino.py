@@ -30,7 +30,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ..errors import BackendError, InputError, ModelLoadError
+from ..errors import BackendError, InputError, ModelLoadError, first_line
 from ..vectors import cosine_rows
 
 log = logging.getLogger(__name__)
@@ -74,17 +74,8 @@ def _import_openvino() -> Any:
     try:
         import openvino
     except ImportError as exc:  # present but broken (a missing shared library)
-        raise ModelLoadError(f"{INSTALL_HINT} (importing it failed: {_first_line(exc)})") from exc
+        raise ModelLoadError(f"{INSTALL_HINT} (importing it failed: {first_line(exc, 240)})") from exc
     return openvino
-
-
-def _first_line(exc: BaseException) -> str:
-    """OpenVINO's messages run to many lines (C++ file and line); the CLI prints one."""
-    for line in str(exc).splitlines():
-        line = line.strip()
-        if line:
-            return line if len(line) <= 240 else line[:237] + "..."
-    return type(exc).__name__
 
 
 class OpenVinoSession:
@@ -141,7 +132,7 @@ class OpenVinoSession:
             self.requests = [self.compiled.create_infer_request() for _ in range(self.streams)]
             self.request = self.requests[0]
         except Exception as exc:  # OpenVINO raises RuntimeError for parse, shape and compile failures alike
-            raise ModelLoadError(f"OpenVINO could not load {self.path} ({_first_line(exc)}); "
+            raise ModelLoadError(f"OpenVINO could not load {self.path} ({first_line(exc, 240)}); "
                                  "re-export it or use --runtime onnx or torch.") from exc
         self.input_names: list[str] = [port.get_any_name() for port in self.compiled.inputs]
         self.precision = precision
@@ -177,7 +168,7 @@ class OpenVinoSession:
             except Exception as exc:
                 shape = "x".join(str(d) for d in inputs[self.input_names[0]].shape)
                 raise BackendError(f"OpenVINO failed on a batch of {shape} tokens with {self.path} "
-                                   f"({_first_line(exc)}); use --runtime onnx or torch.") from exc
+                                   f"({first_line(exc, 240)}); use --runtime onnx or torch.") from exc
 
 
 # --- int8 weights through NNCF ----------------------------------------------------------------------
@@ -192,7 +183,7 @@ def _import_nncf() -> Any:
     try:
         import nncf
     except ImportError as exc:
-        raise ModelLoadError(f"{NNCF_HINT} (importing it failed: {_first_line(exc)})") from exc
+        raise ModelLoadError(f"{NNCF_HINT} (importing it failed: {first_line(exc, 240)})") from exc
     with contextlib.suppress(Exception):  # imported before by someone else: stub it all the same
         from nncf.telemetry import decorator, wrapper
 
@@ -261,7 +252,7 @@ def quantize_int8(onnx_path: Path, target: Path, *, validation: list[dict[str, n
     try:
         model = ov.Core().read_model(str(onnx_path))
     except Exception as exc:
-        raise ModelLoadError(f"OpenVINO could not read {onnx_path} ({_first_line(exc)}); "
+        raise ModelLoadError(f"OpenVINO could not read {onnx_path} ({first_line(exc, 240)}); "
                              "drop --quantize int8 or use --runtime onnx.") from exc
     partial_xml = target.parent / f".{target.stem}.{uuid.uuid4().hex[:12]}.partial.xml"
     partial_bin = partial_xml.with_suffix(".bin")
@@ -276,7 +267,7 @@ def quantize_int8(onnx_path: Path, target: Path, *, validation: list[dict[str, n
             vectors = np.concatenate([check.run(f) for f in validation])
             del check
         except Exception as exc:
-            raise ModelLoadError(f"int8 quantization of {onnx_path} with NNCF failed ({_first_line(exc)}); "
+            raise ModelLoadError(f"int8 quantization of {onnx_path} with NNCF failed ({first_line(exc, 240)}); "
                                  "drop --quantize int8 or use --runtime onnx.") from exc
         cos = cosine_rows(vectors, reference)
         figures = {"mean": float(cos.mean()), "min": float(cos.min())}

@@ -32,11 +32,10 @@ from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
-from ..errors import HfbatchError, InputError, ModelLoadError
+from ..errors import HfbatchError, InputError, ModelLoadError, first_line
 from ..resources import MemoryGuardError, cpu_has_native_bf16, max_model_memory_bytes, rss_bytes
 from ..vectors import cosine_rows
 from .configs import Note, RuntimeChoice, RuntimeConfig
-from .exports import first_line
 from .fidelity import BATCH_INVARIANT, CALIBRATION_TEXTS, SMOOTHING_TEXTS, bar_for, figures, label, labels
 from .records import RECORD_FORMAT, choices_root, keep, lock, machine, read_record, record_path, writable
 # what tools/ and tests read from here: the record's names beside the measuring

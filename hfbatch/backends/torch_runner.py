@@ -15,8 +15,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from ..errors import ModelLoadError
-from .exports import first_line
+from ..errors import ModelLoadError, first_line
 from .fidelity import CALIBRATION_TEXTS, FAITHFUL, check_fidelity
 
 log = logging.getLogger(__name__)

@@ -72,7 +72,7 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from ..errors import InputError
+from ..errors import InputError, first_line
 from .stores import RemotePath, is_remote, location
 
 FORMATS = ("csv", "jsonl", "parquet")
@@ -781,8 +781,7 @@ def _kind(value: Any) -> str:
 
 def _short(exc: BaseException) -> str:
     """A library's message as one short line; control bytes (a NUL from a mis-encoded file) escaped."""
-    text = str(exc).strip().splitlines()
-    line = (text[0] if text else type(exc).__name__)[:300]
+    line = first_line(exc)
     return _CONTROL_RE.sub(lambda m: f"\\x{ord(m.group()):02x}", line)
 
 

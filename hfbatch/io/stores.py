@@ -41,7 +41,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Iterator
 from urllib.parse import urlsplit
 
-from ..errors import HfbatchError, InputError, OutputError
+from ..errors import HfbatchError, InputError, OutputError, first_line
 
 # URL scheme -> the fsspec protocol that serves it
 SCHEMES = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "abfs", "abfs": "abfs", "abfss": "abfs", "hf": "hf"}
@@ -456,7 +456,7 @@ class RemotePath:
 
 
 def _short(exc: BaseException) -> str:
-    return _redact((str(exc).strip().splitlines() or [type(exc).__name__])[0][:300])
+    return _redact(first_line(exc))
 
 
 # user:password@ in any URL; and the values of the store credentials a server or library may echo

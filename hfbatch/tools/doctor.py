@@ -8,13 +8,13 @@ from __future__ import annotations
 import importlib.util
 import os
 import time
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 import psutil
 
 from ..backends.http import public_url
+from ..backends.exports import package_version
 from ..errors import HfbatchError, InputError, RemoteError
 from ..provenance import redact_text
 from ..resources import cpu_facts, max_model_memory_bytes
@@ -37,20 +37,13 @@ _OPTIONAL = {
 }
 
 
-def _version(name: str) -> str | None:
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return None
-
-
 def capabilities(settings: Settings | None = None) -> dict[str, Any]:
     """Backends usable here and why not, devices, libraries, memory and the cache."""
     settings = settings or Settings.load()
     from ..backends.remote import resolve_token
 
     libraries = {
-        name: {"version": _version(name), "for": purpose, **({} if _version(name) else {"install": hint})}
+        name: {"version": package_version(name), "for": purpose, **({} if package_version(name) else {"install": hint})}
         for name, (purpose, hint) in _OPTIONAL.items()
     }
     local_ok = bool(libraries["torch"]["version"] and libraries["sentence-transformers"]["version"])
