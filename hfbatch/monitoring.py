@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any, Mapping, Protocol
@@ -28,7 +27,7 @@ from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColu
 from rich.text import Text
 
 from .errors import InputError
-from .io.writers import temp_path_for
+from .io.writers import write_text_atomic
 from .provenance import Metrics, utc_now
 from .resources import peak_rss_mb
 
@@ -277,14 +276,7 @@ def prometheus_text(document: Mapping[str, Any] | None, *, success: bool, labels
 
 def write_prometheus(path: Path, text: str) -> None:
     """Atomic, as the textfile collector requires: it must never read half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = temp_path_for(path)
-    try:
-        temp.write_text(text, encoding="utf-8")
-        os.replace(temp, path)
-    except OSError:
-        temp.unlink(missing_ok=True)
-        raise
+    write_text_atomic(path, text)
 
 
 class ChunkLog:

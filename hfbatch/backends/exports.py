@@ -18,12 +18,13 @@ import hashlib
 import json
 import os
 import stat
-import tempfile
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
 from platformdirs import user_cache_dir
+
+from ..io.writers import write_text_atomic
 
 META_FORMAT = 2  # 2: every file a variant loads is proved by digest
 
@@ -37,20 +38,6 @@ def package_version(name: str) -> str | None:
         return version(name)
     except PackageNotFoundError:
         return None
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """`text` at `path` through a temp file of this call's own and a rename: readers (other jobs
-    sharing the cache dir) see the old file or the new one, never half. OSError as it comes."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
 
 
 class ExportBundle:
@@ -81,7 +68,7 @@ class ExportBundle:
             merged.update(entries.pop(nested, {}) or {})
             meta[nested] = {k: v for k, v in merged.items() if v is not None}  # None: forgotten
         meta.update(entries, format=META_FORMAT)
-        write_atomic(self.meta_path, json.dumps(meta, indent=1, sort_keys=True))
+        write_text_atomic(self.meta_path, json.dumps(meta, indent=1, sort_keys=True))
 
     def path(self, name: str) -> Path:
         """A file of this folder. Names come from meta.json, which anyone with the cache dir can

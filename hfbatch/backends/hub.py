@@ -19,7 +19,8 @@ from typing import Any
 
 from ..errors import InputError, ModelLoadError
 from ..settings import DEFAULT_MODEL
-from .exports import exports_root, write_atomic
+from ..io.writers import write_text_atomic
+from .exports import exports_root
 
 _WEIGHT_SUFFIXES = (".safetensors", ".bin")
 _CONFIG_SUFFIXES = (".json", ".txt", ".model", ".tiktoken", ".py")  # .py: a model's own code shapes its vectors
@@ -136,7 +137,7 @@ def _weights_hash(root: Path, stamp: tuple[tuple[str, int, int, int, int], ...])
         pass
     digest = _hash_files(root, stamp)
     try:  # best effort: a read-only cache only costs the next process the hashing again
-        write_atomic(memo, digest)
+        write_text_atomic(memo, digest)
     except OSError:
         pass
     return digest

@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 from .._version import __version__
 from ..resources import cpu_facts
 from .configs import EXPORT_RUNTIMES, Note, RuntimeConfig
-from .exports import exports_root, package_version, write_atomic
+from ..io.writers import write_text_atomic
+from .exports import exports_root, package_version
 from .fidelity import label
 
 if TYPE_CHECKING:
@@ -76,7 +77,7 @@ def read_record(path: Path) -> dict[str, Any]:
 
 def keep(path: Path, record: dict[str, Any]) -> None:
     """Write `record` at `path`, atomically (OSError when it cannot be)."""
-    write_atomic(path, json.dumps(record, indent=1))
+    write_text_atomic(path, json.dumps(record, indent=1))
 
 
 def machine() -> dict[str, Any]:

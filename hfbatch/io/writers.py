@@ -212,6 +212,20 @@ def publishing(directory: Path) -> Iterator[None]:
         os.close(fd)  # closing the descriptor releases the lock
 
 
+def write_text_atomic(path: Path, text: str) -> None:
+    """`text` at `path` through a temp file of this process's own (temp_path_for: a later run
+    removes a dead one's) and a rename: a reader sees the old file or the new one, never half.
+    OSError as it comes, the temp file gone."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = temp_path_for(path)
+    try:
+        temp.write_text(text, encoding="utf-8")
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
 def write_json_atomic(path: Path | RemotePath, document: Mapping[str, Any]) -> None:
     """Write JSON through a temp file and rename, so readers never see half a document (in a
     store: one PUT, which is whole or nothing)."""
@@ -221,12 +235,9 @@ def write_json_atomic(path: Path | RemotePath, document: Mapping[str, Any]) -> N
         except Exception as exc:  # noqa: BLE001 - a store's errors are many
             raise OutputError(f"cannot write {path} ({exc}).") from exc
         return
-    temp = temp_path_for(path)
     try:
-        temp.write_text(json.dumps(document, indent=2, default=str) + "\n", encoding="utf-8")
-        os.replace(temp, path)
+        write_text_atomic(path, json.dumps(document, indent=2, default=str) + "\n")
     except OSError as exc:
-        temp.unlink(missing_ok=True)
         raise OutputError(f"cannot write {path} ({exc}).") from exc
 
 
