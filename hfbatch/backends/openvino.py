@@ -44,7 +44,6 @@ PRECISIONS = ("f32", "bf16", "f16")
 # 2.34x; 256 0.9983 / 0.9941, 2.09x; 384 (one per token) 0.9977 / 0.9924, 2.38x.
 # (ONNX Runtime's int8, fused and smoothed: 0.9982 / 0.9927, 1.87x.) No effect on fp32 weights.
 DQ_GROUP = 128
-MIN_SLICE = 4  # rows per stream, at the least, when a batch is split over several streams
 
 
 def available() -> bool:
@@ -79,17 +78,18 @@ def _import_openvino() -> Any:
 
 
 class OpenVinoSession:
-    """One compiled model and its reused InferRequests (one per stream): `run(feeds)` -> float32 [batch, dim].
+    """One compiled model and one reused InferRequest: `run(feeds)` -> float32 [batch, dim].
 
     Compiled for the CPU with:
-    - PERFORMANCE_HINT "THROUGHPUT" (streams=None, the default): OpenVINO splits the cores into
-      streams (2 of 1 thread on a 2-core machine) and `run` splits each batch into that many row
-      slices, run at once, one per stream. A single request on a THROUGHPUT model uses one stream
-      only (half the cores here: measured 19 texts/s against LATENCY's 39), which is why the batch
-      is split. Measured on a 2-core AMD EPYC, all-MiniLM-L6-v2, 800 stdlib paragraphs in batches
-      of 32 sorted by length, best of 3 interleaved rounds: split over 2 streams 1.40x LATENCY on
-      a busy machine (load 3.3), vectors at cosine >= 0.9999998 to LATENCY's (benchmarks/RESULTS.md
-      has the idle figures). streams=1: PERFORMANCE_HINT "LATENCY", one synchronous request.
+    - PERFORMANCE_HINT "LATENCY": hfbatch runs one batch at a time (one synchronous request), and
+      THROUGHPUT splits the cores into streams of which a single request uses only one. Measured
+      on this 2-core AMD EPYC (avx512_bf16, avx512_vnni; no AMX), all-MiniLM-L6-v2, 1,000 stdlib
+      docstrings in batches of 32 sorted by length: LATENCY 39 texts/s, THROUGHPUT 19 texts/s on a
+      quiet machine (2 streams x 1 thread); 17 vs 15 texts/s interleaved batch by batch on a busy
+      one (benchmarks/bench_openvino.py). Splitting each batch over 2 THROUGHPUT streams (tried
+      2026-12-07: 1.1x on an idle machine, 1.4x on a busy one) gave 16 of 2,000 rows of a real job
+      wrong vectors (a whole slice at once, cosine 0.25-0.47 to LATENCY's) though short tests and
+      a direct comparison agreed: not used.
     - INFERENCE_PRECISION_HINT "f32" unless asked otherwise: on CPUs with avx512_bf16 or AMX
       OpenVINO picks bf16 by itself (it does on this machine), which changes the vectors (cosine
       to fp32 0.99998 mean / 0.99997 min here, 1.7-1.8x faster); on CPUs without native bf16 it is
@@ -105,20 +105,15 @@ class OpenVinoSession:
     """
 
     def __init__(self, model_path: Path, *, cache_dir: Path | None = None, threads: int | None = None,
-                 precision: str = "f32", streams: int | None = None):
+                 precision: str = "f32"):
         if precision not in PRECISIONS:
             raise InputError(f"OpenVINO precision must be one of {', '.join(PRECISIONS)}, not {precision!r}.")
         ov = _import_openvino()
         self.path = Path(model_path)
         if not self.path.is_file():
             raise ModelLoadError(f"OpenVINO cannot load {self.path}: no such file; use --runtime onnx or torch.")
-        config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "DYNAMIC_QUANTIZATION_GROUP_SIZE": str(DQ_GROUP)}
-        if streams == 1:
-            config["PERFORMANCE_HINT"] = "LATENCY"
-        else:  # each slice of a batch on a stream of its own: OpenVINO picks how many for this CPU
-            config["PERFORMANCE_HINT"] = "THROUGHPUT"
-            if streams:
-                config["NUM_STREAMS"] = str(int(streams))
+        config: dict[str, Any] = {"PERFORMANCE_HINT": "LATENCY", "INFERENCE_PRECISION_HINT": precision,
+                                  "DYNAMIC_QUANTIZATION_GROUP_SIZE": str(DQ_GROUP)}
         if threads:
             config["INFERENCE_NUM_THREADS"] = int(threads)
         if cache_dir is not None:
@@ -128,9 +123,7 @@ class OpenVinoSession:
             core = ov.Core()
             model = core.read_model(str(self.path))
             self.compiled = core.compile_model(model, "CPU", config)
-            self.streams = 1 if streams == 1 else max(1, int(self.compiled.get_property("OPTIMAL_NUMBER_OF_INFER_REQUESTS")))
-            self.requests = [self.compiled.create_infer_request() for _ in range(self.streams)]
-            self.request = self.requests[0]
+            self.request = self.compiled.create_infer_request()
         except Exception as exc:  # OpenVINO raises RuntimeError for parse, shape and compile failures alike
             raise ModelLoadError(f"OpenVINO could not load {self.path} ({first_line(exc, 240)}); "
                                  "re-export it or use --runtime onnx or torch.") from exc
@@ -150,25 +143,14 @@ class OpenVinoSession:
             raise BackendError(f"{self.path} needs inputs {', '.join(missing)} that the batch lacks; "
                                "use --runtime onnx or torch.")
         inputs = {n: np.ascontiguousarray(feeds[n], dtype=np.int64) for n in self.input_names}
-        rows = inputs[self.input_names[0]].shape[0]
-        # slices of at least MIN_SLICE rows, one per stream (a row's vector does not depend on its
-        # slice: fp32 is batch-invariant at ~1e-7, and each slice is padded as the batch was)
-        slices = max(1, min(self.streams, rows // MIN_SLICE))
-        edges = np.linspace(0, rows, slices + 1).astype(int)
         with self._lock:
             try:
-                if slices == 1:
-                    return np.array(self.request.infer(inputs)[self._output], dtype=np.float32, copy=True)
-                for request, a, b in zip(self.requests, edges[:-1], edges[1:]):
-                    request.start_async({n: v[a:b] for n, v in inputs.items()})
-                for request in self.requests[:slices]:
-                    request.wait()
-                return np.concatenate([np.array(r.get_tensor(self._output).data, dtype=np.float32, copy=True)
-                                       for r in self.requests[:slices]])
+                result = self.request.infer(inputs)
             except Exception as exc:
                 shape = "x".join(str(d) for d in inputs[self.input_names[0]].shape)
                 raise BackendError(f"OpenVINO failed on a batch of {shape} tokens with {self.path} "
                                    f"({first_line(exc, 240)}); use --runtime onnx or torch.") from exc
+            return np.array(result[self._output], dtype=np.float32, copy=True)
 
 
 # --- int8 weights through NNCF ----------------------------------------------------------------------

@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-RECORD_FORMAT = 6  # 5: faithful candidates only unless int8 is asked, one at a time, half precision batch-invariant; 6: OpenVINO over its streams
+RECORD_FORMAT = 7  # 5: faithful candidates only unless int8 is asked, one at a time, half precision batch-invariant; 6: OpenVINO over its streams (withdrawn: wrong vectors); 7: OpenVINO one LATENCY request again
 _LIBRARIES = ("torch", "onnxruntime", "openvino", "nncf", "sentence-transformers", "transformers", "tokenizers")
 
 
