@@ -64,3 +64,23 @@ def test_an_s3_input_is_served_once(s3: S3Server, name: str, tmp_path: Path,  # 
     assert pq.read_table(tmp_path / "o.parquet").num_rows == ROWS
     gc.collect()
     assert not list(spool.glob(".hfbatch-spool-*"))  # the local copy went with the job
+
+
+def test_the_calibration_sample_reads_the_same_download(s3: S3Server, tmp_path: Path,  # noqa: F811
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--output-precision int8 takes its ranges from the job's first texts: a second reader of the
+    input, which opens the job's own copy, not the store again."""
+    spool = tmp_path / "tmp"
+    spool.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(spool))
+    body = _bodies()["in.jsonl"]
+    s3.put(BUCKET, "src/in.jsonl", body)
+    s3.reset_counts()
+    result = CliRunner().invoke(app, ["embed", f"s3://{BUCKET}/src/in.jsonl", "-o", str(tmp_path / "o.parquet"),
+                                      "--output-precision", "int8", "--calibration-size", "10", "--quiet"])
+    assert result.exit_code == 0, result.output
+    assert s3.bytes_read("src/in.jsonl") <= len(body)
+    meta = json.loads((tmp_path / "o.parquet.meta.json").read_text())
+    assert meta["provenance"]["vectors"]["ranges"]  # the sample was taken
+    gc.collect()
+    assert not list(spool.glob(".hfbatch-spool-*"))

@@ -125,6 +125,13 @@ class Reader:
     def chunks(self) -> Iterator[Chunk]:  # pragma: no cover - interface
         raise NotImplementedError
 
+    @property
+    def local_path(self) -> Path | RemotePath:
+        """Where this reader reads the bytes: the file, or a store's CSV/JSONL downloaded once
+        (a second reader of the same input, e.g. the calibration sample, opens this instead of
+        downloading again; it lasts as long as this reader)."""
+        return self.path
+
 
 _DELIMITER_NAMES = {"tab": "\t", "\\t": "\t", "comma": ",", "semicolon": ";", "pipe": "|", "space": " "}
 
@@ -381,6 +388,10 @@ class ParquetReader(Reader):
 class CsvReader(Reader):
     format = "csv"
 
+    @property
+    def local_path(self) -> Path:
+        return self._bytes
+
     def __init__(self, path: Path, *, chunk_size: int, columns: Sequence[str] | None, text_column: str | None,
                  max_line_bytes: int = DEFAULT_MAX_LINE_BYTES, delimiter: str | None = None):
         self.path, self.chunk_size, self._limit = path, chunk_size, max_line_bytes
@@ -525,6 +536,10 @@ class CsvReader(Reader):
 
 class JsonlReader(Reader):
     format = "jsonl"
+
+    @property
+    def local_path(self) -> Path:
+        return self._bytes
 
     def __init__(self, path: Path, *, chunk_size: int, columns: Sequence[str] | None, text_column: str | None,
                  max_line_bytes: int = DEFAULT_MAX_LINE_BYTES):

@@ -436,7 +436,7 @@ def run_task(task: Task, opts: JobOptions, files: JobFiles, *, observer: Observe
                 cache = open_cache(opts.cache_dir, task.backend.fingerprint(), size_limit_bytes=opts.cache_size_bytes or 0)  # type: ignore[arg-type]
         processor = ChunkProcessor(task, cache, metrics, observer, passthrough=files.passthrough, on_invalid=opts.on_invalid,
                                    text_column=opts.input_column)
-        sample = sampler(task, opts, cache, source=files.source)
+        sample = sampler(task, opts, cache, source=files.reader.local_path)  # a store's input: no second download
         task.calibrate(sample)
         metrics.add_work(sample.metrics)  # what the sample computed is this job's work (its rows are not)
         # chunks are read and validated one ahead, in a background thread, while the model works:
