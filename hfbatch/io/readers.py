@@ -282,26 +282,14 @@ def spooled_input(path: str | Path, fmt: str | None = None, *, directory: Path |
     except InputError:
         raise InputError(f"{shown}: a stream has no file extension to tell its format; pass --format "
                          f"{'|'.join(FORMATS)} (-f).") from None
-    copy: Path | None = None
-    try:
-        # standard input stays open (the process owns it); a named stream is closed here
+    fix = "check what feeds it"
+    try:  # standard input stays open (the process owns it); a named stream is closed here
         with nullcontext(stdin or sys.stdin.buffer) if str(path) == STDIN else open(path, "rb") as source:
             head = source.read(len(_GZIP_MAGIC))
             suffix = _spool_suffix(Path(path), fmt) + (".gz" if head == _GZIP_MAGIC else "")
-            with tempfile.NamedTemporaryFile(prefix=".hfbatch-spool-", suffix=suffix, dir=directory, delete=False) as sink:
-                copy = Path(sink.name)
-                sink.write(head)
-                shutil.copyfileobj(source, sink, _READ_BLOCK_BYTES)
-    except BaseException as exc:  # also Ctrl-C or SIGTERM (Terminated) while copying: no copy is left behind
-        if copy is not None:
-            copy.unlink(missing_ok=True)
-        if isinstance(exc, OSError):
-            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
-            raise InputError(f"{shown}: copying it to a temp file in {directory or tempfile.gettempdir()} failed "
-                             f"({exc.strerror or exc}); "
-                             f"{'make room there, or point TMPDIR at a disk that has it' if full else 'check what feeds it'}.") from None
-        raise
-    assert copy is not None
+            copy = _copy_to_temp(source, suffix, shown, directory=directory, head=head, fix=fix)
+    except OSError as exc:  # opening the stream or reading its first bytes
+        raise InputError(f"{shown}: reading it failed ({exc.strerror or exc}); {fix}.") from None
     try:
         yield copy
     finally:
@@ -714,17 +702,30 @@ def local_copy(path: Path | RemotePath) -> Path:
     a killed process leaves it as .hfbatch-spool-* in TMPDIR."""
     if not isinstance(path, RemotePath):
         return path
+    with path.open() as source:
+        return _copy_to_temp(source, "".join(path.suffixes[-2:]) or ".data", path)
 
-    fd, name = tempfile.mkstemp(prefix=".hfbatch-spool-", suffix="".join(path.suffixes[-2:]) or ".data")
-    copy = Path(name)
+
+def _copy_to_temp(source: BinaryIO, suffix: str, shown: Any, *, directory: Path | None = None, head: bytes = b"",
+                  fix: str | None = None) -> Path:
+    """`head` then the rest of `source` in a new .hfbatch-spool-*`suffix` file in `directory`
+    (None: TMPDIR). Interrupted or failed (also Ctrl-C or SIGTERM), no copy is left behind. A full
+    disk is an InputError naming `shown` and the fix; so is any other OSError when `fix` says what
+    to do about it (else it is raised as it came: a store that fails mid-download is not a usage error)."""
+    copy: Path | None = None
     try:
-        with os.fdopen(fd, "wb") as sink, path.open() as source:
+        with tempfile.NamedTemporaryFile(prefix=".hfbatch-spool-", suffix=suffix, dir=directory, delete=False) as sink:
+            copy = Path(sink.name)
+            sink.write(head)
             shutil.copyfileobj(source, sink, _READ_BLOCK_BYTES)
-    except BaseException as exc:  # also Ctrl-C or SIGTERM while downloading: no copy is left behind
-        copy.unlink(missing_ok=True)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise InputError(f"{path}: copying it to a temp file in {tempfile.gettempdir()} failed ({exc.strerror}); "
-                             "make room there, or point TMPDIR at a disk that has it.") from None
+    except BaseException as exc:
+        if copy is not None:
+            copy.unlink(missing_ok=True)
+        full = isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+        if full or (isinstance(exc, OSError) and fix is not None):
+            raise InputError(f"{shown}: copying it to a temp file in {directory or tempfile.gettempdir()} failed "
+                             f"({exc.strerror or exc}); "
+                             f"{'make room there, or point TMPDIR at a disk that has it' if full else fix}.") from None
         raise
     return copy
 
