@@ -23,7 +23,7 @@ from .engines.parts import PartsResult, expand_inputs, merge_job_sidecars
 from .jobs.embed import EmbedResult
 from .monitoring import NullObserver, RichProgress, job_rate, rate_text
 from .options import EmbedOptions, GenerateOptions
-from .provenance import redact_text
+from .errors import redact_text
 from .settings import DEFAULT_MODEL, Settings
 from .tools.dry_run import plan_embed as plan
 from .validate import ON_INVALID

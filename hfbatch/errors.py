@@ -27,6 +27,9 @@ line; tracebacks only with --debug.
 
 from __future__ import annotations
 
+import os
+import re
+
 
 class HfbatchError(Exception):
     """Base of every error hfbatch raises on purpose."""
@@ -112,3 +115,24 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
         if line:
             return line if len(line) <= limit else line[:limit - 3] + "..."
     return type(exc).__name__
+
+
+# Secrets a message may carry: hub tokens (by shape), the values of the variables that hold tokens,
+# API keys and store credentials (a server or library may echo them), and user:password@ in a URL
+# (greedy up to the last @ before the path, as URL parsers split it).
+_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{6,}")
+_USERINFO_RE = re.compile(r"\b([a-z][a-z0-9+.\-]*://)[^/?#\s'\"<>]*@", re.IGNORECASE)
+SECRET_VARIABLES = ("HF_TOKEN", "HUGGINGFACE_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HFBATCH_API_KEY",
+                    "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_KEY", "AZURE_STORAGE_ACCOUNT_KEY",
+                    "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_CONNECTION_STRING")
+
+
+def redact_text(text: str) -> str:
+    """`text` with every secret above replaced by ***: what any message, log line or record
+    passes through before it is shown or written."""
+    for name in SECRET_VARIABLES:
+        value = os.environ.get(name)
+        if value and len(value) >= 6:
+            text = text.replace(value, "***")
+    text = _USERINFO_RE.sub(r"\1***@", text)
+    return _TOKEN_RE.sub("hf_***", text)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import os
 import platform
-import re
 import sys
 import threading
 import time
@@ -29,17 +28,13 @@ from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
 from ._version import __version__
-from .errors import InputChangedError, InputError
+from .errors import InputChangedError, InputError, redact_text
 from .io.stores import RemotePath
 from .resources import peak_rss_mb
 
 _STAGE_LOCK = threading.Lock()
 _LIBRARIES = ("torch", "sentence-transformers", "transformers", "tokenizers", "huggingface_hub", "pyarrow", "numpy", "diskcache")
-_TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{6,}")
 _SECRET_FLAGS = ("--token", "--api-key", "--hf-token")
-_SECRET_ENV = ("HF_TOKEN", "HUGGINGFACE_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HFBATCH_API_KEY")
-# user:password@ in any URL (greedy up to the last @ before the path, as URL parsers split it)
-_USERINFO_RE = re.compile(r"\b([a-z][a-z0-9+.\-]*://)[^/?#\s'\"<>]*@", re.IGNORECASE)
 
 # What each job calls the shared counters in its document (a generate job's rows are generated, its
 # texts are prompts, and the tokens it computes are the ones it writes); None leaves one out.
@@ -377,17 +372,6 @@ def redact(args: Sequence[str]) -> list[str]:
             continue
         out.append(redact_text(arg))
     return out
-
-
-def redact_text(text: str) -> str:
-    """`text` with secrets replaced: hub tokens (by shape), the configured token and HFBATCH_API_KEY
-    values (a server may echo them back), and the user:password@ of any URL."""
-    for name in _SECRET_ENV:
-        value = os.environ.get(name)
-        if value and len(value) >= 8:
-            text = text.replace(value, "***")
-    text = _USERINFO_RE.sub(r"\1***@", text)
-    return _TOKEN_RE.sub("hf_***", text)
 
 
 def library_versions() -> dict[str, str]:

@@ -103,3 +103,17 @@ def test_first_line_is_what_a_one_line_error_quotes() -> None:
     assert first_line(OSError("x" * 500)) == "x" * 297 + "..."
     assert first_line(OSError("x" * 500), 240) == "x" * 237 + "..."
     assert first_line(KeyError("k")) == "'k'"
+
+
+def test_one_redaction_hides_every_kind_of_secret(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """What the CLI prints, the records and the store errors go through one redact_text: hub tokens,
+    API keys, store credentials (the CLI's own copy used to miss these) and user:password@ in URLs."""
+    from hfbatch.errors import redact_text
+
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wJalrXUtnFEMI")
+    monkeypatch.setenv("HFBATCH_API_KEY", "sk-local-key-123")
+    text = ("denied for wJalrXUtnFEMI at http://bob:pw@store.local/b with hf_abcdefghijkl "
+            "and Bearer sk-local-key-123")
+    shown = redact_text(text)
+    assert "wJalrXUtnFEMI" not in shown and "sk-local-key-123" not in shown and "bob:pw" not in shown
+    assert "hf_abcdefghijkl" not in shown and "http://***@store.local/b" in shown

@@ -37,7 +37,7 @@ from urllib3.util import parse_url
 from tenacity import RetryCallState, Retrying, retry_if_exception, stop_after_attempt, stop_before_delay
 
 from ..errors import RemoteError, TerminalBackendError, TransientBackendError, is_transient
-from ..provenance import redact_text
+from ..errors import redact_text
 from ..settings import api_key, hf_token
 
 HF_ROUTER = "https://router.huggingface.co"

@@ -41,7 +41,7 @@ from pathlib import Path, PurePosixPath
 from typing import Any, BinaryIO, Iterator
 from urllib.parse import urlsplit
 
-from ..errors import HfbatchError, InputError, OutputError, first_line
+from ..errors import HfbatchError, InputError, OutputError, first_line, redact_text
 
 # URL scheme -> the fsspec protocol that serves it
 SCHEMES = {"s3": "s3", "s3a": "s3", "gs": "gcs", "gcs": "gcs", "az": "abfs", "abfs": "abfs", "abfss": "abfs", "hf": "hf"}
@@ -456,21 +456,7 @@ class RemotePath:
 
 
 def _short(exc: BaseException) -> str:
-    return _redact(first_line(exc))
-
-
-# user:password@ in any URL; and the values of the store credentials a server or library may echo
-_USERINFO = re.compile(r"\b([a-z][a-z0-9+.\-]*://)[^/?#\s'\"<>]*@", re.IGNORECASE)
-_SECRET_VARS = ("AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_KEY", "AZURE_STORAGE_ACCOUNT_KEY",
-                "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_CONNECTION_STRING", "HF_TOKEN", "HUGGINGFACE_TOKEN")
-
-
-def _redact(text: str) -> str:
-    for name in _SECRET_VARS:
-        value = os.environ.get(name)
-        if value and len(value) >= 6:
-            text = text.replace(value, "***")
-    return _USERINFO.sub(r"\1***@", text)
+    return redact_text(first_line(exc))
 
 
 # exception types (by name, anywhere in the chain) that mean no answer came from the store

@@ -16,7 +16,7 @@ import psutil
 from ..backends.http import public_url
 from ..backends.exports import package_version
 from ..errors import HfbatchError, InputError, RemoteError
-from ..provenance import redact_text
+from ..errors import redact_text
 from ..resources import cpu_facts, max_model_memory_bytes
 from ..settings import Settings
 
