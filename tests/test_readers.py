@@ -529,7 +529,7 @@ def test_csv_header_longer_than_the_cap_names_the_header(tmp_path: Path) -> None
     ("no-mark.csv", "id,text\n0,a\n".encode("utf-16-le"), "UTF-16LE", None),
     ("utf32.jsonl", '{"text": "a"}\n'.encode("utf-32"), "UTF-32", "FF FE 00 00"),
     ("excel.jsonl", '{"text": "a"}\n'.encode("utf-16"), "UTF-16", "FF FE"),
-    ("excel.jsonl.gz", gzip.compress('{"text": "a"}\n'.encode("utf-16")), "UTF-16", "FF FE"),
+    ("excel.jsonl.gz", gzip.compress('{"text": "a"}\n'.encode("utf-16"), mtime=0), "UTF-16", "FF FE"),
 ])
 def test_utf16_and_utf32_files_are_refused_with_the_fix(tmp_path: Path, name: str, data: bytes, encoding: str,
                                                         mark: str | None) -> None:
