@@ -511,7 +511,7 @@ def test_bf16_on_a_cpu_without_native_bf16_warns_once_with_the_measured_factor(t
                                                                               caplog: pytest.LogCaptureFixture) -> None:
     # the CPU's flags faked (this machine's may have avx512_bf16): the warning is decided by the flags
     # and carries the factor measured here
-    import hfbatch.backends.local as local_module
+    import hfbatch.backends.loader as local_module
 
     monkeypatch.setattr(local_module, "cpu_has_native_bf16", lambda: False)
     src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
