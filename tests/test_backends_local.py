@@ -20,11 +20,11 @@ DEFAULT = "sentence-transformers/all-MiniLM-L6-v2"
 
 def test_construction_and_tokenizing_load_no_model(st_model) -> None:
     backend = LocalBackend(DEFAULT)
-    assert backend._dir is None and backend._model is None  # nothing resolved yet
+    assert backend._files is None and backend._loader is None  # nothing resolved yet
     counts = backend.token_counts(SAMPLE_TEXTS)
     assert counts == [len(st_model.tokenizer(t)["input_ids"]) for t in SAMPLE_TEXTS]
     assert backend.dimension() == 384 and backend.max_length == 256
-    assert backend._model is None  # tokenizer, dimension and max length came from files
+    assert backend.describe()["model_loaded"] is False  # tokenizer, dimension and max length came from files
     assert backend.describe()["model_loaded"] is False
 
 
@@ -132,7 +132,7 @@ def test_unavailable_device_and_unknown_model() -> None:
 
 def test_registry_builds_a_backend_lazily() -> None:
     backend = make_backend(EmbedOptions(input=Path("a.csv"), output=Path("a.parquet"), model=DEFAULT))
-    assert backend._dir is None  # built, not resolved
+    assert backend._files is None  # built, not resolved
     assert isinstance(backend, Backend)
     with pytest.raises(InputError, match="--backend 'nope' is not available"):
         make_backend(EmbedOptions(input=Path("a.csv"), output=Path("a.parquet"), model=DEFAULT, backend="nope"))
@@ -166,7 +166,7 @@ def test_memory_guard_refuses_before_loading(monkeypatch: pytest.MonkeyPatch) ->
     backend = LocalBackend(DEFAULT, device="cpu")
     with pytest.raises(MemoryGuardError, match=r"needs about 0\.\d+ GB loaded \(float32\), more than MAX_MODEL_MEMORY_GB=0\.01"):
         backend.embed(["x"])
-    assert backend._model is None
+    assert backend.describe()["model_loaded"] is False
     monkeypatch.setenv("MAX_MODEL_MEMORY_GB", "4")
     assert backend.embed(["x"]).shape == (1, 384)
     assert backend.describe()["estimated_memory_mb"] == round(need / 2**20, 1)

@@ -11,6 +11,7 @@ import pytest
 from conftest import SAMPLE_TEXTS, rows_for, write_csv
 from hfbatch import EmbedOptions, InputError, ModelLoadError
 import hfbatch
+from hfbatch.backends import fidelity
 from hfbatch.backends import onnx as onnx_backend
 from hfbatch.backends.local import LocalBackend
 
@@ -37,9 +38,10 @@ def test_onnx_runtime_equals_torch_and_caches_its_export(tmp_path: Path, st_mode
 
 
 def test_int8_is_refused_with_figures_when_not_faithful(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(onnx_backend, "INT8_MIN_MEAN", 0.99999)  # a bar no int8 model meets
+    monkeypatch.setattr(fidelity, "INT8", fidelity.Bar("int8", 0.99999, 0.98))  # a bar no int8 model meets
     src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
-    with pytest.raises(ModelLoadError, match=r"not faithful enough .*cosine to fp32 mean 0\.\d+ \(needs >= 0\.99999\), min"):
+    with pytest.raises(ModelLoadError, match=r"int8 .* not faithful enough on the calibration sample: cosine to fp32 "
+                                             r"mean 0\.\d+, min 0\.\d+ \(the int8 bar is >= 0\.99999 mean / 0\.98 min\)"):
         hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet", quantize="int8"))
     assert not (tmp_path / "o.parquet").exists()
 
@@ -51,8 +53,8 @@ def test_int8_meets_the_default_bar_and_is_really_int8(tmp_path: Path, monkeypat
     result = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet"))
     local = result.document["provenance"]["backends"]["local"]
     assert local["quantize"].startswith("int8-") and local["runtime"] == "onnx"
-    assert local["export_fidelity"]["mean"] >= onnx_backend.INT8_MIN_MEAN == 0.99
-    assert local["export_fidelity"]["min"] >= onnx_backend.INT8_MIN_MIN == 0.98
+    assert local["export_fidelity"]["mean"] >= fidelity.INT8.mean == 0.99
+    assert local["export_fidelity"]["min"] >= fidelity.INT8.min == 0.98
     got = np.array(pq.read_table(result.output).column("embedding").to_pylist(), dtype=np.float32)
     want = st_model.encode(SAMPLE_TEXTS)
     cosine = (got * want).sum(1)  # unit vectors
@@ -105,7 +107,7 @@ def test_int8_is_checked_on_the_jobs_own_texts_only_when_it_computes(tmp_path: P
     local = result.document["provenance"]["backends"]["local"]
     job = local["job_fidelity"]
     assert job["texts"] == 16  # the job's first batch (its longest texts), before any of its vectors is used
-    assert job["mean"] >= onnx_backend.INT8_MIN_MEAN and job["min"] >= onnx_backend.INT8_MIN_MIN
+    assert fidelity.INT8.passes(job)
     assert result.document["metrics"]["stage_seconds"]["check"] > 0  # its seconds are the job's, shown apart
     again = hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "again.parquet", quantize="int8", batch_size=16))
     local = again.document["provenance"]["backends"]["local"]
@@ -130,16 +132,18 @@ def test_int8_unfaithful_on_the_jobs_texts_is_refused_before_anything_is_written
     # package descriptions at min cosine 0.9798 where the fixed sample said 0.9903).
     from hfbatch.backends.fidelity import CALIBRATION_TEXTS
 
-    real = LocalBackend._run
+    from hfbatch.backends.runners import ExportRunner
 
-    def drifting(self, runner, texts):  # type: ignore[no-untyped-def]
-        vectors = real(self, runner, texts)
-        if runner is self._reference:  # the fp32 reference stays true
+    real = ExportRunner.run
+
+    def drifting(self, texts):  # type: ignore[no-untyped-def]
+        vectors = real(self, texts)
+        if self.session.path.name == "model.onnx":  # the fp32 reference stays true
             return vectors
         noise = np.random.default_rng(0).normal(0, 0.2, vectors.shape).astype(np.float32)
         return np.where([[t in CALIBRATION_TEXTS] for t in texts], vectors, vectors + noise)
 
-    monkeypatch.setattr(LocalBackend, "_run", drifting)
+    monkeypatch.setattr(ExportRunner, "run", drifting)
     src = write_csv(tmp_path / "in.csv", rows_for([f"{t} (row {i})" for i, t in enumerate(SAMPLE_TEXTS * 3)]))
     with pytest.raises(ModelLoadError, match=r"not faithful enough on this job's first \d+ texts"):
         hfbatch.embed(EmbedOptions(input=src, output=tmp_path / "o.parquet", quantize="int8", cache_dir=tmp_path / "c"))

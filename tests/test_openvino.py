@@ -1,7 +1,8 @@
 """--runtime openvino: the exported ONNX graph run by OpenVINO, and its int8 (int8 weights, dynamic activations).
 
-One export and one quantization are shared by the module (session fixtures): exporting takes
-seconds and quantizing ~20 s on two cores.
+The graph is the one users run: the export LocalBackend(runtime="onnx") makes and proves, its
+feeds from the backend's own tokenizer. One export and one quantization are shared by the module
+(session fixtures): exporting takes seconds and quantizing ~20 s on two cores.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ import pytest
 pytest.importorskip("openvino")
 
 from hfbatch.backends import openvino as ovb  # noqa: E402
-from hfbatch.backends.onnx import SMOOTHING_TEXTS, OnnxEncoder  # noqa: E402
+from hfbatch.backends.fidelity import SMOOTHING_TEXTS, Bar  # noqa: E402
+from hfbatch.backends.local import LocalBackend  # noqa: E402
 from hfbatch.errors import BackendError, InputError, ModelLoadError  # noqa: E402
 from hfbatch.vectors import cosine_rows  # noqa: E402
 
@@ -53,9 +55,25 @@ def stdlib_texts(count: int) -> list[str]:
     return texts[:count]
 
 
-def feeds_for(encoder: OnnxEncoder, texts: list[str]) -> dict[str, np.ndarray]:
-    batch = encoder.tokenizer(texts, padding=True, truncation=True, max_length=MAX_LENGTH, return_tensors="np")
-    return {n: batch[n].astype(np.int64) for n in encoder.input_names}
+class Encoder:
+    """The ONNX export hfbatch makes for --runtime onnx, run by ONNX Runtime through LocalBackend: the reference."""
+
+    def __init__(self, backend: LocalBackend):
+        backend.embed(["make the export"])
+        exports = backend.loader.exports
+        assert exports is not None and exports.path is not None
+        self.backend, self.path = backend, exports.path
+        from hfbatch.backends.onnx_runner import OnnxRunner
+
+        self.input_names = OnnxRunner(self.path).input_names
+
+    def encode(self, texts: list[str]) -> np.ndarray:
+        return self.backend.compute(texts)
+
+
+def feeds_for(encoder: Encoder, texts: list[str]) -> dict[str, np.ndarray]:
+    backend = encoder.backend
+    return backend.tokens.load().feeds(texts, MAX_LENGTH, encoder.input_names, backend.prompt or "")
 
 
 def batched(texts: list[str], size: int) -> list[list[str]]:
@@ -63,28 +81,30 @@ def batched(texts: list[str], size: int) -> list[list[str]]:
 
 
 @pytest.fixture(scope="session")
-def encoder(st_model: Any, tmp_path_factory: pytest.TempPathFactory) -> OnnxEncoder:
-    """The ONNX export hfbatch makes for --runtime onnx, run by ONNX Runtime: the reference."""
-    return OnnxEncoder(st_model, model_id="m", export_dir=tmp_path_factory.mktemp("ov-export"),
-                       fingerprint="test", quantize=None)
+def encoder(onnx_dir: Path) -> Encoder:
+    """The ONNX export hfbatch makes for --runtime onnx (in the suite's exports folder), run by ONNX Runtime."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HFBATCH_ONNX_DIR", str(onnx_dir))
+        return Encoder(LocalBackend("sentence-transformers/all-MiniLM-L6-v2", device="cpu", runtime="onnx",
+                                    precision="fp32", quantize="none", max_length=MAX_LENGTH))
 
 
 @pytest.fixture(scope="session")
-def session(encoder: OnnxEncoder) -> ovb.OpenVinoSession:
+def session(encoder: Encoder) -> ovb.OpenVinoSession:
     return ovb.OpenVinoSession(encoder.path)
 
 
 @pytest.fixture(scope="session")
-def validation(encoder: OnnxEncoder) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
+def validation(encoder: Encoder) -> tuple[list[dict[str, np.ndarray]], np.ndarray]:
     """48 docstrings in batches of 16 sorted by length, and ONNX Runtime's fp32 vectors for them."""
     texts = sorted(stdlib_texts(48), key=len)
     batches = batched(texts, 16)
-    reference = np.concatenate([encoder.encode(b, MAX_LENGTH) for b in batches])
+    reference = np.concatenate([encoder.encode(b) for b in batches])
     return [feeds_for(encoder, b) for b in batches], reference
 
 
 @pytest.fixture(scope="session")
-def int8(encoder: OnnxEncoder, validation: tuple, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def int8(encoder: Encoder, validation: tuple, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """quantize_int8 at the default gate: figures (or the refusal) and where it wrote."""
     target = tmp_path_factory.mktemp("ov-int8") / "model.int8.xml"
     feeds, reference = validation
@@ -110,7 +130,7 @@ def test_import_loads_neither_openvino_nor_nncf() -> None:
     assert openvino_loaded is False and nncf_loaded is False
 
 
-def test_missing_openvino_says_how_to_install(monkeypatch: pytest.MonkeyPatch, encoder: OnnxEncoder) -> None:
+def test_missing_openvino_says_how_to_install(monkeypatch: pytest.MonkeyPatch, encoder: Encoder) -> None:
     monkeypatch.setattr(ovb, "available", lambda: False)
     with pytest.raises(ModelLoadError) as info:
         ovb.OpenVinoSession(encoder.path)
@@ -120,7 +140,7 @@ def test_missing_openvino_says_how_to_install(monkeypatch: pytest.MonkeyPatch, e
 # --- OpenVinoSession ------------------------------------------------------------------------------
 
 
-def test_vectors_match_onnx_runtime_across_shapes(session: ovb.OpenVinoSession, encoder: OnnxEncoder) -> None:
+def test_vectors_match_onnx_runtime_across_shapes(session: ovb.OpenVinoSession, encoder: Encoder) -> None:
     """Two calls of different batch sizes and token lengths (dynamic shapes); fp32 faithful."""
     assert session.input_names == ["input_ids", "attention_mask", "token_type_ids"]
     texts = SMOOTHING_TEXTS[:20] + stdlib_texts(30)
@@ -129,7 +149,7 @@ def test_vectors_match_onnx_runtime_across_shapes(session: ovb.OpenVinoSession, 
         feeds = feeds_for(encoder, batch)
         vectors = session.run(feeds)
         assert vectors.dtype == np.float32 and vectors.shape == (len(batch), DIM)
-        cosine = cosine_rows(vectors, encoder.encode(batch, MAX_LENGTH))
+        cosine = cosine_rows(vectors, encoder.encode(batch))
         # 0.99999, not 0.9999: OpenVINO's bf16 (its default on CPUs with avx512_bf16 / AMX) reaches
         # 0.99997, so this fails if the f32 hint is lost
         assert cosine.min() >= 0.99999, cosine.min()
@@ -142,7 +162,7 @@ def test_precision_is_forced_to_f32(session: ovb.OpenVinoSession) -> None:
 
 
 def test_extra_feeds_are_ignored_and_missing_ones_refused(session: ovb.OpenVinoSession,
-                                                         encoder: OnnxEncoder) -> None:
+                                                         encoder: Encoder) -> None:
     feeds = feeds_for(encoder, ["one text", "another, longer text"])
     extra = {**feeds, "position_ids": np.zeros_like(feeds["input_ids"])}
     assert np.array_equal(session.run(extra), session.run(feeds))
@@ -150,7 +170,7 @@ def test_extra_feeds_are_ignored_and_missing_ones_refused(session: ovb.OpenVinoS
         session.run({k: v for k, v in feeds.items() if k != "token_type_ids"})
 
 
-def test_cache_dir_and_threads(encoder: OnnxEncoder, session: ovb.OpenVinoSession, tmp_path: Path) -> None:
+def test_cache_dir_and_threads(encoder: Encoder, session: ovb.OpenVinoSession, tmp_path: Path) -> None:
     cache = tmp_path / "ov-cache"
     first = ovb.OpenVinoSession(encoder.path, cache_dir=cache, threads=1)
     assert int(first.compiled.get_property("INFERENCE_NUM_THREADS")) == 1
@@ -161,7 +181,7 @@ def test_cache_dir_and_threads(encoder: OnnxEncoder, session: ovb.OpenVinoSessio
     assert cosine_rows(second.run(feeds), session.run(feeds)).min() >= 0.99999
 
 
-def test_unknown_precision_is_an_input_error(encoder: OnnxEncoder) -> None:
+def test_unknown_precision_is_an_input_error(encoder: Encoder) -> None:
     with pytest.raises(InputError, match="f32"):
         ovb.OpenVinoSession(encoder.path, precision="fp8")
 
@@ -211,7 +231,7 @@ def test_int8_is_faithful_on_real_text_and_loadable(int8: dict[str, Any], valida
     assert cosine_rows(vectors, fp32).min() < 0.99999
 
 
-def test_int8_refused_below_the_gate_leaves_nothing(encoder: OnnxEncoder,
+def test_int8_refused_below_the_gate_leaves_nothing(encoder: Encoder,
                                                     validation: tuple, tmp_path: Path,
                                                     monkeypatch: pytest.MonkeyPatch,
                                                     capfd: pytest.CaptureFixture[str]) -> None:
@@ -220,16 +240,17 @@ def test_int8_refused_below_the_gate_leaves_nothing(encoder: OnnxEncoder,
     target = tmp_path / "out" / "model.int8.xml"
     with pytest.raises(ModelLoadError) as info:
         ovb.quantize_int8(encoder.path, target, validation=feeds[:1],
-                          reference=reference[:len(feeds[0]["input_ids"])], min_mean=0.99, min_min=0.99999)
+                          reference=reference[:len(feeds[0]["input_ids"])], bar=Bar("strict", 0.99, 0.99999))
     message = str(info.value)
-    assert "needs >= 0.99999" in message and "drop --quantize int8 or use --runtime onnx" in message
+    assert "the strict bar is >= 0.99 mean / 0.99999 min" in message
+    assert "drop --quantize int8 or use --runtime onnx" in message
     assert "\n" not in message
     assert not target.exists() and not target.with_suffix(".bin").exists()
     assert list(target.parent.iterdir()) == []  # no temp files either
     assert capfd.readouterr().out == ""  # NNCF's progress bars and logs stay off stdout
 
 
-def test_int8_bad_arguments(encoder: OnnxEncoder, validation: tuple, tmp_path: Path) -> None:
+def test_int8_bad_arguments(encoder: Encoder, validation: tuple, tmp_path: Path) -> None:
     feeds, reference = validation
     with pytest.raises(ValueError, match="rows"):
         ovb.quantize_int8(encoder.path, tmp_path / "m.xml", validation=feeds,

@@ -9,12 +9,13 @@ indexed [1]/[2], and one place that says which requests make sense.
 
 from __future__ import annotations
 
+import logging
 import re
 from dataclasses import dataclass, field
 from typing import Any, Callable, NamedTuple
 
 from ..errors import InputError
-from ..resources import resolve_precision
+from ..resources import gpu_possible, resolve_device, resolve_precision
 from .fidelity import label
 
 PRECISIONS = ("fp32", "bf16", "fp16", "auto")
@@ -22,6 +23,7 @@ RUNTIMES = ("torch", "onnx", "openvino", "auto")
 EXPORT_RUNTIMES = ("onnx", "openvino")  # run a cached export of the model, on the CPU
 _DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
 Note = Callable[[str], None]  # told what one-time work (measuring, exporting) is going on
+log = logging.getLogger(__name__)
 
 
 class RuntimeConfig(NamedTuple):
@@ -84,6 +86,90 @@ def check_request(device: str, precision: str, runtime: str, quantize: str | Non
     if precision == "fp16":
         resolve_precision("fp16", device)  # a CUDA precision: refused on a CPU before any work
     return RuntimeConfig(runtime, precision, quantize)
+
+
+@dataclass(frozen=True)
+class Request:
+    """What a job asked of a local model (--device, --runtime, --precision, --quantize), checked:
+    what narrows the configurations, and what names the vectors' identity before any is chosen."""
+
+    device: str
+    runtime: str  # torch | onnx | openvino | auto
+    precision: str  # fp32 | bf16 | fp16 | auto
+    quantize: str  # none | int8
+
+    @classmethod
+    def check(cls, device: str, precision: str, runtime: str, quantize: str | None) -> "Request":
+        """The request as a local backend keeps it (check_request), or InputError."""
+        config = check_request(device, precision, runtime, quantize)
+        return cls(device, config.runtime, config.precision, config.quantize)
+
+    def cpu_only(self) -> bool:
+        """Whether the model will run on the CPU, decided without importing torch where possible."""
+        if self.device != "auto":
+            return self.device == "cpu"  # an explicit GPU that is not there is refused at load
+        return not gpu_possible() or resolve_device("auto") == "cpu"
+
+    def recipe(self, runtime: str) -> str:
+        """How int8 is made by `runtime` for this request ("none" without int8): part of the sidecar."""
+        return int8_recipe(runtime) if self.quantize == "int8" else "none"
+
+    def identity(self, chosen_runtime: Callable[[], str]) -> str:
+        """What the vectors are held to: every faithful configuration is one identity (they agree
+        with torch fp32 at >= 0.9999), known without choosing anything; int8 is its own, by recipe.
+        int8 runtimes differ (0.996 between ONNX Runtime's and OpenVINO's): the one that runs is the
+        identity, under --runtime auto `chosen_runtime()` (this machine's choice: read from its
+        record, measured first if there is none; int8 is asked for, and lossy)."""
+        if self.quantize != "int8":
+            return "faithful"
+        return f"int8:{self.recipe(self.runtime if self.runtime in EXPORT_RUNTIMES else chosen_runtime())}"
+
+    def describe(self) -> dict[str, str]:
+        return {"runtime": self.runtime, "precision": self.precision, "quantize": self.quantize}
+
+
+class Configuration:
+    """What one local backend runs with over its life: its request, the choice once made (`take`),
+    and the configurations passed over in this process (each failed to load, or on the job's
+    texts: the next faithful one runs, under the same identity)."""
+
+    def __init__(self, request: Request):
+        self.request = request
+        self.choice: RuntimeChoice | None = None
+        self.failed: list[RuntimeConfig] = []  # configurations that failed in this process
+        self.passed_over: list[dict[str, str]] = []  # ... and why: the sidecar says so
+        self._precision: str | None = None
+
+    def take(self, choice: RuntimeChoice) -> RuntimeChoice:
+        """Hold `choice`, naming what was passed over before it."""
+        if self.passed_over:
+            choice = RuntimeChoice(choice.config, choice.by, choice.record, choice.texts_per_s, choice.fidelity,
+                                   tuple(self.passed_over))
+        self.choice, self._precision = choice, None
+        return choice
+
+    def pass_over(self, reason: str) -> None:
+        """Give up the chosen configuration for this process; the next `take` names it."""
+        assert self.choice is not None
+        log.warning("%s: %s; taking the next configuration", self.choice.label, reason)
+        self.failed.append(self.choice.config)
+        self.passed_over.append({"label": self.choice.label, "reason": reason[:300]})
+        self.choice = self._precision = None
+
+    def precision(self) -> str:
+        """The chosen precision: fp32, bf16 or fp16; torch's `auto` on a GPU: fp16, by device."""
+        assert self.choice is not None
+        if self._precision is None:
+            self._precision = resolve_precision(self.choice.config.precision, self.request.device)
+        return self._precision
+
+    def describe(self, *, ran: bool) -> dict[str, Any]:
+        """The configuration that computed a job's vectors (`ran`; None: it computed none)."""
+        int8 = self.request.quantize == "int8"
+        if not (ran and self.choice is not None):
+            return {"runtime": None, "precision": None, "quantize": None if int8 else "none"}
+        runtime = self.choice.config.runtime
+        return {"runtime": runtime, "precision": self.precision(), "quantize": self.request.recipe(runtime)}
 
 
 def int8_recipe(runtime: str) -> str:

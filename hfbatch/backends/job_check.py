@@ -17,6 +17,7 @@ from ..errors import ModelLoadError, first_line
 from .builds import ExportFailed
 from .fidelity import bar_for, check_fidelity
 from .records import refuse
+from .torch_runner import TorchModel
 
 if TYPE_CHECKING:
     from .local import LocalBackend
@@ -61,6 +62,7 @@ def check_job_texts(backend: "LocalBackend", texts: Sequence[str]) -> np.ndarray
         got = backend.compute(sample)
     else:
         engine = backend.load()
+        assert isinstance(engine, TorchModel)
         if backend.config != choice.config:
             return None
         reference, got = engine.encode(sample, "fp32"), engine.encode(sample, backend.precision)
@@ -79,12 +81,12 @@ def check_until_faithful(backend: "LocalBackend", texts: Sequence[str], sample: 
     instead. Returns the batch's vectors when the check computed all of them."""
     checked: np.ndarray | None = None
     timings = backend.timings
-    while backend.job_fidelity is None and backend.needs_job_check() and texts:
+    while backend.job_fidelity is None and needs_check(backend.quantize, backend.precision) and texts:
         started, before = time.perf_counter(), timings["model_load"] + timings["export"]
         try:
-            checked = backend.check_job_texts(texts)
+            checked = check_job_texts(backend, texts)
         except ModelLoadError as exc:
-            if backend.prepare().by == "asked for" or backend.requested_quantize == "int8":
+            if backend.prepare().by == "asked for" or backend.request.quantize == "int8":
                 raise  # forced; or int8, whose identity is the runtime that runs it
             if isinstance(exc, ExportFailed):  # its files, not this job's texts: the next job skips it too
                 refuse(backend, backend.prepare().config, first_line(exc))

@@ -19,8 +19,8 @@ pattern itself (1.10x the SDPA export's speed for MiniLM) and OpenVINO reads it 
    block's FFN output (fed by GELU) stays fp32, because its one activation scale per tensor cost the
    most fidelity: keeping it fp32 lifts MiniLM's min cosine on 2,160 real package descriptions from
    0.979 to 0.99 for ~5% of the speed (benchmarks/int8_recipes.py).
-The result is only used when a check on a calibration sample keeps cosine to fp32 >= 0.99 mean and
->= 0.98 min, otherwise loading refuses with the figures. A model the optimizer cannot fuse is still
+The result is only used when a check on a calibration sample holds it to the int8 bar
+(fidelity.INT8: cosine to fp32 >= 0.99 mean and >= 0.98 min), otherwise loading refuses with the figures. A model the optimizer cannot fuse is still
 smoothed and quantized MatMul by MatMul (slower, same checks).
 """
 
@@ -34,14 +34,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from ..errors import InputError, ModelLoadError, first_line
-from ..vectors import cosine_rows
 from .fidelity import SMOOTHING_TEXTS  # noqa: F401  (read here by tests and benchmarks/)
 from .onnx_runner import OnnxRunner, release_sessions  # noqa: F401  (the runner, as this module's users knew it)
 
 log = logging.getLogger(__name__)
 
-INT8_MIN_MEAN = 0.99
-INT8_MIN_MIN = 0.98
 SMOOTH_ALPHA = 0.8  # 0.5 (the paper's default) kept MiniLM at 0.981 mean; 0.7-0.8 reach 0.997
 _PROTOBUF_LIMIT = 2_000_000_000  # one ONNX protobuf: the fused, smoothed and quantized graphs are written whole
 _FP32_FFN_OUTPUTS = 1  # FFN output MatMuls kept fp32, from the first block: 1 lifts min cosine 0.979 -> 0.991
@@ -271,32 +268,6 @@ def _export(transformer: Any, tokenizer: Any, target: Path, facts: dict[str, Any
                 log.warning("could not switch %s back to %s attention after the export", model_id, attention)
 
 
-class OnnxEncoder:
-    """Export (once, cached in export_dir) and run a loaded sentence-transformers model: the
-    one-object form of graph_facts + export_fp32/export_int8 + OnnxRunner."""
-
-    def __init__(self, model: Any, *, model_id: str, export_dir: Path, fingerprint: str, quantize: str | None):
-        facts = graph_facts(model, model_id)
-        self.pooling, self.normalize, self.input_names = facts["pooling"], facts["normalize"], facts["input_names"]
-        self.tokenizer = model.tokenizer
-        self.max_length = int(getattr(model, "max_seq_length", None) or 512)
-        export_dir.mkdir(parents=True, exist_ok=True)
-        path = export_dir / f"{fingerprint.replace(':', '-')}.onnx"
-        if quantize == "int8":
-            path = path.with_suffix(".int8.onnx")
-            if not path.exists():
-                export_int8(model, path, facts, model_id, self.max_length)
-        elif not path.exists():
-            export_fp32(model, path, facts, model_id)
-        self.runner = OnnxRunner(path)
-        self.session, self.path = self.runner.session, path
-
-    def encode(self, texts: Sequence[str], max_length: int) -> np.ndarray:
-        batch = self.tokenizer([t.strip() for t in texts], padding=True, truncation=True, max_length=max_length,
-                               return_tensors="np")
-        return self.runner.run({n: batch[n].astype(np.int64) for n in self.input_names})
-
-
 def int8_recipe() -> str:
     """Names how int8 is made (scheme, alpha, MatMuls kept fp32, smoothing texts): part of the backend
     fingerprint, so a changed recipe gets a new export and never serves vectors cached from the old one."""
@@ -328,16 +299,3 @@ class _Quiet:
         logging.disable(logging.NOTSET)
         self._warnings.__exit__(*exc)
 
-
-def check_int8(reference: np.ndarray, quantized: np.ndarray, model_id: str,
-               sample: str = "the calibration sample") -> dict[str, float]:
-    """Cosine of int8 to fp32 vectors; refuse below 0.99 mean / 0.98 min with the figures."""
-    cosine = cosine_rows(reference, quantized)
-    figures = {"mean": float(cosine.mean()), "min": float(cosine.min())}
-    if figures["mean"] < INT8_MIN_MEAN or figures["min"] < INT8_MIN_MIN:
-        raise ModelLoadError(
-            f"int8 {model_id} is not faithful enough on {sample}: cosine to fp32 mean "
-            f"{figures['mean']:.4f} (needs >= {INT8_MIN_MEAN}), min {figures['min']:.4f} (needs >= {INT8_MIN_MIN}); "
-            "drop --quantize int8 (bf16 may be the faster faithful choice: --precision auto)."
-        )
-    return figures

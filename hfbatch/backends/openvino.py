@@ -8,8 +8,8 @@ OpenVINO's CPU plugin quantizes each activation row dynamically in groups of DQ_
 it runs, so the matrix products run in int8. Per-group activation scales keep the few outlier
 channels of BERT-like models from flattening the rest, which NNCF's static per-tensor int8 could
 not (0.93 min cosine on real text even with accuracy control, and minutes to make). The result
-is accepted only when its vectors keep the same fidelity bar as ONNX int8 (cosine to fp32 >= 0.99
-mean and >= 0.98 min), else loading refuses with the figures.
+is accepted only when its vectors keep the same fidelity bar as ONNX int8 (fidelity.INT8: cosine to
+fp32 >= 0.99 mean and >= 0.98 min), else loading refuses with the figures.
 
 Nothing here imports openvino, nncf, torch or transformers at import time: `import hfbatch` and
 `--help` stay fast and work without the extra. Each function imports what it needs.
@@ -31,7 +31,7 @@ from typing import Any, Iterator
 import numpy as np
 
 from ..errors import BackendError, InputError, ModelLoadError, first_line
-from ..vectors import cosine_rows
+from .fidelity import Bar, bar_for, check_fidelity
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def _int8_weights(model: Any) -> int:
 
 
 def quantize_int8(onnx_path: Path, target: Path, *, validation: list[dict[str, np.ndarray]], reference: np.ndarray,
-                  min_mean: float = 0.99, min_min: float = 0.98) -> dict[str, float]:
+                  bar: Bar | None = None) -> dict[str, float]:
     """int8 weights for the exported ONNX graph, saved as OpenVINO IR at `target` and checked.
 
     `validation`: feed dicts whose outputs, concatenated, match `reference` row for row (fp32
@@ -213,7 +213,8 @@ def quantize_int8(onnx_path: Path, target: Path, *, validation: list[dict[str, n
     MiniLM) stores the weights as int8; OpenVinoSession compiles them with dynamic activation
     quantization (DQ_GROUP), so the products run in int8. The result is saved to temp names in
     target's folder, loaded back as OpenVinoSession loads it, and checked on every validation row.
-    Below min_mean / min_min, or with no int8 weight, ModelLoadError with the figures and nothing
+    Under `bar` (fidelity.check_fidelity; default the int8 bar, fidelity.INT8), or with no int8
+    weight, ModelLoadError with the figures and nothing
     at `target`; otherwise the .bin then the .xml are moved into place (a reader waits for the
     .xml: it appears last) and {"mean", "min", "seconds"} is returned (cosine figures, and the
     wall time of compression and check).
@@ -251,16 +252,12 @@ def quantize_int8(onnx_path: Path, target: Path, *, validation: list[dict[str, n
         except Exception as exc:
             raise ModelLoadError(f"int8 quantization of {onnx_path} with NNCF failed ({first_line(exc, 240)}); "
                                  "drop --quantize int8 or use --runtime onnx.") from exc
-        cos = cosine_rows(vectors, reference)
-        figures = {"mean": float(cos.mean()), "min": float(cos.min())}
-        faithful = figures["mean"] >= min_mean and figures["min"] >= min_min
-        if not faithful or int8_weights == 0:
-            why = "not faithful enough" if not faithful else "left with no int8 weight by NNCF"
-            raise ModelLoadError(
-                f"OpenVINO int8 of {onnx_path} is {why} on {rows} validation texts: cosine to fp32 mean "
-                f"{figures['mean']:.5f} (needs >= {min_mean}), min {figures['min']:.5f} (needs >= {min_min}); "
-                "drop --quantize int8 or use --runtime onnx."
-            )
+        fix = "drop --quantize int8 or use --runtime onnx."
+        figures: dict[str, float] = check_fidelity(reference, vectors, bar or bar_for("int8"),
+                                                   what=f"OpenVINO int8 of {onnx_path}", where=f"{rows} validation texts",
+                                                   fix=fix)
+        if int8_weights == 0:
+            raise ModelLoadError(f"OpenVINO int8 of {onnx_path} is left with no int8 weight by NNCF; {fix}")
         try:
             target.unlink(missing_ok=True)  # an old pair: its .xml goes first, so no reader pairs old and new
             os.replace(partial_bin, target.with_suffix(".bin"))

@@ -33,7 +33,6 @@ def quantize_openvino(tokenizer: ModelTokenizer, bundle: ExportBundle, fp32_path
                       max_length: int, prompt: str) -> tuple[str, dict[str, Any]]:
     """(file name in the bundle, cosine figures) of the NNCF int8 model; ModelLoadError below the bar."""
     from .fidelity import CALIBRATION_TEXTS
-    from .onnx import INT8_MIN_MEAN, INT8_MIN_MIN
     from .openvino import quantize_int8
 
     name = f"openvino.{int8_recipe()}.xml"
@@ -44,5 +43,5 @@ def quantize_openvino(tokenizer: ModelTokenizer, bundle: ExportBundle, fp32_path
         return tokenizer.feeds(texts, max_length, names, prompt)
 
     figures = quantize_int8(fp32_path, target, validation=[feeds(list(CALIBRATION_TEXTS))],
-                            reference=np.asarray(reference, dtype=np.float32), min_mean=INT8_MIN_MEAN, min_min=INT8_MIN_MIN)
+                            reference=np.asarray(reference, dtype=np.float32))
     return name, dict(figures)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import InputError, ModelLoadError
-from .hub import read_json
+from .hub import files_digest, read_json, resolve_model_dir, weights_key
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,29 @@ class ModelSpec:
     prompt_name: str | None  # the name the prompt came by (--prompt-name or the model's default)
     has_default_prompt: bool  # the model names a default prompt (turned off by --prompt "")
     include_prompt: bool  # the model's pooling averages over the prompt's tokens too
+
+
+class ModelFiles:
+    """A model's files, found (hub.resolve_model_dir) and read (ModelSpec) once under one job's
+    --max-length / --prompt / --prompt-name, and their content digest (hub.files_digest), hashed
+    once: what a local backend and a remote backend's tokenizer know of a model without loading it."""
+
+    def __init__(self, model_id: str, *, max_length: int | None = None, prompt: str | None = None,
+                 prompt_name: str | None = None):
+        self.model_id = model_id
+        self.dir, self.source = resolve_model_dir(model_id)  # where, and how it was found (the provenance's)
+        self.spec = read_spec(self.dir, model_id, max_length=max_length, prompt=prompt, prompt_name=prompt_name)
+        self._digest: Any = None
+
+    def digest(self) -> Any:
+        """The files' blake2b (hub.files_digest), a copy to update."""
+        if self._digest is None:
+            self._digest = files_digest(self.dir, str(self.source["revision"]))
+        return self._digest.copy()
+
+    def weights_key(self) -> str:
+        """Names the model's export folder and its runtime record (hub.weights_key)."""
+        return weights_key(self.digest())
 
 
 def read_spec(root: Path, model_id: str, *, max_length: int | None, prompt: str | None,

@@ -18,8 +18,7 @@ import numpy as np
 
 from ..errors import InputError, ModelLoadError
 from .exports import ExportBundle, package_version
-from .hub import files_digest, resolve_model_dir, weights_key
-from .spec import ModelSpec, read_spec
+from .spec import ModelFiles, ModelSpec
 from .windows import Windows, fit_windows
 
 # What a tokenizer is checked on before the fast loader is trusted: cases, accents, scripts,
@@ -148,9 +147,8 @@ class Tokens:
     def find(cls, model: str, *, prompt: str | None = None, prompt_name: str | None = None) -> "Tokens":
         """The tokens of `model` (hub id or directory) found as a local backend finds them:
         ModelLoadError when its files cannot be had, InputError for an unknown `prompt_name`."""
-        root, source = resolve_model_dir(model)
-        spec = read_spec(root, model, max_length=None, prompt=prompt, prompt_name=prompt_name)
-        return cls(root, model, spec, weights_key=lambda: weights_key(files_digest(root, str(source["revision"]))))
+        files = ModelFiles(model, prompt=prompt, prompt_name=prompt_name)
+        return cls(files.dir, model, files.spec, weights_key=files.weights_key)
 
     @property
     def prompt(self) -> str | None:

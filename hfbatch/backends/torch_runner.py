@@ -92,12 +92,17 @@ def warn_emulated_bf16(run: Callable[[Sequence[str], str], Any]) -> float:
 
 class TorchModel:
     """A loaded sentence-transformers model under one backend's settings (device, max length,
-    normalisation, prompt): what `encode(texts, precision)` runs, and what exports are made from."""
+    normalisation, prompt, precision): a runners.Runner (`run(texts)` in its precision), what
+    `encode(texts, precision)` runs in another, and what exports are made from."""
 
-    def __init__(self, model: Any, device: str, *, max_length: int, normalize: bool, prompt: str | None):
-        self.model, self.device, self.max_length = model, device, max_length
+    def __init__(self, model: Any, device: str, *, max_length: int, normalize: bool, prompt: str | None,
+                 precision: str = "fp32"):
+        self.model, self.device, self.max_length, self.precision = model, device, max_length, precision
         self.normalize = normalize  # whether encode normalises (the model has no Normalize module of its own)
         self.prompt = prompt  # None: none; "": the model's default prompt turned off
+
+    def run(self, texts: Sequence[str]) -> np.ndarray:
+        return self.encode(texts, self.precision)
 
     def encode(self, texts: Sequence[str], precision: str) -> np.ndarray:
         return encode(self.model, texts, precision, device=self.device, max_length=self.max_length,
@@ -115,8 +120,9 @@ class TorchModel:
 
 
 def load(path: str, device: str, model_id: str, *, trust_remote_code: bool, normalize: bool, max_length: int,
-         prompt: str | None) -> TorchModel:
+         prompt: str | None, precision: str = "fp32") -> TorchModel:
     """The memoised model (load_torch_model) with these settings."""
     model, normalize_in_encode = load_torch_model(path, device, model_id, trust_remote_code=trust_remote_code,
                                                   normalize=normalize)
-    return TorchModel(model, device, max_length=max_length, normalize=normalize_in_encode, prompt=prompt)
+    return TorchModel(model, device, max_length=max_length, normalize=normalize_in_encode, prompt=prompt,
+                      precision=precision)
