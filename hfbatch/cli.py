@@ -19,7 +19,8 @@ from . import __version__
 from .engines import ENGINES
 from .errors import HfbatchError, InputError, Terminated
 from .engines import embed as embed_job
-from .engines.parts import PartsResult, expand_inputs, merge_job_sidecars
+from .engines.parts import PartsResult, merge_job_sidecars
+from .io.parts import expand_inputs
 from .jobs.embed import EmbedResult
 from .monitoring import NullObserver, RichProgress, job_rate, rate_text
 from .options import EmbedOptions, GenerateOptions

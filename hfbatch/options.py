@@ -17,6 +17,7 @@ from .backends.generation import GenerationParams
 from .errors import InputError
 from .io.plan import check_output_path
 from .io.readers import detect_format, format_with_delimiter, parse_delimiter
+from .io.sidecars import sidecar_path
 from .io.stores import is_remote, location
 from .settings import Settings, parse_byte_size
 from .validate import ON_INVALID
@@ -26,9 +27,10 @@ _Opts = TypeVar("_Opts", bound="JobOptions")
 GENERATE_BACKENDS = ("local", "api", "hf-api")
 
 # The one list of what makes an embed output what it is: the options a rerun must share with an
-# earlier run to take its outputs as done (engines/parts.py's options key). Every other field of
-# EmbedOptions (paths, batching, retries, logging, resources) is in NOT_OUTPUT_IDENTITY; a test
-# holds every field to one of the two, so a new option is classified when it is added.
+# earlier run to take its outputs as done (engines/parts.py's options key), and what verify reads
+# back from a sidecar to rebuild the backend (tools/verify.py). Every other field of EmbedOptions
+# (paths, batching, retries, logging, resources) is in NOT_OUTPUT_IDENTITY; a test holds every
+# field to one of the two, so a new option is classified when it is added.
 OUTPUT_IDENTITY = ("model", "text_column", "keep", "format", "normalize", "max_length", "precision", "runtime",
                    "quantize", "on_invalid", "backend", "endpoint", "fallback", "remote_pooling", "split", "overlap",
                    "aggregate", "prompt", "prompt_name", "truncate_dim", "output_precision", "calibration",
@@ -297,8 +299,3 @@ def _local_file(flag: str, value: Any) -> Path | None:
     if is_remote(unfolded):
         raise InputError(f"{flag} {unfolded}: is written on this machine as the job goes; give a local path.")
     return Path(value)
-
-
-def sidecar_path(output: Path) -> Path:
-    """`<output>.meta.json`: provenance and metrics beside the Parquet file."""
-    return output.with_name(output.name + ".meta.json")

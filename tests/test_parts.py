@@ -19,7 +19,8 @@ from conftest import SAMPLE_TEXTS, write_csv, write_jsonl, write_parquet
 from hfbatch import EmbedOptions, InputError
 from hfbatch.engines import parts as parts_module
 from hfbatch.cli import app
-from hfbatch.engines.parts import expand_inputs, merge_job_sidecars, parse_shard, run_embed_parts, shard_of
+from hfbatch.engines.parts import merge_job_sidecars, run_embed_parts
+from hfbatch.io.parts import expand_inputs, parse_shard, shard_of
 
 WORDS = "kettle lid battery cable strap zipper screen hinge charger pocket seam button".split()
 
@@ -270,7 +271,7 @@ def test_a_job_from_before_the_hfbatch_folder_moves_to_the_dataset_layout(tmp_pa
     assert ds.dataset(out).to_table().num_rows == 27
 
 
-_EXPAND = "import json, sys; from hfbatch.engines.parts import expand_inputs; print(json.dumps([str(p) for p in expand_inputs(sys.argv[1])[1]]))"
+_EXPAND = "import json, sys; from hfbatch.io.parts import expand_inputs; print(json.dumps([str(p) for p in expand_inputs(sys.argv[1])[1]]))"
 
 
 def _expand_with_deadline(pattern: str) -> list[str]:

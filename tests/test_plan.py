@@ -14,7 +14,7 @@ from conftest import rows_for, write_csv
 from hfbatch.errors import InputError
 from hfbatch.io import plan
 from hfbatch.io.plan import case_insensitive, open_job_files, part_outputs, plan_outputs
-from hfbatch.validate import EMBED_COLUMNS
+from hfbatch.io.columns import EMBED_COLUMNS
 from s3_server import s3  # noqa: F401  # the fixture: a real S3-protocol server on 127.0.0.1
 
 
@@ -312,7 +312,7 @@ def test_a_store_output_whose_key_normalises_onto_the_input_is_refused(output: s
     """The issue's repro: `-o s3://lake/p/./a.parquet` over the input `p/a.parquet` wrote the data to
     the key `p/./a.parquet` and its sidecar to `p/a.parquet.meta.json`, over the input's own."""
     from hfbatch.io.stores import RemotePath
-    from hfbatch.options import sidecar_path
+    from hfbatch.io.sidecars import sidecar_path
 
     message = _refused([RemotePath(f"{S3}/p/a.parquet")],
                        [("-o", RemotePath(output)), ("sidecar", sidecar_path(RemotePath(output)))])

@@ -24,8 +24,8 @@ from hypothesis import strategies as st
 from conftest import BUNDLED_MODEL_DIR, WRITERS, write_csv, write_jsonl
 from hfbatch.errors import InputError
 from hfbatch.io import readers
+from hfbatch.io.columns import check_columns
 from hfbatch.io.readers import Chunk, CsvReader, JsonlReader, ParquetReader, is_stream, open_reader, spooled_input
-from hfbatch.validate import check_columns
 
 EXT = {"csv": ".csv", "jsonl": ".jsonl", "parquet": ".parquet"}
 

@@ -11,8 +11,9 @@ from hypothesis import strategies as st
 
 from hfbatch.backends.local import LocalBackend
 from hfbatch.errors import InputError
+from hfbatch.io.columns import check_columns
 from hfbatch.io.readers import Chunk
-from hfbatch.validate import check_columns, validate_chunk
+from hfbatch.validate import validate_chunk
 
 PATH = Path("data.csv")
 

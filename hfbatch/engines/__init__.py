@@ -12,11 +12,12 @@ from __future__ import annotations
 
 from ..backends import Backend
 from ..errors import InputError
+from ..io.parts import is_multi_input, parse_shard
 from ..jobs.embed import EmbedResult, run_embed
 from ..monitoring import Observer
 from ..options import EmbedOptions
 from ..settings import Settings
-from .parts import PartsResult, is_multi_input, parse_shard, run_embed_parts
+from .parts import PartsResult, run_embed_parts
 
 ENGINES = ("local", "ray")
 

@@ -7,11 +7,13 @@ Spark, `datasets`) skip names that start with `_` or `.`, so everything but the 
     out/_hfbatch/2026/a.parquet.meta.json   that part's sidecar (the document run_embed writes)
     out/_hfbatch_job.json                   the job sidecar (`_hfbatch_job.shard-I-of-N.json`)
 
-Part names come from `io.plan.part_outputs` over every part of the input (so every shard's host
-finds the same ones): data suffixes become `.parquet`, and parts that would collide (`a.csv` +
-`a.jsonl`) keep their whole name (`a.csv.parquet`, `a.jsonl.parquet`). Every path the job writes
-(outputs, part sidecars, job sidecar, --log-file) is planned and checked before any model work
-(`io.plan.plan_outputs`; a refusal is exit 2).
+The parts are found and resolved once, in io/ (`io.parts.resolve_parts`): each a frozen `Part`
+with its input, its name relative to the input root, its output and its sidecar (the path rules in
+`io.sidecars`). Output names come from `io.plan.part_outputs` over every part of the input (so
+every shard's host finds the same ones): data suffixes become `.parquet`, and parts that would
+collide (`a.csv` + `a.jsonl`) keep their whole name (`a.csv.parquet`, `a.jsonl.parquet`). Every
+path the job writes (outputs, part sidecars, job sidecar, --log-file) is planned and checked before
+any model work (`io.plan.plan_outputs`; a refusal is exit 2).
 
 `PartsJob` (made by `plan_parts`) is what the two many-part engines share, this one (each part
 through `run_embed`) and engines/ray.py: the plan, resume, and the job sidecar, which lists every
@@ -26,17 +28,15 @@ one no longer names (an output renamed by a collision, a part gone from the inpu
 layout before `_hfbatch/`) is removed first, and a part that fails loses its earlier output, so
 that the job sidecar's totals are the rows a reader of `out/` gets.
 
-Shards (`--shard I/N`, I = 1..N) take whole parts by a hash of the part's path relative to the
-input root: every host computes the same assignment from its own listing, without talking to the
-others, and a file added later does not move the other files between shards. `merge_job_sidecars`
-(`hfbatch merge-meta`) checks that the shards' sidecars account for every part exactly once.
+Shards (`--shard I/N`) take whole parts by a hash of the part's relative path (`io.parts.shard_of`).
+`merge_job_sidecars` (`hfbatch merge-meta`) checks that the shards' sidecars account for every part
+exactly once.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -48,137 +48,22 @@ import pyarrow.parquet as pq
 
 from ..backends import Backend, make_backend
 from ..errors import HfbatchError, InputChangedError, InputError
-from ..io.plan import normal_location, part_outputs, plan_outputs
-from ..io.readers import detect_format
-from ..io.stores import RemotePath, is_remote, location
+from ..io.parts import JobParts, Part, input_id, resolve_parts
+from ..io.plan import normal_location, plan_outputs
+from ..io.sidecars import JOB_SIDECAR, PART_SIDECARS, job_sidecars, part_sidecar_path, sidecar_path
+from ..io.stores import RemotePath, location
 from ..io.writers import METADATA_KEY, publishing, write_json_atomic
 from ..jobs.embed import calibrate_ranges, run_embed
 from ..monitoring import NullObserver, Observer
-from ..options import EmbedOptions, output_identity, sidecar_path
+from ..options import EmbedOptions, output_identity
 from ..provenance import file_digest, library_versions, redact, relative_paths, utc_now
 from ..settings import Settings
 from ..vectors import CALIBRATED
-
-JOB_SIDECAR = "_hfbatch_job"
-PART_SIDECARS = "_hfbatch"  # out/_hfbatch/<output relative path>.meta.json
-_GLOB_CHARS = set("*?[")
-
-
-def is_multi_input(spec: str | Path) -> bool:
-    """A directory (a store's prefix), or a pattern with glob characters that is not itself a file."""
-    path = location(spec)
-    return path.is_dir() or (bool(_GLOB_CHARS & set(str(spec))) and not path.is_file())
-
-
-def expand_inputs(spec: str | Path, fmt: str | None = None) -> tuple[Path, list[Path]]:
-    """(root, parts): the files of a directory (recursively) or of a glob, sorted, that hfbatch can
-    read; hidden and underscore-prefixed files (_SUCCESS, .crc, our own sidecars) are not parts."""
-    text = str(spec)
-    if is_remote(text):
-        root, candidates = _store_candidates(RemotePath(text))
-    elif Path(text).is_dir():
-        root = Path(text)
-        candidates = [p for p in root.rglob("*") if p.is_file()]
-    else:
-        candidates = glob_files(text)
-        root = Path(os.path.commonpath([str(p.parent) for p in candidates])) if candidates else Path(text).parent
-    parts = []
-    for path in sorted(candidates):
-        relative = path.relative_to(root)
-        if any(piece.startswith((".", "_")) for piece in relative.parts) or path.name.endswith(".meta.json"):
-            continue
-        try:
-            detect_format(path, fmt)
-        except InputError:
-            continue  # not a data file (README, checksums): a directory of parts often has some
-        parts.append(path)
-    if not parts:
-        raise InputError(f"{spec}: no CSV, JSONL or Parquet files there; give a directory of parts or a glob "
-                         "like 'data/part-*.parquet' (quoted, so the shell leaves it to hfbatch).")
-    return root, parts
-
-
-def _store_candidates(spec: RemotePath) -> tuple[RemotePath, list[RemotePath]]:
-    """(root, objects) of a store's prefix (every object below it) or glob (its matches, under the
-    deepest prefix without a glob character)."""
-    if not _GLOB_CHARS & set(spec.key):
-        return spec, list(spec.walk_files())
-    found = spec.glob(spec.key)
-    pieces = spec.key.split("/")
-    fixed = next(i for i, piece in enumerate(pieces) if _GLOB_CHARS & set(piece))
-    root = RemotePath(f"{spec.scheme}://{'/'.join(pieces[:fixed])}")
-    return root, found
-
-
-def glob_files(pattern: str) -> list[Path]:
-    """Files matching a glob (`**` for any depth), walked as a directory input is: a symlink to a
-    directory is never entered, so a symlink loop neither repeats files (glob.glob listed one file
-    41 times, as loop/loop/...) nor hangs (two loops). A symlink to a file is a file."""
-    pieces = Path(pattern).parts
-    fixed = next((i for i, piece in enumerate(pieces) if _GLOB_CHARS & set(piece)), len(pieces))
-    base, rest = Path(*pieces[:fixed]) if fixed else Path("."), list(pieces[fixed:])
-    if not rest:
-        return [base] if base.is_file() else []
-    if rest[-1] == "**":
-        rest.append("*")  # glob's "data/**" is every file below data
-    wants_hidden = any(piece.startswith(".") for piece in rest)  # glob's * skips dot names unless asked
-    linked: dict[Path, bool] = {}
-    files = []
-    for path in base.glob(os.path.join(*rest)):  # pathlib's ** does not follow directory symlinks
-        relative = path.relative_to(base).parts
-        if not wants_hidden and any(piece.startswith(".") for piece in relative):
-            continue
-        folders = [base.joinpath(*relative[: i + 1]) for i in range(len(relative) - 1)]
-        if any(linked.setdefault(d, d.is_symlink()) for d in folders):  # a "*/" level through a directory symlink
-            continue
-        if path.is_file():
-            files.append(path)
-    return files
-
-
-def parse_shard(text: str | None) -> tuple[int, int]:
-    """'3/8' -> (3, 8); shards are numbered 1..N."""
-    if not text:
-        return 1, 1
-    try:
-        index, count = (int(x) for x in text.split("/"))
-    except ValueError:
-        raise InputError(f"--shard {text!r}: give it as I/N, e.g. 3/8 for the third of eight hosts.") from None
-    if count < 1 or not 1 <= index <= count:
-        raise InputError(f"--shard {text!r}: shards are numbered 1..N (N >= 1), e.g. 1/4 .. 4/4.")
-    return index, count
-
-
-def shard_of(relative: str, count: int) -> int:
-    """The shard (1..count) that owns a part: a hash of its relative path, the same on every host."""
-    digest = hashlib.blake2b(relative.replace(os.sep, "/").encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") % count + 1
 
 
 def options_key(opts: EmbedOptions) -> str:
     """What an earlier run must share with this one for its parts to be taken as done."""
     return hashlib.blake2b(json.dumps(output_identity(opts), sort_keys=True).encode(), digest_size=12).hexdigest()
-
-
-def job_sidecar_path(out_dir: Path, shard: tuple[int, int]) -> Path:
-    index, count = shard
-    return out_dir / (f"{JOB_SIDECAR}.json" if count == 1 else f"{JOB_SIDECAR}.shard-{index}-of-{count}.json")
-
-
-
-def part_sidecar_path(out_dir: Path, output: Path) -> Path:
-    """Where a part's sidecar goes: `out/_hfbatch/<output relative to out/>.meta.json`, out of the
-    dataset's way (readers skip `_` names) and one per output, however the outputs are named."""
-    if isinstance(out_dir, RemotePath):
-        return sidecar_path(out_dir / PART_SIDECARS / output.relative_to(out_dir).as_posix())  # type: ignore[arg-type]
-    return sidecar_path(Path(out_dir) / PART_SIDECARS / Path(output).relative_to(out_dir))  # type: ignore[arg-type]
-
-
-def input_id(spec: str | Path) -> str:
-    """What says two runs are one job: their input (directory or glob) made absolute, hashed (a hash,
-    not a path, so --relative-paths leaves it alone and it shows nothing of the machine)."""
-    where = str(spec) if is_remote(spec) else os.path.abspath(str(spec))
-    return hashlib.blake2b(where.encode(), digest_size=12).hexdigest()
 
 
 @dataclass
@@ -209,46 +94,43 @@ class PartsResult:
 
 @dataclass
 class PartsJob:
-    """A many-part job, planned (see `plan_parts`): which parts this shard embeds, where each one's
-    output and sidecar go, what an earlier run finished, and the job sidecar, rewritten as each
-    part is recorded. Both engines run on it."""
+    """A many-part job, planned (see `plan_parts`): its parts, resolved once (`io.parts.JobParts`:
+    which parts this shard embeds, where each one's output and sidecar go), what an earlier run
+    finished, and the job sidecar, rewritten as each part is recorded. Both engines run on it."""
 
     options: EmbedOptions
     resolved: EmbedOptions  # resolved as the first part is: what the actors of the Ray engine take
-    out_dir: Path
-    root: Path
-    mine: list[Path]  # the parts of this shard, in order
-    outputs: dict[Path, Path]  # every part of the input -> its output
-    sidecar: Path  # the job sidecar
+    parts: JobParts
     earlier: dict[str, dict[str, Any]]  # parts of an earlier run with the same options, by input path
     document: dict[str, Any]
     records: dict[str, PartRecord] = field(default_factory=dict)
     wall: float = field(default_factory=time.perf_counter)
     fingerprint: str | None = None  # the vectors' identity once the runtime is settled: parts made otherwise are redone
 
-    def relative(self, part: Path) -> str:
-        return str(part.relative_to(self.root))
+    @property
+    def mine(self) -> tuple[Part, ...]:
+        """The parts of this shard, in input order."""
+        return self.parts.mine
 
-    def output_name(self, part: Path) -> str:
-        return str(self.outputs[part].relative_to(self.out_dir))
+    @property
+    def sidecar(self) -> Path:
+        """The job sidecar."""
+        return self.parts.job_sidecar
 
-    def part_sidecar(self, part: Path) -> Path:
-        return part_sidecar_path(self.out_dir, self.outputs[part])
-
-    def part_options(self, part: Path) -> EmbedOptions:
+    def part_options(self, part: Part) -> EmbedOptions:
         """The options of one part's job (unresolved, as given): its input, output and sidecar."""
-        return replace(self.options, input=part, output=self.outputs[part], sidecar_file=self.part_sidecar(part))
+        return replace(self.options, input=part.input, output=part.output, sidecar_file=part.sidecar)
 
-    def resume(self, part: Path) -> bool:
+    def resume(self, part: Part) -> bool:
         """Record `part` as skipped when an earlier run finished it: its output is whole (the rows
         recorded) and its sidecar describes these input bytes."""
-        earlier = self.earlier.get(self.relative(part))
-        output = self.outputs[part]
-        if (not earlier or earlier.get("status") not in ("done", "skipped") or earlier.get("output") != self.output_name(part)
+        earlier = self.earlier.get(part.relative)
+        output = part.output
+        if (not earlier or earlier.get("status") not in ("done", "skipped") or earlier.get("output") != part.name
                 or not output.is_file()):
             return False
         try:
-            meta = json.loads(self.part_sidecar(part).read_text(encoding="utf-8"))
+            meta = json.loads(part.sidecar.read_text(encoding="utf-8"))
             recorded = meta["provenance"]["input"]["hash"]
             if self.options.ranges is not None and meta["provenance"]["vectors"]["ranges"] != list(map(list, self.options.ranges)):
                 return False  # quantized on another grid than this job's: embedded again
@@ -263,30 +145,30 @@ class PartsJob:
         except (OSError, ValueError, KeyError, TypeError, AttributeError, pa.ArrowException, HfbatchError):
             return False
         # a store's object by what the store says of it (ETag/version, size): no byte of it is read
-        now = part.identity() if isinstance(part, RemotePath) else file_digest(part)
+        now = part.input.identity() if isinstance(part.input, RemotePath) else file_digest(part.input)
         if recorded != earlier.get("input_hash") or rows != earlier.get("rows_out") or recorded != now:
             return False
         fields = {k: earlier.get(k) for k in ("rows_in", "rows_out", "rows_invalid", "input_hash")}
-        self.add(PartRecord(self.relative(part), self.output_name(part), "skipped", texts_computed=0, cache_hits=0,
+        self.add(PartRecord(part.relative, part.name, "skipped", texts_computed=0, cache_hits=0,
                             seconds=0.0, **fields))
         return True
 
-    def done(self, part: Path, document: dict[str, Any], started: float) -> None:
+    def done(self, part: Part, document: dict[str, Any], started: float) -> None:
         """Record `part` as embedded, from the sidecar document its output was published with."""
         m, prov = document["metrics"], document["provenance"]
-        self.add(PartRecord(self.relative(part), self.output_name(part), "done", rows_in=m["rows_total"],
+        self.add(PartRecord(part.relative, part.name, "done", rows_in=m["rows_total"],
                             rows_out=prov["output"]["rows"], rows_invalid=m["rows_invalid"],
                             texts_computed=m["texts_computed"], cache_hits=m["cache"]["hits"],
                             input_hash=prov["input"]["hash"], seconds=round(time.perf_counter() - started, 3)))
 
-    def failed(self, part: Path, error: str, started: float) -> None:
+    def failed(self, part: Part, error: str, started: float) -> None:
         """Record `part` as failed (its data or columns: the other parts go on). An output an
         earlier run made of it no longer describes the input and goes, so the totals stay the rows
         on disk: this part's own output path and sidecar path, and only while they are one run's
         pair (`_remove_pair`). A sidecar that is not readable, or whose data is not the one it names
         (a run killed between the two, or another job publishing there now), is left as it is."""
-        self._remove_pair(self.outputs[part], self.part_sidecar(part))
-        self.add(PartRecord(self.relative(part), self.output_name(part), "failed", error=error,
+        self._remove_pair(part.output, part.sidecar)
+        self.add(PartRecord(part.relative, part.name, "failed", error=error,
                             seconds=round(time.perf_counter() - started, 3)))
 
     def _remove_pair(self, output: Path, sidecar: Path) -> None:
@@ -329,7 +211,7 @@ class PartsJob:
     def write(self, *, finished: bool) -> None:
         """Rewrite the job sidecar (atomically): the parts recorded so far, in input order, and totals."""
         document = self.document
-        parts = [asdict(self.records[r]) for r in map(self.relative, self.mine) if r in self.records]
+        parts = [asdict(self.records[p.relative]) for p in self.mine if p.relative in self.records]
         document["parts"] = parts
         document["finished"] = utc_now() if finished else None
         document["totals"] = {
@@ -344,7 +226,7 @@ class PartsJob:
 
     def finish(self) -> PartsResult:
         self.write(finished=True)
-        return PartsResult(self.out_dir, self.sidecar, self.document)
+        return PartsResult(self.parts.out_dir, self.sidecar, self.document)
 
 
 def plan_parts(options: EmbedOptions, *, shard: tuple[int, int], settings: Settings, engine: str) -> PartsJob:
@@ -362,34 +244,26 @@ def plan_parts(options: EmbedOptions, *, shard: tuple[int, int], settings: Setti
     if engine == "ray" and (options.max_errors is not None or options.log_file is not None):
         flag = "--max-errors" if options.max_errors is not None else "--log-file"
         raise InputError(f"{flag} is not supported by --engine ray yet; drop it, or use the local engine.")
-    given = location(options.input)
-    if given.is_file():  # the Ray engine takes one file as a job of one part
-        root, parts = given.parent, [given]
-    else:
-        root, parts = expand_inputs(options.input, options.format)
-    inside = out_dir.resolve()
-    parts = [p for p in parts if inside not in p.resolve().parents]  # our own outputs are never inputs
-    if not parts or inside == root.resolve():
-        raise InputError(f"-o {out_dir} is the input directory; give the output its own directory.")
-    mine = [p for p in parts if shard_of(str(p.relative_to(root)), shard[1]) == shard[0]]
-    outputs = part_outputs(root, parts, out_dir)  # every part's, so that every shard names them alike
-    resolved = replace(options, input=parts[0], output=outputs[parts[0]]).resolved(settings)  # the defaults filled in
+    parts = resolve_parts(options.input, out_dir, fmt=options.format, shard=shard)
+    first = parts.every[0]
+    resolved = replace(options, input=first.input, output=first.output).resolved(settings)  # the defaults filled in
     key = options_key(resolved)
-    sidecar = job_sidecar_path(out_dir, shard)
-    writes = [w for p in mine for w in (("part output", outputs[p]), ("part sidecar", part_sidecar_path(out_dir, outputs[p])))]
-    plan = plan_outputs(parts, [*writes, ("job sidecar", sidecar), ("--log-file", options.log_file)],
-                        input_dirs=[root] if given.is_dir() else (), appends=("--log-file",))
+    writes = [w for p in parts.mine for w in (("part output", p.output), ("part sidecar", p.sidecar))]
+    plan = plan_outputs([p.input for p in parts.every], [*writes, ("job sidecar", parts.job_sidecar),
+                                                         ("--log-file", options.log_file)],
+                        input_dirs=[parts.root] if parts.input_is_dir else (), appends=("--log-file",))
     plan.check_writable()
-    earlier = read_job_sidecar(sidecar)
+    earlier = read_job_sidecar(parts.job_sidecar)
     if earlier.get("input_id", input_id(earlier.get("input", ""))) == input_id(options.input):
-        remove_stale_outputs(out_dir, earlier, outputs.values())
+        remove_stale_outputs(out_dir, earlier, [p.name for p in parts.every])
     document: dict[str, Any] = {
         "job": "embed-parts", "engine": engine, "tool_version": library_versions()["hfbatch"],
         "command": redact(list(options.command) or sys.argv), "input": str(options.input), "input_id": input_id(options.input),
-        "input_root": str(root), "output_dir": str(out_dir), "part_sidecars": f"{PART_SIDECARS}/",
-        "shard": f"{shard[0]}/{shard[1]}", "parts_in_input": len(parts), "options_key": key, "started": utc_now(), "parts": [],
+        "input_root": str(parts.root), "output_dir": str(out_dir), "part_sidecars": f"{PART_SIDECARS}/",
+        "shard": f"{shard[0]}/{shard[1]}", "parts_in_input": len(parts.every), "options_key": key, "started": utc_now(),
+        "parts": [],
     }
-    return PartsJob(options, resolved, out_dir, root, mine, outputs, sidecar, earlier_records(earlier, key), document)
+    return PartsJob(options, resolved, parts, earlier_records(earlier, key), document)
 
 
 def _names_object(output: Path, meta: dict[str, Any]) -> bool:
@@ -438,16 +312,17 @@ def earlier_records(earlier: dict[str, Any], key: str) -> dict[str, dict[str, An
     return {p["input"]: p for p in earlier.get("parts", []) if isinstance(p, dict) and "input" in p}
 
 
-def remove_stale_outputs(out_dir: Path, earlier: dict[str, Any], planned: Collection[Path]) -> list[Path]:
+def remove_stale_outputs(out_dir: Path, earlier: dict[str, Any], planned: Collection[str]) -> list[Path]:
     """Remove what an earlier run of this job wrote under `out_dir` (as its job sidecar `earlier`
     records: parts done or skipped) that this run no longer names: the output of a part whose name
     changed (`a.parquet` once `a.csv` joins `a.jsonl`) or that left the input, with its sidecar,
     and the sidecars the layout before `_hfbatch/` kept beside the parts. A reader of the dataset
     `out/` would otherwise read those rows too, or fail on the JSON. Nothing outside `out_dir` and
-    nothing but Parquet outputs and their sidecars is touched. Returns what was removed."""
+    nothing but Parquet outputs and their sidecars is touched. `planned`: the names (`Part.name`)
+    of this run's outputs. Returns what was removed."""
     if isinstance(out_dir, RemotePath):
         return _remove_stale_objects(out_dir, earlier, planned)
-    keep = {Path(p).relative_to(out_dir) for p in planned}
+    keep = {Path(name) for name in planned}
     beside = earlier.get("part_sidecars") is None  # written before _hfbatch/: sidecars beside the parts
     base = Path(out_dir).resolve()
     removed = []
@@ -469,9 +344,9 @@ def remove_stale_outputs(out_dir: Path, earlier: dict[str, Any], planned: Collec
     return removed
 
 
-def _remove_stale_objects(out_dir: RemotePath, earlier: dict[str, Any], planned: Collection[Any]) -> list[Any]:
+def _remove_stale_objects(out_dir: RemotePath, earlier: dict[str, Any], planned: Collection[str]) -> list[Any]:
     """remove_stale_outputs in a store: keys have no links, so only the names are checked."""
-    keep = {str(p.relative_to(out_dir)) for p in planned}
+    keep = set(planned)
     removed = []
     for record in earlier.get("parts", []):
         if not isinstance(record, dict) or record.get("status") not in ("done", "skipped"):
@@ -532,8 +407,9 @@ def settle_ranges(job: PartsJob, settings: Settings, backend: Backend | None = N
     to do once they are set."""
     if job.options.output_precision not in CALIBRATED or job.options.ranges is not None:
         return
-    parts = list(job.outputs)  # the input's parts in order, whichever shard this is
-    ranges, record = calibrate_ranges(job.part_options(parts[0]), parts, backend=backend, settings=settings)
+    every = job.parts.every  # the input's parts in order, whichever shard this is
+    ranges, record = calibrate_ranges(job.part_options(every[0]), [p.input for p in every], backend=backend,
+                                      settings=settings)
     job.options = replace(job.options, ranges=ranges, calibration_record=record)
     job.resolved = replace(job.resolved, ranges=ranges, calibration_record=record)
 
@@ -564,7 +440,7 @@ class _OneBar(NullObserver):
             self.started = False
 
 
-def _embed_part(job: PartsJob, part: Path, backend: Backend | None, observer: Observer | None,
+def _embed_part(job: PartsJob, part: Part, backend: Backend | None, observer: Observer | None,
                 settings: Settings) -> None:
     started = time.perf_counter()
     try:
@@ -579,8 +455,7 @@ def merge_job_sidecars(out_dir: Path, expected: Sequence[str] | None = None) -> 
     """Every job sidecar under `out_dir` together: each part exactly once and complete, and (with
     `expected`, the relative paths of the input's parts) none missing. Metrics summed."""
     out_dir = location(out_dir)
-    sidecars = sorted(out_dir.glob(f"{out_dir.key}/{JOB_SIDECAR}*.json") if isinstance(out_dir, RemotePath)
-                      else out_dir.glob(f"{JOB_SIDECAR}*.json"))
+    sidecars = job_sidecars(out_dir)
     if not sidecars:
         raise InputError(f"{out_dir}: no {JOB_SIDECAR}*.json job sidecars there; is it the -o of a many-file job?")
     seen: dict[str, list[str]] = {}

@@ -51,6 +51,8 @@ import pyarrow.compute as pc
 from ..backends import Backend, make_backend
 from ..cache import NullCache, open_cache
 from ..errors import HfbatchError, InputChangedError, InputError, OutputError
+from ..io.columns import EMBED_COLUMNS
+from ..io.parts import Part
 from ..io.readers import Chunk, open_reader
 from ..io.writers import ParquetSink
 from ..jobs.core import ChunkProcessor, check_rows, open_files, window_fields
@@ -58,7 +60,7 @@ from ..jobs.embed import EmbedTask, embed_columns, embed_provenance, split_mode
 from ..options import EmbedOptions
 from ..provenance import InputFacts, InputIdentity, Metrics, OutputFacts, build_document, utc_now
 from ..settings import Settings
-from ..validate import EMBED_COLUMNS, validate_chunk
+from ..validate import validate_chunk
 from .parts import PartsJob, PartsResult, plan_parts, settle_identity, settle_ranges
 
 _META = ("__part", "__row", "__chunk", "__invalid")
@@ -224,12 +226,16 @@ class ReportedCache:
 class PlannedPart:
     """A part the actors will embed: checked, with what its writer needs."""
 
-    path: Path
+    part: Part
     opts: EmbedOptions  # resolved, with this part's input, output and sidecar
     passthrough: pa.Schema
     format: str
     rows: int  # rows the input had when it was checked
     identity: InputIdentity  # the input before its first read: checked again after its last
+
+    @property
+    def path(self) -> Path:
+        return self.part.input
 
 
 class PartStream:
@@ -369,7 +375,7 @@ class PartsWriter:
             self.changed_part(relative, stream, exc)
             return
         self.actors |= stream.actors
-        self.job.done(stream.planned.path, document, stream.clock)
+        self.job.done(stream.planned.part, document, stream.clock)
 
     def changed_part(self, relative: str, stream: PartStream, exc: InputChangedError) -> None:
         """The part's input changed while it was read: failed, never done, its earlier output gone
@@ -377,7 +383,7 @@ class PartsWriter:
         stream.abort()
         self.actors |= stream.actors
         self.changed.add(relative)
-        self.job.failed(stream.planned.path, str(exc), stream.clock)
+        self.job.failed(stream.planned.part, str(exc), stream.clock)
 
     def finish(self) -> None:
         """Every part was published, or failed as its input changed (a replaced input can have fewer
@@ -428,9 +434,9 @@ def run_embed_ray(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1), add
             job.failed(part, str(exc), time.perf_counter())
             continue
         if files.reader.total_rows is None:  # the driver knows a part is complete by its count: never guess 0
-            raise InputError(f"{part}: its rows cannot be counted before the job, which --engine ray needs; "
+            raise InputError(f"{part.input}: its rows cannot be counted before the job, which --engine ray needs; "
                              "use the local engine.")
-        planned[job.relative(part)] = PlannedPart(part, opts, files.passthrough, files.reader.format,
+        planned[part.relative] = PlannedPart(part, opts, files.passthrough, files.reader.format,
                                                   files.reader.total_rows, files.identity)
     ray_info: dict[str, Any] = {"address": address or "local", "num_workers": num_workers,
                                 "gpus_per_worker": gpus_per_worker, "actor_max_restarts": ACTOR_RETRIES,

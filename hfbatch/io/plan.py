@@ -60,7 +60,7 @@ import pyarrow as pa
 
 from ..errors import InputError
 from ..provenance import InputIdentity
-from ..validate import check_columns
+from .columns import check_columns
 from .readers import DATA_SUFFIXES, Reader, open_reader
 from .stores import RemotePath, location
 from .writers import check_writable, remove_stale_temps

@@ -32,11 +32,12 @@ from ..backends import Backend, make_backend
 from ..backends.remote import SERVER_USAGE, UNKNOWN_MAX_LENGTH
 from ..backends.windows import Windows
 from ..errors import BackendError, InputError
+from ..io.columns import EMBED_COLUMNS
+from ..io.sidecars import is_sidecar_name
 from ..io.writers import VECTOR_TYPES, output_schema
 from ..monitoring import Observer
 from ..options import EmbedOptions
 from ..settings import Settings
-from ..validate import EMBED_COLUMNS
 from ..vectors import CALIBRATED, l2_normalize, output_width, quantization_ranges, quantize, truncate_dims
 from ..cache import NullCache, open_cache
 from .core import Cache, JobResult, Sampler, run_job, sampler, window_fields
@@ -427,7 +428,7 @@ class EmbedTask:
 def is_sidecar(path: Path) -> bool:
     """Whether --calibration names an earlier run's sidecar (a JSON document with a provenance),
     rather than a file of texts (CSV, JSONL -- also named .json -- or Parquet)."""
-    if path.name.endswith(".meta.json"):
+    if is_sidecar_name(path.name):
         return True
     if path.suffix.lower() != ".json":
         return False

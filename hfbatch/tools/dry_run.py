@@ -22,13 +22,14 @@ from typing import Any
 from ..backends import make_backend
 from ..backends.remote import SERVER_USAGE
 from ..cache import NullCache, open_cache
-from ..engines.parts import is_multi_input
 from ..errors import InputError
+from ..io.columns import check_columns
+from ..io.parts import is_multi_input
 from ..io.readers import open_reader, spooled_input
 from ..jobs.embed import embed_columns
 from ..options import EmbedOptions
 from ..settings import Settings
-from ..validate import check_columns, validate_chunk
+from ..validate import validate_chunk
 
 SAMPLE = 32
 

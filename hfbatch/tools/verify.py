@@ -31,12 +31,12 @@ import pyarrow.parquet as pq
 from ..backends import make_backend
 from ..backends.fidelity import FAITHFUL, INT8
 from ..backends.local import LocalBackend
-from ..engines.parts import part_sidecar_path
 from ..errors import InputError
 from ..io.readers import open_reader
+from ..io.sidecars import find_sidecar
 from ..io.stores import RemotePath, location
 from ..io.writers import METADATA_KEY
-from ..options import EmbedOptions, sidecar_path
+from ..options import OUTPUT_IDENTITY, EmbedOptions
 from ..vectors import cosine_rows, l2_normalize, output_width, quantize, truncate_dims
 
 
@@ -68,25 +68,15 @@ def verify_output(output: Path, *, sample: int = 64, seed: int = 0, tolerance: f
     candidates = [i for i, v in enumerate(vectors) if v is not None and isinstance(texts[i], str)]
     rows = sorted(random.Random(seed).sample(candidates, min(sample, len(candidates))))
     local = (prov.get("backends") or {}).get("local") or {}
-    remote = (prov.get("backends") or {}).get(prov.get("backend")) or {}
     backend_name = prov.get("backend") or "local"
-    recorded = dict(
-        input=output, output=output, model=prov.get("model_id"), backend=backend_name,
-        normalize=bool(prov.get("normalize", True)),
-        max_length=prov.get("max_length") if backend_name == "local" else None,
-        endpoint=remote.get("endpoint") if backend_name in ("tei", "openai") else None,
-        prompt=prov.get("prompt") or "",  # the prompt the run used, as text ("": none, not a model default)
-    )
     int8 = str(local.get("vectors") or "").startswith("int8") or (local.get("quantize") or "none") != "none"
+    recorded = recorded_identity(prov)
     # the identity the run recorded, rebuilt (nothing loads): has the model or a setting changed?
-    asked = local.get("requested") if isinstance(local.get("requested"), dict) else {}
-    # int8's identity is the runtime that ran it (recorded); a faithful one's is any faithful runtime
-    runtime = (local.get("runtime") if int8 else None) or asked.get("runtime") or "auto"
-    made = make_backend(EmbedOptions(**recorded, runtime=runtime, precision=asked.get("precision") or "auto",
-                                     quantize="int8" if int8 else "none"))
+    made = make_backend(EmbedOptions(input=output, output=output, **recorded))
     fingerprint = made.fingerprint()
     # what the stored vectors are compared with: the model itself (torch fp32) for a local output
-    options = EmbedOptions(**recorded, runtime="torch", precision="fp32", quantize="none")
+    reference = {**recorded, "runtime": "torch", "precision": "fp32", "quantize": "none"}
+    options = EmbedOptions(input=output, output=output, **reference)
     backend = make_backend(options) if backend_name == "local" else made
     report: dict[str, Any] = {
         "output": str(output), "model_id": prov.get("model_id"), "backend": backend.name,
@@ -114,6 +104,45 @@ def verify_output(output: Path, *, sample: int = 64, seed: int = 0, tolerance: f
                   cosine_min=round(float(cosine.min()), 6), worst_row=rows[worst] + 1, mean_bar=mean_bar,
                   ok=bool((cosine >= bar).all()) and float(cosine.mean()) >= mean_bar)
     return report
+
+
+# How a sidecar records each option that identifies an output's vectors (options.OUTPUT_IDENTITY,
+# the one list; the options key of a many-part job hashes the same names): read back, they rebuild
+# the backend that made the vectors. The others are in _NOT_REBUILT with where verify takes them
+# from instead, or why they do not change a row's vector; a test holds OUTPUT_IDENTITY to the two,
+# so a new identity option is read back here (or placed) when it is added there.
+_NOT_REBUILT = {
+    "keep": "which columns pass through", "format": "how the input is read", "on_invalid": "which rows are embedded",
+    "fallback": "the fallback of --backend auto: the backend that ran is recorded",
+    "tokenizer": "counts tokens; the server makes the vectors",
+    "prompt_name": "recorded as the prompt's text",
+    "split": "provenance.split", "overlap": "provenance.split", "aggregate": "provenance.split",
+    "truncate_dim": "provenance.vectors", "output_precision": "provenance.vectors",
+    "calibration": "provenance.vectors.ranges", "calibration_size": "provenance.vectors.ranges",
+}
+
+
+def recorded_identity(prov: dict[str, Any]) -> dict[str, Any]:
+    """The OUTPUT_IDENTITY options of the run that wrote `prov` (a sidecar's provenance), as far as
+    they make its backend: the EmbedOptions keywords that rebuild it (see `_NOT_REBUILT`)."""
+    local = (prov.get("backends") or {}).get("local") or {}
+    remote = (prov.get("backends") or {}).get(prov.get("backend")) or {}
+    backend_name = prov.get("backend") or "local"
+    int8 = str(local.get("vectors") or "").startswith("int8") or (local.get("quantize") or "none") != "none"
+    asked = local.get("requested") if isinstance(local.get("requested"), dict) else {}
+    recorded = {
+        "model": prov.get("model_id"), "backend": backend_name, "text_column": prov.get("text_column") or "text",
+        "normalize": bool(prov.get("normalize", True)),
+        "max_length": prov.get("max_length") if backend_name == "local" else None,
+        "endpoint": remote.get("endpoint") if backend_name in ("tei", "openai") else None,
+        "remote_pooling": "mean" if remote.get("pooling") == "mean" else None,  # ("server": the server's own)
+        "prompt": prov.get("prompt") or "",  # the prompt the run used, as text ("": none, not a model default)
+        # int8's identity is the runtime that ran it (recorded); a faithful one's is any faithful runtime
+        "runtime": (local.get("runtime") if int8 else None) or asked.get("runtime") or "auto",
+        "precision": asked.get("precision") or "auto",
+        "quantize": "int8" if int8 else "none",
+    }
+    return {name: recorded[name] for name in OUTPUT_IDENTITY if name not in _NOT_REBUILT}
 
 
 def check_published_object(output: RemotePath, meta_path: Any, prov: dict[str, Any]) -> None:
@@ -205,16 +234,6 @@ def _agreement(fresh: np.ndarray, stored: np.ndarray, shape: dict[str, Any], nor
         return (bits == np.unpackbits(stored.astype(np.int16).astype(np.uint8), axis=1)).mean(axis=1)
     centre = 127.5 if precision == "uint8" else -0.5
     return cosine_rows(codes - centre, stored - centre)
-
-
-def find_sidecar(output: Path) -> Path:
-    """`output`'s sidecar: beside it, or for a part of a many-part output directory `out/`,
-    `out/_hfbatch/<its path in out>.meta.json` (out: the nearest folder above it that has one)."""
-    beside = sidecar_path(output)
-    if beside.is_file():
-        return beside
-    full = output.absolute()
-    return next((s for s in (part_sidecar_path(d, full) for d in full.parents) if s.is_file()), beside)
 
 
 def _texts(table: Any, column: str, prov: dict[str, Any], output: Path) -> list[Any]:
