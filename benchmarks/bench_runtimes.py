@@ -101,13 +101,13 @@ def raw_encode(texts: list[str]) -> dict:
 
 
 def in_process(config: tuple[str, str, str], texts: list[str]) -> dict:
-    from hfbatch.backends import onnx as onnx_backend
+    from hfbatch.backends import fidelity
     from hfbatch.backends.local import LocalBackend
     from hfbatch.settings import DEFAULT_MODEL
 
     runtime, precision, quantize = config
-    bar = (onnx_backend.INT8_MIN_MEAN, onnx_backend.INT8_MIN_MIN)
-    onnx_backend.INT8_MIN_MEAN = onnx_backend.INT8_MIN_MIN = 0.0  # measure int8 even if the bar refuses it
+    bar = fidelity.INT8
+    fidelity.INT8 = fidelity.Bar("int8", 0.0, -1.0)  # measure int8 even if the bar refuses it
     try:
         backend = LocalBackend(DEFAULT_MODEL, runtime=runtime, precision=precision, quantize=quantize)
         started = time.perf_counter()
@@ -115,7 +115,7 @@ def in_process(config: tuple[str, str, str], texts: list[str]) -> dict:
         load_s = time.perf_counter() - started
         backend.compute(texts[:BATCH])  # warm-up
     finally:
-        onnx_backend.INT8_MIN_MEAN, onnx_backend.INT8_MIN_MIN = bar
+        fidelity.INT8 = bar
     started = time.perf_counter()
     vectors = np.concatenate([backend.compute(b) for b in batches(texts)])
     return {"s": time.perf_counter() - started, "load_s": load_s, "vectors": vectors}
