@@ -36,13 +36,51 @@ _LIBRARIES = ("torch", "onnxruntime", "openvino", "nncf", "sentence-transformers
 
 
 @dataclass(frozen=True)
-class MeasurementRecord:
-    """One model's measurements on one machine: its candidates (each with its config, label,
-    accepted, texts_per_s, fidelity, reason...) and the pinned configuration, if any."""
+class Measurement:
+    """One candidate of a record, by attribute; `entry` is its JSON object as written (with what
+    else it holds: memory_mb, alone_vs_batched...)."""
 
-    document: dict[str, Any]  # the whole JSON object, as written (machine, measured_at, seconds...)
-    candidates: tuple[dict[str, Any], ...]
-    pinned: RuntimeConfig | None
+    entry: dict[str, Any]
+
+    @property
+    def config(self) -> RuntimeConfig:
+        return RuntimeConfig(*self.entry["config"])
+
+    @property
+    def label(self) -> str:
+        return str(self.entry["label"])
+
+    @property
+    def accepted(self) -> bool:
+        return bool(self.entry.get("accepted", False))
+
+    @property
+    def texts_per_s(self) -> float | None:
+        return self.entry.get("texts_per_s")
+
+    @property
+    def fidelity(self) -> dict[str, float] | None:
+        return self.entry.get("fidelity")
+
+    @property
+    def reason(self) -> str | None:
+        return self.entry.get("reason")
+
+    @property
+    def transient(self) -> bool:
+        """Failed for a passing reason (a full disk, a busy file): measured again next time."""
+        return bool(self.entry.get("transient"))
+
+
+@dataclass(frozen=True)
+class MeasurementRecord:
+    """One model's measurements on one machine: its candidates and the pinned configuration, if
+    any. `document` is the whole JSON object, as written (machine, measured_at, seconds...); an
+    empty record ({}) is one nothing was measured in (or one refused: measured again)."""
+
+    document: dict[str, Any]
+    candidates: tuple[Measurement, ...] = ()
+    pinned: RuntimeConfig | None = None
 
     @classmethod
     def from_json(cls, document: Any) -> "MeasurementRecord":
@@ -59,20 +97,48 @@ class MeasurementRecord:
             for e in entries) and len({tuple(e["config"]) for e in entries}) == len(entries)
         if not well_formed:
             raise ValueError("a runtime record of another shape")
-        return cls(document, tuple(entries), RuntimeConfig(*pinned) if pinned else None)
+        return cls(document, tuple(Measurement(e) for e in entries), RuntimeConfig(*pinned) if pinned else None)
 
-    def entries(self) -> dict[RuntimeConfig, dict[str, Any]]:
+    @classmethod
+    def read(cls, path: Path) -> "MeasurementRecord":
+        """The record at `path`, or an empty one (measured again) when it is missing or from_json refuses it."""
+        try:
+            return cls.from_json(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError):
+            return cls({})
+
+    def by_config(self) -> dict[RuntimeConfig, Measurement]:
         """The candidates by configuration."""
-        return {RuntimeConfig(*e["config"]): e for e in self.candidates}
+        return {m.config: m for m in self.candidates}
+
+    @property
+    def model_id(self) -> str | None:
+        return self.document.get("model_id")
+
+    @property
+    def machine(self) -> dict[str, Any] | None:
+        return self.document.get("machine")
+
+    @property
+    def measured_at(self) -> str | None:
+        return self.document.get("measured_at")
+
+    @property
+    def seconds(self) -> float | None:
+        return self.document.get("seconds")
+
+    def faithful_choice(self) -> str | None:
+        """The label of what a default (faithful) job runs by this record: its pin, unless that pin
+        is int8 (an int8 pin is for --quantize int8 jobs), else the fastest accepted faithful candidate."""
+        if self.pinned and self.pinned.quantize != "int8":
+            return self.pinned.label
+        faithful = [m for m in self.candidates if m.accepted and m.config.quantize != "int8"]
+        return max(faithful, key=lambda m: m.texts_per_s or 0.0).label if faithful else None
 
 
 def read_record(path: Path) -> dict[str, Any]:
-    """The record at `path` as its JSON object, or {} (measured again) when it is missing or
-    MeasurementRecord.from_json refuses it."""
-    try:
-        return MeasurementRecord.from_json(json.loads(path.read_text(encoding="utf-8"))).document
-    except (OSError, ValueError):
-        return {}
+    """The record at `path` as its JSON object, {} when MeasurementRecord.read finds none."""
+    return MeasurementRecord.read(path).document
 
 
 def keep(path: Path, record: dict[str, Any]) -> None:
@@ -142,17 +208,7 @@ def lock(path: Path, note: Note | None = None) -> Iterator[None]:
         lock.release()
 
 
-def faithful_choice(record: dict[str, Any]) -> str | None:
-    """The label of what a default (faithful) job runs by `record`: its pin, unless that pin is
-    int8 (an int8 pin is for --quantize int8 jobs), else the fastest accepted faithful candidate."""
-    pinned = record.get("pinned")
-    if pinned and RuntimeConfig(*pinned).quantize != "int8":
-        return label(RuntimeConfig(*pinned))
-    faithful = [e for e in record.get("candidates", []) if e.get("accepted") and RuntimeConfig(*e["config"]).quantize != "int8"]
-    return max(faithful, key=lambda e: e.get("texts_per_s") or 0.0)["label"] if faithful else None
-
-
-def pin(backend: "LocalBackend", config: RuntimeConfig | None) -> dict[str, Any]:
+def pin(backend: "LocalBackend", config: RuntimeConfig | None) -> MeasurementRecord:
     """Pin `config` as this machine's choice for the model (None: unpin, the fastest again)."""
     path = record_path(backend)
     with lock(path):
@@ -160,7 +216,8 @@ def pin(backend: "LocalBackend", config: RuntimeConfig | None) -> dict[str, Any]
                                        "candidates": []}
         record["pinned"] = list(config) if config else None
         keep(path, record)
-    return record
+    return MeasurementRecord(record, tuple(Measurement(e) for e in record["candidates"]),
+                             RuntimeConfig(*config) if config else None)
 
 
 def refuse(backend: "LocalBackend", config: RuntimeConfig, reason: str) -> None:

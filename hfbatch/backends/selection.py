@@ -37,9 +37,9 @@ from ..resources import MemoryGuardError, cpu_has_native_bf16, max_model_memory_
 from ..vectors import cosine_rows
 from .configs import Note, RuntimeChoice, RuntimeConfig
 from .fidelity import BATCH_INVARIANT, CALIBRATION_TEXTS, SMOOTHING_TEXTS, bar_for, figures, label, labels
-from .records import RECORD_FORMAT, choices_root, keep, lock, machine, read_record, record_path, writable
+from .records import RECORD_FORMAT, Measurement, MeasurementRecord, choices_root, keep, lock, machine, record_path, writable
 # what tools/ and tests read from here: the record's names beside the measuring
-from .records import faithful_choice, pin, refuse  # noqa: F401
+from .records import pin, read_record, refuse  # noqa: F401
 
 if TYPE_CHECKING:
     from .local import LocalBackend
@@ -106,7 +106,7 @@ def choose(backend: "LocalBackend", configs: Sequence[Config], *, measure: bool 
     if len(configs) == 1:
         return RuntimeChoice(configs[0], by="asked for")
     path = record_path(backend)
-    record = read_record(path)
+    record = MeasurementRecord.read(path)
     started = time.perf_counter()
     if measure and _missing(record, configs) and not writable(path.parent):
         # a read-only cache dir: a measurement could not be kept, and every job would pay it again
@@ -116,54 +116,47 @@ def choose(backend: "LocalBackend", configs: Sequence[Config], *, measure: bool 
         return RuntimeChoice(fallback, by=f"not measured: {path.parent} is not writable", record=None)
     if measure and _missing(record, configs):
         with lock(path, note):
-            record = read_record(path)  # another process may have measured while this one waited
+            record = MeasurementRecord.read(path)  # another process may have measured while this one waited
             if _missing(record, configs):
                 record = _measure_and_keep(backend, path, record, _missing(record, configs), note, job_texts)
     spent = time.perf_counter() - started
-    entries = _entries(record)
-    pinned = RuntimeConfig(*record["pinned"]) if record.get("pinned") else None
+    entries, pinned = record.by_config(), record.pinned
     if pinned in configs:
         return RuntimeChoice(pinned, by="pinned", record=str(path),
-                             texts_per_s=entries.get(pinned, {}).get("texts_per_s"), measured_seconds=spent)
-    accepted = [c for c in configs if entries.get(c, {}).get("accepted")]
+                             texts_per_s=entries[pinned].texts_per_s if pinned in entries else None, measured_seconds=spent)
+    accepted = [c for c in configs if c in entries and entries[c].accepted]
     if not accepted:
         if not measure:
             return RuntimeChoice(TORCH_FP32 if TORCH_FP32 in configs else configs[0],
                                  by=f"not measured yet: the job will measure {labels(configs)} first", record=str(path))
-        refused = "; ".join(f"{e['label']}: {e.get('reason')}" for c, e in entries.items() if c in configs)
+        refused = "; ".join(f"{m.label}: {m.reason}" for c, m in entries.items() if c in configs)
         raise ModelLoadError(f"no configuration of {backend.model_id} passed its checks here ({refused or 'none measured'}); "
                              "pass --runtime torch --precision fp32.")
-    best = max(accepted, key=lambda c: float(entries[c].get("texts_per_s") or 0.0))
-    return RuntimeChoice(best, by="measured on this machine", record=str(path),
-                         texts_per_s=entries[best].get("texts_per_s"), fidelity=entries[best].get("fidelity"),
-                         measured_seconds=spent)
+    best = max(accepted, key=lambda c: float(entries[c].texts_per_s or 0.0))
+    return RuntimeChoice(best, by="measured on this machine", record=str(path), texts_per_s=entries[best].texts_per_s,
+                         fidelity=entries[best].fidelity, measured_seconds=spent)
 
 
-def _entries(record: dict[str, Any]) -> dict[RuntimeConfig, dict[str, Any]]:
-    """A record's candidates by configuration (one read by read_record, or just measured)."""
-    return {RuntimeConfig(*e["config"]): e for e in record.get("candidates", [])}
-
-
-def _missing(record: dict[str, Any], configs: Sequence[Config]) -> list[Config]:
-    entries = _entries(record)
+def _missing(record: MeasurementRecord, configs: Sequence[Config]) -> list[Config]:
+    entries = record.by_config()
     # never measured, or failed for a passing reason (a full disk, a busy file) last time
-    return [c for c in configs if c not in entries or entries[c].get("transient")]
+    return [c for c in configs if c not in entries or entries[c].transient]
 
 
-def _measure_and_keep(backend: "LocalBackend", path: Path, record: dict[str, Any], configs: Sequence[Config],
-                      note: Note | None, job_texts: Sequence[str] = ()) -> dict[str, Any]:
+def _measure_and_keep(backend: "LocalBackend", path: Path, record: MeasurementRecord, configs: Sequence[Config],
+                      note: Note | None, job_texts: Sequence[str] = ()) -> MeasurementRecord:
     started = time.perf_counter()
-    entries = [e for e in record.get("candidates", []) if tuple(e["config"]) not in configs]
+    entries = [m.entry for m in record.candidates if m.config not in configs]
     entries += measure_configs(backend, configs, note, job_texts)
-    record = {"format": RECORD_FORMAT, "model_id": backend.model_id, "machine": machine(),
-              "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-              "candidates": entries, "pinned": record.get("pinned"),
-              "seconds": round(time.perf_counter() - started, 1)}
+    document = {"format": RECORD_FORMAT, "model_id": backend.model_id, "machine": machine(),
+                "measured_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "candidates": entries, "pinned": list(record.pinned) if record.pinned else None,
+                "seconds": round(time.perf_counter() - started, 1)}
     try:
-        keep(path, record)
+        keep(path, document)
     except OSError as exc:
         log.warning("cannot keep the runtime measurements in %s (%s); they hold for this job only", path.parent, exc)
-    return record
+    return MeasurementRecord(document, tuple(Measurement(e) for e in entries), record.pinned)
 
 
 def fixed_texts() -> list[str]:
@@ -308,11 +301,10 @@ def _batch_invariance(variant: "LocalBackend", batches: list[list[str]], batched
 
 
 
-def remeasure(backend: "LocalBackend", configs: Sequence[Config], note: Note | None = None) -> dict[str, Any]:
+def remeasure(backend: "LocalBackend", configs: Sequence[Config], note: Note | None = None) -> MeasurementRecord:
     """Measure `configs` again now (`hfbatch tune`), keeping a pin; returns the new record."""
     path = record_path(backend)
     with lock(path):
-        record = read_record(path)
-        return _measure_and_keep(backend, path, record, list(configs), note)
+        return _measure_and_keep(backend, path, MeasurementRecord.read(path), list(configs), note)
 
 

@@ -79,21 +79,20 @@ def runtime_measurements() -> list[dict[str, Any]]:
     what auto runs: the pinned configuration, else the fastest accepted faithful one."""
     import json
 
-    from ..backends.fidelity import label
-    from ..backends.selection import choices_root, faithful_choice, machine, read_record
+    from ..backends.records import MeasurementRecord
+    from ..backends.selection import choices_root, machine
 
-    here = machine()
+    here = json.dumps(machine(), sort_keys=True)
     found = []
     for path in sorted(choices_root().glob("*.json")):
-        record = read_record(path)
-        if not record or not record.get("candidates"):
+        record = MeasurementRecord.read(path)
+        if not record.candidates:
             continue
-        pinned = label(tuple(record["pinned"])) if record.get("pinned") else None
-        found.append({"model_id": record.get("model_id"), "measured_at": record.get("measured_at"), "file": str(path),
-                      "in_force": json.dumps(record.get("machine"), sort_keys=True) == json.dumps(here, sort_keys=True),
-                      "seconds": record.get("seconds"), "pinned": pinned,
-                      "chosen": faithful_choice(record),
-                      "candidates": record.get("candidates", [])})
+        found.append({"model_id": record.model_id, "measured_at": record.measured_at, "file": str(path),
+                      "in_force": json.dumps(record.machine, sort_keys=True) == here,
+                      "seconds": record.seconds, "pinned": record.pinned.label if record.pinned else None,
+                      "chosen": record.faithful_choice(),
+                      "candidates": [m.entry for m in record.candidates]})
     return found
 
 

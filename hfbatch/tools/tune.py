@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from ..backends.fidelity import label
 from ..backends.local import LocalBackend
+from ..backends.records import MeasurementRecord
 from ..backends.selection import pin as pin_choice
-from ..backends.selection import faithful_choice, read_record, record_path, remeasure
+from ..backends.selection import record_path, remeasure
 from ..errors import InputError
 
 
@@ -29,22 +29,21 @@ def tune(model: str, *, int8: bool = False, pin: str | None = None, unpin: bool 
     configs = backend.candidates()
     if int8:
         configs += LocalBackend(model, runtime="auto", precision="auto", quantize="int8").candidates()
-    record = read_record(record_path(backend))
-    known = {tuple(e["config"]) for e in record.get("candidates", [])}
+    record = MeasurementRecord.read(record_path(backend))
+    known = record.by_config()
     # a pin is made from what was measured; only what never was is measured first
     if measure and (not (pin or unpin) or any(c not in known for c in configs)):
         record = remeasure(backend, configs, note)
-    entries = record.get("candidates", [])
+    measured = record.candidates
     if pin is not None:
         wanted = " ".join(pin.replace("-", " ").split()).lower()
-        match = [e for e in entries if e["label"] == wanted]
-        if not match or not match[0].get("accepted"):
-            known = ", ".join(e["label"] for e in entries if e.get("accepted")) or "none"
-            raise InputError(f"--pin {pin!r} is not an accepted configuration of {model} here; accepted: {known}.")
-        record = pin_choice(backend, tuple(match[0]["config"]))  # type: ignore[arg-type]
+        match = [m for m in measured if m.label == wanted]
+        if not match or not match[0].accepted:
+            accepted = ", ".join(m.label for m in measured if m.accepted) or "none"
+            raise InputError(f"--pin {pin!r} is not an accepted configuration of {model} here; accepted: {accepted}.")
+        record = pin_choice(backend, match[0].config)
     elif unpin:
         record = pin_choice(backend, None)
-    pinned = label(tuple(record["pinned"])) if record.get("pinned") else None  # type: ignore[arg-type]
-    return {"model_id": model, "record": str(record_path(backend)), "candidates": entries,
-            "chosen": faithful_choice({**record, "candidates": entries}), "pinned": pinned,
-            "seconds": record.get("seconds")}
+    chosen = MeasurementRecord(record.document, measured, record.pinned).faithful_choice()
+    return {"model_id": model, "record": str(record_path(backend)), "candidates": [m.entry for m in measured],
+            "chosen": chosen, "pinned": record.pinned.label if record.pinned else None, "seconds": record.seconds}
