@@ -4,11 +4,11 @@ for the model (selection.py), chosen when the first vector is computed, never fo
 
 It composes what it owns by module: hub.py (where the model's files are, their content hash),
 spec.py (what the files say: prompts, max length, dimension), tokenizer.py (Tokens: counts and
-windows), configs.py (the request, the configuration, the identity), selection.py (the measured
-choice), torch_runner.py (the model on torch), builds.py (Exports: the exports, made and proved),
-runners.py (what computes the vectors: one `run(texts)` whatever the runtime) and job_check.py
-(the check on the job's own texts); what it keeps is the configuration it runs, passing over one
-that fails, and the provenance of it all.
+windows), configs.py (the request, the configuration held, the identity), selection.py (the
+measured choice), loader.py (what runs the configuration: torch_runner.py's model, or builds.py's
+proved export), runners.py (one `run(texts)` whatever the runtime) and job_check.py (the check on
+the job's own texts); what it keeps is the choosing, passing over a configuration that fails, and
+the provenance of it all.
 Everything is lazy: the tokenizer loads on the first token count, the model on the first embed;
 a proved export (exports.py) loads without importing torch or transformers.
 """
