@@ -7,8 +7,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -87,12 +89,20 @@ def test_generate_without_a_model_names_a_causal_lm(tmp_path: Path) -> None:
 
 
 def test_a_ray_cluster_that_cannot_be_reached_is_one_line_naming_ray_address(tmp_path: Path) -> None:
-    """A process of its own: in this one, another test's Ray cluster may be running already."""
+    """A process of its own: in this one, another test's Ray cluster may be running already. A port
+    where nothing listens (not `auto`: that joins any cluster running on the machine, another
+    pytest worker's included), refused within seconds: Ray alone retried it for over 10 minutes."""
     pytest.importorskip("ray")
     src = write_csv(tmp_path / "in.csv", rows_for(["a"]))
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    with socket.socket() as free:
+        free.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{free.getsockname()[1]}"  # closed again: nothing listens there
+    started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "hfbatch", "embed", str(src), "-o", str(tmp_path / "out"), "-q",
-                           "--engine", "ray", "--ray-address", "auto"], env=env, capture_output=True, text=True, timeout=120)
+                           "--engine", "ray", "--ray-address", address], env=env, capture_output=True, text=True,
+                          timeout=120)
     assert proc.returncode == 1, proc.stderr
-    assert proc.stderr.count("\n") == 1 and "--ray-address auto" in proc.stderr
+    assert proc.stderr.count("\n") == 1 and f"--ray-address {address}" in proc.stderr, proc.stderr
+    assert "nothing answers" in proc.stderr and time.monotonic() - started < 60
     assert "RAY_ADDRESS" not in proc.stderr and "`--address`" not in proc.stderr

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import json
 import logging
+import socket
 import time
 import uuid
 from dataclasses import dataclass, fields
@@ -458,6 +459,21 @@ def run_embed_ray(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1), add
     return job.finish()
 
 
+def _probe(address: str | None, timeout: float = 5.0) -> None:
+    """Fail at once when a named cluster's port does not answer: ray.init() retries an address
+    where nothing listens for minutes (measured: over 10 at 127.0.0.1:9) before it gives up."""
+    if not address or address in ("auto", "local"):
+        return
+    where = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = where.rpartition(":")
+    if not host or not port.isdigit():  # no port: Ray's defaults (6379, ray:// 10001)
+        host, port = where, "10001" if address.startswith("ray://") else "6379"
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConnectionError(f"nothing answers at {host}:{port}: {exc.strerror or type(exc).__name__}") from None
+
+
 def _run_on_ray(items: list[dict[str, str]], resolved: EmbedOptions, writer: PartsWriter, *, address: str | None,
                 num_workers: int, gpus_per_worker: float) -> None:
     """Read, embed and hand every row to `writer`, on a cluster (a local one started here, and
@@ -468,6 +484,7 @@ def _run_on_ray(items: list[dict[str, str]], resolved: EmbedOptions, writer: Par
     started_here = not ray.is_initialized()
     if started_here:  # address="local": a bare init() may join a stale cluster found on this machine
         try:
+            _probe(address)
             ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
                      configure_logging=False, ignore_reinit_error=True)
         except Exception as exc:  # no cluster there, or none could start: the fix is hfbatch's flag
