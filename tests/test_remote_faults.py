@@ -16,6 +16,7 @@ from conftest import write_parquet
 from embedding_server import EmbeddingServer
 from hfbatch import EmbedOptions, TransientBackendError
 import hfbatch
+from hfbatch.backends.http import RetryPolicy
 from hfbatch.cli import app
 
 pytestmark = pytest.mark.slow
@@ -23,6 +24,16 @@ ROWS = 10_000
 # the client's timeout: far above what a real answer takes on a busy 2-core machine (a slow answer
 # would be a timeout nobody injected, and the exact retry counts below would be off by it)
 TIMEOUT = 2.0
+
+
+@pytest.fixture(autouse=True)
+def short_backoff(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Backoff from 0.05 s, not 0.5 s (what is asserted is that every fault is retried and counted,
+    not how long the waits are): half of this file's minute was spent waiting."""
+    defaults = dict(zip(("attempts", "ceiling_seconds", "max_wait_seconds", "base_wait_seconds"),
+                        RetryPolicy.__init__.__defaults__))
+    assert defaults["base_wait_seconds"] == 0.5  # the policy's fields are still these
+    monkeypatch.setattr(RetryPolicy.__init__, "__defaults__", (*list(defaults.values())[:3], 0.05))
 
 
 @pytest.fixture
