@@ -151,3 +151,14 @@ def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
                         bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     GPT2LMHeadModel(config).save_pretrained(root)
     return root
+
+
+# The longest files first (`make test` runs pytest-xdist with --no-loadscope-reorder, which keeps
+# this order): a long file handed out last kept one worker busy minutes after the other was done.
+LONG_FILES = ("test_ray.py", "test_selection.py", "test_stores.py", "test_cli.py", "test_kill_resume.py",
+              "test_hub_datasets.py", "test_s3_publish.py", "test_backends_onnx.py", "test_remote_faults.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    rank = {name: i for i, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest as collected
