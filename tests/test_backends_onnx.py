@@ -39,6 +39,9 @@ def test_onnx_runtime_equals_torch_and_caches_its_export(tmp_path: Path, st_mode
 
 def test_int8_is_refused_with_figures_when_not_faithful(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(fidelity, "INT8", fidelity.Bar("int8", 0.99999, 0.98))  # a bar no int8 model meets
+    # exports of its own: an int8 export another test of this worker made would be refused later,
+    # on the job's own texts, not on the calibration sample when it is made
+    monkeypatch.setenv("HFBATCH_ONNX_DIR", str(tmp_path / "exports"))
     src = write_csv(tmp_path / "in.csv", rows_for(SAMPLE_TEXTS))
     with pytest.raises(ModelLoadError, match=r"int8 .* not faithful enough on the calibration sample: cosine to fp32 "
                                              r"mean 0\.\d+, min 0\.\d+ \(the int8 bar is >= 0\.99999 mean / 0\.98 min\)"):

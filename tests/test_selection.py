@@ -268,9 +268,6 @@ def test_measuring_stays_within_the_memory_guard(tmp_path: Path) -> None:
         "if importlib.util.find_spec('openvino'):\n"
         "    import openvino; openvino.Core().get_property('CPU', 'FULL_DEVICE_NAME')\n"
         "from hfbatch import embed, EmbedOptions\n"
-        # the fp32 candidates of every runtime (torch, ONNX Runtime, OpenVINO); the bf16 variants
-        # of native-bf16 CPUs are the same sessions in another precision (half the file's time)
-        "from hfbatch.backends import selection; selection.cpu_has_native_bf16 = lambda: False\n"
         f"r = embed(EmbedOptions(input={str(src)!r}, output=sys.argv[1], use_cache=False))\n"
         "hwm = next(int(l.split()[1]) * 1024 for l in open('/proc/self/status') if l.startswith('VmHWM'))\n"
         "print(json.dumps({'hwm': hwm, 'selection': r.document['provenance']['backends']['local']['selection']}))\n"

@@ -38,6 +38,8 @@ from __future__ import annotations
 
 import json
 import logging
+import sys
+import os
 import socket
 import time
 import uuid
@@ -91,9 +93,12 @@ class EmbedActor:
     """Holds one backend (model loaded once per actor) and runs the local pipeline's chunk work."""
 
     def __init__(self, options: EmbedOptions):
-        import torch
-
-        torch.set_num_threads(1)  # one core per actor: more threads than cores thrash
+        # one core per actor: more threads than cores thrash. torch reads OMP_NUM_THREADS when it is
+        # first imported; an actor on an exported runtime never imports it (seconds per actor)
+        if "torch" in sys.modules:
+            sys.modules["torch"].set_num_threads(1)
+        else:
+            os.environ["OMP_NUM_THREADS"] = "1"
         self.options = options
         self.backend = make_backend(options)
         self.cache = _open_cache(options, self.backend.fingerprint())
