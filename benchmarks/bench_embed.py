@@ -159,8 +159,8 @@ def bench_precision(texts: list[str]) -> dict:
 
     raw, raw_s = raw_encode(texts)
     src = WORK / "bench.parquet"
-    hfbatch.embed(EmbedOptions(input=src, output=WORK / "warmup.parquet", use_cache=False, chunk_size=64, precision="bf16"))
-    run = hfbatch.embed(EmbedOptions(input=src, output=WORK / "bf16.parquet", use_cache=False, precision="bf16"))
+    hfbatch.embed(EmbedOptions(input=src, output=WORK / "warmup.parquet", use_cache=False, chunk_size=64, runtime="torch", precision="bf16"))
+    run = hfbatch.embed(EmbedOptions(input=src, output=WORK / "bf16.parquet", use_cache=False, runtime="torch", precision="bf16"))
     got = np.array(pq.read_table(WORK / "bf16.parquet").column("embedding").to_pylist(), dtype=np.float32)
     cosine = (got * raw).sum(1) / (np.linalg.norm(got, axis=1) * np.linalg.norm(raw, axis=1))
     return {"raw_s": raw_s, "bf16_s": run.metrics["wall_seconds"], "cos_mean": float(cosine.mean()), "cos_min": float(cosine.min())}
@@ -179,10 +179,10 @@ def bench_warm_large(rows: int) -> dict:
     pq.write_table(pa.table({"id": list(range(rows)), "text": texts, "rating": [i % 5 + 1 for i in range(rows)]}), src)
     cache = WORK / "cache-warm"
     shutil.rmtree(cache, ignore_errors=True)
-    opts = EmbedOptions(input=src, output=WORK / "warm50k.out.parquet", cache_dir=cache, precision="bf16", batch_size=64)
+    opts = EmbedOptions(input=src, output=WORK / "warm50k.out.parquet", cache_dir=cache, runtime="torch", precision="bf16", batch_size=64)
     cold = hfbatch.embed(opts)
     warm = hfbatch.embed(opts)
-    cli = _cli([str(src), "-o", str(WORK / "warm50k.cli.parquet"), "--cache-dir", str(cache), "--precision", "bf16"])
+    cli = _cli([str(src), "-o", str(WORK / "warm50k.cli.parquet"), "--cache-dir", str(cache), "--runtime", "torch", "--precision", "bf16"])
     return {"rows": rows, "cold_s": cold.metrics["wall_seconds"], "warm_s": warm.metrics["wall_seconds"],
             "warm_rows_per_s": rows / warm.metrics["wall_seconds"], "warm_computed": warm.metrics["texts_computed"],
             "cli_process_s": cli["process_seconds"]}
