@@ -64,10 +64,16 @@ def test_ray_engine_equals_the_local_engine_part_by_part(tmp_path: Path) -> None
     _parts(tmp_path / "data")
     local = run_embed_parts(EmbedOptions(input=tmp_path / "data", output=tmp_path / "local", chunk_size=10,
                                          cache_dir=tmp_path / "cache-local"))
-    ray = run_embed_ray(EmbedOptions(input=tmp_path / "data", output=tmp_path / "ray", chunk_size=10,
-                                     cache_dir=tmp_path / "cache-ray"), num_workers=2)
-    assert ray.document["totals"]["parts_done"] == 3 and ray.document["totals"]["rows_out"] == 101
-    assert ray.document["ray"]["actor_starts"] == 2 and ray.document["engine"] == "ray"
+    # through the CLI, as users run it: complete like the local engine, but a.jsonl has a number and
+    # a null in its text column, so 2 rows are marked and the exit code is 3
+    result = CliRunner().invoke(app, ["embed", str(tmp_path / "data"), "-o", str(tmp_path / "ray"), "--engine", "ray",
+                                      "--num-workers", "2", "--chunk-size", "10", "--cache-dir",
+                                      str(tmp_path / "cache-ray"), "--json"])
+    assert result.exit_code == 3, result.output
+    assert "2 rows marked invalid" in result.stderr
+    document = json.loads(result.stdout)
+    assert document["totals"]["parts_done"] == 3 and document["totals"]["rows_out"] == 101
+    assert document["ray"]["actor_starts"] == 2 and document["engine"] == "ray"
     for record in local.document["parts"]:
         want = pq.read_table(tmp_path / "local" / record["output"])
         got = pq.read_table(tmp_path / "ray" / record["output"])
@@ -80,7 +86,7 @@ def test_ray_engine_equals_the_local_engine_part_by_part(tmp_path: Path) -> None
         assert np.abs(a - b).max() < 1e-5
         meta = json.loads((tmp_path / "ray" / "_hfbatch" / (record["output"] + ".meta.json")).read_text())
         assert meta["provenance"]["engine"] == "ray" and meta["metrics"]["rows_written"] == want.num_rows
-    assert sum(p["texts_computed"] for p in ray.document["parts"]) == 99  # 101 rows, 2 invalid
+    assert sum(p["texts_computed"] for p in document["parts"]) == 99  # 101 rows, 2 invalid
     again = run_embed_ray(EmbedOptions(input=tmp_path / "data", output=tmp_path / "ray", chunk_size=10,
                                        cache_dir=tmp_path / "cache-ray"), num_workers=2)
     assert again.document["totals"]["parts_skipped"] == 3 and "actor_starts" not in again.document["ray"]
@@ -96,14 +102,6 @@ def test_ray_engine_cli_refusals(tmp_path: Path) -> None:
     workers = runner.invoke(app, ["embed", str(tmp_path / "data"), "-o", str(tmp_path / "o"), "--engine", "ray",
                                   "--num-workers", "0"])
     assert workers.exit_code == 2 and "--num-workers must be at least 1" in workers.stderr
-
-
-def test_ray_engine_cli_exit_3_for_marked_rows(tmp_path: Path) -> None:
-    _parts(tmp_path / "data")  # a.jsonl has a number and a null in its text column
-    result = CliRunner().invoke(app, ["embed", str(tmp_path / "data"), "-o", str(tmp_path / "o"), "--engine", "ray",
-                                      "--cache-dir", str(tmp_path / "cache"), "--quiet"])
-    assert result.exit_code == 3, result.output  # complete, like the local engine, but 2 rows marked
-    assert "2 rows marked invalid" in result.stderr
 
 
 def test_the_ray_driver_publishes_each_part_as_it_completes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
