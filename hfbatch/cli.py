@@ -45,9 +45,9 @@ err = Console(stderr=True, highlight=False, soft_wrap=True)  # one line per mess
 out = Console(highlight=False)
 
 # The panels of --help, in the order a new user reads them.
-INPUT, TEXT, MODEL, OUTPUT, CACHE, REMOTE, SCALE, REPORTING = (
-    "Input", "Text", "Model and runtime", "Output", "Cache", "Remote", "Scale", "Reporting")
-PANELS = (INPUT, TEXT, MODEL, OUTPUT, CACHE, REMOTE, SCALE, REPORTING)
+INPUT, TEXT, MODEL, OUTPUT, SYNC, CACHE, REMOTE, SCALE, REPORTING = (
+    "Input", "Text", "Model and runtime", "Output", "Sync by id", "Cache", "Remote", "Scale", "Reporting")
+PANELS = (INPUT, TEXT, MODEL, OUTPUT, SYNC, CACHE, REMOTE, SCALE, REPORTING)
 
 
 def _env(name: str, default: object = None) -> str:
@@ -130,6 +130,11 @@ def embed(
     calibration: Annotated[Optional[Path], typer.Option("--calibration", help="int8/uint8 ranges from an earlier run's .meta.json, or from the first --calibration-size texts of this CSV/JSONL/Parquet file. Default: the job's own first vectors.", rich_help_panel=OUTPUT)] = None,
     calibration_size: Annotated[int, typer.Option("--calibration-size", help="Vectors the int8/uint8 ranges are taken from.", rich_help_panel=OUTPUT)] = 1000,
     relative_paths: Annotated[bool, typer.Option("--relative-paths", help="Write paths in the sidecars relative to the output's folder, to share results without this machine's layout.", rich_help_panel=OUTPUT)] = False,
+    id_column: Annotated[Optional[str], typer.Option("--id-column", help="A column of unique ids: sync -o (a .lance dataset, a Delta table, or a Parquet file) by id; only new and changed rows are embedded and written.", rich_help_panel=SYNC)] = None,
+    delete_missing: Annotated[bool, typer.Option("--delete-missing", help="Delete the target's ids that the input no longer has (behind --max-delete-fraction).", rich_help_panel=SYNC)] = False,
+    max_delete_fraction: Annotated[float, typer.Option("--max-delete-fraction", help="Refuse a run that would delete more than this fraction of the target's ids (a truncated or empty input never wipes an index).", rich_help_panel=SYNC)] = 0.5,
+    rebuild: Annotated[bool, typer.Option("--rebuild", help="Replace a target holding another vector space (model, prompt, dims, precision), as one new version.", rich_help_panel=SYNC)] = False,
+    changes: Annotated[Optional[str], typer.Option("--changes", help="Also write the upserted rows and deleted ids (column op) to this Parquet file, for a store of your own.", rich_help_panel=SYNC)] = None,
     cache_dir: CacheDirOpt = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help=f"Neither read nor write the cache. {_env('ENABLE_EMBEDDING_CACHE=false')}", rich_help_panel=CACHE)] = False,
     endpoint: EndpointOpt = None,
@@ -189,6 +194,11 @@ def embed(
         max_line_bytes=max_line_bytes,
         trust_remote_code=trust_remote_code,
         relative_paths=relative_paths,
+        id_column=id_column,
+        delete_missing=delete_missing,
+        max_delete_fraction=max_delete_fraction,
+        rebuild=rebuild,
+        changes=changes,
         backend=backend,
         endpoint=endpoint,
         fallback=fallback,

@@ -43,6 +43,9 @@ NOT_OUTPUT_IDENTITY = (
     "use_cache", "cache_dir", "cache_size_bytes", "max_errors", "max_line_bytes",  # cache and limits
     "relative_paths", "metrics_file", "log_file", "command", "sidecar_file",  # records
     "ranges", "calibration_record",  # settled from `calibration` by the engines, the same for every part
+    # sync (jobs/sync.py): which rows a run writes into its target, not what their vectors are; the
+    # target's own record holds its vector space
+    "id_column", "target", "delete_missing", "max_delete_fraction", "rebuild", "changes",
 )
 
 
@@ -139,6 +142,9 @@ class JobOptions:
             raise InputError(f"--on-invalid {self.on_invalid!r} is not one of: {', '.join(ON_INVALID)}.")
         if self.max_errors is not None and self.max_errors < 0:
             raise InputError(f"--max-errors must be 0 or more (got {self.max_errors}); 0 stops at the first invalid row.")
+        self._check_output()
+
+    def _check_output(self) -> None:
         check_output_path(self.input, self.output)
 
 
@@ -171,6 +177,13 @@ class EmbedOptions(JobOptions):
     # every part carries them (set by the engines, not by users)
     ranges: Sequence[Sequence[float]] | None = None
     calibration_record: dict[str, Any] | None = None
+    # sync into a target by id (README "Keep an index in sync"; jobs/sync.py)
+    id_column: str | None = None  # each row's key: only new and changed rows are embedded and written
+    target: str | None = None  # the target's kind when -o alone cannot tell it (delta://); set by `resolved`
+    delete_missing: bool = False  # delete the target's ids that the input no longer has
+    max_delete_fraction: float = 0.5  # refuse a run that would delete more of the target than this
+    rebuild: bool = False  # replace a target of another vector space (one new version)
+    changes: Path | None = None  # also write the upserted rows and deleted ids to this Parquet file
 
     @property
     def input_column(self) -> str:
@@ -203,7 +216,36 @@ class EmbedOptions(JobOptions):
             quantize=self.quantize if self.quantize is not None else ("int8" if settings.quantize else "auto"),
             precision=self.precision or settings.precision,
             runtime=self.runtime or settings.runtime,
+            **self._sync_filled(),
         )
+
+    def _sync_filled(self) -> dict[str, Any]:
+        """-o delta://PATH names a Delta table by prefix (the path alone may not exist yet); --keep
+        always carries the --id-column (the target's key)."""
+        from .io.targets import DELTA_PREFIX
+
+        filled: dict[str, Any] = {}
+        given = str(self.output) if not isinstance(self.output, Path) else None
+        if given is not None and given.lower().startswith(DELTA_PREFIX):
+            filled.update(output=location(given[len(DELTA_PREFIX):] or "."), target="delta")
+        if self.id_column is not None and self.keep is not None and self.id_column not in self.keep:
+            filled["keep"] = [self.id_column, *dict.fromkeys(self.keep)]
+        if self.changes is not None:
+            filled["changes"] = location(self.changes)
+        return filled
+
+    def _check_output(self) -> None:
+        from .io.targets import parse_target
+
+        spec = parse_target(self.output, kind=self.target)
+        if not spec.is_table:
+            super()._check_output()
+        if self.max_delete_fraction < 0 or self.max_delete_fraction > 1:
+            raise InputError(f"--max-delete-fraction is a fraction of the target, 0 to 1 (got {self.max_delete_fraction}).")
+        if self.changes is not None and str(self.changes).lower().rsplit(".", 1)[-1] not in ("parquet", "pq"):
+            raise InputError(f"--changes {self.changes}: the change file is Parquet; give it a .parquet name.")
+        if self.delete_missing and self.id_column is None:
+            raise InputError("--delete-missing deletes the ids the input no longer has: give --id-column COL.")
 
     def _check(self) -> None:
         super()._check()

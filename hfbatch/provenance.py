@@ -68,6 +68,7 @@ class Metrics:
     rows_skipped: int = 0
     rows_truncated: int = 0
     rows_added: int = 0  # --split: output rows beyond one per input row (an input row's 2nd, 3rd... window)
+    rows_unchanged: int = 0  # a sync run: rows the target already has as they are (reported in metrics.sync)
     windows: int = 0  # --split: windows the valid rows were cut into
     texts_unique: int = 0
     texts_computed: int = 0

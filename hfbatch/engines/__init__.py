@@ -13,6 +13,7 @@ from __future__ import annotations
 from ..backends import Backend
 from ..errors import InputError
 from ..io.parts import is_multi_input, parse_shard
+from ..io.targets import is_table_target
 from ..jobs.embed import EmbedResult, run_embed
 from ..monitoring import Observer
 from ..options import EmbedOptions
@@ -37,6 +38,9 @@ def embed(options: EmbedOptions, *, engine: str = "local", shard: str | tuple[in
     if engine not in ENGINES:
         raise InputError(f"--engine {engine!r} is not one of: {', '.join(ENGINES)}.")
     shard_of = parse_shard(shard) if shard is None or isinstance(shard, str) else shard
+    if (options.id_column is not None or is_table_target(options.output)) and (engine == "ray" or is_multi_input(options.input)):
+        raise InputError(f"sync by --id-column into -o {options.output} runs one input file with the local engine for "
+                         "now; give one file (concatenate the parts first) and drop --engine ray.")
     if engine == "ray":
         if backend is not None:
             raise InputError("the Ray engine's actors make their own backend; a backend object cannot be given.")

@@ -424,7 +424,7 @@ def check_output_path(input: Path, output: Path) -> None:
 def open_job_files(
     *,
     input: Path,
-    output: Path,
+    output: Path | None,
     fmt: str | None,
     chunk_size: int,
     text_column: str,
@@ -436,16 +436,18 @@ def open_job_files(
     """Plan `-o` and `extra_outputs` (role, path) against the input (`plan_outputs`, paths first so
     a bad path costs no read), take the input's identity, open the input, check its columns, and
     prove every output writable."""
-    plan = plan_outputs([input], [("-o", output), *extra_outputs], appends=("--log-file",))
+    plan = plan_outputs([input], [*((("-o", output),) if output is not None else ()), *extra_outputs],
+                        appends=("--log-file",))
     identity = InputIdentity.take(location(input))  # before the first read (the reader reads at open)
     columns = None if keep is None else list(dict.fromkeys([*keep, text_column]))
     reader = open_reader(input, fmt=fmt, chunk_size=chunk_size, columns=columns, text_column=text_column,
                          max_line_bytes=max_line_bytes)
     check_columns(input, reader.schema, text_column, keep, reader.all_columns, added_columns=added_columns)
     passthrough = pa.schema([reader.schema.field(n) for n in (keep if keep is not None else reader.schema.names)])
-    remove_stale_temps(output)
+    if output is not None:
+        remove_stale_temps(output)
     for role, path in extra_outputs:  # a killed run's staged sidecar goes too
-        if role == "sidecar" and path is not None:
+        if role in ("sidecar", "--changes") and path is not None:
             remove_stale_temps(path)
     plan.check_writable()
     return JobFiles(reader, passthrough, location(input), identity)

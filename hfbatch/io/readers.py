@@ -68,6 +68,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any, BinaryIO, Iterable, Iterator, Sequence
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
@@ -111,6 +112,9 @@ class Chunk:
     first_row: int  # 0-based index of the chunk's first row in the whole input
     # Row index inside the chunk -> why its text is unusable (e.g. a JSON number in the text column).
     invalid: dict[int, str] = field(default_factory=dict)
+    # each row's 0-based index in the whole input, where the rows are not first_row, first_row + 1...
+    # (a sync run keeps only a chunk's changed rows); None: they are
+    row_numbers: np.ndarray | None = None
 
 
 class Reader:

@@ -370,8 +370,10 @@ class ChunkProcessor:
         if mode == "mean":
             return [n_chunks]
         spans = [units.spans[j] if units.spans else None for j in keep]
+        numbers = v.chunk.row_numbers  # (a sync run's chunk holds only its changed rows)
+        parent_rows = numbers[units.parents[keep]] if numbers is not None else units.parents[keep] + v.chunk.first_row
         return [
-            pa.array(units.parents[keep] + v.chunk.first_row, pa.int64()),
+            pa.array(parent_rows, pa.int64()),
             pa.array([s[0] if s else None for s in spans], pa.int32()),
             n_chunks,
             pa.array([s[1].char_start if s else None for s in spans], pa.int64()),
@@ -391,35 +393,54 @@ def take_rows(batch: pa.RecordBatch, rows: np.ndarray) -> pa.RecordBatch:
         return pa.RecordBatch.from_arrays(columns, schema=batch.schema)
 
 
-def open_files(opts: JobOptions, added_columns: Sequence[str], source: Path | None = None) -> JobFiles:
+def open_files(opts: JobOptions, added_columns: Sequence[str], source: Path | None = None, *,
+               table: bool = False, extra_outputs: Sequence[tuple[str, Any]] = ()) -> JobFiles:
     """Every check that needs no model: the input opened and its columns checked, the output, its
     sidecar and the monitoring paths planned and proved writable. `source` is the file to read when
-    it is not `opts.input` itself (the spooled copy of a pipe). InputError (exit 2) before any work."""
-    return open_job_files(input=source or opts.input, output=opts.output, fmt=opts.format,
+    it is not `opts.input` itself (the spooled copy of a pipe); `table`: -o is a table target (a
+    folder its library writes), planned by its sink. InputError (exit 2) before any work."""
+    return open_job_files(input=source or opts.input, output=None if table else opts.output, fmt=opts.format,
                           chunk_size=opts.chunk_size or 10_000, text_column=opts.input_column, keep=opts.keep,
                           added_columns=added_columns,
                           extra_outputs=(("sidecar", opts.sidecar), ("--metrics-file", opts.metrics_file),
-                                         ("--log-file", opts.log_file)),
+                                         ("--log-file", opts.log_file), *extra_outputs),
                           max_line_bytes=opts.max_line_bytes)  # type: ignore[arg-type]  # an int once resolved
 
 
 def run_job(options: O, added_columns: Sequence[str], task_for: Callable[[O], Task], *, observer: Observer | None = None,
-            settings: Settings | None = None) -> tuple[O, dict[str, Any]]:
+            settings: Settings | None = None,
+            sync_for: Callable[[O, Task, Path, JobFiles], Sync | None] | None = None,
+            table: bool = False, extra_outputs: Sequence[tuple[str, Any]] = ()) -> tuple[O, dict[str, Any]]:
     """Resolve `options`, make every check that needs no model, then run the task that `task_for`
-    makes from the resolved options. Returns (resolved options, sidecar document)."""
+    makes from the resolved options. Returns (resolved options, sidecar document). `sync_for`
+    gives the hooks of a run that writes only what changed (None: the whole output)."""
     opts = options.resolved(settings or Settings.load())
     # a pipe or stdin is read once into a temp file beside the output, so every row is read
     # (and counted, and hashed); the copy goes when the job ends, however it ends
     beside = opts.output.parent if isinstance(opts.output, Path) and opts.output.parent.is_dir() else None
     with spooled_input(opts.input, opts.format, directory=beside) as source:
-        files = open_files(opts, added_columns, source)
-        return opts, run_task(task_for(opts), opts, files, observer=observer)
+        files = open_files(opts, added_columns, source, table=table, extra_outputs=extra_outputs)
+        task = task_for(opts)
+        sync = sync_for(opts, task, source, files) if sync_for is not None else None
+        return opts, run_task(task, opts, files, observer=observer, sync=sync)
 
 
-def run_task(task: Task, opts: JobOptions, files: JobFiles, *, observer: Observer | None = None) -> dict[str, Any]:
+class Sync(Protocol):
+    """A run that writes only what changed since the target's last run (jobs/sync.py's SyncRun)."""
+
+    def passthrough(self, schema: pa.Schema) -> pa.Schema: ...
+
+    def select(self, v: ValidatedChunk) -> ValidatedChunk: ...
+
+    def open_sink(self, schema: pa.Schema) -> Any: ...
+
+
+def run_task(task: Task, opts: JobOptions, files: JobFiles, *, observer: Observer | None = None,
+             sync: Sync | None = None) -> dict[str, Any]:
     """Run one job of `task` over the opened input; publish the output and its sidecar atomically
     and return the sidecar document. On any failure nothing is published, the observer is told,
-    and the error is raised again."""
+    and the error is raised again. With `sync`, only the rows it selects are computed and written,
+    into the sink it opens (a table target's, committed as one version)."""
     metrics = Metrics(job=task.job)
     started = utc_now()
     reader = files.reader
@@ -427,14 +448,19 @@ def run_task(task: Task, opts: JobOptions, files: JobFiles, *, observer: Observe
                      labels={"input": opts.input.name, "output": opts.output.name, "model": str(opts.model),
                              "backend": task.backend.name})
     cache: Cache = NullCache()
-    sink: ParquetSink | None = None
+    sink: Any = None
+    passthrough = sync.passthrough(files.passthrough) if sync is not None else files.passthrough
+
+    def open_sink(schema: pa.Schema) -> Any:
+        return sync.open_sink(schema) if sync is not None else ParquetSink(opts.output, schema)
+
     observer.start(reader.total_rows)
     try:
         task.watch(observer.note)  # measuring the runtimes or exporting a model shows on the bar
         with metrics.stage("cache"):
             if opts.use_cache:  # the fingerprint may resolve the model: a model not found is a failed job
                 cache = open_cache(opts.cache_dir, task.backend.fingerprint(), size_limit_bytes=opts.cache_size_bytes or 0)  # type: ignore[arg-type]
-        processor = ChunkProcessor(task, cache, metrics, observer, passthrough=files.passthrough, on_invalid=opts.on_invalid,
+        processor = ChunkProcessor(task, cache, metrics, observer, passthrough=passthrough, on_invalid=opts.on_invalid,
                                    text_column=opts.input_column)
         sample = sampler(task, opts, cache, source=files.reader.local_path)  # a store's input: no second download
         task.calibrate(sample)
@@ -446,17 +472,22 @@ def run_task(task: Task, opts: JobOptions, files: JobFiles, *, observer: Observe
             chunk = validated.chunk
             metrics.chunks += 1
             metrics.rows_total += chunk.batch.num_rows
+            if sync is not None:
+                validated = sync.select(validated)
+                unchanged = chunk.batch.num_rows - validated.chunk.batch.num_rows
+                metrics.rows_unchanged += unchanged
+                observer.advance(unchanged, hit_rate=cache.stats.hit_rate)
             out = processor.process(validated)
             check_max_errors(opts, metrics, validated)
             with metrics.stage("write"):
                 if sink is None:
-                    sink = ParquetSink(opts.output, out.schema)
+                    sink = open_sink(out.schema)
                 sink.write(out)
                 metrics.rows_written += out.num_rows
             observer.chunk(chunk.first_row, chunk.batch.num_rows, metrics)
         with metrics.stage("write"):
             if sink is None:  # an input with no rows still gets a (valid, empty) output
-                sink = ParquetSink(opts.output, processor.schema())
+                sink = open_sink(processor.schema())
         metrics.background_seconds = {k: ahead.stage_seconds.get(k, 0.0) for k in ("read", "validate")}
         # the input's identity as taken before the first read, unchanged since (else InputChangedError:
         # nothing published, nothing recorded as done); first, as a replaced input also miscounts rows
@@ -550,13 +581,14 @@ def check_max_errors(opts: JobOptions, metrics: Metrics, validated: ValidatedChu
     )
 
 
-def check_rows(opts: JobOptions, reader: Reader, metrics: Metrics, sink: ParquetSink) -> None:
-    """Rows in == rows out: every row the input has was read, and written or dropped on purpose
-    (--on-invalid skip). Anything else is a lost row, and nothing is published."""
+def check_rows(opts: JobOptions, reader: Reader, metrics: Metrics, sink: Any) -> None:
+    """Rows in == rows out: every row the input has was read, and written, dropped on purpose
+    (--on-invalid skip) or, in a sync run, found unchanged in the target. Anything else is a lost
+    row, and nothing is published."""
     if reader.total_rows is not None and metrics.rows_total != reader.total_rows:
         raise OutputError(f"{opts.input}: {metrics.rows_total:,} rows were read of the {reader.total_rows:,} it has "
                           "(was it read by another process, or is it a pipe?); nothing was written.")
-    if (metrics.rows_written + metrics.rows_skipped != metrics.rows_total + metrics.rows_added
+    if (metrics.rows_written + metrics.rows_skipped + metrics.rows_unchanged != metrics.rows_total + metrics.rows_added
             or sink.rows != metrics.rows_written):
         raise OutputError(f"{opts.input}: {metrics.rows_total:,} rows were read but {sink.rows:,} written "
                           f"({metrics.rows_skipped:,} skipped, {metrics.rows_added:,} added by --split); nothing was written.")

@@ -33,7 +33,8 @@ from ..backends.remote import SERVER_USAGE, UNKNOWN_MAX_LENGTH
 from ..backends.windows import Windows
 from ..errors import BackendError, InputError
 from ..io.columns import EMBED_COLUMNS
-from ..io.sidecars import is_sidecar_name
+from ..io.sidecars import is_sidecar_name, sidecar_path
+from ..io.stores import location
 from ..io.writers import VECTOR_TYPES, output_schema
 from ..monitoring import Observer
 from ..options import EmbedOptions
@@ -83,8 +84,15 @@ def run_embed(options: EmbedOptions, *, backend: Backend | None = None, observer
               settings: Settings | None = None) -> EmbedResult:
     """Run one embed job with `backend` (default: the one the options name, made lazily).
     Raises InputError (exit 2) before any work, other HfbatchErrors (exit 1) after."""
+    from ..io.targets import parse_target
+    from .sync import sync_hooks
+
+    table = parse_target(options.output).is_table or str(options.output).lower().startswith("delta://")
+    changes = location(options.changes) if options.changes is not None else None
     opts, document = run_job(options, embed_columns(options), lambda o: EmbedTask(backend or make_backend(o), o),
-                             observer=observer, settings=settings)
+                             observer=observer, settings=settings, sync_for=sync_hooks, table=table,
+                             extra_outputs=(("--changes", changes), ("--changes sidecar", sidecar_path(changes)))
+                             if changes is not None else ())
     return EmbedResult(opts.output, opts.sidecar, document)
 
 

@@ -1,0 +1,429 @@
+"""Sync by --id-column: what changed since the target's last run, and only that embedded and written.
+
+Before any model work, `plan_sync` reads the input's id, text and kept columns once and gives
+each row a content hash (`row_hashes`: the text, the kept columns and the options that shape
+the vector), refuses null or duplicated ids (exit 2, naming rows), reads the target's (id, hash)
+pairs and joins the two: an id that is new or whose hash differs is to be embedded and upserted;
+an id the input no longer has is gone (deleted only with --delete-missing, and only when that is
+at most --max-delete-fraction of the target's ids: a truncated or empty input never wipes an
+index). Changes are found by comparing hashes, never by embedding.
+
+The job then runs on the chunk core as any other (`SyncRun` is its hooks: `select` keeps a
+chunk's changed rows and adds their hash; `open_sink` gives where they go), so every reader,
+backend, cache and option works the same. A table target (Lance, Delta) gets the rows staged in a
+local Parquet file and commits them, with the deletes, as one version at the end (TableSink); a
+Parquet target is rewritten whole as ever, and its changed rows are also what `--changes` gets.
+
+`--changes FILE.parquet` holds the upserted rows and, with op "delete", the ids gone: removing
+from yesterday's output every row whose id is in it, then adding its upserts, gives today's. It
+is published before the target's commit, so a run killed between the two leaves a change file
+that the rerun writes again (applying one twice is harmless).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import tempfile
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .. import __version__
+from ..errors import InputError, OutputError
+from ..io.readers import Chunk, open_reader
+from ..io.stores import RemotePath
+from ..io.targets import (HASH_COLUMN, Target, TargetSpec, open_target, parse_target, space_difference,
+                          vector_record)
+from ..io.writers import ParquetSink, remove_stale_temps, temp_path_for, write_json_atomic
+from ..validate import ValidatedChunk
+
+log = logging.getLogger(__name__)
+
+OP_COLUMN = "op"  # --changes: "upsert" or "delete"
+SHOWN_ROWS = 5  # rows named in an error message
+
+
+def space_of(task: Any, opts: Any) -> dict[str, Any]:
+    """The vector space of this run, known before any model work (the fields of SPACE_FIELDS;
+    `dim` None where the backend cannot tell it without a model call)."""
+    backend = task.backend
+    hint = task.out_dim_hint()
+    return {"fingerprint": backend.fingerprint(), "model_id": backend.model_id, "prompt": backend.prompt,
+            "dim": hint, "truncate_dim": opts.truncate_dim, "precision": opts.output_precision,
+            "normalize": opts.normalize,
+            "split": {"tokens": opts.split_tokens, "overlap": opts.window_overlap, "aggregate": opts.aggregate}
+            if opts.split else None,
+            "id_column": opts.id_column}
+
+
+def hash_prefix(space: Mapping[str, Any]) -> bytes:
+    """What every row's hash starts from: the options that shape its vector (not its dim, which a
+    remote model tells only once it has answered, and which the fingerprint fixes anyway)."""
+    shaping = {k: v for k, v in space.items() if k not in ("dim", "id_column")}
+    return json.dumps(shaping, sort_keys=True, default=str).encode()
+
+
+def row_hashes(batch: pa.RecordBatch | pa.Table, columns: Sequence[str], prefix: bytes) -> pa.Array:
+    """Each row's content hash (32 hex digits) over `columns` (the text first) and `prefix`."""
+    values = [batch.column(name).to_pylist() for name in columns]
+    out = []
+    for row in zip(*values):
+        h = hashlib.blake2b(prefix, digest_size=16)
+        h.update(repr(row).encode("utf-8", "surrogatepass"))
+        out.append(h.hexdigest())
+    return pa.array(out, pa.string())
+
+
+def id_array(column: pa.Array | pa.ChunkedArray, name: str, where: Any, first_row: int = 0) -> pa.Array:
+    """The id column as int64 or string; anything else (floats above all: NaN is no key, 1.0 and
+    1 are one id or two depending on who reads them) is refused."""
+    kind = column.type
+    if pa.types.is_dictionary(kind):
+        column, kind = column.cast(kind.value_type), kind.value_type
+    if pa.types.is_integer(kind):
+        if pa.types.is_uint64(kind) and len(column) and pc.max(column).as_py() is not None \
+                and pc.max(column).as_py() > 2**63 - 1:
+            raise InputError(f"{where}: --id-column {name!r} holds integers above 2^63-1; give ids as text.")
+        return column.cast(pa.int64())
+    if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
+        return column.cast(pa.string())
+    detail = ""
+    if pa.types.is_floating(kind):
+        nan = pc.indices_nonzero(pc.fill_null(pc.is_nan(column), False)).to_pylist() if len(column) else []
+        detail = f" (NaN in row {first_row + nan[0] + 1})" if nan else ""
+        detail += "; floats are no exact keys"
+    raise InputError(f"{where}: --id-column {name!r} is {kind}{detail}; ids must be integers or text "
+                     "(cast the column, e.g. to int64, before the run).")
+
+
+@dataclass
+class SyncPlan:
+    """What one sync run will do, decided before any model work."""
+
+    spec: TargetSpec
+    id_column: str
+    key: list[str]  # the merge key: the id, with --split (one row per window) and its chunk_index
+    changed: np.ndarray  # per input row: embed and upsert it
+    hashes: pa.Array  # per input row
+    changed_ids: pa.Array
+    gone: pa.Array  # ids the target has and the input does not
+    stale: list[Any]  # ids whose rows not upserted are deleted by the commit
+    counts: dict[str, int]  # inserted, updated, unchanged, deleted, kept_missing
+    target_ids: int
+    version_before: int | None
+    replace: bool  # create or rebuild: the target becomes exactly this run's rows
+    recorded: dict[str, Any] | None
+
+
+def plan_sync(opts: Any, task: Any, source: Any, passthrough: pa.Schema, target: Target | None) -> SyncPlan:
+    """Read the input's ids and hashes, check them, and diff them with the target's (see module)."""
+    spec = target.spec if target is not None else parse_target(opts.output, kind=opts.target)
+    id_column = opts.id_column
+    space = space_of(task, opts)
+    recorded = target.record() if target is not None else None
+    replace_all = bool(target is not None and (recorded is None or opts.rebuild))
+    if target is not None and recorded is not None and not opts.rebuild:
+        differ = space_difference(recorded, space | {"dim": space["dim"] or recorded.get("dim")})
+        if differ:
+            raise InputError(f"-o {spec.given} holds vectors of another space than this run's ({'; '.join(differ)}); "
+                             "one table keeps one vector space: run with the options it records, write to another "
+                             "target, or give --rebuild to replace it (one new version).")
+        if recorded.get("ranges") is not None and task.ranges is None:  # int8/uint8: the table's ranges
+            task.ranges = np.asarray(recorded["ranges"], dtype=np.float32)
+            task.calibration = {"source": f"target {spec.given}"}
+    hashed = [opts.input_column] + [n for n in passthrough.names if n not in (id_column, opts.input_column)]
+    reader = open_reader(source, fmt=opts.format, chunk_size=opts.chunk_size or 10_000,
+                         columns=list(dict.fromkeys([id_column, *hashed])), text_column=opts.input_column,
+                         max_line_bytes=opts.max_line_bytes)
+    if id_column not in reader.schema.names:
+        raise InputError(f"{opts.input}: no column {id_column!r} for --id-column; columns are: "
+                         f"{', '.join(reader.all_columns[:20])}.")
+    prefix = hash_prefix(space)
+    ids: list[pa.Array] = []
+    hashes: list[pa.Array] = []
+    for chunk in reader.chunks():
+        batch = chunk.batch
+        ids.append(id_array(batch.column(id_column), id_column, opts.input, chunk.first_row))
+        hashes.append(row_hashes(batch, [n for n in hashed if n in batch.schema.names], prefix))
+    id_type = ids[0].type if ids else pa.int64()
+    all_ids = pa.concat_arrays(ids) if ids else pa.array([], id_type)
+    all_hashes = pa.concat_arrays(hashes) if hashes else pa.array([], pa.string())
+    check_ids(all_ids, id_column, opts.input)
+
+    mode = task.split_mode
+    key = [id_column, "chunk_index"] if mode == "rows" else [id_column]
+    if target is not None and not replace_all:
+        state = target.state(id_column)
+        version_before = target.version()
+    elif target is None:
+        state = previous_parquet_state(spec, id_column)
+        version_before = None
+    else:
+        state, version_before = None, target.version()
+    if state is None:
+        state = pa.table({id_column: pa.array([], id_type), HASH_COLUMN: pa.array([], pa.string())})
+    state = _typed_state(state, id_column, id_type, spec.given)
+    if mode == "rows":  # one row per window: one (id, hash) per document
+        state = state.group_by(id_column).aggregate([(HASH_COLUMN, "min")]).rename_columns([id_column, HASH_COLUMN])
+    rows = pa.table({id_column: all_ids, "_new": all_hashes, "_row": pa.array(np.arange(len(all_ids)), pa.int64())})
+    joined = rows.join(state, id_column, join_type="left outer").sort_by("_row")
+    old = joined.column(HASH_COLUMN)
+    new_id = pc.is_null(old)
+    differs = pc.fill_null(pc.not_equal(old, joined.column("_new")), True)
+    changed = np.asarray(differs.to_numpy(zero_copy_only=False), dtype=bool)
+    inserted = int(pc.sum(new_id).as_py() or 0)
+    gone = state.join(rows.select([id_column]), id_column, join_type="left anti").column(id_column).combine_chunks()
+    target_ids = state.num_rows
+    deleting = bool(opts.delete_missing) or target is None  # a Parquet output is rewritten whole: gone is gone
+    if opts.delete_missing and target is not None and target_ids and len(gone) > opts.max_delete_fraction * target_ids:
+        raise InputError(
+            f"{opts.input} would delete {len(gone):,} of the {target_ids:,} ids in {spec.given} "
+            f"({len(gone) / target_ids:.0%}), more than --max-delete-fraction {opts.max_delete_fraction:g}; nothing was "
+            "changed. Check that the input is whole; if the deletes are meant, raise --max-delete-fraction.")
+    changed_ids = all_ids.filter(pa.array(changed))
+    stale = (gone.to_pylist() if deleting and target is not None else [])
+    if mode == "rows" and target is not None and not replace_all:  # an updated document's old windows
+        stale += [i for i in changed_ids.to_pylist() if i is not None]
+    counts = {"inserted": inserted, "updated": int(changed.sum()) - inserted, "unchanged": int((~changed).sum()),
+              "deleted": len(gone) if deleting else 0, "kept_missing": 0 if deleting else len(gone)}
+    if counts["kept_missing"]:
+        log.warning("%s: %d ids are in %s but no longer in the input; kept (--delete-missing deletes them).",
+                    opts.input, counts["kept_missing"], spec.given)
+    return SyncPlan(spec=spec, id_column=id_column, key=key, changed=changed, hashes=all_hashes,
+                    changed_ids=changed_ids, gone=gone if deleting else pa.array([], id_type), stale=stale,
+                    counts=counts, target_ids=target_ids, version_before=version_before, replace=replace_all,
+                    recorded=recorded)
+
+
+def check_ids(ids: pa.Array, name: str, where: Any) -> None:
+    """No null and no repeated id: exit 2 naming the rows (1-based, as an editor numbers them)."""
+    nulls = pc.indices_nonzero(pc.is_null(ids)).to_pylist() if ids.null_count else []
+    if nulls:
+        shown = ", ".join(str(i + 1) for i in nulls[:SHOWN_ROWS])
+        raise InputError(f"{where}: --id-column {name!r} is null in row{'s' if len(nulls) > 1 else ''} {shown}"
+                         f"{f' and {len(nulls) - SHOWN_ROWS:,} more' if len(nulls) > SHOWN_ROWS else ''}; every row "
+                         "needs an id: fill them, or drop those rows.")
+    counts = pc.value_counts(ids)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        first = repeated[0]["values"].as_py()
+        rows = pc.indices_nonzero(pc.equal(ids, pa.scalar(first, ids.type))).to_pylist()
+        raise InputError(f"{where}: --id-column {name!r} repeats id {first!r} (rows "
+                         f"{', '.join(str(r + 1) for r in rows[:SHOWN_ROWS])})"
+                         f"{f' and {len(repeated) - 1:,} more ids repeat' if len(repeated) > 1 else ''}; ids must be "
+                         "unique: remove the duplicates.")
+
+
+def _typed_state(state: pa.Table, id_column: str, id_type: pa.DataType, where: str) -> pa.Table:
+    """The target's (id, hash) with the id typed as this input's ids; a target keyed by another
+    kind of id (text against integers) is refused."""
+    column = state.column(id_column)
+    have = column.type
+    if pa.types.is_integer(have) == pa.types.is_integer(id_type):
+        state = state.set_column(0, id_column, column.cast(id_type)) if have != id_type else state
+        return state.select([id_column, HASH_COLUMN])
+    raise InputError(f"{where} keys its rows by {have} ids and this input's --id-column {id_column!r} is {id_type}; "
+                     "give ids of the target's type, or --rebuild.")
+
+
+def previous_parquet_state(spec: TargetSpec, id_column: str) -> pa.Table | None:
+    """(id, hash) of the Parquet output an earlier run left at -o, or None (none, or not synced)."""
+    where = spec.location
+    try:
+        if not where.exists():
+            return None
+        source: Any = where.open(ranged=True) if isinstance(where, RemotePath) else str(where)
+        names = pq.ParquetFile(source).schema_arrow.names
+        if id_column not in names or HASH_COLUMN not in names:
+            return None
+        source = where.open(ranged=True) if isinstance(where, RemotePath) else str(where)
+        return pq.read_table(source, columns=[id_column, HASH_COLUMN])
+    except (OSError, pa.ArrowException, InputError):
+        return None  # not an earlier output hfbatch can read: every row is new to it
+
+
+class SyncRun:
+    """The chunk core's hooks for a sync run (jobs/core.run_task)."""
+
+    def __init__(self, plan: SyncPlan, opts: Any, task: Any, target: Target | None):
+        self.plan, self.opts, self.task, self.target = plan, opts, task, target
+
+    def passthrough(self, schema: pa.Schema) -> pa.Schema:
+        names = schema.names
+        fields = list(schema) if self.plan.id_column in names else [pa.field(self.plan.id_column, self.plan.hashes.type)]
+        if self.plan.id_column not in names:
+            raise InputError(f"--keep must include --id-column {self.plan.id_column!r} (the target's key).")
+        return pa.schema(fields + [pa.field(HASH_COLUMN, pa.string())])
+
+    def select(self, v: ValidatedChunk) -> ValidatedChunk:
+        """The chunk's rows to write (a table target: the changed ones), with their hash."""
+        n = v.chunk.batch.num_rows
+        first = v.chunk.first_row
+        hashes = self.plan.hashes.slice(first, n)
+        batch = v.chunk.batch.append_column(HASH_COLUMN, hashes)
+        if self.target is None:  # a Parquet output is written whole
+            return replace(v, chunk=replace(v.chunk, batch=batch))
+        rows = np.flatnonzero(self.plan.changed[first:first + n])
+        if len(rows) == n:
+            return replace(v, chunk=replace(v.chunk, batch=batch))
+        at = {int(r): k for k, r in enumerate(rows)}
+        chunk = Chunk(batch.take(pa.array(rows, pa.int64())), first,
+                      {at[i]: why for i, why in v.chunk.invalid.items() if i in at}, row_numbers=rows + first)
+        pick = rows.tolist()
+        return ValidatedChunk(chunk, [v.texts[i] for i in pick], [v.errors[i] for i in pick],
+                              [v.n_tokens[i] for i in pick], [v.truncated[i] for i in pick])
+
+    def open_sink(self, schema: pa.Schema) -> Any:
+        changes = ChangeSink(self.opts.changes, schema, self.plan) if self.opts.changes is not None else None
+        if self.target is None:
+            return TeeSink(ParquetSink(self.opts.output, schema), changes, self.plan)
+        return TableSink(self.target, schema, self.plan, changes, self.opts, self.task)
+
+
+class ChangeSink:
+    """--changes FILE.parquet: the upserted rows (op "upsert"), then the gone ids (op "delete")."""
+
+    def __init__(self, path: Any, schema: pa.Schema, plan: SyncPlan):
+        self.schema = pa.schema([*schema, pa.field(OP_COLUMN, pa.string())])
+        self.plan = plan
+        self.sink = ParquetSink(path, self.schema)
+        self.path = path
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        self.sink.write(batch.append_column(OP_COLUMN, pa.array(["upsert"] * batch.num_rows, pa.string())))
+
+    def commit(self, document: Mapping[str, Any]) -> None:
+        gone = self.plan.gone
+        if len(gone):
+            columns = [gone.cast(f.type) if f.name == self.plan.id_column else
+                       pa.array(["delete"] * len(gone), pa.string()) if f.name == OP_COLUMN else pa.nulls(len(gone), f.type)
+                       for f in self.schema]
+            self.sink.write(pa.RecordBatch.from_arrays(columns, schema=self.schema))
+        from ..io.sidecars import sidecar_path
+
+        self.sink.commit(document, sidecar=sidecar_path(self.path))
+
+    def abort(self) -> None:
+        self.sink.abort()
+
+
+class TeeSink:
+    """A Parquet output written whole, its changed rows also to --changes."""
+
+    def __init__(self, sink: ParquetSink, changes: ChangeSink | None, plan: SyncPlan):
+        self.sink, self.changes, self.plan = sink, changes, plan
+        self._changed = plan.changed_ids
+
+    @property
+    def rows(self) -> int:
+        return self.sink.rows
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        self.sink.write(batch)
+        if self.changes is not None:
+            mask = pc.is_in(batch.column(self.plan.id_column), value_set=self._changed.cast(batch.schema.field(self.plan.id_column).type))
+            self.changes.write(batch.filter(mask))
+
+    def commit(self, document: dict[str, Any], sidecar: Any = None) -> None:
+        record_sync(document, self.plan, None)
+        if self.changes is not None:
+            self.changes.commit(document)
+        self.sink.commit(document, sidecar=sidecar)
+
+    def abort(self) -> None:
+        self.sink.abort()
+        if self.changes is not None:
+            self.changes.abort()
+
+
+class TableSink:
+    """A table target's rows, staged in a local Parquet file and committed as one version."""
+
+    def __init__(self, target: Target, schema: pa.Schema, plan: SyncPlan, changes: ChangeSink | None, opts: Any,
+                 task: Any):
+        self.target, self.plan, self.changes, self.opts, self.task = target, plan, changes, opts, task
+        base = Path(tempfile.gettempdir()) / f"hfbatch-stage-{Path(str(plan.spec.uri)).name}.parquet"
+        remove_stale_temps(base)  # a killed run's staged rows
+        self.staged = temp_path_for(base)
+        self.schema = schema
+        self.rows = 0
+        try:
+            self._writer = pq.ParquetWriter(str(self.staged), schema, compression="zstd")
+        except (OSError, pa.ArrowException) as exc:
+            raise OutputError(f"cannot stage rows for {plan.spec.given} in {self.staged} ({exc}); check TMPDIR.") from exc
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        try:
+            self._writer.write_batch(batch)
+        except (OSError, pa.ArrowException) as exc:
+            raise OutputError(f"staging rows for {self.plan.spec.given} in {self.staged} failed ({exc}); the target "
+                              "was not changed.") from exc
+        self.rows += batch.num_rows
+        if self.changes is not None:
+            self.changes.write(batch)
+
+    def commit(self, document: dict[str, Any], sidecar: Any = None) -> None:
+        plan = self.plan
+        try:
+            self._writer.close()
+            if self.changes is not None:
+                self.changes.commit(document)
+            provenance = document["provenance"]
+            record = vector_record(provenance, id_column=plan.id_column,
+                                   stored_as="delta" if plan.spec.kind == "delta" else None)
+            record["key"] = plan.key
+            if not plan.replace and not self.rows and not plan.stale:
+                result = {"version": plan.version_before, "bytes_added": 0}  # nothing changed: no new version
+            else:
+                source = pq.ParquetFile(str(self.staged))
+                reader = pa.RecordBatchReader.from_batches(self.schema, source.iter_batches(batch_size=8192))
+                result = self.target.commit(reader, key=plan.key, id_column=plan.id_column, stale=plan.stale,
+                                            record=record, replace=plan.replace)
+            record_sync(document, plan, result)
+            if sidecar is not None:
+                write_json_atomic(sidecar, document)
+        finally:
+            self.staged.unlink(missing_ok=True)
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+        except Exception:  # noqa: BLE001 - already closed or broken: the file goes either way
+            pass
+        self.staged.unlink(missing_ok=True)
+        if self.changes is not None:
+            self.changes.abort()
+
+
+def record_sync(document: dict[str, Any], plan: SyncPlan, result: Mapping[str, Any] | None) -> None:
+    """What the run did to its target, in the document (sidecar, --json): counts in metrics.sync,
+    the target and its versions in provenance.output.table."""
+    metrics = document.setdefault("metrics", {})
+    metrics["sync"] = {**plan.counts, "bytes_added": (result or {}).get("bytes_added")}
+    output = document.setdefault("provenance", {}).setdefault("output", {})
+    output["table"] = {"kind": plan.spec.kind, "id_column": plan.id_column, "key": plan.key,
+                       "version_before": plan.version_before, "version": (result or {}).get("version"),
+                       "replaced": plan.replace, "hfbatch_version": __version__}
+
+
+def sync_hooks(opts: Any, task: Any, source: Any, files: Any) -> SyncRun | None:
+    """The sync hooks of a run: None without --id-column on a Parquet output (today's job)."""
+    spec = parse_target(opts.output, kind=opts.target)
+    if opts.id_column is None:
+        if spec.is_table:
+            raise InputError(f"-o {spec.given} is a {spec.kind} table, which is synced by id: give --id-column COL "
+                             "(a column of unique ids).")
+        if opts.changes is not None:
+            raise InputError("--changes lists the rows that changed by id: give --id-column COL.")
+        return None
+    target = open_target(spec) if spec.is_table else None
+    plan = plan_sync(opts, task, source, files.passthrough, target)
+    return SyncRun(plan, opts, task, target)
+
