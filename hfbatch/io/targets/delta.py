@@ -54,6 +54,13 @@ def delta_schema(schema: pa.Schema) -> pa.Schema:
     return pa.schema(fields, metadata=schema.metadata)
 
 
+def plain_schema(schema: pa.Schema) -> pa.Schema:
+    """Arrow's view types (delta-rs answers strings as string_view) as the plain ones, which every
+    pyarrow kernel (joins, take) and reader takes."""
+    plain = {pa.string_view(): pa.string(), pa.binary_view(): pa.binary()}
+    return pa.schema([f.with_type(plain.get(f.type, f.type)) for f in schema], metadata=schema.metadata)
+
+
 class DeltaTarget:
     def __init__(self, spec: TargetSpec):
         self.spec = spec
@@ -96,29 +103,37 @@ class DeltaTarget:
         table = self._open()
         return int(table.version()) if table is not None else None
 
+    def _query(self, sql: str) -> pa.RecordBatchReader:
+        """`sql` over the table as `t`, run by delta-rs's own engine. (Not through
+        to_pyarrow_dataset: its scanner threads can abort the interpreter at exit, delta-rs #2184.)"""
+        reader = pa.RecordBatchReader.from_stream(_deltalake().QueryBuilder().register("t", self._open()).execute(sql))
+        schema = plain_schema(reader.schema)
+        if schema == reader.schema:
+            return reader
+        return pa.RecordBatchReader.from_batches(schema, (b.cast(schema) for b in reader))
+
     def count_rows(self) -> int:
-        table = self._open()
-        return int(table.to_pyarrow_dataset().count_rows()) if table is not None else 0
+        if self._open() is None:
+            return 0
+        return int(self._query("SELECT count(*) AS n FROM t").read_all().column(0)[0].as_py())
 
     def schema(self) -> pa.Schema | None:
         table = self._open()
-        return table.schema().to_arrow() if table is not None else None  # type: ignore[no-any-return]
+        return plain_schema(pa.schema(table.schema().to_arrow())) if table is not None else None
 
     def state(self, id_column: str) -> pa.Table:
-        table = self._open()
-        dataset = table.to_pyarrow_dataset()
-        names = dataset.schema.names
+        names = self.schema().names
         if id_column not in names or HASH_COLUMN not in names:
             missing = id_column if id_column not in names else HASH_COLUMN
             raise InputError(f"{self.spec.given}: has no column {missing!r}, so it was not synced by --id-column "
                              f"{id_column}; use --rebuild to replace it, or another -o.")
-        return dataset.to_table(columns=[id_column, HASH_COLUMN])
+        return self._query(f"SELECT {quoted(id_column)}, {quoted(HASH_COLUMN)} FROM t").read_all()
 
     def batches(self, columns: Sequence[str] | None = None) -> Iterator[pa.RecordBatch]:
-        table = self._open()
-        if table is None:
+        if self._open() is None:
             return iter(())
-        return iter(table.to_pyarrow_dataset().to_batches(columns=list(columns) if columns is not None else None))
+        picked = ", ".join(quoted(c) for c in columns) if columns is not None else "*"
+        return iter(self._query(f"SELECT {picked} FROM t"))
 
     def size_bytes(self) -> int:
         return tree_bytes(self.spec.location)
