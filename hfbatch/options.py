@@ -45,7 +45,7 @@ NOT_OUTPUT_IDENTITY = (
     "ranges", "calibration_record",  # settled from `calibration` by the engines, the same for every part
     # sync (jobs/sync.py): which rows a run writes into its target, not what their vectors are; the
     # target's own record holds its vector space
-    "id_column", "target", "delete_missing", "max_delete_fraction", "rebuild", "changes",
+    "id_column", "target", "delete_missing", "max_delete_fraction", "rebuild", "changes", "index",
 )
 
 
@@ -184,6 +184,7 @@ class EmbedOptions(JobOptions):
     max_delete_fraction: float = 0.5  # refuse a run that would delete more of the target than this
     rebuild: bool = False  # replace a target of another vector space (one new version)
     changes: Path | None = None  # also write the upserted rows and deleted ids to this Parquet file
+    index: bool = False  # a Lance target: build its vector index after the run (for `hfbatch search`)
 
     @property
     def input_column(self) -> str:
@@ -244,6 +245,9 @@ class EmbedOptions(JobOptions):
             raise InputError(f"--max-delete-fraction is a fraction of the target, 0 to 1 (got {self.max_delete_fraction}).")
         if self.changes is not None and str(self.changes).lower().rsplit(".", 1)[-1] not in ("parquet", "pq"):
             raise InputError(f"--changes {self.changes}: the change file is Parquet; give it a .parquet name.")
+        if self.index and (spec.kind != "lance" or self.output_precision not in ("float32", "float16")):
+            raise InputError("--index builds a Lance dataset's vector index (float32 or float16 vectors); "
+                             f"-o {spec.given} with --output-precision {self.output_precision} is searched exactly, without one.")
         if self.delete_missing and self.id_column is None:
             raise InputError("--delete-missing deletes the ids the input no longer has: give --id-column COL.")
 

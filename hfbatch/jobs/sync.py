@@ -387,6 +387,12 @@ class TableSink:
                 result = self.target.commit(reader, key=plan.key, id_column=plan.id_column, stale=plan.stale,
                                             record=record, replace=plan.replace)
             record_sync(document, plan, result)
+            if self.opts.index:  # (Lance only: the options refuse it for other targets)
+                built = self.target.build_index()
+                document["provenance"]["output"]["table"]["index"] = built
+                if "error" in built:
+                    log.warning("%s: the rows are in (version %s), but the --index could not be built: %s",
+                                plan.spec.given, result.get("version"), built["error"])
             if sidecar is not None:
                 write_json_atomic(sidecar, document)
         finally:

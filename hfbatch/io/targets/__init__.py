@@ -118,6 +118,10 @@ class Target(Protocol):
         """Bytes the table's files take (local tables; a store's: summed from its listing)."""
         ...
 
+    def build_index(self) -> dict[str, Any]:
+        """Build the table's vector index after a run (--index): what was built, or its error."""
+        ...
+
 
 def open_target(spec: TargetSpec | str | Path | RemotePath) -> Target:
     """The Target for a table `-o` (Lance or Delta)."""

@@ -138,6 +138,9 @@ class DeltaTarget:
     def size_bytes(self) -> int:
         return tree_bytes(self.spec.location)
 
+    def build_index(self) -> dict[str, Any]:
+        return {"type": None, "error": "a Delta table has no vector index; hfbatch search reads it exactly"}
+
     def commit(self, rows: pa.RecordBatchReader, *, key: Sequence[str], id_column: str, stale: Sequence[Any],
                record: Mapping[str, Any], replace: bool) -> dict[str, Any]:
         deltalake = _deltalake()
