@@ -33,6 +33,7 @@ bench: install
 	$(PY) benchmarks/bench_scale.py
 	$(PY) benchmarks/bench_retrieval.py
 	$(PY) benchmarks/bench_stores.py
+	$(PY) benchmarks/bench_sync.py
 	$(PY) benchmarks/bench_runtimes.py
 	$(PY) benchmarks/bench_default.py  # makes benchmarks/.work/st-openvino (ST + optimum-intel) once
 
