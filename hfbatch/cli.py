@@ -309,6 +309,50 @@ def verify(
         raise typer.Exit(1)
 
 
+@app.command()
+def search(
+    target: Annotated[str, typer.Argument(metavar="TARGET", help="What hfbatch embed -o wrote: a .parquet file, a directory of parts, a .lance dataset, a Delta table (or delta://PATH).", show_default=False)],
+    query: Annotated[str, typer.Argument(metavar="QUERY", help="The text to search for.", show_default=False)],
+    k: Annotated[int, typer.Option("-k", "--k", help="How many hits to show.")] = 10,
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help="Put this text before the query (\"\": none). Default: the model's query prompt where the rows were embedded with its document prompt, else the rows' prompt.")] = None,
+    prompt_name: Annotated[Optional[str], typer.Option("--prompt-name", help="Put this prompt of the model's config_sentence_transformers.json before the query.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the hits as JSON.", rich_help_panel=REPORTING)] = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Exact nearest-neighbour search of TARGET's rows for QUERY, the query embedded as the rows were."""
+    from .tools.search import search as search_target
+
+    report = _run(lambda: search_target(target, query, k=k, prompt=prompt, prompt_name=prompt_name), debug)
+    if as_json:
+        _print_json(report)
+    else:
+        _search_summary(report)
+
+
+def _search_summary(report: dict) -> None:
+    """The hits as a table (long values cut), and which prompt the query was embedded with."""
+    def cut(value: object) -> str:
+        text = " ".join(str(value).split()) if value is not None else ""
+        return text if len(text) <= 80 else text[:79] + "…"
+
+    shown_prompt = repr(report["prompt"]) if report["prompt"] else "none"
+    err.print(escape(f"{report['target']}: {report['rows_searched']:,} rows searched"
+                     + (f" ({report['rows_skipped']:,} without a vector skipped)" if report["rows_skipped"] else "")
+                     + f", {report['model_id']}, {report['precision']} by {report['metric']}; "
+                     f"query prompt: {shown_prompt} ({report['prompt_from']})"
+                     + (f"; NOTE: {report['note']}" if report.get("note") else "")), soft_wrap=True)
+    hits = report["hits"]
+    columns = [name for name in (hits[0] if hits else {}) if name not in ("rank", "score")]
+    table = Table(show_edge=False)
+    table.add_column("rank", justify="right")
+    table.add_column("score", justify="right")
+    for name in columns:
+        table.add_column(escape(name), overflow="fold")
+    for hit in hits:
+        table.add_row(str(hit["rank"]), f"{hit['score']:.4f}", *(escape(cut(hit.get(name))) for name in columns))
+    out.print(table)
+
+
 @app.command("merge-meta")
 def merge_meta(
     output_dir: Annotated[str, typer.Argument(metavar="OUTPUT_DIR", help="The -o directory of a many-part job (its shards' job sidecars); local or in a store.", show_default=False)],

@@ -138,6 +138,8 @@ def plan_sync(opts: Any, task: Any, source: Any, passthrough: pa.Schema, target:
         if recorded.get("ranges") is not None and task.ranges is None:  # int8/uint8: the table's ranges
             task.ranges = np.asarray(recorded["ranges"], dtype=np.float32)
             task.calibration = {"source": f"target {spec.given}"}
+    if target is not None and recorded is not None and not opts.rebuild:
+        check_columns(spec, target.schema(), [*passthrough.names, HASH_COLUMN, *task.added_columns])
     hashed = [opts.input_column] + [n for n in passthrough.names if n not in (id_column, opts.input_column)]
     reader = open_reader(source, fmt=opts.format, chunk_size=opts.chunk_size or 10_000,
                          columns=list(dict.fromkeys([id_column, *hashed])), text_column=opts.input_column,
@@ -200,6 +202,20 @@ def plan_sync(opts: Any, task: Any, source: Any, passthrough: pa.Schema, target:
                     changed_ids=changed_ids, gone=gone if deleting else pa.array([], id_type), stale=stale,
                     counts=counts, target_ids=target_ids, version_before=version_before, replace=replace_all,
                     recorded=recorded)
+
+
+def check_columns(spec: TargetSpec, schema: pa.Schema | None, writes: Sequence[str]) -> None:
+    """A run writes the columns the table has (else its commit would fail after all the work)."""
+    have = list(schema.names) if schema is not None else []
+    if schema is None or sorted(have) == sorted(writes):
+        return
+    missing, extra = [n for n in have if n not in writes], [n for n in writes if n not in have]
+    said = "; ".join(part for part in (f"the table has {', '.join(map(repr, missing))} and this run does not"
+                                       if missing else "",
+                                       f"this run writes {', '.join(map(repr, extra))}, which the table has not"
+                                       if extra else "") if part)
+    raise InputError(f"-o {spec.given}: {said}; keep the columns the table was made with (--keep), or give --rebuild "
+                     "to replace it.")
 
 
 def check_ids(ids: pa.Array, name: str, where: Any) -> None:
