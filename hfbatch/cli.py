@@ -313,7 +313,7 @@ def verify(
 def search(
     target: Annotated[str, typer.Argument(metavar="TARGET", help="What hfbatch embed -o wrote: a .parquet file, a directory of parts, a .lance dataset, a Delta table (or delta://PATH).", show_default=False)],
     query: Annotated[str, typer.Argument(metavar="QUERY", help="The text to search for.", show_default=False)],
-    k: Annotated[int, typer.Option("-k", "--k", help="How many hits to show.")] = 10,
+    k: Annotated[int, typer.Option("-k", "--top-k", help="How many hits to show (1 or more).")] = 10,
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="Put this text before the query (\"\": none). Default: the model's query prompt where the rows were embedded with its document prompt, else the rows' prompt.")] = None,
     prompt_name: Annotated[Optional[str], typer.Option("--prompt-name", help="Put this prompt of the model's config_sentence_transformers.json before the query.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the hits as JSON.", rich_help_panel=REPORTING)] = False,

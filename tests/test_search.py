@@ -8,8 +8,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -116,7 +117,7 @@ def read_back(kind: str, target: Any) -> tuple[list[Any], list[Any]]:
 def brute_force(ids: list[Any], stored: list[Any], scores_of: Any, k: int = 10) -> tuple[list[Any], np.ndarray]:
     keep = [i for i, v in enumerate(stored) if v is not None]
     scores = scores_of(np.array([stored[i] for i in keep]))
-    order = np.lexsort((np.arange(len(keep)), -scores))[:k]  # equal scores: row order
+    order = np.lexsort((np.arange(len(keep)), -scores.round(10)))[:k]  # equal scores: row order
     return [ids[keep[i]] for i in order], scores[order]
 
 
@@ -188,7 +189,8 @@ def test_int8_target_gives_brute_force_top_10_over_dequantized_vectors(env_of: d
     for query in QUERIES:
         report = search_json(target, query)
         assert report["precision"] == "int8"
-        want = brute_force(ids, stored, lambda codes: cosine_scores(st_query(st_model, query))(back(codes)))
+        asked = cosine_scores(st_query(st_model, query))
+        want = brute_force(ids, stored, lambda codes, asked=asked: asked(back(codes)))
         assert_same_hits(report, *want)
 
 
@@ -200,7 +202,7 @@ def test_binary_targets_give_brute_force_top_10_over_sign_bits(env_of: dict[str,
     for query in QUERIES:
         signs = np.where(st_query(st_model, query) > 0, 1, 0)
 
-        def score(codes: np.ndarray) -> np.ndarray:
+        def score(codes: np.ndarray, signs: np.ndarray = signs) -> np.ndarray:
             bits = np.unpackbits((codes.astype(np.int16) + offset).astype(np.uint8), axis=1)[:, :384]
             return 1 - 2 * (bits != signs).sum(axis=1) / 384  # 1 - 2 hamming / dim
 
@@ -299,3 +301,26 @@ def test_hostile_targets_and_arguments(env_of: dict[str, Any], tmp_path: Path) -
     target = env_of["targets"]["parquet"]
     one_line_refusal(cli("search", target, "q", "-k", "0"), "-k", "0")
     one_line_refusal(cli("search", target, "   "), "query is empty")
+
+
+# --- the streamed top k -------------------------------------------------------------------------
+
+@pytest.mark.parametrize("k", [1, 5, 40])
+def test_streamed_top_k_over_many_batches_is_brute_force_ties_by_row_order(k: int) -> None:
+    from hfbatch.tools.search import nearest
+
+    rng = np.random.default_rng(k)
+    vectors = rng.normal(size=(300, 16)).astype(np.float32)
+    vectors[100:130] = vectors[7]  # equal scores, across batches: the earlier rows rank first
+    query = vectors[7] + rng.normal(scale=0.1, size=16).astype(np.float32)
+    stored: list[Any] = [list(map(float, v)) for v in vectors]
+    stored[3] = stored[150] = None  # rows without a vector
+    table = pa.table({"id": list(range(300)), "embedding": pa.array(stored, pa.list_(pa.float32(), 16)),
+                      "embedding_error": [None if v is not None else "empty" for v in stored]})
+    batches = table.to_batches(max_chunksize=23)  # 14 batches
+    hits, searched, skipped = nearest(iter(batches), query, k, {"precision": "float32"}, id_column="id", where="t")
+    assert (searched, skipped) == (298, 2)
+    ids, scores = brute_force(list(range(300)), stored, cosine_scores(query.astype(np.float64)), k=k)
+    assert [h["id"] for h in hits] == ids
+    np.testing.assert_allclose([h["score"] for h in hits], scores, atol=1e-5)
+    assert [h["rank"] for h in hits] == list(range(1, k + 1)) and "embedding_error" not in hits[0]

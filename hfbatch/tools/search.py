@@ -32,8 +32,9 @@ size. Equal scores rank by row order. Rows without a vector (embedding_error) ar
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -46,7 +47,6 @@ from ..io.columns import EMBED_COLUMNS
 from ..io.sidecars import sidecar_path
 from ..io.stores import RemotePath
 from ..io.targets import HASH_COLUMN, TargetSpec, open_target, parse_target, vector_record
-from ..io.writers import read_metadata
 from ..options import EmbedOptions
 from ..vectors import CALIBRATED, output_width, truncate_dims
 from .verify import recorded_identity
@@ -133,8 +133,10 @@ def _table_source(spec: TargetSpec) -> Source:
         raise InputError(f"{spec.given}: no such {what}; give the -o of an hfbatch embed --id-column run.")
     try:
         record = target.record()
-    except InputError as exc:  # its words are for -o (embed); say them for search
-        raise InputError(f"cannot search {spec.given}: {str(exc).replace('-o ', '', 1)}") from None
+    except InputError as exc:  # its words are for embed's -o; say them for search
+        said = str(exc).replace("; give another -o, or --rebuild to replace it", "").replace("; give another -o", "")
+        raise InputError(f"{said.removeprefix('-o ').rstrip('.')}; search reads a table hfbatch embed --id-column "
+                         "wrote.") from None
     if record is None:
         raise InputError(f"{spec.given}: an empty {spec.kind} target; nothing to search.")
     return Source(spec.given, spec.kind, record, _table_provenance(spec, record), lambda: target.batches(None))
@@ -257,7 +259,9 @@ def query_prompt(record: Mapping[str, Any], *, prompt: str | None = None,
     model_id = str(record.get("model_id"))
     if prompt is not None:
         return {"prompt": prompt or None, "name": None, "source": "--prompt"}
-    config = _model_prompts(model_id)
+    # a remote model's prompts are read only when asked for by name (its files may not be here)
+    local = (record.get("backend") or "local") == "local"
+    config = _model_prompts(model_id) if local or prompt_name is not None else {}
     prompts = {n: t for n, t in (config.get("prompts") or {}).items()}
     if prompt_name is not None:
         text, _ = resolve_prompt(model_id, config, None, prompt_name)
@@ -301,12 +305,9 @@ def embed_query(source: Source, query: str, prompt: str | None) -> tuple[np.ndar
     where = Path(".")
     made = make_backend(EmbedOptions(input=where, output=where, **identity))
     note = None
-    try:
-        if record.get("fingerprint") and made.fingerprint() != record.get("fingerprint"):
-            note = ("the model or its settings changed since the rows were embedded (fingerprint differs): "
-                    "scores may not be comparable")
-    except HfbatchError:
-        raise
+    if record.get("fingerprint") and made.fingerprint() != record.get("fingerprint"):
+        note = ("the model or its settings changed since the rows were embedded (fingerprint differs): "
+                "scores may not be comparable")
     backend = make_backend(EmbedOptions(input=where, output=where, **{**identity, "prompt": prompt or ""}))
     vector = np.asarray(backend.embed([query]), dtype=np.float32)
     normalize = bool(record.get("normalize", True))
@@ -363,12 +364,12 @@ def scorer(query: np.ndarray, record: Mapping[str, Any], where: str) -> Any:
     dim = int(query.shape[0])
     width = output_width(dim, precision)
     ranges = record.get("ranges")
-    if precision in CALIBRATED:
-        if not ranges or np.asarray(ranges).shape != (2, dim):
-            raise InputError(f"{where}: {precision} vectors need their recorded ranges (2 x {dim}), and its record has "
-                             f"{'none' if not ranges else np.asarray(ranges).shape}; embed it again.")
+    if precision in CALIBRATED and (not ranges or np.asarray(ranges).shape != (2, dim)):
+        raise InputError(f"{where}: {precision} vectors need their recorded ranges (2 x {dim}), and its record has "
+                         f"{'none' if not ranges else np.asarray(ranges).shape}; embed it again.")
     signs = np.where(query > 0, 1.0, -1.0).astype(np.float32)
-    query_norm = float(np.linalg.norm(query))
+    query64 = query.astype(np.float64)
+    query_norm = float(np.sqrt((query64 * query64).sum()))
 
     def score(stored: np.ndarray) -> np.ndarray:
         if stored.shape[1] != width:
@@ -376,9 +377,12 @@ def scorer(query: np.ndarray, record: Mapping[str, Any], where: str) -> Any:
                              f"({precision}, {dim} dimensions); the record is not these rows'.")
         if precision in ("binary", "ubinary"):
             return (unpack_signs(stored, precision, dim) @ signs) / dim
-        vectors = dequantize(stored, precision, ranges) if precision in CALIBRATED else stored.astype(np.float32)
-        norms = np.linalg.norm(vectors, axis=1) * query_norm
-        return (vectors @ query) / np.maximum(norms, _EPS)
+        vectors = dequantize(stored, precision, ranges) if precision in CALIBRATED else stored
+        # in float64, row by row (not a matrix product, whose rounding depends on a row's place in
+        # the batch): equal vectors (duplicate texts) get equal scores, and rank by row order
+        vectors = vectors.astype(np.float64)
+        norms = np.sqrt((vectors * vectors).sum(axis=1)) * query_norm
+        return (vectors * query64).sum(axis=1) / np.maximum(norms, _EPS)
 
     return score
 
