@@ -37,6 +37,7 @@ from .jobs.encode import encode
 from .jobs.generate import GenerateResult, run_generate
 from .options import EmbedOptions, GenerateOptions
 from .tools.dry_run import plan_embed as plan
+from .tools.search import search
 from .tools.verify import verify_output as verify
 
 generate = run_generate
@@ -47,6 +48,7 @@ __all__ = [
     "encode",
     "generate",
     "plan",
+    "search",
     "verify",
     "run_embed",
     "EmbedOptions",

@@ -796,6 +796,17 @@ def _summary(result: EmbedResult) -> None:
         ("stages", _stages_line(m)),
         ("peak memory", f"{m['peak_rss_mb']:,.0f} MiB"),
     ]
+    sync, target = m.get("sync"), p.get("output", {}).get("table")
+    if sync is not None:  # a sync by --id-column: what it did to the target
+        rows.insert(1, ("sync", f"{sync['inserted']:,} inserted, {sync['updated']:,} updated, {sync['unchanged']:,} "
+                                f"unchanged, {sync['deleted']:,} deleted"
+                                + (f", {sync['kept_missing']:,} gone from the input and kept" if sync["kept_missing"] else "")))
+    if target is not None:
+        made = "no new version (nothing changed)" if target["version"] == target["version_before"] \
+            else f"created, version {target['version']}" if target["version_before"] is None \
+            else f"version {target['version_before']} -> {target['version']}"
+        rows.insert(2, ("table", f"{target['kind']}, {made}"
+                                 + (f", {sync['bytes_added']:,} bytes added" if sync and sync.get("bytes_added") else "")))
     for key, value in rows:
         table.add_row(key, value)
     out.print(table)

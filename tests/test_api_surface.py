@@ -6,7 +6,7 @@ from hfbatch import errors
 
 def test_public_names() -> None:
     assert set(hfbatch.__all__) == {
-        "__version__", "embed", "encode", "generate", "plan", "verify", "run_embed", "InputChangedError",
+        "__version__", "embed", "encode", "generate", "plan", "search", "verify", "run_embed", "InputChangedError",
         "EmbedOptions", "GenerateOptions", "EmbedResult", "GenerateResult", "PartsResult", "HfbatchError",
         "InputError", "OutputError", "BackendError", "ModelLoadError", "RemoteError", "TransientBackendError",
         "TerminalBackendError", "TooManyErrors",

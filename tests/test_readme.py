@@ -266,10 +266,11 @@ class Page:
 
     def wrote(self, target: str, example: Example) -> None:
         """No example overwrites what another wrote (so none overwrites a later one's input), and
-        none writes into sample_data/."""
+        none writes into sample_data/. A sync by --id-column updates its target: that is its point."""
         key = target.rstrip("/")
         assert not key.startswith("sample_data"), f"README.md:{example.line} writes into sample_data/"
-        assert key not in self.written, (f"README.md:{example.line} writes {target}, which README.md:"
+        syncs = "--id-column" in example.text and "--id-column" in getattr(self.written.get(key), "text", "")
+        assert key not in self.written or syncs, (f"README.md:{example.line} writes {target}, which README.md:"
                                          f"{self.written[key].line} wrote: a later example's input may be gone")
         self.written[key] = example
 

@@ -108,7 +108,7 @@ class Source:
                  batches: Any):
         self.given, self.kind, self.record, self.provenance = given, kind, record, provenance
         self.batches = batches  # () -> iterator of RecordBatches
-        self.id_column = record.get("id_column") or (provenance or {}).get("id_column")
+        self.id_column = record.get("id_column") or ((provenance or {}).get("output") or {}).get("table", {}).get("id_column")
 
 
 def open_source(target: str | Path | RemotePath) -> Source:
