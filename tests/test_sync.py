@@ -18,9 +18,10 @@ import subprocess
 import sys
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -32,7 +33,7 @@ from typer.testing import CliRunner
 from hfbatch.cli import app
 
 runner = CliRunner()
-REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.timeout(180)  # the slowest, the SIGKILL test, takes about 25 s on 2 cores
 
 HASH = "_hfbatch_hash"
 ADJ = ["quiet", "bright", "rusty", "tiny", "heavy", "golden", "broken", "fresh", "noisy", "gentle", "narrow"]
@@ -225,6 +226,7 @@ def test_day2_sync_equals_a_cold_rebuild_and_embeds_only_what_changed(world: Wor
     d2 = embed(world.d2, "-o", target, "--id-column", "id", "--cache-dir", tmp_path / "cache2", "--chunk-size", "50",
                "--delete-missing")
     day2_ids = sorted(r["id"] for r in day2_rows())
+    assert json.loads(Path(f"{where(target)}.meta.json").read_text()) == d2, "the sidecar is the --json document"
     sync = d2["metrics"]["sync"]
     assert {k: sync[k] for k in ("inserted", "updated", "unchanged", "deleted", "kept_missing")} == {
         "inserted": len(NEW), "updated": len(CHANGED), "unchanged": N_DAY1 - len(GONE) - len(CHANGED),
@@ -370,7 +372,8 @@ def test_another_vector_space_is_refused(world: World, tmp_path: Path, kind: str
     target = day1_copy(world, tmp_path, kind)
     version, before = version_of(target), state(target)
     message = refused(world.d1, "-o", target, "--id-column", "id", "--cache-dir", world.cache, option, value)
-    assert named in message and value.strip() in message and "--rebuild" in message
+    assert f"{named}: null -> " in message and value.strip() in message, message  # the table's and the run's
+    assert "--rebuild" in message
     assert version_of(target) == version and state(target) == before
 
 
@@ -455,6 +458,10 @@ def _nan_id(d: Path) -> Path:
     return write_rows(d / "in.parquet", rows)
 
 
+def _no_id_column(d: Path) -> Path:
+    return write_rows(d / "in.parquet", [{"key": r["id"], "text": r["text"]} for r in day1_rows()[:8]])
+
+
 def _text_ids(d: Path) -> Path:
     return write_rows(d / "in.parquet", [dict(r, id=f"doc-{r['id']}") for r in day1_rows()[:8]])
 
@@ -464,7 +471,8 @@ def _text_ids(d: Path) -> Path:
     (_duplicate_id, ["repeats id 2", "rows 3, 9"]),
     (_nan_id, ["NaN in row 6", "double"]),
     (_text_ids, ["int64", "string", "--rebuild"]),
-], ids=["null", "duplicate", "nan", "text-vs-int"])
+    (_no_id_column, ["'id'", "'key'"]),
+], ids=["null", "duplicate", "nan", "text-vs-int", "no-id-column"])
 def test_bad_ids_are_refused_and_the_table_untouched(world: World, tmp_path: Path, make_input: Any,
                                                      named: list[str]) -> None:
     target = day1_copy(world, tmp_path)
