@@ -226,7 +226,8 @@ class ChunkProcessor:
         if self.task.split_mode is None:
             return _Units(v.texts, np.arange(len(v.texts)), v.errors)
         with self.metrics.stage("validate"):  # tokenizer work, as token counts are
-            windows = dict(zip(valid, self.task.split([v.texts[i] for i in valid])))  # type: ignore[misc]
+            # (a chunk without a valid text has nothing to cut: a tokenizer given no text can fail)
+            windows = dict(zip(valid, self.task.split([v.texts[i] for i in valid]))) if valid else {}  # type: ignore[misc]
         texts: list[str | None] = []
         parents: list[int] = []
         errors: list[str | None] = []
@@ -477,6 +478,9 @@ def run_task(task: Task, opts: JobOptions, files: JobFiles, *, observer: Observe
                 unchanged = chunk.batch.num_rows - validated.chunk.batch.num_rows
                 metrics.rows_unchanged += unchanged
                 observer.advance(unchanged, hit_rate=cache.stats.hit_rate)
+                if not validated.texts:  # nothing in this chunk changed
+                    observer.chunk(chunk.first_row, chunk.batch.num_rows, metrics)
+                    continue
             out = processor.process(validated)
             check_max_errors(opts, metrics, validated)
             with metrics.stage("write"):

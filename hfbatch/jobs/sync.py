@@ -39,9 +39,9 @@ from .. import __version__
 from ..errors import InputError, OutputError
 from ..io.readers import Chunk, open_reader
 from ..io.stores import RemotePath
-from ..io.targets import (HASH_COLUMN, Target, TargetSpec, open_target, parse_target, space_difference,
+from ..io.targets import (HASH_COLUMN, ForeignTable, Target, TargetSpec, open_target, parse_target, space_difference,
                           vector_record)
-from ..io.writers import ParquetSink, remove_stale_temps, temp_path_for, write_json_atomic
+from ..io.writers import ParquetSink, read_metadata, remove_stale_temps, temp_path_for, write_json_atomic
 from ..validate import ValidatedChunk
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,7 @@ class SyncPlan:
     spec: TargetSpec
     id_column: str
     key: list[str]  # the merge key: the id, with --split (one row per window) and its chunk_index
+    ids: pa.Array  # per input row
     changed: np.ndarray  # per input row: embed and upsert it
     hashes: pa.Array  # per input row
     changed_ids: pa.Array
@@ -127,7 +128,12 @@ def plan_sync(opts: Any, task: Any, source: Any, passthrough: pa.Schema, target:
     spec = target.spec if target is not None else parse_target(opts.output, kind=opts.target)
     id_column = opts.id_column
     space = space_of(task, opts)
-    recorded = target.record() if target is not None else None
+    try:
+        recorded = target.record() if target is not None else None
+    except ForeignTable:
+        if not opts.rebuild:
+            raise
+        recorded = None  # replaced whole by this run
     replace_all = bool(target is not None and (recorded is None or opts.rebuild))
     if target is not None and recorded is not None and not opts.rebuild:
         differ = space_difference(recorded, space | {"dim": space["dim"] or recorded.get("dim")})
@@ -165,7 +171,7 @@ def plan_sync(opts: Any, task: Any, source: Any, passthrough: pa.Schema, target:
         state = target.state(id_column)
         version_before = target.version()
     elif target is None:
-        state = previous_parquet_state(spec, id_column)
+        state = previous_parquet_state(spec, id_column, space, [*passthrough.names, HASH_COLUMN, *task.added_columns])
         version_before = None
     else:
         state, version_before = None, target.version()
@@ -174,6 +180,8 @@ def plan_sync(opts: Any, task: Any, source: Any, passthrough: pa.Schema, target:
     state = _typed_state(state, id_column, id_type, spec.given)
     if mode == "rows":  # one row per window: one (id, hash) per document
         state = state.group_by(id_column).aggregate([(HASH_COLUMN, "min")]).rename_columns([id_column, HASH_COLUMN])
+    elif target is not None and state.num_rows:
+        check_target_ids(state.column(id_column).combine_chunks(), id_column, spec.given)
     rows = pa.table({id_column: all_ids, "_new": all_hashes, "_row": pa.array(np.arange(len(all_ids)), pa.int64())})
     joined = rows.join(state, id_column, join_type="left outer").sort_by("_row")
     old = joined.column(HASH_COLUMN)
@@ -198,7 +206,7 @@ def plan_sync(opts: Any, task: Any, source: Any, passthrough: pa.Schema, target:
     if counts["kept_missing"]:
         log.warning("%s: %d ids are in %s but no longer in the input; kept (--delete-missing deletes them).",
                     opts.input, counts["kept_missing"], spec.given)
-    return SyncPlan(spec=spec, id_column=id_column, key=key, changed=changed, hashes=all_hashes,
+    return SyncPlan(spec=spec, id_column=id_column, key=key, ids=all_ids, changed=changed, hashes=all_hashes,
                     changed_ids=changed_ids, gone=gone if deleting else pa.array([], id_type), stale=stale,
                     counts=counts, target_ids=target_ids, version_before=version_before, replace=replace_all,
                     recorded=recorded)
@@ -216,6 +224,18 @@ def check_columns(spec: TargetSpec, schema: pa.Schema | None, writes: Sequence[s
                                        if extra else "") if part)
     raise InputError(f"-o {spec.given}: {said}; keep the columns the table was made with (--keep), or give --rebuild "
                      "to replace it.")
+
+
+def check_target_ids(ids: pa.Array, name: str, where: str) -> None:
+    """A table hfbatch synced holds each id once; one that holds an id twice was written to by
+    something else, and a merge by id cannot say which row to keep: refused, the table untouched."""
+    counts = pc.value_counts(ids)
+    repeated = counts.filter(pc.greater(counts.field("counts"), 1))
+    if len(repeated):
+        first = repeated[0]
+        raise InputError(f"{where} holds id {first['values'].as_py()!r} {first['counts'].as_py()} times (written to "
+                         f"by another tool?){f' and {len(repeated) - 1:,} more ids more than once' if len(repeated) > 1 else ''}; "
+                         f"a sync by --id-column {name} keeps each id once: remove the extra rows, or --rebuild it.")
 
 
 def check_ids(ids: pa.Array, name: str, where: Any) -> None:
@@ -249,19 +269,26 @@ def _typed_state(state: pa.Table, id_column: str, id_type: pa.DataType, where: s
                      "give ids of the target's type, or --rebuild.")
 
 
-def previous_parquet_state(spec: TargetSpec, id_column: str) -> pa.Table | None:
-    """(id, hash) of the Parquet output an earlier run left at -o, or None (none, or not synced)."""
+def previous_parquet_state(spec: TargetSpec, id_column: str, space: Mapping[str, Any],
+                           columns: Sequence[str]) -> pa.Table | None:
+    """(id, hash) of the Parquet output an earlier sync left at -o, when its rows can be carried
+    into this run's output as they are: the same vector space and the same columns. Else None:
+    every row is new to this run (an output that is not an earlier sync is simply rewritten)."""
     where = spec.location
     try:
         if not where.exists():
             return None
         source: Any = where.open(ranged=True) if isinstance(where, RemotePath) else str(where)
         names = pq.ParquetFile(source).schema_arrow.names
-        if id_column not in names or HASH_COLUMN not in names:
+        if sorted(names) != sorted(columns):
+            return None
+        provenance = read_metadata(where).get("provenance") or {}
+        recorded = vector_record(provenance, id_column=((provenance.get("output") or {}).get("table") or {}).get("id_column"))
+        if space_difference(recorded, dict(space) | {"dim": space.get("dim") or recorded.get("dim")}):
             return None
         source = where.open(ranged=True) if isinstance(where, RemotePath) else str(where)
         return pq.read_table(source, columns=[id_column, HASH_COLUMN])
-    except (OSError, pa.ArrowException, InputError):
+    except (OSError, pa.ArrowException, InputError, ValueError):
         return None  # not an earlier output hfbatch can read: every row is new to it
 
 
@@ -284,8 +311,6 @@ class SyncRun:
         first = v.chunk.first_row
         hashes = self.plan.hashes.slice(first, n)
         batch = v.chunk.batch.append_column(HASH_COLUMN, hashes)
-        if self.target is None:  # a Parquet output is written whole
-            return replace(v, chunk=replace(v.chunk, batch=batch))
         rows = np.flatnonzero(self.plan.changed[first:first + n])
         if len(rows) == n:
             return replace(v, chunk=replace(v.chunk, batch=batch))
@@ -299,7 +324,7 @@ class SyncRun:
     def open_sink(self, schema: pa.Schema) -> Any:
         changes = ChangeSink(self.opts.changes, schema, self.plan) if self.opts.changes is not None else None
         if self.target is None:
-            return TeeSink(ParquetSink(self.opts.output, schema), changes, self.plan)
+            return ParquetSyncSink(self.opts.output, schema, self.plan, changes)
         return TableSink(self.target, schema, self.plan, changes, self.opts, self.task)
 
 
@@ -330,31 +355,101 @@ class ChangeSink:
         self.sink.abort()
 
 
-class TeeSink:
-    """A Parquet output written whole, its changed rows also to --changes."""
+class Staged:
+    """Rows staged in a local Parquet file until a sink's commit (a killed run's: removed by the next)."""
 
-    def __init__(self, sink: ParquetSink, changes: ChangeSink | None, plan: SyncPlan):
-        self.sink, self.changes, self.plan = sink, changes, plan
-        self._changed = plan.changed_ids
+    def __init__(self, spec: TargetSpec, schema: pa.Schema):
+        base = Path(tempfile.gettempdir()) / f"hfbatch-stage-{Path(str(spec.uri)).name}.parquet"
+        remove_stale_temps(base)
+        self.path, self.schema, self.given, self.rows = temp_path_for(base), schema, spec.given, 0
+        try:
+            self._writer = pq.ParquetWriter(str(self.path), schema, compression="zstd")
+        except (OSError, pa.ArrowException) as exc:
+            raise OutputError(f"cannot stage rows for {spec.given} in {self.path} ({exc}); check TMPDIR.") from exc
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        try:
+            self._writer.write_batch(batch)
+        except (OSError, pa.ArrowException) as exc:
+            raise OutputError(f"staging rows for {self.given} in {self.path} failed ({exc}); nothing was written "
+                              "there.") from exc
+        self.rows += batch.num_rows
+
+    def close(self) -> pq.ParquetFile:
+        self._writer.close()
+        return pq.ParquetFile(str(self.path))
+
+    def remove(self) -> None:
+        try:
+            self._writer.close()
+        except Exception:  # noqa: BLE001 - already closed or broken: the file goes either way
+            pass
+        self.path.unlink(missing_ok=True)
+
+
+class ParquetSyncSink:
+    """A Parquet output synced by id: its changed rows computed (staged), its unchanged rows
+    carried from the output the last run left at -o (neither embedded nor looked up again), and
+    the whole output written in input order, atomically, by ParquetSink. The carried rows are
+    read into memory at the commit (the columns of the unchanged rows)."""
+
+    def __init__(self, output: Any, schema: pa.Schema, plan: SyncPlan, changes: ChangeSink | None):
+        self.output, self.schema, self.plan, self.changes = output, schema, plan, changes
+        self.staged = Staged(plan.spec, schema)
 
     @property
     def rows(self) -> int:
-        return self.sink.rows
+        return self.staged.rows
 
     def write(self, batch: pa.RecordBatch) -> None:
-        self.sink.write(batch)
+        self.staged.write(batch)
         if self.changes is not None:
-            mask = pc.is_in(batch.column(self.plan.id_column), value_set=self._changed.cast(batch.schema.field(self.plan.id_column).type))
-            self.changes.write(batch.filter(mask))
+            self.changes.write(batch)
 
     def commit(self, document: dict[str, Any], sidecar: Any = None) -> None:
-        record_sync(document, self.plan, None)
-        if self.changes is not None:
-            self.changes.commit(document)
-        self.sink.commit(document, sidecar=sidecar)
+        plan = self.plan
+        try:
+            computed = self.staged.close().read()
+            parts = [computed]
+            unchanged = plan.ids.filter(pa.array(~plan.changed))
+            if len(unchanged):
+                where = plan.spec.location
+                source: Any = where.open(ranged=True) if isinstance(where, RemotePath) else str(where)
+                previous = pq.read_table(source, filters=pc.is_in(pc.field(plan.id_column), value_set=unchanged))
+                carried = pc.count_distinct(previous.column(plan.id_column)).as_py()
+                if carried != len(unchanged) or ("chunk_index" not in plan.key and previous.num_rows != len(unchanged)):
+                    raise OutputError(f"{plan.spec.given} changed while this run read it ({carried:,} of the "
+                                      f"{len(unchanged):,} unchanged ids found at the end); nothing was written: "
+                                      "run one job per output, and run this one again.")
+                parts.append(previous.select(self.schema.names).cast(self.schema))
+            whole = pa.concat_tables(parts)
+            # input order: each row's input row by its id (a join of the ids alone: Arrow joins carry
+            # no fixed-size lists), then with --split the window's index
+            order = pa.table({plan.id_column: plan.ids, "_row": pa.array(np.arange(len(plan.ids)), pa.int64())})
+            at = pa.table({plan.id_column: whole.column(plan.id_column),
+                           "_at": pa.array(np.arange(whole.num_rows), pa.int64()),
+                           **({"chunk_index": whole.column("chunk_index")} if "chunk_index" in plan.key else {})})
+            keys = [("_row", "ascending")] + ([("chunk_index", "ascending")] if "chunk_index" in plan.key else [])
+            placed = at.join(order, plan.id_column, join_type="inner").sort_by(keys)
+            whole = whole.take(placed.column("_at"))
+            record_sync(document, plan, None)
+            document["provenance"]["output"]["rows"] = whole.num_rows
+            document["metrics"]["rows_written"] = whole.num_rows
+            if self.changes is not None:
+                self.changes.commit(document)
+            sink = ParquetSink(self.output, self.schema)
+            try:
+                for batch in whole.to_batches(max_chunksize=8192):
+                    sink.write(batch)
+                sink.commit(document, sidecar=sidecar)
+            except BaseException:
+                sink.abort()
+                raise
+        finally:
+            self.staged.remove()
 
     def abort(self) -> None:
-        self.sink.abort()
+        self.staged.remove()
         if self.changes is not None:
             self.changes.abort()
 
@@ -365,30 +460,22 @@ class TableSink:
     def __init__(self, target: Target, schema: pa.Schema, plan: SyncPlan, changes: ChangeSink | None, opts: Any,
                  task: Any):
         self.target, self.plan, self.changes, self.opts, self.task = target, plan, changes, opts, task
-        base = Path(tempfile.gettempdir()) / f"hfbatch-stage-{Path(str(plan.spec.uri)).name}.parquet"
-        remove_stale_temps(base)  # a killed run's staged rows
-        self.staged = temp_path_for(base)
         self.schema = schema
-        self.rows = 0
-        try:
-            self._writer = pq.ParquetWriter(str(self.staged), schema, compression="zstd")
-        except (OSError, pa.ArrowException) as exc:
-            raise OutputError(f"cannot stage rows for {plan.spec.given} in {self.staged} ({exc}); check TMPDIR.") from exc
+        self.staged = Staged(plan.spec, schema)
+
+    @property
+    def rows(self) -> int:
+        return self.staged.rows
 
     def write(self, batch: pa.RecordBatch) -> None:
-        try:
-            self._writer.write_batch(batch)
-        except (OSError, pa.ArrowException) as exc:
-            raise OutputError(f"staging rows for {self.plan.spec.given} in {self.staged} failed ({exc}); the target "
-                              "was not changed.") from exc
-        self.rows += batch.num_rows
+        self.staged.write(batch)
         if self.changes is not None:
             self.changes.write(batch)
 
     def commit(self, document: dict[str, Any], sidecar: Any = None) -> None:
         plan = self.plan
         try:
-            self._writer.close()
+            source = self.staged.close()
             if self.changes is not None:
                 self.changes.commit(document)
             provenance = document["provenance"]
@@ -398,7 +485,6 @@ class TableSink:
             if not plan.replace and not self.rows and not plan.stale:
                 result = {"version": plan.version_before, "bytes_added": 0}  # nothing changed: no new version
             else:
-                source = pq.ParquetFile(str(self.staged))
                 reader = pa.RecordBatchReader.from_batches(self.schema, source.iter_batches(batch_size=8192))
                 result = self.target.commit(reader, key=plan.key, id_column=plan.id_column, stale=plan.stale,
                                             record=record, replace=plan.replace)
@@ -412,14 +498,10 @@ class TableSink:
             if sidecar is not None:
                 write_json_atomic(sidecar, document)
         finally:
-            self.staged.unlink(missing_ok=True)
+            self.staged.remove()
 
     def abort(self) -> None:
-        try:
-            self._writer.close()
-        except Exception:  # noqa: BLE001 - already closed or broken: the file goes either way
-            pass
-        self.staged.unlink(missing_ok=True)
+        self.staged.remove()
         if self.changes is not None:
             self.changes.abort()
 

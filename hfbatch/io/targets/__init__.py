@@ -25,6 +25,11 @@ import pyarrow as pa
 from ...errors import InputError
 from ..stores import RemotePath, is_remote, location
 
+class ForeignTable(InputError):
+    """A table is there that hfbatch did not write, or whose record was damaged: refused, unless
+    the run was told to --rebuild it."""
+
+
 HASH_COLUMN = "_hfbatch_hash"  # the content hash of a row (of its parent row, with --split)
 RECORD_KEY = "hfbatch"  # where a table keeps its vector record (Lance schema metadata; Delta: the description)
 TABLE_KINDS = ("lance", "delta")
@@ -186,9 +191,9 @@ def decode_record(text: str | bytes | None, where: str) -> dict[str, Any] | None
     try:
         value = json.loads(text)
     except ValueError:
-        raise InputError(f"{where}: its hfbatch record is not JSON (edited by hand?); rebuild it with --rebuild.") from None
+        raise ForeignTable(f"{where}: its hfbatch record is not JSON (edited by hand?); rebuild it with --rebuild.") from None
     if not isinstance(value, dict):
-        raise InputError(f"{where}: its hfbatch record is not an object (edited by hand?); rebuild it with --rebuild.")
+        raise ForeignTable(f"{where}: its hfbatch record is not an object (edited by hand?); rebuild it with --rebuild.")
     return value
 
 

@@ -24,7 +24,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import pyarrow as pa
 
 from ...errors import InputError, OutputError, first_line
-from . import HASH_COLUMN, RECORD_KEY, TargetSpec, decode_record, encode_record, in_list, storage_options, tree_bytes
+from . import HASH_COLUMN, ForeignTable, RECORD_KEY, TargetSpec, decode_record, encode_record, in_list, storage_options, tree_bytes
 
 # value types Delta cannot hold -> what they are stored as (exactly)
 STORED_AS = {pa.float16(): pa.float32(), pa.uint8(): pa.int16()}
@@ -95,7 +95,7 @@ class DeltaTarget:
             except (ValueError, AttributeError):
                 raw = None
         if raw is None:
-            raise InputError(f"-o {self.spec.given}: a Delta table that hfbatch did not write (no hfbatch record in "
+            raise ForeignTable(f"-o {self.spec.given}: a Delta table that hfbatch did not write (no hfbatch record in "
                              "its description); give another -o, or --rebuild to replace it.")
         return decode_record(raw if isinstance(raw, str) else json.dumps(raw), self.spec.given)
 

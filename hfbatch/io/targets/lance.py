@@ -19,7 +19,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import pyarrow as pa
 
 from ...errors import InputError, OutputError, first_line
-from . import HASH_COLUMN, RECORD_KEY, TargetSpec, decode_record, encode_record, in_list, storage_options, tree_bytes
+from . import HASH_COLUMN, ForeignTable, RECORD_KEY, TargetSpec, decode_record, encode_record, in_list, storage_options, tree_bytes
 
 
 def _lance() -> Any:
@@ -71,7 +71,7 @@ class LanceTarget:
         raw = (dataset.schema.metadata or {}).get(RECORD_KEY.encode())
         record = decode_record(raw, self.spec.given)
         if record is None:
-            raise InputError(f"-o {self.spec.given}: a Lance dataset that hfbatch did not write (no hfbatch record in "
+            raise ForeignTable(f"-o {self.spec.given}: a Lance dataset that hfbatch did not write (no hfbatch record in "
                              "its schema metadata); give another -o, or --rebuild to replace it.")
         return record
 
