@@ -38,9 +38,15 @@ def embed(options: EmbedOptions, *, engine: str = "local", shard: str | tuple[in
     if engine not in ENGINES:
         raise InputError(f"--engine {engine!r} is not one of: {', '.join(ENGINES)}.")
     shard_of = parse_shard(shard) if shard is None or isinstance(shard, str) else shard
-    if (options.id_column is not None or is_table_target(options.output)) and (engine == "ray" or is_multi_input(options.input)):
-        raise InputError(f"sync by --id-column into -o {options.output} runs one input file with the local engine for "
-                         "now; give one file (concatenate the parts first) and drop --engine ray.")
+    sync = options.id_column is not None or is_table_target(options.output)
+    if sync and engine == "ray":
+        raise InputError(f"sync by --id-column into -o {options.output} runs with the local engine for now (one "
+                         "process reads every part, embeds what changed and commits once); drop --engine ray.")
+    if sync and shard_of != (1, 1):
+        raise InputError("--shard splits a job's parts over hosts, and a sync by --id-column needs every part's ids "
+                         "in one run (its deletes, its one commit); drop --shard.")
+    if sync:  # many parts are read as one input (jobs/embed.join_parts)
+        return run_embed(options, backend=backend, observer=observer, settings=settings)
     if engine == "ray":
         if backend is not None:
             raise InputError("the Ray engine's actors make their own backend; a backend object cannot be given.")

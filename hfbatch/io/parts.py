@@ -23,12 +23,18 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 
 from ..errors import InputError
 from .plan import part_outputs
-from .readers import detect_format
+from .readers import detect_format, open_reader
 from .sidecars import is_sidecar_name, job_sidecar_path, part_sidecar_path
 from .stores import RemotePath, is_remote, location
 
@@ -182,3 +188,58 @@ def input_id(spec: str | Path) -> str:
 
 __all__ = ["Part", "JobParts", "resolve_parts", "is_multi_input", "expand_inputs", "glob_files", "parse_shard", "shard_of",
            "input_id"]
+
+
+@contextmanager
+def joined_parts(spec: str | Path, fmt: str | None, *, chunk_size: int, max_line_bytes: int | None,
+                 directory: Path | None = None, same_type: tuple[str, ...] = ()) -> Iterator[Path]:
+    """The rows of every part of `spec`, in part order, in one temp Parquet file (removed when the
+    block exits), for a job that reads its parts as one input: a sync into a table target, whose
+    deletes and one commit need every part's ids. Each part must have the first part's columns,
+    of types that convert without loss, and the columns `same_type` (the ids) of the very same type
+    (text ids in one part and integers in another are refused, naming the part and the column). A
+    local copy of the input, streamed chunk by chunk."""
+    _, parts = expand_inputs(spec, fmt)
+    handle, name = tempfile.mkstemp(suffix=".parquet", prefix=".hfbatch-parts-", dir=directory)
+    os.close(handle)
+    copy = Path(name)
+    writer: pq.ParquetWriter | None = None
+    schema: pa.Schema | None = None
+    try:
+        for part in parts:
+            reader = open_reader(part, fmt=fmt, chunk_size=chunk_size, max_line_bytes=max_line_bytes)
+            if schema is None:
+                schema = reader.schema
+                writer = pq.ParquetWriter(str(copy), schema, compression="zstd")
+            elif sorted(reader.schema.names) != sorted(schema.names):
+                extra = [n for n in reader.schema.names if n not in schema.names]
+                missing = [n for n in schema.names if n not in reader.schema.names]
+                raise InputError(f"{part}: its columns differ from {parts[0]}'s (" + "; ".join(
+                    x for x in (f"it has {', '.join(map(repr, extra))}" if extra else "",
+                                f"it lacks {', '.join(map(repr, missing))}" if missing else "") if x)
+                    + "); every part of one input needs the same columns.")
+            for name in same_type:
+                if name in schema.names and reader.schema.field(name).type != schema.field(name).type:
+                    raise InputError(f"{part}: column {name!r} is {reader.schema.field(name).type} where {parts[0]} has "
+                                     f"{schema.field(name).type}; ids of one input are of one type (give them as text, "
+                                     "or as integers, in every part).")
+            for chunk in reader.chunks():
+                batch = chunk.batch.select(schema.names)
+                try:
+                    batch = batch.cast(schema) if batch.schema != schema else batch
+                except (pa.ArrowInvalid, pa.ArrowNotImplementedError, pa.ArrowTypeError):
+                    differ = [f"{f.name!r} is {batch.schema.field(f.name).type}, not {f.type}"
+                              for f in schema if batch.schema.field(f.name).type != f.type]
+                    raise InputError(f"{part}: column {differ[0] if differ else '?'} as in {parts[0]}; every part of "
+                                     "one input needs the same column types (cast them, or give ids as text in "
+                                     "every part).") from None
+                assert writer is not None
+                writer.write_batch(batch)
+        if writer is not None:
+            writer.close()
+            writer = None
+        yield copy
+    finally:
+        if writer is not None:
+            writer.close()
+        copy.unlink(missing_ok=True)

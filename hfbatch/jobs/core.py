@@ -29,6 +29,7 @@ import pyarrow as pa
 
 from ..cache import EmbeddingCache, NullCache, open_cache
 from ..errors import InputError, OutputError, TooManyErrors
+from ..io.parts import is_multi_input
 from ..io.plan import JobFiles, open_job_files
 from ..io.readers import Reader, open_reader, spooled_input
 from ..io.stores import location
@@ -411,15 +412,18 @@ def open_files(opts: JobOptions, added_columns: Sequence[str], source: Path | No
 def run_job(options: O, added_columns: Sequence[str], task_for: Callable[[O], Task], *, observer: Observer | None = None,
             settings: Settings | None = None,
             sync_for: Callable[[O, Task, Path, JobFiles], Sync | None] | None = None,
-            table: bool = False, extra_outputs: Sequence[tuple[str, Any]] = ()) -> tuple[O, dict[str, Any]]:
+            table: bool = False, extra_outputs: Sequence[tuple[str, Any]] = (),
+            join_parts: Callable[[O, Path | None], Any] | None = None) -> tuple[O, dict[str, Any]]:
     """Resolve `options`, make every check that needs no model, then run the task that `task_for`
     makes from the resolved options. Returns (resolved options, sidecar document). `sync_for`
-    gives the hooks of a run that writes only what changed (None: the whole output)."""
+    gives the hooks of a run that writes only what changed (None: the whole output); `join_parts`
+    reads an input of many parts as one (io/parts.joined_parts), where the job needs them as one."""
     opts = options.resolved(settings or Settings.load())
     # a pipe or stdin is read once into a temp file beside the output, so every row is read
     # (and counted, and hashed); the copy goes when the job ends, however it ends
     beside = opts.output.parent if isinstance(opts.output, Path) and opts.output.parent.is_dir() else None
-    with spooled_input(opts.input, opts.format, directory=beside) as source:
+    joined = join_parts is not None and is_multi_input(opts.input)
+    with (join_parts(opts, beside) if joined else spooled_input(opts.input, opts.format, directory=beside)) as source:
         files = open_files(opts, added_columns, source, table=table, extra_outputs=extra_outputs)
         task = task_for(opts)
         sync = sync_for(opts, task, source, files) if sync_for is not None else None

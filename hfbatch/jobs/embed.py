@@ -76,6 +76,15 @@ def split_mode(opts: EmbedOptions) -> str | None:
     return "mean" if opts.aggregate == "mean" else "rows"
 
 
+def join_parts(opts: EmbedOptions, directory: Path | None) -> Any:
+    """A sync's input of many parts, as one (its deletes and its one commit need every part's ids)."""
+    from ..io.parts import joined_parts
+
+    return joined_parts(opts.input, opts.format, chunk_size=opts.chunk_size or 10_000,
+                        max_line_bytes=opts.max_line_bytes, directory=directory,  # type: ignore[arg-type]
+                        same_type=(opts.id_column,) if opts.id_column else ())
+
+
 class EmbedResult(JobResult):
     """What a finished embed job produced: the output paths and the sidecar document."""
 
@@ -92,7 +101,8 @@ def run_embed(options: EmbedOptions, *, backend: Backend | None = None, observer
     opts, document = run_job(options, embed_columns(options), lambda o: EmbedTask(backend or make_backend(o), o),
                              observer=observer, settings=settings, sync_for=sync_hooks, table=table,
                              extra_outputs=(("--changes", changes), ("--changes sidecar", sidecar_path(changes)))
-                             if changes is not None else ())
+                             if changes is not None else (),
+                             join_parts=join_parts if options.id_column is not None else None)
     return EmbedResult(opts.output, opts.sidecar, document)
 
 

@@ -1,0 +1,67 @@
+"""A sync by --id-column whose input is many parts (a directory or a glob): the parts are read as
+one input, so one run sees every id (its deletes, its one commit), whatever format each part is."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import lance
+import pytest
+from typer.testing import CliRunner
+
+from conftest import write_jsonl, write_parquet
+from hfbatch.cli import app
+
+TEXTS = [f"part review {i}: the lid {'sealed' if i % 3 else 'leaked'} on day {i}" for i in range(40)]
+
+
+def run(*args: object) -> tuple[int, str]:
+    """(exit code, stdout) of `hfbatch embed ARGS`; stderr's lines (a warning, an error) follow stdout's."""
+    result = CliRunner().invoke(app, ["embed", *map(str, args)])
+    return result.exit_code, result.stdout if "--json" in args and result.exit_code == 0 else result.output
+
+
+def test_parts_of_two_formats_sync_as_one_input_and_a_part_gone_deletes_its_ids(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    write_parquet(src / "a.parquet", [{"id": i, "text": TEXTS[i]} for i in range(20)])
+    write_jsonl(src / "b.jsonl", [{"id": i, "text": TEXTS[i]} for i in range(20, 40)])
+    target = tmp_path / "t.lance"
+    code, out = run(src, "-o", target, "--id-column", "id", "--json")
+    assert code == 0, out
+    assert json.loads(out)["metrics"]["sync"]["inserted"] == 40
+    assert sorted(lance.dataset(target).to_table(columns=["id"]).column("id").to_pylist()) == list(range(40))
+
+    (src / "b.jsonl").unlink()  # a part gone: its ids go with --delete-missing, in the run's one commit
+    write_jsonl(src / "c.jsonl", [{"id": 100, "text": "a review from a new part"}])
+    code, out = run(f"{src}/*.*", "-o", target, "--id-column", "id", "--delete-missing", "--max-delete-fraction", "0.6",
+                    "--json")
+    assert code == 0, out
+    document = json.loads(out)
+    assert {k: document["metrics"]["sync"][k] for k in ("inserted", "deleted", "unchanged")} == \
+        {"inserted": 1, "deleted": 20, "unchanged": 20}
+    assert document["metrics"]["texts_computed"] <= 1  # the new part's text (or a cache hit), nothing else
+    assert lance.dataset(target).version == 2
+    assert sorted(lance.dataset(target).to_table(columns=["id"]).column("id").to_pylist()) == [*range(20), 100]
+
+
+@pytest.mark.parametrize("second", [["x"], [1.5]], ids=["text-ids", "float-ids"])
+def test_ids_of_another_type_in_a_later_part_are_refused_naming_it(tmp_path: Path, second: list) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    write_jsonl(src / "a.jsonl", [{"id": i, "text": TEXTS[i]} for i in range(5)])
+    write_jsonl(src / "b.jsonl", [{"id": v, "text": "odd id"} for v in second])
+    code, out = run(src, "-o", tmp_path / "t.lance", "--id-column", "id")
+    assert code == 2, out
+    assert "b.jsonl" in out and "'id'" in out and "Traceback" not in out
+    assert not (tmp_path / "t.lance").exists()
+
+
+def test_ray_and_shards_are_refused_for_a_sync_in_one_line(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    write_jsonl(src / "a.jsonl", [{"id": 1, "text": "x"}])
+    for extra in (["--engine", "ray"], ["--shard", "1/2"]):
+        code, out = run(src, "-o", tmp_path / "t.lance", "--id-column", "id", *extra)
+        assert code == 2 and extra[0] in out and len(out.strip().splitlines()) == 1, out
