@@ -671,10 +671,11 @@ def names(folder: Path) -> set[str]:
 
 def test_sigkill_at_any_point_leaves_the_old_or_new_version_and_a_rerun_converges(world: World,
                                                                                    tmp_path: Path) -> None:
-    """The day-2 run as a process, killed at points spread over it: while Python starts, once it
-    has staged its first rows (embedding), once it has staged more, while Lance writes the new
-    version's data files (before the manifest), just after the new manifest, and once the run
-    has cleaned up (writing its sidecar). Each time the table is day 1's or day 2's exactly, and
+    """The day-2 run as a process, killed at ten points spread over it: while Python starts, at
+    1.5 s and 3 s (imports, planning, model load), once it has staged its first rows (embedding),
+    once it has staged more, while Lance writes the new version's data files, its deletion files
+    and its transaction (before the manifest), just after the new manifest, and once the run has
+    cleaned up (writing its sidecar). Each time the table is day 1's or day 2's exactly, and
     a rerun gives day 2's."""
     n = 300
     k1 = write_rows(tmp_path / "k1.parquet", day_rows(range(n)))
@@ -714,6 +715,11 @@ def test_sigkill_at_any_point_leaves_the_old_or_new_version_and_a_rerun_converge
     def when_new_manifest(tmp: Path, target: Path) -> bool:
         return len(names(target / "_versions")) > len(names(pristine / "_versions"))
 
+    def when_grown(folder: str) -> Callable[[Path, Path], bool]:
+        """Once the run has written a new file into the table's `folder` (Lance writes its
+        deletion files and its transaction before the manifest that commits them)."""
+        return lambda tmp, target: len(names(target / folder)) > len(names(pristine / folder))
+
     def when_cleaned_up(tmp: Path, target: Path) -> bool:
         return when_new_manifest(tmp, target) and not staged(tmp)
 
@@ -722,7 +728,11 @@ def test_sigkill_at_any_point_leaves_the_old_or_new_version_and_a_rerun_converge
         ("first rows staged", lambda: when_staged),
         ("more rows staged", when_staged_more),
         ("starting", lambda: at_time(0.3)),
+        ("1.5 s in", lambda: at_time(1.5)),
+        ("3 s in", lambda: at_time(3.0)),
         ("writing data", lambda: when_data_written),
+        ("deletions written", lambda: when_grown("_deletions")),
+        ("transaction written", lambda: when_grown("_transactions")),
         ("new manifest", lambda: when_new_manifest),
         ("cleaned up", lambda: when_cleaned_up),
     ]
@@ -732,7 +742,8 @@ def test_sigkill_at_any_point_leaves_the_old_or_new_version_and_a_rerun_converge
         target = tmp_path / f"{slug}.lance"
         shutil.copytree(pristine, target)
         tmp = tmp_path / f"tmp-{slug}"
-        proc = start([k2, "-o", target, "--id-column", "id", "--cache-dir", cache, "--delete-missing",
+        own = tmp_path / f"cache-{slug}" if name.endswith(" s in") else cache  # (a timed point: model work left)
+        proc = start([k2, "-o", target, "--id-column", "id", "--cache-dir", own, "--delete-missing",
                       "--chunk-size", "50", "--batch-size", "8"], sub_env(tmp), tmp_path)
         trigger = make()
         while proc.poll() is None and not trigger(tmp, target):
