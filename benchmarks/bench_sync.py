@@ -1,6 +1,6 @@
 """Day 1 / day 2: syncing a changing source into each target by id, as a cron job does.
 
-Day 1 syncs N real-text rows (sample reviews, one per row, made distinct) into a target with an
+Day 1 syncs N real-text rows (a sample review per row, its first 200 characters, made distinct) into a target with an
 empty cache. Day 2's input has 1% of the texts changed, 1% new rows and 1% of the rows gone, and
 runs with --delete-missing. Each day is `hfbatch embed` as a subprocess, as cron runs it (start-up
 and model load included). Printed per target:
@@ -49,7 +49,7 @@ def inputs(rows: int, seed: int = 11) -> tuple[pa.Table, pa.Table, dict[str, int
     """Day 1 and day 2 tables (id, text, stars) and what day 2 changes."""
     rng = random.Random(seed)
     base = reviews()
-    texts = [f"#{i} {rng.choice(base)[:600]}" for i in range(rows)]
+    texts = [f"#{i} {rng.choice(base)[:200]}" for i in range(rows)]
     stars = [rng.randint(1, 5) for _ in range(rows)]
     day1 = pa.table({"id": pa.array(range(rows), pa.int64()), "text": texts, "stars": stars})
     k = max(1, rows // 100)
@@ -65,7 +65,7 @@ def inputs(rows: int, seed: int = 11) -> tuple[pa.Table, pa.Table, dict[str, int
         stars2.append(stars[i])
     for j in range(k):  # new rows
         ids2.append(rows + j)
-        texts2.append(f"#{rows + j} {rng.choice(base)[:600]}")
+        texts2.append(f"#{rows + j} {rng.choice(base)[:200]}")
         stars2.append(rng.randint(1, 5))
     day2 = pa.table({"id": pa.array(ids2, pa.int64()), "text": texts2, "stars": stars2})
     return day1, day2, {"changed": k, "new": k, "gone": k}
