@@ -1,0 +1,217 @@
+"""Where a sync run's rows go (jobs/sync.py decides which rows): staged locally, then
+committed as a table's one new version (TableSink), or written with the unchanged rows carried
+from the last output as a whole Parquet file (ParquetSyncSink); --changes beside either
+(ChangeSink), published before the target so a run killed between them is rerun whole."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .. import __version__
+from ..errors import OutputError
+from ..io.sidecars import sidecar_path
+from ..io.stores import RemotePath
+from ..io.targets import Target, TargetSpec, vector_record
+from ..io.writers import ParquetSink, remove_stale_temps, temp_path_for, write_json_atomic
+
+if TYPE_CHECKING:
+    from .sync import SyncPlan
+
+log = logging.getLogger(__name__)
+
+OP_COLUMN = "op"  # --changes: "upsert" or "delete"
+
+
+class ChangeSink:
+    """--changes FILE.parquet: the upserted rows (op "upsert"), then the gone ids (op "delete")."""
+
+    def __init__(self, path: Any, schema: pa.Schema, plan: SyncPlan):
+        self.schema = pa.schema([*schema, pa.field(OP_COLUMN, pa.string())])
+        self.plan = plan
+        self.sink = ParquetSink(path, self.schema)
+        self.path = path
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        self.sink.write(batch.append_column(OP_COLUMN, pa.array(["upsert"] * batch.num_rows, pa.string())))
+
+    def commit(self, document: Mapping[str, Any]) -> None:
+        gone = self.plan.gone
+        if len(gone):
+            columns = [gone.cast(f.type) if f.name == self.plan.id_column else
+                       pa.array(["delete"] * len(gone), pa.string()) if f.name == OP_COLUMN else pa.nulls(len(gone), f.type)
+                       for f in self.schema]
+            self.sink.write(pa.RecordBatch.from_arrays(columns, schema=self.schema))
+        self.sink.commit(document, sidecar=sidecar_path(self.path))
+
+    def abort(self) -> None:
+        self.sink.abort()
+
+
+class Staged:
+    """Rows staged in a local Parquet file until a sink's commit (a killed run's: removed by the next)."""
+
+    def __init__(self, spec: TargetSpec, schema: pa.Schema):
+        base = Path(tempfile.gettempdir()) / f"hfbatch-stage-{Path(str(spec.uri)).name}.parquet"
+        remove_stale_temps(base)
+        self.path, self.schema, self.given, self.rows = temp_path_for(base), schema, spec.given, 0
+        try:
+            self._writer = pq.ParquetWriter(str(self.path), schema, compression="zstd")
+        except (OSError, pa.ArrowException) as exc:
+            raise OutputError(f"cannot stage rows for {spec.given} in {self.path} ({exc}); check TMPDIR.") from exc
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        try:
+            self._writer.write_batch(batch)
+        except (OSError, pa.ArrowException) as exc:
+            raise OutputError(f"staging rows for {self.given} in {self.path} failed ({exc}); nothing was written "
+                              "there.") from exc
+        self.rows += batch.num_rows
+
+    def close(self) -> pq.ParquetFile:
+        self._writer.close()
+        return pq.ParquetFile(str(self.path))
+
+    def remove(self) -> None:
+        try:
+            self._writer.close()
+        except Exception:  # noqa: BLE001 - already closed or broken: the file goes either way
+            pass
+        self.path.unlink(missing_ok=True)
+
+
+class ParquetSyncSink:
+    """A Parquet output synced by id: its changed rows computed (staged), its unchanged rows
+    carried from the output the last run left at -o (neither embedded nor looked up again), and
+    the whole output written in input order, atomically, by ParquetSink. The carried rows are
+    read into memory at the commit (the columns of the unchanged rows)."""
+
+    def __init__(self, output: Any, schema: pa.Schema, plan: SyncPlan, changes: ChangeSink | None):
+        self.output, self.schema, self.plan, self.changes = output, schema, plan, changes
+        self.staged = Staged(plan.spec, schema)
+
+    @property
+    def rows(self) -> int:
+        return self.staged.rows
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        self.staged.write(batch)
+        if self.changes is not None:
+            self.changes.write(batch)
+
+    def commit(self, document: dict[str, Any], sidecar: Any = None) -> None:
+        plan = self.plan
+        try:
+            computed = self.staged.close().read()
+            parts = [computed]
+            unchanged = plan.ids.filter(pa.array(~plan.changed))
+            if len(unchanged):
+                where = plan.spec.location
+                source: Any = where.open(ranged=True) if isinstance(where, RemotePath) else str(where)
+                previous = pq.read_table(source, filters=pc.is_in(pc.field(plan.id_column), value_set=unchanged))
+                carried = pc.count_distinct(previous.column(plan.id_column)).as_py()
+                if carried != len(unchanged) or ("chunk_index" not in plan.key and previous.num_rows != len(unchanged)):
+                    raise OutputError(f"{plan.spec.given} changed while this run read it ({carried:,} of the "
+                                      f"{len(unchanged):,} unchanged ids found at the end); nothing was written: "
+                                      "run one job per output, and run this one again.")
+                parts.append(previous.select(self.schema.names).cast(self.schema))
+            whole = pa.concat_tables(parts)
+            # input order: each row's input row by its id (a join of the ids alone: Arrow joins carry
+            # no fixed-size lists), then with --split the window's index
+            order = pa.table({plan.id_column: plan.ids, "_row": pa.array(np.arange(len(plan.ids)), pa.int64())})
+            at = pa.table({plan.id_column: whole.column(plan.id_column),
+                           "_at": pa.array(np.arange(whole.num_rows), pa.int64()),
+                           **({"chunk_index": whole.column("chunk_index")} if "chunk_index" in plan.key else {})})
+            keys = [("_row", "ascending")] + ([("chunk_index", "ascending")] if "chunk_index" in plan.key else [])
+            placed = at.join(order, plan.id_column, join_type="inner").sort_by(keys)
+            whole = whole.take(placed.column("_at"))
+            record_sync(document, plan, None)
+            document["provenance"]["output"]["rows"] = whole.num_rows
+            document["metrics"]["rows_written"] = whole.num_rows
+            if self.changes is not None:
+                self.changes.commit(document)
+            sink = ParquetSink(self.output, self.schema)
+            try:
+                for batch in whole.to_batches(max_chunksize=8192):
+                    sink.write(batch)
+                sink.commit(document, sidecar=sidecar)
+            except BaseException:
+                sink.abort()
+                raise
+        finally:
+            self.staged.remove()
+
+    def abort(self) -> None:
+        self.staged.remove()
+        if self.changes is not None:
+            self.changes.abort()
+
+
+class TableSink:
+    """A table target's rows, staged in a local Parquet file and committed as one version."""
+
+    def __init__(self, target: Target, schema: pa.Schema, plan: SyncPlan, changes: ChangeSink | None, opts: Any,
+                 task: Any):
+        self.target, self.plan, self.changes, self.opts, self.task = target, plan, changes, opts, task
+        self.schema = schema
+        self.staged = Staged(plan.spec, schema)
+
+    @property
+    def rows(self) -> int:
+        return self.staged.rows
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        self.staged.write(batch)
+        if self.changes is not None:
+            self.changes.write(batch)
+
+    def commit(self, document: dict[str, Any], sidecar: Any = None) -> None:
+        plan = self.plan
+        try:
+            source = self.staged.close()
+            if self.changes is not None:
+                self.changes.commit(document)
+            provenance = document["provenance"]
+            record = vector_record(provenance, id_column=plan.id_column,
+                                   stored_as="delta" if plan.spec.kind == "delta" else None)
+            record["key"] = plan.key
+            if not plan.replace and not self.rows and not plan.stale:
+                result = {"version": plan.version_before, "bytes_added": 0}  # nothing changed: no new version
+            else:
+                reader = pa.RecordBatchReader.from_batches(self.schema, source.iter_batches(batch_size=8192))
+                result = self.target.commit(reader, key=plan.key, id_column=plan.id_column, stale=plan.stale,
+                                            record=record, replace=plan.replace)
+            record_sync(document, plan, result)
+            if self.opts.index:  # (Lance only: the options refuse it for other targets)
+                built = self.target.build_index()
+                document["provenance"]["output"]["table"]["index"] = built
+                if "error" in built:
+                    log.warning("%s: the rows are in (version %s), but the --index could not be built: %s",
+                                plan.spec.given, result.get("version"), built["error"])
+            if sidecar is not None:
+                write_json_atomic(sidecar, document)
+        finally:
+            self.staged.remove()
+
+    def abort(self) -> None:
+        self.staged.remove()
+        if self.changes is not None:
+            self.changes.abort()
+
+
+def record_sync(document: dict[str, Any], plan: SyncPlan, result: Mapping[str, Any] | None) -> None:
+    """What the run did to its target, in the document (sidecar, --json): counts in metrics.sync,
+    the target and its versions in provenance.output.table."""
+    metrics = document.setdefault("metrics", {})
+    metrics["sync"] = {**plan.counts, "bytes_added": (result or {}).get("bytes_added")}
+    output = document.setdefault("provenance", {}).setdefault("output", {})
+    output["table"] = {"kind": plan.spec.kind, "id_column": plan.id_column, "key": plan.key,
+                       "version_before": plan.version_before, "version": (result or {}).get("version"),
+                       "replaced": plan.replace, "hfbatch_version": __version__}
