@@ -58,10 +58,11 @@ def test_ids_of_another_type_in_a_later_part_are_refused_naming_it(tmp_path: Pat
     assert not (tmp_path / "t.lance").exists()
 
 
-def test_ray_and_shards_are_refused_for_a_sync_in_one_line(tmp_path: Path) -> None:
+def test_shards_and_ray_with_split_are_refused_for_a_sync_in_one_line(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.mkdir()
     write_jsonl(src / "a.jsonl", [{"id": 1, "text": "x"}])
-    for extra in (["--engine", "ray"], ["--shard", "1/2"]):
+    for extra, named in ((["--shard", "1/2"], "--shard"), (["--engine", "ray", "--split", "tokens:16"], "--split")):
         code, out = run(src, "-o", tmp_path / "t.lance", "--id-column", "id", *extra)
-        assert code == 2 and extra[0] in out and len(out.strip().splitlines()) == 1, out
+        assert code == 2 and named in out and len(out.strip().splitlines()) == 1, out
+        assert not (tmp_path / "t.lance").exists()

@@ -39,12 +39,16 @@ def embed(options: EmbedOptions, *, engine: str = "local", shard: str | tuple[in
         raise InputError(f"--engine {engine!r} is not one of: {', '.join(ENGINES)}.")
     shard_of = parse_shard(shard) if shard is None or isinstance(shard, str) else shard
     sync = options.id_column is not None or is_table_target(options.output)
-    if sync and engine == "ray":
-        raise InputError(f"sync by --id-column into -o {options.output} runs with the local engine for now (one "
-                         "process reads every part, embeds what changed and commits once); drop --engine ray.")
     if sync and shard_of != (1, 1):
         raise InputError("--shard splits a job's parts over hosts, and a sync by --id-column needs every part's ids "
                          "in one run (its deletes, its one commit); drop --shard.")
+    if sync and engine == "ray":  # the driver plans and commits, the actors embed what changed
+        if backend is not None:
+            raise InputError("the Ray engine's actors make their own backend; a backend object cannot be given.")
+        from .ray_sync import run_sync_ray
+
+        return run_sync_ray(options, address=ray_address, num_workers=num_workers, gpus_per_worker=gpus_per_worker,
+                            settings=settings)
     if sync:  # many parts are read as one input (jobs/embed.join_parts)
         return run_embed(options, backend=backend, observer=observer, settings=settings)
     if engine == "ray":

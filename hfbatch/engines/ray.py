@@ -260,6 +260,7 @@ class PartStream:
         self.fingerprint: str | None = None
         self.cache: ReportedCache | None = None
         self.actors: set[str] = set()
+        self.shown: Path | None = None  # the input as the user named it, when the part is a copy of it
 
     @property
     def complete(self) -> bool:
@@ -291,7 +292,7 @@ class PartStream:
             opts = self.planned.opts
             schema = pa.schema([*self.planned.passthrough, *window_fields(split_mode(opts)),
                                 *(table.schema.field(name) for name in EMBED_COLUMNS)])
-            self.sink = ParquetSink(opts.output, schema)
+            self.sink = self.open_sink(schema)
         with self.metrics.stage("write"):
             # no copies in the usual case (every row kept, types as planned): the rows are written
             # from the block Ray handed over, and the driver's own memory stays what it was
@@ -303,6 +304,10 @@ class PartStream:
                 self.sink.write(batch)
         self.metrics.rows_written += data.num_rows
         self.next_row += len(pc.unique(table.column("__row")))
+
+    def open_sink(self, schema: pa.Schema) -> Any:
+        """Where the part's rows go: its Parquet output (a sync's stream: the target's sink)."""
+        return ParquetSink(self.planned.opts.output, schema)
 
     def commit(self, backend: Backend) -> dict[str, Any]:
         """Check rows in == rows out, publish the output and its sidecar; returns the sidecar document."""
@@ -323,7 +328,8 @@ class PartStream:
                 planned.identity.check(shown=planned.path)
                 raise
             # after its last read, the input is still what it was before its first (else InputChangedError)
-            facts = InputFacts.of(planned.path, planned.format, self.metrics.rows_total, identity=planned.identity)
+            facts = InputFacts.of(planned.path, planned.format, self.metrics.rows_total, identity=planned.identity,
+                                  shown=self.shown)
             reported = ReportedBackend(backend, self.described, self.fingerprint)
             document = build_document(job="embed", backend=reported, options=opts, metrics=self.metrics,
                                       started=self.started, cache=cache, engine="ray", input=facts,

@@ -210,6 +210,7 @@ def record_sync(document: dict[str, Any], plan: SyncPlan, result: Mapping[str, A
     """What the run did to its target, in the document (sidecar, --json): counts in metrics.sync,
     the target and its versions in provenance.output.table."""
     metrics = document.setdefault("metrics", {})
+    metrics["rows_total"] = len(plan.ids)  # every input row was read (the unchanged ones were not worked on)
     metrics["sync"] = {**plan.counts, "bytes_added": (result or {}).get("bytes_added")}
     output = document.setdefault("provenance", {}).setdefault("output", {})
     output["table"] = {"kind": plan.spec.kind, "id_column": plan.id_column, "key": plan.key,
