@@ -258,6 +258,10 @@ def _plan_summary(report: dict) -> None:
         ("rows", f"{report['rows']:,} ({report['rows_invalid']:,} invalid), {report['texts_distinct']:,} distinct texts"),
         *([("windows", f"{report['windows']:,} (--split); the output will have {report['output_rows']:,} rows")]
           if report.get("windows") is not None else []),
+        *([("sync", "{inserted:,} to insert, {updated:,} to update, {unchanged:,} unchanged, {deleted:,} to delete"
+                    .format(**report["sync"]) + f" in {report['sync']['target']}"
+                    + (f" (version {report['sync']['version']})" if report["sync"]["version"] is not None else ""))]
+          if report.get("sync") else []),
         ("cache", f"{report['cache']['expected_hits']:,} expected hits, {report['cache']['texts_to_compute']:,} to compute"
                   + ("" if report["cache"]["used"] else " (no cache yet)")),
         ("work", (f"{report['tokens_to_compute']:,} tokens" if report.get("tokens_to_compute") is not None

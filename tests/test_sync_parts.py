@@ -66,3 +66,21 @@ def test_shards_and_ray_with_split_are_refused_for_a_sync_in_one_line(tmp_path: 
         code, out = run(src, "-o", tmp_path / "t.lance", "--id-column", "id", *extra)
         assert code == 2 and named in out and len(out.strip().splitlines()) == 1, out
         assert not (tmp_path / "t.lance").exists()
+
+
+def test_a_dry_run_of_a_sync_counts_only_what_would_change_and_writes_nothing(tmp_path: Path) -> None:
+    day1 = write_parquet(tmp_path / "d1.parquet", [{"id": i, "text": TEXTS[i]} for i in range(40)])
+    target = tmp_path / "t.lance"
+    assert run(day1, "-o", target, "--id-column", "id")[0] == 0
+    day2 = write_parquet(tmp_path / "d2.parquet", [{"id": i, "text": TEXTS[i] + (" (edited)" if i < 3 else "")}
+                                                   for i in range(35)] + [{"id": 99, "text": "brand new"}])
+    code, out = run(day2, "-o", target, "--id-column", "id", "--delete-missing", "--dry-run", "--json")
+    assert code == 0, out
+    report = json.loads(out)
+    assert {k: report["sync"][k] for k in ("inserted", "updated", "unchanged", "deleted")} == \
+        {"inserted": 1, "updated": 3, "unchanged": 32, "deleted": 5}
+    assert report["cache"]["texts_to_compute"] == 4  # the changed and the new rows' texts, not the 32 others
+    assert lance.dataset(target).version == 1  # nothing written
+    code, out = run(day2, "-o", target, "--id-column", "id", "--delete-missing", "--max-delete-fraction", "0.1",
+                    "--dry-run")
+    assert code == 2 and "--max-delete-fraction" in out and len(out.strip().splitlines()) == 1, out

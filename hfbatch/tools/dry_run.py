@@ -45,6 +45,20 @@ def plan_embed(options: EmbedOptions, settings: Settings | None = None) -> dict[
         return _plan(opts, source)
 
 
+def _sync_plan(opts: EmbedOptions, backend: Any, source: Path, reader: Any) -> Any:
+    """The sync the job would make (jobs/sync.plan_sync: the target read, its space compared, the
+    delete guard applied), so the dry run counts only the rows it would embed."""
+    import pyarrow as pa
+
+    from ..io.targets import open_target, parse_target
+    from ..jobs.embed import EmbedTask
+    from ..jobs.sync import plan_sync
+
+    spec = parse_target(opts.output, kind=opts.target)
+    passthrough = pa.schema([reader.schema.field(n) for n in (opts.keep if opts.keep is not None else reader.schema.names)])
+    return plan_sync(opts, EmbedTask(backend, opts), source, passthrough, open_target(spec) if spec.is_table else None)
+
+
 def _plan(opts: EmbedOptions, source: Path) -> dict[str, Any]:
     assert opts.text_column and opts.chunk_size
     columns = None if opts.keep is None else list(dict.fromkeys([*opts.keep, opts.text_column]))
@@ -57,6 +71,7 @@ def _plan(opts: EmbedOptions, source: Path) -> dict[str, Any]:
     exists = bool(opts.use_cache and cache_dir and (cache_dir / "cache.db").exists())
     cache = open_cache(cache_dir, backend.fingerprint(), size_limit_bytes=opts.cache_size_bytes or 0) if exists \
         else NullCache()
+    sync = _sync_plan(opts, backend, source, reader) if opts.id_column is not None else None
     rows = invalid = windows = 0
     distinct: set[str] = set()
     misses: list[str] = []
@@ -67,7 +82,8 @@ def _plan(opts: EmbedOptions, source: Path) -> dict[str, Any]:
             validated = validate_chunk(chunk, path=opts.input, text_column=opts.text_column, on_invalid=opts.on_invalid)
             rows += len(validated.texts)
             invalid += len(validated.texts) - len(validated.valid_rows)
-            texts = [validated.texts[i] for i in validated.valid_rows]
+            changed = sync.changed[chunk.first_row:chunk.first_row + len(validated.texts)] if sync is not None else None
+            texts = [validated.texts[i] for i in validated.valid_rows if changed is None or changed[i]]
             if opts.split_tokens:  # what the job computes is each text's windows
                 cut = backend.split(texts, opts.split_tokens, opts.window_overlap)  # type: ignore[arg-type]
                 windows += sum(len(w.spans) for w in cut)
@@ -87,6 +103,8 @@ def _plan(opts: EmbedOptions, source: Path) -> dict[str, Any]:
     size = opts.api_batch_size if remote else (opts.batch_size or 32)
     report: dict[str, Any] = {
         "input": str(opts.input), "output": str(opts.output), "model_id": opts.model, "backend": backend.name,
+        # a sync by --id-column: what the run would insert, update, leave and delete (texts: the changed rows')
+        "sync": None if sync is None else {**sync.counts, "target": sync.spec.given, "version": sync.version_before},
         "rows": rows, "rows_invalid": invalid, "texts_distinct": len(distinct),
         # --split: the windows the valid rows are cut into, and the rows the output will have
         "windows": windows if opts.split_tokens else None,
