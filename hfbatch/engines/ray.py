@@ -460,7 +460,7 @@ def run_embed_ray(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1), add
             writer.commit(relative)  # nothing for the actors to do
         items = [{"part": r, "path": str(p.path)} for r, p in planned.items() if p.rows]
         if items:
-            _run_on_ray(items, job.resolved, writer, address=address, num_workers=num_workers,
+            run_on_ray(items, job.resolved, writer, address=address, num_workers=num_workers,
                         gpus_per_worker=gpus_per_worker)
             ray_info["actor_starts"] = len(writer.actors)
     except BaseException:
@@ -485,7 +485,7 @@ def _probe(address: str | None, timeout: float = 5.0) -> None:
         raise ConnectionError(f"nothing answers at {host}:{port}: {exc.strerror or type(exc).__name__}") from None
 
 
-def _run_on_ray(items: list[dict[str, str]], resolved: EmbedOptions, writer: PartsWriter, *, address: str | None,
+def run_on_ray(items: list[dict[str, str]], resolved: EmbedOptions, writer: PartsWriter, *, address: str | None,
                 num_workers: int, gpus_per_worker: float) -> None:
     """Read, embed and hand every row to `writer`, on a cluster (a local one started here, and
     stopped again, unless one is running or `address` names one)."""
@@ -539,4 +539,4 @@ def _run_on_ray(items: list[dict[str, str]], resolved: EmbedOptions, writer: Par
             ray.shutdown()
 
 
-__all__ = ["run_embed_ray", "EmbedActor", "PartsWriter", "PartStream"]
+__all__ = ["run_embed_ray", "run_on_ray", "EmbedActor", "PartsWriter", "PartStream", "PlannedPart"]

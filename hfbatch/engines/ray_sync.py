@@ -38,7 +38,7 @@ from ..vectors import CALIBRATED
 
 
 class _Writer:
-    """What `_run_on_ray` hands the actors' rows to: the one stream of the sync."""
+    """What `run_on_ray` hands the actors' rows to: the one stream of the sync."""
 
     def __init__(self, stream: Any):
         self.stream, self.actors = stream, stream.actors
@@ -52,7 +52,7 @@ class _Writer:
 
 def run_sync_ray(options: EmbedOptions, *, address: str | None, num_workers: int, gpus_per_worker: float,
                  settings: Settings | None = None) -> EmbedResult:
-    from .ray import PartStream, PlannedPart, _run_on_ray
+    from .ray import PartStream, PlannedPart, run_on_ray
 
     try:
         import ray  # noqa: F401  # an optional extra: missing is a usage error, before any work
@@ -99,7 +99,7 @@ def run_sync_ray(options: EmbedOptions, *, address: str | None, num_workers: int
 
                 stream = SyncStream(planned)
                 stream.shown = opts.input
-                _run_on_ray([{"part": work.name, "path": str(work)}], actor_opts, _Writer(stream), address=address,
+                run_on_ray([{"part": work.name, "path": str(work)}], actor_opts, _Writer(stream), address=address,
                             num_workers=num_workers, gpus_per_worker=gpus_per_worker)
                 document = stream.commit(backend)
                 document["ray"] = {"address": address or "local", "num_workers": num_workers,
