@@ -320,13 +320,14 @@ def search(
     k: Annotated[int, typer.Option("-k", "--top-k", help="How many hits to show (1 or more).")] = 10,
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="Put this text before the query (\"\": none). Default: the model's query prompt where the rows were embedded with its document prompt, else the rows' prompt.")] = None,
     prompt_name: Annotated[Optional[str], typer.Option("--prompt-name", help="Put this prompt of the model's config_sentence_transformers.json before the query.")] = None,
+    exact: Annotated[bool, typer.Option("--exact", help="A Lance target: hfbatch's own exact scan instead of Lance's search (which uses an --index when there is one).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the hits as JSON.", rich_help_panel=REPORTING)] = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Exact nearest-neighbour search of TARGET's rows for QUERY, the query embedded as the rows were."""
+    """Nearest-neighbour search of TARGET's rows for QUERY, the query embedded as the rows were."""
     from .tools.search import search as search_target
 
-    report = _run(lambda: search_target(target, query, k=k, prompt=prompt, prompt_name=prompt_name), debug)
+    report = _run(lambda: search_target(target, query, k=k, prompt=prompt, prompt_name=prompt_name, exact=exact), debug)
     if as_json:
         _print_json(report)
     else:

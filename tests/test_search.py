@@ -71,6 +71,7 @@ def built(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         runs = {
             "parquet": [src, "-o", root / "out.parquet"],
             "lance": [src, "--id-column", "id", "-o", root / "x.lance"],
+            "lance-indexed": [src, "--id-column", "id", "--index", "-o", root / "xi.lance"],
             "delta": [src, "--id-column", "id", "-o", f"delta://{root / 'd'}"],
             "int8": [src, "--output-precision", "int8", "-o", root / "int8.parquet"],
             "binary": [src, "--output-precision", "binary", "-o", root / "binary.parquet"],
@@ -145,12 +146,22 @@ def assert_same_hits(report: dict[str, Any], ids: list[Any], scores: np.ndarray)
         assert a == b or np.isclose(scores, scores[rank], atol=1e-6).sum() > 1, (rank, got, ids)
 
 
-@pytest.mark.parametrize("kind", ["parquet", "lance", "delta"])
-def test_float_targets_give_brute_force_top_10(env_of: dict[str, Any], st_model: Any, kind: str) -> None:
+@pytest.mark.parametrize("kind, args", [("parquet", ()), ("lance", ()), ("lance", ("--exact",)), ("lance-indexed", ()),
+                                        ("delta", ())])
+def test_float_targets_give_brute_force_top_10(env_of: dict[str, Any], st_model: Any, kind: str,
+                                               args: tuple[str, ...]) -> None:
+    """Each target's search (Lance's own, flat or through its --index; hfbatch's exact scan for the
+    others, or for Lance with --exact) gives brute force's top 10."""
     target = env_of["targets"][kind]
+    if kind == "lance-indexed":
+        import lance
+
+        assert lance.dataset(str(target)).describe_indices(), "--index built no index"
+    kind = kind.removesuffix("-indexed")
     ids, stored = read_back(kind, target)
     for query in QUERIES:
-        report = search_json(target, query)
+        report = search_json(target, query, *args)
+        assert report["strategy"] == ("lance" if kind == "lance" and not args else "exact scan")
         assert report["kind"] == kind and report["k"] == 10 and report["metric"] == "cosine"
         assert report["rows_searched"] == len(TEXTS) and report["rows_skipped"] == 1  # the empty text's row
         assert report["prompt"] is None and "note" not in report

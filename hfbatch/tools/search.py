@@ -66,7 +66,7 @@ DOCUMENT_PROMPTS = {
 
 
 def search(target: str | Path | RemotePath, query: str, *, k: int = 10, prompt: str | None = None,
-           prompt_name: str | None = None) -> dict[str, Any]:
+           prompt_name: str | None = None, exact: bool = False) -> dict[str, Any]:
     """The k rows of `target` nearest to `query`: {"target", "kind", "model_id", "prompt",
     "prompt_name", "prompt_from", "precision", "metric", "k", "rows_searched", "rows_skipped",
     "hits": [{"rank", "score", <id column>, <kept columns>...}]}. InputError (exit 2) for a
@@ -85,14 +85,19 @@ def search(target: str | Path | RemotePath, query: str, *, k: int = 10, prompt: 
     chosen = query_prompt(record, prompt=prompt, prompt_name=prompt_name)
     vector, note = embed_query(source, query, chosen["prompt"])
     precision = record.get("precision") or "float32"
-    hits, searched, skipped = nearest(source.batches(), vector, k, record, id_column=source.id_column,
-                                      where=source.given)
+    by_lance = source.kind == "lance" and precision in ("float32", "float16") and not exact
+    if by_lance:  # Lance's own search: flat (exact) without an index, its index (--index) with one
+        hits, searched, skipped = lance_nearest(source, vector, k)
+    else:
+        hits, searched, skipped = nearest(source.batches(), vector, k, record, id_column=source.id_column,
+                                          where=source.given)
     report: dict[str, Any] = {
         "target": source.given, "kind": source.kind, "model_id": record.get("model_id"),
         "prompt": chosen["prompt"], "prompt_name": chosen["name"], "prompt_from": chosen["source"],
         "rows_prompt": record.get("prompt"), "precision": precision,
         "metric": "hamming (sign agreement)" if precision in ("binary", "ubinary") else "cosine",
         "id_column": source.id_column, "k": k, "rows_searched": searched, "rows_skipped": skipped, "hits": hits,
+        "strategy": "lance" if by_lance else "exact scan",
     }
     if note:
         report["note"] = note
@@ -406,6 +411,26 @@ def shown_columns(schema: pa.Schema, id_column: str | None) -> list[str]:
     facts or its content hash)."""
     first = [id_column] if id_column and id_column in schema.names else []
     return first + [n for n in schema.names if n not in HIDDEN_COLUMNS and n not in first]
+
+
+LANCE_PROBES = 256  # every partition an hfbatch --index makes (IVF_FLAT): its search stays exact
+
+
+def lance_nearest(source: Source, query: np.ndarray, k: int) -> tuple[list[dict[str, Any]], int, int]:
+    """The k nearest rows by Lance's own search (cosine; scores 1 - its distance)."""
+    from ..io.targets.lance import LanceTarget
+
+    target = open_target(source.given)
+    assert isinstance(target, LanceTarget)
+    names = [n for n in shown_columns(target.schema(), source.id_column) if n != "_distance"]
+    table = target.nearest(query.astype(np.float32), k, names, metric="cosine", probes=LANCE_PROBES)
+    distances = table.column("_distance").to_numpy(zero_copy_only=False)
+    rows = table.drop_columns(["_distance"]).to_pylist()
+    hits = [{"rank": rank, "score": round(float(1.0 - d), 6),
+             **{(f"{name}_" if name in ("rank", "score") else name): cell for name, cell in row.items()}}
+            for rank, (d, row) in enumerate(zip(distances, rows), 1)]
+    total, missing = target.count_rows(), target.count_rows(f"{VECTOR_COLUMN} IS NULL")
+    return hits, total - missing, missing
 
 
 def nearest(batches: Iterator[pa.RecordBatch], query: np.ndarray, k: int, record: Mapping[str, Any], *,

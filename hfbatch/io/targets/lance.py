@@ -79,9 +79,10 @@ class LanceTarget:
         dataset = self._open() if self.exists() else None
         return int(dataset.version) if dataset is not None else None
 
-    def count_rows(self) -> int:
+    def count_rows(self, where: str | None = None) -> int:
+        """Rows in the dataset (those matching the Lance filter `where`)."""
         dataset = self._open() if self.exists() else None
-        return int(dataset.count_rows()) if dataset is not None else 0
+        return int(dataset.count_rows(filter=where)) if dataset is not None else 0
 
     def schema(self) -> pa.Schema | None:
         dataset = self._open() if self.exists() else None
@@ -102,10 +103,12 @@ class LanceTarget:
             return iter(())
         return dataset.to_batches(columns=list(columns) if columns is not None else None)
 
-    def nearest(self, vector: Any, k: int, columns: Sequence[str], metric: str = "cosine") -> pa.Table:
-        """Lance's own search (exact without an index; with --index, the index's)."""
+    def nearest(self, vector: Any, k: int, columns: Sequence[str], metric: str = "cosine",
+                probes: int = 256) -> pa.Table:
+        """Lance's own search, with `_distance`: flat (exact) without an index; with --index's
+        IVF_FLAT probing up to `probes` partitions (all that hfbatch makes: exact too)."""
         return self._open().to_table(columns=list(columns), nearest={"column": "embedding", "q": vector, "k": k,
-                                                                     "metric": metric})
+                                                                     "metric": metric, "nprobes": probes})
 
     def size_bytes(self) -> int:
         return tree_bytes(self.spec.location)
