@@ -84,3 +84,10 @@ def test_a_dry_run_of_a_sync_counts_only_what_would_change_and_writes_nothing(tm
     code, out = run(day2, "-o", target, "--id-column", "id", "--delete-missing", "--max-delete-fraction", "0.1",
                     "--dry-run")
     assert code == 2 and "--max-delete-fraction" in out and len(out.strip().splitlines()) == 1, out
+
+
+def test_verify_of_a_table_says_what_it_checks_in_one_line(tmp_path: Path) -> None:
+    day1 = write_parquet(tmp_path / "d1.parquet", [{"id": i, "text": TEXTS[i]} for i in range(5)])
+    assert run(day1, "-o", tmp_path / "t.lance", "--id-column", "id")[0] == 0
+    result = CliRunner().invoke(app, ["verify", str(tmp_path / "t.lance")])
+    assert result.exit_code == 2 and "hfbatch search" in result.output and "Traceback" not in result.output

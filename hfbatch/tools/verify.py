@@ -41,6 +41,11 @@ from ..vectors import cosine_rows, l2_normalize, output_width, quantize, truncat
 
 
 def verify_output(output: Path, *, sample: int = 64, seed: int = 0, tolerance: float = 0.999) -> dict[str, Any]:
+    from ..io.targets import parse_target
+
+    if parse_target(output).is_table:  # (a table keeps its vector record, not a sidecar of one run)
+        raise InputError(f"{output}: verify checks Parquet outputs; a Lance or Delta table is not one yet. "
+                         "`hfbatch search` embeds a query with the table's record and shows its nearest rows.")
     output = location(output)
     meta_path = find_sidecar(output)
     try:
