@@ -91,3 +91,85 @@ def test_verify_of_a_table_says_what_it_checks_in_one_line(tmp_path: Path) -> No
     assert run(day1, "-o", tmp_path / "t.lance", "--id-column", "id")[0] == 0
     result = CliRunner().invoke(app, ["verify", str(tmp_path / "t.lance")])
     assert result.exit_code == 2 and "hfbatch search" in result.output and "Traceback" not in result.output
+
+
+# --- found by review: each once a wrong row kept or a count untrue ---------------------------------
+
+
+def _ids(target: Path) -> list:
+    return sorted(lance.dataset(target).to_table(columns=["id"]).column("id").to_pylist())
+
+
+def test_a_changed_row_skipped_as_invalid_leaves_the_table_and_the_change_file(tmp_path: Path) -> None:
+    d1 = write_parquet(tmp_path / "d1.parquet", [{"id": i, "text": TEXTS[i]} for i in range(10)])
+    d2 = write_parquet(tmp_path / "d2.parquet", [{"id": i, "text": None if i == 5 else TEXTS[i]} for i in range(10)])
+    target = tmp_path / "t.lance"
+    assert run(d1, "-o", target, "--id-column", "id")[0] == 0
+    code, out = run(d2, "-o", target, "--id-column", "id", "--on-invalid", "skip", "--changes",
+                    tmp_path / "c.parquet", "--json")
+    assert code == 0, out
+    assert _ids(target) == [i for i in range(10) if i != 5]  # not its old text's vector
+    assert json.loads(out)["metrics"]["sync"]["dropped_invalid"] == 1
+    import pyarrow.parquet as pq
+
+    changes = pq.read_table(tmp_path / "c.parquet").to_pylist()
+    assert [(r["id"], r["op"]) for r in changes] == [(5, "delete")]
+
+
+def test_a_rebuild_reports_and_guards_what_it_removes(tmp_path: Path) -> None:
+    d1 = write_parquet(tmp_path / "d1.parquet", [{"id": i, "text": TEXTS[i]} for i in range(20)])
+    d2 = write_parquet(tmp_path / "d2.parquet", [{"id": i, "text": TEXTS[i]} for i in range(3, 20)])
+    target = tmp_path / "t.lance"
+    assert run(d1, "-o", target, "--id-column", "id")[0] == 0
+    code, out = run(d2, "-o", target, "--id-column", "id", "--rebuild", "--changes", tmp_path / "c.parquet", "--json")
+    assert code == 0, out
+    sync = json.loads(out)["metrics"]["sync"]
+    assert (sync["deleted"], sync["updated"], sync["inserted"]) == (3, 17, 0)
+    import pyarrow.parquet as pq
+
+    assert sorted(r["id"] for r in pq.read_table(tmp_path / "c.parquet").to_pylist() if r["op"] == "delete") == [0, 1, 2]
+    empty = write_parquet(tmp_path / "empty.parquet", [{"id": 1, "text": TEXTS[1]}])
+    code, out = run(empty, "-o", target, "--id-column", "id", "--rebuild")
+    assert code == 2 and "--max-delete-fraction" in out, out  # a rebuild from a cut input never wipes the table
+    assert len(_ids(target)) == 17
+
+
+def test_an_empty_folder_named_for_the_dataset_is_used(tmp_path: Path) -> None:
+    (tmp_path / "e.lance").mkdir()
+    d1 = write_parquet(tmp_path / "d1.parquet", [{"id": i, "text": TEXTS[i]} for i in range(4)])
+    assert run(d1, "-o", tmp_path / "e.lance", "--id-column", "id")[0] == 0
+    assert _ids(tmp_path / "e.lance") == [0, 1, 2, 3]
+
+
+def test_int8_rows_carried_in_a_parquet_output_keep_their_ranges(tmp_path: Path) -> None:
+    from hfbatch.io.writers import read_metadata
+
+    d1 = write_parquet(tmp_path / "d1.parquet", [{"id": i, "text": TEXTS[i]} for i in range(30)])
+    d2 = write_parquet(tmp_path / "d2.parquet", [{"id": i, "text": TEXTS[i] + (" (edited)" if i == 0 else "")}
+                                                 for i in range(30)])
+    out = tmp_path / "q.parquet"
+    assert run(d1, "-o", out, "--id-column", "id", "--output-precision", "int8")[0] == 0
+    before = read_metadata(out)["provenance"]["vectors"]["ranges"]
+    assert run(d2, "-o", out, "--id-column", "id", "--output-precision", "int8")[0] == 0
+    assert read_metadata(out)["provenance"]["vectors"]["ranges"] == before
+    code, said = run(d2, "-o", out, "--id-column", "id", "--output-precision", "int8", "--calibration", d1)
+    assert code == 2 and "--calibration" in said, said
+
+
+def test_split_windows_carried_in_a_parquet_output_name_their_row_in_this_input(tmp_path: Path) -> None:
+    import pyarrow.parquet as pq
+
+    d1 = write_parquet(tmp_path / "d1.parquet", [{"id": i, "text": TEXTS[i]} for i in range(6)])
+    d2 = write_parquet(tmp_path / "d2.parquet", [{"id": 99, "text": "a new first row"}]
+                       + [{"id": i, "text": TEXTS[i]} for i in range(6)])
+    out = tmp_path / "s.parquet"
+    for day in (d1, d2):
+        assert run(day, "-o", out, "--id-column", "id", "--split", "tokens:8")[0] == 0
+    rows = pq.read_table(out, columns=["id", "parent_row"]).to_pylist()
+    assert {r["id"]: r["parent_row"] for r in rows} == {99: 0, **{i: i + 1 for i in range(6)}}
+
+
+def test_an_id_column_name_the_formats_cannot_merge_on_is_refused_before_work(tmp_path: Path) -> None:
+    d1 = write_parquet(tmp_path / "d1.parquet", [{"a`b": i, "text": TEXTS[i]} for i in range(3)])
+    code, out = run(d1, "-o", tmp_path / "t.lance", "--id-column", "a`b")
+    assert code == 2 and "rename the column" in out and not (tmp_path / "t.lance").exists(), out

@@ -138,7 +138,10 @@ def plan_sync(opts: Any, task: Any, source: Any, passthrough: pa.Schema, target:
             raise InputError(f"-o {spec.given} holds vectors of another space than this run's ({'; '.join(differ)}); "
                              "one table keeps one vector space: run with the options it records, write to another "
                              "target, or give --rebuild to replace it (one new version).")
-        if recorded.get("ranges") is not None and task.ranges is None:  # int8/uint8: the table's ranges
+        if recorded.get("ranges") is not None:  # int8/uint8: the table's ranges, whatever else was given
+            if opts.calibration is not None:
+                raise InputError(f"--calibration {opts.calibration}: -o {spec.given} keeps its own int8/uint8 ranges, "
+                                 "which every row it holds was quantised with; drop --calibration (or --rebuild).")
             task.ranges = np.asarray(recorded["ranges"], dtype=np.float32)
             task.calibration = {"source": f"target {spec.given}"}
     if target is not None and recorded is not None and not opts.rebuild:
@@ -164,20 +167,38 @@ def plan_sync(opts: Any, task: Any, source: Any, passthrough: pa.Schema, target:
 
     mode = task.split_mode
     key = [id_column, "chunk_index"] if mode == "rows" else [id_column]
+    rewrite_all = replace_all  # every row embedded and written (a new or rebuilt table, a Parquet output of another space)
     if target is not None and not replace_all:
         state = target.state(id_column)
         version_before = target.version()
     elif target is None:
-        state = previous_parquet_state(spec, id_column, space, [*passthrough.names, HASH_COLUMN, *task.added_columns])
+        state, carried = previous_parquet_state(spec, id_column, space,
+                                                [*passthrough.names, HASH_COLUMN, *task.added_columns])
+        rewrite_all = state is not None and carried is None
+        if carried is not None and carried.get("ranges") is not None:  # its rows keep their quantisation
+            if opts.calibration is not None:
+                raise InputError(f"--calibration {opts.calibration}: {spec.given} holds int8/uint8 rows quantised with "
+                                 "its own ranges, carried into this run's output; drop --calibration.")
+            task.ranges = np.asarray(carried["ranges"], dtype=np.float32)
+            task.calibration = {"source": f"the previous output {spec.given}"}
         version_before = None
-    else:
-        state, version_before = None, target.version()
+    else:  # a rebuild: what the table holds now says what goes (the counts, --changes, the guard)
+        try:
+            state = target.state(id_column) if target.exists() and target.count_rows() else None
+        except (InputError, OSError, ValueError):
+            state = None  # not keyed by this id column: nothing to compare with
+        version_before = target.version()
     if state is None:
         state = pa.table({id_column: pa.array([], id_type), HASH_COLUMN: pa.array([], pa.string())})
-    state = _typed_state(state, id_column, id_type, spec.given)
-    if mode == "rows":  # one row per window: one (id, hash) per document
+    try:
+        state = _typed_state(state, id_column, id_type, spec.given)
+    except InputError:
+        if not replace_all:
+            raise
+        state = pa.table({id_column: pa.array([], id_type), HASH_COLUMN: pa.array([], pa.string())})  # replaced anyway
+    if mode == "rows" or replace_all:  # one (id, hash) per document (window rows; a rebuilt table's repeats)
         state = state.group_by(id_column).aggregate([(HASH_COLUMN, "min")]).rename_columns([id_column, HASH_COLUMN])
-    elif target is not None and state.num_rows:
+    elif target is not None and state.num_rows and not replace_all:
         check_target_ids(state.column(id_column).combine_chunks(), id_column, spec.given)
     rows = pa.table({id_column: all_ids, "_new": all_hashes, "_row": pa.array(np.arange(len(all_ids)), pa.int64())})
     joined = rows.join(state, id_column, join_type="left outer").sort_by("_row")
@@ -185,11 +206,15 @@ def plan_sync(opts: Any, task: Any, source: Any, passthrough: pa.Schema, target:
     new_id = pc.is_null(old)
     differs = pc.fill_null(pc.not_equal(old, joined.column("_new")), True)
     changed = np.asarray(differs.to_numpy(zero_copy_only=False), dtype=bool)
+    if rewrite_all:
+        changed[:] = True
     inserted = int(pc.sum(new_id).as_py() or 0)
     gone = state.join(rows.select([id_column]), id_column, join_type="left anti").column(id_column).combine_chunks()
     target_ids = state.num_rows
-    deleting = bool(opts.delete_missing) or target is None  # a Parquet output is rewritten whole: gone is gone
-    if opts.delete_missing and target is not None and target_ids and len(gone) > opts.max_delete_fraction * target_ids:
+    # a Parquet output is rewritten whole and a rebuilt table replaced: what is gone is gone
+    deleting = bool(opts.delete_missing) or target is None or replace_all
+    if (opts.delete_missing or replace_all) and target is not None and target_ids \
+            and len(gone) > opts.max_delete_fraction * target_ids:
         raise InputError(
             f"{opts.input} would delete {len(gone):,} of the {target_ids:,} ids in {spec.given} "
             f"({len(gone) / target_ids:.0%}), more than --max-delete-fraction {opts.max_delete_fraction:g}; nothing was "
@@ -267,26 +292,27 @@ def _typed_state(state: pa.Table, id_column: str, id_type: pa.DataType, where: s
 
 
 def previous_parquet_state(spec: TargetSpec, id_column: str, space: Mapping[str, Any],
-                           columns: Sequence[str]) -> pa.Table | None:
-    """(id, hash) of the Parquet output an earlier sync left at -o, when its rows can be carried
-    into this run's output as they are: the same vector space and the same columns. Else None:
-    every row is new to this run (an output that is not an earlier sync is simply rewritten)."""
+                           columns: Sequence[str]) -> tuple[pa.Table | None, dict[str, Any] | None]:
+    """(id, hash) of the Parquet output an earlier sync left at -o (None: none, or not keyed by
+    `id_column`), and its vector record when its rows can be carried into this run's output as
+    they are: the same vector space and the same columns (None: every row is written again)."""
     where = spec.location
     try:
         if not where.exists():
-            return None
+            return None, None
         source: Any = where.open(ranged=True) if isinstance(where, RemotePath) else str(where)
         names = pq.ParquetFile(source).schema_arrow.names
-        if sorted(names) != sorted(columns):
-            return None
+        if id_column not in names or HASH_COLUMN not in names:
+            return None, None
+        source = where.open(ranged=True) if isinstance(where, RemotePath) else str(where)
+        state = pq.read_table(source, columns=[id_column, HASH_COLUMN])
         provenance = read_metadata(where).get("provenance") or {}
         recorded = vector_record(provenance, id_column=((provenance.get("output") or {}).get("table") or {}).get("id_column"))
-        if space_difference(recorded, dict(space) | {"dim": space.get("dim") or recorded.get("dim")}):
-            return None
-        source = where.open(ranged=True) if isinstance(where, RemotePath) else str(where)
-        return pq.read_table(source, columns=[id_column, HASH_COLUMN])
+        if sorted(names) != sorted(columns) or space_difference(recorded, dict(space) | {"dim": space.get("dim") or recorded.get("dim")}):
+            return state, None
+        return state, recorded
     except (OSError, pa.ArrowException, InputError, ValueError):
-        return None  # not an earlier output hfbatch can read: every row is new to it
+        return None, None  # not an earlier output hfbatch can read: every row is new to it
 
 
 class SyncRun:
@@ -296,11 +322,9 @@ class SyncRun:
         self.plan, self.opts, self.task, self.target = plan, opts, task, target
 
     def passthrough(self, schema: pa.Schema) -> pa.Schema:
-        names = schema.names
-        fields = list(schema) if self.plan.id_column in names else [pa.field(self.plan.id_column, self.plan.hashes.type)]
-        if self.plan.id_column not in names:
+        if self.plan.id_column not in schema.names:  # (the options add it to --keep)
             raise InputError(f"--keep must include --id-column {self.plan.id_column!r} (the target's key).")
-        return pa.schema(fields + [pa.field(HASH_COLUMN, pa.string())])
+        return pa.schema([*schema, pa.field(HASH_COLUMN, pa.string())])
 
     def select(self, v: ValidatedChunk) -> ValidatedChunk:
         """The chunk's rows to write (a table target: the changed ones), with their hash."""
@@ -337,6 +361,9 @@ def sync_hooks(opts: Any, task: Any, source: Any, files: Any) -> SyncRun | None:
         if opts.changes is not None:
             raise InputError("--changes lists the rows that changed by id: give --id-column COL.")
         return None
+    if spec.is_table and any(c in opts.id_column for c in '`"'):
+        raise InputError(f"--id-column {opts.id_column!r}: Lance and Delta cannot merge on a column whose name holds "
+                         "` or \"; rename the column.")
     target = open_target(spec) if spec.is_table else None
     plan = plan_sync(opts, task, source, files.passthrough, target)
     return SyncRun(plan, opts, task, target)

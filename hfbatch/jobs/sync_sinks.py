@@ -42,8 +42,11 @@ class ChangeSink:
     def write(self, batch: pa.RecordBatch) -> None:
         self.sink.write(batch.append_column(OP_COLUMN, pa.array(["upsert"] * batch.num_rows, pa.string())))
 
-    def commit(self, document: Mapping[str, Any]) -> None:
-        gone = self.plan.gone
+    def commit(self, document: Mapping[str, Any], dropped: pa.Array | None = None) -> None:
+        """Publish the file: the upserts written so far, then the gone ids and `dropped` (changed
+        rows that are no longer written: skipped as invalid) as deletes."""
+        gone = self.plan.gone if dropped is None or not len(dropped) else \
+            pa.concat_arrays([self.plan.gone, dropped.cast(self.plan.gone.type)])
         if len(gone):
             columns = [gone.cast(f.type) if f.name == self.plan.id_column else
                        pa.array(["delete"] * len(gone), pa.string()) if f.name == OP_COLUMN else pa.nulls(len(gone), f.type)
@@ -132,6 +135,9 @@ class ParquetSyncSink:
             keys = [("_row", "ascending")] + ([("chunk_index", "ascending")] if "chunk_index" in plan.key else [])
             placed = at.join(order, plan.id_column, join_type="inner").sort_by(keys)
             whole = whole.take(placed.column("_at"))
+            if "parent_row" in whole.schema.names:  # --split: a carried window's row is its row in this input
+                at_column = whole.schema.get_field_index("parent_row")
+                whole = whole.set_column(at_column, whole.schema.field(at_column), placed.column("_row"))
             record_sync(document, plan, None)
             document["provenance"]["output"]["rows"] = whole.num_rows
             document["metrics"]["rows_written"] = whole.num_rows
@@ -176,17 +182,26 @@ class TableSink:
         plan = self.plan
         try:
             source = self.staged.close()
+            # a changed row not written (--on-invalid skip: its text is no longer valid) must not
+            # keep its old vector in the table: its id goes, with the deletes
+            written = source.read(columns=[plan.id_column]).column(plan.id_column) if self.rows else pa.array([])
+            dropped = pc.filter(plan.changed_ids, pc.invert(pc.is_in(plan.changed_ids,
+                                                                      value_set=written.cast(plan.changed_ids.type))))
+            stale = [*plan.stale, *dropped.to_pylist()]
+            if len(dropped):
+                plan.counts["deleted"] += len(dropped)
+                plan.counts["dropped_invalid"] = len(dropped)
             if self.changes is not None:
-                self.changes.commit(document)
+                self.changes.commit(document, dropped)
             provenance = document["provenance"]
             record = vector_record(provenance, id_column=plan.id_column,
                                    stored_as="delta" if plan.spec.kind == "delta" else None)
             record["key"] = plan.key
-            if not plan.replace and not self.rows and not plan.stale:
+            if not plan.replace and not self.rows and not stale:
                 result = {"version": plan.version_before, "bytes_added": 0}  # nothing changed: no new version
             else:
                 reader = pa.RecordBatchReader.from_batches(self.schema, source.iter_batches(batch_size=8192))
-                result = self.target.commit(reader, key=plan.key, id_column=plan.id_column, stale=plan.stale,
+                result = self.target.commit(reader, key=plan.key, id_column=plan.id_column, stale=stale,
                                             record=record, replace=plan.replace)
             record_sync(document, plan, result)
             if self.opts.index:  # (Lance only: the options refuse it for other targets)

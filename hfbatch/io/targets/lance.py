@@ -76,12 +76,12 @@ class LanceTarget:
         return record
 
     def version(self) -> int | None:
-        dataset = self._open() if self.exists() else None
+        dataset = self._open_quietly()  # (an empty folder made for the dataset: none yet)
         return int(dataset.version) if dataset is not None else None
 
     def count_rows(self, where: str | None = None) -> int:
         """Rows in the dataset (those matching the Lance filter `where`)."""
-        dataset = self._open() if self.exists() else None
+        dataset = self._open_quietly()
         return int(dataset.count_rows(filter=where)) if dataset is not None else 0
 
     def schema(self) -> pa.Schema | None:
