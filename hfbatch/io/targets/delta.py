@@ -161,6 +161,8 @@ class DeltaTarget:
                 if len(stale):
                     merger = merger.when_not_matched_by_source_delete(predicate=in_list(f"t.{quoted(id_column)}", stale))
                 merger.execute()
+                self._table = table  # (now at this merge's version, not a later run's)
+                return {"version": int(table.version()), "bytes_added": max(0, self.size_bytes() - before)}
         except InputError:
             raise
         except Exception as exc:  # noqa: BLE001 - delta-rs raises DeltaError, CommitFailedError, OSError...

@@ -131,8 +131,8 @@ class LanceTarget:
                 builder = dataset.merge_insert(list(key)).when_matched_update_all().when_not_matched_insert_all()
                 if len(stale):  # (without an expression Lance would delete every row not upserted)
                     builder = builder.when_not_matched_by_source_delete(in_list(quoted(id_column), stale))
-                builder.execute(_with_schema(rows, dataset.schema))
-                dataset = lance.dataset(self.spec.uri, storage_options=storage_options(self.spec))
+                builder.execute(_with_schema(rows, dataset.schema))  # (`dataset` is now at its own commit's
+                # version: not the latest, which another run may have made since)
         except InputError:
             raise
         except Exception as exc:  # noqa: BLE001 - Lance raises OSError, ValueError, RuntimeError...
