@@ -17,7 +17,6 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -120,13 +119,9 @@ def _changed_rows(sync: SyncRun, files: Any, work: Path) -> int:
     writer: pq.ParquetWriter | None = None
     rows = 0
     for chunk in files.reader.chunks():
-        n = chunk.batch.num_rows
-        first = chunk.first_row
-        batch = chunk.batch.append_column(HASH_COLUMN, plan.hashes.slice(first, n))
-        picked = np.flatnonzero(plan.changed[first:first + n])
+        batch, picked = plan.changed_rows(chunk.batch, chunk.first_row)
         if not len(picked):
             continue
-        batch = batch.take(pa.array(picked, pa.int64())) if len(picked) != n else batch
         if writer is None:
             writer = pq.ParquetWriter(str(work), batch.schema, compression="zstd")
         writer.write_batch(batch)

@@ -85,8 +85,8 @@ def id_array(column: pa.Array | pa.ChunkedArray, name: str, where: Any, first_ro
     if pa.types.is_dictionary(kind):
         column, kind = column.cast(kind.value_type), kind.value_type
     if pa.types.is_integer(kind):
-        if pa.types.is_uint64(kind) and len(column) and pc.max(column).as_py() is not None \
-                and pc.max(column).as_py() > 2**63 - 1:
+        top = pc.max(column).as_py() if pa.types.is_uint64(kind) and len(column) else None
+        if top is not None and top > 2**63 - 1:
             raise InputError(f"{where}: --id-column {name!r} holds integers above 2^63-1; give ids as text.")
         return column.cast(pa.int64())
     if pa.types.is_string(kind) or pa.types.is_large_string(kind) or pa.types.is_string_view(kind):
@@ -118,6 +118,14 @@ class SyncPlan:
     version_before: int | None
     replace: bool  # create or rebuild: the target becomes exactly this run's rows
     recorded: dict[str, Any] | None
+
+    def changed_rows(self, batch: pa.RecordBatch, first: int) -> tuple[pa.RecordBatch, np.ndarray]:
+        """Of the input rows `batch` (whose first is input row `first`): the changed ones with
+        their hash column, and their indices in `batch`."""
+        n = batch.num_rows
+        rows = np.flatnonzero(self.changed[first:first + n])
+        batch = batch.append_column(HASH_COLUMN, self.hashes.slice(first, n))
+        return (batch if len(rows) == n else batch.take(pa.array(rows, pa.int64()))), rows
 
 
 def plan_sync(opts: Any, task: Any, source: Any, passthrough: pa.Schema, target: Target | None) -> SyncPlan:
@@ -327,16 +335,14 @@ class SyncRun:
         return pa.schema([*schema, pa.field(HASH_COLUMN, pa.string())])
 
     def select(self, v: ValidatedChunk) -> ValidatedChunk:
-        """The chunk's rows to write (a table target: the changed ones), with their hash."""
+        """The chunk's changed rows, with their hash: what the run computes and writes."""
         n = v.chunk.batch.num_rows
         first = v.chunk.first_row
-        hashes = self.plan.hashes.slice(first, n)
-        batch = v.chunk.batch.append_column(HASH_COLUMN, hashes)
-        rows = np.flatnonzero(self.plan.changed[first:first + n])
+        batch, rows = self.plan.changed_rows(v.chunk.batch, first)
         if len(rows) == n:
             return replace(v, chunk=replace(v.chunk, batch=batch))
         at = {int(r): k for k, r in enumerate(rows)}
-        chunk = Chunk(batch.take(pa.array(rows, pa.int64())), first,
+        chunk = Chunk(batch, first,
                       {at[i]: why for i, why in v.chunk.invalid.items() if i in at}, row_numbers=rows + first)
         pick = rows.tolist()
         return ValidatedChunk(chunk, [v.texts[i] for i in pick], [v.errors[i] for i in pick],
@@ -348,7 +354,7 @@ class SyncRun:
         changes = ChangeSink(self.opts.changes, schema, self.plan) if self.opts.changes is not None else None
         if self.target is None:
             return ParquetSyncSink(self.opts.output, schema, self.plan, changes)
-        return TableSink(self.target, schema, self.plan, changes, self.opts, self.task)
+        return TableSink(self.target, schema, self.plan, changes, index=self.opts.index)
 
 
 def sync_hooks(opts: Any, task: Any, source: Any, files: Any) -> SyncRun | None:

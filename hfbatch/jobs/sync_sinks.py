@@ -90,14 +90,12 @@ class Staged:
         self.path.unlink(missing_ok=True)
 
 
-class ParquetSyncSink:
-    """A Parquet output synced by id: its changed rows computed (staged), its unchanged rows
-    carried from the output the last run left at -o (neither embedded nor looked up again), and
-    the whole output written in input order, atomically, by ParquetSink. The carried rows are
-    read into memory at the commit (the columns of the unchanged rows)."""
+class StagedSink:
+    """What both sinks of a sync share: the run's rows staged locally (and, with --changes, also
+    written there) until the commit; `abort` removes both."""
 
-    def __init__(self, output: Any, schema: pa.Schema, plan: SyncPlan, changes: ChangeSink | None):
-        self.output, self.schema, self.plan, self.changes = output, schema, plan, changes
+    def __init__(self, schema: pa.Schema, plan: SyncPlan, changes: ChangeSink | None):
+        self.schema, self.plan, self.changes = schema, plan, changes
         self.staged = Staged(plan.spec, schema)
 
     @property
@@ -108,6 +106,22 @@ class ParquetSyncSink:
         self.staged.write(batch)
         if self.changes is not None:
             self.changes.write(batch)
+
+    def abort(self) -> None:
+        self.staged.remove()
+        if self.changes is not None:
+            self.changes.abort()
+
+
+class ParquetSyncSink(StagedSink):
+    """A Parquet output synced by id: its changed rows computed (staged), its unchanged rows
+    carried from the output the last run left at -o (neither embedded nor looked up again), and
+    the whole output written in input order, atomically, by ParquetSink. The carried rows are
+    read into memory at the commit (the columns of the unchanged rows)."""
+
+    def __init__(self, output: Any, schema: pa.Schema, plan: SyncPlan, changes: ChangeSink | None):
+        super().__init__(schema, plan, changes)
+        self.output = output
 
     def commit(self, document: dict[str, Any], sidecar: Any = None) -> None:
         plan = self.plan
@@ -154,29 +168,15 @@ class ParquetSyncSink:
         finally:
             self.staged.remove()
 
-    def abort(self) -> None:
-        self.staged.remove()
-        if self.changes is not None:
-            self.changes.abort()
 
+class TableSink(StagedSink):
+    """A table target's rows, staged in a local Parquet file and committed as one version
+    (`index`: then its vector index built, --index)."""
 
-class TableSink:
-    """A table target's rows, staged in a local Parquet file and committed as one version."""
-
-    def __init__(self, target: Target, schema: pa.Schema, plan: SyncPlan, changes: ChangeSink | None, opts: Any,
-                 task: Any):
-        self.target, self.plan, self.changes, self.opts, self.task = target, plan, changes, opts, task
-        self.schema = schema
-        self.staged = Staged(plan.spec, schema)
-
-    @property
-    def rows(self) -> int:
-        return self.staged.rows
-
-    def write(self, batch: pa.RecordBatch) -> None:
-        self.staged.write(batch)
-        if self.changes is not None:
-            self.changes.write(batch)
+    def __init__(self, target: Target, schema: pa.Schema, plan: SyncPlan, changes: ChangeSink | None, *,
+                 index: bool = False):
+        super().__init__(schema, plan, changes)
+        self.target, self.index = target, index
 
     def commit(self, document: dict[str, Any], sidecar: Any = None) -> None:
         plan = self.plan
@@ -204,7 +204,7 @@ class TableSink:
                 result = self.target.commit(reader, key=plan.key, id_column=plan.id_column, stale=stale,
                                             record=record, replace=plan.replace)
             record_sync(document, plan, result)
-            if self.opts.index:  # (Lance only: the options refuse it for other targets)
+            if self.index:  # (Lance only: the options refuse it for other targets)
                 built = self.target.build_index()
                 document["provenance"]["output"]["table"]["index"] = built
                 if "error" in built:
@@ -214,11 +214,6 @@ class TableSink:
                 write_json_atomic(sidecar, document)
         finally:
             self.staged.remove()
-
-    def abort(self) -> None:
-        self.staged.remove()
-        if self.changes is not None:
-            self.changes.abort()
 
 
 def record_sync(document: dict[str, Any], plan: SyncPlan, result: Mapping[str, Any] | None) -> None:
