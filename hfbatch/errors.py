@@ -122,9 +122,10 @@ def first_line(exc: BaseException, limit: int = 300) -> str:
 # (greedy up to the last @ before the path, as URL parsers split it).
 _TOKEN_RE = re.compile(r"hf_[A-Za-z0-9]{6,}")
 _USERINFO_RE = re.compile(r"\b([a-z][a-z0-9+.\-]*://)[^/?#\s'\"<>]*@", re.IGNORECASE)
+_QUERY_PASSWORD_RE = re.compile(r"([?&](?:ssl)?password=)[^&#\s'\"<>]*", re.IGNORECASE)  # libpq URLs take ?password=
 SECRET_VARIABLES = ("HF_TOKEN", "HUGGINGFACE_TOKEN", "HUGGING_FACE_HUB_TOKEN", "HFBATCH_API_KEY",
                     "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AZURE_STORAGE_KEY", "AZURE_STORAGE_ACCOUNT_KEY",
-                    "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_CONNECTION_STRING")
+                    "AZURE_STORAGE_SAS_TOKEN", "AZURE_STORAGE_CONNECTION_STRING", "PGPASSWORD")
 
 
 def redact_text(text: str) -> str:
@@ -135,4 +136,5 @@ def redact_text(text: str) -> str:
         if value and len(value) >= 6:
             text = text.replace(value, "***")
     text = _USERINFO_RE.sub(r"\1***@", text)
+    text = _QUERY_PASSWORD_RE.sub(r"\1***", text)
     return _TOKEN_RE.sub("hf_***", text)

@@ -18,7 +18,7 @@ from .errors import InputError
 from .io.plan import check_output_path
 from .io.readers import detect_format, format_with_delimiter, parse_delimiter
 from .io.sidecars import sidecar_path
-from .io.stores import is_remote, location
+from .io.stores import RemotePath, is_remote, location
 from .settings import Settings, parse_byte_size
 from .validate import ON_INVALID
 from .vectors import CALIBRATED, OUTPUT_PRECISIONS
@@ -45,7 +45,8 @@ NOT_OUTPUT_IDENTITY = (
     "ranges", "calibration_record",  # settled from `calibration` by the engines, the same for every part
     # sync (jobs/sync.py): which rows a run writes into its target, not what their vectors are; the
     # target's own record holds its vector space
-    "id_column", "target", "delete_missing", "max_delete_fraction", "rebuild", "changes", "index",
+    "id_column", "target", "delete_missing", "max_delete_fraction", "rebuild", "changes", "index", "index_type",
+    "lock_timeout",
 )
 
 
@@ -102,8 +103,13 @@ class JobOptions:
         raise NotImplementedError
 
     @property
-    def sidecar(self) -> Path:
-        return location(self.sidecar_file) if self.sidecar_file is not None else sidecar_path(location(self.output))
+    def sidecar(self) -> Path | None:
+        """Where the run's document goes: --sidecar-file, else `<output>.meta.json`; a database
+        table's (postgresql://) has none beside it, so only where --sidecar-file names one."""
+        if self.sidecar_file is not None:
+            return location(self.sidecar_file)
+        where = location(self.output)
+        return sidecar_path(where) if isinstance(where, (Path, RemotePath)) else None
 
     def resolved(self: _Opts, settings: Settings) -> _Opts:
         """Fill unset options from settings and check the values that need no file or model."""
@@ -184,7 +190,9 @@ class EmbedOptions(JobOptions):
     max_delete_fraction: float = 0.5  # refuse a run that would delete more of the target than this
     rebuild: bool = False  # replace a target of another vector space (one new version)
     changes: Path | None = None  # also write the upserted rows and deleted ids to this Parquet file
-    index: bool = False  # a Lance target: build its vector index after the run (for `hfbatch search`)
+    index: bool = False  # a Lance or Postgres target: build its vector index after the run (for `hfbatch search`)
+    index_type: str | None = None  # a Postgres target's --index: hnsw (None) or ivfflat
+    lock_timeout: float | None = None  # a Postgres target held by another run: give up after this (None: wait)
 
     @property
     def input_column(self) -> str:
@@ -245,9 +253,16 @@ class EmbedOptions(JobOptions):
             raise InputError(f"--max-delete-fraction is a fraction of the target, 0 to 1 (got {self.max_delete_fraction}).")
         if self.changes is not None and str(self.changes).lower().rsplit(".", 1)[-1] not in ("parquet", "pq"):
             raise InputError(f"--changes {self.changes}: the change file is Parquet; give it a .parquet name.")
-        if self.index and (spec.kind != "lance" or self.output_precision not in ("float32", "float16")):
-            raise InputError("--index builds a Lance dataset's vector index (float32 or float16 vectors); "
-                             f"-o {spec.given} with --output-precision {self.output_precision} is searched exactly, without one.")
+        if self.index and (spec.kind not in ("lance", "postgres") or self.output_precision not in ("float32", "float16")):
+            raise InputError("--index builds a Lance dataset's or a Postgres table's vector index (float32 or float16 "
+                             f"vectors); -o {spec.given} with --output-precision {self.output_precision} is searched "
+                             "exactly, without one.")
+        if self.index_type is not None and (spec.kind != "postgres" or self.index_type not in ("hnsw", "ivfflat")):
+            raise InputError(f"--index-type {self.index_type}: a Postgres target's --index is hnsw or ivfflat "
+                             f"(-o {spec.given}{' is not a Postgres table' if spec.kind != 'postgres' else ''}).")
+        if self.lock_timeout is not None and (self.lock_timeout < 0 or spec.kind != "postgres"):
+            raise InputError(f"--lock-timeout is seconds (0 or more) to wait for another run on a Postgres target "
+                             f"(got {self.lock_timeout:g} with -o {spec.given}).")
         if self.delete_missing and self.id_column is None:
             raise InputError("--delete-missing deletes the ids the input no longer has: give --id-column COL.")
 

@@ -23,7 +23,7 @@ os.environ.pop("LINES", None)
 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -124,6 +124,16 @@ def write_parquet(path: Path, rows: list[dict[str, Any]]) -> Path:
 
 
 WRITERS = {"csv": write_csv, "jsonl": write_jsonl, "parquet": write_parquet}
+
+
+@pytest.fixture(scope="session")
+def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A real Postgres with pgvector on 127.0.0.1, password auth (tests/pg.py): one per worker."""
+    from pg import PgServer
+
+    server = PgServer(tmp_path_factory.mktemp("pg"))
+    yield server
+    server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -59,9 +59,16 @@ def is_remote(spec: Any) -> bool:
 
 
 def location(spec: Any) -> "Path | RemotePath":
-    """A local Path, or a RemotePath for a store URL (never Path("s3://..."), which would fold the //)."""
+    """A local Path, or a RemotePath for a store URL (never Path("s3://..."), which would fold the //);
+    a postgresql:// URL (an output only): the table it names (io/targets/postgres.PgLocation)."""
     if isinstance(spec, (Path, RemotePath)):
         return spec
+    from .targets.postgres import PgLocation, is_postgres_url
+
+    if isinstance(spec, PgLocation):
+        return spec  # type: ignore[return-value]
+    if is_postgres_url(spec):
+        return PgLocation(str(spec))  # type: ignore[return-value]
     return RemotePath(str(spec)) if is_remote(spec) else Path(spec)
 
 

@@ -427,7 +427,11 @@ def run_job(options: O, added_columns: Sequence[str], task_for: Callable[[O], Ta
         files = open_files(opts, added_columns, source, table=table, extra_outputs=extra_outputs)
         task = task_for(opts)
         sync = sync_for(opts, task, source, files) if sync_for is not None else None
-        return opts, run_task(task, opts, files, observer=observer, sync=sync)
+        try:
+            return opts, run_task(task, opts, files, observer=observer, sync=sync)
+        finally:
+            if sync is not None:
+                sync.close()
 
 
 class Sync(Protocol):
@@ -438,6 +442,8 @@ class Sync(Protocol):
     def select(self, v: ValidatedChunk) -> ValidatedChunk: ...
 
     def open_sink(self, schema: pa.Schema) -> Any: ...
+
+    def close(self) -> None: ...
 
 
 def run_task(task: Task, opts: JobOptions, files: JobFiles, *, observer: Observer | None = None,

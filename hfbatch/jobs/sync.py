@@ -354,7 +354,12 @@ class SyncRun:
         changes = ChangeSink(self.opts.changes, schema, self.plan) if self.opts.changes is not None else None
         if self.target is None:
             return ParquetSyncSink(self.opts.output, schema, self.plan, changes)
-        return TableSink(self.target, schema, self.plan, changes, index=self.opts.index)
+        return TableSink(self.target, schema, self.plan, changes, index=self.opts.index, index_type=self.opts.index_type)
+
+    def close(self) -> None:
+        """The run is over (done or failed): the target lets go of its connection and lock."""
+        if self.target is not None:
+            self.target.close()
 
 
 def sync_hooks(opts: Any, task: Any, source: Any, files: Any) -> SyncRun | None:
@@ -367,10 +372,22 @@ def sync_hooks(opts: Any, task: Any, source: Any, files: Any) -> SyncRun | None:
         if opts.changes is not None:
             raise InputError("--changes lists the rows that changed by id: give --id-column COL.")
         return None
-    if spec.is_table and any(c in opts.id_column for c in '`"'):
+    if spec.kind in ("lance", "delta") and any(c in opts.id_column for c in '`"'):
         raise InputError(f"--id-column {opts.id_column!r}: Lance and Delta cannot merge on a column whose name holds "
                          "` or \"; rename the column.")
+    if spec.kind == "postgres":
+        from ..io.targets.postgres import check_name
+
+        for name in [*files.passthrough.names, *task.added_columns]:
+            check_name(name, f"{opts.input}: column")
     target = open_target(spec) if spec.is_table else None
-    plan = plan_sync(opts, task, source, files.passthrough, target)
+    try:
+        if target is not None:
+            target.lock(opts.lock_timeout)  # (Postgres: held until the run ends; the next run plans on its result)
+        plan = plan_sync(opts, task, source, files.passthrough, target)
+    except BaseException:
+        if target is not None:
+            target.close()
+        raise
     return SyncRun(plan, opts, task, target)
 

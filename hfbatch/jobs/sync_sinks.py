@@ -6,6 +6,7 @@ from the last output as a whole Parquet file (ParquetSyncSink); --changes beside
 from __future__ import annotations
 
 import logging
+import re
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Mapping
@@ -62,7 +63,9 @@ class Staged:
     """Rows staged in a local Parquet file until a sink's commit (a killed run's: removed by the next)."""
 
     def __init__(self, spec: TargetSpec, schema: pa.Schema):
-        base = Path(tempfile.gettempdir()) / f"hfbatch-stage-{Path(str(spec.uri)).name}.parquet"
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(spec.uri)).name if spec.kind != "postgres" else
+                      f"{spec.location.name}")[:80]  # type: ignore[union-attr]
+        base = Path(tempfile.gettempdir()) / f"hfbatch-stage-{name}.parquet"
         remove_stale_temps(base)
         self.path, self.schema, self.given, self.rows = temp_path_for(base), schema, spec.given, 0
         try:
@@ -174,9 +177,9 @@ class TableSink(StagedSink):
     (`index`: then its vector index built, --index)."""
 
     def __init__(self, target: Target, schema: pa.Schema, plan: SyncPlan, changes: ChangeSink | None, *,
-                 index: bool = False):
+                 index: bool = False, index_type: str | None = None):
         super().__init__(schema, plan, changes)
-        self.target, self.index = target, index
+        self.target, self.index, self.index_type = target, index, index_type
 
     def commit(self, document: dict[str, Any], sidecar: Any = None) -> None:
         plan = self.plan
@@ -204,8 +207,8 @@ class TableSink(StagedSink):
                 result = self.target.commit(reader, key=plan.key, id_column=plan.id_column, stale=stale,
                                             record=record, replace=plan.replace)
             record_sync(document, plan, result)
-            if self.index:  # (Lance only: the options refuse it for other targets)
-                built = self.target.build_index()
+            if self.index:  # (Lance and Postgres: the options refuse it for Delta)
+                built = self.target.build_index(self.index_type)
                 document["provenance"]["output"]["table"]["index"] = built
                 if "error" in built:
                     log.warning("%s: the rows are in (version %s), but the --index could not be built: %s",

@@ -5,6 +5,8 @@
   the next run can say what changed (`--changes`).
 - `*.lance` (local or s3://): a Lance dataset (lance.py).
 - a directory holding `_delta_log`, or `delta://PATH-OR-URL`: a Delta Lake table (delta.py).
+- `postgresql://user@host:port/db?table=NAME[&schema=S]`: a Postgres table with pgvector
+  (postgres.py; its location a PgLocation, shown without the password).
 
 A table target is synced, not rewritten: each row stores HASH_COLUMN, a content hash of its text,
 its kept columns and the options that shape its vector (jobs/sync.py); a run embeds and writes
@@ -32,7 +34,7 @@ class ForeignTable(InputError):
 
 HASH_COLUMN = "_hfbatch_hash"  # the content hash of a row (of its parent row, with --split)
 RECORD_KEY = "hfbatch"  # where a table keeps its vector record (Lance schema metadata; Delta: the description)
-TABLE_KINDS = ("lance", "delta")
+TABLE_KINDS = ("lance", "delta", "postgres")
 DELTA_PREFIX = "delta://"
 
 # what must be equal for two runs to write into one table: the fields of vector_record compared
@@ -54,13 +56,19 @@ class TargetSpec:
 
     @property
     def uri(self) -> str:
-        """What the table libraries take: a local path as text, or the store's URL."""
+        """What the table libraries take: a local path as text, or the store's URL (a Postgres
+        table's: without its password)."""
         return self.location.url if isinstance(self.location, RemotePath) else str(self.location)
 
 
 def parse_target(output: str | Path | RemotePath, kind: str | None = None) -> TargetSpec:
     """The kind of target `-o` names, from its name alone (plus, locally, a `_delta_log` folder);
     `kind`: already known (a delta:// prefix taken off by the options)."""
+    from .postgres import PgLocation, is_postgres_url
+
+    if isinstance(output, PgLocation) or is_postgres_url(output):
+        where = output if isinstance(output, PgLocation) else PgLocation(str(output))
+        return TargetSpec("postgres", where, str(where))  # type: ignore[arg-type]
     text = output.url if isinstance(output, RemotePath) else str(output)
     if kind is not None:
         return TargetSpec(kind, location(output), f"{DELTA_PREFIX}{text}" if kind == "delta" else text)
@@ -123,8 +131,19 @@ class Target(Protocol):
         """Bytes the table's files take (local tables; a store's: summed from its listing)."""
         ...
 
-    def build_index(self) -> dict[str, Any]:
-        """Build the table's vector index after a run (--index): what was built, or its error."""
+    def build_index(self, kind: str | None = None) -> dict[str, Any]:
+        """Build the table's vector index after a run (--index; `kind`: --index-type): what was
+        built, or its error."""
+        ...
+
+    def lock(self, timeout: float | None) -> None:
+        """Hold the table for this run, from planning to commit, where the table's own commits do
+        not order two runs (Postgres: an advisory lock; Lance, Delta: nothing, their commits
+        conflict and retry). `timeout`: --lock-timeout."""
+        ...
+
+    def close(self) -> None:
+        """Let go of what the run held (a connection, its lock)."""
         ...
 
 
@@ -139,6 +158,10 @@ def open_target(spec: TargetSpec | str | Path | RemotePath) -> Target:
         from .delta import DeltaTarget
 
         return DeltaTarget(spec)
+    if spec.kind == "postgres":
+        from .postgres import PostgresTarget
+
+        return PostgresTarget(spec)
     raise InputError(f"{spec.given}: a Parquet output is not a table target.")
 
 

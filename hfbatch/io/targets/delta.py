@@ -138,7 +138,13 @@ class DeltaTarget:
     def size_bytes(self) -> int:
         return tree_bytes(self.spec.location)
 
-    def build_index(self) -> dict[str, Any]:
+    def lock(self, timeout: float | None) -> None:
+        """Nothing to hold: the format's own commits order two runs (see the module)."""
+
+    def close(self) -> None:
+        self._table = None
+
+    def build_index(self, kind: str | None = None) -> dict[str, Any]:
         return {"type": None, "error": "a Delta table has no vector index; hfbatch search reads it exactly"}
 
     def commit(self, rows: pa.RecordBatchReader, *, key: Sequence[str], id_column: str, stale: Sequence[Any],

@@ -141,7 +141,13 @@ class LanceTarget:
         self._dataset = dataset
         return {"version": int(dataset.version), "bytes_added": max(0, self.size_bytes() - before)}
 
-    def build_index(self) -> dict[str, Any]:
+    def lock(self, timeout: float | None) -> None:
+        """Nothing to hold: the format's own commits order two runs (see the module)."""
+
+    def close(self) -> None:
+        self._dataset = None
+
+    def build_index(self, kind: str | None = None) -> dict[str, Any]:
         """An IVF_FLAT index on `embedding` (cosine) for Lance's own search, replacing an earlier
         one: its own version, after the data's. Flat within each partition, so a search that
         probes every partition is exact."""
