@@ -324,7 +324,7 @@ def search(
     k: Annotated[int, typer.Option("-k", "--top-k", help="How many hits to show (1 or more).")] = 10,
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="Put this text before the query (\"\": none). Default: the model's query prompt where the rows were embedded with its document prompt, else the rows' prompt.")] = None,
     prompt_name: Annotated[Optional[str], typer.Option("--prompt-name", help="Put this prompt of the model's config_sentence_transformers.json before the query.")] = None,
-    exact: Annotated[bool, typer.Option("--exact", help="A Lance target: hfbatch's own exact scan instead of Lance's search (which uses an --index when there is one).")] = False,
+    exact: Annotated[bool, typer.Option("--exact", help="A Lance or Postgres target: hfbatch's own exact scan instead of the table's own search (Lance's, or pgvector's <=>, which use an --index when there is one).")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the hits as JSON.", rich_help_panel=REPORTING)] = False,
     debug: DebugOpt = False,
 ) -> None:

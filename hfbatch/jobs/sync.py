@@ -382,6 +382,8 @@ def sync_hooks(opts: Any, task: Any, source: Any, files: Any) -> SyncRun | None:
             check_name(name, f"{opts.input}: column")
     target = open_target(spec) if spec.is_table else None
     try:
+        if spec.kind == "postgres":
+            target.check_precision(opts.output_precision)  # type: ignore[union-attr]
         if target is not None:
             target.lock(opts.lock_timeout)  # (Postgres: held until the run ends; the next run plans on its result)
         plan = plan_sync(opts, task, source, files.passthrough, target)

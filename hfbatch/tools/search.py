@@ -86,8 +86,11 @@ def search(target: str | Path | RemotePath, query: str, *, k: int = 10, prompt: 
     vector, note = embed_query(source, query, chosen["prompt"])
     precision = record.get("precision") or "float32"
     by_lance = source.kind == "lance" and precision in ("float32", "float16") and not exact
+    by_postgres = source.kind == "postgres" and not exact
     if by_lance:  # Lance's own search: flat (exact) without an index, its index (--index) with one
         hits, searched, skipped = lance_nearest(source, vector, k)
+    elif by_postgres:  # pgvector's <=>: exact without an index, its HNSW/IVFFlat (--index) searched wide
+        hits, searched, skipped = postgres_nearest(source, vector, k)
     else:
         hits, searched, skipped = nearest(source.batches(), vector, k, record, id_column=source.id_column,
                                           where=source.given)
@@ -97,7 +100,7 @@ def search(target: str | Path | RemotePath, query: str, *, k: int = 10, prompt: 
         "rows_prompt": record.get("prompt"), "precision": precision,
         "metric": "hamming (sign agreement)" if precision in ("binary", "ubinary") else "cosine",
         "id_column": source.id_column, "k": k, "rows_searched": searched, "rows_skipped": skipped, "hits": hits,
-        "strategy": "lance" if by_lance else "exact scan",
+        "strategy": "lance" if by_lance else "postgres <=>" if by_postgres else "exact scan",
     }
     if note:
         report["note"] = note
@@ -110,9 +113,10 @@ class Source:
     """A target to search: its vector record and its rows, streamed (every column)."""
 
     def __init__(self, given: str, kind: str, record: dict[str, Any], provenance: dict[str, Any] | None,
-                 batches: Any):
+                 batches: Any, target: Any = None):
         self.given, self.kind, self.record, self.provenance = given, kind, record, provenance
         self.batches = batches  # () -> iterator of RecordBatches
+        self.target = target  # a table target's Target (None: Parquet)
         self.id_column = record.get("id_column") or ((provenance or {}).get("output") or {}).get("table", {}).get("id_column")
 
 
@@ -134,7 +138,7 @@ def open_source(target: str | Path | RemotePath) -> Source:
 def _table_source(spec: TargetSpec) -> Source:
     target = open_target(spec)
     if not target.exists():
-        what = "Lance dataset" if spec.kind == "lance" else "Delta table"
+        what = {"lance": "Lance dataset", "delta": "Delta table"}.get(spec.kind, "table")
         raise InputError(f"{spec.given}: no such {what}; give the -o of an hfbatch embed --id-column run.")
     try:
         record = target.record()
@@ -144,13 +148,13 @@ def _table_source(spec: TargetSpec) -> Source:
                          "wrote.") from None
     if record is None:
         raise InputError(f"{spec.given}: an empty {spec.kind} target; nothing to search.")
-    return Source(spec.given, spec.kind, record, _table_provenance(spec, record), lambda: target.batches(None))
+    return Source(spec.given, spec.kind, record, _table_provenance(spec, record), lambda: target.batches(None), target)
 
 
 def _table_provenance(spec: TargetSpec, record: Mapping[str, Any]) -> dict[str, Any] | None:
     """The last run's provenance (the sidecar beside the table) when it is of the table's vector
     space (the same fingerprint): what the record does not keep (an int8 run's runtime)."""
-    if isinstance(spec.location, RemotePath):
+    if spec.kind == "postgres" or isinstance(spec.location, RemotePath):
         return None
     beside = sidecar_path(Path(str(spec.location).rstrip("/")))
     try:
@@ -420,7 +424,7 @@ def lance_nearest(source: Source, query: np.ndarray, k: int) -> tuple[list[dict[
     """The k nearest rows by Lance's own search (cosine; scores 1 - its distance)."""
     from ..io.targets.lance import LanceTarget
 
-    target = open_target(source.given)
+    target = source.target
     assert isinstance(target, LanceTarget)
     names = [n for n in shown_columns(target.schema(), source.id_column) if n != "_distance"]
     table = target.nearest(query.astype(np.float32), k, names, metric="cosine", probes=LANCE_PROBES)
@@ -429,6 +433,22 @@ def lance_nearest(source: Source, query: np.ndarray, k: int) -> tuple[list[dict[
     hits = [{"rank": rank, "score": round(float(1.0 - d), 6),
              **{(f"{name}_" if name in ("rank", "score") else name): cell for name, cell in row.items()}}
             for rank, (d, row) in enumerate(zip(distances, rows), 1)]
+    total, missing = target.count_rows(), target.count_rows(f"{VECTOR_COLUMN} IS NULL")
+    return hits, total - missing, missing
+
+
+def postgres_nearest(source: Source, query: np.ndarray, k: int) -> tuple[list[dict[str, Any]], int, int]:
+    """The k nearest rows by pgvector's `<=>` (cosine distance; scores 1 - it), in SQL: with an
+    HNSW index searched at hnsw.ef_search 1000 (its most), an IVFFlat one with every list probed."""
+    from ..io.targets.postgres import PostgresTarget
+
+    target = source.target
+    assert isinstance(target, PostgresTarget)
+    names = [n for n in shown_columns(target.schema(), source.id_column) if n != "_distance"]
+    rows = target.nearest(query.astype(np.float32), k, names)
+    hits = [{"rank": rank, "score": round(float(1.0 - row[-1]), 6),
+             **{(f"{name}_" if name in ("rank", "score") else name): cell for name, cell in zip(names, row)}}
+            for rank, row in enumerate(rows, 1)]
     total, missing = target.count_rows(), target.count_rows(f"{VECTOR_COLUMN} IS NULL")
     return hits, total - missing, missing
 

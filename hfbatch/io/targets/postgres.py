@@ -280,6 +280,11 @@ class PostgresTarget:
             rows = self._sql("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
         return tuple(int(p) for p in re.findall(r"\d+", rows[0][0])[:3])
 
+    def check_precision(self, precision: str) -> None:
+        """Refuse, before any work, an --output-precision this server's pgvector has no type for."""
+        value = {"float32": pa.float32(), "float16": pa.float16(), "uint8": pa.uint8(), "ubinary": pa.uint8()}
+        pg_type(pa.field("embedding", pa.list_(value.get(precision, pa.int8()), 1)), self.pgvector_version())
+
     def _targets_exists(self) -> bool:
         return self._relation(TARGETS_TABLE) is not None
 
@@ -309,10 +314,14 @@ class PostgresTarget:
         row = self._row() if self.exists() else None
         return int(row[1]) if row is not None else None
 
-    def count_rows(self) -> int:
+    def count_rows(self, where: str | None = None) -> int:
+        """Rows in the table (`where`: only those whose `embedding IS NULL`, the one filter asked for)."""
         from psycopg import sql
 
-        return int(self._sql(sql.SQL("SELECT count(*) FROM {}").format(self._ident()))[0][0]) if self.exists() else 0
+        if not self.exists():
+            return 0
+        condition = sql.SQL(" WHERE embedding IS NULL") if where == "embedding IS NULL" else sql.SQL("")
+        return int(self._sql(sql.SQL("SELECT count(*) FROM {}{}").format(self._ident(), condition))[0][0])
 
     def columns(self) -> list[tuple[str, str]]:
         """(name, Postgres type) of the table's columns, in order."""

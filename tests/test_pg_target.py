@@ -1,0 +1,320 @@
+"""Postgres with pgvector as a sync target (issue 25), against a real server (tests/pg.py: the
+`pgserver` wheel's Postgres with pgvector 0.6, on 127.0.0.1 with password authentication).
+
+What a user of a pgvector table relies on: day 2 writes only what changed and the table then
+equals a cold rebuild; `hfbatch search` through `<=>` (with and without an HNSW or IVFFlat
+index) gives brute force's top 10; the password is nowhere it could leak; hostile ids, column
+names, tables and schemas are quoted or refused in one line; a table of another shape or space
+is refused. Kills, lost connections and two runs at once: tests/test_pg_faults.py.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import numpy as np
+import pytest
+
+from test_sync import CHANGED, GONE, NEW, cli, day1_rows, day2_rows, embed, refused, write_rows
+
+pytestmark = pytest.mark.timeout(240)
+
+HASH = "_hfbatch_hash"
+
+
+@pytest.fixture(scope="module")
+def days(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("pgdays")
+    return {"root": root, "cache": root / "cache", "d1": write_rows(root / "day1.parquet", day1_rows()),
+            "d2": write_rows(root / "day2.parquet", day2_rows())}
+
+
+def rows_of(pg: Any, table: str, schema: str = "public") -> dict[Any, dict[str, Any]]:
+    """id -> the row (the vector as float32 numpy), read back with psycopg and pgvector's adapters."""
+    from pgvector.psycopg import register_vector
+    from psycopg import sql
+    from psycopg.rows import dict_row
+
+    with pg.connect() as conn:
+        register_vector(conn)
+        with conn.cursor(row_factory=dict_row) as cur:
+            cur.execute(sql.SQL("SELECT *, xmin::text AS xmin FROM {}").format(sql.Identifier(schema, table)))
+            rows = cur.fetchall()
+    found = {}
+    for row in rows:
+        key = row["id"]
+        assert key not in found, f"id {key} twice"
+        found[key] = row
+    return found
+
+
+def version_of(pg: Any, table: str, schema: str = "public") -> int | None:
+    with pg.connect() as conn:
+        if conn.execute("SELECT to_regclass(%s)", (f'"{schema}".hfbatch_targets',)).fetchone()[0] is None:
+            return None
+        got = conn.execute(f'SELECT version FROM "{schema}".hfbatch_targets WHERE table_name = %s', (table,)).fetchone()
+    return got[0] if got else None
+
+
+def sync(pg: Any, days: dict[str, Path], day: str, table: str, *extra: Any, code: int = 0) -> dict[str, Any]:
+    return embed(days[day], "-o", pg.url(table), "--id-column", "id", "--cache-dir", days["cache"], *extra, code=code)
+
+
+# --- 1. day 1 / day 2 ------------------------------------------------------------------------------
+
+
+def test_day2_writes_only_what_changed_and_equals_a_cold_rebuild(pg: Any, days: dict[str, Path]) -> None:
+    first = sync(pg, days, "d1", "day")
+    assert first["metrics"]["sync"]["inserted"] == len(day1_rows())
+    assert first["provenance"]["output"]["table"]["kind"] == "postgres"
+    assert version_of(pg, "day") == 1
+    before = rows_of(pg, "day")
+
+    second = sync(pg, days, "d2", "day", "--delete-missing")
+    counts = second["metrics"]["sync"]
+    assert (counts["inserted"], counts["updated"], counts["deleted"]) == (len(NEW), len(CHANGED), len(GONE))
+    assert second["metrics"]["texts_computed"] == len(NEW) + len(CHANGED)  # only those reached the model
+    assert second["provenance"]["output"]["table"] == {**second["provenance"]["output"]["table"],
+                                                       "version_before": 1, "version": 2}
+    after = rows_of(pg, "day")
+    # the unchanged rows were not rewritten (their row versions, xmin, are day 1's); the changed were
+    unchanged = set(before) - set(GONE) - set(CHANGED)
+    assert all(after[i]["xmin"] == before[i]["xmin"] for i in unchanged)
+    assert all(after[i]["xmin"] != before[i]["xmin"] for i in CHANGED)
+
+    cold = sync(pg, days, "d2", "cold")
+    assert cold["metrics"]["sync"]["inserted"] == len(day2_rows())
+    rebuilt = rows_of(pg, "cold")
+    assert sorted(after) == sorted(rebuilt) == sorted(r["id"] for r in day2_rows())
+    for i, row in rebuilt.items():
+        a, b = after[i]["embedding"], row["embedding"]
+        assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) >= 0.9999, i
+        assert (after[i][HASH], after[i]["cat"], after[i]["n_tokens"]) == (row[HASH], row["cat"], row["n_tokens"])
+
+    again = sync(pg, days, "d2", "day", "--delete-missing")  # nothing changed: no model work, no new version
+    assert again["metrics"]["texts_computed"] == 0
+    assert version_of(pg, "day") == 2
+    with pg.connect() as conn:
+        record = conn.execute("SELECT record FROM hfbatch_targets WHERE table_name = 'day'").fetchone()[0]
+        kinds = dict(conn.execute("SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute WHERE "
+                                  "attrelid = 'day'::regclass AND attnum > 0 AND NOT attisdropped").fetchall())
+        key = conn.execute("SELECT a.attname FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND "
+                           "a.attnum = ANY(i.indkey) WHERE i.indrelid = 'day'::regclass AND i.indisprimary").fetchall()
+    assert record["model_id"] == "sentence-transformers/all-MiniLM-L6-v2" and record["dim"] == 384
+    assert record["id_column"] == "id" and record["precision"] == "float32"
+    assert kinds["embedding"] == "vector(384)" and kinds["id"] == "bigint" and kinds[HASH] == "text"
+    assert key == [("id",)]
+
+
+def test_text_ids_many_parts_and_a_dry_run(pg: Any, days: dict[str, Path], tmp_path: Path) -> None:
+    """Text ids make a text key; a directory of parts is one input; --dry-run counts and writes nothing."""
+    rows = [{"id": f"doc-{r['id']}", "text": r["text"]} for r in day1_rows()[:60]]
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    for k in range(3):
+        write_rows(parts / f"part-{k}.parquet", rows[k * 20:(k + 1) * 20])
+    dry = cli("embed", parts / "part-0.parquet", "-o", pg.url("texts"), "--id-column", "id", "--cache-dir", days["cache"], "--dry-run",
+              "--json")
+    assert dry.exit_code == 0, dry.output[-2000:]
+    assert json.loads(dry.stdout)["sync"]["inserted"] == 20
+    assert version_of(pg, "texts") is None
+    embed(parts, "-o", pg.url("texts"), "--id-column", "id", "--cache-dir", days["cache"])
+    got = rows_of(pg, "texts")
+    assert sorted(got) == sorted(r["id"] for r in rows)
+    with pg.connect() as conn:
+        kind = conn.execute("SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = "
+                            "'texts'::regclass AND attname = 'id'").fetchone()[0]
+    assert kind == "text"
+
+
+# --- 2. search -------------------------------------------------------------------------------------
+
+
+def brute_force(pg: Any, table: str, query: np.ndarray, k: int = 10) -> list[Any]:
+    rows = rows_of(pg, table)
+    ids = list(rows)
+    matrix = np.stack([rows[i]["embedding"] for i in ids]).astype(np.float64)
+    scores = matrix @ query / np.linalg.norm(matrix, axis=1) / np.linalg.norm(query)
+    return [ids[j] for j in np.argsort(-scores, kind="stable")[:k]]
+
+
+@pytest.mark.parametrize("index", [None, "hnsw", "ivfflat"])
+def test_search_uses_cosine_and_gives_brute_forces_top_10(pg: Any, days: dict[str, Path], st_model: Any,
+                                                          index: str | None) -> None:
+    from hfbatch import search
+
+    table = f"searched_{index or 'flat'}"
+    extra = ["--index", *(["--index-type", index] if index == "ivfflat" else [])] if index else []
+    doc = sync(pg, days, "d1", table, *extra)
+    if index:
+        built = doc["provenance"]["output"]["table"]["index"]
+        assert built["type"] == index and "error" not in built, built
+        with pg.connect() as conn:
+            names = [r[0] for r in conn.execute("SELECT indexdef FROM pg_indexes WHERE tablename = %s", (table,))]
+        assert any(f"USING {index}" in n and "vector_cosine_ops" in n for n in names), names
+    for query in ("a golden violin by the river", "the broken ladder waits in the attic"):
+        report = search(pg.url(table), query, k=10)
+        assert report["strategy"] == "postgres <=>" and report["rows_searched"] == len(day1_rows())
+        want = brute_force(pg, table, st_model.encode([query], normalize_embeddings=True)[0].astype(np.float64))
+        assert [h["id"] for h in report["hits"]] == want, query
+        exact = search(pg.url(table), query, k=10, exact=True)
+        assert [h["id"] for h in exact["hits"]] == want
+
+
+# --- 3. secrets ------------------------------------------------------------------------------------
+
+
+def test_the_password_is_in_no_output_log_error_or_json(pg: Any, days: dict[str, Path], tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    log = tmp_path / "run.log"
+    result = cli("embed", days["d1"], "-o", pg.url("secret"), "--id-column", "id", "--cache-dir", days["cache"],
+                 "--json", "--log-file", log, "--metrics-file", tmp_path / "m.prom")
+    assert result.exit_code == 0, result.output[-2000:]
+    seen = [result.stdout, result.stderr, log.read_text(), (tmp_path / "m.prom").read_text()]
+    document = json.loads(result.stdout)
+    assert "postgres:***@127.0.0.1" in document["provenance"]["output"]["path"]
+    with pg.connect() as conn:
+        seen += [json.dumps(r[0]) for r in conn.execute("SELECT record FROM hfbatch_targets")]
+        seen += [r[0] or "" for r in conn.execute("SELECT obj_description(oid) FROM pg_class WHERE relname = 'secret'")]
+    # a wrong password, a refused run (another space) and a search: their messages too
+    wrong = pg.url("secret").replace(pg.password, pg.password + "x")
+    failed = cli("embed", days["d1"], "-o", wrong, "--id-column", "id", "--cache-dir", days["cache"])
+    assert failed.exit_code == 1 and "cannot connect" in failed.stderr and len(failed.stderr.strip().splitlines()) == 1
+    other = cli("embed", days["d1"], "-o", pg.url("secret"), "--id-column", "id", "--cache-dir", days["cache"],
+                "--truncate-dim", "64")
+    assert other.exit_code == 2
+    found = cli("search", pg.url("secret"), "a teapot", "--json")
+    assert found.exit_code == 0, found.output[-2000:]
+    seen += [failed.output, other.output, found.output, json.dumps(json.loads(found.stdout))]
+    # and the password given in the URL's query (?password=), which libpq also takes
+    query_url = pg.url("secret", password=False) + f"&password={pg.password}"
+    by_query = cli("embed", days["d1"], "-o", query_url, "--id-column", "id", "--cache-dir", days["cache"], "--json")
+    assert by_query.exit_code == 0, by_query.output[-2000:]
+    seen += [by_query.output]
+    for text in seen:
+        assert pg.password not in text
+
+
+def test_the_password_from_pgpassword_or_a_pgpass_file(pg: Any, days: dict[str, Path], tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    bare = pg.url("envpw", password=False)
+    monkeypatch.setenv("PGPASSFILE", str(tmp_path / "none"))
+    failed = cli("embed", days["d1"], "-o", bare, "--id-column", "id", "--cache-dir", days["cache"])
+    assert failed.exit_code == 1 and "PGPASSWORD" in failed.stderr  # says where a password can come from
+    monkeypatch.setenv("PGPASSWORD", pg.password)
+    doc = embed(days["d1"], "-o", bare, "--id-column", "id", "--cache-dir", days["cache"])
+    assert pg.password not in json.dumps(doc)
+    monkeypatch.delenv("PGPASSWORD")
+    pgpass = tmp_path / "pgpass"
+    pgpass.write_text(f"127.0.0.1:{pg.port}:*:postgres:{pg.password}\n")
+    pgpass.chmod(0o600)
+    monkeypatch.setenv("PGPASSFILE", str(pgpass))
+    again = embed(days["d2"], "-o", bare, "--id-column", "id", "--cache-dir", days["cache"], "--delete-missing")
+    assert again["metrics"]["sync"]["deleted"] == len(GONE)
+
+
+# --- 4. hostile names and ids ----------------------------------------------------------------------
+
+
+def test_sql_looking_ids_values_and_column_names_are_quoted(pg: Any, days: dict[str, Path], tmp_path: Path) -> None:
+    hostile = ['x"; DROP TABLE hfbatch_targets; --', "select", "user", "Order By", "a'b"]
+    rows = [{"id": f"'; DROP TABLE t{i}; --" if i % 2 else f"id {i}", "text": f"row {i} about a teapot",
+             **{name: f"{name} {i} '); DELETE FROM x; --" for name in hostile}} for i in range(12)]
+    source = write_rows(tmp_path / "hostile.parquet", rows)
+    table = 'evil"; DROP TABLE public.hfbatch_targets; --'
+    url = pg.url(quote(table, safe=""))
+    embed(source, "-o", url, "--id-column", "id", "--keep", ",".join(hostile), "--cache-dir", days["cache"])
+    got = rows_of(pg, table)
+    assert sorted(got) == sorted(r["id"] for r in rows)
+    for row in rows:
+        for name in hostile:
+            assert got[row["id"]][name] == row[name]
+    assert version_of(pg, table) == 1  # hfbatch_targets is still there
+    # day 2 deletes by SQL-looking ids
+    embed(write_rows(tmp_path / "hostile2.parquet", rows[:6]), "-o", url, "--id-column", "id", "--keep",
+          ",".join(hostile), "--cache-dir", days["cache"], "--delete-missing", "--max-delete-fraction", "0.6")
+    assert sorted(rows_of(pg, table)) == sorted(r["id"] for r in rows[:6])
+
+
+def test_names_postgres_cannot_keep_are_refused_in_one_line(pg: Any, days: dict[str, Path], tmp_path: Path) -> None:
+    long_name = "c" * 1000
+    source = write_rows(tmp_path / "long.parquet", [{"id": 1, "text": "a", long_name: "v"}])
+    said = refused(source, "-o", pg.url("longcol"), "--id-column", "id", "--keep", long_name, "--cache-dir",
+                   days["cache"])
+    assert "longer than Postgres's 63-byte names" in said
+    said = refused(days["d1"], "-o", pg.url("t", schema="no_such_schema"), "--id-column", "id", "--cache-dir",
+                   days["cache"])
+    assert "schema 'no_such_schema' does not exist" in said
+    said = refused(days["d1"], "-o", pg.url("x" * 70), "--id-column", "id")
+    assert "63-byte" in said
+    said = refused(days["d1"], "-o", pg.url("t").split("?")[0], "--id-column", "id")
+    assert "names no table" in said
+    for url in (pg.url("longcol"), pg.url("t", schema="no_such_schema")):
+        assert version_of(pg, "longcol") is None and url
+
+
+def test_another_schema_is_used_when_it_exists(pg: Any, days: dict[str, Path]) -> None:
+    with pg.connect() as conn:
+        conn.execute('CREATE SCHEMA IF NOT EXISTS "Search Data"')
+    embed(days["d1"], "-o", pg.url("docs", schema="Search%20Data"), "--id-column", "id", "--cache-dir", days["cache"])
+    assert len(rows_of(pg, "docs", schema="Search Data")) == len(day1_rows())
+    assert version_of(pg, "docs", schema="Search Data") == 1
+
+
+# --- 5. tables of another shape, space or owner ----------------------------------------------------
+
+
+def test_a_table_hfbatch_did_not_write_is_refused_unless_rebuild(pg: Any, days: dict[str, Path]) -> None:
+    with pg.connect() as conn:
+        conn.execute("CREATE TABLE theirs (id bigint PRIMARY KEY, note text)")
+        conn.execute("INSERT INTO theirs VALUES (1, 'kept')")
+    said = refused(days["d1"], "-o", pg.url("theirs"), "--id-column", "id", "--cache-dir", days["cache"])
+    assert "hfbatch did not write" in said and "--rebuild" in said
+    with pg.connect() as conn:
+        assert conn.execute("SELECT note FROM theirs").fetchall() == [("kept",)]
+    sync(pg, days, "d1", "theirs", "--rebuild", "--max-delete-fraction", "1")
+    assert len(rows_of(pg, "theirs")) == len(day1_rows())
+
+
+def test_a_table_of_another_shape_or_space_is_refused_naming_it(pg: Any, days: dict[str, Path]) -> None:
+    sync(pg, days, "d1", "shaped")
+    said = refused(days["d1"], "-o", pg.url("shaped"), "--id-column", "id", "--cache-dir", days["cache"],
+                   "--truncate-dim", "128")
+    assert "truncate_dim" in said and "--rebuild" in said
+    with pg.connect() as conn:  # someone changes the table by hand
+        conn.execute("ALTER TABLE shaped ALTER COLUMN embedding TYPE vector(3) USING NULL")
+    result = cli("embed", days["d2"], "-o", pg.url("shaped"), "--id-column", "id", "--cache-dir", days["cache"])
+    assert result.exit_code == 2, result.output[-2000:]
+    assert "another shape" in result.stderr and "vector(3)" in result.stderr and "vector(384)" in result.stderr
+    assert version_of(pg, "shaped") == 1
+    doc = sync(pg, days, "d2", "shaped", "--rebuild", "--truncate-dim", "128")
+    assert doc["provenance"]["output"]["table"]["replaced"] is True
+    with pg.connect() as conn:
+        kind = conn.execute("SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = "
+                            "'shaped'::regclass AND attname = 'embedding'").fetchone()[0]
+    assert kind == "vector(128)"
+
+
+@pytest.mark.parametrize("precision,needs", [("float16", "pgvector 0.7.0"), ("int8", "no pgvector type")])
+def test_precisions_pgvector_lacks_are_refused_in_one_line(pg: Any, days: dict[str, Path], precision: str,
+                                                           needs: str) -> None:
+    result = cli("embed", days["d1"], "-o", pg.url(f"p_{precision}"), "--id-column", "id", "--cache-dir",
+                 days["cache"], "--output-precision", precision)
+    assert result.exit_code == 2, result.output[-2000:]
+    assert needs in result.stderr and "Traceback" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert version_of(pg, f"p_{precision}") is None
+
+
+def test_an_unreachable_server_is_one_line(days: dict[str, Path]) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    result = cli("embed", days["d1"], "-o", f"postgresql://u:hunter22@127.0.0.1:{port}/db?table=t", "--id-column", "id")
+    assert result.exit_code == 1 and "cannot connect" in result.stderr and "hunter22" not in result.output
+    assert len(result.stderr.strip().splitlines()) == 1
