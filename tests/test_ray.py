@@ -7,6 +7,7 @@ import json
 import os
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow.dataset as ds
@@ -339,3 +340,26 @@ def test_a_sync_with_ray_equals_the_local_engines_and_commits_once(tmp_path: Pat
     a = np.asarray(by["ray"].column("embedding").to_pylist(), dtype=np.float32)
     b = np.asarray(by["local"].column("embedding").to_pylist(), dtype=np.float32)
     assert float(((a * b).sum(1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))).min()) >= 0.9999
+
+
+def test_a_sync_with_ray_into_postgres_commits_once_and_lets_go_of_the_table(tmp_path: Path, pg: Any) -> None:
+    """--engine ray into a Postgres table: the actors embed, the driver commits one transaction;
+    a rerun with nothing changed (which hands over to the local engine) finds the table free."""
+
+    rows = [{"id": i, "text": f"{SAMPLE_TEXTS[i % len(SAMPLE_TEXTS)]} r{i}"} for i in range(40)]
+    source = write_parquet(tmp_path / "in.parquet", rows)
+    url = pg.url("by_ray")
+    docs = []
+    for _ in range(2):
+        result = CliRunner().invoke(app, ["embed", str(source), "-o", url, "--id-column", "id", "--json",
+                                          "--cache-dir", str(tmp_path / "cache"), "--engine", "ray",
+                                          "--num-workers", "2", "--lock-timeout", "5"])
+        assert result.exit_code == 0, result.output
+        docs.append(json.loads(result.stdout))
+    assert docs[0]["metrics"]["sync"]["inserted"] == 40 and docs[0]["ray"]["num_workers"] == 2
+    assert docs[1]["metrics"]["sync"]["unchanged"] == 40 and docs[1]["metrics"]["texts_computed"] == 0
+    with pg.connect() as conn:
+        assert conn.execute("SELECT count(*), count(DISTINCT id), count(embedding) FROM by_ray").fetchone() == (40, 40, 40)
+        assert conn.execute("SELECT version FROM hfbatch_targets WHERE table_name = 'by_ray'").fetchone() == (1,)
+        held = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone()[0]
+    assert held == 0

@@ -105,6 +105,7 @@ def run_sync_ray(options: EmbedOptions, *, address: str | None, num_workers: int
                                    "gpus_per_worker": gpus_per_worker, "actor_starts": len(stream.actors)}
 
         finally:
+            sync.close()  # (a Postgres target's connection and lock: the local run below takes its own)
             for leftover in work_dir.glob("*"):
                 leftover.unlink(missing_ok=True)
             work_dir.rmdir()

@@ -56,7 +56,12 @@ def _sync_plan(opts: EmbedOptions, backend: Any, source: Path, reader: Any) -> A
 
     spec = parse_target(opts.output, kind=opts.target)
     passthrough = pa.schema([reader.schema.field(n) for n in (opts.keep if opts.keep is not None else reader.schema.names)])
-    return plan_sync(opts, EmbedTask(backend, opts), source, passthrough, open_target(spec) if spec.is_table else None)
+    target = open_target(spec) if spec.is_table else None
+    try:
+        return plan_sync(opts, EmbedTask(backend, opts), source, passthrough, target)
+    finally:
+        if target is not None:
+            target.close()  # (a Postgres target's connection: a dry run takes no lock and writes nothing)
 
 
 def _plan(opts: EmbedOptions, source: Path) -> dict[str, Any]:
