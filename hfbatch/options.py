@@ -46,7 +46,7 @@ NOT_OUTPUT_IDENTITY = (
     # sync (jobs/sync.py): which rows a run writes into its target, not what their vectors are; the
     # target's own record holds its vector space
     "id_column", "target", "delete_missing", "max_delete_fraction", "rebuild", "changes", "index", "index_type",
-    "lock_timeout",
+    "lock_timeout", "commit_every",
 )
 
 
@@ -193,6 +193,7 @@ class EmbedOptions(JobOptions):
     index: bool = False  # a Lance or Postgres target: build its vector index after the run (for `hfbatch search`)
     index_type: str | None = None  # a Postgres target's --index: hnsw (None) or ivfflat
     lock_timeout: float | None = None  # a Postgres target held by another run: give up after this (None: wait)
+    commit_every: int | None = None  # a Postgres target: commit every this many rows (None: one transaction)
 
     @property
     def input_column(self) -> str:
@@ -260,6 +261,9 @@ class EmbedOptions(JobOptions):
         if self.index_type is not None and (spec.kind != "postgres" or self.index_type not in ("hnsw", "ivfflat")):
             raise InputError(f"--index-type {self.index_type}: a Postgres target's --index is hnsw or ivfflat "
                              f"(-o {spec.given}{' is not a Postgres table' if spec.kind != 'postgres' else ''}).")
+        if self.commit_every is not None and (self.commit_every < 1 or spec.kind != "postgres"):
+            raise InputError(f"--commit-every is rows per transaction (1 or more) for a run too large for one "
+                             f"transaction into a Postgres target (got {self.commit_every} with -o {spec.given}).")
         if self.lock_timeout is not None and (self.lock_timeout < 0 or spec.kind != "postgres"):
             raise InputError(f"--lock-timeout is seconds (0 or more) to wait for another run on a Postgres target "
                              f"(got {self.lock_timeout:g} with -o {spec.given}).")

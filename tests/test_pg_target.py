@@ -318,3 +318,85 @@ def test_an_unreachable_server_is_one_line(days: dict[str, Path]) -> None:
     result = cli("embed", days["d1"], "-o", f"postgresql://u:hunter22@127.0.0.1:{port}/db?table=t", "--id-column", "id")
     assert result.exit_code == 1 and "cannot connect" in result.stderr and "hunter22" not in result.output
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# --- 6. runs too large for one transaction (--commit-every) ----------------------------------------
+
+
+def hashes(pg: Any, table: str) -> dict[Any, str]:
+    with pg.connect() as conn:
+        return dict(conn.execute(f'SELECT id, "{HASH}" FROM "{table}"').fetchall())
+
+
+def kill_after_a_part(pg: Any, args: list[Any], tmp_path: Path, table: str) -> None:
+    """Run `hfbatch embed ARGS` as a process and SIGKILL it once hfbatch_jobs shows it committed a
+    part (its watermark moved) and before its final commit."""
+    import signal
+    import time
+
+    from test_sync import start, sub_env
+
+    proc = start(args, sub_env(tmp_path / "tmp"), tmp_path)
+    deadline = time.monotonic() + 120
+    with pg.connect() as conn:
+        while proc.poll() is None and time.monotonic() < deadline:
+            if conn.execute("SELECT to_regclass('hfbatch_jobs')").fetchone()[0] is not None:
+                row = conn.execute("SELECT state, parts FROM hfbatch_jobs WHERE table_name = %s", (table,)).fetchone()
+                if row and row[0] == "running" and row[1] >= 1:
+                    proc.send_signal(signal.SIGKILL)
+                    break
+            time.sleep(0.005)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, stderr[-2000:])
+
+
+def test_a_run_in_parts_killed_midway_keeps_one_space_and_each_id_once(pg: Any, days: dict[str, Path],
+                                                                        tmp_path: Path,
+                                                                        caplog: pytest.LogCaptureFixture) -> None:
+    """--commit-every: the parts land as they go (each id once, their new hashes), a SIGKILL after
+    one leaves the rest for the rerun, which embeds only that and says what the earlier run did.
+    A rebuild in parts (another vector space) writes a shadow table: killed midway, the table is
+    still wholly the old space; the rerun swaps the new one in."""
+    sync(pg, days, "d1", "big")
+    day1 = hashes(pg, "big")
+    args = [days["d2"], "-o", pg.url("big"), "--id-column", "id", "--cache-dir", tmp_path / "own-cache",
+            "--delete-missing", "--commit-every", "20", "--chunk-size", "20", "--batch-size", "4"]
+    # day 2 rewrites every row (another --keep would be refused): use a prompt-free change of text
+    rows = [{**r, "text": r["text"] + " (revised)"} for r in day2_rows()]
+    args[0] = write_rows(tmp_path / "revised.parquet", rows)
+    kill_after_a_part(pg, args, tmp_path, "big")
+    midway = {i: r[HASH] for i, r in rows_of(pg, "big").items()}  # (rows_of: no id twice)
+    assert set(day1) <= set(midway)  # the deletes are the final commit's
+    moved = {i for i in midway if midway[i] != day1.get(i)}
+    assert 20 <= len(moved) < len(rows), len(moved)  # some parts landed, not all
+    assert version_of(pg, "big") == 1  # the new version is the final commit's
+    result = cli("embed", *args, "--json")
+    assert result.exit_code == 0, result.output[-2000:]
+    doc = json.loads(result.stdout)
+    assert "an earlier run in parts" in caplog.text
+    # the landed parts' rows are unchanged now: only the rest is embedded (less what the killed run cached)
+    assert doc["metrics"]["sync"]["unchanged"] == len(moved)
+    assert 0 < doc["metrics"]["texts_computed"] <= len(rows) - len(moved)
+    cold = embed(args[0], "-o", pg.url("big_cold"), "--id-column", "id", "--cache-dir", days["cache"])
+    assert hashes(pg, "big") == hashes(pg, "big_cold") and cold
+    assert version_of(pg, "big") == 2
+
+    # a rebuild into another space, in parts, killed midway: the old table is untouched
+    before = rows_of(pg, "big")
+    rebuild = [args[0], "-o", pg.url("big"), "--id-column", "id", "--cache-dir", tmp_path / "cache-128",
+               "--rebuild", "--truncate-dim", "128", "--commit-every", "20", "--chunk-size", "20", "--batch-size", "4"]
+    kill_after_a_part(pg, rebuild, tmp_path, "big")
+    after = rows_of(pg, "big")
+    assert {i: r["xmin"] for i, r in after.items()} == {i: r["xmin"] for i, r in before.items()}
+    assert all(len(r["embedding"]) == 384 for r in after.values())
+    with pg.connect() as conn:
+        shadows = conn.execute("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'hfbatch_new_%'").fetchone()[0]
+    assert shadows == 1  # the killed rebuild's parts, never read as the table
+    done = cli("embed", *rebuild, "--json")
+    assert done.exit_code == 0, done.output[-2000:]
+    rebuilt = rows_of(pg, "big")
+    assert sorted(rebuilt) == sorted(before) and all(len(r["embedding"]) == 128 for r in rebuilt.values())
+    with pg.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'hfbatch_new_%'").fetchone()[0] == 0
+        assert conn.execute("SELECT record->>'truncate_dim' FROM hfbatch_targets WHERE table_name = 'big'").fetchone() \
+            == ("128",)

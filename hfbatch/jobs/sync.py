@@ -354,7 +354,8 @@ class SyncRun:
         changes = ChangeSink(self.opts.changes, schema, self.plan) if self.opts.changes is not None else None
         if self.target is None:
             return ParquetSyncSink(self.opts.output, schema, self.plan, changes)
-        return TableSink(self.target, schema, self.plan, changes, index=self.opts.index, index_type=self.opts.index_type)
+        return TableSink(self.target, schema, self.plan, changes, index=self.opts.index, index_type=self.opts.index_type,
+                         commit_every=self.opts.commit_every)
 
     def close(self) -> None:
         """The run is over (done or failed): the target lets go of its connection and lock."""

@@ -174,12 +174,37 @@ class ParquetSyncSink(StagedSink):
 
 class TableSink(StagedSink):
     """A table target's rows, staged in a local Parquet file and committed as one version
-    (`index`: then its vector index built, --index)."""
+    (`index`: then its vector index built, --index). With `commit_every` (--commit-every, a
+    Postgres target) every that many staged rows are committed as a part of the run, in their own
+    transaction (PostgresTarget.commit_part), and the final commit adds the rest, the deletes and
+    the new version."""
 
     def __init__(self, target: Target, schema: pa.Schema, plan: SyncPlan, changes: ChangeSink | None, *,
-                 index: bool = False, index_type: str | None = None):
+                 index: bool = False, index_type: str | None = None, commit_every: int | None = None):
         super().__init__(schema, plan, changes)
         self.target, self.index, self.index_type = target, index, index_type
+        self.commit_every = commit_every
+        self.job = target.new_job() if commit_every else None  # type: ignore[attr-defined]
+        self.part_ids: list[pa.Array] = []  # the ids the committed parts wrote
+
+    @property
+    def rows(self) -> int:
+        return self.staged.rows + (self.job["rows_committed"] if self.job else 0)
+
+    def write(self, batch: pa.RecordBatch) -> None:
+        super().write(batch)
+        if self.commit_every and self.staged.rows >= self.commit_every:
+            self._commit_part()
+
+    def _commit_part(self) -> None:
+        plan = self.plan
+        source = self.staged.close()
+        self.part_ids.append(source.read(columns=[plan.id_column]).column(plan.id_column).combine_chunks())
+        reader = pa.RecordBatchReader.from_batches(self.schema, source.iter_batches(batch_size=8192))
+        self.target.commit_part(reader, key=plan.key, replace=plan.replace, job=self.job)  # type: ignore[attr-defined]
+        log.info("%s: part %d committed (%d rows so far)", plan.spec.given, self.job["parts"], self.job["rows_committed"])
+        self.staged.remove()
+        self.staged = Staged(plan.spec, self.schema)
 
     def commit(self, document: dict[str, Any], sidecar: Any = None) -> None:
         plan = self.plan
@@ -187,7 +212,11 @@ class TableSink(StagedSink):
             source = self.staged.close()
             # a changed row not written (--on-invalid skip: its text is no longer valid) must not
             # keep its old vector in the table: its id goes, with the deletes
-            written = source.read(columns=[plan.id_column]).column(plan.id_column) if self.rows else pa.array([])
+            last = source.read(columns=[plan.id_column]).column(plan.id_column).combine_chunks() \
+                if self.staged.rows else None
+            pieces = [*self.part_ids, *([last] if last is not None else [])]
+            written = pa.concat_arrays([p.cast(plan.changed_ids.type) for p in pieces]) if pieces else \
+                pa.array([], plan.changed_ids.type)
             dropped = pc.filter(plan.changed_ids, pc.invert(pc.is_in(plan.changed_ids,
                                                                       value_set=written.cast(plan.changed_ids.type))))
             stale = [*plan.stale, *dropped.to_pylist()]
@@ -205,7 +234,10 @@ class TableSink(StagedSink):
             else:
                 reader = pa.RecordBatchReader.from_batches(self.schema, source.iter_batches(batch_size=8192))
                 result = self.target.commit(reader, key=plan.key, id_column=plan.id_column, stale=stale,
-                                            record=record, replace=plan.replace)
+                                            record=record, replace=plan.replace,
+                                            **({"job": self.job} if self.job is not None else {}))
+                if self.job is not None:
+                    result["parts"] = self.job["parts"] + 1
             record_sync(document, plan, result)
             if self.index:  # (Lance and Postgres: the options refuse it for Delta)
                 built = self.target.build_index(self.index_type)
@@ -229,3 +261,5 @@ def record_sync(document: dict[str, Any], plan: SyncPlan, result: Mapping[str, A
     output["table"] = {"kind": plan.spec.kind, "id_column": plan.id_column, "key": plan.key,
                        "version_before": plan.version_before, "version": (result or {}).get("version"),
                        "replaced": plan.replace, "hfbatch_version": __version__}
+    if (result or {}).get("parts"):
+        output["table"]["transactions"] = result["parts"]  # type: ignore[index]  # --commit-every

@@ -39,6 +39,7 @@ log = logging.getLogger(__name__)
 
 SCHEMES = ("postgresql", "postgres")
 TARGETS_TABLE = "hfbatch_targets"  # one row per synced table: its vector record and version
+JOBS_TABLE = "hfbatch_jobs"  # one row per table synced in parts (--commit-every): the last job's watermark
 MAX_NAME_BYTES = 63  # NAMEDATALEN - 1: Postgres cuts longer names (silently, with a NOTICE)
 HALFVEC_SINCE = (0, 7, 0)  # pgvector's halfvec and bit operators
 LOCK_CLASS = 0x68666201  # the advisory lock's first key ("hfb\x01"); the second: hashtext(schema.table)
@@ -75,6 +76,9 @@ class PgLocation:
             raise InputError(f"-o {self.shown}: names no table; add ?table=NAME (and &schema=NAME for another "
                              "schema than public).")
         self.table = check_name(table[-1], "-o ...?table=")
+        if self.table in (TARGETS_TABLE, JOBS_TABLE) or self.table.startswith("hfbatch_new_"):
+            raise InputError(f"-o {self.shown}: {self.table} is the name of hfbatch's own bookkeeping table; give "
+                             "another table name.")
         self.schema = check_name(schema[-1], "-o ...&schema=") if schema else "public"
         if not parts.path.strip("/") and not any(k == "dbname" for k, _ in query):
             raise InputError(f"-o {self.shown}: names no database; give postgresql://user@host:port/DBNAME?table=...")
@@ -173,6 +177,7 @@ class PostgresTarget:
         self.where: PgLocation = spec.location  # type: ignore[assignment]
         self._conn: Any = None
         self._locked = False
+        self._written: set[Any] = set()  # the ids this run has upserted (its parts', then its commit's)
 
     # --- the connection -----------------------------------------------------------------------
 
@@ -245,6 +250,12 @@ class PostgresTarget:
             log.warning("%s: the other run finished after %.1f s; this run goes on.", self.where,
                         time.monotonic() - started)
         self._locked = True
+        job = self.unfinished_job()
+        if job is not None:
+            log.warning("%s: an earlier run in parts (--commit-every; job %s, started %s) stopped after committing "
+                        "%d rows in %d transactions; its rows are in the table with their new hashes, so this run "
+                        "embeds only the rest (a rebuild in parts starts again).", self.where, job["job_id"][:8],
+                        f"{job['started_at']:%Y-%m-%d %H:%M:%S}", job["rows_committed"], job["parts"])
 
     def _lost(self, exc: BaseException, doing: str) -> OutputError:
         return OutputError(f"-o {self.where}: Postgres failed while {doing} "
@@ -397,57 +408,163 @@ class PostgresTarget:
 
         register_vector(conn)
 
-    def commit(self, rows: pa.RecordBatchReader, *, key: Sequence[str], id_column: str, stale: Sequence[Any],
-               record: Mapping[str, Any], replace: bool) -> dict[str, Any]:
-        from psycopg import sql
-
+    def _columns_of(self, schema: pa.Schema) -> list[tuple[str, str]]:
         pgvector = self.pgvector_version()
-        wanted = [(f.name, pg_type(f, pgvector)) for f in rows.schema]
+        wanted = [(f.name, pg_type(f, pgvector)) for f in schema]
         for name, _ in wanted:
             check_name(name, "column")
+        return wanted
+
+    def _create(self, cur: Any, table: Any, wanted: Sequence[tuple[str, str]], key: Sequence[str]) -> None:
+        from psycopg import sql
+
+        cur.execute(sql.SQL("CREATE TABLE {} ({}, PRIMARY KEY ({}))").format(
+            table, sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(t)) for n, t in wanted),
+            sql.SQL(", ").join(sql.Identifier(k) for k in key)))
+
+    def _merge(self, cur: Any, table: Any, rows: Iterator[pa.RecordBatch], wanted: Sequence[tuple[str, str]],
+               key: Sequence[str]) -> int:
+        """COPY `rows` into a temporary table, then upsert them into `table` by `key`: the rows sent."""
+        from psycopg import sql
+
+        names = sql.SQL(", ").join(sql.Identifier(n) for n, _ in wanted)
+        cur.execute("DROP TABLE IF EXISTS pg_temp.hfbatch_stage")
+        cur.execute(sql.SQL("CREATE TEMP TABLE hfbatch_stage ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA")
+                    .format(names, table))
+        sent = 0
+        with cur.copy(sql.SQL("COPY hfbatch_stage ({}) FROM STDIN (FORMAT BINARY)").format(names)) as copy:
+            copy.set_types([t.split("(")[0] for _, t in wanted])  # (vector(384) -> vector)
+            for batch in rows:
+                for row in _rows(batch):
+                    copy.write_row(row)
+                sent += batch.num_rows
+        others = [n for n, _ in wanted if n not in key]
+        cur.execute(sql.SQL("INSERT INTO {} ({}) SELECT {} FROM hfbatch_stage ON CONFLICT ({}) DO UPDATE SET {}").format(
+            table, names, names, sql.SQL(", ").join(sql.Identifier(k) for k in key),
+            sql.SQL(", ").join(sql.SQL("{} = EXCLUDED.{}").format(sql.Identifier(n), sql.Identifier(n)) for n in others)))
+        if len(key) > 1:  # --split: an upserted document's windows that this run did not write again go
+            ident = sql.Identifier(key[0])
+            cur.execute(sql.SQL("DELETE FROM {} t WHERE t.{} IN (SELECT {} FROM hfbatch_stage) AND NOT EXISTS "
+                                "(SELECT 1 FROM hfbatch_stage s WHERE {})").format(
+                table, ident, ident, sql.SQL(" AND ").join(
+                    sql.SQL("s.{} = t.{}").format(sql.Identifier(k), sql.Identifier(k)) for k in key)))
+        cur.execute(sql.SQL("SELECT DISTINCT {} FROM hfbatch_stage").format(sql.Identifier(key[0])))
+        self._written.update(r[0] for r in cur.fetchall())
+        return sent
+
+    def commit_part(self, rows: pa.RecordBatchReader, *, key: Sequence[str], replace: bool, job: dict[str, Any]) -> None:
+        """--commit-every: one transaction upserting `rows` (no deletes, no new version) and moving
+        the job's watermark in hfbatch_jobs. A run that creates or rebuilds the table writes its parts
+        into a shadow table, swapped in by the final commit: the table never holds rows of two
+        vector spaces, and readers see the old table whole until then."""
+        from psycopg import sql
+
+        wanted = self._columns_of(rows.schema)
+        conn = self._connect()
+        self._register(conn)
+        with self._errors("committing a part of the run"), conn.transaction(), conn.cursor() as cur:
+            self._ensure_targets(cur)
+            if replace:
+                into = sql.Identifier(self.where.schema, self._shadow_name())
+                if not job["parts"]:  # (a killed run's shadow goes: its rebuild starts again)
+                    cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(into))
+                    self._create(cur, into, wanted, key)
+            else:
+                into = self._ident()
+                _check_shape(self.where, self.columns(), wanted)
+            sent = self._merge(cur, into, rows, wanted, key)
+            job["parts"] += 1
+            job["rows_committed"] += sent
+            self._watermark(cur, job, "running")
+
+    def commit(self, rows: pa.RecordBatchReader, *, key: Sequence[str], id_column: str, stale: Sequence[Any],
+               record: Mapping[str, Any], replace: bool, job: dict[str, Any] | None = None) -> dict[str, Any]:
+        from psycopg import sql
+
+        wanted = self._columns_of(rows.schema)
         conn = self._connect()
         self._register(conn)
         table = self._ident()
         before = self.size_bytes()
         exists = self.exists()
+        shadow = bool(replace and job and job["parts"])  # the parts went into the shadow table
         with self._errors("committing the run"), conn.transaction(), conn.cursor() as cur:
             self._ensure_targets(cur)
-            if exists and not replace:
-                _check_shape(self.where, self.columns(), wanted)
-            else:
+            if shadow:
+                into = sql.Identifier(self.where.schema, self._shadow_name())
+                self._merge(cur, into, rows, wanted, key)
                 if exists:
                     cur.execute(sql.SQL("DROP TABLE {}").format(table))
-                cur.execute(sql.SQL("CREATE TABLE {} ({}, PRIMARY KEY ({}))").format(
-                    table, sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(t)) for n, t in wanted),
-                    sql.SQL(", ").join(sql.Identifier(k) for k in key)))
-            names = sql.SQL(", ").join(sql.Identifier(n) for n, _ in wanted)
-            cur.execute(sql.SQL("CREATE TEMP TABLE hfbatch_stage ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA")
-                        .format(names, table))
-            with cur.copy(sql.SQL("COPY hfbatch_stage ({}) FROM STDIN (FORMAT BINARY)").format(names)) as copy:
-                copy.set_types([t.split("(")[0] for _, t in wanted])  # (vector(384) -> vector)
-                for batch in rows:
-                    for row in _rows(batch):
-                        copy.write_row(row)
-            if stale:
+                cur.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(into, sql.Identifier(self.where.table)))
+                cur.execute(sql.SQL("ALTER TABLE {} RENAME CONSTRAINT {} TO {}").format(
+                    table, sql.Identifier(f"{self._shadow_name()}_pkey"), sql.Identifier(_pkey_name(self.where.table))))
+            else:
+                if exists and not replace:
+                    _check_shape(self.where, self.columns(), wanted)
+                else:
+                    if exists:
+                        cur.execute(sql.SQL("DROP TABLE {}").format(table))
+                    self._create(cur, table, wanted, key)
+                self._merge(cur, table, rows, wanted, key)
+            # the ids gone (and changed ones no longer written): `stale` names, with --split, also
+            # the upserted documents, whose old windows the merges removed; those stay
+            gone = [i for i in stale if i not in self._written]
+            if gone:
                 id_type = dict(wanted)[id_column]
                 cur.execute(sql.SQL("DELETE FROM {} WHERE {} = ANY(%s::{}[])").format(
-                    table, sql.Identifier(id_column), sql.SQL(id_type)), (list(stale),))
-            others = [n for n, _ in wanted if n not in key]
-            cur.execute(sql.SQL("INSERT INTO {} ({}) SELECT {} FROM hfbatch_stage ON CONFLICT ({}) DO UPDATE SET {}").format(
-                table, names, names, sql.SQL(", ").join(sql.Identifier(k) for k in key),
-                sql.SQL(", ").join(sql.SQL("{} = EXCLUDED.{}").format(sql.Identifier(n), sql.Identifier(n)) for n in others)))
+                    table, sql.Identifier(id_column), sql.SQL(id_type)), (gone,))
             cur.execute(sql.SQL("INSERT INTO {} AS t (table_name, record, version, updated_at) VALUES (%s, %s, 1, now()) "
                                 "ON CONFLICT (table_name) DO UPDATE SET record = EXCLUDED.record, "
                                 "version = t.version + 1, updated_at = now() RETURNING version").format(
                 sql.Identifier(self.where.schema, TARGETS_TABLE)),
                 (self.where.table, _jsonb(record)))
             version = int(cur.fetchone()[0])
+            if job is not None:
+                self._watermark(cur, job, "done")
         return {"version": version, "bytes_added": max(0, self.size_bytes() - before)}
+
+    def _shadow_name(self) -> str:
+        """The table a rebuild in parts (--commit-every) writes before it is swapped in."""
+        import hashlib
+
+        return "hfbatch_new_" + hashlib.blake2b(self.where.qualified.encode(), digest_size=8).hexdigest()
+
+    def new_job(self) -> dict[str, Any]:
+        import uuid
+
+        return {"job_id": uuid.uuid4().hex, "parts": 0, "rows_committed": 0}
+
+    def _watermark(self, cur: Any, job: Mapping[str, Any], state: str) -> None:
+        """The job's progress in hfbatch_jobs (one row per table: its last job in parts)."""
+        from psycopg import sql
+
+        jobs = sql.Identifier(self.where.schema, JOBS_TABLE)
+        cur.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} (table_name text PRIMARY KEY, job_id text NOT NULL, "
+                            "state text NOT NULL, parts integer NOT NULL, rows_committed bigint NOT NULL, "
+                            "started_at timestamptz NOT NULL, updated_at timestamptz NOT NULL)").format(jobs))
+        cur.execute(sql.SQL("INSERT INTO {} AS j VALUES (%s, %s, %s, %s, %s, now(), now()) ON CONFLICT (table_name) "
+                            "DO UPDATE SET job_id = EXCLUDED.job_id, state = EXCLUDED.state, parts = EXCLUDED.parts, "
+                            "rows_committed = EXCLUDED.rows_committed, updated_at = now(), started_at = CASE WHEN "
+                            "j.job_id = EXCLUDED.job_id THEN j.started_at ELSE now() END").format(jobs),
+                    (self.where.table, job["job_id"], state, job["parts"], job["rows_committed"]))
+
+    def unfinished_job(self) -> dict[str, Any] | None:
+        """The last job in parts on this table when it stopped before its final commit."""
+        from psycopg import sql
+
+        if self._relation(JOBS_TABLE) is None:
+            return None
+        rows = self._sql(sql.SQL("SELECT job_id, parts, rows_committed, started_at FROM {} WHERE table_name = %s AND "
+                                 "state = 'running'").format(sql.Identifier(self.where.schema, JOBS_TABLE)),
+                         (self.where.table,))
+        return dict(zip(("job_id", "parts", "rows_committed", "started_at"), rows[0])) if rows else None
 
     def _ensure_targets(self, cur: Any) -> None:
         """hfbatch_targets in the table's schema (made once; two runs making it at once: one waits)."""
         from psycopg import sql
 
+        if self._relation(TARGETS_TABLE) is not None:
+            return
         cur.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (LOCK_CLASS, f"{self.where.schema}.{TARGETS_TABLE}"))
         cur.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} (table_name text PRIMARY KEY, record jsonb NOT NULL, "
                             "version bigint NOT NULL, updated_at timestamptz NOT NULL)").format(
@@ -513,6 +630,11 @@ def _check_shape(where: PgLocation, have: Sequence[tuple[str, str]], wanted: Seq
     if differ:
         raise InputError(f"-o {where}: the table has another shape than this run's ({'; '.join(differ[:4])}); give "
                          "--rebuild to replace it, or another table.")
+
+
+def _pkey_name(table: str) -> str:
+    """The name Postgres gives a table's primary key (cut to 63 bytes as it would)."""
+    return f"{table}_pkey".encode()[:MAX_NAME_BYTES].decode(errors="ignore")
 
 
 def _vector(values: np.ndarray) -> Any:
