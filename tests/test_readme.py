@@ -17,6 +17,9 @@ What stands in for what a test machine cannot have (the README text is unchanged
   same server through HF_ENDPOINT;
 - S3 / MinIO: moto's S3 server (s3_server.py) through AWS_ENDPOINT_URL, with the bucket `lake`
   holding the copy of sample_data/ the README says it holds;
+- the Postgres at db.internal:5432: a real Postgres with pgvector on 127.0.0.1 (tests/pg.py),
+  holding the database `shop`, its schema `search` and the role `app` (password `s3cret`, no
+  superuser: pgvector installed by the server's owner, as a DBA would) the README's lines use;
 - `hfbatch tune`: this machine narrowed to one candidate (torch fp32; no export runtimes, no
   native bf16), as test_selection.py narrows it, so measuring takes seconds rather than the minute
   every runtime takes here; test_selection.py measures the real candidates.
@@ -66,7 +69,7 @@ NOT_RUN = {
 }
 SHELL_TOOLS = {"gzip"}  # plain shell commands run by bash, as written
 _STAND_IN_URLS = {"http://gpu-box:8080": "{embed}", "http://127.0.0.1:7997/v1": "{embed}/v1",
-                  "http://minio:9000": "{s3}"}
+                  "http://minio:9000": "{s3}", "db.internal:5432": "127.0.0.1:{pg_port}"}
 _NEEDS = re.compile(r"\s#\s*needs (.+)$")
 
 
@@ -178,8 +181,8 @@ def _demo_commands() -> list[str]:
 class Page:
     """Runs examples in `folder` with the stand-ins, and keeps what they wrote."""
 
-    def __init__(self, folder: Path, embed: EmbeddingServer, store: S3Server, tiny_lm: Path) -> None:
-        self.folder, self.embed, self.s3 = folder, embed, store
+    def __init__(self, folder: Path, embed: EmbeddingServer, store: S3Server, tiny_lm: Path, pg: Any) -> None:
+        self.folder, self.embed, self.s3, self.pg = folder, embed, store, pg
         self.repos = {"sentence-transformers/all-MiniLM-L6-v2": BUNDLED_MODEL_DIR,
                       "HuggingFaceTB/SmolLM2-135M-Instruct": tiny_lm}
         self.written: dict[str, Example] = {}  # every output path, and the example that wrote it
@@ -187,7 +190,7 @@ class Page:
 
     def url(self, value: str) -> str:
         for real, stand_in in _STAND_IN_URLS.items():
-            value = value.replace(real, stand_in.format(embed=self.embed.url, s3=self.s3.url))
+            value = value.replace(real, stand_in.format(embed=self.embed.url, s3=self.s3.url, pg_port=self.pg.port))
         return value
 
     def run(self, example: Example) -> None:
@@ -298,7 +301,7 @@ def embed_server(st_model: Any) -> Any:
 
 def test_every_readme_example_runs_as_written_top_to_bottom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                             s3: S3Server, embed_server: EmbeddingServer,  # noqa: F811
-                                                            tiny_lm: Path) -> None:
+                                                            tiny_lm: Path, pg: Any) -> None:
     folder = tmp_path / "repo"
     folder.mkdir()
     _sample_data(folder / "sample_data")
@@ -315,7 +318,18 @@ def test_every_readme_example_runs_as_written_top_to_bottom(tmp_path: Path, monk
     monkeypatch.setattr(selection, "EXPORT_RUNTIMES", {})
     monkeypatch.setattr(selection, "cpu_has_native_bf16", lambda: False)
 
-    page = Page(folder, embed_server, s3, tiny_lm)
+    # the Postgres the README's lines reach: database shop, schema search, role app
+    with pg.connect() as conn:
+        if not conn.execute("SELECT 1 FROM pg_roles WHERE rolname = 'app'").fetchone():
+            conn.execute("CREATE ROLE app LOGIN PASSWORD 's3cret'")
+        if not conn.execute("SELECT 1 FROM pg_database WHERE datname = 'shop'").fetchone():
+            conn.execute("CREATE DATABASE shop OWNER app")
+    import psycopg
+
+    with psycopg.connect(f"postgresql://postgres:{pg.password}@127.0.0.1:{pg.port}/shop", autocommit=True) as shop:
+        shop.execute("CREATE EXTENSION IF NOT EXISTS vector")
+        shop.execute("CREATE SCHEMA IF NOT EXISTS search AUTHORIZATION app")
+    page = Page(folder, embed_server, s3, tiny_lm, pg)
     examples = readme_examples(README.read_text(encoding="utf-8"))
     for example in examples:
         page.run(example)
