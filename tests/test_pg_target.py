@@ -256,6 +256,17 @@ def test_names_postgres_cannot_keep_are_refused_in_one_line(pg: Any, days: dict[
         assert version_of(pg, "longcol") is None and url
 
 
+def test_a_nul_character_postgres_cannot_store_is_refused_before_work(pg: Any, days: dict[str, Path],
+                                                                       tmp_path: Path) -> None:
+    rows = [{"id": f"a{i}", "text": f"doc {i}", "note": "x\x00y" if i == 3 else "ok"} for i in range(8)]
+    source = write_rows(tmp_path / "nul.parquet", rows)
+    said = refused(source, "-o", pg.url("nul"), "--id-column", "id", "--keep", "note", "--cache-dir", days["cache"])
+    assert "row 4, column 'note' holds a NUL character" in said
+    ids = write_rows(tmp_path / "nulid.parquet", [{"id": f"a{i}" + ("\x00" if i == 1 else ""), "text": "t"} for i in range(4)])
+    assert "row 2, column 'id'" in refused(ids, "-o", pg.url("nul"), "--id-column", "id", "--cache-dir", days["cache"])
+    assert version_of(pg, "nul") is None
+
+
 def test_another_schema_is_used_when_it_exists(pg: Any, days: dict[str, Path]) -> None:
     with pg.connect() as conn:
         conn.execute('CREATE SCHEMA IF NOT EXISTS "Search Data"')

@@ -164,8 +164,11 @@ def plan_sync(opts: Any, task: Any, source: Any, passthrough: pa.Schema, target:
     prefix = hash_prefix(space)
     ids: list[pa.Array] = []
     hashes: list[pa.Array] = []
+    check = getattr(target, "check_rows", None)  # what the target cannot store, refused before any work
     for chunk in reader.chunks():
         batch = chunk.batch
+        if check is not None:
+            check(batch, [n for n in passthrough.names if n in batch.schema.names], opts.input, chunk.first_row)
         ids.append(id_array(batch.column(id_column), id_column, opts.input, chunk.first_row))
         hashes.append(row_hashes(batch, [n for n in hashed if n in batch.schema.names], prefix))
     id_type = ids[0].type if ids else pa.int64()

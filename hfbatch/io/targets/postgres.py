@@ -258,9 +258,11 @@ class PostgresTarget:
                         f"{job['started_at']:%Y-%m-%d %H:%M:%S}", job["rows_committed"], job["parts"])
 
     def _lost(self, exc: BaseException, doing: str) -> OutputError:
+        psycopg = _psycopg()
+        again = ": run again" if isinstance(exc, psycopg.OperationalError) else ""  # (refused data fails again)
         return OutputError(f"-o {self.where}: Postgres failed while {doing} "
                            f"({self.where.clean(first_line(exc, 300))}); the transaction was rolled back, the table "
-                           "is as it was: run again.")
+                           f"is as it was{again}.")
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -295,6 +297,21 @@ class PostgresTarget:
         """Refuse, before any work, an --output-precision this server's pgvector has no type for."""
         value = {"float32": pa.float32(), "float16": pa.float16(), "uint8": pa.uint8(), "ubinary": pa.uint8()}
         pg_type(pa.field("embedding", pa.list_(value.get(precision, pa.int8()), 1)), self.pgvector_version())
+
+    def check_rows(self, batch: pa.RecordBatch, columns: Sequence[str], where: Any, first: int) -> None:
+        """A NUL character in a kept text column (or a text id), which Postgres text cannot hold:
+        refused while planning, naming the row and column, instead of failing the commit."""
+        import pyarrow.compute as pc
+
+        for name in columns:
+            column = batch.column(name)
+            if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+                continue
+            hits = pc.match_substring(column, "\x00")
+            if pc.any(hits).as_py():
+                row = first + int(pc.index(hits, True).as_py()) + 1
+                raise InputError(f"{where}: row {row:,}, column {name!r} holds a NUL character, which Postgres text "
+                                 "cannot store; remove it from the input (or the column from --keep).")
 
     def _targets_exists(self) -> bool:
         return self._relation(TARGETS_TABLE) is not None
