@@ -100,6 +100,9 @@ def id_array(column: pa.Array | pa.ChunkedArray, name: str, where: Any, first_ro
                      "(cast the column, e.g. to int64, before the run).")
 
 
+KIND_NAMES = {"lance": "Lance", "delta": "Delta", "postgres": "Postgres"}
+
+
 @dataclass
 class SyncPlan:
     """What one sync run will do, decided before any model work."""
@@ -371,7 +374,7 @@ def sync_hooks(opts: Any, task: Any, source: Any, files: Any) -> SyncRun | None:
     spec = parse_target(opts.output, kind=opts.target)
     if opts.id_column is None:
         if spec.is_table:
-            raise InputError(f"-o {spec.given} is a {spec.kind} table, which is synced by id: give --id-column COL "
+            raise InputError(f"-o {spec.given} is a {KIND_NAMES.get(spec.kind, spec.kind)} table, which is synced by id: give --id-column COL "
                              "(a column of unique ids).")
         if opts.changes is not None:
             raise InputError("--changes lists the rows that changed by id: give --id-column COL.")

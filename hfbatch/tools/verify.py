@@ -44,7 +44,7 @@ def verify_output(output: Path, *, sample: int = 64, seed: int = 0, tolerance: f
     from ..io.targets import parse_target
 
     if parse_target(output).is_table:  # (a table keeps its vector record, not a sidecar of one run)
-        raise InputError(f"{output}: verify checks Parquet outputs; a Lance or Delta table is not one yet. "
+        raise InputError(f"{output}: verify checks Parquet outputs; a Lance, Delta or Postgres table is not one yet. "
                          "`hfbatch search` embeds a query with the table's record and shows its nearest rows.")
     output = location(output)
     meta_path = find_sidecar(output)
