@@ -233,11 +233,18 @@ class EmbedOptions(JobOptions):
         """-o delta://PATH names a Delta table by prefix (the path alone may not exist yet); --keep
         always carries the --id-column (the target's key)."""
         from .io.targets import DELTA_PREFIX
+        from .io.targets.postgres import PgLocation, is_postgres_url
 
         filled: dict[str, Any] = {}
         given = str(self.output) if not isinstance(self.output, Path) else None
         if given is not None and given.lower().startswith(DELTA_PREFIX):
             filled.update(output=location(given[len(DELTA_PREFIX):] or "."), target="delta")
+        if is_postgres_url(self.output):
+            filled.update(output=self.output if isinstance(self.output, PgLocation) else PgLocation(str(self.output)),
+                          target="postgres")
+        for flag, value in (("the input", self.input), ("--changes", self.changes), ("--calibration", self.calibration)):
+            if is_postgres_url(value):
+                raise InputError(f"{flag}: a postgresql:// URL names a table to write (-o); {flag} is a file.")
         if self.id_column is not None and self.keep is not None and self.id_column not in self.keep:
             filled["keep"] = [self.id_column, *dict.fromkeys(self.keep)]
         if self.changes is not None:
@@ -261,6 +268,9 @@ class EmbedOptions(JobOptions):
         if self.index_type is not None and (spec.kind != "postgres" or self.index_type not in ("hnsw", "ivfflat")):
             raise InputError(f"--index-type {self.index_type}: a Postgres target's --index is hnsw or ivfflat "
                              f"(-o {spec.given}{' is not a Postgres table' if spec.kind != 'postgres' else ''}).")
+        if self.commit_every is not None and self.changes is not None:
+            raise InputError("--changes with --commit-every: a run in parts commits rows before its change file is "
+                             "written, so a rerun after a kill could not list them; give one of the two.")
         if self.commit_every is not None and (self.commit_every < 1 or spec.kind != "postgres"):
             raise InputError(f"--commit-every is rows per transaction (1 or more) for a run too large for one "
                              f"transaction into a Postgres target (got {self.commit_every} with -o {spec.given}).")

@@ -16,6 +16,7 @@ from typing import Any
 from urllib.parse import quote
 
 import numpy as np
+import pyarrow as pa
 import pytest
 
 from test_sync import CHANGED, GONE, NEW, cli, day1_rows, day2_rows, embed, refused, write_rows
@@ -411,3 +412,143 @@ def test_a_run_in_parts_killed_midway_keeps_one_space_and_each_id_once(pg: Any, 
         assert conn.execute("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'hfbatch_new_%'").fetchone()[0] == 0
         assert conn.execute("SELECT record->>'truncate_dim' FROM hfbatch_targets WHERE table_name = 'big'").fetchone() \
             == ("128",)
+
+
+# --- 7. found by review ----------------------------------------------------------------------------
+
+
+def test_rows_without_a_vector_and_split_windows_of_invalid_rows_are_stored(pg: Any, days: dict[str, Path],
+                                                                          tmp_path: Path) -> None:
+    """--on-invalid mark (the default): an empty or null text is a row with a NULL vector (search
+    skips it); with --split its chunk_index, part of the key, is 0."""
+    from hfbatch import search
+
+    rows = [{"id": i, "text": "" if i == 2 else None if i == 5 else f"a short note number {i}"} for i in range(8)]
+    source = write_rows(tmp_path / "marked.parquet", rows)
+    embed(source, "-o", pg.url("marked"), "--id-column", "id", "--cache-dir", days["cache"], code=3)  # (3: rows marked)
+    got = rows_of(pg, "marked")
+    assert got[2]["embedding"] is None and got[5]["embedding"] is None and got[2]["embedding_error"]
+    assert all(got[i]["embedding"] is not None for i in (0, 1, 3, 4, 6, 7))
+    report = search(pg.url("marked"), "note number 3", k=10)
+    assert report["rows_searched"] == 6 and report["rows_skipped"] == 2 and len(report["hits"]) == 6
+    embed(source, "-o", pg.url("marked_split"), "--id-column", "id", "--cache-dir", days["cache"], "--split", "tokens:4",
+          code=3)
+    with pg.connect() as conn:
+        invalid = conn.execute("SELECT chunk_index, embedding IS NULL FROM marked_split WHERE id IN (2, 5)").fetchall()
+    assert invalid == [(0, True), (0, True)]
+
+
+def test_integer_widths_that_change_between_days_are_one_column(pg: Any, days: dict[str, Path], tmp_path: Path) -> None:
+    """An int32 id or kept column on day 1 and int64 (or uint64 ids) on day 2 are the same
+    columns (the id is always bigint); a text column where an integer was is refused, naming it."""
+    small = pa.schema([("id", pa.int32()), ("text", pa.string()), ("cat", pa.int32())])
+    wide = pa.schema([("id", pa.uint64()), ("text", pa.string()), ("cat", pa.int64())])
+    rows = [{"id": i, "text": f"row {i} of widths", "cat": i % 3} for i in range(10)]
+    embed(write_rows(tmp_path / "d1.parquet", rows, small), "-o", pg.url("widths"), "--id-column", "id", "--keep",
+          "cat", "--cache-dir", days["cache"])
+    rows[4]["text"] = "row 4 changed"
+    doc = embed(write_rows(tmp_path / "d2.parquet", rows, wide), "-o", pg.url("widths"), "--id-column", "id", "--keep",
+                "cat", "--cache-dir", days["cache"])
+    assert doc["metrics"]["sync"]["updated"] == 1 and doc["metrics"]["sync"]["unchanged"] == 9
+    again = embed(write_rows(tmp_path / "d3.parquet", rows, wide), "-o", pg.url("widths"), "--id-column", "id",
+                  "--keep", "cat", "--cache-dir", days["cache"])
+    assert again["metrics"]["sync"]["unchanged"] == 10
+    with pg.connect() as conn:
+        kinds = dict(conn.execute("SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute WHERE "
+                                  "attrelid = 'widths'::regclass AND attnum > 0").fetchall())
+    assert kinds["id"] == "bigint" and kinds["cat"] == "integer"
+    texts = [{**r, "cat": f"c{r['cat']}"} for r in rows]
+    texts[0]["text"] = "row 0 changed"
+    result = cli("embed", write_rows(tmp_path / "d4.parquet", texts), "-o", pg.url("widths"), "--id-column", "id",
+                 "--keep", "cat", "--cache-dir", days["cache"])
+    assert result.exit_code == 2 and "cat: integer in the table, text by this run" in " ".join(result.stderr.split())
+
+
+def test_urls_read_two_ways_are_refused_without_showing_them(pg: Any, days: dict[str, Path]) -> None:
+    for secret, url in (("Xy/9Qz", "postgresql://app:Xy/9Qz+Kw7==@127.0.0.1:5/db?table=t"),
+                        ("Cd9Ef", "postgresql://app:Ab#Cd9Ef@127.0.0.1:5/db?table=t"),
+                        ("rty7Secret", "postgresql://app:Qw@rty7Secret@127.0.0.1:5/db?table=t"),
+                        ("pa?ss", "postgresql://app:pa?ss@127.0.0.1:5/db?table=t")):
+        result = cli("embed", days["d1"], "-o", url, "--id-column", "id")
+        assert result.exit_code == 2 and "percent-encode" in result.stderr, result.output
+        assert secret not in result.output and secret.split("/")[0][:3] not in result.stderr.replace("postgresql", "")
+    # and a postgresql:// URL anywhere but -o is one line, not a traceback
+    for args in ([pg.url("t"), "-o", "out.parquet"], [days["d1"], "-o", pg.url("t"), "--id-column", "id", "--changes",
+                                                        pg.url("c") + "&x=.parquet"]):
+        result = cli("embed", *args)
+        assert result.exit_code == 2 and "Traceback" not in result.output and pg.password not in result.output
+        assert "names a table to write" in result.stderr
+
+
+def test_an_unfinished_run_in_parts_is_closed_by_the_next_commit(pg: Any, days: dict[str, Path]) -> None:
+    """What a run in parts killed after its last part leaves (its job 'running', a rebuild's shadow
+    table) is finished by the next run, even one with nothing to change: a new version, the job
+    done, the shadow gone."""
+    from hfbatch.io.targets.postgres import PgLocation, PostgresTarget
+    from hfbatch.io.targets import parse_target
+
+    sync(pg, days, "d1", "closing")
+    target = PostgresTarget(parse_target(PgLocation(pg.url("closing"))))
+    shadow = target._shadow_name()
+    with pg.connect() as conn:
+        conn.execute(f'CREATE TABLE "{shadow}" (id bigint)')
+        conn.execute("CREATE TABLE IF NOT EXISTS hfbatch_jobs (table_name text PRIMARY KEY, job_id text NOT NULL, state "
+                     "text NOT NULL, parts integer NOT NULL, rows_committed bigint NOT NULL, started_at timestamptz NOT "
+                     "NULL, updated_at timestamptz NOT NULL)")
+        conn.execute("INSERT INTO hfbatch_jobs VALUES ('closing', 'j1', 'running', 3, 60, now(), now())")
+    doc = sync(pg, days, "d1", "closing")
+    assert doc["metrics"]["texts_computed"] == 0 and doc["provenance"]["output"]["table"]["version"] == 2
+    with pg.connect() as conn:
+        assert conn.execute("SELECT state FROM hfbatch_jobs WHERE table_name = 'closing'").fetchone() == ("done",)
+        assert conn.execute("SELECT to_regclass(%s)", (f'"{shadow}"',)).fetchone() == (None,)
+    assert sync(pg, days, "d1", "closing")["provenance"]["output"]["table"]["version"] == 2  # then: no version
+
+
+def test_a_63_byte_table_rebuilt_in_parts_and_indexes_of_alike_names(pg: Any, days: dict[str, Path]) -> None:
+    long_name = "t" * 63
+    for extra in ([], ["--rebuild", "--truncate-dim", "64", "--commit-every", "50", "--chunk-size", "50"]):
+        sync(pg, days, "d1", long_name, *extra)
+    assert len(rows_of(pg, long_name)) == len(day1_rows())
+    with pg.connect() as conn:
+        assert conn.execute("SELECT conname FROM pg_constraint WHERE conrelid = to_regclass(%s) AND contype = 'p'",
+                            (f'"{long_name}"',)).fetchone() == ("t" * 58 + "_pkey",)
+    # two tables whose names share their first 40 characters each keep their own index
+    a, b = "customer_reviews_embeddings_for_search_v1_en", "customer_reviews_embeddings_for_search_v1_fr"
+    for table in (a, b):
+        sync(pg, days, "d1", table, "--index")
+    with pg.connect() as conn:
+        for table in (a, b):
+            assert conn.execute("SELECT count(*) FROM pg_indexes WHERE tablename = %s AND indexdef LIKE '%%hnsw%%'",
+                                (table,)).fetchone() == (1,), table
+
+
+def test_k_above_an_hnsw_scans_reach_is_answered_whole(pg: Any, days: dict[str, Path], st_model: Any) -> None:
+    """An HNSW scan returns at most ef_search rows; a k above it is answered without the index."""
+    from hfbatch.io.targets import parse_target
+    from hfbatch.io.targets.postgres import PgLocation, PostgresTarget
+
+    sync(pg, days, "d1", "wide_k", "--index")
+    target = PostgresTarget(parse_target(PgLocation(pg.url("wide_k"))))
+    query = st_model.encode(["a quiet kettle"], normalize_embeddings=True)[0]
+    try:
+        assert len(target.nearest(query, 50, ["id"], ef_search=10)) == 50
+    finally:
+        target.close()
+
+
+def test_a_tiny_lock_timeout_gives_up_and_a_dry_run_refuses_what_the_run_would(pg: Any, days: dict[str, Path],
+                                                                              tmp_path: Path) -> None:
+    from hfbatch.io.targets.postgres import LOCK_CLASS
+
+    sync(pg, days, "d1", "locked")
+    with pg.connect() as holder:
+        holder.execute("SELECT pg_advisory_lock(%s, hashtext('public.locked'))", (LOCK_CLASS,))
+        result = cli("embed", days["d2"], "-o", pg.url("locked"), "--id-column", "id", "--cache-dir", days["cache"],
+                     "--lock-timeout", "0.0004")
+        assert result.exit_code == 1 and "gave up after 0.0004 s" in " ".join(result.stderr.split()), result.output
+    dry = cli("embed", days["d1"], "-o", pg.url("locked"), "--id-column", "id", "--dry-run", "--output-precision",
+              "int8")
+    assert dry.exit_code == 2 and "no pgvector type" in dry.stderr
+    nested = write_rows(tmp_path / "nested.parquet", [{"id": 1, "text": "t", "tags": ["a", "x\x00y"]}])
+    said = refused(nested, "-o", pg.url("nested"), "--id-column", "id", "--keep", "tags", "--cache-dir", days["cache"])
+    assert "row 1, column 'tags' holds a NUL character" in said

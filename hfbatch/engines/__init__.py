@@ -37,6 +37,11 @@ def embed(options: EmbedOptions, *, engine: str = "local", shard: str | tuple[in
     """
     if engine not in ENGINES:
         raise InputError(f"--engine {engine!r} is not one of: {', '.join(ENGINES)}.")
+    from ..io.targets.postgres import is_postgres_url
+
+    if is_postgres_url(options.input):
+        raise InputError("the input: a postgresql:// URL names a table to write (-o); the input is a file, a folder, "
+                         "a glob or a store URL.")
     shard_of = parse_shard(shard) if shard is None or isinstance(shard, str) else shard
     sync = options.id_column is not None or is_table_target(options.output)
     if sync and shard_of != (1, 1):

@@ -59,16 +59,11 @@ def is_remote(spec: Any) -> bool:
 
 
 def location(spec: Any) -> "Path | RemotePath":
-    """A local Path, or a RemotePath for a store URL (never Path("s3://..."), which would fold the //);
-    a postgresql:// URL (an output only): the table it names (io/targets/postgres.PgLocation)."""
-    if isinstance(spec, (Path, RemotePath)):
+    """A local Path, or a RemotePath for a store URL (never Path("s3://..."), which would fold the //).
+    A Postgres table (io/targets/postgres.PgLocation, made from `-o postgresql://...` by the embed
+    options alone) passes through as it is."""
+    if isinstance(spec, (Path, RemotePath)) or type(spec).__name__ == "PgLocation":
         return spec
-    from .targets.postgres import PgLocation, is_postgres_url
-
-    if isinstance(spec, PgLocation):
-        return spec  # type: ignore[return-value]
-    if is_postgres_url(spec):
-        return PgLocation(str(spec))  # type: ignore[return-value]
     return RemotePath(str(spec)) if is_remote(spec) else Path(spec)
 
 

@@ -167,11 +167,11 @@ def plan_sync(opts: Any, task: Any, source: Any, passthrough: pa.Schema, target:
     prefix = hash_prefix(space)
     ids: list[pa.Array] = []
     hashes: list[pa.Array] = []
-    check = getattr(target, "check_rows", None)  # what the target cannot store, refused before any work
     for chunk in reader.chunks():
         batch = chunk.batch
-        if check is not None:
-            check(batch, [n for n in passthrough.names if n in batch.schema.names], opts.input, chunk.first_row)
+        if target is not None:  # a value the target cannot store: refused before any work
+            target.check_rows(batch, [n for n in passthrough.names if n in batch.schema.names], opts.input,
+                              chunk.first_row)
         ids.append(id_array(batch.column(id_column), id_column, opts.input, chunk.first_row))
         hashes.append(row_hashes(batch, [n for n in hashed if n in batch.schema.names], prefix))
     id_type = ids[0].type if ids else pa.int64()
@@ -382,16 +382,10 @@ def sync_hooks(opts: Any, task: Any, source: Any, files: Any) -> SyncRun | None:
     if spec.kind in ("lance", "delta") and any(c in opts.id_column for c in '`"'):
         raise InputError(f"--id-column {opts.id_column!r}: Lance and Delta cannot merge on a column whose name holds "
                          "` or \"; rename the column.")
-    if spec.kind == "postgres":
-        from ..io.targets.postgres import check_name
-
-        for name in [*files.passthrough.names, *task.added_columns]:
-            check_name(name, f"{opts.input}: column")
     target = open_target(spec) if spec.is_table else None
     try:
-        if spec.kind == "postgres":
-            target.check_precision(opts.output_precision)  # type: ignore[union-attr]
         if target is not None:
+            target.check_run(opts.output_precision, [*files.passthrough.names, *task.added_columns])
             target.lock(opts.lock_timeout)  # (Postgres: held until the run ends; the next run plans on its result)
         plan = plan_sync(opts, task, source, files.passthrough, target)
     except BaseException:

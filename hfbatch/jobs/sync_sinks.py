@@ -229,7 +229,7 @@ class TableSink(StagedSink):
             record = vector_record(provenance, id_column=plan.id_column,
                                    stored_as="delta" if plan.spec.kind == "delta" else None)
             record["key"] = plan.key
-            if not plan.replace and not self.rows and not stale:
+            if not plan.replace and not self.rows and not stale and not self.target.pending:
                 result = {"version": plan.version_before, "bytes_added": 0}  # nothing changed: no new version
             else:
                 reader = pa.RecordBatchReader.from_batches(self.schema, source.iter_batches(batch_size=8192))

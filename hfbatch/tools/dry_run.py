@@ -57,8 +57,11 @@ def _sync_plan(opts: EmbedOptions, backend: Any, source: Path, reader: Any) -> A
     spec = parse_target(opts.output, kind=opts.target)
     passthrough = pa.schema([reader.schema.field(n) for n in (opts.keep if opts.keep is not None else reader.schema.names)])
     target = open_target(spec) if spec.is_table else None
+    task = EmbedTask(backend, opts)
     try:
-        return plan_sync(opts, EmbedTask(backend, opts), source, passthrough, target)
+        if target is not None:  # what the real run would refuse before any work, refused here too
+            target.check_run(opts.output_precision, [*passthrough.names, *task.added_columns])
+        return plan_sync(opts, task, source, passthrough, target)
     finally:
         if target is not None:
             target.close()  # (a Postgres target's connection: a dry run takes no lock and writes nothing)

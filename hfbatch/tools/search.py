@@ -449,7 +449,7 @@ def postgres_nearest(source: Source, query: np.ndarray, k: int) -> tuple[list[di
     hits = [{"rank": rank, "score": round(float(1.0 - row[-1]), 6),
              **{(f"{name}_" if name in ("rank", "score") else name): cell for name, cell in zip(names, row)}}
             for rank, row in enumerate(rows, 1)]
-    total, missing = target.count_rows(), target.count_rows(f"{VECTOR_COLUMN} IS NULL")
+    total, missing = target.counts()
     return hits, total - missing, missing
 
 

@@ -136,6 +136,16 @@ class Target(Protocol):
         built, or its error."""
         ...
 
+    pending: bool  # an earlier run left work for this run's commit to finish (Postgres: a run in parts)
+
+    def check_run(self, precision: str, columns: Sequence[str]) -> None:
+        """Refuse, before any work, what the table cannot hold: a vector precision, a column name."""
+        ...
+
+    def check_rows(self, batch: pa.RecordBatch, columns: Sequence[str], where: Any, first: int) -> None:
+        """Refuse, while planning, a value the table cannot hold (naming its row and column)."""
+        ...
+
     def lock(self, timeout: float | None) -> None:
         """Hold the table for this run, from planning to commit, where the table's own commits do
         not order two runs (Postgres: an advisory lock; Lance, Delta: nothing, their commits

@@ -144,6 +144,14 @@ class LanceTarget:
     def lock(self, timeout: float | None) -> None:
         """Nothing to hold: the format's own commits order two runs (see the module)."""
 
+    pending = False  # (no runs in parts)
+
+    def check_run(self, precision: str, columns: Sequence[str]) -> None:
+        """Every precision and column name goes in (Delta stores what it lacks as wider types)."""
+
+    def check_rows(self, batch: pa.RecordBatch, columns: Sequence[str], where: Any, first: int) -> None:
+        """Every value goes in."""
+
     def close(self) -> None:
         self._dataset = None
 

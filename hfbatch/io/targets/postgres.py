@@ -24,10 +24,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import time
 from typing import Any, Iterator, Mapping, Sequence
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 import pyarrow as pa
@@ -42,6 +43,7 @@ TARGETS_TABLE = "hfbatch_targets"  # one row per synced table: its vector record
 JOBS_TABLE = "hfbatch_jobs"  # one row per table synced in parts (--commit-every): the last job's watermark
 MAX_NAME_BYTES = 63  # NAMEDATALEN - 1: Postgres cuts longer names (silently, with a NOTICE)
 HALFVEC_SINCE = (0, 7, 0)  # pgvector's halfvec and bit operators
+EF_SEARCH_MAX = 1000  # pgvector's largest hnsw.ef_search: an HNSW scan returns at most this many rows
 LOCK_CLASS = 0x68666201  # the advisory lock's first key ("hfb\x01"); the second: hashtext(schema.table)
 _SECRET_QUERY = ("password", "sslpassword")
 
@@ -67,6 +69,7 @@ class PgLocation:
     (the only forms ever shown or recorded); `conninfo` (with it) goes to libpq alone."""
 
     def __init__(self, url: str):
+        _refuse_ambiguous(str(url))
         parts = urlsplit(str(url))
         query = parse_qsl(parts.query, keep_blank_values=True)
         self.shown = _shown(parts, query)
@@ -84,7 +87,9 @@ class PgLocation:
             raise InputError(f"-o {self.shown}: names no database; give postgresql://user@host:port/DBNAME?table=...")
         rest = [(k, v) for k, v in query if k not in ("table", "schema")]
         self._conninfo = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(rest), ""))
-        self.password = parts.password  # (only to be removed from messages)
+        # (only to be taken out of messages: as written, and as libpq decodes it)
+        given = [parts.password or "", *(v for k, v in query if k in _SECRET_QUERY)]
+        self._secrets = sorted({s for p in given if p for s in (p, unquote(p))}, key=len, reverse=True)
 
     @property
     def conninfo(self) -> str:
@@ -118,9 +123,21 @@ class PgLocation:
 
     def clean(self, text: str) -> str:
         """`text` (a server's or libpq's message) with this URL's password taken out."""
-        if self.password:
-            text = text.replace(self.password, "***")
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
         return redact_text(text)
+
+
+def _refuse_ambiguous(url: str) -> None:
+    """A URL that Python's parser and libpq would split differently (a password holding @, /, ?
+    or #, unencoded) is refused without showing any of it: shown, half of it could be the password."""
+    rest = url.split("://", 1)[1]
+    authority_end = min([i for i in (rest.find("/"), rest.find("?")) if i >= 0] or [len(rest)])
+    ats = [i for i, c in enumerate(rest) if c == "@"]
+    if "#" in rest or len(ats) > 1 or (ats and ats[0] > authority_end):
+        raise InputError("-o postgresql://...: the URL holds @, /, ? or # where they cannot be read one way only (a "
+                         "password holding one?); percent-encode them in the password (%40 %2F %3F %23), or leave the "
+                         "password out of the URL and give it in PGPASSWORD or ~/.pgpass.")
 
 
 def _shown(parts: Any, query: list[tuple[str, str]]) -> str:
@@ -171,43 +188,90 @@ def pg_type(field: pa.Field, pgvector: tuple[int, ...]) -> str:
     return "jsonb"  # lists, structs, maps: as JSON
 
 
+def family(sql_type: str) -> str:
+    """What a column holds, for comparing a table made on an earlier day with this run: integer
+    widths are one family (Postgres casts between them), as are float widths; a vector's type is
+    itself (its dimensions)."""
+    bare = re.sub(r"^[^(]*\.", "", sql_type)  # (pgvector outside the search path: public.vector(384))
+    for group, members in (("integer", ("smallint", "integer", "bigint", "numeric")), ("float", ("real", "double precision"))):
+        if bare in members:
+            return group
+    return bare
+
+
 class PostgresTarget:
+    """A Postgres table synced by id (see the module)."""
+
     def __init__(self, spec: TargetSpec):
         self.spec = spec
         self.where: PgLocation = spec.location  # type: ignore[assignment]
         self._conn: Any = None
         self._locked = False
+        self._lock_timeout: float | None = None
+        self._seen_version: int | None = None  # the version planned on (checked again after a reconnect)
+        self._pending_job: dict[str, Any] | None = None  # an earlier run in parts that did not finish
         self._written: set[Any] = set()  # the ids this run has upserted (its parts', then its commit's)
 
     # --- the connection -----------------------------------------------------------------------
 
     def _connect(self) -> Any:
-        if self._conn is not None and not self._conn.closed:
+        if self._conn is not None and not self._conn.closed and not self._conn.broken:
             return self._conn
+        relock = self._locked  # a connection lost while the run worked: its lock went with it
+        self._conn, self._locked = None, False
         psycopg = _psycopg()
         try:
+            # keepalives: the run's connection idles while the model works; a NAT or firewall
+            # that drops idle connections would otherwise cost the run at its commit
             conn = psycopg.connect(self.where.conninfo, autocommit=True, application_name="hfbatch",
-                                   connect_timeout=15)
+                                   connect_timeout=15, keepalives=1, keepalives_idle=60, keepalives_interval=15)
         except psycopg.Error as exc:
             raise OutputError(f"-o {self.where}: cannot connect ({self.where.clean(first_line(exc, 300))}); check the "
                               "host, port, database, user and password (PGPASSWORD or ~/.pgpass).") from None
         self._conn = conn
+        if relock:
+            self.lock(self._lock_timeout)
+            now = self.version()
+            if now != self._seen_version:
+                raise OutputError(f"-o {self.where}: the connection was lost while this run worked and the table "
+                                  f"changed meanwhile (version {self._seen_version} -> {now}); nothing was written: "
+                                  "run again.")
+            log.warning("%s: the connection was lost while this run worked; reconnected, the table is as planned.",
+                        self.where)
         return conn
 
-    def _sql(self, query: Any, params: Sequence[Any] | None = None, *, fetch: bool = True) -> list[tuple[Any, ...]]:
+    def _fresh(self) -> Any:
+        """The run's connection, checked alive before a commit (an idle one may have been cut
+        while the model worked): if it was, a new one, holding the lock again, on the table as
+        planned (else refused)."""
+        psycopg = _psycopg()
         conn = self._connect()
-        with self._errors("a query"):
+        try:
+            conn.execute("SELECT 1")
+        except psycopg.OperationalError:
+            self._conn = None  # (`_locked` stays: _connect takes the lock again and checks the version)
+            conn = self._connect()
+        return conn
+
+    def _sql(self, query: Any, params: Sequence[Any] | None = None, *, fetch: bool = True,
+             doing: str = "reading the table's catalog") -> list[tuple[Any, ...]]:
+        conn = self._connect()
+        with self._errors(doing, rolled_back=False):
             with conn.cursor() as cur:
                 cur.execute(query, params)
                 return cur.fetchall() if fetch and cur.description is not None else []
 
-    def _errors(self, doing: str) -> Any:
-        return _PgErrors(self, doing)
+    def _errors(self, doing: str, *, rolled_back: bool = True, after: str = "") -> Any:
+        return _PgErrors(self, doing, rolled_back=rolled_back, after=after)
 
-    def _ident(self) -> Any:
+    def _ident(self, name: str | None = None) -> Any:
         from psycopg import sql
 
-        return sql.Identifier(self.where.schema, self.where.table)
+        return sql.Identifier(self.where.schema, name or self.where.table)
+
+    def _regclass(self, name: str | None = None) -> str:
+        """schema.table quoted, as to_regclass() and ::regclass read it."""
+        return self._ident(name).as_string(self._connect())
 
     def close(self) -> None:
         """End the session: its advisory lock goes with it."""
@@ -223,14 +287,15 @@ class PostgresTarget:
         holding it (said on screen), or with `timeout` seconds give up after them (0: at once)."""
         if self._locked:
             return
+        self._lock_timeout = timeout
         key = (LOCK_CLASS, self.where.qualified)
-        got = self._sql("SELECT pg_try_advisory_lock(%s, hashtext(%s))", key)[0][0]
+        got = self._sql("SELECT pg_try_advisory_lock(%s, hashtext(%s))", key, doing="taking the table's lock")[0][0]
         if not got:
-            holder = self._sql("SELECT a.pid, a.client_addr, a.backend_start FROM pg_locks l JOIN pg_stat_activity a "
-                               "ON a.pid = l.pid WHERE l.locktype = 'advisory' AND l.classid = %s::oid "
-                               "AND l.objid = hashtext(%s)::oid AND l.granted LIMIT 1",
-                               (LOCK_CLASS & 0xFFFFFFFF, self.where.qualified))
-            who = f" (Postgres pid {holder[0][0]}, since {holder[0][2]:%H:%M:%S})" if holder else ""
+            holder = self._sql("SELECT a.pid, a.backend_start FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid "
+                               "WHERE l.locktype = 'advisory' AND l.classid = %s::oid AND l.objid = hashtext(%s)::oid "
+                               "AND l.granted LIMIT 1", (LOCK_CLASS & 0xFFFFFFFF, self.where.qualified),
+                               doing="taking the table's lock")
+            who = f" (Postgres pid {holder[0][0]}, since {holder[0][1]:%H:%M:%S})" if holder else ""
             if timeout == 0:
                 raise _busy(self.where, who, timeout)
             log.warning("%s: another hfbatch run holds this table%s; waiting for it%s.", self.where, who,
@@ -238,31 +303,40 @@ class PostgresTarget:
             psycopg = _psycopg()
             conn = self._connect()
             started = time.monotonic()
+            # (Postgres reads lock_timeout 0 as "none": a positive timeout waits at least 1 ms)
+            ms = min(2**31 - 1, max(1, math.ceil(timeout * 1000))) if timeout else 0
             try:
                 with conn.cursor() as cur:
-                    cur.execute(f"SET lock_timeout = {int(timeout * 1000) if timeout else 0}")
+                    cur.execute(f"SET lock_timeout = {int(ms)}")
                     cur.execute("SELECT pg_advisory_lock(%s, hashtext(%s))", key)
                     cur.execute("SET lock_timeout = 0")
             except psycopg.errors.LockNotAvailable:
                 raise _busy(self.where, who, timeout) from None
             except psycopg.Error as exc:
-                raise self._lost(exc, "waiting for the table's lock") from None
+                self.close()
+                raise self._lost(exc, "waiting for the table's lock", rolled_back=False) from None
             log.warning("%s: the other run finished after %.1f s; this run goes on.", self.where,
                         time.monotonic() - started)
         self._locked = True
-        job = self.unfinished_job()
+        self._pending_job = self.unfinished_job()
+        job = self._pending_job
         if job is not None:
             log.warning("%s: an earlier run in parts (--commit-every; job %s, started %s) stopped after committing "
                         "%d rows in %d transactions; its rows are in the table with their new hashes, so this run "
                         "embeds only the rest (a rebuild in parts starts again).", self.where, job["job_id"][:8],
                         f"{job['started_at']:%Y-%m-%d %H:%M:%S}", job["rows_committed"], job["parts"])
 
-    def _lost(self, exc: BaseException, doing: str) -> OutputError:
+    @property
+    def pending(self) -> bool:
+        """An earlier run in parts did not finish: this run's final commit closes it (a new version)."""
+        return self._pending_job is not None
+
+    def _lost(self, exc: BaseException, doing: str, *, rolled_back: bool = True, after: str = "") -> OutputError:
         psycopg = _psycopg()
         again = ": run again" if isinstance(exc, psycopg.OperationalError) else ""  # (refused data fails again)
+        tail = after or ("; the transaction was rolled back, the table is as it was" if rolled_back else "")
         return OutputError(f"-o {self.where}: Postgres failed while {doing} "
-                           f"({self.where.clean(first_line(exc, 300))}); the transaction was rolled back, the table "
-                           f"is as it was{again}.")
+                           f"({self.where.clean(first_line(exc, 300))}){tail}{again}.")
 
     # --- reading ------------------------------------------------------------------------------
 
@@ -276,9 +350,7 @@ class PostgresTarget:
         return self._relation(self.where.table) is not None
 
     def _relation(self, name: str) -> str | None:
-        from psycopg import sql
-
-        rows = self._sql("SELECT to_regclass(%s)::text", (sql.Identifier(self.where.schema, name).as_string(self._connect()),))
+        rows = self._sql("SELECT to_regclass(%s)::text", (self._regclass(name),))
         return rows[0][0] if rows else None
 
     def pgvector_version(self) -> tuple[int, ...]:
@@ -286,43 +358,47 @@ class PostgresTarget:
         rows = self._sql("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
         if not rows:
             try:
-                self._sql("CREATE EXTENSION IF NOT EXISTS vector", fetch=False)
+                self._sql("CREATE EXTENSION IF NOT EXISTS vector", fetch=False, doing="installing pgvector")
             except OutputError as exc:
                 raise InputError(f"-o {self.where}: pgvector is not installed in this database and this user cannot "
                                  f"install it ({exc}); ask its owner to run CREATE EXTENSION vector.") from None
             rows = self._sql("SELECT extversion FROM pg_extension WHERE extname = 'vector'")
         return tuple(int(p) for p in re.findall(r"\d+", rows[0][0])[:3])
 
-    def check_precision(self, precision: str) -> None:
-        """Refuse, before any work, an --output-precision this server's pgvector has no type for."""
+    def check_run(self, precision: str, columns: Sequence[str]) -> None:
+        """Before any work: an --output-precision this server's pgvector has no type for, and
+        names Postgres cannot keep, refused in one line."""
+        for name in columns:
+            check_name(name, "column")
         value = {"float32": pa.float32(), "float16": pa.float16(), "uint8": pa.uint8(), "ubinary": pa.uint8()}
         pg_type(pa.field("embedding", pa.list_(value.get(precision, pa.int8()), 1)), self.pgvector_version())
 
     def check_rows(self, batch: pa.RecordBatch, columns: Sequence[str], where: Any, first: int) -> None:
-        """A NUL character in a kept text column (or a text id), which Postgres text cannot hold:
-        refused while planning, naming the row and column, instead of failing the commit."""
+        """A NUL character in a kept text column, a text id or a nested (jsonb) value, which
+        Postgres cannot hold: refused while planning, naming the row and column, not at the commit."""
         import pyarrow.compute as pc
 
         for name in columns:
             column = batch.column(name)
-            if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+            if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+                hits = pc.match_substring(column, "\x00")
+                at = int(pc.index(hits, True).as_py()) if pc.any(hits).as_py() else -1
+            elif pa.types.is_nested(column.type):
+                at = next((i for i, v in enumerate(column.to_pylist())
+                           if v is not None and "\\u0000" in json.dumps(v, default=str)), -1)
+            else:
                 continue
-            hits = pc.match_substring(column, "\x00")
-            if pc.any(hits).as_py():
-                row = first + int(pc.index(hits, True).as_py()) + 1
-                raise InputError(f"{where}: row {row:,}, column {name!r} holds a NUL character, which Postgres text "
-                                 "cannot store; remove it from the input (or the column from --keep).")
-
-    def _targets_exists(self) -> bool:
-        return self._relation(TARGETS_TABLE) is not None
+            if at >= 0:
+                raise InputError(f"{where}: row {first + at + 1:,}, column {name!r} holds a NUL character, which "
+                                 "Postgres cannot store; remove it from the input (or the column from --keep).")
 
     def _row(self) -> tuple[Any, ...] | None:
         from psycopg import sql
 
-        if not self._targets_exists():
+        if self._relation(TARGETS_TABLE) is None:
             return None
         rows = self._sql(sql.SQL("SELECT record, version FROM {} WHERE table_name = %s").format(
-            sql.Identifier(self.where.schema, TARGETS_TABLE)), (self.where.table,))
+            self._ident(TARGETS_TABLE)), (self.where.table,))
         return rows[0] if rows else None
 
     def record(self) -> dict[str, Any] | None:
@@ -340,23 +416,32 @@ class PostgresTarget:
 
     def version(self) -> int | None:
         row = self._row() if self.exists() else None
-        return int(row[1]) if row is not None else None
+        version = int(row[1]) if row is not None else None
+        if self._seen_version is None:
+            self._seen_version = version
+        return version
 
     def count_rows(self, where: str | None = None) -> int:
         """Rows in the table (`where`: only those whose `embedding IS NULL`, the one filter asked for)."""
+        total, missing = self.counts()
+        return missing if where == "embedding IS NULL" else total
+
+    def counts(self) -> tuple[int, int]:
+        """(rows, rows without a vector), in one scan."""
         from psycopg import sql
 
         if not self.exists():
-            return 0
-        condition = sql.SQL(" WHERE embedding IS NULL") if where == "embedding IS NULL" else sql.SQL("")
-        return int(self._sql(sql.SQL("SELECT count(*) FROM {}{}").format(self._ident(), condition))[0][0])
+            return 0, 0
+        has_vector = "embedding" in dict(self.columns())
+        rows = self._sql(sql.SQL("SELECT count(*), {} FROM {}").format(
+            sql.SQL("count(*) FILTER (WHERE embedding IS NULL)" if has_vector else "0"), self._ident()))
+        return int(rows[0][0]), int(rows[0][1])
 
-    def columns(self) -> list[tuple[str, str]]:
-        """(name, Postgres type) of the table's columns, in order."""
+    def columns(self, name: str | None = None) -> list[tuple[str, str]]:
+        """(name, Postgres type) of the table's (or table `name`'s) columns, in order."""
         return [(r[0], r[1]) for r in self._sql(
             "SELECT attname, format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = to_regclass(%s) "
-            "AND attnum > 0 AND NOT attisdropped ORDER BY attnum",
-            (self._ident().as_string(self._connect()),))]
+            "AND attnum > 0 AND NOT attisdropped ORDER BY attnum", (self._regclass(name),))]
 
     def schema(self) -> pa.Schema | None:
         """The table's column names (typed loosely: check_columns compares names)."""
@@ -367,56 +452,66 @@ class PostgresTarget:
     def state(self, id_column: str) -> pa.Table:
         from psycopg import sql
 
-        names = [n for n, _ in self.columns()]
-        if id_column not in names or HASH_COLUMN not in names:
-            missing = id_column if id_column not in names else HASH_COLUMN
+        have = dict(self.columns())
+        if id_column not in have or HASH_COLUMN not in have:
+            missing = id_column if id_column not in have else HASH_COLUMN
             raise InputError(f"{self.where}: has no column {missing!r}, so it was not synced by --id-column "
                              f"{id_column}; use --rebuild to replace it, or another -o.")
-        id_sql = dict(self.columns())[id_column]
         rows = self._sql(sql.SQL("SELECT {}, {} FROM {}").format(sql.Identifier(id_column), sql.Identifier(HASH_COLUMN),
                                                                  self._ident()))
-        id_type = pa.int64() if id_sql in ("bigint", "integer", "smallint") else pa.string()
+        integer = family(have[id_column]) == "integer"
         ids, hashes = (list(c) for c in zip(*rows)) if rows else ([], [])
-        return pa.table({id_column: pa.array(ids, id_type), HASH_COLUMN: pa.array(hashes, pa.string())})
+        if integer:
+            ids = [int(i) for i in ids]  # (a numeric column answers Decimals)
+        return pa.table({id_column: pa.array(ids, pa.int64() if integer else pa.string()),
+                         HASH_COLUMN: pa.array(hashes, pa.string())})
 
     def batches(self, columns: Sequence[str] | None = None, *, size: int = 4096) -> Iterator[pa.RecordBatch]:
-        """The table's rows (vectors as float32 lists), streamed by a server-side cursor."""
+        """The table's rows (vectors as float32 lists, jsonb as JSON text), streamed by a
+        server-side cursor."""
         from psycopg import sql
 
         if not self.exists():
             return
-        have = self.columns()
-        chosen = [(n, t) for n, t in have if columns is None or n in columns]
+        chosen = [(n, t) for n, t in self.columns() if columns is None or n in columns]
         conn = self._connect()
         self._register(conn)
-        with self._errors("reading the table"), conn.transaction(), conn.cursor(name="hfbatch_read") as cur:
+        with self._errors("reading the table", rolled_back=False), conn.transaction(), \
+                conn.cursor(name="hfbatch_read") as cur:
             cur.execute(sql.SQL("SELECT {} FROM {}").format(sql.SQL(", ").join(sql.Identifier(n) for n, _ in chosen),
                                                           self._ident()))
             while rows := cur.fetchmany(size):
                 yield _to_batch(rows, chosen)
 
-    def nearest(self, vector: np.ndarray, k: int, columns: Sequence[str], *, ef_search: int = 1000) -> list[tuple[Any, ...]]:
+    def nearest(self, vector: np.ndarray, k: int, columns: Sequence[str], *, ef_search: int = EF_SEARCH_MAX) -> list[tuple[Any, ...]]:
         """The k rows nearest `vector` by `<=>` (cosine distance), with it last: Postgres's own
         search, exact without an index; an HNSW index is searched with hnsw.ef_search =
-        `ef_search` (and an IVFFlat one with every list probed)."""
+        `ef_search` (its most), an IVFFlat one with every list probed; a k above `ef_search`
+        (more than an HNSW scan can return) is answered by a scan without the index. jsonb
+        values come back as JSON text, as `batches` gives them."""
         from psycopg import sql
 
         conn = self._connect()
         self._register(conn)
-        with self._errors("searching the table"), conn.transaction(), conn.cursor() as cur:
+        types = dict(self.columns())
+        with self._errors("searching the table", rolled_back=False), conn.transaction(), conn.cursor() as cur:
             cur.execute(sql.SQL("SET LOCAL hnsw.ef_search = {}").format(sql.Literal(int(ef_search))))
             cur.execute("SET LOCAL ivfflat.probes = 32768")
+            if k > ef_search:
+                cur.execute("SET LOCAL enable_indexscan = off")
             cur.execute(sql.SQL("SELECT {}, embedding <=> %s AS _distance FROM {} WHERE embedding IS NOT NULL "
                                 "ORDER BY embedding <=> %s LIMIT %s").format(
                 sql.SQL(", ").join(sql.Identifier(c) for c in columns), self._ident()),
                 (_vector(vector), _vector(vector), int(k)))
-            return cur.fetchall()
+            rows = cur.fetchall()
+        jsonb = [types.get(c) == "jsonb" for c in columns]
+        return [tuple(json.dumps(v) if j and v is not None else v for v, j in zip(row, [*jsonb, False]))
+                for row in rows]
 
     def size_bytes(self) -> int:
         if not self.exists():
             return 0
-        return int(self._sql("SELECT pg_total_relation_size(to_regclass(%s))",
-                             (self._ident().as_string(self._connect()),))[0][0] or 0)
+        return int(self._sql("SELECT pg_total_relation_size(to_regclass(%s))", (self._regclass(),))[0][0] or 0)
 
     # --- writing ------------------------------------------------------------------------------
 
@@ -425,9 +520,10 @@ class PostgresTarget:
 
         register_vector(conn)
 
-    def _columns_of(self, schema: pa.Schema) -> list[tuple[str, str]]:
+    def _columns_of(self, schema: pa.Schema, key: Sequence[str]) -> list[tuple[str, str]]:
         pgvector = self.pgvector_version()
-        wanted = [(f.name, pg_type(f, pgvector)) for f in schema]
+        wanted = [(f.name, "bigint" if f.name == key[0] and pa.types.is_integer(f.type) else pg_type(f, pgvector))
+                  for f in schema]
         for name, _ in wanted:
             check_name(name, "column")
         return wanted
@@ -441,18 +537,22 @@ class PostgresTarget:
 
     def _merge(self, cur: Any, table: Any, rows: Iterator[pa.RecordBatch], wanted: Sequence[tuple[str, str]],
                key: Sequence[str]) -> int:
-        """COPY `rows` into a temporary table, then upsert them into `table` by `key`: the rows sent."""
+        """COPY `rows` into a temporary table of `table`'s own column types, then upsert them into
+        `table` by `key`: the rows sent."""
         from psycopg import sql
 
         names = sql.SQL(", ").join(sql.Identifier(n) for n, _ in wanted)
         cur.execute("DROP TABLE IF EXISTS pg_temp.hfbatch_stage")
         cur.execute(sql.SQL("CREATE TEMP TABLE hfbatch_stage ON COMMIT DROP AS SELECT {} FROM {} WITH NO DATA")
                     .format(names, table))
+        cur.execute("SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = "
+                    "'pg_temp.hfbatch_stage'::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum")
+        types = [re.sub(r"^[^(]*\.", "", r[0]).split("(")[0] for r in cur.fetchall()]  # (vector(384) -> vector)
         sent = 0
         with cur.copy(sql.SQL("COPY hfbatch_stage ({}) FROM STDIN (FORMAT BINARY)").format(names)) as copy:
-            copy.set_types([t.split("(")[0] for _, t in wanted])  # (vector(384) -> vector)
+            copy.set_types(types)
             for batch in rows:
-                for row in _rows(batch):
+                for row in _rows(batch, key):
                     copy.write_row(row)
                 sent += batch.num_rows
         others = [n for n, _ in wanted if n not in key]
@@ -469,6 +569,12 @@ class PostgresTarget:
         self._written.update(r[0] for r in cur.fetchall())
         return sent
 
+    def new_job(self) -> dict[str, Any]:
+        """A run in parts (--commit-every): its id and watermark, and the table's bytes before it."""
+        import uuid
+
+        return {"job_id": uuid.uuid4().hex, "parts": 0, "rows_committed": 0, "bytes_before": self.size_bytes()}
+
     def commit_part(self, rows: pa.RecordBatchReader, *, key: Sequence[str], replace: bool, job: dict[str, Any]) -> None:
         """--commit-every: one transaction upserting `rows` (no deletes, no new version) and moving
         the job's watermark in hfbatch_jobs. A run that creates or rebuilds the table writes its parts
@@ -476,13 +582,16 @@ class PostgresTarget:
         vector spaces, and readers see the old table whole until then."""
         from psycopg import sql
 
-        wanted = self._columns_of(rows.schema)
-        conn = self._connect()
+        wanted = self._columns_of(rows.schema, key)
+        conn = self._fresh()
         self._register(conn)
-        with self._errors("committing a part of the run"), conn.transaction(), conn.cursor() as cur:
-            self._ensure_targets(cur)
+        after = (f"; part {job['parts'] + 1} was rolled back, the {job['parts']} parts before it are in the table "
+                 "(a rerun goes on from them)")
+        with self._errors(f"committing part {job['parts'] + 1} of the run", after=after), conn.transaction(), \
+                conn.cursor() as cur:
+            self._ensure_bookkeeping(cur)
             if replace:
-                into = sql.Identifier(self.where.schema, self._shadow_name())
+                into = self._ident(self._shadow_name())
                 if not job["parts"]:  # (a killed run's shadow goes: its rebuild starts again)
                     cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(into))
                     self._create(cur, into, wanted, key)
@@ -498,24 +607,25 @@ class PostgresTarget:
                record: Mapping[str, Any], replace: bool, job: dict[str, Any] | None = None) -> dict[str, Any]:
         from psycopg import sql
 
-        wanted = self._columns_of(rows.schema)
-        conn = self._connect()
+        wanted = self._columns_of(rows.schema, key)
+        conn = self._fresh()
         self._register(conn)
         table = self._ident()
-        before = self.size_bytes()
+        before = job["bytes_before"] if job is not None else self.size_bytes()
         exists = self.exists()
+        shadow_name = self._shadow_name()
         shadow = bool(replace and job and job["parts"])  # the parts went into the shadow table
         with self._errors("committing the run"), conn.transaction(), conn.cursor() as cur:
-            self._ensure_targets(cur)
+            self._ensure_bookkeeping(cur)
             if shadow:
-                into = sql.Identifier(self.where.schema, self._shadow_name())
-                self._merge(cur, into, rows, wanted, key)
+                self._merge(cur, self._ident(shadow_name), rows, wanted, key)
                 if exists:
                     cur.execute(sql.SQL("DROP TABLE {}").format(table))
-                cur.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(into, sql.Identifier(self.where.table)))
-                cur.execute(sql.SQL("ALTER TABLE {} RENAME CONSTRAINT {} TO {}").format(
-                    table, sql.Identifier(f"{self._shadow_name()}_pkey"), sql.Identifier(_pkey_name(self.where.table))))
+                cur.execute(sql.SQL("ALTER TABLE {} RENAME TO {}").format(self._ident(shadow_name),
+                                                                         sql.Identifier(self.where.table)))
+                self._rename_primary_key(cur)
             else:
+                cur.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(self._ident(shadow_name)))  # (a killed rebuild's)
                 if exists and not replace:
                     _check_shape(self.where, self.columns(), wanted)
                 else:
@@ -527,42 +637,48 @@ class PostgresTarget:
             # the upserted documents, whose old windows the merges removed; those stay
             gone = [i for i in stale if i not in self._written]
             if gone:
-                id_type = dict(wanted)[id_column]
+                id_type = dict(self.columns())[id_column]
                 cur.execute(sql.SQL("DELETE FROM {} WHERE {} = ANY(%s::{}[])").format(
                     table, sql.Identifier(id_column), sql.SQL(id_type)), (gone,))
             cur.execute(sql.SQL("INSERT INTO {} AS t (table_name, record, version, updated_at) VALUES (%s, %s, 1, now()) "
                                 "ON CONFLICT (table_name) DO UPDATE SET record = EXCLUDED.record, "
                                 "version = t.version + 1, updated_at = now() RETURNING version").format(
-                sql.Identifier(self.where.schema, TARGETS_TABLE)),
-                (self.where.table, _jsonb(record)))
+                self._ident(TARGETS_TABLE)), (self.where.table, _jsonb(record)))
             version = int(cur.fetchone()[0])
             if job is not None:
                 self._watermark(cur, job, "done")
+            elif self._pending_job is not None:  # an earlier run in parts: this commit finishes it
+                cur.execute(sql.SQL("UPDATE {} SET state = 'done', updated_at = now() WHERE table_name = %s").format(
+                    self._ident(JOBS_TABLE)), (self.where.table,))
+        self._pending_job = None
         return {"version": version, "bytes_added": max(0, self.size_bytes() - before)}
+
+    def _rename_primary_key(self, cur: Any) -> None:
+        """The swapped-in shadow's primary key named as Postgres would name the table's own
+        (`<table cut to 58 bytes>_pkey`), unless another relation has that name."""
+        from psycopg import sql
+
+        cur.execute("SELECT conname FROM pg_constraint WHERE conrelid = to_regclass(%s) AND contype = 'p'",
+                    (self._regclass(),))
+        found = cur.fetchone()
+        wanted = _pkey_name(self.where.table)
+        cur.execute("SELECT to_regclass(%s)", (self._regclass(wanted),))
+        if found and found[0] != wanted and cur.fetchone()[0] is None:
+            cur.execute(sql.SQL("ALTER TABLE {} RENAME CONSTRAINT {} TO {}").format(
+                self._ident(), sql.Identifier(found[0]), sql.Identifier(wanted)))
 
     def _shadow_name(self) -> str:
         """The table a rebuild in parts (--commit-every) writes before it is swapped in."""
-        import hashlib
-
-        return "hfbatch_new_" + hashlib.blake2b(self.where.qualified.encode(), digest_size=8).hexdigest()
-
-    def new_job(self) -> dict[str, Any]:
-        import uuid
-
-        return {"job_id": uuid.uuid4().hex, "parts": 0, "rows_committed": 0}
+        return "hfbatch_new_" + _digest(self.where.qualified)
 
     def _watermark(self, cur: Any, job: Mapping[str, Any], state: str) -> None:
         """The job's progress in hfbatch_jobs (one row per table: its last job in parts)."""
         from psycopg import sql
 
-        jobs = sql.Identifier(self.where.schema, JOBS_TABLE)
-        cur.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} (table_name text PRIMARY KEY, job_id text NOT NULL, "
-                            "state text NOT NULL, parts integer NOT NULL, rows_committed bigint NOT NULL, "
-                            "started_at timestamptz NOT NULL, updated_at timestamptz NOT NULL)").format(jobs))
         cur.execute(sql.SQL("INSERT INTO {} AS j VALUES (%s, %s, %s, %s, %s, now(), now()) ON CONFLICT (table_name) "
                             "DO UPDATE SET job_id = EXCLUDED.job_id, state = EXCLUDED.state, parts = EXCLUDED.parts, "
                             "rows_committed = EXCLUDED.rows_committed, updated_at = now(), started_at = CASE WHEN "
-                            "j.job_id = EXCLUDED.job_id THEN j.started_at ELSE now() END").format(jobs),
+                            "j.job_id = EXCLUDED.job_id THEN j.started_at ELSE now() END").format(self._ident(JOBS_TABLE)),
                     (self.where.table, job["job_id"], state, job["parts"], job["rows_committed"]))
 
     def unfinished_job(self) -> dict[str, Any] | None:
@@ -572,41 +688,48 @@ class PostgresTarget:
         if self._relation(JOBS_TABLE) is None:
             return None
         rows = self._sql(sql.SQL("SELECT job_id, parts, rows_committed, started_at FROM {} WHERE table_name = %s AND "
-                                 "state = 'running'").format(sql.Identifier(self.where.schema, JOBS_TABLE)),
-                         (self.where.table,))
+                                 "state = 'running'").format(self._ident(JOBS_TABLE)), (self.where.table,))
         return dict(zip(("job_id", "parts", "rows_committed", "started_at"), rows[0])) if rows else None
 
-    def _ensure_targets(self, cur: Any) -> None:
-        """hfbatch_targets in the table's schema (made once; two runs making it at once: one waits)."""
+    def _ensure_bookkeeping(self, cur: Any) -> None:
+        """hfbatch_targets and hfbatch_jobs in the table's schema, made once (two first runs in one
+        schema at once: one waits for the other's)."""
         from psycopg import sql
 
-        if self._relation(TARGETS_TABLE) is not None:
+        if self._relation(TARGETS_TABLE) is not None and self._relation(JOBS_TABLE) is not None:
             return
         cur.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))", (LOCK_CLASS, f"{self.where.schema}.{TARGETS_TABLE}"))
         cur.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} (table_name text PRIMARY KEY, record jsonb NOT NULL, "
-                            "version bigint NOT NULL, updated_at timestamptz NOT NULL)").format(
-            sql.Identifier(self.where.schema, TARGETS_TABLE)))
+                            "version bigint NOT NULL, updated_at timestamptz NOT NULL)").format(self._ident(TARGETS_TABLE)))
+        cur.execute(sql.SQL("CREATE TABLE IF NOT EXISTS {} (table_name text PRIMARY KEY, job_id text NOT NULL, "
+                            "state text NOT NULL, parts integer NOT NULL, rows_committed bigint NOT NULL, "
+                            "started_at timestamptz NOT NULL, updated_at timestamptz NOT NULL)").format(
+            self._ident(JOBS_TABLE)))
 
     def build_index(self, kind: str | None = None) -> dict[str, Any]:
         """A cosine HNSW or IVFFlat index on `embedding`, built CONCURRENTLY (readers and writers
-        go on), replacing an earlier one of hfbatch's."""
+        go on), replacing the one hfbatch built on this table before (named for this table alone)."""
         from psycopg import sql
 
         kind = kind or "hnsw"
-        name = f"{self.where.table[:40]}_embedding_{kind}"
-        other = f"{self.where.table[:40]}_embedding_{'ivfflat' if kind == 'hnsw' else 'hnsw'}"
-        ops = "vector_cosine_ops" if dict(self.columns()).get("embedding", "").startswith("vector") else "halfvec_cosine_ops"
+        name = f"hfbatch_{_digest(self.where.qualified)}_{kind}"
+        ops = "halfvec_cosine_ops" if family(dict(self.columns()).get("embedding", "")).startswith("halfvec") \
+            else "vector_cosine_ops"
         with_ = sql.SQL("")
         if kind == "ivfflat":
             lists = max(1, min(32768, int(self.count_rows() ** 0.5)))
             with_ = sql.SQL(" WITH (lists = {})").format(sql.Literal(lists))
         started = time.monotonic()
+        ours = [r[0] for r in self._sql(
+            "SELECT c.relname FROM pg_index i JOIN pg_class c ON c.oid = i.indexrelid WHERE i.indrelid = to_regclass(%s) "
+            "AND c.relname LIKE %s", (self._regclass(), f"hfbatch\\_{_digest(self.where.qualified)}\\_%"))]
         try:
-            for old in (other, name):
-                self._sql(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(sql.Identifier(self.where.schema, old)),
-                          fetch=False)
+            for old in ours:
+                self._sql(sql.SQL("DROP INDEX CONCURRENTLY IF EXISTS {}").format(self._ident(old)), fetch=False,
+                          doing="dropping the table's earlier index")
             self._sql(sql.SQL("CREATE INDEX CONCURRENTLY {} ON {} USING {} (embedding {}){}").format(
-                sql.Identifier(name), self._ident(), sql.SQL(kind), sql.SQL(ops), with_), fetch=False)
+                sql.Identifier(name), self._ident(), sql.SQL(kind), sql.SQL(ops), with_), fetch=False,
+                doing=f"building the {kind} index")
         except OutputError as exc:
             return {"type": kind, "error": str(exc)}
         return {"type": kind, "metric": "cosine", "name": name, "seconds": round(time.monotonic() - started, 2)}
@@ -615,8 +738,8 @@ class PostgresTarget:
 class _PgErrors:
     """psycopg's errors inside a target call, as one-line OutputErrors without secrets."""
 
-    def __init__(self, target: PostgresTarget, doing: str):
-        self.target, self.doing = target, doing
+    def __init__(self, target: PostgresTarget, doing: str, *, rolled_back: bool, after: str):
+        self.target, self.doing, self.rolled_back, self.after = target, doing, rolled_back, after
 
     def __enter__(self) -> None:
         return None
@@ -628,7 +751,7 @@ class _PgErrors:
         if isinstance(exc, psycopg.Error):
             if isinstance(exc, psycopg.OperationalError) or self.target._conn is None or self.target._conn.closed:
                 self.target.close()
-            raise self.target._lost(exc, self.doing) from None
+            raise self.target._lost(exc, self.doing, rolled_back=self.rolled_back, after=self.after) from None
         return False
 
 
@@ -639,19 +762,27 @@ def _busy(where: PgLocation, who: str, timeout: float | None) -> OutputError:
 
 
 def _check_shape(where: PgLocation, have: Sequence[tuple[str, str]], wanted: Sequence[tuple[str, str]]) -> None:
-    """The existing table has the columns and types this run writes, else a one-line refusal
-    naming the difference (before the rows are sent)."""
+    """The existing table has the columns this run writes, each of a type of the same family
+    (integers of another width cast), else a one-line refusal naming the difference."""
     has, wants = dict(have), dict(wanted)
     differ = [f"{n}: {has.get(n, 'missing')} in the table, {wants.get(n, 'not written')} by this run"
-              for n in dict.fromkeys([*has, *wants]) if has.get(n) != wants.get(n)]
+              for n in dict.fromkeys([*has, *wants])
+              if n not in has or n not in wants or family(has[n]) != family(wants[n])]
     if differ:
         raise InputError(f"-o {where}: the table has another shape than this run's ({'; '.join(differ[:4])}); give "
                          "--rebuild to replace it, or another table.")
 
 
+def _digest(text: str) -> str:
+    import hashlib
+
+    return hashlib.blake2b(text.encode(), digest_size=8).hexdigest()
+
+
 def _pkey_name(table: str) -> str:
-    """The name Postgres gives a table's primary key (cut to 63 bytes as it would)."""
-    return f"{table}_pkey".encode()[:MAX_NAME_BYTES].decode(errors="ignore")
+    """The name Postgres gives a table's primary key: `<table>_pkey`, the table's part cut so the
+    whole fits in 63 bytes."""
+    return table.encode()[:MAX_NAME_BYTES - len("_pkey")].decode(errors="ignore") + "_pkey"
 
 
 def _vector(values: np.ndarray) -> Any:
@@ -666,20 +797,27 @@ def _jsonb(value: Any) -> Any:
     return Jsonb(json.loads(encode_record(value)) if isinstance(value, Mapping) else value)
 
 
-def _rows(batch: pa.RecordBatch) -> Iterator[tuple[Any, ...]]:
-    """A batch's rows as COPY values: vectors as pgvector objects, nested values as JSON."""
+def _rows(batch: pa.RecordBatch, key: Sequence[str] = ()) -> Iterator[tuple[Any, ...]]:
+    """A batch's rows as COPY values: vectors as pgvector objects (NULL for a row without one),
+    nested values as JSON; a key column's null (an invalid row's chunk_index, with --split) as 0,
+    since a primary key holds no NULL."""
     from pgvector import HalfVector, Vector
 
     columns: list[list[Any]] = []
-    for column in batch.columns:
+    for name, column in zip(batch.schema.names, batch.columns):
         t = column.type
         if pa.types.is_fixed_size_list(t):
-            flat = column.flatten().to_numpy(zero_copy_only=False).reshape(len(column), t.list_size)
+            size = t.list_size
+            # (the child values of every slot, nulls' included: flatten() would leave those out)
+            flat = column.values.slice(column.offset * size, len(column) * size).to_numpy(zero_copy_only=False)
+            flat = flat.reshape(len(column), size)
             valid = column.is_valid().to_numpy(zero_copy_only=False)
             make = Vector if t.value_type == pa.float32() else HalfVector
             columns.append([make(v) if ok else None for v, ok in zip(flat, valid)])
         elif pa.types.is_nested(t):
             columns.append([None if v is None else _jsonb(v) for v in column.to_pylist()])
+        elif name in key[1:] and column.null_count:
+            columns.append(column.fill_null(0).to_pylist())
         else:
             columns.append(column.to_pylist())
     return zip(*columns)
@@ -689,8 +827,9 @@ def _to_batch(rows: Sequence[tuple[Any, ...]], columns: Sequence[tuple[str, str]
     arrays = []
     for k, (name, sql_type) in enumerate(columns):
         values = [r[k] for r in rows]
-        if sql_type.startswith(("vector(", "halfvec(")):
-            size = int(sql_type.split("(")[1].rstrip(")"))
+        kind = family(sql_type)
+        if kind.startswith(("vector(", "halfvec(")):
+            size = int(kind.split("(")[1].rstrip(")"))
             dense = [None if v is None else np.asarray(v.to_numpy() if hasattr(v, "to_numpy") else v, np.float32)
                      for v in values]
             flat = np.concatenate([v if v is not None else np.zeros(size, np.float32) for v in dense]) if dense else \
