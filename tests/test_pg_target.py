@@ -552,3 +552,48 @@ def test_a_tiny_lock_timeout_gives_up_and_a_dry_run_refuses_what_the_run_would(p
     nested = write_rows(tmp_path / "nested.parquet", [{"id": 1, "text": "t", "tags": ["a", "x\x00y"]}])
     said = refused(nested, "-o", pg.url("nested"), "--id-column", "id", "--keep", "tags", "--cache-dir", days["cache"])
     assert "row 1, column 'tags' holds a NUL character" in said
+
+
+def test_a_connection_cut_while_the_model_works_is_taken_again(pg: Any, days: dict[str, Path], tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """The run's connection idles while the model works; cut then (a firewall, an idle timeout:
+    here pg_terminate_backend), the commit connects again, takes the lock again and goes on if the
+    table is as planned; if another writer moved it meanwhile, nothing is written (exit 1)."""
+    import tempfile
+    import threading
+    import time
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # (where this run stages its rows)
+
+    def cut_once_staging(moved: bool) -> threading.Thread:
+        def cut() -> None:
+            deadline = time.monotonic() + 60
+            with pg.connect() as conn:
+                while time.monotonic() < deadline and not any(tmp_path.glob(".hfbatch-stage-*")):
+                    time.sleep(0.005)
+                conn.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = "
+                             "'hfbatch' AND pid <> pg_backend_pid()")
+                if moved:
+                    conn.execute("UPDATE hfbatch_targets SET version = version + 1 WHERE table_name = 'cut'")
+        thread = threading.Thread(target=cut)
+        thread.start()
+        return thread
+
+    sync(pg, days, "d1", "cut")
+    thread = cut_once_staging(moved=False)
+    doc = embed(days["d2"], "-o", pg.url("cut"), "--id-column", "id", "--cache-dir", tmp_path / "c1",
+                "--delete-missing", "--chunk-size", "2", "--batch-size", "1")
+    thread.join()
+    assert "reconnected, the table is as planned" in caplog.text
+    assert doc["provenance"]["output"]["table"]["version"] == 2
+    assert sorted(rows_of(pg, "cut")) == sorted(r["id"] for r in day2_rows())
+
+    changed = write_rows(tmp_path / "d3.parquet", [{**r, "text": r["text"] + "!"} for r in day2_rows()])
+    before = rows_of(pg, "cut")
+    thread = cut_once_staging(moved=True)
+    result = cli("embed", changed, "-o", pg.url("cut"), "--id-column", "id", "--cache-dir", tmp_path / "c2",
+                 "--chunk-size", "20", "--batch-size", "1")
+    thread.join()
+    assert result.exit_code == 1 and "changed meanwhile (version 2 -> 3)" in " ".join(result.stderr.split())
+    assert {i: r["xmin"] for i, r in rows_of(pg, "cut").items()} == {i: r["xmin"] for i, r in before.items()}

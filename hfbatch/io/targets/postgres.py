@@ -582,8 +582,8 @@ class PostgresTarget:
         vector spaces, and readers see the old table whole until then."""
         from psycopg import sql
 
+        conn = self._fresh()  # (first: every query below needs a live connection)
         wanted = self._columns_of(rows.schema, key)
-        conn = self._fresh()
         self._register(conn)
         after = (f"; part {job['parts'] + 1} was rolled back, the {job['parts']} parts before it are in the table "
                  "(a rerun goes on from them)")
@@ -607,8 +607,8 @@ class PostgresTarget:
                record: Mapping[str, Any], replace: bool, job: dict[str, Any] | None = None) -> dict[str, Any]:
         from psycopg import sql
 
+        conn = self._fresh()  # (first: every query below needs a live connection)
         wanted = self._columns_of(rows.schema, key)
-        conn = self._fresh()
         self._register(conn)
         table = self._ident()
         before = job["bytes_before"] if job is not None else self.size_bytes()
