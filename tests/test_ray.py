@@ -343,8 +343,10 @@ def test_a_sync_with_ray_equals_the_local_engines_and_commits_once(tmp_path: Pat
 
 
 def test_a_sync_with_ray_into_postgres_commits_once_and_lets_go_of_the_table(tmp_path: Path, pg: Any) -> None:
-    """--engine ray into a Postgres table: the actors embed, the driver commits one transaction;
-    a rerun with nothing changed (which hands over to the local engine) finds the table free."""
+    """--engine ray into a Postgres table: the workers embed and write their rows into staging
+    tables of their own, the driver merges them in one transaction (dropping them) and the rows
+    equal the local engine's; a rerun with nothing changed (handed to the local engine) finds the
+    table free; a killed run's staging tables go with the next run's lock."""
 
     rows = [{"id": i, "text": f"{SAMPLE_TEXTS[i % len(SAMPLE_TEXTS)]} r{i}"} for i in range(40)]
     source = write_parquet(tmp_path / "in.parquet", rows)
@@ -362,4 +364,26 @@ def test_a_sync_with_ray_into_postgres_commits_once_and_lets_go_of_the_table(tmp
         assert conn.execute("SELECT count(*), count(DISTINCT id), count(embedding) FROM by_ray").fetchone() == (40, 40, 40)
         assert conn.execute("SELECT version FROM hfbatch_targets WHERE table_name = 'by_ray'").fetchone() == (1,)
         held = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'").fetchone()[0]
-    assert held == 0
+        vectors = dict(conn.execute("SELECT id, embedding::text FROM by_ray").fetchall())
+        stages = conn.execute("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'hfbatch\\_stage\\_%'").fetchone()[0]
+    assert held == 0 and stages == 0  # the workers' staging tables went with the commit
+    # the vectors the workers wrote are the model's own: the local engine's, into another table
+    local = CliRunner().invoke(app, ["embed", str(source), "-o", pg.url("by_local"), "--id-column", "id",
+                                     "--cache-dir", str(tmp_path / "cache-local")])
+    assert local.exit_code == 0, local.output
+    with pg.connect() as conn:
+        rows = conn.execute("SELECT r.embedding <=> l.embedding FROM by_ray r JOIN by_local l USING (id)").fetchall()
+    assert len(rows) == 40 and max(d for (d,) in rows) <= 1e-4 and len(vectors) == 40
+    # a killed run's staging tables are dropped by the next run's lock
+    with pg.connect() as conn:
+        conn.execute("CREATE UNLOGGED TABLE hfbatch_stage_leftover (id bigint)")
+    from hfbatch.io.targets import parse_target
+    from hfbatch.io.targets.postgres import PgLocation, PostgresTarget
+
+    target = PostgresTarget(parse_target(PgLocation(pg.url("by_ray"))))
+    with pg.connect() as conn:
+        conn.execute(f"ALTER TABLE hfbatch_stage_leftover RENAME TO {target.stage_prefix('dead00')}x")
+    target.lock(0)
+    target.close()
+    with pg.connect() as conn:
+        assert conn.execute("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'hfbatch\\_stage\\_%'").fetchone()[0] == 0

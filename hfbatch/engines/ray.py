@@ -486,9 +486,11 @@ def _probe(address: str | None, timeout: float = 5.0) -> None:
 
 
 def run_on_ray(items: list[dict[str, str]], resolved: EmbedOptions, writer: PartsWriter, *, address: str | None,
-                num_workers: int, gpus_per_worker: float) -> None:
+                num_workers: int, gpus_per_worker: float, actor: type = EmbedActor,
+                actor_args: tuple[Any, ...] = ()) -> None:
     """Read, embed and hand every row to `writer`, on a cluster (a local one started here, and
-    stopped again, unless one is running or `address` names one)."""
+    stopped again, unless one is running or `address` names one). `actor`: EmbedActor, or a
+    subclass built with (options, *actor_args)."""
     import ray
     from ray.data import ActorPoolStrategy, DataContext
 
@@ -518,7 +520,7 @@ def run_on_ray(items: list[dict[str, str]], resolved: EmbedOptions, writer: Part
             ray.data.from_items(items, override_num_blocks=len(items))
             .map_batches(_read_part, fn_kwargs={"options": resolved}, batch_size=1, batch_format="pyarrow",
                          num_cpus=0.25)
-            .map_batches(EmbedActor, fn_constructor_args=(resolved,), batch_size=None, batch_format="pyarrow",
+            .map_batches(actor, fn_constructor_args=(resolved, *actor_args), batch_size=None, batch_format="pyarrow",
                          compute=ActorPoolStrategy(size=num_workers),
                          num_cpus=min(1.0, max(0.25, (cpus - 0.5) / num_workers)),
                          **({"num_gpus": gpus_per_worker} if gpus_per_worker else {}),

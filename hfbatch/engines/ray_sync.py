@@ -1,5 +1,8 @@
 """A sync by --id-column with `--engine ray`: the driver plans (jobs/sync.py), Ray's actors embed
 the changed rows, the driver writes them into the target's sink as they come and commits once.
+Into Postgres the workers write their rows themselves, each into an UNLOGGED staging table of its
+own (PgStagingActor), and hand the driver every column but the vectors; the driver's one commit
+merges the staging tables (a row twice, from a retried block: once) and drops them.
 
 The driver reads the input once for the plan and once more to copy the rows that changed, each
 with its hash, into a local Parquet file: the one part the actors read. Their rows come back in
@@ -27,6 +30,7 @@ from ..io.readers import spooled_input
 from ..io.sidecars import sidecar_path
 from ..io.stores import location
 from ..io.targets import HASH_COLUMN, parse_target
+from ..io.columns import EMBED_COLUMNS
 from ..jobs.core import open_files
 from ..jobs.embed import EmbedResult, EmbedTask, calibrate_ranges, embed_columns, join_parts, run_embed
 from ..jobs.sync import SyncRun, sync_hooks
@@ -34,6 +38,36 @@ from ..options import EmbedOptions
 from ..provenance import InputIdentity
 from ..settings import Settings
 from ..vectors import CALIBRATED
+
+
+def _staging_actor() -> type:
+    """EmbedActor's subclass for a Postgres target (made here: importing .ray imports Ray)."""
+    import pyarrow.compute as pc
+
+    from .ray import EmbedActor
+
+    class PgStagingActor(EmbedActor):
+        """Embeds as EmbedActor, then writes the kept rows into this actor's staging table, and
+        returns them without their vectors (the driver counts and checks them)."""
+
+        def __init__(self, options: EmbedOptions, prefix: str, key: list[str]):
+            super().__init__(options)
+            from ..io.targets import open_target
+
+            self.target = open_target(parse_target(options.output, kind=options.target))
+            self.stage, self.key = f"{prefix}{self.id}", key
+
+        def __call__(self, table: pa.Table) -> pa.Table:
+            out = super().__call__(table)
+            keep = out.column("__keep")
+            rows = out if pc.all(keep).as_py() else out.filter(keep)
+            rows = rows.select([n for n in rows.schema.names if not n.startswith("__")])
+            if rows.num_rows:
+                self.target.stage_rows(self.stage, rows, self.key)
+            at = out.schema.get_field_index(EMBED_COLUMNS[0])  # (the vectors)
+            return out.set_column(at, out.schema.field(at), pa.nulls(out.num_rows, out.schema.field(at).type))
+
+    return PgStagingActor
 
 
 class _Writer:
@@ -63,6 +97,9 @@ def run_sync_ray(options: EmbedOptions, *, address: str | None, num_workers: int
     if opts.split is not None:
         raise InputError("--split with --engine ray into a sync target is not supported yet; use the local engine.")
     spec = parse_target(opts.output, kind=opts.target)
+    if spec.kind == "postgres" and opts.changes is not None:
+        raise InputError("--changes with --engine ray into Postgres: the workers write the rows into the database, "
+                         "not through the driver that writes the change file; run the local engine for --changes.")
     changes = location(opts.changes) if opts.changes is not None else None
     extra = (("--changes", changes), ("--changes sidecar", sidecar_path(changes))) if changes is not None else ()
     beside = opts.output.parent if isinstance(opts.output, Path) and opts.output.parent.is_dir() else None
@@ -98,8 +135,15 @@ def run_sync_ray(options: EmbedOptions, *, address: str | None, num_workers: int
 
                 stream = SyncStream(planned)
                 stream.shown = opts.input
+                staging: dict[str, Any] = {}
+                if spec.kind == "postgres":  # the workers write staging tables; the driver's commit merges them
+                    import uuid
+
+                    prefix = sync.target.stage_prefix(uuid.uuid4().hex[:6])  # type: ignore[union-attr]
+                    sync.target.stages = prefix  # type: ignore[union-attr]
+                    staging = {"actor": _staging_actor(), "actor_args": (prefix, list(sync.plan.key))}
                 run_on_ray([{"part": work.name, "path": str(work)}], actor_opts, _Writer(stream), address=address,
-                            num_workers=num_workers, gpus_per_worker=gpus_per_worker)
+                           num_workers=num_workers, gpus_per_worker=gpus_per_worker, **staging)
                 document = stream.commit(backend)
                 document["ray"] = {"address": address or "local", "num_workers": num_workers,
                                    "gpus_per_worker": gpus_per_worker, "actor_starts": len(stream.actors)}

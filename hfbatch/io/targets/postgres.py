@@ -211,6 +211,7 @@ class PostgresTarget:
         self._seen_version: int | None = None  # the version planned on (checked again after a reconnect)
         self._pending_job: dict[str, Any] | None = None  # an earlier run in parts that did not finish
         self._written: set[Any] = set()  # the ids this run has upserted (its parts', then its commit's)
+        self.stages: str | None = None  # --engine ray: the prefix of the staging tables its workers wrote
 
     # --- the connection -----------------------------------------------------------------------
 
@@ -318,6 +319,8 @@ class PostgresTarget:
             log.warning("%s: the other run finished after %.1f s; this run goes on.", self.where,
                         time.monotonic() - started)
         self._locked = True
+        for old in self._stage_tables(self.stage_prefix()):  # a killed Ray run's (no other run can be using them)
+            self._sql(sql_drop(self._ident(old)), fetch=False, doing="dropping a killed run's staging table")
         self._pending_job = self.unfinished_job()
         job = self._pending_job
         if job is not None:
@@ -549,12 +552,25 @@ class PostgresTarget:
                     "'pg_temp.hfbatch_stage'::regclass AND attnum > 0 AND NOT attisdropped ORDER BY attnum")
         types = [re.sub(r"^[^(]*\.", "", r[0]).split("(")[0] for r in cur.fetchall()]  # (vector(384) -> vector)
         sent = 0
-        with cur.copy(sql.SQL("COPY hfbatch_stage ({}) FROM STDIN (FORMAT BINARY)").format(names)) as copy:
-            copy.set_types(types)
-            for batch in rows:
-                for row in _rows(batch, key):
-                    copy.write_row(row)
-                sent += batch.num_rows
+        stages = self._stage_tables(self.stages) if self.stages else []
+        if self.stages:  # Ray's workers wrote the rows (`rows`, the driver's copy, has no vectors)
+            for _ in rows:
+                pass
+            if stages:  # (a row twice: a retried block; the same input, so either copy)
+                union = sql.SQL(" UNION ALL ").join(sql.SQL("SELECT {} FROM {}").format(names, self._ident(s))
+                                                    for s in stages)
+                cur.execute(sql.SQL("INSERT INTO hfbatch_stage ({}) SELECT DISTINCT ON ({}) {} FROM ({}) u").format(
+                    names, sql.SQL(", ").join(sql.Identifier(k) for k in key), names, union))
+                sent = cur.rowcount
+            for stage in stages:  # (dropped with this transaction's commit; a rollback keeps them for the rerun's lock)
+                cur.execute(sql_drop(self._ident(stage)))
+        else:
+            with cur.copy(sql.SQL("COPY hfbatch_stage ({}) FROM STDIN (FORMAT BINARY)").format(names)) as copy:
+                copy.set_types(types)
+                for batch in rows:
+                    for row in _rows(batch, key):
+                        copy.write_row(row)
+                    sent += batch.num_rows
         others = [n for n, _ in wanted if n not in key]
         cur.execute(sql.SQL("INSERT INTO {} ({}) SELECT {} FROM hfbatch_stage ON CONFLICT ({}) DO UPDATE SET {}").format(
             table, names, names, sql.SQL(", ").join(sql.Identifier(k) for k in key),
@@ -568,6 +584,36 @@ class PostgresTarget:
         cur.execute(sql.SQL("SELECT DISTINCT {} FROM hfbatch_stage").format(sql.Identifier(key[0])))
         self._written.update(r[0] for r in cur.fetchall())
         return sent
+
+    # --- staging tables of Ray's workers ------------------------------------------------------------
+
+    def stage_prefix(self, job: str = "") -> str:
+        """The names of this table's staging tables start so (a job's: with its id too)."""
+        return f"hfbatch_stage_{_digest(self.where.qualified)}_{job}"
+
+    def _stage_tables(self, prefix: str) -> list[str]:
+        like = prefix.replace("_", "\\_") + "%"
+        return [r[0] for r in self._sql("SELECT tablename FROM pg_tables WHERE schemaname = %s AND tablename LIKE %s "
+                                        "ORDER BY tablename", (self.where.schema, like))]
+
+    def stage_rows(self, stage: str, rows: pa.Table, key: Sequence[str]) -> None:
+        """A Ray worker's rows into its own UNLOGGED staging table (made by its first call), in one
+        transaction per call; the driver's commit merges every staging table of the job."""
+        from psycopg import sql
+
+        conn = self._connect()
+        self._register(conn)
+        wanted = self._columns_of(rows.schema, key)
+        names = sql.SQL(", ").join(sql.Identifier(n) for n, _ in wanted)
+        with self._errors("staging a worker's rows", rolled_back=False), conn.transaction(), conn.cursor() as cur:
+            cur.execute(sql.SQL("CREATE UNLOGGED TABLE IF NOT EXISTS {} ({})").format(
+                self._ident(stage), sql.SQL(", ").join(sql.SQL("{} {}").format(sql.Identifier(n), sql.SQL(t))
+                                                       for n, t in wanted)))
+            with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(self._ident(stage), names)) as copy:
+                copy.set_types([t.split("(")[0] for _, t in wanted])
+                for batch in rows.to_batches(max_chunksize=8192):
+                    for row in _rows(batch, key):
+                        copy.write_row(row)
 
     def new_job(self) -> dict[str, Any]:
         """A run in parts (--commit-every): its id and watermark, and the table's bytes before it."""
@@ -771,6 +817,12 @@ def _check_shape(where: PgLocation, have: Sequence[tuple[str, str]], wanted: Seq
     if differ:
         raise InputError(f"-o {where}: the table has another shape than this run's ({'; '.join(differ[:4])}); give "
                          "--rebuild to replace it, or another table.")
+
+
+def sql_drop(ident: Any) -> Any:
+    from psycopg import sql
+
+    return sql.SQL("DROP TABLE IF EXISTS {}").format(ident)
 
 
 def _digest(text: str) -> str:
