@@ -597,3 +597,18 @@ def test_a_connection_cut_while_the_model_works_is_taken_again(pg: Any, days: di
     thread.join()
     assert result.exit_code == 1 and "changed meanwhile (version 2 -> 3)" in " ".join(result.stderr.split())
     assert {i: r["xmin"] for i, r in rows_of(pg, "cut").items()} == {i: r["xmin"] for i, r in before.items()}
+
+
+def test_columns_a_user_adds_to_the_table_are_left_as_they_are(pg: Any, days: dict[str, Path]) -> None:
+    """A table's own columns that hfbatch does not write (a generated tsvector, a created_at with
+    a default, a note filled by hand) survive day 2 and are filled by Postgres for new rows."""
+    sync(pg, days, "d1", "extended")
+    with pg.connect() as conn:
+        conn.execute("ALTER TABLE extended ADD COLUMN note text, ADD COLUMN added_at timestamptz DEFAULT now(), "
+                     "ADD COLUMN hash_len integer GENERATED ALWAYS AS (length(_hfbatch_hash)) STORED")
+        conn.execute("UPDATE extended SET note = 'kept by hand' WHERE id = 0")
+    doc = sync(pg, days, "d2", "extended", "--delete-missing")
+    assert doc["metrics"]["sync"]["inserted"] == len(NEW)
+    got = rows_of(pg, "extended")
+    assert got[0]["note"] == "kept by hand" and all(got[i]["added_at"] is not None for i in NEW)
+    assert all(r["hash_len"] == len(r[HASH]) for r in got.values())

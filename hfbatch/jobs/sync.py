@@ -156,7 +156,8 @@ def plan_sync(opts: Any, task: Any, source: Any, passthrough: pa.Schema, target:
             task.ranges = np.asarray(recorded["ranges"], dtype=np.float32)
             task.calibration = {"source": f"target {spec.given}"}
     if target is not None and recorded is not None and not opts.rebuild:
-        check_columns(spec, target.schema(), [*passthrough.names, HASH_COLUMN, *task.added_columns])
+        check_columns(spec, target.schema(), [*passthrough.names, HASH_COLUMN, *task.added_columns],
+                      others_kept=spec.kind == "postgres")
     hashed = [opts.input_column] + [n for n in passthrough.names if n not in (id_column, opts.input_column)]
     reader = open_reader(source, fmt=opts.format, chunk_size=opts.chunk_size or 10_000,
                          columns=list(dict.fromkeys([id_column, *hashed])), text_column=opts.input_column,
@@ -248,12 +249,19 @@ def plan_sync(opts: Any, task: Any, source: Any, passthrough: pa.Schema, target:
                     recorded=recorded)
 
 
-def check_columns(spec: TargetSpec, schema: pa.Schema | None, writes: Sequence[str]) -> None:
-    """A run writes the columns the table has (else its commit would fail after all the work)."""
+def check_columns(spec: TargetSpec, schema: pa.Schema | None, writes: Sequence[str], *,
+                  others_kept: bool = False) -> None:
+    """A run writes the columns the table has (else its commit would fail after all the work);
+    `others_kept` (Postgres): columns of the table's own that the run does not write (a user's
+    tsvector, a created_at with a default) are left as they are."""
     have = list(schema.names) if schema is not None else []
     if schema is None or sorted(have) == sorted(writes):
         return
     missing, extra = [n for n in have if n not in writes], [n for n in writes if n not in have]
+    if others_kept:
+        missing = []
+        if not extra:
+            return
     said = "; ".join(part for part in (f"the table has {', '.join(map(repr, missing))} and this run does not"
                                        if missing else "",
                                        f"this run writes {', '.join(map(repr, extra))}, which the table has not"

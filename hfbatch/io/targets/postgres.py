@@ -809,11 +809,11 @@ def _busy(where: PgLocation, who: str, timeout: float | None) -> OutputError:
 
 def _check_shape(where: PgLocation, have: Sequence[tuple[str, str]], wanted: Sequence[tuple[str, str]]) -> None:
     """The existing table has the columns this run writes, each of a type of the same family
-    (integers of another width cast), else a one-line refusal naming the difference."""
+    (integers of another width cast), else a one-line refusal naming the difference. Columns of
+    the table's own that the run does not write are left as they are."""
     has, wants = dict(have), dict(wanted)
-    differ = [f"{n}: {has.get(n, 'missing')} in the table, {wants.get(n, 'not written')} by this run"
-              for n in dict.fromkeys([*has, *wants])
-              if n not in has or n not in wants or family(has[n]) != family(wants[n])]
+    differ = [f"{n}: {has.get(n, 'missing')} in the table, {wants[n]} by this run"
+              for n in wants if n not in has or family(has[n]) != family(wants[n])]
     if differ:
         raise InputError(f"-o {where}: the table has another shape than this run's ({'; '.join(differ[:4])}); give "
                          "--rebuild to replace it, or another table.")
