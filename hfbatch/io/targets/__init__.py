@@ -157,6 +157,23 @@ class Target(Protocol):
         ...
 
 
+class FileTable:
+    """What Lance and Delta tables share: no lock (the format's own commits order two runs: one
+    conflicts and retries, or fails), no runs in parts, every precision, name and value stored
+    (Delta keeps what it lacks as wider types)."""
+
+    pending = False
+
+    def lock(self, timeout: float | None) -> None:
+        return None
+
+    def check_run(self, precision: str, columns: Sequence[str]) -> None:
+        return None
+
+    def check_rows(self, batch: pa.RecordBatch, columns: Sequence[str], where: Any, first: int) -> None:
+        return None
+
+
 def open_target(spec: TargetSpec | str | Path | RemotePath) -> Target:
     """The Target for a table `-o` (Lance or Delta)."""
     spec = spec if isinstance(spec, TargetSpec) else parse_target(spec)

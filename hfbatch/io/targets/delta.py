@@ -24,7 +24,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import pyarrow as pa
 
 from ...errors import InputError, OutputError, first_line
-from . import HASH_COLUMN, ForeignTable, RECORD_KEY, TargetSpec, decode_record, encode_record, in_list, storage_options, tree_bytes
+from . import HASH_COLUMN, FileTable, ForeignTable, RECORD_KEY, TargetSpec, decode_record, encode_record, in_list, storage_options, tree_bytes
 
 # value types Delta cannot hold -> what they are stored as (exactly)
 STORED_AS = {pa.float16(): pa.float32(), pa.uint8(): pa.int16()}
@@ -61,7 +61,7 @@ def plain_schema(schema: pa.Schema) -> pa.Schema:
     return pa.schema([f.with_type(plain.get(f.type, f.type)) for f in schema], metadata=schema.metadata)
 
 
-class DeltaTarget:
+class DeltaTarget(FileTable):
     def __init__(self, spec: TargetSpec):
         self.spec = spec
         self._table: Any = None
@@ -137,17 +137,6 @@ class DeltaTarget:
 
     def size_bytes(self) -> int:
         return tree_bytes(self.spec.location)
-
-    def lock(self, timeout: float | None) -> None:
-        """Nothing to hold: the format's own commits order two runs (see the module)."""
-
-    pending = False  # (no runs in parts)
-
-    def check_run(self, precision: str, columns: Sequence[str]) -> None:
-        """Every precision and column name goes in (Delta stores what it lacks as wider types)."""
-
-    def check_rows(self, batch: pa.RecordBatch, columns: Sequence[str], where: Any, first: int) -> None:
-        """Every value goes in."""
 
     def close(self) -> None:
         self._table = None

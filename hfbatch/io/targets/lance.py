@@ -19,7 +19,7 @@ from typing import Any, Iterator, Mapping, Sequence
 import pyarrow as pa
 
 from ...errors import InputError, OutputError, first_line
-from . import HASH_COLUMN, ForeignTable, RECORD_KEY, TargetSpec, decode_record, encode_record, in_list, storage_options, tree_bytes
+from . import HASH_COLUMN, FileTable, ForeignTable, RECORD_KEY, TargetSpec, decode_record, encode_record, in_list, storage_options, tree_bytes
 
 
 def _lance() -> Any:
@@ -35,7 +35,7 @@ def quoted(column: str) -> str:
     return "`" + column.replace("`", "``") + "`"
 
 
-class LanceTarget:
+class LanceTarget(FileTable):
     def __init__(self, spec: TargetSpec):
         self.spec = spec
         self._dataset: Any = None
@@ -140,17 +140,6 @@ class LanceTarget:
                               "dataset is at the version it had before this run.") from exc
         self._dataset = dataset
         return {"version": int(dataset.version), "bytes_added": max(0, self.size_bytes() - before)}
-
-    def lock(self, timeout: float | None) -> None:
-        """Nothing to hold: the format's own commits order two runs (see the module)."""
-
-    pending = False  # (no runs in parts)
-
-    def check_run(self, precision: str, columns: Sequence[str]) -> None:
-        """Every precision and column name goes in (Delta stores what it lacks as wider types)."""
-
-    def check_rows(self, batch: pa.RecordBatch, columns: Sequence[str], where: Any, first: int) -> None:
-        """Every value goes in."""
 
     def close(self) -> None:
         self._dataset = None
