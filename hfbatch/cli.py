@@ -794,7 +794,7 @@ def _summary(result: EmbedResult) -> None:
     cache = m["cache"]
     rows = [
         ("output", f"{result.output} ({m['rows_written']:,} rows)"),
-        ("sidecar", str(result.sidecar)),
+        ("sidecar", str(result.sidecar) if result.sidecar is not None else "none beside a database table (hfbatch_targets keeps its record; --json prints this run)"),
         ("model", escape(f"{p['model_id']} [{p['model_source']}]")),
         ("device", _device_line(p)),
         ("backend", _backend_line(p, m)),

@@ -190,6 +190,9 @@ def test_the_password_is_in_no_output_log_error_or_json(pg: Any, days: dict[str,
     found = cli("search", pg.url("secret"), "a teapot", "--json")
     assert found.exit_code == 0, found.output[-2000:]
     seen += [failed.output, other.output, found.output, json.dumps(json.loads(found.stdout))]
+    summary = cli("embed", days["d1"], "-o", pg.url("secret"), "--id-column", "id", "--cache-dir", days["cache"])
+    assert summary.exit_code == 0 and "none beside a database table" in summary.stdout
+    seen += [summary.output]
     # and the password given in the URL's query (?password=), which libpq also takes
     query_url = pg.url("secret", password=False) + f"&password={pg.password}"
     by_query = cli("embed", days["d1"], "-o", query_url, "--id-column", "id", "--cache-dir", days["cache"], "--json")
