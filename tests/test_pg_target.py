@@ -615,3 +615,39 @@ def test_columns_a_user_adds_to_the_table_are_left_as_they_are(pg: Any, days: di
     got = rows_of(pg, "extended")
     assert got[0]["note"] == "kept by hand" and all(got[i]["added_at"] is not None for i in NEW)
     assert all(r["hash_len"] == len(r[HASH]) for r in got.values())
+
+
+# --- 8. pgvector 0.8 (Postgres 18): halfvec ---------------------------------------------------------
+
+
+def test_float16_is_a_halfvec_table_on_pgvector_0_8_synced_indexed_and_searched(pg18: Any, days: dict[str, Path],
+                                                                               st_model: Any) -> None:
+    """Where the server's pgvector has halfvec (0.7.0 and later), --output-precision float16 makes
+    `embedding halfvec(384)`: day 2 as on float32, the HNSW index with halfvec_cosine_ops, and a
+    search that gives brute force's top 10 over the float16 vectors read back."""
+    from hfbatch import search
+
+    with pg18.connect() as conn:
+        assert conn.execute("SELECT extversion FROM pg_extension WHERE extname = 'vector'").fetchone()[0] >= "0.7"
+    url = pg18.url("half")
+    embed(days["d1"], "-o", url, "--id-column", "id", "--cache-dir", days["cache"], "--output-precision", "float16")
+    doc = embed(days["d2"], "-o", url, "--id-column", "id", "--cache-dir", days["cache"], "--output-precision", "float16",
+                "--delete-missing", "--index")
+    assert (doc["metrics"]["sync"]["inserted"], doc["metrics"]["sync"]["updated"]) == (len(NEW), len(CHANGED))
+    assert doc["provenance"]["output"]["table"]["index"]["type"] == "hnsw"
+    with pg18.connect() as conn:
+        kind = conn.execute("SELECT format_type(atttypid, atttypmod) FROM pg_attribute WHERE attrelid = "
+                            "'half'::regclass AND attname = 'embedding'").fetchone()[0]
+        index = conn.execute("SELECT indexdef FROM pg_indexes WHERE tablename = 'half' AND indexdef LIKE '%hnsw%'")
+        assert "halfvec_cosine_ops" in index.fetchone()[0]
+        rows = conn.execute("SELECT id, embedding::text FROM half").fetchall()
+    assert kind == "halfvec(384)" and sorted(i for i, _ in rows) == sorted(r["id"] for r in day2_rows())
+    ids = [i for i, _ in rows]
+    matrix = np.array([json.loads(v) for _, v in rows], dtype=np.float64)
+    for query in ("a golden violin by the river", "the broken ladder waits in the attic"):
+        q = st_model.encode([query], normalize_embeddings=True)[0].astype(np.float64)
+        scores = matrix @ q / np.linalg.norm(matrix, axis=1)
+        want = [ids[j] for j in np.argsort(-scores, kind="stable")[:10]]
+        report = search(url, query, k=10)
+        assert report["strategy"] == "postgres <=>" and report["precision"] == "float16"
+        assert [h["id"] for h in report["hits"]] == want, query
