@@ -15,9 +15,9 @@ version), then COMMITs: readers see the old rows or the new ones. A SIGKILL or a
 at any moment rolls the transaction back, and the rerun converges.
 
 The table: the id column (bigint or text, from the input), the kept columns, HASH_COLUMN,
-`embedding vector(D)` (`halfvec(D)` for float16 and `bit(D)` for binary where the server's
-pgvector has them, 0.7.0 or later; int8/uint8 have no pgvector type and are refused), and the
-columns the run adds (n_tokens, truncated, embedding_error), with the key as primary key.
+`embedding vector(D)` (`halfvec(D)` for float16 where the server's pgvector has it, 0.7.0 or
+later; other precisions are refused), and the columns the run adds (n_tokens, truncated,
+embedding_error), with the key as primary key (pg_types.py types them; pg_url.py reads -o).
 """
 
 from __future__ import annotations
@@ -28,126 +28,21 @@ import math
 import re
 import time
 from typing import Any, Iterator, Mapping, Sequence
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
 import numpy as np
 import pyarrow as pa
 
-from ...errors import InputError, OutputError, first_line, redact_text
-from . import HASH_COLUMN, ForeignTable, TargetSpec, encode_record
+from ...errors import InputError, OutputError, first_line
+from . import HASH_COLUMN, ForeignTable, TargetSpec
+from .pg_types import arrow_batch, copy_rows, family, jsonb_value, pg_type, vector_value
+from .pg_url import JOBS_TABLE, MAX_NAME_BYTES, SHADOW_PREFIX, TARGETS_TABLE, PgLocation, check_name, is_postgres_url
+
+__all__ = ["PostgresTarget", "PgLocation", "is_postgres_url", "check_name", "LOCK_CLASS"]
 
 log = logging.getLogger(__name__)
 
-SCHEMES = ("postgresql", "postgres")
-TARGETS_TABLE = "hfbatch_targets"  # one row per synced table: its vector record and version
-JOBS_TABLE = "hfbatch_jobs"  # one row per table synced in parts (--commit-every): the last job's watermark
-MAX_NAME_BYTES = 63  # NAMEDATALEN - 1: Postgres cuts longer names (silently, with a NOTICE)
-HALFVEC_SINCE = (0, 7, 0)  # pgvector's halfvec and bit operators
 EF_SEARCH_MAX = 1000  # pgvector's largest hnsw.ef_search: an HNSW scan returns at most this many rows
 LOCK_CLASS = 0x68666201  # the advisory lock's first key ("hfb\x01"); the second: hashtext(schema.table)
-_SECRET_QUERY = ("password", "sslpassword")
-
-
-def is_postgres_url(text: Any) -> bool:
-    return isinstance(text, (str, PgLocation)) and str(text).split("://", 1)[0].lower() in SCHEMES and "://" in str(text)
-
-
-def check_name(name: str, what: str) -> str:
-    """A schema, table or column name Postgres keeps as given (quoted), else a one-line refusal."""
-    if not name:
-        raise InputError(f"{what}: an empty name; give a name.")
-    if "\x00" in name:
-        raise InputError(f"{what} {name[:40]!r}: a NUL character cannot be in a Postgres name; rename it.")
-    if len(name.encode()) > MAX_NAME_BYTES:
-        raise InputError(f"{what} {name[:40]!r}...: {len(name.encode())} bytes, longer than Postgres's "
-                         f"{MAX_NAME_BYTES}-byte names (it would cut it); rename it.")
-    return name
-
-
-class PgLocation:
-    """A table -o names by a postgresql:// URL. `str()` and `url` are the URL without its password
-    (the only forms ever shown or recorded); `conninfo` (with it) goes to libpq alone."""
-
-    def __init__(self, url: str):
-        _refuse_ambiguous(str(url))
-        parts = urlsplit(str(url))
-        query = parse_qsl(parts.query, keep_blank_values=True)
-        self.shown = _shown(parts, query)
-        table = [v for k, v in query if k == "table"]
-        schema = [v for k, v in query if k == "schema"]
-        if not table or not table[-1]:
-            raise InputError(f"-o {self.shown}: names no table; add ?table=NAME (and &schema=NAME for another "
-                             "schema than public).")
-        self.table = check_name(table[-1], "-o ...?table=")
-        if self.table in (TARGETS_TABLE, JOBS_TABLE) or self.table.startswith("hfbatch_new_"):
-            raise InputError(f"-o {self.shown}: {self.table} is the name of hfbatch's own bookkeeping table; give "
-                             "another table name.")
-        self.schema = check_name(schema[-1], "-o ...&schema=") if schema else "public"
-        if not parts.path.strip("/") and not any(k == "dbname" for k, _ in query):
-            raise InputError(f"-o {self.shown}: names no database; give postgresql://user@host:port/DBNAME?table=...")
-        rest = [(k, v) for k, v in query if k not in ("table", "schema")]
-        self._conninfo = urlunsplit((parts.scheme, parts.netloc, parts.path, urlencode(rest), ""))
-        # (only to be taken out of messages: as written, and as libpq decodes it)
-        given = [parts.password or "", *(v for k, v in query if k in _SECRET_QUERY)]
-        self._secrets = sorted({s for p in given if p for s in (p, unquote(p))}, key=len, reverse=True)
-
-    @property
-    def conninfo(self) -> str:
-        return self._conninfo
-
-    @property
-    def url(self) -> str:
-        return self.shown
-
-    @property
-    def name(self) -> str:
-        return self.table
-
-    @property
-    def qualified(self) -> str:
-        """schema.table as text: the advisory lock's and hfbatch_targets' key."""
-        return f"{self.schema}.{self.table}"
-
-    def __str__(self) -> str:
-        return self.shown
-
-    def __repr__(self) -> str:
-        return f"PgLocation({self.shown!r})"
-
-    def __eq__(self, other: object) -> bool:
-        return isinstance(other, PgLocation) and (self._conninfo, self.schema, self.table) == \
-            (other._conninfo, other.schema, other.table)
-
-    def __hash__(self) -> int:
-        return hash((self._conninfo, self.schema, self.table))
-
-    def clean(self, text: str) -> str:
-        """`text` (a server's or libpq's message) with this URL's password taken out."""
-        for secret in self._secrets:
-            text = text.replace(secret, "***")
-        return redact_text(text)
-
-
-def _refuse_ambiguous(url: str) -> None:
-    """A URL that Python's parser and libpq would split differently (a password holding @, /, ?
-    or #, unencoded) is refused without showing any of it: shown, half of it could be the password."""
-    rest = url.split("://", 1)[1]
-    authority_end = min([i for i in (rest.find("/"), rest.find("?")) if i >= 0] or [len(rest)])
-    ats = [i for i, c in enumerate(rest) if c == "@"]
-    if "#" in rest or len(ats) > 1 or (ats and ats[0] > authority_end):
-        raise InputError("-o postgresql://...: the URL holds @, /, ? or # where they cannot be read one way only (a "
-                         "password holding one?); percent-encode them in the password (%40 %2F %3F %23), or leave the "
-                         "password out of the URL and give it in PGPASSWORD or ~/.pgpass.")
-
-
-def _shown(parts: Any, query: list[tuple[str, str]]) -> str:
-    netloc = parts.netloc
-    if "@" in netloc:
-        userinfo, host = netloc.rsplit("@", 1)
-        user = userinfo.split(":", 1)[0]
-        netloc = f"{user}:***@{host}" if ":" in userinfo else f"{user}@{host}"
-    shown_query = "&".join(f"{k}={'***' if k in _SECRET_QUERY else quote(v, safe='/')}" for k, v in query)
-    return urlunsplit((parts.scheme, netloc, parts.path, shown_query, ""))
 
 
 def _psycopg() -> Any:
@@ -156,47 +51,6 @@ def _psycopg() -> Any:
     except ImportError as exc:  # pragma: no cover - a dependency of hfbatch
         raise InputError(f"-o postgresql://... needs psycopg: pip install 'psycopg[binary]' ({exc}).") from None
     return psycopg
-
-
-def pg_type(field: pa.Field, pgvector: tuple[int, ...]) -> str:
-    """The Postgres type of one output column (the vector's by --output-precision)."""
-    t = field.type
-    if pa.types.is_fixed_size_list(t):
-        value, size = t.value_type, t.list_size
-        if value == pa.float32():
-            return f"vector({size})"
-        if value == pa.float16() and pgvector >= HALFVEC_SINCE:
-            return f"halfvec({size})"
-        if value == pa.float16():
-            raise InputError(f"--output-precision float16 needs pgvector's halfvec (pgvector 0.7.0 or later); this "
-                             f"server has pgvector {'.'.join(map(str, pgvector))}: use float32, or upgrade pgvector.")
-        raise InputError(f"{field.name}: {value} vectors (--output-precision int8, uint8, binary, ubinary) have no "
-                         "pgvector type hfbatch writes; a Postgres target holds float32 (vector) or float16 "
-                         "(halfvec, pgvector 0.7.0 or later).")
-    # (the names Postgres's format_type gives back, so an existing table's shape compares equal)
-    simple = [(pa.types.is_boolean, "boolean"), (pa.types.is_int8, "smallint"), (pa.types.is_int16, "smallint"),
-              (pa.types.is_int32, "integer"), (pa.types.is_int64, "bigint"), (pa.types.is_uint8, "smallint"),
-              (pa.types.is_uint16, "integer"), (pa.types.is_uint32, "bigint"), (pa.types.is_uint64, "numeric"),
-              (pa.types.is_float16, "real"), (pa.types.is_float32, "real"), (pa.types.is_float64, "double precision"),
-              (pa.types.is_string, "text"), (pa.types.is_large_string, "text"), (pa.types.is_binary, "bytea"),
-              (pa.types.is_large_binary, "bytea"), (pa.types.is_date, "date"), (pa.types.is_decimal, "numeric")]
-    for test, name in simple:
-        if test(t):
-            return name
-    if pa.types.is_timestamp(t):
-        return "timestamp with time zone" if t.tz else "timestamp without time zone"
-    return "jsonb"  # lists, structs, maps: as JSON
-
-
-def family(sql_type: str) -> str:
-    """What a column holds, for comparing a table made on an earlier day with this run: integer
-    widths are one family (Postgres casts between them), as are float widths; a vector's type is
-    itself (its dimensions)."""
-    bare = re.sub(r"^[^(]*\.", "", sql_type)  # (pgvector outside the search path: public.vector(384))
-    for group, members in (("integer", ("smallint", "integer", "bigint", "numeric")), ("float", ("real", "double precision"))):
-        if bare in members:
-            return group
-    return bare
 
 
 class PostgresTarget:
@@ -484,7 +338,7 @@ class PostgresTarget:
             cur.execute(sql.SQL("SELECT {} FROM {}").format(sql.SQL(", ").join(sql.Identifier(n) for n, _ in chosen),
                                                           self._ident()))
             while rows := cur.fetchmany(size):
-                yield _to_batch(rows, chosen)
+                yield arrow_batch(rows, chosen)
 
     def nearest(self, vector: np.ndarray, k: int, columns: Sequence[str], *, ef_search: int = EF_SEARCH_MAX) -> list[tuple[Any, ...]]:
         """The k rows nearest `vector` by `<=>` (cosine distance), with it last: Postgres's own
@@ -505,7 +359,7 @@ class PostgresTarget:
             cur.execute(sql.SQL("SELECT {}, embedding <=> %s AS _distance FROM {} WHERE embedding IS NOT NULL "
                                 "ORDER BY embedding <=> %s LIMIT %s").format(
                 sql.SQL(", ").join(sql.Identifier(c) for c in columns), self._ident()),
-                (_vector(vector), _vector(vector), int(k)))
+                (vector_value(vector), vector_value(vector), int(k)))
             rows = cur.fetchall()
         jsonb = [types.get(c) == "jsonb" for c in columns]
         return [tuple(json.dumps(v) if j and v is not None else v for v, j in zip(row, [*jsonb, False]))
@@ -568,7 +422,7 @@ class PostgresTarget:
             with cur.copy(sql.SQL("COPY hfbatch_stage ({}) FROM STDIN (FORMAT BINARY)").format(names)) as copy:
                 copy.set_types(types)
                 for batch in rows:
-                    for row in _rows(batch, key):
+                    for row in copy_rows(batch, key):
                         copy.write_row(row)
                     sent += batch.num_rows
         others = [n for n, _ in wanted if n not in key]
@@ -612,7 +466,7 @@ class PostgresTarget:
             with cur.copy(sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(self._ident(stage), names)) as copy:
                 copy.set_types([t.split("(")[0] for _, t in wanted])
                 for batch in rows.to_batches(max_chunksize=8192):
-                    for row in _rows(batch, key):
+                    for row in copy_rows(batch, key):
                         copy.write_row(row)
 
     def new_job(self) -> dict[str, Any]:
@@ -689,7 +543,7 @@ class PostgresTarget:
             cur.execute(sql.SQL("INSERT INTO {} AS t (table_name, record, version, updated_at) VALUES (%s, %s, 1, now()) "
                                 "ON CONFLICT (table_name) DO UPDATE SET record = EXCLUDED.record, "
                                 "version = t.version + 1, updated_at = now() RETURNING version").format(
-                self._ident(TARGETS_TABLE)), (self.where.table, _jsonb(record)))
+                self._ident(TARGETS_TABLE)), (self.where.table, jsonb_value(record)))
             version = int(cur.fetchone()[0])
             if job is not None:
                 self._watermark(cur, job, "done")
@@ -715,7 +569,7 @@ class PostgresTarget:
 
     def _shadow_name(self) -> str:
         """The table a rebuild in parts (--commit-every) writes before it is swapped in."""
-        return "hfbatch_new_" + _digest(self.where.qualified)
+        return SHADOW_PREFIX + _digest(self.where.qualified)
 
     def _watermark(self, cur: Any, job: Mapping[str, Any], state: str) -> None:
         """The job's progress in hfbatch_jobs (one row per table: its last job in parts)."""
@@ -837,59 +691,3 @@ def _pkey_name(table: str) -> str:
     return table.encode()[:MAX_NAME_BYTES - len("_pkey")].decode(errors="ignore") + "_pkey"
 
 
-def _vector(values: np.ndarray) -> Any:
-    from pgvector import Vector
-
-    return Vector(np.asarray(values, dtype=np.float32))
-
-
-def _jsonb(value: Any) -> Any:
-    from psycopg.types.json import Jsonb
-
-    return Jsonb(json.loads(encode_record(value)) if isinstance(value, Mapping) else value)
-
-
-def _rows(batch: pa.RecordBatch, key: Sequence[str] = ()) -> Iterator[tuple[Any, ...]]:
-    """A batch's rows as COPY values: vectors as pgvector objects (NULL for a row without one),
-    nested values as JSON; a key column's null (an invalid row's chunk_index, with --split) as 0,
-    since a primary key holds no NULL."""
-    from pgvector import HalfVector, Vector
-
-    columns: list[list[Any]] = []
-    for name, column in zip(batch.schema.names, batch.columns):
-        t = column.type
-        if pa.types.is_fixed_size_list(t):
-            size = t.list_size
-            # (the child values of every slot, nulls' included: flatten() would leave those out)
-            flat = column.values.slice(column.offset * size, len(column) * size).to_numpy(zero_copy_only=False)
-            flat = flat.reshape(len(column), size)
-            valid = column.is_valid().to_numpy(zero_copy_only=False)
-            make = Vector if t.value_type == pa.float32() else HalfVector
-            columns.append([make(v) if ok else None for v, ok in zip(flat, valid)])
-        elif pa.types.is_nested(t):
-            columns.append([None if v is None else _jsonb(v) for v in column.to_pylist()])
-        elif name in key[1:] and column.null_count:
-            columns.append(column.fill_null(0).to_pylist())
-        else:
-            columns.append(column.to_pylist())
-    return zip(*columns)
-
-
-def _to_batch(rows: Sequence[tuple[Any, ...]], columns: Sequence[tuple[str, str]]) -> pa.RecordBatch:
-    arrays = []
-    for k, (name, sql_type) in enumerate(columns):
-        values = [r[k] for r in rows]
-        kind = family(sql_type)
-        if kind.startswith(("vector(", "halfvec(")):
-            size = int(kind.split("(")[1].rstrip(")"))
-            dense = [None if v is None else np.asarray(v.to_numpy() if hasattr(v, "to_numpy") else v, np.float32)
-                     for v in values]
-            flat = np.concatenate([v if v is not None else np.zeros(size, np.float32) for v in dense]) if dense else \
-                np.zeros(0, np.float32)
-            mask = pa.array([v is None for v in dense], pa.bool_())
-            arrays.append(pa.FixedSizeListArray.from_arrays(pa.array(flat, pa.float32()), size, mask=mask))
-        elif sql_type == "jsonb":
-            arrays.append(pa.array([None if v is None else json.dumps(v) for v in values], pa.string()))
-        else:
-            arrays.append(pa.array(values))
-    return pa.RecordBatch.from_arrays(arrays, names=[n for n, _ in columns])
