@@ -38,11 +38,11 @@ class PgServer:
             self.user = "pgserver"
             ensure_user_exists(self.user)
         root.mkdir(parents=True, exist_ok=True)
-        for folder in [root, *root.parents]:
-            if folder == Path("/"):
-                break
-            if self.user is not None:
-                folder.chmod(folder.stat().st_mode | 0o011)  # others may traverse down to the data
+        if self.user is not None:  # that user may traverse down to the data and to the binaries (a
+            # checkout in a 0700 folder, as `mktemp -d` makes, would stop it): search, never read
+            for folder in {*[root, *root.parents], *Path(self.bin).parents}:
+                if folder != Path("/"):
+                    folder.chmod(folder.stat().st_mode | 0o011)
         pwfile = root / "pw"
         pwfile.write_text(self.password + "\n")
         if self.user is not None:
