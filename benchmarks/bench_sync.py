@@ -122,7 +122,9 @@ def read_back(kind: str, output: str) -> pa.Table:
             register_vector(conn)
             rows = conn.execute(f'SELECT id, embedding FROM "{pg_table(output)}"').fetchall()
         ids = np.array([r[0] for r in rows], dtype=np.int64)
-        flat = np.stack([np.asarray(r[1], dtype=np.float32) for r in rows])
+        # (pgvector-python >= 0.5 reads a Vector, earlier a numpy array)
+        flat = np.stack([np.asarray(r[1].to_numpy() if hasattr(r[1], "to_numpy") else r[1], dtype=np.float32)
+                         for r in rows])
         return pa.table({"id": ids, "embedding": pa.FixedSizeListArray.from_arrays(pa.array(flat.ravel()), flat.shape[1])})
     if kind == "parquet":
         return pq.read_table(output, columns=["id", "embedding"])

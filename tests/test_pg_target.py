@@ -46,6 +46,9 @@ def rows_of(pg: Any, table: str, schema: str = "public") -> dict[Any, dict[str, 
             rows = cur.fetchall()
     found = {}
     for row in rows:
+        vector = row.get("embedding")  # (pgvector-python >= 0.5 reads a Vector; before, a numpy array)
+        if vector is not None:
+            row["embedding"] = np.asarray(vector.to_numpy() if hasattr(vector, "to_numpy") else vector, np.float32)
         key = row["id"]
         assert key not in found, f"id {key} twice"
         found[key] = row
