@@ -70,7 +70,8 @@ def sync(pg: Any, days: dict[str, Path], day: str, table: str, *extra: Any, code
 # --- 1. day 1 / day 2 ------------------------------------------------------------------------------
 
 
-def test_day2_writes_only_what_changed_and_equals_a_cold_rebuild(pg: Any, days: dict[str, Path]) -> None:
+def test_day2_writes_only_what_changed_and_equals_a_cold_rebuild(pg: Any, days: dict[str, Path],
+                                                                  st_model: Any) -> None:
     first = sync(pg, days, "d1", "day")
     assert first["metrics"]["sync"]["inserted"] == len(day1_rows())
     assert first["provenance"]["output"]["table"]["kind"] == "postgres"
@@ -97,6 +98,14 @@ def test_day2_writes_only_what_changed_and_equals_a_cold_rebuild(pg: Any, days: 
         a, b = after[i]["embedding"], row["embedding"]
         assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) >= 0.9999, i
         assert (after[i][HASH], after[i]["cat"], after[i]["n_tokens"]) == (row[HASH], row["cat"], row["n_tokens"])
+
+    # the vectors are the model's own (sentence-transformers fp32), each on its own id's row
+    texts = {r["id"]: r["text"] for r in day2_rows()}
+    ids = sorted(texts)
+    want = st_model.encode([texts[i] for i in ids], normalize_embeddings=True)
+    got_vectors = np.stack([after[i]["embedding"] for i in ids])
+    cosines = (want * got_vectors).sum(1) / np.linalg.norm(got_vectors, axis=1)
+    assert float(cosines.mean()) >= 0.9999 and float(cosines.min()) >= 0.999, (cosines.mean(), cosines.min())
 
     again = sync(pg, days, "d2", "day", "--delete-missing")  # nothing changed: no model work, no new version
     assert again["metrics"]["texts_computed"] == 0

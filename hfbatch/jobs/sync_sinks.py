@@ -63,8 +63,7 @@ class Staged:
     """Rows staged in a local Parquet file until a sink's commit (a killed run's: removed by the next)."""
 
     def __init__(self, spec: TargetSpec, schema: pa.Schema):
-        name = re.sub(r"[^A-Za-z0-9._-]+", "_", Path(str(spec.uri)).name if spec.kind != "postgres" else
-                      f"{spec.location.name}")[:80]  # type: ignore[union-attr]
+        name = re.sub(r"[^A-Za-z0-9._-]+", "_", spec.location.name)[:80]  # (a table's own name, made a file name)
         base = Path(tempfile.gettempdir()) / f"hfbatch-stage-{name}.parquet"
         remove_stale_temps(base)
         self.path, self.schema, self.given, self.rows = temp_path_for(base), schema, spec.given, 0
