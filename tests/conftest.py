@@ -182,3 +182,39 @@ LONG_FILES = ("test_ray.py", "test_selection.py", "test_sync.py", "test_pg_targe
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     rank = {name: i for i, name in enumerate(LONG_FILES)}
     items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: the rest as collected
+
+
+# Models of sentence-transformers 6's other kinds, built from MiniLM's weights (tests/kind_models.py):
+# the offline stand-ins for a SPLADE, an inference-free SPLADE, a ColBERT and a reranker. Seeded, so
+# every worker builds the same model; each is saved like a hub model and loaded by path.
+@pytest.fixture(scope="session")
+def sparse_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A SPLADE SparseEncoder (MiniLM + masked-LM head + max pooling), for naver/splade-v3."""
+    from kind_models import build_sparse
+
+    return build_sparse(tmp_path_factory.mktemp("kind-sparse"))
+
+
+@pytest.fixture(scope="session")
+def sparse_router_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An inference-free SPLADE SparseEncoder: a Router, static token weights for queries, the
+    SPLADE of sparse_model_dir for documents."""
+    from kind_models import build_sparse_inference_free
+
+    return build_sparse_inference_free(tmp_path_factory.mktemp("kind-sparse-router"))
+
+
+@pytest.fixture(scope="session")
+def multivector_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A ColBERT-style MultiVectorEncoder (MiniLM, 128-dim token vectors, [unused0]/[unused1] markers)."""
+    from kind_models import build_multivector
+
+    return build_multivector(tmp_path_factory.mktemp("kind-multivector"))
+
+
+@pytest.fixture(scope="session")
+def cross_encoder_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A 1-label CrossEncoder (MiniLM + seeded classifier; sigmoid scores), for a bge reranker."""
+    from kind_models import build_cross_encoder
+
+    return build_cross_encoder(tmp_path_factory.mktemp("kind-cross-encoder"))
