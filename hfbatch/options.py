@@ -34,7 +34,7 @@ GENERATE_BACKENDS = ("local", "api", "hf-api")
 OUTPUT_IDENTITY = ("model", "text_column", "keep", "format", "normalize", "max_length", "precision", "runtime",
                    "quantize", "on_invalid", "backend", "endpoint", "fallback", "remote_pooling", "split", "overlap",
                    "aggregate", "prompt", "prompt_name", "truncate_dim", "output_precision", "calibration",
-                   "calibration_size", "tokenizer")
+                   "calibration_size", "tokenizer", "kind", "sparse_top_k", "sparse_vocab")
 NOT_OUTPUT_IDENTITY = (
     "input", "output", "delimiter",  # where (the delimiter is folded into `format` once resolved)
     "device", "trust_remote_code",  # how the same model is run
@@ -176,7 +176,7 @@ class EmbedOptions(JobOptions):
     prompt: str | None = None  # prepended to every text; None: the model's default prompt, if it names one
     prompt_name: str | None = None  # a prompt from the model's config_sentence_transformers.json
     truncate_dim: int | None = None  # Matryoshka: the first D dimensions (renormalised with --normalize)
-    output_precision: str = "float32"
+    output_precision: str | None = None  # None: the kind's default (float32; float16 for a multi-vector model)
     calibration: Path | None = None  # int8/uint8 ranges: an earlier run's sidecar, or a file of texts
     calibration_size: int = 1000  # vectors the int8/uint8 ranges are taken from
     # int8/uint8 ranges once known, and where they came from: a many-part job settles them once and
@@ -194,6 +194,10 @@ class EmbedOptions(JobOptions):
     index_type: str | None = None  # a Postgres target's --index: hnsw (None) or ivfflat
     lock_timeout: float | None = None  # a Postgres target held by another run: give up after this (None: wait)
     commit_every: int | None = None  # a Postgres target: commit every this many rows (None: one transaction)
+    # what kind of model (backends/kinds.py): None reads it from the model's files
+    kind: str | None = None
+    sparse_top_k: int | None = None  # a sparse model: keep each text's K largest values (None: all)
+    sparse_vocab: bool = False  # a sparse model: write each index's token string beside it
 
     @property
     def input_column(self) -> str:
@@ -226,8 +230,26 @@ class EmbedOptions(JobOptions):
             quantize=self.quantize if self.quantize is not None else ("int8" if settings.quantize else "auto"),
             precision=self.precision or settings.precision,
             runtime=self.runtime or settings.runtime,
+            output_precision=self.output_precision or self._kind_precision(self.model or settings.model),
             **self._sync_filled(),
         )
+
+    def _kind_precision(self, model: str | None) -> str:
+        """--output-precision's default: float16 for a multi-vector model (a vector per token: the
+        output is tens of times a dense one), float32 otherwise. The kind as backends/kinds.py
+        reads it from a local model's files (a model not at hand: float32; the job says why later)."""
+        if self.kind == "multivector":
+            return "float16"
+        if self.kind is None and self.backend == "local" and model:
+            from .backends.hub import resolve_model_dir
+            from .backends.kinds import model_kind
+
+            try:
+                root, _ = resolve_model_dir(model)
+            except Exception:  # noqa: BLE001 - not at hand: the backend reports it where it always has
+                return "float32"
+            return "float16" if model_kind(root).kind == "multivector" else "float32"
+        return "float32"
 
     def _sync_filled(self) -> dict[str, Any]:
         """-o delta://PATH names a Delta table by prefix (the path alone may not exist yet); --keep
@@ -299,6 +321,10 @@ class EmbedOptions(JobOptions):
             raise InputError(f"--aggregate {self.aggregate!r} is not supported; the one aggregate is mean.")
         if self.prompt is not None and self.prompt_name is not None:
             raise InputError("give --prompt TEXT or --prompt-name NAME, not both.")
+        if self.kind is not None and self.kind not in ("dense", "sparse", "multivector"):
+            raise InputError(f"--kind {self.kind!r} is not one of: dense, sparse, multivector.")
+        if self.sparse_top_k is not None and self.sparse_top_k < 1:
+            raise InputError(f"--sparse-top-k must be at least 1 (got {self.sparse_top_k}).")
         if self.truncate_dim is not None and self.truncate_dim < 1:
             raise InputError(f"--truncate-dim must be at least 1 (got {self.truncate_dim}).")
         if self.output_precision not in OUTPUT_PRECISIONS:

@@ -23,7 +23,7 @@ from hfbatch.options import GenerateOptions
 MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 BACKEND_MEMBERS = {"name", "model_id", "remote", "batch_texts", "load_seconds", "max_length", "fingerprint",
                    "known_dimension", "dimension", "token_counts", "embed", "describe", "prompt", "split",
-                   "prepare", "setup_seconds", "watch", "token_source"}
+                   "prepare", "setup_seconds", "watch", "token_source", "kind"}
 GENERATOR_MEMBERS = {"name", "model_id", "remote", "load_seconds", "fingerprint", "prepare", "generate", "describe"}
 
 

@@ -26,7 +26,8 @@ def test_the_resume_key_changes_with_each_identity_option_and_with_nothing_else(
                "backend": "tei", "endpoint": "http://127.0.0.1:9", "fallback": "none", "remote_pooling": "cls",
                "split": "tokens:64", "overlap": 8, "aggregate": "mean", "prompt": "query: ", "prompt_name": "query",
                "truncate_dim": 128, "output_precision": "int8", "calibration": tmp_path / "c.json",
-               "calibration_size": 10, "tokenizer": "bert-base-uncased"}
+               "calibration_size": 10, "tokenizer": "bert-base-uncased", "kind": "sparse", "sparse_top_k": 10,
+               "sparse_vocab": True}
     assert set(changed) == set(OUTPUT_IDENTITY)
     key = options_key(base)
     for name, value in changed.items():

@@ -387,3 +387,38 @@ def test_a_sync_with_ray_into_postgres_commits_once_and_lets_go_of_the_table(tmp
     target.close()
     with pg.connect() as conn:
         assert conn.execute("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'hfbatch\\_stage\\_%'").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("kind", ["sparse", "multivector"])
+def test_ray_engine_runs_sparse_and_multivector_models_as_the_local_engine_does(
+        tmp_path: Path, kind: str, request: pytest.FixtureRequest) -> None:
+    """Issue 26: the other kinds go through the same parts, actors and writer: each part's rows as
+    the local engine writes them (the actors load the model's own class from its folder)."""
+    model = request.getfixturevalue(f"{kind}_model_dir")
+    root = tmp_path / "data"
+    root.mkdir()
+    write_jsonl(root / "a.jsonl", [{"id": i, "text": f"{SAMPLE_TEXTS[i % len(SAMPLE_TEXTS)]} a{i}"} for i in range(13)]
+                + [{"id": 13, "text": None}])
+    write_csv(root / "b.csv", [{"id": i, "text": f"csv row {i}, {SAMPLE_TEXTS[i % 3]}"} for i in range(9)])
+    local = run_embed_parts(EmbedOptions(input=root, output=tmp_path / "local", model=str(model), chunk_size=5,
+                                         cache_dir=tmp_path / "cache-local"))
+    ray = run_embed_ray(EmbedOptions(input=root, output=tmp_path / "ray", model=str(model), chunk_size=5,
+                                     cache_dir=tmp_path / "cache-ray"), num_workers=2)
+    assert ray.document["totals"]["parts_done"] == 2
+    for record in local.document["parts"]:
+        want = pq.read_table(tmp_path / "local" / record["output"])
+        got = pq.read_table(tmp_path / "ray" / record["output"])
+        assert got.schema.remove_metadata() == want.schema.remove_metadata()
+        assert got.column("id").to_pylist() == want.column("id").to_pylist()
+        assert got.column("n_tokens").to_pylist() == want.column("n_tokens").to_pylist()
+        for g, w in zip(got.column("embedding").to_pylist(), want.column("embedding").to_pylist()):
+            assert (g is None) == (w is None)
+            if g is None:
+                continue
+            if kind == "sparse":
+                assert g["indices"] == w["indices"]
+                np.testing.assert_allclose(g["values"], w["values"], rtol=0, atol=1e-5 * max(w["values"]))
+            else:
+                np.testing.assert_allclose(np.array(g, np.float32), np.array(w, np.float32), atol=2e-3)
+        meta = json.loads((tmp_path / "ray" / "_hfbatch" / (record["output"] + ".meta.json")).read_text())
+        assert meta["provenance"]["vectors"]["kind"] == kind

@@ -41,6 +41,7 @@ class Backend(Protocol):
 
     name: str  # "local", "hf-api", "tei", "openai", "auto"
     model_id: str
+    kind: str  # what `embed` returns (backends/kinds.py): "dense" (float32 rows), "sparse" (SparseVectors), "multivector"
 
     @property
     def remote(self) -> bool:
@@ -180,7 +181,11 @@ def make_backend(opts: "EmbedOptions") -> Backend:
     """The backend registry. Only builds objects; nothing loads or connects here."""
     name = backend_name(opts.backend)
     if name == "local":
-        return _local(opts)
+        kind = local_kind(opts)
+        return _local(opts) if kind == "dense" else _encoder(opts, kind)
+    if opts.kind not in (None, "dense"):
+        raise InputError(f"--kind {opts.kind} runs on the local backend in this version; --backend {name} makes dense "
+                         "vectors only (drop --backend, or --kind).")
     if opts.max_length is not None:
         raise InputError(
             "--max-length applies to the local model only; a remote server truncates at its own limit "
@@ -191,6 +196,36 @@ def make_backend(opts: "EmbedOptions") -> Backend:
 
         return FallbackBackend(_local(opts), _remote(opts, opts.fallback))
     return _remote(opts, name)
+
+
+def local_kind(opts: "EmbedOptions") -> str:
+    """The kind (backends/kinds.py) a local job runs its model as: what its files say, --kind
+    agreeing. A model whose files cannot be had is left to the dense backend, which says why
+    where it always has (nothing is loaded here: files only)."""
+    from ..errors import HfbatchError
+    from .hub import resolve_model_dir
+    from .kinds import model_kind, settle_kind
+
+    try:
+        root, _ = resolve_model_dir(opts.model or "")
+    except HfbatchError:
+        if opts.kind not in (None, "dense"):
+            raise
+        return "dense"
+    return settle_kind(opts.model or "", model_kind(root), opts.kind)
+
+
+def _encoder(opts: "EmbedOptions", kind: str) -> Any:
+    from ..settings import Settings
+    from .encoders import MultiVectorBackend, SparseBackend
+
+    unset = None if opts.precision and opts.runtime else Settings.load()  # options not resolved
+    cls = {"sparse": SparseBackend, "multivector": MultiVectorBackend}[kind]
+    return cls(opts.model or "", device=opts.device or "auto", max_length=opts.max_length,
+               precision=opts.precision or unset.precision,  # type: ignore[union-attr]
+               runtime=opts.runtime or unset.runtime,  # type: ignore[union-attr]
+               quantize=opts.quantize, trust_remote_code=opts.trust_remote_code,
+               prompt=opts.prompt, prompt_name=opts.prompt_name)
 
 
 def _local(opts: "EmbedOptions") -> "LocalBackend":

@@ -50,6 +50,7 @@ class FallbackBackend:
     """Local first, remote on failure; counts rows per backend and says why it switched."""
 
     name = "auto"
+    kind = "dense"
 
     def __init__(self, primary: LocalBackend, secondary: RemoteBackend, *, canary_threshold: float = 0.99):
         self.primary, self.secondary = primary, secondary

@@ -27,6 +27,7 @@ from ..errors import BackendError, InputError, ModelLoadError, first_line
 from ..resources import MemoryGuardError
 from .configs import EXPORT_RUNTIMES, Configuration, Note, Request, RuntimeChoice, RuntimeConfig
 from .hub import bundled_model_dir as _bundled_model_dir  # noqa: F401  (re-exported for benchmarks/)
+from .kinds import model_kind
 from .job_check import check_until_faithful, job_sample
 from .loader import Loader
 from .runners import Runner, release_sessions
@@ -45,6 +46,7 @@ class LocalBackend:
     computed: a job that computes nothing loads nothing and measures nothing."""
 
     name = "local"
+    kind = "dense"
     remote = False
     batch_texts: int | None = None  # the job's --batch-size / --max-batch-tokens decide
     token_source = "tokenizer"  # n_tokens and truncation by the model's own tokenizer
@@ -86,6 +88,11 @@ class LocalBackend:
         """The model's files, found and read (spec.ModelFiles) on first use: no model load."""
         if self._files is None:
             files = ModelFiles(self.model_id, **self._asked)
+            found = model_kind(files.dir)
+            if found.declared and found.kind != "dense":  # never a SPLADE's or a reranker's mean-pooled vectors
+                raise InputError(f"{self.model_id} is a {found.described} ({found.evidence}), not a dense model; "
+                                 f"run it with --kind {found.kind}" + (" (hfbatch score)." if found.kind == "cross-encoder"
+                                                                       else " (or leave --kind out)."))
             if files.spec.prompt and not files.spec.include_prompt and self.request.runtime in EXPORT_RUNTIMES:
                 raise InputError(f"{self.model_id} pools without its prompt's tokens, which --runtime "
                                  f"{self.request.runtime} cannot do; use --runtime torch with a prompt.")

@@ -57,6 +57,7 @@ class RemoteBackend:
     """Embeddings over HTTP. Nothing connects until the first `embed`; `fingerprint()` never does."""
 
     remote = True
+    kind = "dense"
 
     def prepare(self, *, measure: bool = True) -> None:
         """The server decides how it computes: nothing to choose here."""

@@ -60,7 +60,11 @@ def read_spec(root: Path, model_id: str, *, max_length: int | None, prompt: str 
     an unknown --prompt-name, ModelLoadError for config files sentence-transformers would refuse."""
     sbert = _config_object(root / "sentence_bert_config.json")
     config = _config_object(root / "config.json")
-    native = sbert.get("max_seq_length") or config.get("max_position_embeddings") or 512
+    # as sentence-transformers reads it: the old sentence_bert_config.json's, else the tokenizer's
+    # model_max_length (what sentence-transformers 6 saves), else the model's positions
+    told = _config_object(root / "tokenizer_config.json").get("model_max_length")
+    told = told if isinstance(told, int) and not isinstance(told, bool) and 0 < told < 1_000_000 else None
+    native = sbert.get("max_seq_length") or told or config.get("max_position_embeddings") or 512
     limit = config.get("max_position_embeddings")
     wanted = max_length or native
     if limit and wanted > limit:

@@ -59,7 +59,7 @@ from ..io.parts import Part
 from ..io.readers import Chunk, open_reader
 from ..io.writers import ParquetSink
 from ..jobs.core import ChunkProcessor, check_rows, open_files, window_fields
-from ..jobs.embed import EmbedTask, embed_columns, embed_provenance, split_mode
+from ..jobs.embed import embed_task, embed_columns, embed_provenance, split_mode
 from ..options import EmbedOptions
 from ..provenance import InputFacts, InputIdentity, Metrics, OutputFacts, build_document, utc_now
 from ..settings import Settings
@@ -124,7 +124,7 @@ class EmbedActor:
                                        on_invalid=opts.on_invalid)
         described = self.backend.describe()
         # rows --on-invalid skip drops are kept (marked) and flagged, so the chunk has a row for its report
-        task = EmbedTask(self.backend, opts)
+        task = embed_task(self.backend, opts)
         processor = ChunkProcessor(task, self.cache, metrics, passthrough=passthrough,
                                    on_invalid="mark" if opts.on_invalid == "skip" else opts.on_invalid,
                                    text_column=opts.input_column)
@@ -198,7 +198,7 @@ class ReportedBackend:
     (device, load seconds, requests, a fallback) as the actors reported it."""
 
     def __init__(self, backend: Backend, described: Mapping[str, Any] | None, fingerprint: str | None):
-        self.name = backend.name
+        self.name, self.kind = backend.name, backend.kind
         self.backend, self.described, self.reported_fingerprint = backend, described, fingerprint
 
     def fingerprint(self) -> str:
@@ -315,7 +315,7 @@ class PartStream:
         cache: Any = self.cache
         try:
             if self.sink is None:  # a part without rows: the actors never saw it
-                task = EmbedTask(backend, opts)
+                task = embed_task(backend, opts)
                 schema = task.schema(pa.schema([*planned.passthrough, *window_fields(task.split_mode)]))
                 self.sink, self.dim = ParquetSink(opts.output, schema), task.dim()
                 cache = _open_cache(opts, backend.fingerprint())

@@ -32,7 +32,7 @@ from ..io.stores import location
 from ..io.targets import HASH_COLUMN, parse_target
 from ..io.columns import EMBED_COLUMNS
 from ..jobs.core import open_files
-from ..jobs.embed import EmbedResult, EmbedTask, calibrate_ranges, embed_columns, join_parts, run_embed
+from ..jobs.embed import EmbedResult, calibrate_ranges, embed_task, embed_columns, join_parts, run_embed
 from ..jobs.sync import SyncRun, sync_hooks
 from ..options import EmbedOptions
 from ..provenance import InputIdentity
@@ -107,7 +107,7 @@ def run_sync_ray(options: EmbedOptions, *, address: str | None, num_workers: int
     with (join_parts(opts, beside) if joined else spooled_input(opts.input, opts.format, directory=beside)) as source:
         files = open_files(opts, embed_columns(opts), source, table=spec.is_table, extra_outputs=extra)
         backend = make_backend(opts)  # the driver's: it plans and reports, and loads a model only to calibrate
-        task = EmbedTask(backend, opts)
+        task = embed_task(backend, opts)
         sync = sync_hooks(opts, task, source, files)
         assert sync is not None
         work_dir = Path(tempfile.mkdtemp(prefix=".hfbatch-ray-sync-", dir=beside))

@@ -98,7 +98,7 @@ def run_embed(options: EmbedOptions, *, backend: Backend | None = None, observer
 
     table = parse_target(options.output).is_table or str(options.output).lower().startswith("delta://")
     changes = location(options.changes) if options.changes is not None else None
-    opts, document = run_job(options, embed_columns(options), lambda o: EmbedTask(backend or make_backend(o), o),
+    opts, document = run_job(options, embed_columns(options), lambda o: embed_task(backend or make_backend(o), o),
                              observer=observer, settings=settings, sync_for=sync_hooks, table=table,
                              extra_outputs=(("--changes", changes), ("--changes sidecar", sidecar_path(changes)))
                              if changes is not None else (),
@@ -116,7 +116,7 @@ def calibrate_ranges(options: EmbedOptions, inputs: Sequence[Any], *, backend: B
     order; a part without usable texts is passed over), or --calibration's. The sample's vectors
     go to the cache, where the job then finds them."""
     opts = options.resolved(settings or Settings.load())
-    task = EmbedTask(backend or make_backend(opts), opts)
+    task = embed_task(backend or make_backend(opts), opts)
     cache: Cache = open_cache(opts.cache_dir, task.backend.fingerprint(),  # type: ignore[arg-type]
                               size_limit_bytes=opts.cache_size_bytes or 0) if opts.use_cache else NullCache()
     one = sampler(task, opts, cache)
@@ -161,6 +161,41 @@ def calibrate_ranges(options: EmbedOptions, inputs: Sequence[Any], *, backend: B
     if record.get("source") == "job":
         record["source"] = "job: " + ", ".join(used[:3]) + (f" and {len(used) - 3} more parts" if len(used) > 3 else "")
     return task.ranges.tolist(), record
+
+
+def embed_task(backend: Backend, opts: EmbedOptions) -> "EmbedTask":
+    """The embed task for what `backend` makes (its kind): EmbedTask for dense vectors, SparseTask
+    (jobs/sparse.py) for a SparseEncoder's."""
+    if backend.kind == "sparse":
+        from .sparse import SparseTask
+
+        return SparseTask(backend, opts)
+    if backend.kind == "multivector":
+        from .multivector import MultiVectorTask
+
+        return MultiVectorTask(backend, opts)
+    return EmbedTask(backend, opts)
+
+
+def refuse_for_kind(backend: Backend, opts: EmbedOptions, *, why: str, precisions: Sequence[str],
+                    tables: Sequence[str], aggregate: bool = True) -> None:
+    """One line (InputError, before any work) for what a dense vector's options or targets mean
+    that another kind's values cannot take: --truncate-dim, other precisions, int8 ranges,
+    --index, --aggregate, a table kind that cannot hold the column."""
+    from ..io.targets import parse_target
+
+    target = parse_target(opts.output, kind=opts.target).kind
+    asked = [flag for flag, given in (
+        ("--truncate-dim", opts.truncate_dim is not None),
+        (f"--output-precision {opts.output_precision}", opts.output_precision not in precisions),
+        ("--calibration", opts.calibration is not None),
+        ("--index", opts.index),
+        ("--aggregate", opts.aggregate is not None and not aggregate),
+        (f"-o a {target} table", target not in ("parquet", *tables))) if given]
+    if asked:
+        raise InputError(f"{', '.join(asked)}: {backend.model_id} is a {backend.kind} model ({why}). "
+                         f"It writes --output-precision {' or '.join(precisions)}, into Parquet"
+                         f"{''.join(', ' + t for t in tables)} outputs.")
 
 
 class EmbedTask:
@@ -515,12 +550,12 @@ def output_dim(dim: int, truncate_dim: int | None) -> int:
 def embed_provenance(backend: Backend, opts: EmbedOptions, dim: int, *, ranges: np.ndarray | None = None,
                      calibration: dict[str, Any] | None = None) -> dict[str, Any]:
     """What an embed sidecar records beside the shared provenance (build_document's `details`)."""
-    described = backend.describe() if backend.name == "auto" else {}
+    described = backend.describe() if backend.name in ("auto", "local") else {}
     out_dim = output_dim(dim, opts.truncate_dim)
     # UNKNOWN_MAX_LENGTH is what a backend counting by the server's usage answers (its limit is not
     # known here); asked of max_length, which the Ray engine's reported backend also has
     max_length = backend.max_length
-    return {
+    record = {
         "fallback": {k: described.get(k) for k in ("fell_back", "fallback_reason", "canary_min_cosine")}
         if backend.name == "auto" else None,
         "dim": dim,
@@ -536,5 +571,46 @@ def embed_provenance(backend: Backend, opts: EmbedOptions, dim: int, *, ranges: 
                    "values_per_vector": output_width(out_dim, opts.output_precision),
                    "ranges": ranges.tolist() if ranges is not None else None, "calibration": calibration},
     }
+    if backend.kind == "multivector":  # a matrix a row: its token vectors' dim, stored at `precision`
+        record["vectors"] = {"kind": "multivector", "dim": dim or None, "precision": opts.output_precision,
+                             "side": described.get("side"), "per": "token"}
+    if backend.kind == "sparse":  # weights over the vocabulary: no width, no normalising, no quantising
+        record["normalize"] = False
+        record["vectors"] = {"kind": "sparse", "dim": dim or None, "top_k": opts.sparse_top_k,
+                             "vocab": opts.sparse_vocab, "precision": "float32", "side": described.get("side")}
+    return record
 
 
+
+
+class PackedTask(EmbedTask):
+    """What the tasks of the other kinds (jobs/sparse.py, jobs/multivector.py) share: their values
+    kept in the cache as bytes of their own layout (`pack`, and `unpack`, which refuses a damaged
+    or planted entry: it is computed again), each with its text's token count; nothing to
+    calibrate for the whole job."""
+
+    @staticmethod
+    def pack(value: Any, count: int) -> bytes:
+        raise NotImplementedError
+
+    @staticmethod
+    def unpack(raw: bytes, dim: int | None) -> tuple[Any, int] | None:
+        raise NotImplementedError
+
+    def lookup(self, cache: Cache, texts: Sequence[str]) -> dict[int, Any]:
+        self._cache_dir = cache.directory
+        out: dict[int, Any] = {}
+        for u, raw in cache.lookup_bytes(texts, self.backend.fingerprint()).items():
+            got = self.unpack(raw, self.backend.known_dimension())
+            if got is None:
+                cache.stats.rejected += 1
+                cache.stats.unhit(1)
+                continue
+            out[u] = Embedded(got[0], got[1])
+        return out
+
+    def store(self, cache: Cache, texts: Sequence[str], values: Sequence[Any]) -> None:
+        cache.store_bytes(texts, [self.pack(value.vector, value.count) for value in values], self.backend.fingerprint())
+
+    def calibrate(self, sample: Sampler) -> None:
+        return None

@@ -38,7 +38,7 @@ from ..settings import Settings
 from ..validate import ON_INVALID, ValidatedChunk, validate_chunk
 from ..vectors import CALIBRATED
 from .core import Cache, ChunkProcessor, sampler
-from .embed import EmbedTask, embed_columns
+from .embed import EmbedTask, embed_task, embed_columns
 
 # EmbedOptions' fields that name files, or that the engines set: not options of an in-memory call
 _FILE_FIELDS = frozenset({"input", "output", "keep", "format", "max_errors", "max_line_bytes", "relative_paths",
@@ -103,7 +103,7 @@ def encode(data: Any, *, model: str | None = None, text_column: str | None = Non
                              "drop or rename them first.")
     chunks = _validated(texts, opts, kind)
 
-    task = EmbedTask(given_backend or _shared_backend(opts), opts)
+    task = embed_task(given_backend or _shared_backend(opts), opts)
     out, parents, document = _run(task, opts, chunks, texts, observer or NullObserver())
     if kind in ("sequence", "str"):
         vectors = _vectors(out.column("embedding"))

@@ -52,12 +52,15 @@ def space_of(task: Any, opts: Any) -> dict[str, Any]:
     `dim` None where the backend cannot tell it without a model call)."""
     backend = task.backend
     hint = task.out_dim_hint()
-    return {"fingerprint": backend.fingerprint(), "model_id": backend.model_id, "prompt": backend.prompt,
-            "dim": hint, "truncate_dim": opts.truncate_dim, "precision": opts.output_precision,
-            "normalize": opts.normalize,
-            "split": {"tokens": opts.split_tokens, "overlap": opts.window_overlap, "aggregate": opts.aggregate}
-            if opts.split else None,
-            "id_column": opts.id_column}
+    space = {"fingerprint": backend.fingerprint(), "model_id": backend.model_id, "prompt": backend.prompt,
+             "dim": hint, "truncate_dim": opts.truncate_dim, "precision": opts.output_precision,
+             "normalize": opts.normalize,
+             "split": {"tokens": opts.split_tokens, "overlap": opts.window_overlap, "aggregate": opts.aggregate}
+             if opts.split else None,
+             "id_column": opts.id_column}
+    if backend.kind != "dense":  # (a dense space keeps the keys it always had: its rows' hashes start from them)
+        space.update(normalize=False, kind=backend.kind, top_k=opts.sparse_top_k, vocab=opts.sparse_vocab)
+    return space
 
 
 def hash_prefix(space: Mapping[str, Any]) -> bytes:

@@ -19,6 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from ..backends import make_backend
 from ..backends.remote import SERVER_USAGE
 from ..cache import NullCache, open_cache
@@ -51,13 +53,13 @@ def _sync_plan(opts: EmbedOptions, backend: Any, source: Path, reader: Any) -> A
     import pyarrow as pa
 
     from ..io.targets import open_target, parse_target
-    from ..jobs.embed import EmbedTask
+    from ..jobs.embed import embed_task
     from ..jobs.sync import plan_sync
 
     spec = parse_target(opts.output, kind=opts.target)
     passthrough = pa.schema([reader.schema.field(n) for n in (opts.keep if opts.keep is not None else reader.schema.names)])
     target = open_target(spec) if spec.is_table else None
-    task = EmbedTask(backend, opts)
+    task = embed_task(backend, opts)
     try:
         if target is not None:  # what the real run would refuse before any work, refused here too
             target.check_run(opts.output_precision, [*passthrough.names, *task.added_columns])
@@ -98,7 +100,8 @@ def _plan(opts: EmbedOptions, source: Path) -> dict[str, Any]:
                 texts = [t[s.char_start:s.char_end] for t, w in zip(texts, cut) for s in w.spans]  # type: ignore[index]
             new = [t for t in dict.fromkeys(texts) if t not in distinct]
             distinct.update(new)  # type: ignore[arg-type]
-            found = cache.lookup(new, dim)  # type: ignore[arg-type]
+            found = cache.lookup(new, dim) if backend.kind == "dense" \
+                else cache.lookup_bytes(new, backend.fingerprint())  # type: ignore[arg-type]
             hits += len(found)
             misses += [t for j, t in enumerate(new) if j not in found]  # type: ignore[misc]
     finally:
@@ -111,6 +114,7 @@ def _plan(opts: EmbedOptions, source: Path) -> dict[str, Any]:
     size = opts.api_batch_size if remote else (opts.batch_size or 32)
     report: dict[str, Any] = {
         "input": str(opts.input), "output": str(opts.output), "model_id": opts.model, "backend": backend.name,
+        "kind": backend.kind,
         # a sync by --id-column: what the run would insert, update, leave and delete (texts: the changed rows')
         "sync": None if sync is None else {**sync.counts, "target": sync.spec.given, "version": sync.version_before},
         "rows": rows, "rows_invalid": invalid, "texts_distinct": len(distinct),
@@ -134,8 +138,12 @@ def _plan(opts: EmbedOptions, source: Path) -> dict[str, Any]:
         texts = [misses[i] for i in sample]
         backend.embed(texts[:2])  # warm-up: the model load is not the job's per-text cost
         started = time.perf_counter()
-        backend.embed(texts)
+        made = backend.embed(texts)
         per_unit = (time.perf_counter() - started) / max(1, sum(seen[i] for i in sample))
+        if backend.kind != "dense":  # what a row of the output will weigh: a sparse row's entries, a matrix's tokens
+            per_row = value_bytes(backend.kind, made, opts)
+            report["output_bytes_per_row"] = round(per_row, 1)
+            report["output_bytes_estimate"] = int(per_row * report["output_rows"])
         load = backend.load_seconds
         report["eta_seconds"] = round(load + per_unit * sum(seen), 1)
         report["eta_basis"] = (f"{len(texts)} of the texts to compute timed on {backend.name} "
@@ -146,3 +154,15 @@ def _plan(opts: EmbedOptions, source: Path) -> dict[str, Any]:
             "and truncates at its own limit, so tokens_to_compute and texts_truncated are not known before the job "
             "(its sidecar has the server's total) and the ETA is per text. Pass --tokenizer for counts.")
     return report
+
+
+def value_bytes(kind: str, values: Any, opts: EmbedOptions) -> float:
+    """Mean bytes of the embedding column per row for a sample of `kind` values: a sparse vector's
+    indices and values (8 bytes an entry, at most --sparse-top-k of them), a multi-vector's tokens x dim
+    at its precision."""
+    if not values:
+        return 0.0
+    if kind == "sparse":
+        return float(np.mean([8 * min(v.nnz, opts.sparse_top_k or v.nnz) for v in values]))
+    width = 2 if opts.output_precision == "float16" else 4
+    return float(np.mean([m.shape[0] * m.shape[1] * width for m in values]))

@@ -82,12 +82,21 @@ def search(target: str | Path | RemotePath, query: str, *, k: int = 10, prompt: 
     record = source.record
     if not record.get("model_id"):
         raise InputError(f"{source.given}: its hfbatch record names no model; it cannot be searched.")
-    chosen = query_prompt(record, prompt=prompt, prompt_name=prompt_name)
-    vector, note = embed_query(source, query, chosen["prompt"])
+    sparse = record.get("kind") == "sparse"
+    if sparse:  # the model's query side (its Router's, its "query" prompt), as serving embeds queries
+        chosen = {"prompt": prompt, "name": prompt_name or (None if prompt is not None else "query"),
+                  "source": "--prompt" if prompt is not None else "the model's query side"}
+        vector, note = embed_sparse_query(source, query, prompt=prompt, prompt_name=prompt_name)
+    else:
+        chosen = query_prompt(record, prompt=prompt, prompt_name=prompt_name)
+        vector, note = embed_query(source, query, chosen["prompt"])
     precision = record.get("precision") or "float32"
-    by_lance = source.kind == "lance" and precision in ("float32", "float16") and not exact
+    by_lance = source.kind == "lance" and precision in ("float32", "float16") and not exact and not sparse
     by_postgres = source.kind == "postgres" and not exact
-    if by_lance:  # Lance's own search: flat (exact) without an index, its index (--index) with one
+    if sparse:
+        hits, searched, skipped = nearest(source.batches(), vector, k, record, id_column=source.id_column,
+                                          where=source.given, rate=sparse_rater(vector, source.given))
+    elif by_lance:  # Lance's own search: flat (exact) without an index, its index (--index) with one
         hits, searched, skipped = lance_nearest(source, vector, k)
     elif by_postgres:  # pgvector's <=>: exact without an index, its HNSW/IVFFlat (--index) searched wide
         hits, searched, skipped = postgres_nearest(source, vector, k)
@@ -98,7 +107,8 @@ def search(target: str | Path | RemotePath, query: str, *, k: int = 10, prompt: 
         "target": source.given, "kind": source.kind, "model_id": record.get("model_id"),
         "prompt": chosen["prompt"], "prompt_name": chosen["name"], "prompt_from": chosen["source"],
         "rows_prompt": record.get("prompt"), "precision": precision,
-        "metric": "hamming (sign agreement)" if precision in ("binary", "ubinary") else "cosine",
+        "metric": "dot product (sparse)" if sparse
+        else "hamming (sign agreement)" if precision in ("binary", "ubinary") else "cosine",
         "id_column": source.id_column, "k": k, "rows_searched": searched, "rows_skipped": skipped, "hits": hits,
         "strategy": "lance" if by_lance else "postgres <=>" if by_postgres else "exact scan",
     }
@@ -324,6 +334,52 @@ def embed_query(source: Source, query: str, prompt: str | None) -> tuple[np.ndar
     return vector[0], note
 
 
+def embed_sparse_query(source: Source, query: str, *, prompt: str | None,
+                       prompt_name: str | None) -> tuple[np.ndarray, str | None]:
+    """A sparse target's query as a dense array over the vocabulary: the model's query side
+    (encode_query), unless --prompt / --prompt-name say otherwise; a note when the model changed."""
+    from ..backends.encoders import SparseBackend
+
+    record = source.record
+    backend = SparseBackend(str(record.get("model_id")), prompt=prompt, prompt_name=prompt_name,
+                            side=None if prompt is not None or prompt_name is not None else "query",
+                            max_length=record.get("max_length"))
+    vector = backend.embed([query])[0]
+    dense = np.zeros(max(backend.dimension(), int(vector.indices.max()) + 1 if vector.nnz else 0), dtype=np.float32)
+    dense[vector.indices] = vector.values
+    rows = SparseBackend(str(record.get("model_id")), max_length=record.get("max_length"))
+    note = None
+    if record.get("fingerprint") and rows.fingerprint() != record.get("fingerprint"):
+        note = ("the model or its settings changed since the rows were embedded (fingerprint differs): "
+                "scores may not be comparable")
+    return dense, note
+
+
+def sparse_rater(query: np.ndarray, where: str) -> Any:
+    """Scores a batch's sparse column by its dot product with `query` (a dense array over the
+    vocabulary): (scores, positions of the rows that have a vector)."""
+    def rate(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        from ..sparse_vectors import is_sparse_type
+
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        if not is_sparse_type(column.type):
+            raise InputError(f"{where}: its {VECTOR_COLUMN!r} column is {column.type}, not sparse vectors.")
+        positions = np.flatnonzero(column.is_valid().to_numpy(zero_copy_only=False))
+        present = column.take(pa.array(positions, pa.int64()))
+        indices, values = present.field("indices"), present.field("values")
+        offsets = indices.offsets.to_numpy()
+        flat_i = indices.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+        flat_v = values.flatten().to_numpy(zero_copy_only=False).astype(np.float64)
+        inside = flat_i < len(query)
+        products = np.where(inside, query[np.minimum(flat_i, len(query) - 1)] * flat_v, 0.0)
+        sums = np.concatenate([[0.0], np.cumsum(products)])
+        scores = sums[offsets[1:] - offsets[0]] - sums[offsets[:-1] - offsets[0]]
+        return scores, positions
+
+    return rate
+
+
 # --- scoring ------------------------------------------------------------------------------------
 
 def stored_vectors(column: pa.Array, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -454,9 +510,16 @@ def postgres_nearest(source: Source, query: np.ndarray, k: int) -> tuple[list[di
 
 
 def nearest(batches: Iterator[pa.RecordBatch], query: np.ndarray, k: int, record: Mapping[str, Any], *,
-            id_column: str | None = None, where: str) -> tuple[list[dict[str, Any]], int, int]:
-    """(the k best rows as hits, rows scored, rows skipped for having no vector), streamed."""
-    score = scorer(query, record, where)
+            id_column: str | None = None, where: str, rate: Any = None) -> tuple[list[dict[str, Any]], int, int]:
+    """(the k best rows as hits, rows scored, rows skipped for having no vector), streamed;
+    `rate(column) -> (scores, positions)` scores a batch (default: dense vectors by the record's metric)."""
+    score = scorer(query, record, where) if rate is None else None
+
+    def dense_rate(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        stored, positions = stored_vectors(column, where)
+        return (np.asarray(score(stored), dtype=np.float64) if len(positions) else np.zeros(0)), positions  # type: ignore[misc]
+
+    rate = rate or dense_rate
     kept_scores = np.zeros(0, dtype=np.float64)
     kept_order = np.zeros(0, dtype=np.int64)
     kept_rows: pa.Table | None = None
@@ -468,11 +531,11 @@ def nearest(batches: Iterator[pa.RecordBatch], query: np.ndarray, k: int, record
                 continue
             if VECTOR_COLUMN not in batch.schema.names:
                 raise InputError(f"{where}: has no {VECTOR_COLUMN!r} column; it is not an embedding output.")
-            stored, positions = stored_vectors(batch.column(VECTOR_COLUMN), where)
+            scores, positions = rate(batch.column(VECTOR_COLUMN))
             skipped += batch.num_rows - len(positions)
             searched += len(positions)
             if len(positions):
-                scores = np.asarray(score(stored), dtype=np.float64)
+                scores = np.asarray(scores, dtype=np.float64)
                 scores = np.where(np.isnan(scores), -np.inf, scores)
                 order = positions.astype(np.int64) + offset
                 top = best(scores, order, k)

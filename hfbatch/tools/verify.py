@@ -96,9 +96,12 @@ def verify_output(output: Path, *, sample: int = 64, seed: int = 0, tolerance: f
     if not rows:
         report.update(agree=0, cosine_mean=None, cosine_min=None, ok=True)
         return report
-    fresh = _fresh(backend, [texts[i] for i in rows], prov.get("split"), options.normalize)
-    stored = np.array([vectors[i] for i in rows], dtype=np.float32)
-    cosine = _agreement(fresh, stored, prov.get("vectors") or {}, options.normalize)
+    if backend.kind != "dense":  # a sparse vector or a token matrix per row, compared as such
+        cosine = kind_agreement(backend, [texts[i] for i in rows], [vectors[i] for i in rows], prov)
+    else:
+        fresh = _fresh(backend, [texts[i] for i in rows], prov.get("split"), options.normalize)
+        stored = np.array([vectors[i] for i in rows], dtype=np.float32)
+        cosine = _agreement(fresh, stored, prov.get("vectors") or {}, options.normalize)
     worst = int(np.argmin(cosine))
     bar = report["tolerance"]
     # every row at the tolerance, and the sample's mean at its configuration's bar (0.9999 faithful, 0.99 int8)
@@ -124,6 +127,8 @@ _NOT_REBUILT = {
     "split": "provenance.split", "overlap": "provenance.split", "aggregate": "provenance.split",
     "truncate_dim": "provenance.vectors", "output_precision": "provenance.vectors",
     "calibration": "provenance.vectors.ranges", "calibration_size": "provenance.vectors.ranges",
+    "sparse_top_k": "provenance.vectors.top_k (the cache and the model keep every dimension)",
+    "sparse_vocab": "provenance.vectors.vocab (token strings beside the indices)",
 }
 
 
@@ -146,8 +151,14 @@ def recorded_identity(prov: dict[str, Any]) -> dict[str, Any]:
         "runtime": (local.get("runtime") if int8 else None) or asked.get("runtime") or "auto",
         "precision": asked.get("precision") or "auto",
         "quantize": "int8" if int8 else "none",
+        "kind": (prov.get("vectors") or {}).get("kind") or "dense",  # what the model made (backends/kinds.py)
     }
-    return {name: recorded[name] for name in OUTPUT_IDENTITY if name not in _NOT_REBUILT}
+    identity = {name: recorded[name] for name in OUTPUT_IDENTITY if name not in _NOT_REBUILT}
+    if (prov.get("vectors") or {}).get("side") == "query":  # a sparse or multi-vector model's query side
+        identity.update(prompt=None, prompt_name="query")
+    if identity.get("kind") == "multivector":  # its lengths are its files' own (document_length, query_length)
+        identity["max_length"] = None
+    return identity
 
 
 def check_published_object(output: RemotePath, meta_path: Any, prov: dict[str, Any]) -> None:
@@ -218,6 +229,41 @@ def _fresh(backend: Any, texts: list[str], split: dict[str, Any] | None, normali
         mean = backend.embed([text[w.char_start:w.char_end] for w in windows.spans]).mean(axis=0)
         out.append(l2_normalize(mean) if normalize else mean)
     return np.stack(out).astype(np.float32)
+
+
+def kind_agreement(backend: Any, texts: list[str], stored: list[Any], prov: dict[str, Any]) -> np.ndarray:
+    """Per row, the cosine of the stored value and the texts embedded again as the run did: a
+    sparse vector's values over the union of both index sets (after the run's --sparse-top-k;
+    another index set costs cosine), a token matrix's least per-token cosine (another token count: 0)."""
+    from ..sparse_vectors import SparseVector, mean, top_k
+
+    split = prov.get("split") or {}
+    shape = prov.get("vectors") or {}
+    if split.get("aggregate") == "mean":  # (a sparse model's only: multi-vector refuses --aggregate)
+        cut = backend.split(texts, int(split["tokens"]), int(split["overlap"]))
+        fresh = [mean(backend.embed([t[w.char_start:w.char_end] for w in ws.spans])) for t, ws in zip(texts, cut)]
+    else:
+        fresh = backend.embed(texts)
+    out = np.zeros(len(texts))
+    for i, (new, old) in enumerate(zip(fresh, stored)):
+        if backend.kind == "sparse":
+            new = top_k(new, shape.get("top_k"))
+            old = SparseVector(np.asarray(old["indices"], np.int64), np.asarray(old["values"], np.float64))
+            union = np.union1d(new.indices, old.indices)
+            a, b = np.zeros(len(union)), np.zeros(len(union))
+            a[np.searchsorted(union, new.indices)] = new.values
+            b[np.searchsorted(union, old.indices)] = old.values
+        else:
+            b = np.asarray(old, dtype=np.float64)
+            if b.shape != new.shape:
+                continue  # another number of token vectors: no agreement
+            a = np.asarray(new, dtype=np.float64)
+            norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+            out[i] = float(((a * b).sum(1) / np.where(norms > 0, norms, 1.0)).min()) if len(a) else 1.0
+            continue
+        norm = np.linalg.norm(a) * np.linalg.norm(b)
+        out[i] = float(a @ b / norm) if norm > 0 else float(np.array_equal(a, b))
+    return out
 
 
 def _agreement(fresh: np.ndarray, stored: np.ndarray, shape: dict[str, Any], normalize: bool) -> np.ndarray:

@@ -39,7 +39,7 @@ DELTA_PREFIX = "delta://"
 
 # what must be equal for two runs to write into one table: the fields of vector_record compared
 SPACE_FIELDS = ("fingerprint", "model_id", "prompt", "dim", "truncate_dim", "precision", "normalize", "split",
-                "id_column")
+                "id_column", "kind", "top_k", "vocab")
 
 
 @dataclass(frozen=True)
@@ -217,6 +217,10 @@ def vector_record(provenance: Mapping[str, Any], *, id_column: str | None = None
         "text_column": provenance.get("text_column"),
         "id_column": id_column,
         "stored_as": stored_as,
+        # another kind than dense (issue 26): what the column holds; absent (None) for dense vectors
+        "kind": vectors.get("kind"),
+        "top_k": vectors.get("top_k"),
+        "vocab": vectors.get("vocab"),
     }
 
 
