@@ -35,26 +35,31 @@ from .errors import (
 from .jobs.embed import EmbedResult, run_embed
 from .jobs.encode import encode
 from .jobs.generate import GenerateResult, run_generate
-from .options import EmbedOptions, GenerateOptions
+from .jobs.score import ScoreResult, run_score
+from .options import EmbedOptions, GenerateOptions, ScoreOptions
 from .tools.dry_run import plan_embed as plan
 from .tools.search import search
 from .tools.verify import verify_output as verify
 
 generate = run_generate
+score = run_score
 
 __all__ = [
     "__version__",
     "embed",
     "encode",
     "generate",
+    "score",
     "plan",
     "search",
     "verify",
     "run_embed",
     "EmbedOptions",
     "GenerateOptions",
+    "ScoreOptions",
     "EmbedResult",
     "GenerateResult",
+    "ScoreResult",
     "PartsResult",
     "HfbatchError",
     "InputError",

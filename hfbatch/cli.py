@@ -458,6 +458,74 @@ def generate(
     _exit_if_marked(result.document["metrics"]["rows_invalid"] if on_invalid == "mark" else 0)
 
 
+@app.command()
+def score(
+    input: Annotated[str, typer.Argument(metavar="INPUT", help="Input file with a query and a document column: CSV, JSONL or Parquet; local or in a store.", show_default=False)],
+    *,
+    query_column: Annotated[str, typer.Option("--query-column", help="Column holding the query.", rich_help_panel=INPUT)] = "query",
+    text_column: Annotated[str, typer.Option("--text-column", help="Column holding the document scored against the query.", rich_help_panel=INPUT)] = "text",
+    fmt: FormatOpt = None,
+    delimiter: DelimiterOpt = None,
+    on_invalid: Annotated[str, typer.Option("--on-invalid", metavar=_choices(*ON_INVALID), help="Rows with a null/empty/non-string query or document: mark (keep, with score_error; exit 3), skip (drop) or fail.", rich_help_panel=INPUT)] = "mark",
+    max_errors: MaxErrorsOpt = None,
+    max_line_bytes: MaxLineBytesOpt = None,
+    rerank: Annotated[Optional[int], typer.Option("--rerank", help="Keep each query's K best rows, with their rank (1 = best; equal scores in input order).", rich_help_panel=OUTPUT)] = None,
+    aggregate: Annotated[Optional[str], typer.Option("--aggregate", metavar=_choices("max", "mean"), help="A document longer than the model reads beside its query is scored in windows: their max (the default: its best window) or mean.", rich_help_panel=TEXT)] = None,
+    overlap: Annotated[Optional[int], typer.Option("--overlap", help="Tokens consecutive windows of a long document share. Default: an eighth of the model's length.", rich_help_panel=TEXT)] = None,
+    model: Annotated[Optional[str], typer.Option("--model", "-m", help="A cross-encoder (reranker): hub id or local directory.", rich_help_panel=MODEL)] = None,
+    backend: Annotated[str, typer.Option("--backend", metavar=_choices("local", "tei", "infinity"), help="local (sentence-transformers' CrossEncoder here), or a server's /rerank: tei or infinity (with --endpoint).", rich_help_panel=MODEL)] = "local",
+    device: DeviceOpt = None,
+    batch_size: Annotated[Optional[int], typer.Option("--batch-size", "-b", help=f"Pairs per model call. {_env('EMBEDDING_BATCH_SIZE', 32)}", rich_help_panel=MODEL)] = None,
+    trust_remote_code: TrustRemoteCodeOpt = False,
+    output: Annotated[str, typer.Option("--output", "-o", help="Output Parquet file; a <output>.meta.json sidecar is written beside it; local or in a store.", show_default=False, rich_help_panel=OUTPUT)],
+    keep: KeepOpt = None,
+    cache_dir: CacheDirOpt = None,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the cache.", rich_help_panel=CACHE)] = False,
+    endpoint: EndpointOpt = None,
+    api_batch_size: Annotated[int, typer.Option("--api-batch-size", help="Documents per /rerank request (one query each).", rich_help_panel=REMOTE)] = 32,
+    api_concurrency: ApiConcurrencyOpt = 4,
+    api_timeout: ApiTimeoutOpt = None,
+    api_retries: ApiRetriesOpt = 5,
+    api_retry_ceiling: ApiRetryCeilingOpt = 300.0,
+    tokenizer: TokenizerOpt = None,
+    chunk_size: Annotated[Optional[int], typer.Option("--chunk-size", help="Rows read, scored and written at a time.", rich_help_panel=SCALE)] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the sidecar document to stdout.", rich_help_panel=REPORTING)] = False,
+    quiet: QuietOpt = False,
+    metrics_file: MetricsFileOpt = None,
+    log_file: LogFileOpt = None,
+    debug: DebugOpt = False,
+) -> None:
+    """Score each (query, document) row of INPUT with a cross-encoder (reranker); --rerank K keeps each query's best K."""
+    from .jobs.score import run_score
+    from .options import ScoreOptions
+
+    settings = _settings_or_exit(debug)
+    options = ScoreOptions(
+        input=input, output=output, model=model, query_column=query_column, text_column=text_column,
+        keep=_columns(keep), format=fmt, delimiter=delimiter, device=device, trust_remote_code=trust_remote_code,
+        batch_size=batch_size, chunk_size=chunk_size, rerank=rerank, aggregate=aggregate, overlap=overlap,
+        use_cache=False if no_cache else None, cache_dir=cache_dir, on_invalid=on_invalid, max_errors=max_errors,
+        max_line_bytes=max_line_bytes, backend=backend, endpoint=endpoint, api_batch_size=api_batch_size,
+        api_concurrency=api_concurrency, api_timeout=api_timeout, api_retries=api_retries,
+        api_retry_ceiling=api_retry_ceiling, tokenizer=tokenizer, metrics_file=metrics_file, log_file=log_file,
+        command=["hfbatch", *sys.argv[1:]],
+    )
+    result = _run_job(lambda observer: run_score(options, observer=observer, settings=settings), _score_summary,
+                      as_json=as_json, quiet=quiet, debug=debug or settings.debug, label="scoring")
+    _exit_if_marked(result.document["metrics"]["rows_invalid"] if on_invalid == "mark" else 0)
+
+
+def _score_summary(result) -> None:  # type: ignore[no-untyped-def]
+    m = result.document["metrics"]
+    rerank = result.document["provenance"].get("rerank")
+    kept = f"; kept {rerank['rows_kept']:,} rows, the best {rerank['k']} of each of {rerank['queries']:,} queries" \
+        if rerank else ""
+    out.print(escape(f"wrote {result.output} ({m['rows_total']:,} rows: {m['rows_invalid']:,} invalid, "
+                     f"{m['texts_computed']:,} pairs scored{kept}); cache {m['cache']['hits']:,} hits / "
+                     f"{m['cache']['misses']:,} misses"))
+    out.print(f"{_time_line(m)}; {_stages_line(m)}")
+
+
 def _generate_summary(result) -> None:  # type: ignore[no-untyped-def]
     m = result.document["metrics"]
     out.print(escape(f"wrote {result.output} ({m['rows_total']:,} rows: {m['rows_generated']:,} generated, "

@@ -20,7 +20,7 @@ from .io.readers import detect_format, format_with_delimiter, parse_delimiter
 from .io.sidecars import sidecar_path
 from .io.stores import RemotePath, is_remote, location
 from .settings import Settings, parse_byte_size
-from .validate import ON_INVALID
+from .validate import ON_INVALID, validate_chunk, validate_pairs
 from .vectors import CALIBRATED, OUTPUT_PRECISIONS
 
 _Opts = TypeVar("_Opts", bound="JobOptions")
@@ -101,6 +101,11 @@ class JobOptions:
     def input_column(self) -> str:
         """The column the job reads its texts from."""
         raise NotImplementedError
+
+    def validate(self, chunk: Any) -> Any:
+        """Row checks only (validate.validate_chunk on input_column): a ValidatedChunk whose texts
+        are the job's units; a job of another unit (score: a pair) says how it makes them."""
+        return validate_chunk(chunk, path=self.input, text_column=self.input_column, on_invalid=self.on_invalid)
 
     @property
     def sidecar(self) -> Path | None:
@@ -389,6 +394,60 @@ class GenerateOptions(JobOptions):
             raise InputError(f"--backend {self.backend!r} is not one of: local, api (hf-api) for generate.")
         super()._check()
         self.params.check()
+
+
+SCORE_BACKENDS = ("local", "tei", "infinity")
+AGGREGATES = ("max", "mean")
+
+
+@dataclass(frozen=True)
+class ScoreOptions(JobOptions):
+    """Options of one `score` job: (query, document) rows in, a cross-encoder's score per row out;
+    with `rerank` K, each query's K best rows, ranked."""
+
+    query_column: str = "query"
+    text_column: str = "text"  # the document
+    rerank: int | None = None  # keep each query's K best rows, with their rank
+    aggregate: str | None = None  # a document longer than the model reads: its windows' max (None) or mean
+    overlap: int | None = None  # tokens consecutive windows share (None: an eighth of the model's length)
+    max_length: int | None = None  # refused: the model reads the pair to its own length
+    api_batch_size: int = 32  # documents per /rerank request (one query each)
+
+    @property
+    def input_column(self) -> str:
+        return self.text_column
+
+    def validate(self, chunk: Any) -> Any:
+        """Both columns checked; a valid row's unit is its pair (validate.pair_key)."""
+        return validate_pairs(chunk, path=self.input, query_column=self.query_column, text_column=self.text_column,
+                              on_invalid=self.on_invalid)
+
+    def _filled(self, settings: Settings) -> dict[str, Any]:
+        filled = super()._filled(settings)
+        filled["batch_size"] = settings.batch_size if self.batch_size is None else self.batch_size
+        if filled["keep"] is not None and self.query_column not in filled["keep"]:  # the query is read to score
+            filled["keep"] = [self.query_column, *filled["keep"]]
+        return filled
+
+    def _check(self) -> None:
+        if not self.model:
+            raise InputError("score needs --model: a cross-encoder (reranker), a hub id or a local directory "
+                             "(e.g. --model BAAI/bge-reranker-base).")
+        if self.backend not in SCORE_BACKENDS:
+            raise InputError(f"--backend {self.backend!r} is not one of: {', '.join(SCORE_BACKENDS)} for score.")
+        if self.backend != "local" and not self.endpoint:
+            raise InputError(f"--backend {self.backend} needs --endpoint URL (the server's base URL).")
+        if self.query_column == self.text_column:
+            raise InputError(f"--query-column and --text-column are both {self.query_column!r}; a pair has two sides.")
+        if self.rerank is not None and self.rerank < 1:
+            raise InputError(f"--rerank must be at least 1 (got {self.rerank}).")
+        if self.aggregate is not None and self.aggregate not in AGGREGATES:
+            raise InputError(f"--aggregate {self.aggregate!r} is not one of: {', '.join(AGGREGATES)}.")
+        if self.overlap is not None and self.overlap < 0:
+            raise InputError(f"--overlap must be 0 or more (got {self.overlap}).")
+        if self.api_batch_size < 1:
+            raise InputError(f"--api-batch-size must be at least 1 (got {self.api_batch_size}).")
+        super()._check()
 
 
 def _local_file(flag: str, value: Any) -> Path | None:

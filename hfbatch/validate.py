@@ -8,9 +8,11 @@ the model's own tokenizer; a text longer than max_length is truncated by the mod
 
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import pyarrow as pa
 
@@ -94,3 +96,33 @@ def validate_chunk(
 
 def _stringlike(dtype: pa.DataType) -> bool:
     return pa.types.is_string(dtype) or pa.types.is_large_string(dtype)
+
+
+def pair_key(query: str, document: str) -> str:
+    """A (query, document) pair as one text: what the chunk core dedupes, and the cache keys (with
+    the scorer's fingerprint). JSON, so no choice of texts can make two pairs one key."""
+    return json.dumps([query, document], ensure_ascii=False)
+
+
+def parse_pair_key(key: str) -> tuple[str, str]:
+    query, document = json.loads(key)
+    return query, document
+
+
+def validate_pairs(chunk: Chunk, *, path: Path, query_column: str, text_column: str, on_invalid: str) -> ValidatedChunk:
+    """Both sides of each row checked as validate_chunk checks a text (the reason names the side's
+    column); a valid row's text is its pair key (pair_key)."""
+    for column, flag in ((query_column, "--query-column"), (text_column, "--text-column")):
+        if column not in chunk.batch.schema.names:
+            raise InputError(f"{path} has no column {column!r} ({flag}); columns are: "
+                             f"{', '.join(chunk.batch.schema.names[:20])}.")
+    queries = validate_chunk(chunk, path=path, text_column=query_column, on_invalid=on_invalid)
+    documents = validate_chunk(chunk, path=path, text_column=text_column, on_invalid=on_invalid)
+    texts: list[str | None] = []
+    errors: list[str | None] = []
+    for q, d, q_error, d_error in zip(queries.texts, documents.texts, queries.errors, documents.errors):
+        reasons = [f"{name}: {why}" for name, why in ((query_column, q_error), (text_column, d_error)) if why]
+        texts.append(pair_key(q, d) if q is not None and d is not None else None)
+        errors.append("; ".join(reasons) or None)
+    none: list[Any] = [None] * len(texts)
+    return ValidatedChunk(chunk, texts, errors, list(none), list(none))

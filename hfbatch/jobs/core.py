@@ -39,7 +39,7 @@ from ..options import JobOptions
 from ..provenance import InputFacts, Metrics, OutputFacts, build_document, utc_now
 from ..settings import Settings
 from ..backends.windows import Window, Windows
-from ..validate import ValidatedChunk, validate_chunk
+from ..validate import ValidatedChunk
 
 Cache = EmbeddingCache | NullCache
 O = TypeVar("O", bound=JobOptions)
@@ -579,7 +579,7 @@ def _validated(reader: Reader, opts: JobOptions, metrics: Metrics) -> Iterator[V
     for chunk in metrics.timed("read", reader.chunks()):
         with metrics.stage("validate"):
             # row checks only; token counts follow the cache lookup (a warm rerun needs no tokenizer)
-            validated = validate_chunk(chunk, path=opts.input, text_column=opts.input_column, on_invalid=opts.on_invalid)
+            validated = opts.validate(chunk)
         yield validated  # outside the timer: waiting for the consumer is no stage's time
 
 

@@ -1,0 +1,165 @@
+"""`hfbatch score` (issue 26): a cross-encoder's score per (query, document) row equal to
+sentence-transformers' own CrossEncoder.predict on the same saved model (within 1e-5, its
+activation applied); --rerank K keeps each query's right K, ranked; a long document is scored in
+windows (max, or --aggregate mean); the cache keys the pair; hostile rows are marked or refused in
+one line, and nothing is lost.
+
+The model is tests/kind_models.py's 1-label cross-encoder: MiniLM's real encoder with a seeded
+classifier head, saved by sentence-transformers' own save() and loaded through hfbatch's code."""
+
+from __future__ import annotations
+
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from conftest import BUNDLED_MODEL_DIR, write_csv, write_parquet
+from hfbatch import ScoreOptions, score
+from hfbatch.backends.scoring import LocalScorer, Pair
+from hfbatch.cli import app
+from s3_server import s3  # noqa: F401  # the fixture: a real S3-protocol server on 127.0.0.1
+
+pytestmark = pytest.mark.timeout(300)
+
+SAMPLE = Path(__file__).resolve().parent.parent / "sample_data" / "reviews.parquet"
+QUERIES = ["a kettle that boils fast", "broken on arrival", "good value for money"]
+LONG = "The copper kettle whistles " + "and whistles, louder and louder, " * 60 + "until someone comes."
+
+
+def cli(*args: Any) -> Any:
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def documents(n: int = 24) -> list[str]:
+    """Real reviews that fit beside any of QUERIES in the model's 256 tokens (longer ones are
+    scored in windows, which predict does not do: test_a_long_document_is_scored_by_its_windows)."""
+    column = next(c for c in ("text", "review", "body") if c in pq.read_schema(SAMPLE).names)
+    return [t for t in pq.read_table(SAMPLE, columns=[column]).column(column).to_pylist() if t and len(t) < 600][:n]
+
+
+def pairs_rows(docs: list[str]) -> list[dict[str, Any]]:
+    return [{"id": i, "query": q, "text": d} for i, (q, d) in enumerate((q, d) for q in QUERIES for d in docs)]
+
+
+@pytest.fixture(scope="module")
+def reference(cross_encoder_model_dir: Path) -> Any:
+    from sentence_transformers import CrossEncoder
+
+    return CrossEncoder(str(cross_encoder_model_dir), device="cpu")
+
+
+def test_scores_equal_cross_encoder_predict(cross_encoder_model_dir: Path, reference: Any, tmp_path: Path) -> None:
+    rows = pairs_rows(documents())
+    source = write_parquet(tmp_path / "pairs.parquet", rows)
+    out = tmp_path / "scored.parquet"
+    result = score(ScoreOptions(input=source, output=out, model=str(cross_encoder_model_dir), batch_size=16))
+    table = pq.read_table(out)
+    assert table.column("id").to_pylist() == [r["id"] for r in rows]  # every row, in order
+    want = reference.predict([(r["query"], r["text"]) for r in rows])
+    np.testing.assert_allclose(table.column("score").to_numpy(), want, rtol=0, atol=1e-5)
+    assert 0 < float(np.min(want)) and float(np.max(want)) < 1  # the sigmoid the model's config names
+    assert set(table.column("n_windows").to_pylist()) == {1} and not any(table.column("truncated").to_pylist())
+    prov = result.document["provenance"]
+    assert prov["kind"] == "cross-encoder" and prov["activation"] == "Sigmoid" and prov["query_column"] == "query"
+    # the same pairs again: every one from the cache; a known document with a new query is a new pair
+    again = score(ScoreOptions(input=source, output=tmp_path / "again.parquet", model=str(cross_encoder_model_dir)))
+    assert again.metrics["texts_computed"] == 0
+    assert pq.read_table(tmp_path / "again.parquet").column("score").equals(table.column("score"))
+    more = write_parquet(tmp_path / "more.parquet", [*rows, {"id": 999, "query": "a new query", "text": rows[0]["text"]},
+                                                     {"id": 1000, "query": rows[0]["query"], "text": rows[0]["text"]}])
+    third = score(ScoreOptions(input=more, output=tmp_path / "third.parquet", model=str(cross_encoder_model_dir)))
+    assert third.metrics["texts_computed"] == 1  # only (new query, known document); the repeated pair is a hit
+
+
+def test_rerank_keeps_each_querys_right_k(cross_encoder_model_dir: Path, reference: Any, tmp_path: Path) -> None:
+    docs = documents(16)
+    rows = pairs_rows(docs)
+    rows[5]["text"] = ""  # an empty document: marked, kept (rank null), never ranked
+    source = write_parquet(tmp_path / "pairs.parquet", rows)
+    out = tmp_path / "top.parquet"
+    result = cli("score", source, "-o", out, "--model", cross_encoder_model_dir, "--rerank", 10, "--json")
+    assert result.exit_code == 3, result.output  # done, with a row marked invalid
+    table = pq.read_table(out).to_pylist()
+    want = reference.predict([(r["query"], r["text"]) for r in rows if r["text"]])
+    scored = [r for r in rows if r["text"]]
+    for query in QUERIES:
+        mine = [r for r in scored if r["query"] == query]
+        scores = np.array([want[scored.index(r)] for r in mine])
+        best = [mine[i]["id"] for i in np.argsort(-scores, kind="stable")[:10]]
+        got = [r for r in table if r["query"] == query and r["rank"] is not None]
+        assert [r["id"] for r in got] == best and [r["rank"] for r in got] == list(range(1, 11))
+    marked = [r for r in table if r["rank"] is None]
+    assert [r["id"] for r in marked] == [5] and "text: empty text" in marked[0]["score_error"]
+    assert [r["query"] for r in table[:11]] == [QUERIES[0]] * 11  # queries in the order they first appear
+    document = json.loads(result.stdout)
+    assert document["provenance"]["rerank"] == {"k": 10, "rows_scored": 48, "rows_kept": 31, "queries": 3}
+    assert document["metrics"]["rows_written"] == 31
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # the spill file is gone
+
+
+def test_a_long_document_is_scored_by_its_windows(cross_encoder_model_dir: Path, reference: Any, tmp_path: Path) -> None:
+    source = write_parquet(tmp_path / "long.parquet", [{"query": "a whistling kettle", "text": LONG},
+                                                       {"query": "a whistling kettle", "text": "A short one."}])
+    best = tmp_path / "max.parquet"
+    assert cli("score", source, "-o", best, "--model", cross_encoder_model_dir).exit_code == 0
+    mean = tmp_path / "mean.parquet"
+    assert cli("score", source, "-o", mean, "--model", cross_encoder_model_dir, "--aggregate", "mean").exit_code == 0
+    scorer = LocalScorer(str(cross_encoder_model_dir))
+    windows = scorer.windows(Pair("a whistling kettle", LONG))
+    assert windows is not None and len(windows) > 1
+    tokenizer = reference.tokenizer
+    for w in windows:  # each window fits beside the query, as the model reads a pair
+        assert len(tokenizer("a whistling kettle", w)["input_ids"]) <= reference.max_length
+    per_window = reference.predict([("a whistling kettle", w) for w in windows])
+    top = pq.read_table(best).to_pylist()
+    assert top[0]["n_windows"] == len(windows) and top[0]["truncated"] is False
+    assert top[0]["score"] == pytest.approx(float(per_window.max()), abs=1e-5)
+    assert pq.read_table(mean).to_pylist()[0]["score"] == pytest.approx(float(per_window.mean()), abs=1e-5)
+    assert top[1]["n_windows"] == 1
+
+
+def test_hostile_rows_and_options(cross_encoder_model_dir: Path, sparse_model_dir: Path, tmp_path: Path) -> None:
+    rows = [{"query": "q", "text": "a document"}, {"query": "", "text": "an orphan"}, {"query": "q", "text": None},
+            {"query": "q", "text": 12}]
+    source = write_parquet(tmp_path / "bad.parquet", rows[:3])
+    out = tmp_path / "out.parquet"
+    marked = cli("score", source, "-o", out, "--model", cross_encoder_model_dir)
+    assert marked.exit_code == 3, marked.output
+    table = pq.read_table(out).to_pylist()
+    assert len(table) == 3 and table[0]["score"] is not None
+    assert table[1]["score"] is None and "query: empty text" in table[1]["score_error"]
+    assert table[2]["score"] is None and "text: null text" in table[2]["score_error"]
+    failed = cli("score", source, "-o", tmp_path / "f.parquet", "--model", cross_encoder_model_dir, "--on-invalid", "fail")
+    assert failed.exit_code == 2 and "row 2" in failed.output and "'query'" in failed.output
+    assert not (tmp_path / "f.parquet").exists()
+    csv = write_csv(tmp_path / "pairs.csv", [{"q": "x", "text": "y"}])
+    missing = cli("score", csv, "-o", tmp_path / "m.parquet", "--model", cross_encoder_model_dir)
+    assert missing.exit_code == 2 and "--query-column" in missing.output and "q, text" in missing.output
+    for model, named in ((BUNDLED_MODEL_DIR, "not a cross-encoder"), (sparse_model_dir, "SparseEncoder")):
+        wrong = cli("score", source, "-o", tmp_path / "w.parquet", "--model", model)
+        assert wrong.exit_code == 2 and named in wrong.output and "Traceback" not in wrong.output
+    same = cli("score", source, "-o", tmp_path / "s.parquet", "--model", cross_encoder_model_dir, "--query-column", "text")
+    assert same.exit_code == 2 and "a pair has two sides" in same.output
+    zero = cli("score", source, "-o", tmp_path / "z.parquet", "--model", cross_encoder_model_dir, "--rerank", 0)
+    assert zero.exit_code == 2 and "--rerank" in zero.output
+    assert not any((tmp_path / n).exists() for n in ("m.parquet", "w.parquet", "s.parquet", "z.parquet"))
+
+
+def test_an_s3_input_and_output(cross_encoder_model_dir: Path, reference: Any, tmp_path: Path, s3: Any) -> None:
+    from s3_server import BUCKET
+
+    rows = pairs_rows(documents(5))
+    s3.put(BUCKET, "in/pairs.parquet", write_parquet(tmp_path / "p.parquet", rows).read_bytes())
+    score(ScoreOptions(input=f"s3://{BUCKET}/in/pairs.parquet", output=f"s3://{BUCKET}/out/scored.parquet",
+                       model=str(cross_encoder_model_dir), cache_dir=tmp_path / "c", rerank=2))
+    table = pq.read_table(io.BytesIO(s3.get(BUCKET, "out/scored.parquet")))
+    assert table.num_rows == 6 and table.column("rank").to_pylist() == [1, 2] * 3
+    want = reference.predict([(r["query"], r["text"]) for r in rows])
+    for row in table.to_pylist():
+        assert row["score"] == pytest.approx(float(want[row["id"]]), abs=1e-5)
