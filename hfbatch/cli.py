@@ -312,6 +312,11 @@ def verify(
     report = _run(lambda: verify_output(output, sample=sample, tolerance=tolerance), debug)
     if as_json:
         _print_json(report)
+    elif report.get("job") == "score":
+        out.print(escape(
+            f"{report['output']}: {report['agree']}/{report['rows_checked']} sampled rows agree with {report['model_id']} "
+            f"scoring them again ({report['reference']}) within {report['tolerance']}; largest difference "
+            f"{report['max_abs_diff']}"), soft_wrap=True)
     else:
         made = f", made by {report['made_by']}" if report.get("made_by") else ""
         out.print(escape(
@@ -489,6 +494,7 @@ def score(
     api_retry_ceiling: ApiRetryCeilingOpt = 300.0,
     tokenizer: TokenizerOpt = None,
     chunk_size: Annotated[Optional[int], typer.Option("--chunk-size", help="Rows read, scored and written at a time.", rich_help_panel=SCALE)] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Read and check the input, count rows, pairs, cache hits, windows and model calls, time a sample for an ETA; write nothing.", rich_help_panel=REPORTING)] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the sidecar document to stdout.", rich_help_panel=REPORTING)] = False,
     quiet: QuietOpt = False,
     metrics_file: MetricsFileOpt = None,
@@ -510,6 +516,19 @@ def score(
         api_retry_ceiling=api_retry_ceiling, tokenizer=tokenizer, metrics_file=metrics_file, log_file=log_file,
         command=["hfbatch", *sys.argv[1:]],
     )
+    if dry_run:
+        from .tools.dry_run import plan_score
+
+        report = _run(lambda: plan_score(options, settings), debug or settings.debug)
+        if as_json:
+            _print_json(report)
+        else:
+            out.print(escape(f"would score {report['pair_scorings']:,} pairs and windows of {report['rows']:,} rows "
+                             f"({report['rows_invalid']:,} invalid, {report['cache']['expected_hits']:,} cached, "
+                             f"{report['long_documents']:,} long documents in {report['windows']:,} windows) and write "
+                             f"{report['output_rows']:,} rows; ETA {report['eta_seconds']} s ({report['eta_basis']})"),
+                      soft_wrap=True)
+        return
     result = _run_job(lambda observer: run_score(options, observer=observer, settings=settings), _score_summary,
                       as_json=as_json, quiet=quiet, debug=debug or settings.debug, label="scoring")
     _exit_if_marked(result.document["metrics"]["rows_invalid"] if on_invalid == "mark" else 0)

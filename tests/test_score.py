@@ -163,3 +163,40 @@ def test_an_s3_input_and_output(cross_encoder_model_dir: Path, reference: Any, t
     want = reference.predict([(r["query"], r["text"]) for r in rows])
     for row in table.to_pylist():
         assert row["score"] == pytest.approx(float(want[row["id"]]), abs=1e-5)
+
+
+def test_verify_scores_a_sample_again_and_catches_a_changed_score(cross_encoder_model_dir: Path, tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    source = write_parquet(tmp_path / "pairs.parquet", pairs_rows(documents(6)))
+    out = tmp_path / "scored.parquet"
+    assert cli("score", source, "-o", out, "--model", cross_encoder_model_dir).exit_code == 0
+    checked = cli("verify", out, "--json")
+    assert checked.exit_code == 0, checked.output
+    report = json.loads(checked.stdout)
+    assert report["job"] == "score" and report["agree"] == report["rows_checked"] == 18 and report["ok"]
+    table = pq.read_table(out)  # (its schema keeps the run's metadata: the same run, as verify checks)
+    changed = table.column("score").to_numpy().copy()
+    changed[4] += 0.01
+    pq.write_table(table.set_column(table.schema.get_field_index("score"), "score", pa.array(changed, pa.float32())), out)
+    caught = cli("verify", out, "--json")
+    assert caught.exit_code == 1
+    assert json.loads(caught.stdout)["worst_row"] == 5 and json.loads(caught.stdout)["agree"] == 17
+
+
+def test_the_dry_run_counts_pairs_windows_and_what_rerank_keeps(cross_encoder_model_dir: Path, tmp_path: Path) -> None:
+    rows = [*pairs_rows(documents(4)), {"id": 99, "query": QUERIES[0], "text": LONG}, {"id": 100, "query": "", "text": "x"}]
+    source = write_parquet(tmp_path / "pairs.parquet", rows)
+    out = tmp_path / "out.parquet"
+    plan = cli("score", source, "-o", out, "--model", cross_encoder_model_dir, "--rerank", 2, "--dry-run", "--json")
+    assert plan.exit_code == 0, plan.output
+    report = json.loads(plan.stdout)
+    windows = LocalScorer(str(cross_encoder_model_dir)).windows(Pair(QUERIES[0], LONG))
+    assert report["rows"] == 14 and report["rows_invalid"] == 1 and report["queries"] == 3
+    assert report["long_documents"] == 1 and report["windows"] == len(windows)  # type: ignore[arg-type]
+    assert report["pair_scorings"] == 12 + len(windows) and report["output_rows"] == 3 * 2 + 1  # type: ignore[arg-type]
+    assert not out.exists() and report["eta_seconds"] > 0
+    assert cli("score", source, "-o", out, "--model", cross_encoder_model_dir).exit_code == 3
+    warm = json.loads(cli("score", source, "-o", tmp_path / "o2.parquet", "--model", cross_encoder_model_dir,
+                          "--dry-run", "--json").stdout)
+    assert warm["cache"]["expected_hits"] == 13 and warm["pair_scorings"] == 0

@@ -166,3 +166,72 @@ def value_bytes(kind: str, values: Any, opts: EmbedOptions) -> float:
         return float(np.mean([8 * min(v.nnz, opts.sparse_top_k or v.nnz) for v in values]))
     width = 2 if opts.output_precision == "float16" else 4
     return float(np.mean([m.shape[0] * m.shape[1] * width for m in values]))
+
+
+def plan_score(options: Any, settings: Settings | None = None) -> dict[str, Any]:
+    """`hfbatch score --dry-run`: rows, invalid rows, distinct pairs, expected cache hits, the pairs
+    and windows to score (a long document costs a model call per window), tokens, model calls or
+    requests, the rows --rerank would keep, and an ETA measured on a sample. Writes nothing."""
+    from ..backends.scoring import Pair, make_scorer
+    from ..validate import parse_pair_key
+
+    opts = options.resolved(settings or Settings.load())
+    if is_multi_input(opts.input):
+        raise InputError(f"{opts.input}: --dry-run plans one input file; give one file.")
+    with spooled_input(opts.input, opts.format) as source:
+        reader = open_reader(source, fmt=opts.format, chunk_size=opts.chunk_size, text_column=opts.text_column,
+                             columns=None if opts.keep is None else list(dict.fromkeys([*opts.keep, opts.text_column])),
+                             max_line_bytes=opts.max_line_bytes)
+        scorer = make_scorer(opts)
+        cache_dir = Path(opts.cache_dir) if opts.cache_dir else None
+        exists = bool(opts.use_cache and cache_dir and (cache_dir / "cache.db").exists())
+        cache = open_cache(cache_dir, scorer.fingerprint(), size_limit_bytes=opts.cache_size_bytes or 0) if exists \
+            else NullCache()
+        rows = invalid = hits = 0
+        distinct: set[str] = set()
+        misses: list[str] = []
+        per_query: dict[Any, int] = {}
+        try:
+            for chunk in reader.chunks():
+                validated = opts.validate(chunk)
+                rows += len(validated.texts)
+                invalid += len(validated.texts) - len(validated.valid_rows)
+                for i in validated.valid_rows:
+                    query = parse_pair_key(validated.texts[i])[0]  # type: ignore[arg-type]
+                    per_query[query] = per_query.get(query, 0) + 1
+                new = [t for t in dict.fromkeys(t for t in validated.texts if t is not None) if t not in distinct]
+                distinct.update(new)
+                found = cache.lookup_bytes(new, scorer.fingerprint())
+                hits += len(found)
+                misses += [t for j, t in enumerate(new) if j not in found]
+        finally:
+            cache.close()
+    pairs = [Pair(*parse_pair_key(t)) for t in misses]
+    counts = scorer.pair_counts(pairs)
+    long = [p for p, c in zip(pairs, counts) if c > scorer.max_length]
+    windows = sum(len(scorer.windows(p) or [p]) for p in long)
+    calls = len(pairs) - len(long) + windows
+    size = opts.api_batch_size if scorer.remote else (opts.batch_size or 32)
+    kept = sum(min(n, opts.rerank) for n in per_query.values()) + invalid * (opts.on_invalid == "mark") \
+        if opts.rerank else rows - invalid * (opts.on_invalid == "skip")
+    report: dict[str, Any] = {
+        "input": str(opts.input), "output": str(opts.output), "model_id": opts.model, "backend": scorer.name,
+        "kind": "cross-encoder", "rows": rows, "rows_invalid": invalid, "pairs_distinct": len(distinct),
+        "queries": len(per_query),
+        "cache": {"used": exists, "expected_hits": hits, "pairs_to_score": len(misses)},
+        "long_documents": len(long), "windows": windows, "pair_scorings": calls,
+        "tokens_to_compute": sum(min(c, scorer.max_length) for c in counts) + (windows - len(long)) * scorer.max_length,
+        ("requests" if scorer.remote else "model_calls"): math.ceil(calls / size) if calls else 0,
+        "output_rows": kept, "rerank": opts.rerank, "eta_seconds": 0.0, "eta_basis": "nothing to compute",
+    }
+    if pairs:
+        order = sorted(range(len(pairs)), key=lambda i: -counts[i])[:: max(1, len(pairs) // SAMPLE)][:SAMPLE]
+        sample = [pairs[i] for i in order]
+        scorer.score(sample[:2], [counts[i] for i in order[:2]])  # warm-up: the load is not a per-pair cost
+        started = time.perf_counter()
+        scorer.score(sample, [counts[i] for i in order])
+        per_pair = (time.perf_counter() - started) / len(sample)
+        report["eta_seconds"] = round(scorer.load_seconds + per_pair * len(pairs), 1)
+        report["eta_basis"] = (f"{len(sample)} of the pairs to score timed on {scorer.name} ({per_pair * 1000:.2f} ms a "
+                               f"pair, windows included), plus model load {scorer.load_seconds:.1f} s")
+    return report

@@ -67,6 +67,8 @@ def verify_output(output: Path, *, sample: int = 64, seed: int = 0, tolerance: f
     except Exception as exc:  # pyarrow raises several types for a missing or broken file
         raise InputError(f"{output}: cannot read it as Parquet ({exc}).") from None
     check_same_run(output, meta_path, prov, parquet.metadata.metadata or {})
+    if prov.get("job") == "score":
+        return verify_scores(output, table, prov, sample=sample, seed=seed)
     text_column = prov.get("text_column") or "text"
     texts = _texts(table, text_column, prov, output)
     vectors = table.column("embedding").to_pylist()
@@ -309,3 +311,48 @@ def _texts(table: Any, column: str, prov: dict[str, Any], output: Path) -> list[
         raise InputError(f"{output}: the input {source} now has {len(texts)} rows, the output {table.num_rows}; "
                          "it changed since the run.")
     return texts
+
+
+SCORE_TOLERANCE = 1e-4  # |fresh - stored| a re-scored pair may differ by (relative above 1): batching noise is ~1e-6
+
+
+def verify_scores(output: Any, table: Any, prov: dict[str, Any], *, sample: int, seed: int) -> dict[str, Any]:
+    """A score output's sampled rows scored again by the recorded cross-encoder (its aggregate and
+    windows, as the run did): each within SCORE_TOLERANCE of the stored score."""
+    from ..backends.scoring import Pair, make_scorer
+    from ..options import ScoreOptions
+
+    query_column, text_column = prov.get("query_column") or "query", prov.get("text_column") or "text"
+    for column in (query_column, text_column, "score"):
+        if column not in table.schema.names:
+            raise InputError(f"{output}: has no column {column!r}, which its sidecar says the run scored; the output "
+                             "was changed after the run, or the sidecar is not its own.")
+    queries, texts = table.column(query_column).to_pylist(), table.column(text_column).to_pylist()
+    scores = table.column("score").to_pylist()
+    candidates = [i for i, s in enumerate(scores) if s is not None and isinstance(queries[i], str)
+                  and isinstance(texts[i], str)]
+    rows = sorted(random.Random(seed).sample(candidates, min(sample, len(candidates))))
+    name = prov.get("backend") or "local"
+    remote = (prov.get("backends") or {}).get(name) or {}
+    scorer = make_scorer(ScoreOptions(input=output, output=output, model=prov.get("model_id"), backend=name,
+                                      endpoint=remote.get("endpoint"), query_column=query_column,
+                                      text_column=text_column, aggregate=prov.get("aggregate"),
+                                      overlap=prov.get("overlap")))
+    report: dict[str, Any] = {
+        "output": str(output), "job": "score", "model_id": prov.get("model_id"), "backend": name,
+        "reference": "sentence-transformers' CrossEncoder, torch fp32" if name == "local" else f"the {name} server",
+        "rows_in_output": table.num_rows, "rows_checked": len(rows), "tolerance": SCORE_TOLERANCE,
+        "recorded_fingerprint": prov.get("fingerprint"), "fingerprint_now": scorer.fingerprint(),
+        "same_fingerprint": scorer.fingerprint() == prov.get("fingerprint"), "bar": "scores",
+    }
+    if not rows:
+        report.update(agree=0, max_abs_diff=None, ok=True)
+        return report
+    pairs = [Pair(queries[i], texts[i]) for i in rows]
+    fresh = np.array([s.score for s in scorer.score(pairs, scorer.pair_counts(pairs))], dtype=np.float64)
+    stored = np.array([scores[i] for i in rows], dtype=np.float64)
+    diff = np.abs(fresh - stored) / np.maximum(1.0, np.abs(stored))
+    worst = int(np.argmax(diff))
+    report.update(agree=int((diff <= SCORE_TOLERANCE).sum()), max_abs_diff=round(float(diff.max()), 8),
+                  worst_row=rows[worst] + 1, ok=bool((diff <= SCORE_TOLERANCE).all()))
+    return report
