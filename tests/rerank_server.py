@@ -74,6 +74,7 @@ class KindServer(LocalServer):
         self.max_batch: int | None = None  # TEI's max_client_batch_size (None: 32 reported, not enforced)
         self.sorted_answers = True
         self.input_limit: int | None = None  # /info's max_input_length (None: the model's own)
+        self.info_route = True  # False: plays an older TEI, or a proxy, without /info (404)
         self.delay = 0.0
         self.in_flight = 0
         self.max_in_flight = 0
@@ -125,7 +126,7 @@ class KindServer(LocalServer):
                 self._record = None
                 with server._lock:
                     server.gets.append(self.path)
-                if server.flavor == "tei" and self.path == "/info":
+                if server.flavor == "tei" and self.path == "/info" and server.info_route:
                     return self._send(Reply(200, {
                         "model_id": server.model_id, "model_sha": server.model_sha, "model_dtype": "float32",
                         "model_type": _MODEL_TYPES[server.serves], "max_concurrent_requests": 512,

@@ -258,10 +258,11 @@ def test_no_rerank_route_is_one_line_with_the_fix(tei: KindServer, cross_encoder
 def test_a_424_from_tei_names_the_fix(tei: KindServer, cross_encoder_model_dir) -> None:
     """A TEI without /info (or behind a proxy that hides it) is told by its first answer."""
     tei.script.append(Reply(424, {"error": "model is not a re-ranker model", "error_type": "Backend"}))
+    tei.info_route = False
     scorer = _scorer("tei", tei, cross_encoder_model_dir, endpoint=tei.url + "/")
-    scorer._info_asked, scorer._info = True, None  # noqa: SLF001 - plays a server with no /info
     with pytest.raises(TerminalBackendError, match="answered 424 .*serves no reranker"):
         scorer.score(PAIRS[:1], scorer.pair_counts(PAIRS[:1]))
+    assert tei.gets == ["/info"] and len(tei.requests) == 1  # asked, not answered: left to the first answer
 
 
 @pytest.mark.parametrize("flavor", ["tei", "infinity"])
