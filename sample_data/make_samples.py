@@ -264,6 +264,24 @@ def main():
     table = pa.Table.from_pylist(pq_rows, schema=schema)
     pq.write_table(table, HERE / "reviews.parquet", compression="zstd", row_group_size=100)
 
+    write_pairs(csv_rows)
+
+
+QUERIES = ["kettle that boils fast", "arrived broken", "comfortable for long walks", "good value for the price"]
+
+
+def write_pairs(rows):
+    """pairs.csv: each query beside the first 30 reviews of reviews.csv, for `hfbatch score`
+    (a cross-encoder scores each row's query and review together; --rerank keeps the best)."""
+    with open(HERE / "pairs.csv", "w", encoding="utf-8", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["pair_id", "query", "review_id", "text"], lineterminator="\n")
+        writer.writeheader()
+        n = 0
+        for query in QUERIES:
+            for row in rows[:30]:
+                n += 1
+                writer.writerow({"pair_id": n, "query": query, "review_id": row["review_id"], "text": row["text"]})
+
 
 if __name__ == "__main__":
     main()

@@ -9,7 +9,7 @@ def test_public_names() -> None:
         "__version__", "embed", "encode", "generate", "plan", "search", "verify", "run_embed", "InputChangedError",
         "EmbedOptions", "GenerateOptions", "EmbedResult", "GenerateResult", "PartsResult", "HfbatchError",
         "InputError", "OutputError", "BackendError", "ModelLoadError", "RemoteError", "TransientBackendError",
-        "TerminalBackendError", "TooManyErrors",
+        "TerminalBackendError", "TooManyErrors", "score", "ScoreOptions", "ScoreResult",
     }
     for name in hfbatch.__all__:
         assert getattr(hfbatch, name) is not None

@@ -185,3 +185,12 @@ def test_dry_run_counts_bytes_and_verify_checks_each_token(multivector_model_dir
     queries = tmp_path / "q.parquet"
     assert cli("embed", source, "-o", queries, "--model", multivector_model_dir, "--prompt-name", "query").exit_code == 0
     assert json.loads(cli("verify", queries, "--json").stdout)["agree"] == 8  # the query side checked as a query side
+
+
+def test_encode_in_memory_gives_token_matrices(multivector_model_dir: Path, reference: Any, tmp_path: Path) -> None:
+    import hfbatch
+
+    items = texts()[:4]
+    got = hfbatch.encode(items, model=str(multivector_model_dir), cache_dir=tmp_path / "c")
+    assert isinstance(got, list) and all(isinstance(m, np.ndarray) and m.shape[1] == 128 for m in got)
+    assert_tokens_agree(got, encoded(reference, items))

@@ -142,7 +142,7 @@ def _sample_data(into: Path) -> None:
     names and kinds of rows, and the page runs in seconds rather than minutes on two cores."""
     src = ROOT / "sample_data"
     into.mkdir()
-    for name in ("README.md", "make_samples.py"):
+    for name in ("README.md", "make_samples.py", "pairs.csv"):
         shutil.copy(src / name, into / name)
     with (src / "reviews.csv").open(newline="", encoding="utf-8") as f:
         reader = csv.DictReader(f)
@@ -181,10 +181,12 @@ def _demo_commands() -> list[str]:
 class Page:
     """Runs examples in `folder` with the stand-ins, and keeps what they wrote."""
 
-    def __init__(self, folder: Path, embed: EmbeddingServer, store: S3Server, tiny_lm: Path, pg: Any) -> None:
+    def __init__(self, folder: Path, embed: EmbeddingServer, store: S3Server, tiny_lm: Path, pg: Any,
+                 kinds: dict[str, Path] | None = None) -> None:
         self.folder, self.embed, self.s3, self.pg = folder, embed, store, pg
+        # the other kinds' hub models: the tests' models of the same classes (tests/kind_models.py)
         self.repos = {"sentence-transformers/all-MiniLM-L6-v2": BUNDLED_MODEL_DIR,
-                      "HuggingFaceTB/SmolLM2-135M-Instruct": tiny_lm}
+                      "HuggingFaceTB/SmolLM2-135M-Instruct": tiny_lm, **(kinds or {})}
         self.written: dict[str, Example] = {}  # every output path, and the example that wrote it
         self.skipped: list[tuple[Example, str]] = []
 
@@ -301,7 +303,9 @@ def embed_server(st_model: Any) -> Any:
 
 def test_every_readme_example_runs_as_written_top_to_bottom(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                             s3: S3Server, embed_server: EmbeddingServer,  # noqa: F811
-                                                            tiny_lm: Path, pg: Any) -> None:
+                                                            tiny_lm: Path, pg: Any, sparse_model_dir: Path,
+                                                            multivector_model_dir: Path,
+                                                            cross_encoder_model_dir: Path) -> None:
     folder = tmp_path / "repo"
     folder.mkdir()
     _sample_data(folder / "sample_data")
@@ -329,7 +333,9 @@ def test_every_readme_example_runs_as_written_top_to_bottom(tmp_path: Path, monk
     with psycopg.connect(f"postgresql://postgres:{pg.password}@127.0.0.1:{pg.port}/shop", autocommit=True) as shop:
         shop.execute("CREATE EXTENSION IF NOT EXISTS vector")
         shop.execute("CREATE SCHEMA IF NOT EXISTS search AUTHORIZATION app")
-    page = Page(folder, embed_server, s3, tiny_lm, pg)
+    page = Page(folder, embed_server, s3, tiny_lm, pg, {
+        "naver/splade-cocondenser-ensembledistil": sparse_model_dir, "lightonai/GTE-ModernColBERT-v1": multivector_model_dir,
+        "cross-encoder/ms-marco-MiniLM-L6-v2": cross_encoder_model_dir})
     examples = readme_examples(README.read_text(encoding="utf-8"))
     for example in examples:
         page.run(example)

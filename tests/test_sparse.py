@@ -219,7 +219,7 @@ def test_split_windows_equal_the_windows_own_vectors(sparse_model_dir: Path, ref
     (["--truncate-dim", "8"], "--truncate-dim"),
     (["--output-precision", "int8"], "--output-precision int8"),
     (["--quantize", "int8"], "--quantize int8"),
-    (["--backend", "tei", "--endpoint", "http://127.0.0.1:9", "--kind", "sparse"], "--kind sparse"),
+    (["--backend", "openai", "--endpoint", "http://127.0.0.1:9", "--kind", "sparse"], "--kind sparse"),
     (["--sparse-top-k", "0"], "--sparse-top-k"),
 ])
 def test_what_a_sparse_model_cannot_do_is_refused(sparse_model_dir: Path, tmp_path: Path, args: list[str],
@@ -342,3 +342,12 @@ def test_dry_run_counts_the_kind_and_verify_checks_it(sparse_model_dir: Path, tm
     assert checked.exit_code == 0, checked.output
     verdict = json.loads(checked.stdout)
     assert verdict["ok"] and verdict["agree"] == 10 and verdict["cosine_min"] >= 0.9999
+
+
+def test_encode_in_memory_gives_sparse_vectors(sparse_model_dir: Path, reference: Any, tmp_path: Path) -> None:
+    import hfbatch
+
+    items = texts()[:5]
+    got = hfbatch.encode(items, model=str(sparse_model_dir), cache_dir=tmp_path / "c")
+    assert isinstance(got, list) and all(isinstance(v, SparseVector) for v in got)
+    assert_same(got, encoded(reference, items))

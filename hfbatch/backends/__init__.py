@@ -183,6 +183,10 @@ def make_backend(opts: "EmbedOptions") -> Backend:
     if name == "local":
         kind = local_kind(opts)
         return _local(opts) if kind == "dense" else _encoder(opts, kind)
+    if opts.kind == "sparse" and name == "tei":  # TEI's /embed_sparse (a SPLADE server)
+        from .remote_sparse import make_remote_sparse
+
+        return make_remote_sparse(opts)
     if opts.kind not in (None, "dense"):
         raise InputError(f"--kind {opts.kind} runs on the local backend in this version; --backend {name} makes dense "
                          "vectors only (drop --backend, or --kind).")

@@ -287,8 +287,12 @@ class HttpClient:
         redact_text, reading the process environment, does not see)."""
         text = _error_text(response)
         auth = self.session().auth
-        for secret in (getattr(auth, "token", None), getattr(auth, "api_key", None)):
-            if secret and len(secret) >= 8:
+        from urllib.parse import unquote, urlsplit
+
+        sent = urlsplit(getattr(response.request, "url", None) or response.url or "")  # user:password@ of the endpoint
+        password = unquote(sent.password) if sent.password else None
+        for secret, shortest in ((getattr(auth, "token", None), 8), (getattr(auth, "api_key", None), 8), (password, 4)):
+            if secret and len(secret) >= shortest:
                 text = text.replace(secret, "***")
         return text
 

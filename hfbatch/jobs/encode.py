@@ -66,6 +66,9 @@ def encode(data: Any, *, model: str | None = None, text_column: str | None = Non
     pyarrow Table, pandas or Polars DataFrame -> the same kind of table, its rows and columns
     kept (index too), plus embed's columns: `embedding`, `n_tokens`, `truncated`, `embedding_error`
     (with `split`, the window columns), as `hfbatch embed` writes them to Parquet.
+    A sparse model's texts give a list of SparseVector (indices, values), a multi-vector model's a
+    list of (tokens, dim) arrays (None for an invalid text under "mark"); their tables the columns
+    `embed` writes.
 
     `model`, `backend` (a name, or a Backend object to use), `text_column` (tables; default
     "text") and `**options` are EmbedOptions' fields (prompt, prompt_name, normalize, max_length,
@@ -106,7 +109,7 @@ def encode(data: Any, *, model: str | None = None, text_column: str | None = Non
     task = embed_task(given_backend or _shared_backend(opts), opts)
     out, parents, document = _run(task, opts, chunks, texts, observer or NullObserver())
     if kind in ("sequence", "str"):
-        vectors = _vectors(out.column("embedding"))
+        vectors = _values(task.backend.kind, out.column("embedding"))
         return vectors[0] if one else vectors
     return _attach(kind, table, column, out, parents, task.split_mode)
 
@@ -366,3 +369,16 @@ def _cast(values: pa.ChunkedArray, to: pa.DataType) -> pa.ChunkedArray:
 
 
 __all__ = ["encode", "OPTIONS"]
+
+
+def _values(kind: str, column: Any) -> Any:
+    """A sequence's result: the array of dense vectors, or a list of a sparse or multi-vector model's values."""
+    if kind == "sparse":
+        from ..sparse_vectors import from_arrow
+
+        return from_arrow(column)
+    if kind == "multivector":
+        from ..token_vectors import from_arrow as matrices
+
+        return matrices(column)
+    return _vectors(column)

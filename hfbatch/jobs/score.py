@@ -24,6 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from ..backends.remote import UNKNOWN_MAX_LENGTH
 from ..backends.scoring import Pair, Scored, make_scorer
 from ..io.writers import ParquetSink, temp_path_for
 from ..monitoring import Observer
@@ -82,7 +83,8 @@ class ScoreTask:
 
     @property
     def batch_texts(self) -> int:
-        return self.opts.batch_size or 32
+        # a remote scorer wants enough pairs per call to keep all its connections busy
+        return self.backend.batch_texts or self.opts.batch_size or 32
 
     def setup_seconds(self) -> dict[str, float]:
         return self.backend.setup_seconds()
@@ -139,8 +141,9 @@ class ScoreTask:
 
     def provenance(self) -> dict[str, Any]:
         described = self.backend.describe()
+        max_length = self.backend.max_length
         return {"kind": "cross-encoder", "query_column": self.opts.query_column, "text_column": self.opts.text_column,
-                "max_length": self.backend.max_length, "aggregate": self.opts.aggregate or "max",
+                "max_length": None if max_length == UNKNOWN_MAX_LENGTH else max_length, "aggregate": self.opts.aggregate or "max",
                 "overlap": described.get("overlap"), "activation": described.get("activation"),
                 "rerank": self.opts.rerank}
 
