@@ -154,6 +154,20 @@ def test_a_delta_target_is_refused_and_a_lance_one_stores_it(multivector_model_d
     assert result.exit_code == 0, result.output
     table = lance.dataset(str(target)).to_table().sort_by("id")
     assert_tokens_agree(from_arrow(table.column("embedding")), encoded(reference, items))
+    # day 2 with the same options finds its own space: nothing to write (review: it was refused)
+    again = cli("embed", source, "-o", target, "--model", multivector_model_dir, "--id-column", "id", "--json")
+    assert again.exit_code == 0, again.output
+    assert json.loads(again.stdout)["metrics"]["rows_written"] == 0
+    # search scores by MaxSim with the query side's own token vectors, as the model's similarity does
+    query = "a kettle that whistles"
+    found = cli("search", target, query, "-k", 3, "--json")
+    assert found.exit_code == 0, found.output
+    report = json.loads(found.stdout)
+    q = encoded(reference, [query], side="query")[0]
+    scores = np.array([(m @ q.T).max(axis=0).sum() for m in encoded(reference, items)])
+    assert report["metric"].startswith("MaxSim")
+    assert [h["id"] for h in report["hits"]] == np.argsort(-scores, kind="stable")[:3].tolist()
+    np.testing.assert_allclose([h["score"] for h in report["hits"]], np.sort(scores)[::-1][:3], rtol=2e-3)
 
 
 def test_an_s3_input_and_output(multivector_model_dir: Path, reference: Any, tmp_path: Path, s3: Any) -> None:
@@ -194,3 +208,49 @@ def test_encode_in_memory_gives_token_matrices(multivector_model_dir: Path, refe
     got = hfbatch.encode(items, model=str(multivector_model_dir), cache_dir=tmp_path / "c")
     assert isinstance(got, list) and all(isinstance(m, np.ndarray) and m.shape[1] == 128 for m in got)
     assert_tokens_agree(got, encoded(reference, items))
+
+
+def test_a_cached_rerun_loads_no_model_and_a_planted_width_is_computed_again(multivector_model_dir: Path,
+                                                                            reference: Any, tmp_path: Path) -> None:
+    from hfbatch.backends.encoders import MultiVectorBackend
+    from hfbatch.cache import open_cache
+
+    items = texts()[:3]
+    source = write_input(tmp_path, items)
+    first = embed(EmbedOptions(input=source, output=tmp_path / "a.parquet", model=str(multivector_model_dir),
+                               cache_dir=tmp_path / "c"))
+    assert first.document["provenance"]["backends"]["local"]["model_loaded"] is True
+    again = embed(EmbedOptions(input=source, output=tmp_path / "b.parquet", model=str(multivector_model_dir),
+                               cache_dir=tmp_path / "c"))
+    assert again.metrics["texts_computed"] == 0
+    assert again.document["provenance"]["backends"]["local"]["model_loaded"] is False  # the width is in its files
+    backend = MultiVectorBackend(str(multivector_model_dir))
+    cache = open_cache(tmp_path / "c", backend.fingerprint(), size_limit_bytes=1 << 30)
+    cache.store_bytes([items[0]], [pack(np.ones((3, 64), np.float32), 5)], backend.fingerprint())  # another width
+    cache.close()
+    third = embed(EmbedOptions(input=source, output=tmp_path / "c.parquet", model=str(multivector_model_dir),
+                               cache_dir=tmp_path / "c"))
+    assert third.metrics["texts_computed"] == 1
+    assert_tokens_agree(from_arrow(pq.read_table(tmp_path / "c.parquet").column("embedding")), encoded(reference, items))
+
+
+def test_options_that_do_not_apply_and_made_up_heads_are_refused(multivector_model_dir: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from conftest import BUNDLED_MODEL_DIR
+
+    source = write_input(tmp_path, ["one text"])
+    for args, named in ((["--model", multivector_model_dir, "--no-normalize"], "--no-normalize"),
+                        (["--model", multivector_model_dir, "--sparse-top-k", "3"], "--sparse-top-k"),
+                        (["--model", BUNDLED_MODEL_DIR, "--sparse-vocab"], "--sparse-vocab")):
+        result = cli("embed", source, "-o", tmp_path / "o.parquet", *args)
+        assert result.exit_code == 2 and named in result.output, result.output
+    bare = tmp_path / "bare"  # MiniLM's transformers files only: no head for either kind
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        if (BUNDLED_MODEL_DIR / name).exists():
+            shutil.copy(BUNDLED_MODEL_DIR / name, bare / name)
+    for kind in ("multivector", "sparse"):
+        result = cli("embed", source, "-o", tmp_path / "o.parquet", "--model", bare, "--kind", kind)
+        assert result.exit_code == 2 and "at random" in result.output, result.output
+    assert not (tmp_path / "o.parquet").exists()

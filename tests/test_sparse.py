@@ -173,6 +173,8 @@ def test_a_planted_cache_entry_is_computed_again(sparse_model_dir: Path, referen
     bogus = SparseVector(np.array([7, 3], np.int32), np.array([1.0, 2.0], np.float32))  # unsorted: not ours
     cache.store_bytes([items[0]], [pack(bogus, 5)], backend.fingerprint())
     cache.store_bytes([items[1]], [b"\x00" * 13], backend.fingerprint())
+    beyond = SparseVector(np.array([5, 100_000_000], np.int32), np.array([1.0, 2.0], np.float32))  # past the vocabulary
+    cache.store_bytes([items[2]], [pack(beyond, 5)], backend.fingerprint())
     cache.close()
     result = embed(EmbedOptions(input=source, output=tmp_path / "out.parquet", model=str(sparse_model_dir),
                                 cache_dir=cache_dir))
@@ -309,6 +311,10 @@ def test_router_model_document_side_by_default_query_side_when_asked(sparse_rout
     assert cli("embed", source, "-o", queries, "--model", sparse_router_model_dir, "--prompt-name", "query").exit_code == 0
     assert_same(from_arrow(pq.read_table(docs).column("embedding")), encoded(model, items))
     assert_same(from_arrow(pq.read_table(queries).column("embedding")), encoded(model, items, side="query"))
+    # the static query side reads every token: --max-length there is refused, not pretended
+    cut = cli("embed", source, "-o", tmp_path / "cut.parquet", "--model", sparse_router_model_dir, "--prompt-name",
+              "query", "--max-length", 6)
+    assert cut.exit_code == 2 and "--max-length" in cut.output
 
 
 def test_an_s3_input_and_output(sparse_model_dir: Path, reference: Any, tmp_path: Path, s3: Any) -> None:

@@ -223,7 +223,11 @@ def _encoder(opts: "EmbedOptions", kind: str) -> Any:
     from ..settings import Settings
     from .encoders import MultiVectorBackend, SparseBackend
 
-    unset = None if opts.precision and opts.runtime else Settings.load()  # options not resolved
+    settings = Settings.load()
+    unset = None if opts.precision and opts.runtime else settings  # options not resolved
+    if opts.quantize == "int8" and not settings.quantize:  # asked on the command line (the environment's: warned)
+        raise InputError(f"--quantize int8: {opts.model} is a {kind} model, which runs as sentence-transformers runs it "
+                         "(torch, fp32) in this version; drop --quantize.")
     cls = {"sparse": SparseBackend, "multivector": MultiVectorBackend}[kind]
     return cls(opts.model or "", device=opts.device or "auto", max_length=opts.max_length,
                precision=opts.precision or unset.precision,  # type: ignore[union-attr]

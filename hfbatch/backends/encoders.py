@@ -55,6 +55,15 @@ def side_dir(root: Path, side: str) -> Path:
     return root / str(router.get("path") or "") / str(route[0])
 
 
+def is_static(root: Path, text_dir: Path) -> bool:
+    """Whether a Router's side is a SparseStaticEmbedding (inference-free: a weight per token, no length)."""
+    if text_dir == root:
+        return False
+    config = read_json(text_dir.parent / "router_config.json")
+    types = config.get("types") if isinstance(config, dict) else None
+    return isinstance(types, dict) and str(types.get(text_dir.name, "")).endswith("SparseStaticEmbedding")
+
+
 @functools.lru_cache(maxsize=2)
 def _load(cls_name: str, path: str, device: str, model_id: str, trust_remote_code: bool) -> Any:
     """One model per process, class and device (test suites and notebooks run many jobs)."""
@@ -83,14 +92,14 @@ class EncoderBackend:
     def __init__(self, model: str, *, device: str = "auto", max_length: int | None = None, precision: str = "fp32",
                  runtime: str = "torch", quantize: str | None = None, trust_remote_code: bool = False,
                  prompt: str | None = None, prompt_name: str | None = None, side: str | None = None):
-        if quantize == "int8":  # lossy only when asked, and not made for this kind: refused, never ignored
-            raise InputError(f"--quantize int8 (or ENABLE_MODEL_QUANTIZATION): a {self.kind} model runs as "
-                             f"sentence-transformers' {self.st_class} runs it (torch, fp32) in this version; drop it.")
         other = [f"{name} {value}" for name, value, fine in (("runtime", runtime, ("torch", "auto")),
-                                                             ("precision", precision, ("fp32", "auto"))) if value not in fine]
+                                                             ("precision", precision, ("fp32", "auto")),
+                                                             ("quantize", quantize, (None, "auto", "none")))
+                 if value not in fine]
         if other:  # a faithful choice for dense models (often from the environment): this kind's own is fp32 torch
-            log.warning("%s: a %s model runs on torch in fp32 in this version (its reference); the %s apply to dense "
-                        "models.", ", ".join(other), self.kind, "settings" if len(other) > 1 else "setting")
+            log.warning("%s: a %s model runs on torch in fp32 in this version (its reference, never a lossy int8); "
+                        "the %s apply to dense models.", ", ".join(other), self.kind,
+                        "settings" if len(other) > 1 else "setting")
         self.model_id, self.device_asked, self.trust_remote_code = model, device, trust_remote_code
         self._side = side  # None: the document side, unless --prompt-name query
         self._asked = {"max_length": max_length, "prompt": prompt, "prompt_name": prompt_name}
@@ -109,7 +118,10 @@ class EncoderBackend:
     def files(self) -> ModelFiles:
         if self._files is None:
             files = ModelFiles(self.model_id, **self._asked)
-            text_dir = side_dir(files.dir, self.side)
+            text_dir = self.text_dir = side_dir(files.dir, self.side)
+            if self._asked["max_length"] is not None and is_static(files.dir, text_dir):
+                raise InputError(f"--max-length: the {self.side} side of {self.model_id} is a static (inference-free) "
+                                 "weighting of each token, which reads every token; drop --max-length.")
             if text_dir != files.dir:  # a Router: the side's own tokenizer and length (the prompts are the model's)
                 own = read_spec(text_dir, self.model_id, max_length=self._asked["max_length"], prompt="", prompt_name=None)
                 files.spec = replace(files.spec, lower=own.lower, max_length=own.max_length,
@@ -184,7 +196,15 @@ class EncoderBackend:
         return self._fingerprint
 
     def known_dimension(self) -> int | None:
+        """The width of what this model makes, from its files (no load): what cached values are
+        held to before the model has made one (a planted or another model's entry is computed again)."""
+        if self._dim is None:
+            found = self.files_dimension()
+            self._dim = int(found) if isinstance(found, int) and not isinstance(found, bool) and found > 0 else None
         return self._dim
+
+    def files_dimension(self) -> Any:
+        return None
 
     def dimension(self) -> int:
         if self._dim is None:
@@ -242,6 +262,16 @@ class SparseBackend(EncoderBackend):
     kind = "sparse"
     st_class = "SparseEncoder"
 
+    def files_dimension(self) -> Any:
+        """The vocabulary's size: the side's config (vocab_size), else its tokenizer's vocabulary."""
+        _ = self.files
+        config = read_json(self.text_dir / "config.json")
+        if isinstance(config, dict) and isinstance(config.get("vocab_size"), int):
+            return config["vocab_size"]
+        tokenizer = read_json(self.text_dir / "tokenizer.json")
+        vocab = ((tokenizer.get("model") or {}).get("vocab") if isinstance(tokenizer, dict) else None)
+        return len(vocab) if isinstance(vocab, (dict, list)) and vocab else None
+
     def encode_options(self) -> dict[str, Any]:
         return {"convert_to_tensor": True, "convert_to_sparse_tensor": True, "save_to_cpu": True}
 
@@ -274,6 +304,17 @@ class MultiVectorBackend(EncoderBackend):
     kind = "multivector"
     st_class = "MultiVectorEncoder"
     sets_length = False  # the model's own document_length / query_length decide
+
+    def files_dimension(self) -> Any:
+        """The token vectors' width: the last Dense module's out_features, else the encoder's hidden size."""
+        root = self.files.dir
+        modules = read_json(root / "modules.json")
+        dense = [m for m in modules if isinstance(m, dict) and str(m.get("type", "")).endswith(".Dense")] \
+            if isinstance(modules, list) else []
+        if dense:
+            return read_json(root / str(dense[-1].get("path") or "") / "config.json").get("out_features")
+        config = read_json(root / "config.json")
+        return config.get("hidden_size") if isinstance(config, dict) else None
 
     def __init__(self, model: str, **kwargs: Any):
         if kwargs.get("max_length") is not None:

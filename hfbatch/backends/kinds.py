@@ -43,6 +43,7 @@ class ModelKind:
     kind: str
     evidence: str
     declared: bool
+    architectures: tuple[str, ...] = ()  # a bare checkpoint's config.json architectures (what --kind may make of it)
 
     @property
     def described(self) -> str:
@@ -68,7 +69,8 @@ def model_kind(root: Path) -> ModelKind:
     heads = [a for a in architectures or [] if isinstance(a, str) and a.endswith("ForSequenceClassification")]
     if heads:
         return ModelKind("cross-encoder", f"config.json architecture {heads[0]}", True)
-    return ModelKind("dense", "a transformers checkpoint without sentence-transformers files (mean pooling)", False)
+    return ModelKind("dense", "a transformers checkpoint without sentence-transformers files (mean pooling)", False,
+                     tuple(a for a in architectures or [] if isinstance(a, str)))
 
 
 def settle_kind(model_id: str, found: ModelKind, asked: str | None, *, command: str = "embed") -> str:
@@ -78,6 +80,15 @@ def settle_kind(model_id: str, found: ModelKind, asked: str | None, *, command: 
     if asked is not None and asked not in EMBED_KINDS:
         raise InputError(f"--kind {asked!r} is not one of: {', '.join(EMBED_KINDS)}.")
     kind = found.kind if found.declared or asked is None else asked
+    masked_lm = any(a.endswith("ForMaskedLM") for a in found.architectures)
+    made_up = not found.declared and ((kind == "sparse" and not masked_lm) or kind == "multivector")
+    if made_up:
+        # sentence-transformers would add a randomly initialised head (an MLM head, a projection):
+        # vectors of no trained model, different each load
+        need = "a masked-LM head (config.json architectures *ForMaskedLM)" if kind == "sparse" else \
+            "its multi-vector files (a MultiVectorEncoder saved by sentence-transformers, with its projection)"
+        raise InputError(f"--kind {kind}: {model_id} is a bare checkpoint without {need}; sentence-transformers would "
+                         "make one up at random. Give a model saved as that kind.")
     if asked is not None and asked != kind:
         raise InputError(f"--kind {asked}: {model_id} is a {found.described} ({found.evidence}); "
                          f"drop --kind, or give a {asked} model.")

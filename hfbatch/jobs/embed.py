@@ -210,6 +210,11 @@ class EmbedTask:
         self.split_mode = split_mode(opts)
         self.ranges: np.ndarray | None = np.asarray(opts.ranges, dtype=np.float32) if opts.ranges is not None else None
         self.calibration: dict[str, Any] | None = dict(opts.calibration_record or {}) or None
+        sparse_only = [flag for flag, given in (("--sparse-top-k", opts.sparse_top_k is not None),
+                                                ("--sparse-vocab", opts.sparse_vocab)) if given]
+        if sparse_only and backend.kind != "sparse":  # never accepted and ignored
+            raise InputError(f"{' and '.join(sparse_only)}: {backend.model_id} is a {backend.kind} model; these shape a "
+                             "sparse model's vectors (a SparseEncoder, SPLADE). Drop them.")
         if opts.prompt_name is not None:
             _ = backend.prompt  # an unknown --prompt-name is a usage error now, before the job starts
         self._prompt_checked = False

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
-from ..errors import BackendError
+from ..errors import BackendError, InputError
 from ..options import EmbedOptions
 from ..token_vectors import column_type, pack, to_arrow, unpack
 from .core import Cache
@@ -30,6 +30,9 @@ class MultiVectorTask(PackedTask):
     def __init__(self, backend: Any, opts: EmbedOptions):
         refuse_for_kind(backend, opts, why="one vector per token, scored by MaxSim; float16 by default, float32 when "
                         "asked", precisions=("float16", "float32"), tables=("lance",), aggregate=False)
+        if not opts.normalize:
+            raise InputError(f"--no-normalize: {backend.model_id} is a multi-vector model, whose token vectors are as "
+                             "its own modules make them (normalised where it has a Normalize module); drop it.")
         super().__init__(backend, opts)
         self.bytes_written = 0  # of the embedding column's values, for the sidecar's bytes per row
         self.rows_with_vectors = 0
@@ -44,6 +47,7 @@ class MultiVectorTask(PackedTask):
                                f"{sorted({m.shape[1] for m in matrices})} for {len(texts)} texts; nothing was written.")
         if any(not np.isfinite(m).all() for m in matrices):
             raise BackendError(f"{self.backend.model_id} returned NaN or infinite values; nothing was written.")
+        self._dim = self._dim or (int(matrices[0].shape[1]) if matrices else None)
         max_length = self.backend.max_length
         return [Embedded(m, c) for m, c in zip(matrices, counts)], sum(min(c, max_length) for c in counts)
 

@@ -58,8 +58,12 @@ def space_of(task: Any, opts: Any) -> dict[str, Any]:
              "split": {"tokens": opts.split_tokens, "overlap": opts.window_overlap, "aggregate": opts.aggregate}
              if opts.split else None,
              "id_column": opts.id_column}
-    if backend.kind != "dense":  # (a dense space keeps the keys it always had: its rows' hashes start from them)
-        space.update(normalize=False, kind=backend.kind, top_k=opts.sparse_top_k, vocab=opts.sparse_vocab)
+    # another kind names itself (a dense space keeps the keys it always had: its rows' hashes start
+    # from them); as embed_provenance records it, so a day-2 run finds its own space
+    if backend.kind == "sparse":
+        space.update(normalize=False, kind="sparse", top_k=opts.sparse_top_k, vocab=opts.sparse_vocab)
+    elif backend.kind != "dense":
+        space.update(kind=backend.kind)
     return space
 
 

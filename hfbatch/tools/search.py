@@ -82,20 +82,22 @@ def search(target: str | Path | RemotePath, query: str, *, k: int = 10, prompt: 
     record = source.record
     if not record.get("model_id"):
         raise InputError(f"{source.given}: its hfbatch record names no model; it cannot be searched.")
-    sparse = record.get("kind") == "sparse"
-    if sparse:  # the model's query side (its Router's, its "query" prompt), as serving embeds queries
+    sparse, multi = record.get("kind") == "sparse", record.get("kind") == "multivector"
+    if sparse or multi:  # the model's query side (its Router's, its "query" prompt), as serving embeds queries
         chosen = {"prompt": prompt, "name": prompt_name or (None if prompt is not None else "query"),
-                  "source": "--prompt" if prompt is not None else "the model's query side"}
-        vector, note = embed_sparse_query(source, query, prompt=prompt, prompt_name=prompt_name)
+                  "source": "--prompt" if prompt is not None else "--prompt-name" if prompt_name is not None
+                  else "the model's query side"}
+        vector, note = embed_kind_query(source, query, prompt=prompt, prompt_name=prompt_name)
     else:
         chosen = query_prompt(record, prompt=prompt, prompt_name=prompt_name)
         vector, note = embed_query(source, query, chosen["prompt"])
     precision = record.get("precision") or "float32"
-    by_lance = source.kind == "lance" and precision in ("float32", "float16") and not exact and not sparse
+    by_lance = source.kind == "lance" and precision in ("float32", "float16") and not exact and not (sparse or multi)
     by_postgres = source.kind == "postgres" and not exact
-    if sparse:
+    if sparse or multi:  # an exact scan: dot product of sparse vectors, or MaxSim of token vectors
+        rate = sparse_rater(vector, source.given) if sparse else maxsim_rater(vector, source.given)
         hits, searched, skipped = nearest(source.batches(), vector, k, record, id_column=source.id_column,
-                                          where=source.given, rate=sparse_rater(vector, source.given))
+                                          where=source.given, rate=rate)
     elif by_lance:  # Lance's own search: flat (exact) without an index, its index (--index) with one
         hits, searched, skipped = lance_nearest(source, vector, k)
     elif by_postgres:  # pgvector's <=>: exact without an index, its HNSW/IVFFlat (--index) searched wide
@@ -107,7 +109,7 @@ def search(target: str | Path | RemotePath, query: str, *, k: int = 10, prompt: 
         "target": source.given, "kind": source.kind, "model_id": record.get("model_id"),
         "prompt": chosen["prompt"], "prompt_name": chosen["name"], "prompt_from": chosen["source"],
         "rows_prompt": record.get("prompt"), "precision": precision,
-        "metric": "dot product (sparse)" if sparse
+        "metric": "dot product (sparse)" if sparse else "MaxSim (late interaction)" if multi
         else "hamming (sign agreement)" if precision in ("binary", "ubinary") else "cosine",
         "id_column": source.id_column, "k": k, "rows_searched": searched, "rows_skipped": skipped, "hits": hits,
         "strategy": "lance" if by_lance else "postgres <=>" if by_postgres else "exact scan",
@@ -334,20 +336,28 @@ def embed_query(source: Source, query: str, prompt: str | None) -> tuple[np.ndar
     return vector[0], note
 
 
-def embed_sparse_query(source: Source, query: str, *, prompt: str | None,
-                       prompt_name: str | None) -> tuple[np.ndarray, str | None]:
-    """A sparse target's query as a dense array over the vocabulary: the model's query side
-    (encode_query), unless --prompt / --prompt-name say otherwise; a note when the model changed."""
-    from ..backends.encoders import SparseBackend
+def embed_kind_query(source: Source, query: str, *, prompt: str | None,
+                     prompt_name: str | None) -> tuple[np.ndarray, str | None]:
+    """A sparse or multi-vector target's query: the model's query side (encode_query), unless
+    --prompt / --prompt-name say otherwise; a sparse vector as a dense array over the vocabulary, a
+    multi-vector query as its (tokens, dim) matrix. A note when the model changed since the rows."""
+    from ..backends.encoders import MultiVectorBackend, SparseBackend
 
     record = source.record
-    backend = SparseBackend(str(record.get("model_id")), prompt=prompt, prompt_name=prompt_name,
-                            side=None if prompt is not None or prompt_name is not None else "query",
-                            max_length=record.get("max_length"))
-    vector = backend.embed([query])[0]
-    dense = np.zeros(max(backend.dimension(), int(vector.indices.max()) + 1 if vector.nnz else 0), dtype=np.float32)
-    dense[vector.indices] = vector.values
-    rows = SparseBackend(str(record.get("model_id")), max_length=record.get("max_length"))
+    sparse = record.get("kind") == "sparse"
+    cls = SparseBackend if sparse else MultiVectorBackend
+    length = {"max_length": record.get("max_length")} if sparse else {}
+    backend = cls(str(record.get("model_id")), prompt=prompt, prompt_name=prompt_name,
+                  side=None if prompt is not None or prompt_name is not None else "query", **length)
+    made = backend.embed([query])[0]
+    if sparse:
+        dense = np.zeros(max(backend.dimension(), int(made.indices.max()) + 1 if made.nnz else 0), dtype=np.float32)
+        dense[made.indices] = made.values
+    else:
+        dense = np.asarray(made, dtype=np.float32)
+    # the rows' own backend (their side and prompt), for their fingerprint
+    rows_side = "query" if record.get("prompt_name") == "query" else None
+    rows = cls(str(record.get("model_id")), side=rows_side, **length)
     note = None
     if record.get("fingerprint") and rows.fingerprint() != record.get("fingerprint"):
         note = ("the model or its settings changed since the rows were embedded (fingerprint differs): "
@@ -375,6 +385,33 @@ def sparse_rater(query: np.ndarray, where: str) -> Any:
         products = np.where(inside, query[np.minimum(flat_i, len(query) - 1)] * flat_v, 0.0)
         sums = np.concatenate([[0.0], np.cumsum(products)])
         scores = sums[offsets[1:] - offsets[0]] - sums[offsets[:-1] - offsets[0]]
+        return scores, positions
+
+    return rate
+
+
+def maxsim_rater(query: np.ndarray, where: str) -> Any:
+    """Scores a batch's multi-vector column by MaxSim with the query's token matrix: for each query
+    token its best dot product among the row's tokens, summed (as MultiVectorEncoder.similarity)."""
+    def rate(column: pa.Array) -> tuple[np.ndarray, np.ndarray]:
+        from ..token_vectors import is_multivector_type
+
+        if isinstance(column, pa.ChunkedArray):
+            column = column.combine_chunks()
+        if not is_multivector_type(column.type) or column.type.value_type.list_size != query.shape[1]:
+            raise InputError(f"{where}: its {VECTOR_COLUMN!r} column is {column.type}, not token vectors of the "
+                             f"query's {query.shape[1]} dimensions.")
+        positions = np.flatnonzero(column.is_valid().to_numpy(zero_copy_only=False))
+        present = column.take(pa.array(positions, pa.int64()))
+        offsets = present.offsets.to_numpy()
+        starts, ends = offsets[:-1] - offsets[0], offsets[1:] - offsets[0]
+        flat = present.flatten().flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(-1, query.shape[1])
+        sims = flat @ query.T  # (tokens of every row, query tokens)
+        scores = np.zeros(len(positions))
+        full = ends > starts
+        if full.any():
+            best = np.maximum.reduceat(sims, starts[full], axis=0) if len(sims) else np.zeros((0, len(query)))
+            scores[full] = best.sum(axis=1)
         return scores, positions
 
     return rate
