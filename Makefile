@@ -36,6 +36,7 @@ bench: install
 	$(PY) benchmarks/bench_sync.py
 	$(PY) benchmarks/bench_runtimes.py
 	$(PY) benchmarks/bench_default.py  # makes benchmarks/.work/st-openvino (ST + optimum-intel) once
+	$(PY) benchmarks/bench_kinds.py  # sparse, multi-vector, score against their sentence-transformers classes
 
 clean:
 	rm -rf out benchmarks/.work .pytest_cache .hypothesis build dist *.egg-info

