@@ -200,3 +200,20 @@ def test_the_dry_run_counts_pairs_windows_and_what_rerank_keeps(cross_encoder_mo
     warm = json.loads(cli("score", source, "-o", tmp_path / "o2.parquet", "--model", cross_encoder_model_dir,
                           "--dry-run", "--json").stdout)
     assert warm["cache"]["expected_hits"] == 13 and warm["pair_scorings"] == 0
+
+
+def test_a_directory_of_parts_is_scored_as_one_input(cross_encoder_model_dir: Path, reference: Any, tmp_path: Path) -> None:
+    rows = pairs_rows(documents(8))
+    parts = tmp_path / "parts"
+    parts.mkdir()
+    write_csv(parts / "a.csv", rows[:10])
+    write_parquet(parts / "b.parquet", rows[10:])
+    out = tmp_path / "top.parquet"
+    result = cli("score", parts, "-o", out, "--model", cross_encoder_model_dir, "--rerank", 2)
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out).to_pylist()
+    want = reference.predict([(r["query"], r["text"]) for r in rows])
+    for query in QUERIES:  # a query's rows in both parts are ranked together
+        mine = [i for i, r in enumerate(rows) if r["query"] == query]
+        best = sorted(mine, key=lambda i: -want[i])[:2]
+        assert [int(r["id"]) for r in table if r["query"] == query] == [rows[i]["id"] for i in best]

@@ -52,8 +52,18 @@ def run_score(options: ScoreOptions, *, scorer: Any = None, observer: Observer |
     InputError (exit 2) before any work, other HfbatchErrors (exit 1) after."""
     opts, document = run_job(options, score_columns(options), lambda o: ScoreTask(scorer or make_scorer(o), o),
                              observer=observer, settings=settings,
-                             sync_for=lambda o, task, source, files: Rerank(o) if o.rerank else None)
+                             sync_for=lambda o, task, source, files: Rerank(o) if o.rerank else None,
+                             join_parts=join_parts)
     return ScoreResult(opts.output, opts.sidecar, document)
+
+
+def join_parts(opts: ScoreOptions, directory: Path | None) -> Any:
+    """A directory (or glob) of parts scored as one input into one output: --rerank ranks a
+    query's rows across every part."""
+    from ..io.parts import joined_parts
+
+    return joined_parts(opts.input, opts.format, chunk_size=opts.chunk_size or 10_000,
+                        max_line_bytes=opts.max_line_bytes, directory=directory)  # type: ignore[arg-type]
 
 
 def pack(value: Scored) -> bytes:
