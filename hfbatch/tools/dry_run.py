@@ -137,8 +137,11 @@ def _plan(opts: EmbedOptions, source: Path) -> dict[str, Any]:
         sample = sorted(range(len(misses)), key=lambda i: -length(i))[:: max(1, len(misses) // SAMPLE)][:SAMPLE]
         texts = [misses[i] for i in sample]
         backend.embed(texts[:2])  # warm-up: the model load is not the job's per-text cost
+        # a local model is timed in batches of alike lengths, as the job batches (one batch of every
+        # length would pad all to the longest: several times the work for a sparse model's head)
+        groups = [texts] if backend.remote else [texts[g:g + 8] for g in range(0, len(texts), 8)]
         started = time.perf_counter()
-        made = backend.embed(texts)
+        made = [value for group in groups for value in backend.embed(group)]
         per_unit = (time.perf_counter() - started) / max(1, sum(seen[i] for i in sample))
         if backend.kind != "dense":  # what a row of the output will weigh: a sparse row's entries, a matrix's tokens
             per_row = value_bytes(backend.kind, made, opts)
@@ -229,7 +232,9 @@ def plan_score(options: Any, settings: Settings | None = None) -> dict[str, Any]
         sample = [pairs[i] for i in order]
         scorer.score(sample[:2], [counts[i] for i in order[:2]])  # warm-up: the load is not a per-pair cost
         started = time.perf_counter()
-        scorer.score(sample, [counts[i] for i in order])
+        step = len(sample) if scorer.remote else 8  # batches of alike lengths, as the job's (see plan_embed)
+        for g in range(0, len(sample), step):
+            scorer.score(sample[g:g + step], [counts[i] for i in order[g:g + step]])
         per_pair = (time.perf_counter() - started) / len(sample)
         report["eta_seconds"] = round(scorer.load_seconds + per_pair * len(pairs), 1)
         report["eta_basis"] = (f"{len(sample)} of the pairs to score timed on {scorer.name} ({per_pair * 1000:.2f} ms a "
