@@ -357,3 +357,21 @@ def test_encode_in_memory_gives_sparse_vectors(sparse_model_dir: Path, reference
     got = hfbatch.encode(items, model=str(sparse_model_dir), cache_dir=tmp_path / "c")
     assert isinstance(got, list) and all(isinstance(v, SparseVector) for v in got)
     assert_same(got, encoded(reference, items))
+
+
+def test_prompt_name_query_names_the_side_of_a_model_without_prompts(sparse_model_dir: Path, reference: Any,
+                                                                     tmp_path: Path) -> None:
+    """Hub SPLADEs often have no prompts: --prompt-name query still means the query side."""
+    import shutil
+
+    model = tmp_path / "no-prompts"
+    shutil.copytree(sparse_model_dir, model)
+    config = json.loads((model / "config_sentence_transformers.json").read_text())
+    config["prompts"] = {}
+    (model / "config_sentence_transformers.json").write_text(json.dumps(config))
+    items = texts()[:4]
+    source = write_input(tmp_path, items)
+    result = cli("embed", source, "-o", tmp_path / "q.parquet", "--model", model, "--prompt-name", "query", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["provenance"]["vectors"]["side"] == "query"
+    assert_same(from_arrow(pq.read_table(tmp_path / "q.parquet").column("embedding")), encoded(reference, items, "query"))

@@ -117,7 +117,10 @@ class EncoderBackend:
     @property
     def files(self) -> ModelFiles:
         if self._files is None:
-            files = ModelFiles(self.model_id, **self._asked)
+            # --prompt-name query / document names a side: its prompt where the model has one (else none)
+            named_side = self._asked["prompt_name"] in ("query", "document")
+            files = ModelFiles(self.model_id, max_length=self._asked["max_length"], prompt=self._asked["prompt"],
+                               prompt_name=None if named_side else self._asked["prompt_name"])
             text_dir = self.text_dir = side_dir(files.dir, self.side)
             if self._asked["max_length"] is not None and is_static(files.dir, text_dir):
                 raise InputError(f"--max-length: the {self.side} side of {self.model_id} is a static (inference-free) "
@@ -126,10 +129,10 @@ class EncoderBackend:
                 own = read_spec(text_dir, self.model_id, max_length=self._asked["max_length"], prompt="", prompt_name=None)
                 files.spec = replace(files.spec, lower=own.lower, max_length=own.max_length,
                                      native_max_length=own.native_max_length)
-            if self._asked["prompt"] is None and self._asked["prompt_name"] is None:
-                # no prompt asked for: the side's own, as encode_document / encode_query choose it
+            if self._asked["prompt"] is None and (self._asked["prompt_name"] is None or named_side):
+                # no prompt asked for, or a side: the side's own, as encode_document / encode_query choose it
                 prompts = prompt_config(files.dir / "config_sentence_transformers.json").get("prompts") or {}
-                name = next((p for p in (("query",) if self._side == "query" else DOCUMENT_PROMPTS) if p in prompts), None)
+                name = next((p for p in (("query",) if self.side == "query" else DOCUMENT_PROMPTS) if p in prompts), None)
                 if name is not None:
                     named = read_spec(files.dir, self.model_id, max_length=None, prompt=None, prompt_name=name)
                     files.spec = replace(files.spec, prompt=named.prompt, prompt_name=named.prompt_name)
