@@ -176,7 +176,8 @@ def tiny_lm(tmp_path_factory: pytest.TempPathFactory) -> Path:
 # The longest files first (`make test` runs pytest-xdist with --no-loadscope-reorder, which keeps
 # this order): a long file handed out last kept one worker busy minutes after the other was done.
 LONG_FILES = ("test_ray.py", "test_selection.py", "test_sync.py", "test_pg_target.py", "test_pg_faults.py",
-              "test_stores.py", "test_cli.py", "test_kill_resume.py", "test_hub_datasets.py", "test_s3_publish.py", "test_backends_onnx.py", "test_remote_faults.py")
+              "test_stores.py", "test_cli.py", "test_kill_resume.py", "test_hub_datasets.py", "test_s3_publish.py", "test_backends_onnx.py", "test_remote_faults.py",
+              "test_sparse.py", "test_remote_kinds.py", "test_multivector.py", "test_score.py")
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

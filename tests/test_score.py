@@ -217,3 +217,18 @@ def test_a_directory_of_parts_is_scored_as_one_input(cross_encoder_model_dir: Pa
         mine = [i for i, r in enumerate(rows) if r["query"] == query]
         best = sorted(mine, key=lambda i: -want[i])[:2]
         assert [int(r["id"]) for r in table if r["query"] == query] == [rows[i]["id"] for i in best]
+
+
+def test_a_killed_reranks_spill_file_is_cleared_by_the_next_run(cross_encoder_model_dir: Path, tmp_path: Path) -> None:
+    import os
+
+    from hfbatch.io.writers import local_temp_for
+
+    out = tmp_path / "top.parquet"
+    spill = local_temp_for(out)  # the name a --rerank run spills to: what a SIGKILL would leave
+    assert spill.parent == tmp_path and f".{os.getpid()}-" in spill.name
+    dead = spill.with_name(spill.name.replace(f".{os.getpid()}-", ".999999999-"))
+    dead.write_bytes(b"scored rows of a killed run")
+    source = write_parquet(tmp_path / "pairs.parquet", pairs_rows(documents(3)))
+    assert cli("score", source, "-o", out, "--model", cross_encoder_model_dir, "--rerank", 1).exit_code == 0
+    assert not dead.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []

@@ -66,6 +66,13 @@ def temp_path_for(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
 
 
+def local_temp_for(path: Path | RemotePath) -> Path:
+    """A temp file of this process for `path` (a store's: in the local temp folder), of the name
+    remove_stale_temps clears once the process is gone: a killed run leaves nothing for good."""
+    return temp_path_for(_local_temp_dir() / _remote_temp_name(path)) if isinstance(path, RemotePath) \
+        else temp_path_for(Path(path))
+
+
 def remove_stale_temps(path: Path | RemotePath) -> list[Path]:
     """Delete temp files of earlier runs for `path` whose process is no longer alive."""
     removed: list[Path] = []

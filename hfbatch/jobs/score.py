@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from ..backends.remote import UNKNOWN_MAX_LENGTH
 from ..backends.scoring import Pair, Scored, make_scorer
-from ..io.writers import ParquetSink, temp_path_for
+from ..io.writers import ParquetSink, local_temp_for
 from ..monitoring import Observer
 from ..options import ScoreOptions
 from ..settings import Settings
@@ -195,9 +195,7 @@ class RerankSink:
 
     def __init__(self, opts: ScoreOptions, schema: pa.Schema):
         self.opts, self.schema = opts, schema
-        output = opts.output
-        beside = output.parent if isinstance(output, Path) else Path.cwd()
-        self.spill = temp_path_for(beside / f"{output.name}.scored")
+        self.spill = local_temp_for(opts.output)  # (a killed run's: cleared by the next run's plan)
         self._writer: pq.ParquetWriter | None = pq.ParquetWriter(str(self.spill), schema)
         self.rows = 0
 
