@@ -465,7 +465,7 @@ def generate(
 
 @app.command()
 def score(
-    input: Annotated[str, typer.Argument(metavar="INPUT", help="Input file with a query and a document column: CSV, JSONL or Parquet; local or in a store.", show_default=False)],
+    input: Annotated[str, typer.Argument(metavar="INPUT", help="Input file with a query and a document column: CSV, JSONL or Parquet; local or in a store; a directory or quoted glob of such parts is scored as one input.", show_default=False)],
     *,
     query_column: Annotated[str, typer.Option("--query-column", help="Column holding the query.", rich_help_panel=INPUT)] = "query",
     text_column: Annotated[str, typer.Option("--text-column", help="Column holding the document scored against the query.", rich_help_panel=INPUT)] = "text",
