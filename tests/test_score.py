@@ -232,3 +232,61 @@ def test_a_killed_reranks_spill_file_is_cleared_by_the_next_run(cross_encoder_mo
     source = write_parquet(tmp_path / "pairs.parquet", pairs_rows(documents(3)))
     assert cli("score", source, "-o", out, "--model", cross_encoder_model_dir, "--rerank", 1).exit_code == 0
     assert not dead.exists() and [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+
+
+def test_a_long_query_beside_a_long_document_and_windows_per_forward_pass(cross_encoder_model_dir: Path,
+                                                                          reference: Any, tmp_path: Path) -> None:
+    """Review: a ~230-token query beside a long document killed the job (no room for the overlap),
+    a ~220-token one cut 368 windows a token apart; every window of a batch went into one call."""
+    rows = [{"query": " ".join(["fox"] * n), "text": " ".join(["dog"] * 400)} for n in (220, 230, 250)]
+    source = write_parquet(tmp_path / "lq.parquet", rows)
+    out = tmp_path / "lq.scored.parquet"
+    result = cli("score", source, "-o", out, "--model", cross_encoder_model_dir)
+    assert result.exit_code == 0, result.output
+    table = pq.read_table(out).to_pylist()
+    assert all(r["score"] is not None for r in table)
+    assert table[0]["n_windows"] < 40  # windows advance by half a window at least
+    scorer = LocalScorer(str(cross_encoder_model_dir))
+    for row in rows:
+        windows = scorer.windows(Pair(row["query"], row["text"])) or []
+        for w in windows:
+            assert len(reference.tokenizer(row["query"], w)["input_ids"]) <= reference.max_length
+    # a batch of 2 long pairs (about 8 windows each) goes to the model 2 pairs a forward pass
+    model = scorer.load()
+    sizes: list[int] = []
+    real = model.predict
+
+    def counted(pairs: Any, **kw: Any) -> Any:
+        sizes.append(len(pairs))
+        return real(pairs, **kw)
+
+    model.predict = counted
+    try:
+        long = [Pair("a dog", " ".join(["dog"] * 1500)), Pair("a cat", " ".join(["cat"] * 1500))]
+        got = scorer.score(long, scorer.pair_counts(long))
+    finally:
+        model.predict = real
+    assert all(g.windows > 4 for g in got) and max(sizes) <= 2 and sum(sizes) == sum(g.windows for g in got)
+
+
+def test_a_two_label_classifier_is_refused_and_helper_columns_never_clash(tmp_path: Path,
+                                                                          cross_encoder_model_dir: Path) -> None:
+    import torch
+    from sentence_transformers import CrossEncoder
+    from sentence_transformers.cross_encoder.modules import Transformer
+
+    from kind_models import MINILM_DIR
+
+    torch.manual_seed(0)
+    backbone = Transformer(str(MINILM_DIR), transformer_task="sequence-classification", config_kwargs={"num_labels": 2})
+    CrossEncoder(modules=[backbone], device="cpu").save(str(tmp_path / "ce2"))
+    source = write_csv(tmp_path / "p.csv", [{"query": "a", "text": "x", "__first": 1, "__row": 2},
+                                            {"query": "a", "text": "y", "__first": 3, "__row": 4}])
+    refused = cli("score", source, "-o", tmp_path / "o.parquet", "--model", tmp_path / "ce2")
+    assert refused.exit_code == 2 and "2 labels" in refused.output and "Traceback" not in refused.output
+    ranked = cli("score", source, "-o", tmp_path / "r.parquet", "--model", cross_encoder_model_dir, "--rerank", 1, "--json")
+    assert ranked.exit_code == 0, ranked.output
+    assert pq.read_table(tmp_path / "r.parquet").column("__first").to_pylist() in (["1"], ["3"])  # (CSV: text)
+    assert json.loads(ranked.stdout)["provenance"]["activation"] == "Sigmoid"
+    again = cli("score", source, "-o", tmp_path / "r2.parquet", "--model", cross_encoder_model_dir, "--json")
+    assert json.loads(again.stdout)["provenance"]["activation"] == "Sigmoid"  # a run the cache served whole too

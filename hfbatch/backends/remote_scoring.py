@@ -204,8 +204,8 @@ class _ServerSide(LocalScorer):
     def load(self) -> Any:
         raise AssertionError("a remote scorer never loads the model's weights")
 
-    def predict(self, pairs: Sequence[Pair]) -> np.ndarray:
-        return self._ask(pairs)
+    def predict(self, pairs: Sequence[Pair], batch: int | None = None) -> np.ndarray:
+        return self._ask(pairs)  # (the server's requests are sized by --api-batch-size)
 
 
 class RemoteScorer:

@@ -72,7 +72,9 @@ class LocalScorer(EncoderBackend):
             return
         self._labels_checked = True
         config = read_json(self.files.dir / "config.json")
-        labels = len(config.get("id2label") or {}) if isinstance(config, dict) else 0
+        config = config if isinstance(config, dict) else {}
+        # transformers writes no id2label for its default of 2 labels (review: a 2-label model passed)
+        labels = len(config.get("id2label") or {}) or int(config.get("num_labels") or 2) if config else 1
         if labels > 1:
             raise InputError(f"{self.model_id} is a cross-encoder with {labels} labels (a classifier); `hfbatch score` "
                              "writes one score per pair: use a reranker (one label).")
@@ -95,21 +97,35 @@ class LocalScorer(EncoderBackend):
 
     def windows(self, pair: Pair) -> list[str] | None:
         """The document's windows that fit beside the query, or None where the query leaves too little room."""
-        room = self.max_length - self.pair_counts([Pair(pair.query, "")])[0] + self.tokens.counts([""])[0]
-        if room < MIN_WINDOW_TOKENS:
+        specials = self.tokens.counts([""])[0]  # what a window costs beside its own tokens, read alone
+        room = self.max_length - self.pair_counts([Pair(pair.query, "")])[0] + specials
+        text_room = room - specials  # the document's own tokens a window holds
+        if text_room < MIN_WINDOW_TOKENS:
             return None
-        overlap = min(self.window_overlap, room - 1)
+        # (review: an overlap near the window made windows advance a token at a time, or none fit)
+        overlap = min(self.window_overlap, text_room // 2)
         cut = self.tokens.split([pair.document], room, overlap)[0]
         return [pair.document[s.char_start:s.char_end] for s in cut.spans]
 
-    def predict(self, pairs: Sequence[Pair]) -> np.ndarray:
+    def predict(self, pairs: Sequence[Pair], batch: int | None = None) -> np.ndarray:
+        """predict's scores of `pairs`, at most `batch` pairs a forward pass (the job's batch size:
+        a batch of long documents is many windows, never one call of them all)."""
         model = self.load()
-        try:
-            scores = model.predict([list(p) for p in pairs], batch_size=max(1, len(pairs)), show_progress_bar=False,
-                                   convert_to_numpy=True)
-        except Exception as exc:
-            raise BackendError(f"{self.model_id} failed on a batch of {len(pairs)} pairs ({first_line(exc)}).") from exc
-        return np.asarray(scores, dtype=np.float32).reshape(len(pairs))
+        size = max(1, batch or len(pairs))
+        out: list[np.ndarray] = []
+        for start in range(0, len(pairs), size):
+            part = pairs[start:start + size]
+            try:
+                scores = model.predict([list(p) for p in part], batch_size=len(part), show_progress_bar=False,
+                                       convert_to_numpy=True)
+            except Exception as exc:
+                raise BackendError(f"{self.model_id} failed on a batch of {len(part)} pairs ({first_line(exc)}).") from exc
+            scores = np.asarray(scores, dtype=np.float32)
+            if scores.size != len(part):
+                raise BackendError(f"{self.model_id} gave {scores.size} scores for {len(part)} pairs (a model with "
+                                   "several labels?); `hfbatch score` writes one score per pair: use a reranker.")
+            out.append(scores.reshape(len(part)))
+        return np.concatenate(out) if out else np.zeros(0, np.float32)
 
     def score(self, pairs: Sequence[Pair], counts: Sequence[int]) -> list[Scored]:
         """Each pair's Scored, in one model call over every pair and window of the batch."""
@@ -123,7 +139,7 @@ class LocalScorer(EncoderBackend):
             calls += parts
             owners += [i] * len(parts)
             plans.append((len(parts), count > self.max_length and not cut))
-        scores = self.predict(calls) if calls else np.zeros(0, np.float32)
+        scores = self.predict(calls, batch=len(pairs)) if calls else np.zeros(0, np.float32)
         if not np.isfinite(scores).all():
             raise BackendError(f"{self.model_id} returned NaN or infinite scores; nothing was written.")
         by_pair: list[list[float]] = [[] for _ in pairs]
@@ -134,8 +150,15 @@ class LocalScorer(EncoderBackend):
                 for values, count, (n, cut) in zip(by_pair, counts, plans)]
 
     def activation(self) -> str | None:
-        model = self._model
-        return None if model is None else type(model.activation_fn).__name__
+        """The activation predict applies: the loaded model's, else as its files name it (a run
+        the cache served whole records it too)."""
+        if self._model is not None:
+            return type(self._model.activation_fn).__name__
+        if self._files is None:
+            return None
+        from .remote_scoring import file_activation
+
+        return file_activation(self._files.dir, self.trust_remote_code)
 
     def describe(self) -> dict[str, Any]:
         info = super().describe()

@@ -169,6 +169,14 @@ class ScoreTask:
 
 # --- --rerank K --------------------------------------------------------------------------------------
 
+def helper_name(taken: Sequence[str], base: str) -> str:
+    """`base`, with underscores added until no column of `taken` has the name."""
+    name = base
+    while name in taken:
+        name += "_"
+    return name
+
+
 class Rerank:
     """The run's sink for --rerank (jobs/core.Sync): every scored row goes to a temp file beside
     the output; the commit publishes each query's best K, ranked (see the module docstring)."""
@@ -212,12 +220,13 @@ class RerankSink:
         self._writer = None
         scored = pq.read_table(self.spill)
         query = self.opts.query_column
-        frame = pl.from_arrow(scored).with_row_index("__row")  # type: ignore[union-attr]
+        row, first = (helper_name(scored.schema.names, base) for base in ("__row", "__first"))  # never an input's
+        frame = pl.from_arrow(scored).with_row_index(row)  # type: ignore[union-attr]
         frame = frame.with_columns(
             pl.col("score").rank("ordinal", descending=True).over(query).cast(pl.Int32).alias("rank"),
-            pl.col("__row").min().over(query).alias("__first"))
+            pl.col(row).min().over(query).alias(first))
         kept = frame.filter(pl.col("rank").is_null() | (pl.col("rank") <= self.opts.rerank))
-        kept = kept.sort(["__first", "rank", "__row"], nulls_last=True).drop(["__row", "__first"])
+        kept = kept.sort([first, "rank", row], nulls_last=True).drop([row, first])
         table = kept.to_arrow()
         out_schema = self.schema.append(pa.field("rank", pa.int32()))
         return pa.table([table.column(n).cast(f.type) for n, f in zip(out_schema.names, out_schema)], schema=out_schema)
