@@ -211,8 +211,9 @@ def plan_score(options: Any, settings: Settings | None = None) -> dict[str, Any]
             cache.close()
     pairs = [Pair(*parse_pair_key(t)) for t in misses]
     counts = scorer.pair_counts(pairs)
-    long = [p for p, c in zip(pairs, counts) if c > scorer.max_length]
-    windows = sum(len(scorer.windows(p) or [p]) for p in long)
+    cuts = [scorer.windows(p) for p, c in zip(pairs, counts) if c > scorer.max_length]
+    long = [w for w in cuts if w]  # scored in windows; the rest (a query leaving no room) truncated
+    windows = sum(len(w) for w in long)
     calls = len(pairs) - len(long) + windows
     size = opts.api_batch_size if scorer.remote else (opts.batch_size or 32)
     kept = sum(min(n, opts.rerank) for n in per_query.values()) + invalid * (opts.on_invalid == "mark") \
@@ -222,7 +223,8 @@ def plan_score(options: Any, settings: Settings | None = None) -> dict[str, Any]
         "kind": "cross-encoder", "rows": rows, "rows_invalid": invalid, "pairs_distinct": len(distinct),
         "queries": len(per_query),
         "cache": {"used": exists, "expected_hits": hits, "pairs_to_score": len(misses)},
-        "long_documents": len(long), "windows": windows, "pair_scorings": calls,
+        "long_documents": len(long), "windows": windows, "pairs_truncated": len(cuts) - len(long),
+        "pair_scorings": calls,
         "tokens_to_compute": sum(min(c, scorer.max_length) for c in counts) + (windows - len(long)) * scorer.max_length,
         ("requests" if scorer.remote else "model_calls"): math.ceil(calls / size) if calls else 0,
         "output_rows": kept, "rerank": opts.rerank, "eta_seconds": 0.0, "eta_basis": "nothing to compute",
