@@ -316,7 +316,8 @@ def verify(
         out.print(escape(
             f"{report['output']}: {report['agree']}/{report['rows_checked']} sampled rows agree with {report['model_id']} "
             f"scoring them again ({report['reference']}) within {report['tolerance']}; largest difference "
-            f"{report['max_abs_diff']}"), soft_wrap=True)
+            f"{report['max_abs_diff']}" + (f"; RANKS: {report['rerank']}" if report.get("rerank") else "")),
+            soft_wrap=True)
     else:
         made = f", made by {report['made_by']}" if report.get("made_by") else ""
         out.print(escape(

@@ -290,3 +290,22 @@ def test_a_two_label_classifier_is_refused_and_helper_columns_never_clash(tmp_pa
     assert json.loads(ranked.stdout)["provenance"]["activation"] == "Sigmoid"
     again = cli("score", source, "-o", tmp_path / "r2.parquet", "--model", cross_encoder_model_dir, "--json")
     assert json.loads(again.stdout)["provenance"]["activation"] == "Sigmoid"  # a run the cache served whole too
+
+
+def test_verify_checks_a_reranked_files_ranks_and_rows(cross_encoder_model_dir: Path, tmp_path: Path) -> None:
+    import pyarrow as pa
+
+    source = write_parquet(tmp_path / "pairs.parquet", pairs_rows(documents(6)))
+    out = tmp_path / "top.parquet"
+    assert cli("score", source, "-o", out, "--model", cross_encoder_model_dir, "--rerank", 3).exit_code == 0
+    fine = cli("verify", out, "--json")
+    assert fine.exit_code == 0 and json.loads(fine.stdout)["rerank"] is None, fine.output
+    table = pq.read_table(out)
+    ranks = table.column("rank").to_pylist()
+    ranks[0], ranks[1] = ranks[1], ranks[0]  # two ranks swapped: scores no longer fall with the rank
+    pq.write_table(table.set_column(table.schema.get_field_index("rank"), "rank", pa.array(ranks, pa.int32())), out)
+    swapped = cli("verify", out, "--json")
+    assert swapped.exit_code == 1 and "not 1..3 in order" in json.loads(swapped.stdout)["rerank"]
+    pq.write_table(table.slice(0, 5), out)  # rows cut: fewer than the run wrote
+    cut = cli("verify", out, "--json")
+    assert cut.exit_code == 1 and "the run wrote 9" in json.loads(cut.stdout)["rerank"]

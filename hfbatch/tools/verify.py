@@ -345,8 +345,11 @@ def verify_scores(output: Any, table: Any, prov: dict[str, Any], *, sample: int,
         "recorded_fingerprint": prov.get("fingerprint"), "fingerprint_now": scorer.fingerprint(),
         "same_fingerprint": scorer.fingerprint() == prov.get("fingerprint"), "bar": "scores",
     }
+    rerank = prov.get("rerank") if isinstance(prov.get("rerank"), dict) else None
+    if rerank is not None:  # the ranks as the run wrote them: each query's best K, 1..K by score
+        report["rerank"] = rerank_problem(table, query_column, rerank, prov)
     if not rows:
-        report.update(agree=0, max_abs_diff=None, ok=True)
+        report.update(agree=0, max_abs_diff=None, ok=report.get("rerank") is None)
         return report
     pairs = [Pair(queries[i], texts[i]) for i in rows]
     fresh = np.array([s.score for s in scorer.score(pairs, scorer.pair_counts(pairs))], dtype=np.float64)
@@ -354,5 +357,29 @@ def verify_scores(output: Any, table: Any, prov: dict[str, Any], *, sample: int,
     diff = np.abs(fresh - stored) / np.maximum(1.0, np.abs(stored))
     worst = int(np.argmax(diff))
     report.update(agree=int((diff <= SCORE_TOLERANCE).sum()), max_abs_diff=round(float(diff.max()), 8),
-                  worst_row=rows[worst] + 1, ok=bool((diff <= SCORE_TOLERANCE).all()))
+                  worst_row=rows[worst] + 1,
+                  ok=bool((diff <= SCORE_TOLERANCE).all()) and report.get("rerank") is None)
     return report
+
+
+def rerank_problem(table: Any, query_column: str, rerank: dict[str, Any], prov: dict[str, Any]) -> str | None:
+    """What is wrong with a --rerank output's rows, or None: the row count the run recorded, and
+    per query ranks 1..n (n <= K) in order, scores not rising with the rank."""
+    recorded = (prov.get("output") or {}).get("rows") if isinstance(prov.get("output"), dict) else None
+    if recorded is not None and recorded != table.num_rows:
+        return f"the file has {table.num_rows} rows, the run wrote {recorded}"
+    if "rank" not in table.schema.names:
+        return "the file has no rank column"
+    ranks: dict[Any, list[tuple[int, float]]] = {}
+    for query, rank, score in zip(table.column(query_column).to_pylist(), table.column("rank").to_pylist(),
+                                  table.column("score").to_pylist()):
+        if rank is not None:
+            ranks.setdefault(query, []).append((rank, score))
+    k = int(rerank.get("k") or 0)
+    for query, got in ranks.items():
+        if [r for r, _ in got] != list(range(1, len(got) + 1)) or len(got) > k:
+            return f"query {str(query)[:40]!r}: ranks {[r for r, _ in got][:12]} are not 1..{min(len(got), k)} in order"
+        scores = [s for _, s in got]
+        if any(later > earlier for earlier, later in zip(scores, scores[1:])):
+            return f"query {str(query)[:40]!r}: a lower rank has a higher score"
+    return None
