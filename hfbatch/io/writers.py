@@ -66,6 +66,21 @@ def temp_path_for(path: Path) -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}{_TMP_SUFFIX}")
 
 
+def publish_table(path: str | Path | RemotePath, table: pa.Table, document: Mapping[str, Any],
+                  sidecar: Path | RemotePath | None = None, *, schema: pa.Schema | None = None,
+                  batch_rows: int = 65_536) -> None:
+    """Write a whole table as `path` with its sidecar, as ParquetSink publishes (atomic; nothing
+    left on failure): for outputs finished only once every row is in (a sync's, a --rerank's)."""
+    sink = ParquetSink(path, schema or table.schema)
+    try:
+        for batch in table.to_batches(max_chunksize=batch_rows):
+            sink.write(batch)
+        sink.commit(document, sidecar=sidecar)
+    except BaseException:
+        sink.abort()
+        raise
+
+
 def local_temp_for(path: Path | RemotePath) -> Path:
     """A temp file of this process for `path` (a store's: in the local temp folder), of the name
     remove_stale_temps clears once the process is gone: a killed run leaves nothing for good."""

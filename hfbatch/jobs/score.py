@@ -26,7 +26,7 @@ import pyarrow.parquet as pq
 
 from ..backends.remote import UNKNOWN_MAX_LENGTH
 from ..backends.scoring import Pair, Scored, make_scorer
-from ..io.writers import ParquetSink, local_temp_for
+from ..io.writers import local_temp_for, publish_table
 from ..monitoring import Observer
 from ..options import ScoreOptions
 from ..settings import Settings
@@ -241,14 +241,8 @@ class RerankSink:
             provenance["output"]["rows"] = table.num_rows
         provenance["rerank"] = {"k": self.opts.rerank, "rows_scored": self.rows, "rows_kept": table.num_rows,
                                 "queries": len(set(table.column(self.opts.query_column).to_pylist()))}
-        sink = ParquetSink(self.opts.output, table.schema)
         try:
-            for batch in table.to_batches(max_chunksize=65_536):
-                sink.write(batch)
-            sink.commit(document, sidecar=sidecar)
-        except BaseException:
-            sink.abort()
-            raise
+            publish_table(self.opts.output, table, document, sidecar)
         finally:
             self.spill.unlink(missing_ok=True)
 

@@ -21,7 +21,7 @@ from ..errors import OutputError
 from ..io.sidecars import sidecar_path
 from ..io.stores import RemotePath
 from ..io.targets import Target, TargetSpec, vector_record
-from ..io.writers import ParquetSink, remove_stale_temps, temp_path_for, write_json_atomic
+from ..io.writers import ParquetSink, publish_table, remove_stale_temps, temp_path_for, write_json_atomic
 
 if TYPE_CHECKING:
     from .sync import SyncPlan
@@ -159,14 +159,7 @@ class ParquetSyncSink(StagedSink):
             document["metrics"]["rows_written"] = whole.num_rows
             if self.changes is not None:
                 self.changes.commit(document)
-            sink = ParquetSink(self.output, self.schema)
-            try:
-                for batch in whole.to_batches(max_chunksize=8192):
-                    sink.write(batch)
-                sink.commit(document, sidecar=sidecar)
-            except BaseException:
-                sink.abort()
-                raise
+            publish_table(self.output, whole, document, sidecar, schema=self.schema, batch_rows=8192)
         finally:
             self.staged.remove()
 
