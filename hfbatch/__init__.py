@@ -18,7 +18,7 @@ Errors are one tree (see hfbatch.errors); each has the CLI's exit code as `exit_
 """
 
 from ._version import __version__
-from .engines import embed
+from .engines import embed, score
 from .engines.parts import PartsResult
 from .errors import (
     BackendError,
@@ -35,14 +35,13 @@ from .errors import (
 from .jobs.embed import EmbedResult, run_embed
 from .jobs.encode import encode
 from .jobs.generate import GenerateResult, run_generate
-from .jobs.score import ScoreResult, run_score
+from .jobs.score import ScoreResult
 from .options import EmbedOptions, GenerateOptions, ScoreOptions
 from .tools.dry_run import plan_embed as plan
 from .tools.search import search
 from .tools.verify import verify_output as verify
 
 generate = run_generate
-score = run_score
 
 __all__ = [
     "__version__",

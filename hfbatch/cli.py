@@ -495,6 +495,10 @@ def score(
     api_retry_ceiling: ApiRetryCeilingOpt = 300.0,
     tokenizer: TokenizerOpt = None,
     chunk_size: Annotated[Optional[int], typer.Option("--chunk-size", help="Rows read, scored and written at a time.", rich_help_panel=SCALE)] = None,
+    engine: Annotated[str, typer.Option("--engine", metavar=_choices(*ENGINES), help=r"local (this process), or ray (Ray Data's actors score the chunks; one output still; needs hfbatch\[ray]).", rich_help_panel=SCALE)] = "local",
+    ray_address: Annotated[Optional[str], typer.Option("--ray-address", help="With --engine ray: a cluster address (auto, ray://host:10001); default: a local cluster.", rich_help_panel=SCALE)] = None,
+    num_workers: Annotated[int, typer.Option("--num-workers", help="With --engine ray: scoring actors (each loads the model once).", rich_help_panel=SCALE)] = 2,
+    gpus_per_worker: Annotated[float, typer.Option("--gpus-per-worker", help="With --engine ray: GPUs per actor (0 = CPU).", rich_help_panel=SCALE)] = 0.0,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Read and check the input, count rows, pairs, cache hits, windows and model calls, time a sample for an ETA; write nothing.", rich_help_panel=REPORTING)] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the sidecar document to stdout.", rich_help_panel=REPORTING)] = False,
     quiet: QuietOpt = False,
@@ -503,7 +507,7 @@ def score(
     debug: DebugOpt = False,
 ) -> None:
     """Score each (query, document) row of INPUT with a cross-encoder (reranker); --rerank K keeps each query's best K."""
-    from .jobs.score import run_score
+    from .engines import score as score_job
     from .options import ScoreOptions
 
     settings = _settings_or_exit(debug)
@@ -520,6 +524,9 @@ def score(
     if dry_run:
         from .tools.dry_run import plan_score
 
+        if engine != "local":
+            _refuse(InputError("--dry-run plans the job with the local engine; drop --engine."), debug)
+
         report = _run(lambda: plan_score(options, settings), debug or settings.debug)
         if as_json:
             _print_json(report)
@@ -530,7 +537,9 @@ def score(
                              f"{report['output_rows']:,} rows; ETA {report['eta_seconds']} s ({report['eta_basis']})"),
                       soft_wrap=True)
         return
-    result = _run_job(lambda observer: run_score(options, observer=observer, settings=settings), _score_summary,
+    result = _run_job(lambda observer: score_job(options, engine=engine, ray_address=ray_address, num_workers=num_workers,
+                                                 gpus_per_worker=gpus_per_worker, observer=observer, settings=settings),
+                      _score_summary,
                       as_json=as_json, quiet=quiet, debug=debug or settings.debug, label="scoring")
     _exit_if_marked(result.document["metrics"]["rows_invalid"] if on_invalid == "mark" else 0)
 

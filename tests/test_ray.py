@@ -422,3 +422,53 @@ def test_ray_engine_runs_sparse_and_multivector_models_as_the_local_engine_does(
                 np.testing.assert_allclose(np.array(g, np.float32), np.array(w, np.float32), atol=2e-3)
         meta = json.loads((tmp_path / "ray" / "_hfbatch" / (record["output"] + ".meta.json")).read_text())
         assert meta["provenance"]["vectors"]["kind"] == kind
+
+
+def test_ray_engine_scores_pairs_into_one_output_as_the_local_engine_does(
+        tmp_path: Path, cross_encoder_model_dir: Path) -> None:
+    """Issue 26: `hfbatch score --engine ray` -- a directory of parts read as one input, pairs
+    deduped and windowed by the actors as the local engine does, rows back in input order into
+    one output (and --rerank's ranks over every part), with the sidecar of the same job."""
+    from hfbatch import ScoreOptions, score, verify
+
+    long_doc = "The copper kettle whistles " + "and whistles, louder and louder, " * 60 + "until someone comes."
+    queries = ["a kettle that boils fast", "broken on arrival", "good value"]
+    rows = [{"id": i, "query": queries[i % 3], "text": f"{SAMPLE_TEXTS[i % len(SAMPLE_TEXTS)]} d{i % 7}"}
+            for i in range(26)]
+    rows[4]["text"] = long_doc  # scored in windows
+    rows[9]["text"] = None  # marked, kept
+    rows[12] = dict(rows[6], id=12)  # the same pair twice: scored once
+    root = tmp_path / "pairs"
+    root.mkdir()
+    write_jsonl(root / "a.jsonl", rows[:11])
+    write_csv(root / "b.csv", [{**r, "text": r["text"] or ""} for r in rows[11:]])
+    common = dict(model=str(cross_encoder_model_dir), chunk_size=4)
+    for rerank in (None, 2):
+        local = score(ScoreOptions(input=root, output=tmp_path / f"local-{rerank}.parquet", rerank=rerank,
+                                   cache_dir=tmp_path / f"cache-local-{rerank}", **common))
+        out = tmp_path / f"ray-{rerank}.parquet"
+        args = ["score", root, "-o", out, "--model", cross_encoder_model_dir, "--chunk-size", 4,
+                "--cache-dir", tmp_path / f"cache-ray-{rerank}", "--engine", "ray", "--num-workers", 2,
+                *(["--rerank", rerank] if rerank else [])]
+        result = CliRunner().invoke(app, [str(a) for a in args])
+        assert result.exit_code == 3, result.output  # (the marked rows)
+        want, got = pq.read_table(local.output), pq.read_table(out)
+        assert got.schema.remove_metadata() == want.schema.remove_metadata()
+        for name in want.schema.names:
+            if name == "score":
+                np.testing.assert_allclose(np.array(got.column(name).to_pylist(), dtype=float),
+                                           np.array(want.column(name).to_pylist(), dtype=float), rtol=0, atol=1e-5)
+            else:
+                assert got.column(name).to_pylist() == want.column(name).to_pylist(), name
+        meta = json.loads(Path(f"{out}.meta.json").read_text())
+        assert meta["provenance"]["engine"] == "ray" and meta["ray"]["actor_starts"] >= 1
+        for key in ("rows_total", "rows_invalid", "rows_written", "texts_computed"):
+            assert meta["metrics"][key] == local.document["metrics"][key], key
+        assert meta["provenance"]["activation"] == local.document["provenance"]["activation"]
+        if rerank:
+            assert meta["provenance"]["rerank"] == local.document["provenance"]["rerank"]
+            assert set(got.column("rank").to_pylist()) == {1, 2, None}
+        else:
+            assert got.column("n_windows").to_pylist()[4] > 1 and got.column("score_error").to_pylist()[9]
+    report = verify(tmp_path / "ray-None.parquet")
+    assert report["ok"], report

@@ -4,6 +4,9 @@
 - many files (a directory or a glob of parts), with shards and resume: `engines.parts`;
 - Ray Data over a cluster (or a local one): `engines.ray`.
 
+`score()` likewise runs a score job in this process, or with `engine="ray"` on Ray's actors
+(engines/ray_score.py), into one output either way.
+
 `embed()` chooses among them exactly as `hfbatch embed` does, so the library and the CLI agree:
 `hfbatch.embed(EmbedOptions(input="data/", output="out/"))` is `hfbatch embed data/ -o out/`.
 """
@@ -15,8 +18,9 @@ from ..errors import InputError
 from ..io.parts import is_multi_input, parse_shard
 from ..io.targets import is_table_target
 from ..jobs.embed import EmbedResult, run_embed
+from ..jobs.score import ScoreResult, run_score
 from ..monitoring import Observer
-from ..options import EmbedOptions
+from ..options import EmbedOptions, ScoreOptions
 from ..settings import Settings
 from .parts import PartsResult, run_embed_parts
 
@@ -71,4 +75,23 @@ def embed(options: EmbedOptions, *, engine: str = "local", shard: str | tuple[in
     return run_embed(options, backend=backend, observer=observer, settings=settings)
 
 
-__all__ = ["ENGINES", "embed"]
+def score(options: ScoreOptions, *, engine: str = "local", ray_address: str | None = None, num_workers: int = 2,
+          gpus_per_worker: float = 0.0, scorer: object = None, observer: Observer | None = None,
+          settings: Settings | None = None) -> ScoreResult:
+    """Run one score job (`hfbatch score`): in this process, or on Ray's actors with
+    `engine="ray"`; one output and sidecar either way (a directory of parts is one input).
+    `scorer` replaces the one the options name (local engine only: the actors make their own).
+    Raises InputError (exit 2) before any work for a bad engine."""
+    if engine not in ENGINES:
+        raise InputError(f"--engine {engine!r} is not one of: {', '.join(ENGINES)}.")
+    if engine == "ray":
+        if scorer is not None:
+            raise InputError("the Ray engine's actors make their own scorer; a scorer object cannot be given.")
+        from .ray_score import run_score_ray  # Ray is an optional extra: imported only when asked for
+
+        return run_score_ray(options, address=ray_address, num_workers=num_workers, gpus_per_worker=gpus_per_worker,
+                             settings=settings)
+    return run_score(options, scorer=scorer, observer=observer, settings=settings)
+
+
+__all__ = ["ENGINES", "embed", "score"]

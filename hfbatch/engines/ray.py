@@ -9,6 +9,11 @@ Shape of the job (each step named for the trap it avoids; measured with Ray 2.60
   index (`__row`) and its chunk (`__chunk`, the chunk's first row): Ray merges what a task yields
   into blocks, so the actor splits the chunks again, and each chunk is the local engine's chunk
   (the same batches, distinct texts and cache counts in the sidecar).
+- Blocks: Ray merges what a read task yields into blocks of up to 128 MB, so a file of one
+  block would go to one actor while the others wait; a streaming repartition at the chunk size
+  cuts them again, each block one chunk (a part's last, short chunk ends its block: measured, the
+  cuts fall on the chunks of the local engine). The cutting tasks take a CPU each (Ray's default),
+  so actors take what the reads and the cutting leave, at least 0.05 CPU each.
 - Embed: `map_batches` with `EmbedActor`, an actor class that builds the same backend and cache
   as the local pipeline and calls the same `validate_chunk` + `ChunkProcessor.process`
   (jobs/core.py) on each chunk. Each chunk's first row carries a JSON report (`__report`): the
@@ -92,6 +97,8 @@ def _read_part(batch: pa.Table, *, options: EmbedOptions) -> Iterator[pa.Table]:
 class EmbedActor:
     """Holds one backend (model loaded once per actor) and runs the local pipeline's chunk work."""
 
+    job = "embed"
+
     def __init__(self, options: EmbedOptions):
         # one core per actor: more threads than cores thrash. torch reads OMP_NUM_THREADS when it is
         # first imported; an actor on an exported runtime never imports it (seconds per actor)
@@ -100,8 +107,8 @@ class EmbedActor:
         else:
             os.environ["OMP_NUM_THREADS"] = "1"
         self.options = options
-        self.backend = make_backend(options)
-        self.cache = _open_cache(options, self.backend.fingerprint())
+        self.backend = self.build(options)
+        self.cache = actor_cache(options, self.backend.fingerprint())
         self.id = uuid.uuid4().hex[:12]  # distinct ids seen by the driver = actor starts (restarts show)
 
     def __call__(self, table: pa.Table) -> pa.Table:
@@ -111,20 +118,32 @@ class EmbedActor:
         pieces = [self.chunk(table.slice(a, b - a)) for a, b in zip(starts, [*starts[1:], len(keys)])]
         return pa.concat_tables(pieces, promote_options="default") if pieces else table
 
+    def build(self, options: Any) -> Any:
+        """The backend the options name (loaded once per actor, when it first computes)."""
+        return make_backend(options)
+
+    def validate(self, chunk: Chunk, part: Path) -> Any:
+        """The chunk's rows checked as the local engine checks them (named by the part they are in)."""
+        opts = self.options
+        return validate_chunk(chunk, path=part, text_column=opts.input_column, on_invalid=opts.on_invalid)
+
+    def task(self) -> Any:
+        """The job's Task (jobs/core.py) over this actor's backend."""
+        return embed_task(self.backend, self.options)
+
     def chunk(self, table: pa.Table) -> pa.Table:
         opts = self.options
         n = table.num_rows
-        metrics = Metrics(job="embed", chunks=1, rows_total=n)
+        metrics = Metrics(job=self.job, chunks=1, rows_total=n)
         data = table.drop_columns(list(_META)).combine_chunks()
         invalid = {i: msg for i, msg in enumerate(table.column("__invalid").to_pylist()) if msg}
         chunk = Chunk(data.to_batches()[0], table.column("__row")[0].as_py(), invalid)
         passthrough = pa.schema([data.schema.field(c) for c in (data.schema.names if opts.keep is None else opts.keep)])
         with metrics.stage("validate"):
-            validated = validate_chunk(chunk, path=Path(table.column("__part")[0].as_py()), text_column=opts.input_column,
-                                       on_invalid=opts.on_invalid)
+            validated = self.validate(chunk, Path(table.column("__part")[0].as_py()))
         described = self.backend.describe()
         # rows --on-invalid skip drops are kept (marked) and flagged, so the chunk has a row for its report
-        task = embed_task(self.backend, opts)
+        task = self.task()
         processor = ChunkProcessor(task, self.cache, metrics, passthrough=passthrough,
                                    on_invalid="mark" if opts.on_invalid == "skip" else opts.on_invalid,
                                    text_column=opts.input_column)
@@ -137,7 +156,7 @@ class EmbedActor:
             metrics.rows_skipped = int(n - keep.sum())
         report = {
             "actor": self.id,
-            "dim": task.dim(),
+            "dim": task.dim() if hasattr(task, "dim") else None,  # (a score has no width)
             "metrics": {f.name: getattr(metrics, f.name) for f in fields(Metrics) if not f.name.startswith("_")},
             "backend": gained(self.backend.describe(), described),
             "fingerprint": self.backend.fingerprint(),
@@ -183,7 +202,7 @@ def summed(total: Mapping[str, Any], more: Mapping[str, Any], counting: bool = F
     return out
 
 
-def _open_cache(opts: EmbedOptions, fingerprint: str) -> Any:
+def actor_cache(opts: EmbedOptions, fingerprint: str) -> Any:
     return (open_cache(opts.cache_dir, fingerprint, size_limit_bytes=opts.cache_size_bytes or 0)  # type: ignore[arg-type]
             if opts.use_cache else NullCache())
 
@@ -248,9 +267,11 @@ class PartStream:
     """One part's rows as the actors return them: written in input order into its ParquetSink as
     they come, published with its sidecar once every row of the input is in."""
 
+    job = "embed"
+
     def __init__(self, planned: PlannedPart):
         self.planned = planned
-        self.metrics = Metrics(job="embed")
+        self.metrics = Metrics(job=self.job)
         self.started, self.clock = utc_now(), time.perf_counter()
         self.next_row = 0  # rows before it are written (or dropped on purpose)
         self.waiting: dict[int, pa.Table] = {}  # rows that came before a gap, by first row
@@ -261,6 +282,7 @@ class PartStream:
         self.cache: ReportedCache | None = None
         self.actors: set[str] = set()
         self.shown: Path | None = None  # the input as the user named it, when the part is a copy of it
+        self.ray: dict[str, Any] | None = None  # the cluster's facts, for a sidecar of its own (one output)
 
     @property
     def complete(self) -> bool:
@@ -289,10 +311,7 @@ class PartStream:
             cache = report["cache"]
             self.cache = ReportedCache(cache["directory"], cache["disabled"], cache["volume_bytes"])
         if self.sink is None:
-            opts = self.planned.opts
-            schema = pa.schema([*self.planned.passthrough, *window_fields(split_mode(opts)),
-                                *(table.schema.field(name) for name in EMBED_COLUMNS)])
-            self.sink = self.open_sink(schema)
+            self.sink = self.open_sink(self.schema(table))
         with self.metrics.stage("write"):
             # no copies in the usual case (every row kept, types as planned): the rows are written
             # from the block Ray handed over, and the driver's own memory stays what it was
@@ -305,9 +324,28 @@ class PartStream:
         self.metrics.rows_written += data.num_rows
         self.next_row += len(pc.unique(table.column("__row")))
 
+    def schema(self, table: pa.Table) -> pa.Schema:
+        """The output's columns: the input's kept ones, then the job's, typed as the actors made them."""
+        return pa.schema([*self.planned.passthrough, *window_fields(split_mode(self.planned.opts)),
+                          *(table.schema.field(name) for name in EMBED_COLUMNS)])
+
     def open_sink(self, schema: pa.Schema) -> Any:
         """Where the part's rows go: its Parquet output (a sync's stream: the target's sink)."""
         return ParquetSink(self.planned.opts.output, schema)
+
+    def empty(self, backend: Backend) -> tuple[Any, Any]:
+        """The sink and cache of a part without rows, which the actors never saw."""
+        task = embed_task(backend, self.planned.opts)
+        schema = task.schema(pa.schema([*self.planned.passthrough, *window_fields(task.split_mode)]))
+        self.dim = task.dim()
+        return ParquetSink(self.planned.opts.output, schema), actor_cache(self.planned.opts, backend.fingerprint())
+
+    def details(self, reported: "ReportedBackend") -> dict[str, Any]:
+        """What only this job records in the sidecar's provenance."""
+        opts = self.planned.opts
+        return embed_provenance(reported, opts, self.dim or 0,  # type: ignore[arg-type]
+                                ranges=np.asarray(opts.ranges) if opts.ranges else None,
+                                calibration=opts.calibration_record)
 
     def commit(self, backend: Backend) -> dict[str, Any]:
         """Check rows in == rows out, publish the output and its sidecar; returns the sidecar document."""
@@ -315,10 +353,7 @@ class PartStream:
         cache: Any = self.cache
         try:
             if self.sink is None:  # a part without rows: the actors never saw it
-                task = embed_task(backend, opts)
-                schema = task.schema(pa.schema([*planned.passthrough, *window_fields(task.split_mode)]))
-                self.sink, self.dim = ParquetSink(opts.output, schema), task.dim()
-                cache = _open_cache(opts, backend.fingerprint())
+                self.sink, cache = self.empty(backend)
             reader = open_reader(planned.path, fmt=opts.format, chunk_size=opts.chunk_size or 10_000,
                                  columns=[opts.input_column], text_column=opts.input_column,
                                  max_line_bytes=opts.max_line_bytes)  # type: ignore[arg-type]  # the rows it has now
@@ -331,12 +366,12 @@ class PartStream:
             facts = InputFacts.of(planned.path, planned.format, self.metrics.rows_total, identity=planned.identity,
                                   shown=self.shown)
             reported = ReportedBackend(backend, self.described, self.fingerprint)
-            document = build_document(job="embed", backend=reported, options=opts, metrics=self.metrics,
+            document = build_document(job=self.metrics.job, backend=reported, options=opts, metrics=self.metrics,
                                       started=self.started, cache=cache, engine="ray", input=facts,
                                       output=OutputFacts(opts.output, self.metrics.rows_written),
-                                      details=embed_provenance(reported, opts, self.dim or 0,  # type: ignore[arg-type]
-                                                               ranges=np.asarray(opts.ranges) if opts.ranges else None,
-                                                               calibration=opts.calibration_record))
+                                      details=self.details(reported))
+            if self.ray is not None:
+                document["ray"] = {**self.ray, "actor_starts": len(self.actors)}
             self.sink.commit(document, sidecar=opts.sidecar)
         except BaseException:
             self.abort()
@@ -516,13 +551,22 @@ def run_on_ray(items: list[dict[str, str]], resolved: EmbedOptions, writer: Part
         context.enable_progress_bars = False  # hfbatch reports; Ray's bars and banners would interleave
         logging.getLogger("ray.data").setLevel(logging.WARNING)
         cpus = float(ray.cluster_resources().get("CPU", 1))
+        read = (ray.data.from_items(items, override_num_blocks=len(items))
+                .map_batches(_read_part, fn_kwargs={"options": resolved}, batch_size=1, batch_format="pyarrow",
+                             num_cpus=0.25))
+        # a read task's chunks, merged by Ray into blocks of up to 128 MB, cut again at the chunk size:
+        # else one file is one block, and one actor does the job while the others wait. The cutting
+        # tasks take a CPU each (Ray's default for a task; measured: with less room left for them
+        # the job waits forever), so a cluster of under 2 CPUs is left uncut
+        shaped = cpus >= 2
+        if shaped:
+            read = read.repartition(target_num_rows_per_block=resolved.chunk_size or 10_000)
+        reserved = 1.5 if shaped else 0.5  # the read tasks' quarter CPU, the cutting task's one, a margin
         embedded = (
-            ray.data.from_items(items, override_num_blocks=len(items))
-            .map_batches(_read_part, fn_kwargs={"options": resolved}, batch_size=1, batch_format="pyarrow",
-                         num_cpus=0.25)
+            read
             .map_batches(actor, fn_constructor_args=(resolved, *actor_args), batch_size=None, batch_format="pyarrow",
                          compute=ActorPoolStrategy(size=num_workers),
-                         num_cpus=min(1.0, max(0.25, (cpus - 0.5) / num_workers)),
+                         num_cpus=min(1.0, max(0.05, (cpus - reserved) / num_workers)),
                          **({"num_gpus": gpus_per_worker} if gpus_per_worker else {}),
                          max_restarts=ACTOR_RETRIES, max_task_retries=ACTOR_RETRIES)
         )

@@ -135,6 +135,8 @@ def run_sync_ray(options: EmbedOptions, *, address: str | None, num_workers: int
 
                 stream = SyncStream(planned)
                 stream.shown = opts.input
+                stream.ray = {"address": address or "local", "num_workers": num_workers,
+                              "gpus_per_worker": gpus_per_worker}
                 staging: dict[str, Any] = {}
                 if spec.kind == "postgres":  # the workers write staging tables; the driver's commit merges them
                     import uuid
@@ -145,8 +147,6 @@ def run_sync_ray(options: EmbedOptions, *, address: str | None, num_workers: int
                 run_on_ray([{"part": work.name, "path": str(work)}], actor_opts, _Writer(stream), address=address,
                            num_workers=num_workers, gpus_per_worker=gpus_per_worker, **staging)
                 document = stream.commit(backend)
-                document["ray"] = {"address": address or "local", "num_workers": num_workers,
-                                   "gpus_per_worker": gpus_per_worker, "actor_starts": len(stream.actors)}
 
         finally:
             sync.close()  # (a Postgres target's connection and lock: the local run below takes its own)
