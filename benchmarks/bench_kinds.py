@@ -36,6 +36,7 @@ into a temp dir (or --model-dir, kept and reused), or any model by --model KIND=
 Both sides run on --device (cpu) with torch's default thread count (the same in both processes).
 
     python benchmarks/bench_kinds.py [--rows 2000] [--kinds sparse,multivector,score] [--batch-size 32]
+    python benchmarks/bench_kinds.py --kinds score --engine ray [--num-workers 2]
         [--rounds 1] [--model-dir DIR] [--model sparse=PATH] [--hfbatch-cache fresh|off] [--raw-process]
         [--wait-load 1.0] [--json FILE]
 """
@@ -336,6 +337,11 @@ def bench_kind(kind: str, model: str, args: argparse.Namespace, items: Any, src:
     command = "score" if kind == "score" else "embed"
     result: dict[str, Any] = {"kind": kind, "model": model, "class": ST_CLASS[kind], "rows": rows, "batch_size": batch,
                               "hfbatch_command": command}
+    if args.engine == "ray":
+        if kind != "score":
+            result["skipped"] = "--engine ray is measured here for score only (embed's: bench_scale.py)"
+            return result
+        result["engine"] = f"ray, local cluster, {args.num_workers} actors"
     if kind == "score" and not has_command("score"):
         result["skipped"] = "this hfbatch has no `score` command yet (`hfbatch score --help` fails); rerun later"
         return result
@@ -345,6 +351,8 @@ def bench_kind(kind: str, model: str, args: argparse.Namespace, items: Any, src:
                "-b", str(batch), "--json"]
         if kind == "score":
             cmd += ["--query-column", "query", "--text-column", "text"]
+            if args.engine == "ray":  # the whole process: ray.init of a local cluster and each actor's load
+                cmd += ["--engine", "ray", "--num-workers", str(args.num_workers)]
         return cmd + (["--no-cache"] if args.hfbatch_cache == "off" else ["--cache-dir", str(cache)])
 
     # warm-ups: hfbatch on B rows (its files and the model's in the page cache), then the raw load
@@ -437,7 +445,7 @@ def table(r: dict[str, Any], raw_process: bool) -> list[str]:
     if raw_process:
         say(f"| raw script, whole process (imports, load, encode) | {r['raw_script_s']:.2f} | "
             f"{rows / r['raw_script_s']:.1f} | {r['ratio_vs_raw_script']:.2f}x |")
-    say(f"| `hfbatch {r['hfbatch_command']}`, whole process | {r['hfbatch_process_s']:.2f} | "
+    say(f"| `hfbatch {r['hfbatch_command']}`{' --engine ' + r['engine'] if r.get('engine') else ''}, whole process | {r['hfbatch_process_s']:.2f} | "
         f"{rows / r['hfbatch_process_s']:.1f} | 1.00x |")
     say("")
     say(f"hfbatch: peak RSS {r['hfbatch_peak_rss_mb']} MiB (sidecar); ran {ran.get('runtime')} {ran.get('precision')} "
@@ -470,6 +478,10 @@ def main() -> None:
                         help="before timing, wait for the 1-minute load average below this (0: do not wait)")
     parser.add_argument("--wait-max", type=float, default=600, help="... at most this many seconds")
     parser.add_argument("--json", type=Path, help="write the results here")
+    parser.add_argument("--engine", choices=("local", "ray"), default="local",
+                        help="score's hfbatch side: this process, or --engine ray on a local cluster (the embed "
+                             "kinds' Ray figures: bench_scale.py)")
+    parser.add_argument("--num-workers", type=int, default=2, help="with --engine ray: actors")
     parser.add_argument("--score-documents", choices=("fit", "all"), default="fit",
                         help="score: only documents that fit beside the query (the same work on both sides), or all "
                              "(long ones are scored in windows by hfbatch, truncated by predict)")

@@ -87,8 +87,10 @@ def main() -> None:
     single = run("single", WORK / "all.parquet", WORK / "single.parquet", args.workers)
     parts = run("parts", WORK / "data", WORK / "out-parts", args.workers)
     ray = run("ray", WORK / "data", WORK / "out-ray", args.workers)
+    ray_one = run("ray", WORK / "all.parquet", WORK / "out-ray-one", args.workers)  # its blocks cut at the chunk size
     for label, r in (("plain pipeline, one file", single), ("local engine, parts", parts),
-                     (f"ray engine, local cluster, {args.workers} actors", ray)):
+                     (f"ray engine, local cluster, {args.workers} actors", ray),
+                     (f"ray engine, one file, {args.workers} actors", ray_one)):
         print(f"{label:40s} {r['s']:7.2f} s  {r['rows'] / r['s']:7.1f} rows/s  ratio vs plain {single['s'] / r['s']:.2f}x")
 
 

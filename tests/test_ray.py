@@ -93,6 +93,26 @@ def test_ray_engine_equals_the_local_engine_part_by_part(tmp_path: Path) -> None
     assert again.document["totals"]["parts_skipped"] == 3 and "actor_starts" not in again.document["ray"]
 
 
+def test_one_file_without_chunk_size_is_shared_by_the_actors_in_chunks_cut_as_the_local_engines(tmp_path: Path) -> None:
+    """Without --chunk-size a 300-row file is read in chunks of 64 rows, a few per actor (not one
+    10,000-row chunk for one actor to embed while the other waits), with the chunk count and
+    vectors of the local engine at that size (and Ray's blocks cut at it, which must not lose,
+    repeat or reorder a row)."""
+    src = write_parquet(tmp_path / "one.parquet", [{"id": i, "text": f"{SAMPLE_TEXTS[i % len(SAMPLE_TEXTS)]} {i}"}
+                                                   for i in range(300)])
+    ray = run_embed_ray(EmbedOptions(input=src, output=tmp_path / "ray", cache_dir=tmp_path / "cache-ray"),
+                        num_workers=2)
+    meta = json.loads((tmp_path / "ray" / "_hfbatch" / "one.parquet.meta.json").read_text())
+    assert meta["metrics"]["chunks"] == 5 and ray.document["ray"]["actor_starts"] >= 1  # ceil(300 / 64)
+    local = run_embed_parts(EmbedOptions(input=tmp_path / "one.parquet", output=tmp_path / "local", chunk_size=64,
+                                         cache_dir=tmp_path / "cache-local"))
+    want_meta = json.loads((tmp_path / "local" / "_hfbatch" / "one.parquet.meta.json").read_text())
+    assert want_meta["metrics"]["chunks"] == 5 and local.document["totals"]["rows_out"] == 300
+    want, got = pq.read_table(tmp_path / "local" / "one.parquet"), pq.read_table(tmp_path / "ray" / "one.parquet")
+    assert got.column("id").to_pylist() == list(range(300))
+    assert np.abs(np.array(got.column("embedding").to_pylist()) - np.array(want.column("embedding").to_pylist())).max() < 1e-5
+
+
 def test_ray_engine_cli_refusals(tmp_path: Path) -> None:
     _parts(tmp_path / "data")
     runner = CliRunner()

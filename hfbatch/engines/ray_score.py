@@ -4,7 +4,8 @@ driver into one output, as the local engine writes it.
 The shape is the embed engine's (engines/ray.py), with the score job's Task and sink: the driver
 opens the input as the local engine does (a directory or glob of parts joined into one temp file
 beside the output, a pipe spooled), checks its columns and counts its rows, then hands Ray the one
-file. Read tasks split it in hfbatch's own chunks; each `ScoreActor` holds a scorer (the model
+file. Read tasks split it in hfbatch's own chunks (without --chunk-size, small enough that each
+actor gets a few: `shared_chunk_size`); each `ScoreActor` holds a scorer (the model
 loaded once per actor) and runs the local engine's `opts.validate` (both columns; the pair is the
 unit) and `ChunkProcessor` with `ScoreTask`, so pairs are deduped, cached by pair and counted per
 chunk exactly as there. The rows come back in input order into a `ScoreStream`, which writes them
@@ -28,7 +29,7 @@ from ..jobs.core import open_files
 from ..jobs.score import SCORE_COLUMNS, RerankSink, ScoreResult, ScoreTask, join_parts, score_columns
 from ..options import ScoreOptions
 from ..settings import Settings
-from .ray import EmbedActor, PartStream, PlannedPart, ReportedBackend, actor_cache, run_on_ray
+from .ray import EmbedActor, PartStream, PlannedPart, ReportedBackend, actor_cache, run_on_ray, shared_chunk_size
 
 
 class ScoreActor(EmbedActor):
@@ -102,6 +103,7 @@ def run_score_ray(options: ScoreOptions, *, address: str | None = None, num_work
         if rows is None:  # the driver knows the job is complete by its count: never guess
             raise InputError(f"{opts.input}: its rows cannot be counted before the job, which --engine ray needs; "
                              "use the local engine.")
+        opts = shared_chunk_size(opts, given=options.chunk_size, rows=rows, workers=num_workers)
         scorer = make_scorer(opts)  # the driver's: it describes the job, and loads no model
         name = Path(str(source)).name
         part = Part(input=source, relative=name, output=opts.output, name=str(opts.output), sidecar=opts.sidecar)  # type: ignore[arg-type]

@@ -85,7 +85,7 @@ class _Writer:
 
 def run_sync_ray(options: EmbedOptions, *, address: str | None, num_workers: int, gpus_per_worker: float,
                  settings: Settings | None = None) -> EmbedResult:
-    from .ray import PartStream, PlannedPart, run_on_ray
+    from .ray import PartStream, PlannedPart, run_on_ray, shared_chunk_size
 
     try:
         import ray  # noqa: F401  # an optional extra: missing is a usage error, before any work
@@ -121,6 +121,7 @@ def run_sync_ray(options: EmbedOptions, *, address: str | None, num_workers: int
                 opts = replace(opts, ranges=ranges, calibration_record=record)
             actor_opts = replace(opts, input=work, format="parquet",
                                  keep=[*opts.keep, HASH_COLUMN] if opts.keep is not None else None)
+            actor_opts = shared_chunk_size(actor_opts, given=options.chunk_size, rows=rows, workers=num_workers)
             if not rows:  # nothing to embed: the local engine commits the deletes (or no new version)
                 document = None
             else:
