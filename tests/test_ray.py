@@ -457,7 +457,7 @@ def test_ray_engine_scores_pairs_into_one_output_as_the_local_engine_does(
             for i in range(26)]
     rows[4]["text"] = long_doc  # scored in windows
     rows[9]["text"] = None  # marked, kept
-    rows[12] = dict(rows[6], id=12)  # the same pair twice: scored once
+    rows[7] = dict(rows[6], id=7)  # the same pair twice in one chunk: scored once
     root = tmp_path / "pairs"
     root.mkdir()
     write_jsonl(root / "a.jsonl", rows[:11])
