@@ -468,7 +468,7 @@ def test_ray_engine_scores_pairs_into_one_output_as_the_local_engine_does(
                                    cache_dir=tmp_path / f"cache-local-{rerank}", **common))
         out = tmp_path / f"ray-{rerank}.parquet"
         args = ["score", root, "-o", out, "--model", cross_encoder_model_dir, "--chunk-size", 4,
-                "--cache-dir", tmp_path / f"cache-ray-{rerank}", "--engine", "ray", "--num-workers", 2,
+                "--cache-dir", tmp_path / f"cache-ray-{rerank}", "--engine", "ray", "--num-workers", 1 if rerank else 2,
                 *(["--rerank", rerank] if rerank else [])]
         result = CliRunner().invoke(app, [str(a) for a in args])
         assert result.exit_code == 3, result.output  # (the marked rows)

@@ -309,3 +309,30 @@ def test_verify_checks_a_reranked_files_ranks_and_rows(cross_encoder_model_dir: 
     pq.write_table(table.slice(0, 5), out)  # rows cut: fewer than the run wrote
     cut = cli("verify", out, "--json")
     assert cut.exit_code == 1 and "the run wrote 9" in json.loads(cut.stdout)["rerank"]
+
+
+def test_verify_reads_a_side_keep_left_out_from_the_input(cross_encoder_model_dir: Path, tmp_path: Path) -> None:
+    """--keep id leaves the documents out of the output: verify reads them from the input, row for
+    row (as embed's verify reads texts), and catches a changed score; a --rerank output, whose rows
+    are not the input's in order, is refused in one line naming --keep."""
+    import pyarrow as pa
+
+    source = write_parquet(tmp_path / "pairs.parquet", pairs_rows(documents(4)))
+    out = tmp_path / "scored.parquet"
+    assert cli("score", source, "-o", out, "--model", cross_encoder_model_dir, "--keep", "id").exit_code == 0
+    assert "text" not in pq.read_schema(out).names
+    checked = cli("verify", out, "--json")
+    assert checked.exit_code == 0, checked.output
+    assert json.loads(checked.stdout)["agree"] == json.loads(checked.stdout)["rows_checked"] == 12
+    table = pq.read_table(out)
+    changed = table.column("score").to_numpy().copy()
+    changed[2] += 0.01
+    pq.write_table(table.set_column(table.schema.get_field_index("score"), "score", pa.array(changed, pa.float32())), out)
+    caught = cli("verify", out, "--json")
+    assert caught.exit_code == 1 and json.loads(caught.stdout)["worst_row"] == 3
+    reranked = tmp_path / "reranked.parquet"
+    assert cli("score", source, "-o", reranked, "--model", cross_encoder_model_dir, "--keep", "id",
+               "--rerank", 2).exit_code == 0
+    refused = cli("verify", reranked)
+    assert refused.exit_code == 2 and "keep it (--keep) to verify" in refused.stderr
+    assert len(refused.stderr.strip().splitlines()) == 1

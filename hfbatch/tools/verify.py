@@ -323,11 +323,19 @@ def verify_scores(output: Any, table: Any, prov: dict[str, Any], *, sample: int,
     from ..options import ScoreOptions
 
     query_column, text_column = prov.get("query_column") or "query", prov.get("text_column") or "text"
-    for column in (query_column, text_column, "score"):
-        if column not in table.schema.names:
-            raise InputError(f"{output}: has no column {column!r}, which its sidecar says the run scored; the output "
-                             "was changed after the run, or the sidecar is not its own.")
-    queries, texts = table.column(query_column).to_pylist(), table.column(text_column).to_pylist()
+    if "score" not in table.schema.names:
+        raise InputError(f"{output}: has no column 'score', which its sidecar says the run wrote; the output was "
+                         "changed after the run, or the sidecar is not its own.")
+    rerank = prov.get("rerank") if isinstance(prov.get("rerank"), dict) else None
+
+    def side(column: str) -> list[Any]:
+        # a side --keep left out is read from the input, row for row, as embed's verify reads texts
+        if column not in table.schema.names and rerank is not None:
+            raise InputError(f"{output}: a --rerank output holds each query's best rows, not the input's rows in order, "
+                             f"and this one did not keep its {column!r} column; keep it (--keep) to verify.")
+        return _texts(table, column, prov, output)
+
+    queries, texts = side(query_column), side(text_column)
     scores = table.column("score").to_pylist()
     candidates = [i for i, s in enumerate(scores) if s is not None and isinstance(queries[i], str)
                   and isinstance(texts[i], str)]
@@ -345,7 +353,6 @@ def verify_scores(output: Any, table: Any, prov: dict[str, Any], *, sample: int,
         "recorded_fingerprint": prov.get("fingerprint"), "fingerprint_now": scorer.fingerprint(),
         "same_fingerprint": scorer.fingerprint() == prov.get("fingerprint"), "bar": "scores",
     }
-    rerank = prov.get("rerank") if isinstance(prov.get("rerank"), dict) else None
     if rerank is not None:  # the ranks as the run wrote them: each query's best K, 1..K by score
         report["rerank"] = rerank_problem(table, query_column, rerank, prov)
     if not rows:
