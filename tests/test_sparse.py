@@ -375,3 +375,20 @@ def test_prompt_name_query_names_the_side_of_a_model_without_prompts(sparse_mode
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["provenance"]["vectors"]["side"] == "query"
     assert_same(from_arrow(pq.read_table(tmp_path / "q.parquet").column("embedding")), encoded(reference, items, "query"))
+
+
+@pytest.mark.parametrize("kind", ["sparse", "multivector"])
+def test_a_postgres_target_refuses_other_kinds_in_one_line_without_the_password(
+        kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    """pgvector's column types hold dense vectors (sparsevec needs pgvector 0.7; the tests' server
+    has 0.6): a sparse or multi-vector sync into Postgres is refused before any connection (nothing
+    listens at the URL's port), in one line naming the outputs the kind writes, and the URL's
+    password is in no message."""
+    model = request.getfixturevalue(f"{kind}_model_dir")
+    source = write_parquet(tmp_path / "in.parquet", [{"id": i, "text": t} for i, t in enumerate(["one", "two"])])
+    result = cli("embed", source, "-o", "postgresql://hf:s3cretPW@127.0.0.1:9/db?table=docs", "--id-column", "id",
+                 "--model", model)
+    assert result.exit_code == 2, result.output
+    assert "-o a postgres table" in result.output and "into Parquet, lance" in result.output
+    assert "s3cretPW" not in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) <= 3
