@@ -386,6 +386,20 @@ class PartStream:
             self.sink.abort()
 
 
+class StreamWriter:
+    """What `run_on_ray` hands the actors' rows to when the job has one stream (a sync's changed
+    rows, a score job's input): rows in == rows out is checked at the stream's commit."""
+
+    def __init__(self, stream: PartStream):
+        self.stream, self.actors = stream, stream.actors
+
+    def add(self, table: pa.Table) -> None:
+        self.stream.add(table)
+
+    def finish(self) -> None:
+        return None
+
+
 class PartsWriter:
     """The driver's side: the actors' rows, part by part, into PartStreams; each part published
     (and recorded in the job sidecar) as soon as it is complete, so only parts in flight are held."""
@@ -597,4 +611,4 @@ def run_on_ray(items: list[dict[str, str]], resolved: EmbedOptions, writer: Part
             ray.shutdown()
 
 
-__all__ = ["run_embed_ray", "run_on_ray", "shared_chunk_size", "EmbedActor", "PartsWriter", "PartStream", "PlannedPart"]
+__all__ = ["run_embed_ray", "run_on_ray", "shared_chunk_size", "StreamWriter", "EmbedActor", "PartsWriter", "PartStream", "PlannedPart"]

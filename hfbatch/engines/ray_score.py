@@ -29,7 +29,7 @@ from ..jobs.core import open_files
 from ..jobs.score import SCORE_COLUMNS, RerankSink, ScoreResult, ScoreTask, join_parts, score_columns
 from ..options import ScoreOptions
 from ..settings import Settings
-from .ray import EmbedActor, PartStream, PlannedPart, ReportedBackend, actor_cache, run_on_ray, shared_chunk_size
+from .ray import EmbedActor, PartStream, PlannedPart, ReportedBackend, StreamWriter, actor_cache, run_on_ray, shared_chunk_size
 
 
 class ScoreActor(EmbedActor):
@@ -67,19 +67,6 @@ class ScoreStream(PartStream):
         return ScoreTask(reported, self.planned.opts).provenance()  # type: ignore[arg-type]
 
 
-class _Writer:
-    """What `run_on_ray` hands the actors' rows to: the job's one stream."""
-
-    def __init__(self, stream: ScoreStream):
-        self.stream, self.actors = stream, stream.actors
-
-    def add(self, table: pa.Table) -> None:
-        self.stream.add(table)
-
-    def finish(self) -> None:
-        return None  # (rows in == rows out is checked at the commit)
-
-
 def run_score_ray(options: ScoreOptions, *, address: str | None = None, num_workers: int = 2,
                   gpus_per_worker: float = 0.0, settings: Settings | None = None) -> ScoreResult:
     """Score `options.input` on a Ray cluster into one output and sidecar, as `run_score` does.
@@ -113,7 +100,7 @@ def run_score_ray(options: ScoreOptions, *, address: str | None = None, num_work
         stream.ray = {"address": address or "local", "num_workers": num_workers, "gpus_per_worker": gpus_per_worker}
         try:
             if rows:
-                run_on_ray([{"part": name, "path": str(source)}], opts, _Writer(stream), address=address,  # type: ignore[arg-type]
+                run_on_ray([{"part": name, "path": str(source)}], opts, StreamWriter(stream), address=address,  # type: ignore[arg-type]
                            num_workers=num_workers, gpus_per_worker=gpus_per_worker, actor=ScoreActor)
             document = stream.commit(scorer)  # (nothing published when it raises)
         except BaseException:

@@ -70,22 +70,9 @@ def _staging_actor() -> type:
     return PgStagingActor
 
 
-class _Writer:
-    """What `run_on_ray` hands the actors' rows to: the one stream of the sync."""
-
-    def __init__(self, stream: Any):
-        self.stream, self.actors = stream, stream.actors
-
-    def add(self, table: pa.Table) -> None:
-        self.stream.add(table)
-
-    def finish(self) -> None:
-        pass
-
-
 def run_sync_ray(options: EmbedOptions, *, address: str | None, num_workers: int, gpus_per_worker: float,
                  settings: Settings | None = None) -> EmbedResult:
-    from .ray import PartStream, PlannedPart, run_on_ray, shared_chunk_size
+    from .ray import PartStream, PlannedPart, StreamWriter, run_on_ray, shared_chunk_size
 
     try:
         import ray  # noqa: F401  # an optional extra: missing is a usage error, before any work
@@ -145,7 +132,7 @@ def run_sync_ray(options: EmbedOptions, *, address: str | None, num_workers: int
                     prefix = sync.target.stage_prefix(uuid.uuid4().hex[:6])  # type: ignore[union-attr]
                     sync.target.stages = prefix  # type: ignore[union-attr]
                     staging = {"actor": _staging_actor(), "actor_args": (prefix, list(sync.plan.key))}
-                run_on_ray([{"part": work.name, "path": str(work)}], actor_opts, _Writer(stream), address=address,
+                run_on_ray([{"part": work.name, "path": str(work)}], actor_opts, StreamWriter(stream), address=address,
                            num_workers=num_workers, gpus_per_worker=gpus_per_worker, **staging)
                 document = stream.commit(backend)
 
