@@ -41,6 +41,7 @@ A shared cache directory (NFS, or one machine) is shared by all actors: diskcach
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import sys
@@ -584,8 +585,8 @@ def run_on_ray(items: list[dict[str, str]], resolved: EmbedOptions, writer: Part
         # else one file is one block, and one actor does the job while the others wait. The cutting
         # tasks take a CPU each (Ray's default for a task; measured: with less room left for them
         # the job waits forever), so a cluster of under 2 CPUs is left uncut
-        shaped = cpus >= 2
-        if shaped:
+        shaped = cpus >= 2 and "target_num_rows_per_block" in inspect.signature(ray.data.Dataset.repartition).parameters
+        if shaped:  # (an older Ray has no row-count repartition: its blocks stay as read)
             read = read.repartition(target_num_rows_per_block=resolved.chunk_size or 10_000)
         reserved = 1.5 if shaped else 0.5  # the read tasks' quarter CPU, the cutting task's one, a margin
         embedded = (
