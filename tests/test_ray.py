@@ -492,3 +492,24 @@ def test_ray_engine_scores_pairs_into_one_output_as_the_local_engine_does(
             assert got.column("n_windows").to_pylist()[4] > 1 and got.column("score_error").to_pylist()[9]
     report = verify(tmp_path / "ray-None.parquet")
     assert report["ok"], report
+    # a bad row fails the job as the local engine does: exit 2, its row and column named, nothing written
+    failed = CliRunner().invoke(app, [str(a) for a in ["score", root, "-o", tmp_path / "fail.parquet", "--model",
+                                                         cross_encoder_model_dir, "--on-invalid", "fail", "--engine",
+                                                         "ray", "--num-workers", 1, "--no-cache"]])
+    assert failed.exit_code == 2, failed.output
+    assert "row 10" in failed.stderr and "'text'" in failed.stderr and "Ray job failed" not in failed.stderr
+    assert not (tmp_path / "fail.parquet").exists()
+
+
+def test_chunks_are_shared_by_the_actors_and_too_many_actors_are_refused(tmp_path: Path) -> None:
+    from hfbatch.engines.ray import shared_chunk_size
+
+    opts = EmbedOptions(input="x.csv", output="y.parquet", chunk_size=10_000)
+    assert shared_chunk_size(opts, given=None, rows=2000, workers=2).chunk_size == 250  # 4 chunks an actor
+    assert shared_chunk_size(opts, given=None, rows=100, workers=2).chunk_size == 64  # at least 64 rows
+    assert shared_chunk_size(replace(opts, chunk_size=16), given=None, rows=2000, workers=2).chunk_size == 16  # kept
+    assert shared_chunk_size(opts, given=10_000, rows=2000, workers=2).chunk_size == 10_000  # --chunk-size given
+    src = write_csv(tmp_path / "in.csv", [{"id": 1, "text": "one"}])
+    refused = CliRunner().invoke(app, ["embed", str(src), "-o", str(tmp_path / "out"), "--engine", "ray",
+                                       "--num-workers", "400"])
+    assert refused.exit_code == 2 and "--num-workers 400" in refused.stderr, refused.output

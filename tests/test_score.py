@@ -336,3 +336,39 @@ def test_verify_reads_a_side_keep_left_out_from_the_input(cross_encoder_model_di
     refused = cli("verify", reranked)
     assert refused.exit_code == 2 and "keep it (--keep) to verify" in refused.stderr
     assert len(refused.stderr.strip().splitlines()) == 1
+
+
+
+def test_verify_reads_a_relative_input_as_it_was_typed(cross_encoder_model_dir: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sidecar records the input as typed (relative to where the run was started): verify reads
+    it from there, not from beside the output."""
+    monkeypatch.chdir(tmp_path)
+    write_parquet(tmp_path / "pairs.parquet", pairs_rows(documents(2)))
+    (tmp_path / "out").mkdir()
+    assert cli("score", "pairs.parquet", "-o", "out/s.parquet", "--model", cross_encoder_model_dir,
+               "--keep", "id").exit_code == 0
+    checked = cli("verify", "out/s.parquet", "--json")
+    assert checked.exit_code == 0, checked.output
+    assert json.loads(checked.stdout)["rows_checked"] == 6
+
+
+def test_rerank_ranks_copies_of_one_pair_in_input_order_whatever_their_batches_gave(tmp_path: Path) -> None:
+    """The same pair scored in two batches (two chunks, or two Ray actors at once) can differ by
+    ~1e-7; --rerank gives its copies one score, so they tie and keep input order."""
+    import pyarrow as pa
+
+    from hfbatch.jobs.score import RerankSink
+
+    opts = ScoreOptions(input=tmp_path / "in.parquet", output=tmp_path / "out.parquet", rerank=3)
+    schema = pa.schema([("id", pa.int64()), ("query", pa.string()), ("text", pa.string()), ("score", pa.float32()),
+                        ("n_tokens", pa.int32()), ("n_windows", pa.int32()), ("truncated", pa.bool_()),
+                        ("score_error", pa.string())])
+    sink = RerankSink(opts, schema)
+    sink.write(pa.RecordBatch.from_pydict({
+        "id": [0, 1, 2], "query": ["q", "q", "q"], "text": ["same", "other", "same"],
+        "score": [0.6446865, 0.1, 0.6446869], "n_tokens": [5, 5, 5], "n_windows": [1, 1, 1],
+        "truncated": [False] * 3, "score_error": [None] * 3}, schema=schema))
+    table = sink.ranked()
+    assert table.column("id").to_pylist() == [0, 2, 1] and table.column("rank").to_pylist() == [1, 2, 3]
+    sink.abort()

@@ -73,6 +73,7 @@ from ..validate import validate_chunk
 from .parts import PartsJob, PartsResult, plan_parts, settle_identity, settle_ranges
 
 _META = ("__part", "__row", "__chunk", "__invalid")
+FAILED = "__failed"  # the one column of an actor's answer that is an hfbatch error (see EmbedActor.__call__)
 ACTOR_RETRIES = 2  # max_restarts / max_task_retries of the embedding actors
 # what a backend's describe() counts up over its life (an actor's serves many parts): a part's
 # sidecar gets what they gained over its own chunks
@@ -116,7 +117,11 @@ class EmbedActor:
         """The embedded rows of every chunk in `table` (a block: whole chunks, as read)."""
         keys = list(zip(table.column("__part").to_pylist(), table.column("__chunk").to_pylist()))
         starts = [i for i in range(len(keys)) if i == 0 or keys[i] != keys[i - 1]]
-        pieces = [self.chunk(table.slice(a, b - a)) for a, b in zip(starts, [*starts[1:], len(keys)])]
+        try:
+            pieces = [self.chunk(table.slice(a, b - a)) for a, b in zip(starts, [*starts[1:], len(keys)])]
+        except HfbatchError as exc:  # (a bad row with --on-invalid fail): handed to the driver, which raises it
+            # as the local engine would; raised here, Ray would carry only its own wrapper's words
+            return pa.table({FAILED: [json.dumps({"type": type(exc).__name__, "message": str(exc)})]})
         return pa.concat_tables(pieces, promote_options="default") if pieces else table
 
     def build(self, options: Any) -> Any:
@@ -475,7 +480,8 @@ def shared_chunk_size(opts: Any, *, given: int | None, rows: int, workers: int, 
     chunk were one chunk, so one actor scored them all while the other waited)."""
     if given is not None or not rows:
         return opts
-    return replace(opts, chunk_size=max(64, min(opts.chunk_size or 10_000, -(-rows // (workers * per_worker)))))
+    resolved = opts.chunk_size or 10_000  # (HFBATCH_CHUNK_SIZE below 64 is kept: set small on purpose)
+    return replace(opts, chunk_size=min(resolved, max(64, -(-rows // (workers * per_worker)))))
 
 
 def run_embed_ray(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1), address: str | None = None,
@@ -532,6 +538,52 @@ def run_embed_ray(options: EmbedOptions, *, shard: tuple[int, int] = (1, 1), add
     return job.finish()
 
 
+def actor_error(table: pa.Table) -> HfbatchError:
+    """The hfbatch error an actor handed back (its class and words), to raise in the driver."""
+    from .. import errors
+
+    record = json.loads(table.column(FAILED)[0].as_py())
+    kind = getattr(errors, record.get("type", ""), None)
+    kind = kind if isinstance(kind, type) and issubclass(kind, HfbatchError) else HfbatchError
+    try:
+        return kind(record["message"])
+    except TypeError:  # (a class that wants more than its message)
+        return HfbatchError(record["message"])
+
+
+def hfbatch_cause(exc: BaseException) -> HfbatchError | None:
+    """The HfbatchError somewhere in `exc`'s chain of causes (Ray's `cause`, __cause__,
+    __context__), so a bad row in an actor ends the job as it does in the local engine."""
+    todo: list[Any] = [exc]
+    seen: set[int] = set()
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, HfbatchError):
+            return e
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    return None
+
+
+def _signal_handlers() -> dict[int, Any]:
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+
+def _restore(handlers: Mapping[int, Any]) -> None:
+    import signal
+
+    for sig, handler in handlers.items():
+        if handler is not None:
+            signal.signal(sig, handler)
+
+
 def _probe(address: str | None, timeout: float = 5.0) -> None:
     """Fail at once when a named cluster's port does not answer: ray.init() retries an address
     where nothing listens for minutes (measured: over 10 at 127.0.0.1:9) before it gives up."""
@@ -560,8 +612,10 @@ def run_on_ray(items: list[dict[str, str]], resolved: EmbedOptions, writer: Part
     if started_here:  # address="local": a bare init() may join a stale cluster found on this machine
         try:
             _probe(address)
+            handlers = _signal_handlers()
             ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
                      configure_logging=False, ignore_reinit_error=True)
+            _restore(handlers)  # ray.init takes SIGTERM: a killed job must still clean up and say so
         except Exception as exc:  # no cluster there, or none could start: the fix is hfbatch's flag
             # the first sentence only: Ray's next one names its own CLI's --address and RAY_ADDRESS
             reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].split(". ")[0].rstrip(".")
@@ -588,24 +642,31 @@ def run_on_ray(items: list[dict[str, str]], resolved: EmbedOptions, writer: Part
         shaped = cpus >= 2 and "target_num_rows_per_block" in inspect.signature(ray.data.Dataset.repartition).parameters
         if shaped:  # (an older Ray has no row-count repartition: its blocks stay as read)
             read = read.repartition(target_num_rows_per_block=resolved.chunk_size or 10_000)
+        shaped = shaped and (cpus - 1.5) / num_workers >= 0.05  # (else the actors leave it no CPU: it waits forever)
         reserved = 1.5 if shaped else 0.5  # the read tasks' quarter CPU, the cutting task's one, a margin
+        if (cpus - reserved) / num_workers < 0.01:
+            raise InputError(f"--num-workers {num_workers}: a cluster of {cpus:g} CPUs starts at most "
+                             f"{int((cpus - reserved) / 0.01)} actors beside its read tasks; give fewer.")
         embedded = (
             read
             .map_batches(actor, fn_constructor_args=(resolved, *actor_args), batch_size=None, batch_format="pyarrow",
                          compute=ActorPoolStrategy(size=num_workers),
-                         num_cpus=min(1.0, max(0.05, (cpus - reserved) / num_workers)),
+                         num_cpus=min(1.0, (cpus - reserved) / num_workers),
                          **({"num_gpus": gpus_per_worker} if gpus_per_worker else {}),
                          max_restarts=ACTOR_RETRIES, max_task_retries=ACTOR_RETRIES)
         )
         for table in embedded.iter_batches(batch_format="pyarrow", batch_size=None):
+            if FAILED in table.column_names:
+                raise actor_error(table)
             writer.add(table)
         writer.finish()
     except HfbatchError:
         raise
     except Exception as exc:  # a task that failed after its retries: Ray wraps the cause
         cause = getattr(exc, "cause", None) or exc
-        if isinstance(cause, HfbatchError):
-            raise cause from None
+        found = hfbatch_cause(exc)  # (a UDF's InputError is wrapped twice: UserCodeException, RayTaskError)
+        if found is not None:
+            raise found from None
         raise HfbatchError(f"the Ray job failed ({type(cause).__name__}: {cause}); no part it was writing was kept.") from None
     finally:
         if started_here:

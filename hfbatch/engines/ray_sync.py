@@ -44,7 +44,7 @@ def _staging_actor() -> type:
     """EmbedActor's subclass for a Postgres target (made here: importing .ray imports Ray)."""
     import pyarrow.compute as pc
 
-    from .ray import EmbedActor
+    from .ray import FAILED, EmbedActor
 
     class PgStagingActor(EmbedActor):
         """Embeds as EmbedActor, then writes the kept rows into this actor's staging table, and
@@ -59,6 +59,8 @@ def _staging_actor() -> type:
 
         def __call__(self, table: pa.Table) -> pa.Table:
             out = super().__call__(table)
+            if FAILED in out.column_names:  # (an hfbatch error, for the driver to raise)
+                return out
             keep = out.column("__keep")
             rows = out if pc.all(keep).as_py() else out.filter(keep)
             rows = rows.select([n for n in rows.schema.names if not n.startswith("__")])

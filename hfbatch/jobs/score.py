@@ -222,6 +222,10 @@ class RerankSink:
         query = self.opts.query_column
         row, first = (helper_name(scored.schema.names, base) for base in ("__row", "__first"))  # never an input's
         frame = pl.from_arrow(scored).with_row_index(row)  # type: ignore[union-attr]
+        text = self.opts.text_column
+        if text in frame.columns:  # one pair, one score: the same pair scored in two batches (two chunks, two
+            # Ray actors at once) can differ by ~1e-7, which would rank its copies against input order
+            frame = frame.with_columns(pl.col("score").first().over([query, text]))
         frame = frame.with_columns(
             pl.col("score").rank("ordinal", descending=True).over(query).cast(pl.Int32).alias("rank"),
             pl.col(row).min().over(query).alias(first))

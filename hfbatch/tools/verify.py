@@ -298,8 +298,9 @@ def _texts(table: Any, column: str, prov: dict[str, Any], output: Path) -> list[
         raise InputError(f"{output}: a --split output is verified from the windows' own texts, and this one did not "
                          f"keep its {column!r} column; keep it (--keep) to verify.")
     source = location(prov.get("input", {}).get("path", ""))
-    if isinstance(source, Path) and not source.is_absolute():
-        source = output.parent / source  # written with --relative-paths
+    if isinstance(source, Path) and not source.is_absolute():  # as typed, or beside the output (--relative-paths)
+        beside = output.parent / source
+        source = beside if prov.get("relative_paths") or not source.is_file() else source
     if prov.get("on_invalid") == "skip" or not source.is_file():
         raise InputError(f"{output}: the output has no {column!r} column and the input {source} cannot be matched "
                          "row for row; keep the text column (--keep) to verify.")
