@@ -513,3 +513,36 @@ def test_chunks_are_shared_by_the_actors_and_too_many_actors_are_refused(tmp_pat
     refused = CliRunner().invoke(app, ["embed", str(src), "-o", str(tmp_path / "out"), "--engine", "ray",
                                        "--num-workers", "400"])
     assert refused.exit_code == 2 and "--num-workers 400" in refused.stderr, refused.output
+
+
+def test_a_sigterm_mid_ray_job_cleans_up_and_says_so(tmp_path: Path, cross_encoder_model_dir: Path) -> None:
+    """ray.init takes the process's SIGTERM handler; hfbatch puts its own back, so a job killed
+    while Ray scores (its rows arriving: the --rerank spill exists) leaves nothing beside the
+    output (no joined copy of the parts, no spill), says so in its line, and exits 143."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = tmp_path / "pairs"
+    root.mkdir()
+    rows = [{"id": i, "query": f"query {i % 5}", "text": f"{SAMPLE_TEXTS[i % len(SAMPLE_TEXTS)]} {i}"} for i in range(400)]
+    write_jsonl(root / "a.jsonl", rows[:200])
+    write_jsonl(root / "b.jsonl", rows[200:])
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "hfbatch", "score", str(root), "-o", str(out_dir / "s.parquet"),
+                             "--model", str(cross_encoder_model_dir), "--engine", "ray", "--num-workers", "1",
+                             "--rerank", "2", "--no-cache", "--chunk-size", "16", "--quiet"],
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.monotonic() + 240
+    while not any(p.name.endswith(".hfbatch-tmp") for p in out_dir.iterdir()):  # rows arrived: after ray.init
+        assert proc.poll() is None, proc.communicate()[1][-2000:]
+        assert time.monotonic() < deadline, "no rows arrived from Ray in 240 s"
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-2000:]
+    assert "terminated (SIGTERM)" in stderr and "Traceback" not in stderr
+    assert sorted(p.name for p in out_dir.iterdir()) == []
