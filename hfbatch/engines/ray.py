@@ -13,7 +13,8 @@ Shape of the job (each step named for the trap it avoids; measured with Ray 2.60
   block would go to one actor while the others wait; a streaming repartition at the chunk size
   cuts them again, each block one chunk (a part's last, short chunk ends its block: measured, the
   cuts fall on the chunks of the local engine). The cutting tasks take a CPU each (Ray's default),
-  so actors take what the reads and the cutting leave, at least 0.05 CPU each.
+  so actors take what the reads and the cutting leave; where that would be under 0.05 CPU an actor
+  the blocks stay uncut, and more actors than the cluster can start beside its reads are refused.
 - Embed: `map_batches` with `EmbedActor`, an actor class that builds the same backend and cache
   as the local pipeline and calls the same `validate_chunk` + `ChunkProcessor.process`
   (jobs/core.py) on each chunk. Each chunk's first row carries a JSON report (`__report`): the
